@@ -12,10 +12,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 
+# The system message of a reward context (PAD's prompt layout). An existing
+# system message of the conversation is appended after it.
 DEFAULT_PREFERENCE_TEMPLATE = (
     "[Guidelines] Your task is to generate a response by considering the following principles.\n"
     "[Principles] {preference}\n"
-    "[Instruction] "
+    "[Instruction] Answer the user's message accordingly."
 )
 
 

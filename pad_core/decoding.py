@@ -1,0 +1,80 @@
+"""The next-token chooser for one step of a batch of requests: plain rows
+sample from the base model, guided rows go through PAD's guidance rule.
+Pure over tensors, so it is tested without a model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pad_core.guidance import guided_scores, personalized_reward, prescreen_top_k
+from pad_core.sampling import choose_tokens
+
+
+@dataclass
+class StepInputs:
+    """Per-request settings aligned with the rows of base_logits [N, V], and
+    the M reward rows with their owner (index into the N requests).
+
+    Reward rows are asked for their logits only at the candidates:
+    reward_logits_at(candidate_ids [M, K]) -> logits [M, K].
+    """
+
+    base_logits: torch.Tensor
+    reward_logits_at: Callable[[torch.Tensor], torch.Tensor]
+    reward_owner: torch.Tensor  # [M] long
+    preference_weight: torch.Tensor  # [M]
+    guidance_weight: torch.Tensor  # [N]
+    top_k: torch.Tensor  # [N] long
+    temperature: list[float]
+    top_p: list[float]
+    generators: list[torch.Generator | None]
+
+
+def next_tokens(inputs: StepInputs) -> torch.Tensor:
+    """Token id chosen for each request [N]."""
+    count = inputs.base_logits.shape[0]
+    device = inputs.base_logits.device
+    guided = torch.zeros(count, dtype=torch.bool, device=device)
+    guided[inputs.reward_owner] = True
+    tokens = torch.empty(count, dtype=torch.long, device=device)
+
+    plain_rows = (~guided).nonzero().squeeze(1).tolist()
+    if plain_rows:
+        tokens[plain_rows] = choose_tokens(
+            inputs.base_logits[plain_rows],
+            [inputs.temperature[i] for i in plain_rows],
+            [inputs.top_p[i] for i in plain_rows],
+            [inputs.generators[i] for i in plain_rows],
+        )
+
+    guided_rows = guided.nonzero().squeeze(1)
+    if guided_rows.numel():
+        tokens[guided_rows] = _guided_tokens(inputs, guided_rows)
+    return tokens
+
+
+def _guided_tokens(inputs: StepInputs, rows: torch.Tensor) -> torch.Tensor:
+    # Renumber owners into positions within `rows`.
+    position = torch.full((inputs.base_logits.shape[0],), -1, dtype=torch.long, device=rows.device)
+    position[rows] = torch.arange(rows.numel(), device=rows.device)
+    owner = position[inputs.reward_owner]
+
+    base = inputs.base_logits[rows]
+    candidates, valid = prescreen_top_k(base, inputs.top_k[rows])  # [G, K]
+    base_candidates = base.gather(1, candidates)
+    reward_candidates = inputs.reward_logits_at(candidates[owner])  # [M, K]
+    rewards = personalized_reward(reward_candidates, base_candidates[owner], valid[owner])
+    scores = guided_scores(
+        base_candidates, valid, rewards, owner, inputs.preference_weight, inputs.guidance_weight[rows]
+    )
+    row_list = rows.tolist()
+    columns = choose_tokens(
+        scores,
+        [inputs.temperature[i] for i in row_list],
+        [inputs.top_p[i] for i in row_list],
+        [inputs.generators[i] for i in row_list],
+    )
+    return candidates.gather(1, columns[:, None]).squeeze(1)

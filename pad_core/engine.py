@@ -1,0 +1,380 @@
+"""The PAD engine: continuous batching of reward-guided decoding.
+
+Every request owns a base row and one reward row per preference. Between
+steps requests join (their prompts are prefilled and their rows appended to
+the running batch) and leave (their rows are dropped); rows keep their KV
+caches, and rows on the same weights run in one forward pass.
+
+    engine.add_chat(request)          # or add_request(GenerationRequest)
+    while engine.has_unfinished():
+        for output in engine.step(): ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from pad_core.decoding import StepInputs, next_tokens
+from pad_core.detokenize import IncrementalDetokenizer
+from pad_core.errors import ContextLengthExceededError, InvalidRequestError, UnknownRewardModelError
+from pad_core.prompting import PromptBuilder
+from pad_core.request_state import RequestState, RewardRowRef
+from pad_core.runner import BASE_ADAPTER, NewRow, TransformersRunner
+from pad_core.sampling import apply_penalties, top_logprobs
+from pad_core.settings import EngineSettings
+from pad_core.types import ChatRequest, GenerationRequest, RewardPrompt, StepOutput, TokenLogprob
+
+logger = logging.getLogger(__name__)
+
+BASE_RUNNER = "base"
+MAX_TOP_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class RewardSource:
+    """Where a named reward model's rows run: a runner, and the LoRA adapter
+    to apply there (BASE_ADAPTER for the plain weights)."""
+
+    runner: str
+    adapter: str = BASE_ADAPTER
+    base_sees_preference: bool = True  # default for trained reward models
+
+
+class PadEngine:
+    def __init__(
+        self,
+        tokenizer,
+        runners: dict[str, TransformersRunner],
+        reward_sources: dict[str, RewardSource],
+        settings: EngineSettings,
+        context_length: int,
+        stop_token_ids: Iterable[int],
+    ):
+        self.tokenizer = tokenizer
+        self.runners = runners
+        self.reward_sources = reward_sources
+        self.settings = settings
+        self.context_length = context_length
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self.prompts = PromptBuilder(tokenizer, settings.preference_template)
+        self.waiting: deque[RequestState] = deque()
+        self.running: list[RequestState] = []
+        self._aborted: set[str] = set()
+        self._seed_source = random.Random()
+
+    # ---- construction -------------------------------------------------
+    @classmethod
+    def from_settings(cls, settings: EngineSettings) -> PadEngine:
+        from pad_core.model_loading import load_engine_parts
+
+        return cls(settings=settings, **load_engine_parts(settings))
+
+    @classmethod
+    def from_models(cls, model, tokenizer, settings: EngineSettings | None = None) -> PadEngine:
+        """An engine over an already built model (the `self` reward only)."""
+        from pad_core.model_loading import engine_parts_for_model
+
+        settings = settings or EngineSettings()
+        return cls(settings=settings, **engine_parts_for_model(model, tokenizer, settings))
+
+    # ---- requests -----------------------------------------------------
+    def add_chat(self, chat: ChatRequest) -> None:
+        """Renders the chat (with the preferences in the reward contexts) and
+        queues it. Raises InvalidRequestError subclasses; nothing is queued then."""
+        self._check_preferences(chat)
+        source = self._reward_source(chat.guidance.reward_model)
+        sees = chat.guidance.base_sees_preference
+        if sees is None:
+            sees = source.base_sees_preference
+        prompt_ids, reward_ids = self.prompts.encode_request(chat.messages, chat.preferences, sees)
+        self.add_request(
+            GenerationRequest(
+                request_id=chat.request_id,
+                prompt_ids=prompt_ids,
+                reward_prompts=[
+                    RewardPrompt(tuple(ids), p.weight) for ids, p in zip(reward_ids, chat.preferences, strict=True)
+                ],
+                sampling=chat.sampling,
+                guidance=chat.guidance,
+            )
+        )
+
+    def add_request(self, request: GenerationRequest) -> None:
+        self.waiting.append(self._new_state(request))
+
+    def abort(self, request_id: str) -> None:
+        """The request ends (finish_reason "abort") at the next step and its rows are freed."""
+        if any(state.request_id == request_id for state in (*self.waiting, *self.running)):
+            self._aborted.add(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "running_requests": len(self.running),
+            "running_rows": sum(runner.num_rows for runner in self.runners.values()),
+            "waiting_requests": len(self.waiting),
+        }
+
+    def model_info(self) -> dict:
+        return {
+            "served_model_name": self.settings.resolved_served_name(),
+            "context_length": self.context_length,
+            "reward_models": sorted(self.reward_sources),
+        }
+
+    def generate(self, requests: Iterable[ChatRequest | GenerationRequest]) -> Iterator[StepOutput]:
+        """Runs the given requests to completion, yielding every step output."""
+        for request in requests:
+            (self.add_chat if isinstance(request, ChatRequest) else self.add_request)(request)
+        while self.has_unfinished():
+            yield from self.step()
+
+    # ---- the step -----------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        outputs = self._finish_aborted()
+        try:
+            if self.running:
+                outputs += self._decode_running()
+            admitted = self._admit()
+            if admitted:
+                outputs += self._prefill(admitted)
+        except Exception as exc:  # a failed forward poisons the whole batch
+            logger.exception("engine step failed; failing the running requests")
+            outputs += self._fail_all(f"engine error: {exc}")
+        self._release_finished()
+        return outputs
+
+    def _decode_running(self) -> list[StepOutput]:
+        hidden = {}
+        owner = self._row_owner_tokens()
+        for name, runner in self.runners.items():
+            if runner.num_rows:
+                tokens = torch.tensor([owner[key] for key in runner.row_keys], dtype=torch.long)
+                hidden[name] = (runner.decode(tokens), runner.row_index())
+        return self._advance(list(self.running), hidden)
+
+    def _prefill(self, admitted: list[RequestState]) -> list[StepOutput]:
+        new_rows: dict[str, list[NewRow]] = {}
+        for state in admitted:
+            new_rows.setdefault(BASE_RUNNER, []).append(NewRow(state.base_key, state.request.prompt_ids))
+            source = self.reward_sources[state.request.guidance.reward_model]
+            for ref, prompt in zip(state.reward_rows, state.request.reward_prompts, strict=True):
+                new_rows.setdefault(ref.runner, []).append(NewRow(ref.key, prompt.prompt_ids, source.adapter))
+        hidden = {}
+        for name, rows in new_rows.items():
+            hidden[name] = (self.runners[name].prefill(rows), {row.key: index for index, row in enumerate(rows)})
+        self.running.extend(admitted)
+        return self._advance(admitted, hidden)
+
+    def _advance(self, states: list[RequestState], hidden) -> list[StepOutput]:
+        """Chooses and records one token for each of `states`.
+
+        hidden: runner name -> (hidden states [B, H], row key -> row index)."""
+        base_hidden, base_index = hidden[BASE_RUNNER]
+        base_rows = torch.tensor([base_index[state.base_key] for state in states], device=base_hidden.device)
+        base = self._penalised(states, self.runners[BASE_RUNNER].head.full(base_hidden[base_rows]))
+        reward_rows = [(position, ref) for position, state in enumerate(states) for ref in state.reward_rows]
+        device = base.device
+        tokens = next_tokens(
+            StepInputs(
+                base_logits=base,
+                reward_logits_at=lambda candidates: self._reward_logits_at(reward_rows, hidden, candidates),
+                reward_owner=torch.tensor([p for p, _ in reward_rows], dtype=torch.long, device=device),
+                preference_weight=torch.tensor([r.weight for _, r in reward_rows], dtype=base.dtype, device=device),
+                guidance_weight=torch.tensor([s.guidance_weight for s in states], dtype=base.dtype, device=device),
+                top_k=torch.tensor([s.top_k for s in states], dtype=torch.long, device=device),
+                temperature=[s.request.sampling.temperature for s in states],
+                top_p=[s.request.sampling.top_p for s in states],
+                generators=[s.generator for s in states],
+            )
+        )
+        logprobs = self._logprobs(states, base, tokens)
+        return [
+            state.append_token(token, logprobs[i] if logprobs else None)
+            for i, (state, token) in enumerate(zip(states, tokens.tolist(), strict=True))
+        ]
+
+    def _reward_logits_at(self, reward_rows, hidden, candidates: torch.Tensor) -> torch.Tensor:
+        """Logits of each reward row [M] at its candidates [M, K], each row
+        through the output head of the runner that holds it."""
+        logits = candidates.new_empty(candidates.shape, dtype=torch.float32)
+        for runner_name in {ref.runner for _, ref in reward_rows}:
+            runner_hidden, index = hidden[runner_name]
+            positions = [m for m, (_, ref) in enumerate(reward_rows) if ref.runner == runner_name]
+            rows = torch.tensor([index[reward_rows[m][1].key] for m in positions], device=runner_hidden.device)
+            logits[positions] = self.runners[runner_name].head.at(runner_hidden[rows], candidates[positions])
+        return logits
+
+    def _penalised(self, states: list[RequestState], base: torch.Tensor) -> torch.Tensor:
+        presence = [s.request.sampling.presence_penalty for s in states]
+        frequency = [s.request.sampling.frequency_penalty for s in states]
+        if not any(presence) and not any(frequency):
+            return base
+        counts = torch.zeros_like(base)
+        for row, state in enumerate(states):
+            if state.generated:
+                ids = torch.tensor(state.generated, device=base.device)
+                counts[row].index_add_(0, ids, torch.ones_like(ids, dtype=base.dtype))
+        return apply_penalties(base, counts, base.new_tensor(presence), base.new_tensor(frequency))
+
+    def _logprobs(self, states, base: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprob] | None:
+        wanted = [s.request.sampling.logprobs for s in states]
+        if not any(wanted):
+            return None
+        count = max(s.request.sampling.top_logprobs for s in states)
+        chosen, values, ids = top_logprobs(base.log_softmax(dim=-1), tokens, count)
+        result = []
+        for row, state in enumerate(states):
+            if not wanted[row]:
+                result.append(None)
+                continue
+            n = state.request.sampling.top_logprobs
+            top = [self._token_entry(i, v) for i, v in zip(ids[row, :n].tolist(), values[row, :n].tolist())]
+            token, _, raw = self._token_entry(int(tokens[row]), 0.0)
+            result.append(TokenLogprob(token=token, logprob=float(chosen[row]), bytes=raw, top_logprobs=top))
+        return result
+
+    def _token_entry(self, token_id: int, logprob: float) -> tuple[str, float, list[int]]:
+        text = self.tokenizer.decode([token_id])
+        return text, logprob, list(text.encode("utf-8"))
+
+    # ---- scheduling ---------------------------------------------------
+    def _admit(self) -> list[RequestState]:
+        """FIFO admission within the request, row and prefill-token budgets."""
+        admitted: list[RequestState] = []
+        rows = sum(runner.num_rows for runner in self.runners.values())
+        prefill_tokens = 0
+        while self.waiting:
+            state = self.waiting[0]
+            state_rows = len(state.row_keys)
+            state_tokens = len(state.request.prompt_ids) + sum(len(p.prompt_ids) for p in state.request.reward_prompts)
+            fits = (
+                len(self.running) + len(admitted) < self.settings.max_running_requests
+                and rows + state_rows <= self.settings.max_batch_rows
+                and prefill_tokens + state_tokens <= self.settings.max_prefill_tokens
+            )
+            # A request bigger than a budget still runs, alone.
+            if not fits and (admitted or self.running):
+                break
+            admitted.append(self.waiting.popleft())
+            rows += state_rows
+            prefill_tokens += state_tokens
+        return admitted
+
+    def _row_owner_tokens(self) -> dict[tuple[str, int], int]:
+        return {key: state.next_input for state in self.running for key in state.row_keys}
+
+    def _finish_aborted(self) -> list[StepOutput]:
+        if not self._aborted:
+            return []
+        outputs = []
+        for state in [*self.waiting, *self.running]:
+            if state.request_id in self._aborted:
+                outputs.append(state.finish("abort"))
+        self.waiting = deque(s for s in self.waiting if s.finish_reason is None)
+        self._aborted.clear()
+        return outputs
+
+    def _fail_all(self, message: str) -> list[StepOutput]:
+        outputs = [state.finish("error", error=message) for state in self.running if state.finish_reason is None]
+        for runner in self.runners.values():
+            runner.remove(set(runner.row_keys))
+        return outputs
+
+    def _release_finished(self) -> None:
+        finished = [state for state in self.running if state.finish_reason is not None]
+        if not finished:
+            return
+        keys = {key for state in finished for key in state.row_keys}
+        for runner in self.runners.values():
+            runner.remove(keys)
+        self.running = [state for state in self.running if state.finish_reason is None]
+
+    # ---- validation ---------------------------------------------------
+    def _reward_source(self, name: str) -> RewardSource:
+        if name not in self.reward_sources:
+            raise UnknownRewardModelError(name, list(self.reward_sources))
+        return self.reward_sources[name]
+
+    def _check_preferences(self, chat: ChatRequest) -> None:
+        if len(chat.preferences) > self.settings.max_preferences:
+            raise InvalidRequestError(
+                f"at most {self.settings.max_preferences} preferences per request", param="preference"
+            )
+        for index, preference in enumerate(chat.preferences):
+            if not preference.text.strip():
+                raise InvalidRequestError(f"preference[{index}].text is empty", param="preference")
+            if not math.isfinite(preference.weight):
+                raise InvalidRequestError(f"preference[{index}].weight must be finite", param="preference")
+
+    def _new_state(self, request: GenerationRequest) -> RequestState:
+        """Validates a request and resolves its defaults."""
+        sampling, guidance = request.sampling, request.guidance
+        live = {s.request_id for s in (*self.waiting, *self.running)}
+        if request.request_id in live:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already running", param="request_id")
+        if not request.prompt_ids:
+            raise InvalidRequestError("the prompt is empty", param="messages")
+        if sampling.max_tokens is not None and sampling.max_tokens < 1:
+            raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
+        if not (sampling.temperature >= 0 and math.isfinite(sampling.temperature)):
+            raise InvalidRequestError("temperature must be a finite number >= 0", param="temperature")
+        if not 0 < sampling.top_p <= 1:
+            raise InvalidRequestError("top_p must be in (0, 1]", param="top_p")
+        if not 0 <= sampling.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
+        if len(sampling.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(sampling, name) <= 2.0:
+                raise InvalidRequestError(f"{name} must be in [-2, 2]", param=name)
+        weight = self.settings.default_weight if guidance.weight is None else guidance.weight
+        top_k = self.settings.default_top_k if guidance.top_k is None else guidance.top_k
+        if not math.isfinite(weight):
+            raise InvalidRequestError("pad.weight must be finite", param="pad.weight")
+        if not 1 <= top_k <= self.settings.max_top_k:
+            raise InvalidRequestError(f"pad.top_k must be in [1, {self.settings.max_top_k}]", param="pad.top_k")
+        source = self._reward_source(guidance.reward_model)
+        longest_prompt = max([len(request.prompt_ids), *(len(p.prompt_ids) for p in request.reward_prompts)])
+        room = self.context_length - longest_prompt
+        if room < 1:
+            raise ContextLengthExceededError(
+                f"the prompt has {longest_prompt} tokens (with the preference), "
+                f"the model's context length is {self.context_length}"
+            )
+        if sampling.max_tokens is not None and sampling.max_tokens > room:
+            raise ContextLengthExceededError(
+                f"this model's context length is {self.context_length} tokens; the prompt has {longest_prompt} "
+                f"(with the preference) and max_tokens asks for {sampling.max_tokens}",
+                param="max_tokens",
+            )
+        if weight == 0:  # plain decoding: no reward rows at all
+            request = dataclasses.replace(request, reward_prompts=[])
+        seed = sampling.seed if sampling.seed is not None else self._seed_source.getrandbits(63)
+        generator = None
+        if sampling.temperature > 0:
+            generator = torch.Generator(device=self.runners[BASE_RUNNER].device).manual_seed(seed)
+        return RequestState(
+            request=request,
+            max_tokens=sampling.max_tokens or room,
+            guidance_weight=weight,
+            top_k=top_k,
+            reward_rows=[
+                RewardRowRef(source.runner, (request.request_id, index + 1), prompt.weight)
+                for index, prompt in enumerate(request.reward_prompts)
+            ],
+            stop_token_ids=self.stop_token_ids | frozenset(sampling.stop_token_ids),
+            detokenizer=IncrementalDetokenizer(self.tokenizer._tokenizer, request.prompt_ids),
+            generator=generator,
+        )

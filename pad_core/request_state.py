@@ -1,0 +1,85 @@
+"""A request's life inside the engine: its rows, its generated tokens, its
+text stream and when it stops (TGI's per-request stopping criteria)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pad_core.detokenize import IncrementalDetokenizer
+from pad_core.stopping import StopStringMatcher
+from pad_core.types import FinishReason, GenerationRequest, StepOutput, TokenLogprob
+
+
+@dataclass(frozen=True)
+class RewardRowRef:
+    runner: str  # which runner holds the row
+    key: tuple[str, int]
+    weight: float
+
+
+@dataclass
+class RequestState:
+    request: GenerationRequest
+    max_tokens: int  # resolved against the context length
+    guidance_weight: float
+    top_k: int
+    reward_rows: list[RewardRowRef]
+    stop_token_ids: frozenset[int]
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    stop_matcher: StopStringMatcher = field(init=False)
+    generated: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+    def __post_init__(self) -> None:
+        self.stop_matcher = StopStringMatcher(self.request.sampling.stop)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def base_key(self) -> tuple[str, int]:
+        return (self.request_id, 0)
+
+    @property
+    def row_keys(self) -> list[tuple[str, int]]:
+        return [self.base_key, *(row.key for row in self.reward_rows)]
+
+    @property
+    def next_input(self) -> int:
+        return self.generated[-1]
+
+    def output(self, token_ids: list[int], text: str, logprobs: list[TokenLogprob] | None = None,
+               error: str | None = None) -> StepOutput:
+        return StepOutput(
+            request_id=self.request_id,
+            token_ids=token_ids,
+            text=text,
+            finish_reason=self.finish_reason,
+            prompt_tokens=len(self.request.prompt_ids),
+            completion_tokens=len(self.generated),
+            logprobs=logprobs,
+            error=error,
+        )
+
+    def append_token(self, token_id: int, logprob: TokenLogprob | None = None) -> StepOutput:
+        """Records a chosen token and says what the client sees."""
+        self.generated.append(token_id)
+        logprobs = [logprob] if logprob is not None else None
+        if token_id in self.stop_token_ids and not self.request.sampling.ignore_eos:
+            self.finish_reason = "stop"
+            return self.output([token_id], self.stop_matcher.flush(), logprobs)
+        text = self.stop_matcher.feed(self.detokenizer.step(token_id))
+        if self.stop_matcher.matched is not None:
+            self.finish_reason = "stop"
+        elif len(self.generated) >= self.max_tokens:
+            self.finish_reason = "length"
+            text += self.stop_matcher.flush()
+        return self.output([token_id], text, logprobs)
+
+    def finish(self, reason: FinishReason, error: str | None = None) -> StepOutput:
+        self.finish_reason = reason
+        return self.output([], "", error=error)

@@ -1,0 +1,45 @@
+"""Tiny models for fast tests: a random-initialised Llama in memory that
+uses the real SmolLM2 tokenizer (from the converted-weights cache), so
+detokenization, chat templates and stop tokens behave as in production."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from pad_core.engine import PadEngine
+from pad_core.model_loading import resolve_model_folder
+from pad_core.settings import EMBEDDED_MODEL, EngineSettings
+
+
+@lru_cache(maxsize=1)
+def embedded_tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_model_folder(EMBEDDED_MODEL, EngineSettings().cache_dir))
+
+
+def tiny_model(tokenizer=None, seed: int = 0, context_length: int = 512, num_layers: int = 2) -> LlamaForCausalLM:
+    tokenizer = tokenizer or embedded_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context_length,
+        # A wide init spreads the logits, so greedy choices are not near-ties.
+        initializer_range=0.3,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_engine(settings: EngineSettings | None = None, seed: int = 0, **model_kwargs) -> PadEngine:
+    tokenizer = embedded_tokenizer()
+    return PadEngine.from_models(tiny_model(tokenizer, seed=seed, **model_kwargs), tokenizer, settings)
