@@ -141,6 +141,7 @@ class PadEngine:
             yield from self.step()
 
     # ---- the step -----------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         outputs = self._finish_aborted()
         try:

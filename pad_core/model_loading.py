@@ -51,9 +51,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_fast_bfloat16() -> bool:
+    """True where oneDNN runs bfloat16 matmuls natively (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        # Decoding is bound by reading the weights: bfloat16 halves that, and
+        # on CPUs with native bf16 it also makes small batches ~2x cheaper.
+        if device.type == "cuda" or cpu_has_fast_bfloat16():
+            return torch.bfloat16
+        return torch.float32
     if dtype == "float16" and device.type == "cpu":
         raise ModelLoadError("float16 is not supported on CPU; use float32 or bfloat16")
     return getattr(torch, dtype)

@@ -38,7 +38,7 @@ class TransformersRunner:
     """Decodes rows of one Hugging Face causal LM with a left-padded KV cache."""
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int = 0, uses_adapters: bool = False):
-        self.model = model
+        self.model = model.requires_grad_(False)  # inference only
         self.pad_token_id = pad_token_id
         self.uses_adapters = uses_adapters
         self.device = next(model.parameters()).device
