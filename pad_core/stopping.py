@@ -35,9 +35,11 @@ class StopStringMatcher:
             return delta
         text = self.pending + delta
         hits = [(text.find(stop), stop) for stop in self.stops]
-        hits = [(pos, stop) for pos, stop in hits if pos >= 0]
+        # The first stop to complete wins (then the longest of those), so the
+        # result does not depend on how the text was split into deltas.
+        hits = [(pos + len(stop), pos, stop) for pos, stop in hits if pos >= 0]
         if hits:
-            pos, self.matched = min(hits)
+            _, pos, self.matched = min(hits)
             self.pending = ""
             return text[:pos]
         held = longest_partial_stop(text, self.stops)
