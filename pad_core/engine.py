@@ -144,6 +144,7 @@ class PadEngine:
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         outputs = self._finish_aborted()
+        self._release_finished()
         try:
             if self.running:
                 outputs += self._decode_running()
