@@ -377,6 +377,6 @@ class PadEngine:
                 for index, prompt in enumerate(request.reward_prompts)
             ],
             stop_token_ids=self.stop_token_ids | frozenset(sampling.stop_token_ids),
-            detokenizer=IncrementalDetokenizer(self.tokenizer._tokenizer, request.prompt_ids),
+            detokenizer=IncrementalDetokenizer(self.tokenizer.backend_tokenizer, request.prompt_ids),
             generator=generator,
         )
