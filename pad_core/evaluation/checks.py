@@ -1,0 +1,137 @@
+"""Automatic, verifiable checks of an answer (`pad eval`, `pad data synth`).
+
+A check is a JSON object with a `type` and its arguments, e.g.
+{"type": "max_words", "value": 40}. Each type maps to a pure function
+(answer text, spec) -> bool. Unknown types and bad arguments raise
+CheckSpecError, so a data set is validated before anything runs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+WORD = re.compile(r"\b[\w'’-]+\b", re.UNICODE)
+BULLET = re.compile(r"^\s*(?:[-*•+]|\d+[.)])\s+\S", re.MULTILINE)
+SENTENCE_END = re.compile(r"[.!?…]+(?=\s|$)")
+EMOJI = re.compile(
+    "[\U0001f300-\U0001faff\U00002600-\U000027bf\U0001f000-\U0001f2ff\U0001f900-\U0001f9ff]", re.UNICODE
+)
+
+# Frequent function words, enough to tell these languages apart by counts.
+STOP_WORDS: dict[str, frozenset[str]] = {
+    "en": frozenset("the and is are of to in that it for you with on this be as not your can have".split()),
+    "fr": frozenset("le la les et est des un une du en que qui pour pas vous dans sur avec au ce sont".split()),
+    "es": frozenset("el la los las y es de un una que en para por con no se su al lo como".split()),
+    "de": frozenset("der die das und ist nicht ein eine zu den mit sie es auf für von dem sich auch".split()),
+    "it": frozenset("il lo la gli le e è di un una che per non con del della sono si come anche".split()),
+    "pt": frozenset("o a os as e é de um uma que para não com do da em se por como mais".split()),
+}
+
+
+class CheckSpecError(ValueError):
+    """A check that cannot be evaluated as written."""
+
+
+def words(text: str) -> list[str]:
+    return WORD.findall(text)
+
+
+def sentences(text: str) -> list[str]:
+    parts = [p.strip() for p in SENTENCE_END.split(text)]
+    return [p for p in parts if WORD.search(p)]
+
+
+def bullet_count(text: str) -> int:
+    return len(BULLET.findall(text))
+
+
+def detect_language(text: str) -> str | None:
+    """The language whose stop words occur most often (None if no evidence)."""
+    tokens = [w.lower() for w in words(text)]
+    counts = {lang: sum(t in vocab for t in tokens) for lang, vocab in STOP_WORDS.items()}
+    best = max(counts, key=counts.get)
+    return best if counts[best] > 0 else None
+
+
+def _number(spec: dict[str, Any], key: str = "value") -> float:
+    value = spec.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise CheckSpecError(f"{spec.get('type')}: '{key}' must be a number")
+    return value
+
+
+def _string(spec: dict[str, Any], key: str = "value") -> str:
+    value = spec.get(key)
+    if not isinstance(value, str) or not value:
+        raise CheckSpecError(f"{spec.get('type')}: '{key}' must be a non-empty string")
+    return value
+
+
+def _strings(spec: dict[str, Any], key: str = "values") -> list[str]:
+    values = spec.get(key)
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) and v for v in values):
+        raise CheckSpecError(f"{spec.get('type')}: '{key}' must be a non-empty list of strings")
+    return values
+
+
+def _fold(text: str, spec: dict[str, Any]) -> str:
+    return text if spec.get("case_sensitive") else text.lower()
+
+
+def _contains(text: str, needle: str, spec: dict[str, Any]) -> bool:
+    return _fold(needle, spec) in _fold(text, spec)
+
+
+def _regex(spec: dict[str, Any]) -> re.Pattern:
+    try:
+        return re.compile(_string(spec, "pattern"), 0 if spec.get("case_sensitive") else re.IGNORECASE)
+    except re.error as exc:
+        raise CheckSpecError(f"regex: invalid pattern: {exc}") from exc
+
+
+def _language(spec: dict[str, Any]) -> str:
+    lang = _string(spec)
+    if lang not in STOP_WORDS:
+        raise CheckSpecError(f"language: unknown language {lang!r}; known: {', '.join(STOP_WORDS)}")
+    return lang
+
+
+CHECKS: dict[str, Callable[[str, dict[str, Any]], bool]] = {
+    "max_words": lambda text, spec: len(words(text)) <= _number(spec),
+    "min_words": lambda text, spec: len(words(text)) >= _number(spec),
+    "max_sentences": lambda text, spec: len(sentences(text)) <= _number(spec),
+    "min_sentences": lambda text, spec: len(sentences(text)) >= _number(spec),
+    "min_bullets": lambda text, spec: bullet_count(text) >= _number(spec),
+    "max_bullets": lambda text, spec: bullet_count(text) <= _number(spec),
+    "contains_any": lambda text, spec: any(_contains(text, v, spec) for v in _strings(spec)),
+    "contains_all": lambda text, spec: all(_contains(text, v, spec) for v in _strings(spec)),
+    "not_contains": lambda text, spec: not any(_contains(text, v, spec) for v in _strings(spec)),
+    "starts_with": lambda text, spec: _fold(text.strip(), spec).startswith(_fold(_string(spec), spec)),
+    "ends_with": lambda text, spec: _fold(text.strip(), spec).endswith(_fold(_string(spec), spec)),
+    "regex": lambda text, spec: _regex(spec).search(text) is not None,
+    "not_regex": lambda text, spec: _regex(spec).search(text) is None,
+    "language": lambda text, spec: detect_language(text) == _language(spec),
+    "has_emoji": lambda text, spec: EMOJI.search(text) is not None,
+    "no_emoji": lambda text, spec: EMOJI.search(text) is None,
+}
+
+
+def validate_check(spec: Any) -> None:
+    """Raises CheckSpecError unless `spec` is a well-formed check."""
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise CheckSpecError("a check must be an object with a 'type'")
+    if spec["type"] not in CHECKS:
+        raise CheckSpecError(f"unknown check type {spec['type']!r}; known: {', '.join(sorted(CHECKS))}")
+    CHECKS[spec["type"]]("", spec)  # evaluates the arguments' validation
+
+
+def run_check(text: str, spec: dict[str, Any]) -> bool:
+    validate_check(spec)
+    return CHECKS[spec["type"]](text, spec)
+
+
+def satisfied(text: str, checks: list[dict[str, Any]]) -> bool:
+    """An answer satisfies a preference when it passes all of its checks."""
+    return all(run_check(text, spec) for spec in checks)
