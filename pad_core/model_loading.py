@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -156,44 +157,61 @@ def context_length(model) -> int:
 
 
 def engine_parts_for_model(model, tokenizer, settings: EngineSettings) -> dict:
-    """PadEngine constructor arguments for one model and the `self` reward."""
+    """PadEngine constructor arguments for one base model: the `self` reward
+    and every LoRA reward adapter of the settings (same runner, one forward)."""
     from pad_core.engine import BASE_RUNNER, RewardSource
 
+    if settings.reward_adapters:
+        model = attach_adapters(model, tokenizer, settings.reward_adapters)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sources = {"self": RewardSource(BASE_RUNNER, base_sees_preference=False)}
+    for name in settings.reward_adapters:
+        sources[name] = RewardSource(BASE_RUNNER, adapter=name)
     return {
         "tokenizer": tokenizer,
-        "runners": {BASE_RUNNER: TransformersRunner(model, pad_token_id=pad_id)},
-        "reward_sources": {"self": RewardSource(BASE_RUNNER, base_sees_preference=False)},
+        "runners": {
+            BASE_RUNNER: TransformersRunner(model, pad_token_id=pad_id, uses_adapters=bool(settings.reward_adapters))
+        },
+        "reward_sources": sources,
         "context_length": context_length(model),
         "stop_token_ids": stop_token_ids(model, tokenizer),
     }
 
 
 def load_engine_parts(settings: EngineSettings) -> dict:
-    """Loads the base model and every configured reward model."""
+    """Loads the base model, its adapters and every separate reward model."""
     from pad_core.engine import BASE_RUNNER, RewardSource
 
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
     model, tokenizer = load_causal_lm(settings.model, settings)
-    if settings.reward_adapters:
-        model = attach_adapters(model, settings.reward_adapters)
     parts = engine_parts_for_model(model, tokenizer, settings)
-    base_runner = parts["runners"][BASE_RUNNER]
-    base_runner.uses_adapters = bool(settings.reward_adapters)
-    for name in settings.reward_adapters:
-        parts["reward_sources"][name] = RewardSource(BASE_RUNNER, adapter=name)
+    pad_id = parts["runners"][BASE_RUNNER].pad_token_id
     for name, source in settings.reward_models.items():
         if name in parts["reward_sources"]:
             raise ModelLoadError(f"reward model name {name!r} is used twice")
         reward_model, reward_tokenizer = load_causal_lm(source, settings)
         check_same_tokenizer(tokenizer, reward_tokenizer, name)
-        parts["runners"][name] = TransformersRunner(reward_model, pad_token_id=base_runner.pad_token_id)
+        parts["runners"][name] = TransformersRunner(reward_model, pad_token_id=pad_id)
         parts["reward_sources"][name] = RewardSource(name)
     return parts
 
 
-def attach_adapters(model, adapters: dict[str, Path]):
+def check_adapter_base(name: str, path: Path, model, tokenizer) -> None:
+    """Refuses an adapter that `pad train` made for another base model."""
+    from pad_core.training.trainer import TRAINING_FILE, base_model_fingerprint
+
+    summary = path / TRAINING_FILE
+    if not summary.is_file():
+        return  # an adapter from elsewhere: peft's own shape checks apply
+    expected = json.loads(summary.read_text()).get("base_model_fingerprint")
+    if expected and expected != base_model_fingerprint(model, tokenizer):
+        raise ModelLoadError(
+            f"reward adapter {name!r} at {path} was trained on a different base model than the one being served"
+        )
+
+
+def attach_adapters(model, tokenizer, adapters: dict[str, Path]):
     """Wraps the model in peft with each LoRA adapter loaded under its name."""
     from peft import PeftModel
 
@@ -202,6 +220,7 @@ def attach_adapters(model, adapters: dict[str, Path]):
         path = Path(path).expanduser()
         if not (path / "adapter_config.json").is_file():
             raise ModelLoadError(f"reward adapter {name!r}: {path} is not a peft adapter folder")
+        check_adapter_base(name, path, model, tokenizer)
         try:
             if wrapped is None:
                 wrapped = PeftModel.from_pretrained(model, path, adapter_name=name)
