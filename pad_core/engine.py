@@ -19,6 +19,7 @@ import random
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -115,6 +116,17 @@ class PadEngine:
         """The request ends (finish_reason "abort") at the next step and its rows are freed."""
         if any(state.request_id == request_id for state in (*self.waiting, *self.running)):
             self._aborted.add(request_id)
+
+    def add_reward_adapter(self, name: str, path: str) -> None:
+        """Loads a LoRA reward adapter at run time (between steps); requests
+        may name it in `pad.reward_model` from the next step on."""
+        from pad_core.model_loading import attach_adapters
+
+        if name in self.reward_sources:
+            raise InvalidRequestError(f"a reward model named {name!r} is already loaded", param="name")
+        runner = self.runners[BASE_RUNNER]
+        runner.set_model(attach_adapters(runner.model, self.tokenizer, {name: Path(path)}), uses_adapters=True)
+        self.reward_sources[name] = RewardSource(BASE_RUNNER, adapter=name)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

@@ -212,15 +212,16 @@ def check_adapter_base(name: str, path: Path, model, tokenizer) -> None:
 
 
 def attach_adapters(model, tokenizer, adapters: dict[str, Path]):
-    """Wraps the model in peft with each LoRA adapter loaded under its name."""
+    """Wraps the model in peft with each LoRA adapter loaded under its name
+    (a model already wrapped gets the new adapters added)."""
     from peft import PeftModel
 
-    wrapped = None
+    wrapped = model if isinstance(model, PeftModel) else None
     for name, path in adapters.items():
         path = Path(path).expanduser()
         if not (path / "adapter_config.json").is_file():
             raise ModelLoadError(f"reward adapter {name!r}: {path} is not a peft adapter folder")
-        check_adapter_base(name, path, model, tokenizer)
+        check_adapter_base(name, path, model.get_base_model() if wrapped is not None else model, tokenizer)
         try:
             if wrapped is None:
                 wrapped = PeftModel.from_pretrained(model, path, adapter_name=name)

@@ -38,16 +38,21 @@ class TransformersRunner:
     """Decodes rows of one Hugging Face causal LM with a left-padded KV cache."""
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int = 0, uses_adapters: bool = False):
-        self.model = model.requires_grad_(False)  # inference only
         self.pad_token_id = pad_token_id
-        self.uses_adapters = uses_adapters
         self.device = next(model.parameters()).device
         self.num_layers = model.config.get_text_config().num_hidden_layers
+        self.set_model(model, uses_adapters)
+        self._reset()
+
+    def set_model(self, model: torch.nn.Module, uses_adapters: bool) -> None:
+        """(Re)binds the weights, e.g. once wrapped with LoRA adapters. The base
+        weights must be the same: running rows keep their caches."""
+        self.model = model.requires_grad_(False)  # inference only
+        self.uses_adapters = uses_adapters
         # peft wraps the transformers model; its LoRA layers live inside.
         causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.decoder = causal_lm.get_decoder()
         self.head = OutputHead(causal_lm)
-        self._reset()
 
     def _reset(self) -> None:
         self.row_keys: list[RowKey] = []
