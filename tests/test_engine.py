@@ -1,0 +1,534 @@
+"""PadEngine on the tiny random float32 Llama (real SmolLM2 tokenizer).
+
+Exactness vs float noise: batching and left padding change float reduction
+order, so two computations of the same logits may differ by ~1e-6. Where
+these tests compare token sequences they require them identical up to the
+first step whose two best scores (base logits for plain decoding, PAD scores
+for guided decoding; plus the k-th/k+1-th base logit gap that decides the
+candidate set) are within 1e-4 of each other, as measured by an independent
+from-scratch reference. On this tiny model with these prompts no such near-tie
+occurs (each comparison also asserts that enough steps were compared), so in
+practice they check exact identity.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pad_core.detokenize import IncrementalDetokenizer
+from pad_core.errors import ContextLengthExceededError, InvalidRequestError, UnknownRewardModelError
+from pad_core.types import (
+    ChatRequest,
+    GenerationRequest,
+    GuidanceParams,
+    Preference,
+    RewardPrompt,
+    SamplingParams,
+    StepOutput,
+)
+
+TIE = 1e-4
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
+
+PROMPTS = {
+    "short": "Hi",
+    "mid": "How do I sleep better at night?",
+    "long": "Write a detailed essay about the history of the printing press, its inventors, and how it "
+    "changed science, religion and politics in Europe over the following three centuries.",
+    "xlong": " ".join(["Please summarise the following notes about gardening, composting and watering."] * 8),
+}
+PREF = Preference("I like short answers with a bit of humour")
+PREF2 = Preference("Answer like a pirate and mention the sea", weight=0.5)
+
+
+def messages(name: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": PROMPTS[name]}]
+
+
+def chat(rid: str, prompt: str = "mid", preferences=(), sampling: SamplingParams = GREEDY, **guidance) -> ChatRequest:
+    return ChatRequest(rid, messages(prompt), list(preferences), sampling, GuidanceParams(**guidance))
+
+
+class Result:
+    def __init__(self, outputs: list[StepOutput]):
+        self.outputs = outputs
+        self.tokens = [t for o in outputs for t in o.token_ids]
+        self.text = "".join(o.text for o in outputs)
+        self.last = outputs[-1]
+        self.finish_reason = self.last.finish_reason
+
+
+def run(engine, *requests) -> dict[str, Result]:
+    outputs: dict[str, list[StepOutput]] = {}
+    for output in engine.generate(requests):
+        outputs.setdefault(output.request_id, []).append(output)
+    results = {rid: Result(outs) for rid, outs in outputs.items()}
+    for result in results.values():  # finish_reason exactly once, on the last output
+        assert [o.finished for o in result.outputs] == [False] * (len(result.outputs) - 1) + [True]
+    return results
+
+
+def run_one(engine, request) -> Result:
+    return run(engine, request)[request.request_id]
+
+
+@torch.inference_mode()
+def reference_decode(model, base_ids, reward_ids=(), pref_weights=(), weight=1.0, top_k=10, steps=16, stop_ids=(2,)):
+    """PAD decoding the slow, obviously-correct way (DESIGN steps 1-5): every
+    step recomputes each whole context from scratch, in float64 scoring.
+    Returns the greedy tokens and, per step, the gap that decides it."""
+    base_ctx, reward_ctx = list(base_ids), [list(r) for r in reward_ids]
+    tokens, gaps = [], []
+    for _ in range(steps):
+        base = model(torch.tensor([base_ctx])).logits[0, -1].double()
+        if not reward_ctx:
+            top = base.topk(2)
+            gaps.append(float(top.values[0] - top.values[1]))
+            token = int(top.indices[0])
+        else:
+            ranked = base.topk(top_k + 1)
+            candidates = ranked.indices[:top_k]
+            base_ls = base[candidates].log_softmax(0)
+            scores = base[candidates].clone()
+            for ctx, w_j in zip(reward_ctx, pref_weights, strict=True):
+                rm = model(torch.tensor([ctx])).logits[0, -1].double()
+                scores += weight * w_j * (rm[candidates].log_softmax(0) - base_ls)
+            top = scores.topk(min(2, top_k))
+            score_gap = float(top.values[0] - top.values[1]) if top_k > 1 else float("inf")
+            gaps.append(min(score_gap, float(ranked.values[top_k - 1] - ranked.values[top_k])))
+            token = int(candidates[top.indices[0]])
+        tokens.append(token)
+        base_ctx.append(token)
+        for ctx in reward_ctx:
+            ctx.append(token)
+        if token in stop_ids:
+            break
+    return tokens, gaps
+
+
+def assert_same_until_near_tie(actual, expected, gaps, min_steps):
+    """Identical up to the first near-tie step (see the module docstring)."""
+    horizon = next((i for i, gap in enumerate(gaps) if gap < TIE), len(expected))
+    assert horizon >= min_steps, f"near-tie at step {horizon}: the comparison would be vacuous"
+    assert actual[:horizon] == expected[:horizon]
+    if horizon == len(expected):
+        assert actual == expected
+
+
+# ---- plain decoding vs transformers ------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", ["short", "mid", "long"])
+def test_plain_greedy_equals_transformers_generate(engine, tiny_model, prompt):
+    result = run_one(engine, chat("r", prompt))
+    prompt_ids = engine.prompts.encode(messages(prompt))
+    with torch.inference_mode():
+        generated = tiny_model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=16,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    expected = generated.sequences[0, len(prompt_ids) :].tolist()
+    gaps = [float((lambda t: t[0] - t[1])(step[0].topk(2).values)) for step in generated.logits]
+    assert len(result.tokens) == 16 and result.finish_reason == "length"
+    assert_same_until_near_tie(result.tokens, expected, gaps, min_steps=16)
+
+
+def test_no_preference_equals_reference_greedy_and_runs_one_row(engine, tiny_model):
+    engine.add_chat(chat("r", "long"))
+    first = engine.step()
+    assert engine.stats()["running_rows"] == 1
+    rest = list(engine.generate([]))
+    tokens = [t for o in first + rest for t in o.token_ids]
+    expected, gaps = reference_decode(tiny_model, engine.prompts.encode(messages("long")))
+    assert_same_until_near_tie(tokens, expected, gaps, min_steps=16)
+
+
+def test_zero_weight_is_exactly_plain_decoding_with_no_reward_rows(engine, make_engine):
+    plain = run_one(engine, chat("plain"))
+    engine.add_chat(chat("w0", preferences=[PREF, PREF2], weight=0.0))
+    outputs = engine.step()
+    assert engine.stats()["running_rows"] == 1  # w = 0: no reward rows at all
+    outputs += list(engine.generate([]))
+    assert [t for o in outputs for t in o.token_ids] == plain.tokens
+    # top_k = 1 keeps only the base's best token: guided, yet the same tokens.
+    single = make_engine()
+    single.add_chat(chat("k1", preferences=[PREF], top_k=1, weight=5.0))
+    outputs = single.step()
+    assert single.stats()["running_rows"] == 2
+    outputs += list(single.generate([]))
+    assert [t for o in outputs for t in o.token_ids] == plain.tokens
+
+
+# ---- guided decoding -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prompt", "preferences", "weight", "top_k", "base_sees"),
+    [
+        # On "long", w = 1 and w = 2 sit close to decisions that w * 0.9 would
+        # flip (at steps 1 and 4): a reward off by 10% fails this test.
+        ("long", [PREF], 1.0, 10, None),
+        ("long", [PREF], 2.0, 10, None),
+        ("mid", [PREF], 1.0, 10, None),
+        ("mid", [PREF, PREF2], 2.0, 5, None),
+        ("mid", [PREF2], 1.5, 4, True),
+    ],
+)
+def test_guided_decoding_equals_reference_pad(engine, tiny_model, prompt, preferences, weight, top_k, base_sees):
+    request = chat("g", prompt, preferences, weight=weight, top_k=top_k, base_sees_preference=base_sees)
+    result = run_one(engine, request)
+    base_ids, reward_ids = engine.prompts.encode_request(messages(prompt), preferences, bool(base_sees))
+    assert reward_ids and all(len(r) > len(engine.prompts.encode(messages(prompt))) for r in reward_ids)
+    expected, gaps = reference_decode(
+        tiny_model, base_ids, reward_ids, [p.weight for p in preferences], weight, top_k
+    )
+    assert_same_until_near_tie(result.tokens, expected, gaps, min_steps=16)
+
+
+def test_a_preference_changes_the_output(engine):
+    plain = run_one(engine, chat("plain"))
+    guided = run_one(engine, chat("guided", preferences=[PREF]))
+    other = run_one(engine, chat("other", preferences=[PREF2]))
+    assert guided.tokens != plain.tokens
+    assert other.tokens != guided.tokens
+
+
+def test_several_preferences_rows_and_weights(engine):
+    engine.add_chat(chat("two", preferences=[PREF, PREF2]))
+    engine.step()
+    assert engine.stats()["running_rows"] == 3  # one base row + one reward row per preference
+    two = Result([o for o in engine.generate([]) if o.request_id == "two"])
+    one = run_one(engine, chat("one", preferences=[PREF]))
+    assert two.tokens != one.tokens
+    # A preference with weight 0 contributes nothing.
+    muted = run_one(engine, chat("muted", preferences=[PREF, Preference(PREF2.text, weight=0.0)]))
+    assert muted.tokens == one.tokens
+
+
+def test_base_seeing_the_only_self_preference_makes_the_reward_zero(engine):
+    """With the `self` reward and the preference in both contexts, r = 0: the
+    answer is plain greedy decoding of the preference-conditioned prompt."""
+    guided = run_one(engine, chat("g", preferences=[PREF], weight=3.0, base_sees_preference=True))
+    conditioned = engine.prompts.encode_with_preference(messages("mid"), PREF.text)
+    plain = run_one(engine, GenerationRequest("p", conditioned, sampling=GREEDY))
+    assert guided.tokens == plain.tokens
+    unconditioned = run_one(engine, chat("u"))
+    assert guided.tokens != unconditioned.tokens
+
+
+# ---- batching invariance -----------------------------------------------------------
+
+
+def _scenario(engine, target: ChatRequest) -> Result:
+    """`target` joins a batch at step 2 next to requests of other prompt lengths
+    (with and without preferences) that joined earlier or later and finish before
+    or after it."""
+    sampled = SamplingParams(temperature=1.0, seed=7, max_tokens=20)
+    engine.add_chat(chat("long-early", "long", sampling=SamplingParams(temperature=0.0, max_tokens=5)))
+    engine.add_chat(chat("short-early", "short", [PREF2], sampling=sampled))
+    outputs = engine.step() + engine.step()
+    engine.add_chat(target)
+    for _ in range(3):
+        outputs += engine.step()
+    engine.add_chat(chat("xlong-late", "xlong", [PREF], sampling=SamplingParams(temperature=0.0, max_tokens=4)))
+    outputs += engine.step()
+    engine.add_chat(chat("mid-late", "mid", sampling=SamplingParams(temperature=0.7, seed=3, max_tokens=30)))
+    outputs += list(engine.generate([]))
+    mine = [o for o in outputs if o.request_id == target.request_id]
+    # The others really were running alongside, and finished at different steps.
+    finished_at = {o.request_id: i for i, o in enumerate(outputs) if o.finished}
+    assert len(set(finished_at.values())) == len(finished_at) == 5
+    return Result(mine)
+
+
+@pytest.mark.parametrize("preferences", [(), (PREF,), (PREF, PREF2)])
+def test_greedy_output_is_the_same_alone_and_batched(make_engine, tiny_model, preferences):
+    target = chat("target", "mid", preferences, SamplingParams(temperature=0.0, max_tokens=16))
+    engine = make_engine()
+    alone = run_one(engine, copy.deepcopy(target))
+    batched = _scenario(make_engine(), target)
+    base_ids, reward_ids = engine.prompts.encode_request(messages("mid"), list(preferences), False)
+    _, gaps = reference_decode(tiny_model, base_ids, reward_ids, [p.weight for p in preferences])
+    assert_same_until_near_tie(alone.tokens, batched.tokens, gaps, min_steps=16)
+    assert batched.text == alone.text and batched.finish_reason == alone.finish_reason == "length"
+
+
+@pytest.mark.parametrize("preferences", [(), (PREF,)])
+def test_seeded_sampling_is_reproducible_alone_and_batched(make_engine, preferences):
+    """Each request samples with its own generator: the same seed gives the same
+    tokens alone, again, and inside a batch (the probabilities differ only by
+    float noise, far below what moves a multinomial draw here)."""
+    sampling = SamplingParams(temperature=1.0, seed=1234, max_tokens=16)
+    target = chat("target", "mid", preferences, sampling)
+    first = run_one(make_engine(), target)
+    again = run_one(make_engine(), target)
+    batched = _scenario(make_engine(), target)
+    assert first.tokens == again.tokens == batched.tokens
+    reseeded = run_one(make_engine(), chat("target", "mid", preferences, SamplingParams(temperature=1.0, seed=99, max_tokens=16)))
+    assert reseeded.tokens != first.tokens
+    greedy = run_one(make_engine(), chat("target", "mid", preferences, GREEDY))
+    assert first.tokens != greedy.tokens  # it does sample
+
+
+# ---- finishing ------------------------------------------------------------------
+
+
+def test_max_tokens_finishes_with_length(engine):
+    result = run_one(engine, chat("r", sampling=SamplingParams(temperature=0.0, max_tokens=3)))
+    assert result.finish_reason == "length"
+    assert len(result.tokens) == 3 == result.last.completion_tokens
+    assert engine.stats() == {"running_requests": 0, "running_rows": 0, "waiting_requests": 0}
+
+
+def test_stop_string_finishes_with_stop_and_is_excluded(engine, tokenizer):
+    full = run_one(engine, chat("full"))
+    # A stop string straddling the boundary between the 3rd and 4th tokens.
+    prefix = tokenizer.decode(full.tokens[:3])
+    assert full.text.startswith(prefix) and len(full.text) > len(prefix) + 2
+    stop = full.text[len(prefix) - 2 : len(prefix) + 2]
+    assert full.text.find(stop) == len(prefix) - 2  # its first occurrence
+    result = run_one(engine, chat("stopped", sampling=SamplingParams(temperature=0.0, max_tokens=16, stop=(stop, "never-ever"))))
+    assert result.finish_reason == "stop"
+    assert result.text == full.text[: len(prefix) - 2]
+    assert stop not in result.text
+    assert result.tokens == full.tokens[:4]  # generation ended as soon as the stop string was complete
+    assert result.last.completion_tokens == 4
+
+
+def test_text_held_back_for_a_possible_stop_is_flushed_at_length(engine, tokenizer):
+    full = run_one(engine, chat("full"))
+    text = tokenizer.decode(full.tokens[:3])
+    # The last two characters could start this stop string: held back, then released.
+    stop = text[-2:] + "\u2603never"
+    result = run_one(engine, chat("r", sampling=SamplingParams(temperature=0.0, max_tokens=3, stop=(stop,))))
+    assert result.finish_reason == "length"
+    assert result.text == text
+    assert result.last.text.endswith(text[-2:])
+
+
+def test_stop_token_ids_finish_with_stop_and_their_text_is_excluded(engine, tokenizer):
+    full = run_one(engine, chat("full"))
+    stop_id = full.tokens[4]
+    assert stop_id not in full.tokens[:4] and tokenizer.decode([stop_id]).strip()
+    result = run_one(engine, chat("s", sampling=SamplingParams(temperature=0.0, max_tokens=16, stop_token_ids=(stop_id,))))
+    assert result.finish_reason == "stop"
+    assert result.tokens == full.tokens[:5]
+    assert result.text == tokenizer.decode(full.tokens[:4])
+    ignored = run_one(
+        engine, chat("i", sampling=SamplingParams(temperature=0.0, max_tokens=16, stop_token_ids=(stop_id,), ignore_eos=True))
+    )
+    assert ignored.tokens == full.tokens and ignored.finish_reason == "length"
+
+
+@pytest.fixture
+def eos_model(tiny_model, tokenizer, engine):
+    """The tiny model with its output row of <|im_end|> (the end-of-turn token)
+    set to twice the row of the 3rd greedy token: by step 3 at the latest the
+    end-of-turn token has the largest logit. The head is untied first, so the
+    prompt (which contains <|im_end|>) is processed exactly as before."""
+    full = run_one(engine, chat("full"))
+    model = copy.deepcopy(tiny_model)
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    with torch.no_grad():
+        head.weight[tokenizer.eos_token_id] = 2 * head.weight[full.tokens[2]]
+    return model, full
+
+
+def test_end_of_turn_token_finishes_with_stop(make_engine, tokenizer, eos_model):
+    model, full = eos_model
+    engine = make_engine(model=model)
+    assert tokenizer.eos_token_id in engine.stop_token_ids
+    result = run_one(engine, chat("r"))
+    assert result.finish_reason == "stop"
+    assert 1 <= len(result.tokens) <= 3 and result.tokens[-1] == tokenizer.eos_token_id
+    assert result.tokens[:-1] == full.tokens[: len(result.tokens) - 1]
+    assert result.text == tokenizer.decode(result.tokens[:-1])
+    assert "<|im_end|>" not in result.text
+    # Guided requests end on it too; ignore_eos keeps going to max_tokens.
+    guided = run_one(engine, chat("g", preferences=[PREF], top_k=1))
+    assert guided.tokens == result.tokens and guided.finish_reason == "stop"
+    ignored = run_one(engine, chat("i", sampling=SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)))
+    assert ignored.finish_reason == "length" and len(ignored.tokens) == 8
+    assert tokenizer.eos_token_id in ignored.tokens
+
+
+# ---- bad settings ---------------------------------------------------------------
+
+
+def _bad_requests(tokenizer):
+    huge = " ".join(["word"] * 600)  # the tiny model's context is 512 tokens
+    return [
+        (chat("bad", sampling=SamplingParams(max_tokens=-1)), InvalidRequestError, "max_tokens"),
+        (chat("bad", sampling=SamplingParams(max_tokens=0)), InvalidRequestError, "max_tokens"),
+        (chat("bad", "mid", [PREF], top_k=0), InvalidRequestError, "pad.top_k"),
+        (chat("bad", "mid", [PREF], top_k=-3), InvalidRequestError, "pad.top_k"),
+        (chat("bad", sampling=SamplingParams(temperature=-0.5)), InvalidRequestError, "temperature"),
+        (chat("bad", sampling=SamplingParams(top_p=0.0)), InvalidRequestError, "top_p"),
+        (chat("bad", "mid", [PREF], reward_model="no-such-model"), UnknownRewardModelError, "pad.reward_model"),
+        (GenerationRequest("bad", [1, 2, 3], guidance=GuidanceParams(reward_model="nope")), UnknownRewardModelError,
+         "pad.reward_model"),
+        (ChatRequest("bad", [{"role": "user", "content": huge}]), ContextLengthExceededError, "messages"),
+        (GenerationRequest("bad", list(range(3, 600))), ContextLengthExceededError, "messages"),
+        (chat("bad", sampling=SamplingParams(max_tokens=10_000)), ContextLengthExceededError, "max_tokens"),
+        (chat("bad", "mid", [Preference("  ")]), InvalidRequestError, "preference"),
+        (ChatRequest("bad", []), InvalidRequestError, "messages"),
+        (chat("ok-1"), InvalidRequestError, "request_id"),  # already running
+    ]
+
+
+def test_bad_settings_raise_with_param_and_the_engine_keeps_serving(make_engine, tokenizer):
+    reference = run_one(make_engine(), chat("ok-1", preferences=[PREF]))
+    engine = make_engine()
+    engine.add_chat(chat("ok-1", preferences=[PREF]))
+    outputs = engine.step()
+    for request, error, param in _bad_requests(tokenizer):
+        before = engine.stats()
+        add = engine.add_chat if isinstance(request, ChatRequest) else engine.add_request
+        with pytest.raises(error) as info:
+            add(request)
+        assert info.value.param == param, (request, info.value)
+        assert engine.stats() == before  # nothing was queued
+        outputs += engine.step()
+    outputs += list(engine.generate([chat("ok-2", "short")]))
+    ok1 = Result([o for o in outputs if o.request_id == "ok-1"])
+    assert ok1.tokens == reference.tokens and ok1.finish_reason == "length"
+    assert not [o for o in outputs if o.request_id == "bad"]
+    assert Result([o for o in outputs if o.request_id == "ok-2"]).finish_reason == "length"
+
+
+def test_context_length_errors_are_raised_only_past_the_limit(make_engine):
+    engine = make_engine()
+    prompt = list(range(3, 3 + 500))
+    engine.add_request(GenerationRequest("fits", prompt, sampling=SamplingParams(temperature=0.0, max_tokens=12)))
+    with pytest.raises(ContextLengthExceededError):
+        engine.add_request(GenerationRequest("over", prompt, sampling=SamplingParams(max_tokens=13)))
+    # Without max_tokens the request may use the rest of the context.
+    engine.add_request(GenerationRequest("rest", prompt, sampling=SamplingParams(temperature=0.0)))
+    results = run(engine)
+    assert len(results["fits"].tokens) == 12 and len(results["rest"].tokens) == 12
+    assert results["rest"].finish_reason == "length"
+
+
+# ---- abort ----------------------------------------------------------------------
+
+
+def test_abort_frees_rows_and_finishes_once_with_abort(make_engine):
+    reference = run_one(make_engine(), chat("keep", "short"))
+    engine = make_engine()
+    engine.add_chat(chat("keep", "short"))
+    engine.add_chat(chat("victim", "long", [PREF, PREF2]))
+    outputs = engine.step() + engine.step()
+    assert engine.stats()["running_rows"] == 4
+    engine.abort("victim")
+    engine.abort("no-such-request")  # ignored
+    step = engine.step()
+    victim = [o for o in step if o.request_id == "victim"]
+    assert len(victim) == 1
+    assert victim[0].finish_reason == "abort" and victim[0].token_ids == [] and victim[0].completion_tokens == 2
+    assert engine.stats()["running_rows"] == 1 and engine.stats()["running_requests"] == 1
+    outputs += step + list(engine.generate([]))
+    assert len([o for o in outputs if o.request_id == "victim"]) == 3
+    keep = Result([o for o in outputs if o.request_id == "keep"])
+    assert keep.tokens == reference.tokens
+
+
+def test_abort_a_waiting_request(engine):
+    engine.add_chat(chat("w"))
+    engine.abort("w")
+    assert engine.step() == [
+        StepOutput("w", [], "", "abort", len(engine.prompts.encode(messages("mid"))), 0),
+    ]
+    assert engine.stats() == {"running_requests": 0, "running_rows": 0, "waiting_requests": 0}
+    assert not engine.has_unfinished()
+
+
+# ---- outputs: logprobs, text, usage -------------------------------------------------
+
+
+def test_logprobs_and_top_logprobs(engine, tiny_model, tokenizer):
+    sampling = SamplingParams(temperature=0.0, max_tokens=5, logprobs=True, top_logprobs=3)
+    results = run(
+        engine,
+        chat("lp", sampling=sampling),
+        chat("lp0", preferences=[PREF], sampling=SamplingParams(temperature=0.0, max_tokens=5, logprobs=True)),
+        chat("none", sampling=SamplingParams(temperature=0.0, max_tokens=5)),
+    )
+    assert all(o.logprobs is None for o in results["none"].outputs)
+    prompt_ids = engine.prompts.encode(messages("mid"))
+    context = list(prompt_ids)
+    for output in results["lp"].outputs:
+        (entry,) = output.logprobs
+        (token,) = output.token_ids
+        assert entry.token == tokenizer.decode([token]) and bytes(entry.bytes) == entry.token.encode()
+        assert len(entry.top_logprobs) == 3
+        values = [v for _, v, _ in entry.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        assert entry.logprob == pytest.approx(values[0], abs=1e-6)  # greedy: the best token
+        with torch.inference_mode():
+            expected = tiny_model(torch.tensor([context])).logits[0, -1].log_softmax(-1)
+        assert entry.logprob == pytest.approx(expected[token].item(), abs=1e-4)
+        assert [t for t, _, _ in entry.top_logprobs] == [tokenizer.decode([i]) for i in expected.topk(3).indices]
+        context.append(token)
+    for output in results["lp0"].outputs:  # guided: base-model logprob of the chosen token, no top list
+        (entry,) = output.logprobs
+        assert entry.top_logprobs == [] and entry.logprob <= 0.0
+
+
+def test_text_deltas_concatenate_to_the_decoded_tokens(engine, tokenizer):
+    requests = [
+        chat(f"s{seed}", prompt, prefs, SamplingParams(temperature=1.5, seed=seed, max_tokens=40))
+        for seed, (prompt, prefs) in enumerate([("mid", ()), ("short", (PREF,)), ("long", ()), ("mid", (PREF2,))])
+    ]
+    results = run(engine, *requests)
+    for result in results.values():
+        decoded = tokenizer.decode(result.tokens, skip_special_tokens=True)
+        assert result.text == decoded
+        # A delta never shows something the full decode takes back (e.g. half
+        # of a multi-byte character as U+FFFD); a random model may still emit
+        # byte sequences that are never valid, which decode to U+FFFD in both.
+        so_far = ""
+        for output in result.outputs:
+            so_far += output.text
+            assert decoded.startswith(so_far)
+
+
+def test_incremental_detokenizer_holds_partial_utf8_characters(tokenizer):
+    text = "naïve café 🎉 日本語 Ελληνικά"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some tokens are partial characters
+    template = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer(template, add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tokenizer._tokenizer, prompt)
+    deltas = [detok.step(i) for i in ids]
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+    assert "" in deltas  # bytes were held back at least once
+
+
+def test_usage_counts(engine):
+    results = run(engine, chat("a", "short", sampling=SamplingParams(temperature=0.0, max_tokens=7)), chat("b", "long", [PREF]))
+    for rid, name, count in (("a", "short", 7), ("b", "long", 16)):
+        result = results[rid]
+        assert all(o.prompt_tokens == len(engine.prompts.encode(messages(name))) for o in result.outputs)
+        assert [o.completion_tokens for o in result.outputs] == list(range(1, count + 1))
+        assert len(result.tokens) == count
+
+
+def test_generation_request_with_explicit_reward_prompts(engine, tiny_model):
+    """The token-level API: reward contexts given as ids, with weights."""
+    base = engine.prompts.encode(messages("mid"))
+    reward = engine.prompts.encode_with_preference(messages("mid"), PREF.text)
+    request = GenerationRequest(
+        "t", base, [RewardPrompt(tuple(reward), 2.0)], GREEDY, GuidanceParams(weight=0.5, top_k=6)
+    )
+    result = run_one(engine, request)
+    expected, gaps = reference_decode(tiny_model, base, [reward], [2.0], 0.5, 6)
+    assert_same_until_near_tie(result.tokens, expected, gaps, min_steps=16)
