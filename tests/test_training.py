@@ -1,0 +1,162 @@
+"""PersRM training (`pad train`): the loss, a step that learns, adapters
+saved, served by name with the same rewards, and refused when they do not fit."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pad_core.errors import ModelLoadError
+from pad_core.runner import NewRow
+from pad_core.settings import EngineSettings
+from pad_core.testing import tiny_model
+from pad_core.training.loss import pad_dpo_loss, sequence_log_probs
+from pad_core.training.pairs import PairFileError, PreferencePair, load_pairs
+from pad_core.training.trainer import (
+    PersRMTrainer,
+    TrainSettings,
+    encode_pair,
+    split_pairs,
+    train_adapter,
+    wrap_with_lora,
+)
+
+PAIRS = [
+    PreferencePair((("user", f"Question number {i}?"),), "short answers", "Yes.", "Well, it is a long story that goes on.")
+    for i in range(8)
+]
+
+
+def test_loss_on_hand_made_log_probs():
+    # chosen reward 0.1*(−1−(−3)) = 0.2, rejected 0.1*(−4−(−2)) = −0.2: margin 0.4
+    result = pad_dpo_loss(
+        torch.tensor([-1.0]), torch.tensor([-4.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), beta=0.1
+    )
+    assert result.loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.4))), rel=1e-6)
+    assert result.margin.item() == pytest.approx(0.4)
+    assert result.accuracy.item() == 1.0
+
+
+def test_loss_is_log_two_when_policy_equals_reference_and_prefers_nothing():
+    same = torch.tensor([-2.0, -5.0])
+    result = pad_dpo_loss(same, same, same, same, beta=0.5)
+    assert result.loss.item() == pytest.approx(math.log(2))
+    assert result.accuracy.item() == 0.0
+
+
+def test_sequence_log_probs_sums_only_answer_tokens():
+    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]]))
+    labels = torch.tensor([[0, 0, 1]])
+    mask = torch.tensor([[0.0, 1.0, 1.0]])
+    assert sequence_log_probs(logits, labels, mask).item() == pytest.approx(math.log(0.9) + math.log(0.8), rel=1e-5)
+
+
+def test_policy_sees_the_preference_and_the_reference_does_not(tokenizer):
+    from pad_core.prompting import PromptBuilder
+
+    prompts = PromptBuilder(tokenizer, TrainSettings().preference_template)
+    encoded = encode_pair(prompts, PAIRS[0], tokenizer.eos_token_id, 512)
+    policy = tokenizer.decode(encoded.policy_chosen.input_ids)
+    reference = tokenizer.decode(encoded.reference_chosen.input_ids)
+    assert "short answers" in policy and "short answers" not in reference
+    assert encoded.policy_chosen.input_ids[encoded.policy_chosen.answer_start :] == (
+        encoded.reference_chosen.input_ids[encoded.reference_chosen.answer_start :]
+    )
+
+
+def test_one_training_step_lowers_the_loss(tokenizer):
+    torch.manual_seed(0)
+    model = wrap_with_lora(tiny_model(tokenizer), TrainSettings())
+    trainer = PersRMTrainer(model, tokenizer, TrainSettings(learning_rate=1e-2, batch_size=8), "/nonexistent", torch.device("cpu"))
+    encoded = trainer.encode(PAIRS)
+    reference = trainer.reference_log_probs(encoded)
+    before = trainer.pair_loss(encoded, reference).loss
+    before.backward()
+    trainer.optimizer.step()
+    with torch.no_grad():
+        after = trainer.pair_loss(encoded, reference).loss
+    # LoRA B starts at zero: before training the PersRM is the `self` reward
+    # (the base model conditioned on the preference).
+    with torch.no_grad(), model.disable_adapter():
+        self_reward_loss = trainer.pair_loss(encoded, reference).loss
+    assert before.item() == pytest.approx(self_reward_loss.item(), abs=1e-5)
+    assert after.item() < before.item()
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tmp_path_factory, tokenizer):
+    out = tmp_path_factory.mktemp("adapter")
+    summary = train_adapter(
+        tiny_model(tokenizer), tokenizer, PAIRS, TrainSettings(epochs=2, batch_size=4, learning_rate=5e-2, validation_fraction=0.25), out
+    )
+    return out, summary
+
+
+def test_training_writes_an_adapter_with_its_settings_and_metrics(trained_adapter):
+    out, summary = trained_adapter
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    written = json.loads((out / "pad_training.json").read_text())
+    assert written["settings"]["beta"] == 0.1
+    assert written["pairs"] == {"train": 6, "validation": 2}
+    assert written["metrics"]["val_accuracy"] == pytest.approx(1.0)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_served_adapter_gives_the_rewards_it_was_trained_with(trained_adapter, tokenizer, make_engine):
+    """The adapter loaded by the engine computes the same reward-row logits as
+    the trained peft model did in memory."""
+    out, _ = trained_adapter
+    from peft import PeftModel
+
+    reference_model = PeftModel.from_pretrained(tiny_model(tokenizer), out, adapter_name="short").eval()
+    engine = make_engine(model=tiny_model(tokenizer), reward_adapters={"short": out})
+    prompt = engine.prompts.encode_with_preference([{"role": "user", "content": "Question number 3?"}], "short answers")
+    runner = engine.runners["base"]
+    with torch.inference_mode():
+        hidden = runner.prefill([NewRow(("x", 1), prompt, "short"), NewRow(("x", 0), prompt)])
+        expected = reference_model(torch.tensor([prompt])).logits[0, -1]
+        with reference_model.disable_adapter():
+            expected_base = reference_model(torch.tensor([prompt])).logits[0, -1]
+    torch.testing.assert_close(runner.head.full(hidden[:1])[0], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(runner.head.full(hidden[1:])[0], expected_base, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(expected, expected_base)
+
+
+def test_an_adapter_for_another_base_model_is_refused(trained_adapter, tokenizer, make_engine):
+    out, _ = trained_adapter
+    with pytest.raises(ModelLoadError, match="different base model"):
+        make_engine(model=tiny_model(tokenizer, num_layers=3), reward_adapters={"short": out})
+
+
+def test_a_bad_adapter_path_is_refused(tmp_path, make_engine, tokenizer):
+    with pytest.raises(ModelLoadError, match="not a peft adapter folder"):
+        make_engine(model=tiny_model(tokenizer), reward_adapters={"x": tmp_path / "missing"})
+
+
+def test_resume_continues_from_the_newest_checkpoint(trained_adapter, tokenizer):
+    out, _ = trained_adapter
+    model = wrap_with_lora(tiny_model(tokenizer), TrainSettings())
+    trainer = PersRMTrainer(model, tokenizer, TrainSettings(epochs=2), out, torch.device("cpu"))
+    assert trainer.resume()
+    assert (trainer.epoch, trainer.step) == (2, 4)
+
+
+def test_pair_file_errors_name_their_lines(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(
+        json.dumps(PAIRS[0].to_json()) + "\n"
+        + "not json\n"
+        + json.dumps({"prompt": "hi", "preference": "p", "chosen": "a", "rejected": "a"}) + "\n"
+        + json.dumps({"preference": "p", "chosen": "a", "rejected": "b"}) + "\n"
+    )
+    with pytest.raises(PairFileError) as error:
+        load_pairs(path)
+    assert [p.split(":")[0] for p in error.value.problems] == ["line 2", "line 3", "line 4"]
+
+
+def test_split_keeps_every_pair_once():
+    train, validation = split_pairs(list(range(10)), 0.2, seed=1)
+    assert sorted(train + validation) == list(range(10)) and len(validation) == 2
