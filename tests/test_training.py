@@ -160,3 +160,22 @@ def test_pair_file_errors_name_their_lines(tmp_path):
 def test_split_keeps_every_pair_once():
     train, validation = split_pairs(list(range(10)), 0.2, seed=1)
     assert sorted(train + validation) == list(range(10)) and len(validation) == 2
+
+
+def test_synth_pairs_a_passing_answer_with_a_failing_one(make_engine):
+    from pad_core.training.synth import SynthCase, pick_pairs, synthesize
+
+    case = SynthCase("c1", (("user", "Say hi"),), "answer in at most 3 words", ({"type": "max_words", "value": 3},))
+    pairs = pick_pairs(case, ["Hi there!", "Hello, how are you doing today?", "Hi there!", "Hey.", "One two three four five"], 5)
+    # Distinct texts only; best passing answers against worst failing ones.
+    assert [(p.chosen, p.rejected) for p in pairs] == [
+        ("Hi there!", "One two three four five"),
+        ("Hey.", "Hello, how are you doing today?"),
+    ]
+    assert all(p.preference == case.preference for p in pairs)
+    # End to end on the tiny model: whatever it samples, every pair is a real winner/loser.
+    from pad_core.evaluation.checks import satisfied
+
+    generated = synthesize(make_engine(), [case], samples=6, temperature=1.0, max_tokens=6, per_case=3)
+    for pair in generated:
+        assert satisfied(pair.chosen, list(case.checks)) and not satisfied(pair.rejected, list(case.checks))
