@@ -1,0 +1,132 @@
+"""A few end-to-end checks on the real embedded SmolLM2-135M-Instruct (float32).
+
+Greedy parity with transformers: identical tokens up to the first step whose
+two best logits are within 1e-4 (the engine's cached, batched forward and
+generate()'s differ in float reduction order); the test asserts that at least
+12 steps were compared before any such near-tie.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pad_core.engine import PadEngine
+from pad_core.settings import EngineSettings
+from pad_core.types import ChatRequest, GuidanceParams, Preference, SamplingParams
+
+pytestmark = pytest.mark.integration
+
+TIE = 1e-4
+QUESTION = [{"role": "user", "content": "How do I sleep better?"}]
+HELLO = [{"role": "user", "content": "Say hello in one short sentence."}]
+PIRATE = Preference("Answer like a pirate, with lots of humour")
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return PadEngine.from_settings(EngineSettings(dtype="float32"))
+
+
+def collect(engine, *requests):
+    results = {}
+    for output in engine.generate(requests):
+        entry = results.setdefault(output.request_id, {"tokens": [], "text": "", "finish": None})
+        entry["tokens"] += output.token_ids
+        entry["text"] += output.text
+        assert entry["finish"] is None  # nothing after the finishing output
+        entry["finish"] = output.finish_reason
+    return results
+
+
+def test_greedy_equals_transformers_generate(engine):
+    max_tokens = 24
+    result = collect(engine, ChatRequest("r", QUESTION, sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens)))["r"]
+    model = engine.runners["base"].model
+    prompt_ids = engine.prompts.encode(QUESTION)
+    with torch.inference_mode():
+        generated = model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_tokens,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    expected = generated.sequences[0, len(prompt_ids) :].tolist()
+    gaps = [float(step[0].topk(2).values[0] - step[0].topk(2).values[1]) for step in generated.logits]
+    horizon = next((i for i, gap in enumerate(gaps) if gap < TIE), len(expected))
+    assert horizon >= 12
+    assert result["tokens"][:horizon] == expected[:horizon]
+    if horizon == len(expected):
+        assert result["tokens"] == expected
+
+
+def test_preference_changes_the_answer_and_finish_reasons(engine):
+    greedy = SamplingParams(temperature=0.0, max_tokens=32)
+    results = collect(
+        engine,
+        ChatRequest("plain", HELLO, sampling=greedy),
+        ChatRequest("pirate", HELLO, [PIRATE], sampling=greedy, guidance=GuidanceParams(weight=2.0)),
+        ChatRequest("short", QUESTION, sampling=SamplingParams(temperature=0.0, max_tokens=4)),
+    )
+    plain, pirate = results["plain"], results["pirate"]
+    assert plain["text"].strip() and pirate["text"].strip()
+    assert pirate["tokens"] != plain["tokens"] and pirate["text"] != plain["text"]
+    # The instruct model ends its turn by itself: <|im_end|>, finish "stop", no marker in the text.
+    eos = engine.tokenizer.eos_token_id
+    for result in (plain, pirate):
+        assert result["finish"] == "stop" and result["tokens"][-1] == eos
+        assert "<|im_end|>" not in result["text"]
+    assert results["short"]["finish"] == "length" and len(results["short"]["tokens"]) == 4
+
+    # A stop string taken from the plain answer ends it right before that string.
+    words = plain["text"].split()
+    assert len(words) >= 3
+    stop = " " + words[2]
+    stopped = collect(engine, ChatRequest("stopped", HELLO, sampling=SamplingParams(temperature=0.0, max_tokens=32, stop=(stop,))))
+    assert stopped["stopped"]["finish"] == "stop"
+    assert stopped["stopped"]["text"] == plain["text"][: plain["text"].index(stop)]
+
+
+
+@torch.inference_mode()
+def pad_score_gaps(model, base_ids, reward_ids, tokens, weight=1.0, top_k=10) -> list[float]:
+    """Per step of `tokens`: the smaller of the gap between the two best PAD
+    scores and the gap between the k-th and (k+1)-th base logits, recomputed
+    from scratch (DESIGN steps 1-4, one preference)."""
+    base_ctx, reward_ctx, gaps = list(base_ids), list(reward_ids), []
+    for token in tokens:
+        base = model(torch.tensor([base_ctx])).logits[0, -1].double()
+        reward = model(torch.tensor([reward_ctx])).logits[0, -1].double()
+        ranked = base.topk(top_k + 1)
+        cand = ranked.indices[:top_k]
+        scores = base[cand] + weight * (reward[cand].log_softmax(0) - base[cand].log_softmax(0))
+        best = scores.topk(2).values
+        gaps.append(min(float(best[0] - best[1]), float(ranked.values[top_k - 1] - ranked.values[top_k])))
+        base_ctx.append(token)
+        reward_ctx.append(token)
+    return gaps
+
+
+def test_guided_greedy_is_the_same_alone_and_batched(engine):
+    """Identical tokens alone and in a batch with requests of other prompt
+    lengths (one sampling, one finishing early), up to the first step whose PAD
+    decision is a near-tie (gap < 1e-4, recomputed from scratch); at least 8
+    steps must be compared."""
+    sampling = SamplingParams(temperature=0.0, max_tokens=16)
+    target = ChatRequest("target", QUESTION, [PIRATE], sampling=sampling)
+    alone = collect(engine, target)["target"]
+    others = [
+        ChatRequest("other-1", HELLO, sampling=SamplingParams(temperature=0.0, max_tokens=6)),
+        ChatRequest("other-2", [{"role": "user", "content": "Tell me about the history of tea in England, please."}],
+                    [Preference("formal tone")], sampling=SamplingParams(temperature=0.8, seed=1, max_tokens=20)),
+    ]
+    batched = collect(engine, others[0], target, others[1])["target"]
+    base_ids, (reward_ids,) = engine.prompts.encode_request(QUESTION, [PIRATE], False)
+    gaps = pad_score_gaps(engine.runners["base"].model, base_ids, reward_ids, alone["tokens"])
+    horizon = next((i for i, gap in enumerate(gaps) if gap < TIE), len(gaps))
+    assert horizon >= 8
+    assert batched["tokens"][:horizon] == alone["tokens"][:horizon]
+    if horizon == len(gaps):
+        assert batched["tokens"] == alone["tokens"]
