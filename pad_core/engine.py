@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from pad_core.decoding import StepInputs, next_tokens
-from pad_core.detokenize import IncrementalDetokenizer
+from pad_core.detokenize import IncrementalDetokenizer, token_bytes
 from pad_core.errors import ContextLengthExceededError, InvalidRequestError, UnknownRewardModelError
 from pad_core.prompting import PromptBuilder
 from pad_core.request_state import RequestState, RewardRowRef
@@ -260,8 +260,7 @@ class PadEngine:
         return result
 
     def _token_entry(self, token_id: int, logprob: float) -> tuple[str, float, list[int]]:
-        text = self.tokenizer.decode([token_id])
-        return text, logprob, list(text.encode("utf-8"))
+        return self.tokenizer.decode([token_id]), logprob, token_bytes(self.tokenizer, token_id)
 
     # ---- scheduling ---------------------------------------------------
     def _admit(self) -> list[RequestState]:

@@ -482,6 +482,48 @@ def test_logprobs_and_top_logprobs(engine, tiny_model, tokenizer):
         assert entry.top_logprobs == [] and entry.logprob <= 0.0
 
 
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode (the byte-level BPE alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+def test_logprob_bytes_are_the_tokens_raw_utf8_bytes(engine, tokenizer):
+    """OpenAI's `bytes` lets a client rebuild characters split over tokens: a
+    token holding part of a multi-byte character must report its real bytes,
+    not the UTF-8 of U+FFFD."""
+    decoder = _gpt2_byte_decoder()
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+
+    def raw(token_id: int) -> list[int]:
+        if token_id in special:
+            return list(tokenizer.decode([token_id]).encode())
+        return [decoder[ch] for ch in tokenizer.convert_ids_to_tokens(token_id)]
+
+    sampling = SamplingParams(temperature=1.5, seed=5, max_tokens=24, logprobs=True, top_logprobs=20)
+    results = run(engine, chat("a", "mid", sampling=sampling), chat("b", "short", [PREF], sampling=sampling))
+    partial = 0
+    for result in results.values():
+        for output in result.outputs:
+            (entry,) = output.logprobs
+            assert entry.bytes == raw(output.token_ids[0])
+            for text, _, raw_bytes in entry.top_logprobs:
+                assert bytes(raw_bytes).decode("utf-8", errors="replace") == text
+                if "\ufffd" in text:  # part of a character: its bytes are not those of U+FFFD
+                    partial += 1
+                    assert bytes(raw_bytes) != text.encode()
+        rebuilt = b"".join(bytes(o.logprobs[0].bytes) for o in result.outputs).decode("utf-8", errors="replace")
+        assert rebuilt == tokenizer.decode(result.tokens)
+    assert partial > 0  # the check above met tokens that hold partial characters
+
+
 def test_text_deltas_concatenate_to_the_decoded_tokens(engine, tokenizer):
     requests = [
         chat(f"s{seed}", prompt, prefs, SamplingParams(temperature=1.5, seed=seed, max_tokens=40))
