@@ -277,6 +277,52 @@ def test_seeded_sampling_is_reproducible_alone_and_batched(make_engine, preferen
     assert first.tokens != greedy.tokens  # it does sample
 
 
+def test_presence_and_frequency_penalties_match_reference(engine, tiny_model):
+    """Plain greedy decoding with OpenAI penalties on the base logits; "short"
+    repeats a token within 40 steps without them, and not with them."""
+    plain = run_one(engine, chat("p", "short", sampling=SamplingParams(temperature=0.0, max_tokens=40)))
+    assert len(set(plain.tokens)) < len(plain.tokens)
+    sampling = SamplingParams(temperature=0.0, max_tokens=40, presence_penalty=1.0, frequency_penalty=2.0)
+    result = run_one(engine, chat("r", "short", sampling=sampling))
+    context = engine.prompts.encode(messages("short"))
+    expected, gaps = [], []
+    with torch.inference_mode():
+        for _ in range(40):
+            logits = tiny_model(torch.tensor([context + expected])).logits[0, -1].double()
+            counts = torch.bincount(torch.tensor(expected, dtype=torch.long), minlength=logits.shape[0]).double()
+            logits = logits - 1.0 * (counts > 0) - 2.0 * counts
+            top = logits.topk(2)
+            gaps.append(float(top.values[0] - top.values[1]))
+            expected.append(int(top.indices[0]))
+    assert_same_until_near_tie(result.tokens, expected, gaps, min_steps=20)
+    assert len(set(result.tokens[:20])) == 20
+
+
+def test_scheduler_budgets_queue_requests_without_changing_their_output(make_engine):
+    """max_running_requests / max_batch_rows hold requests back; they join as
+    others finish, and each output equals the same request run alone."""
+    requests = [
+        chat("a", "short", sampling=SamplingParams(temperature=0.0, max_tokens=4)),
+        chat("b", "mid", [PREF], sampling=SamplingParams(temperature=0.0, max_tokens=9)),
+        chat("c", "long", sampling=SamplingParams(temperature=0.0, max_tokens=6)),
+        chat("d", "mid", [PREF, PREF2], sampling=SamplingParams(temperature=0.0, max_tokens=5)),
+        chat("e", "xlong", sampling=SamplingParams(temperature=0.0, max_tokens=3)),
+    ]
+    alone = {r.request_id: run_one(make_engine(), r).tokens for r in requests}
+    engine = make_engine(max_running_requests=2, max_batch_rows=3)
+    for request in requests:
+        engine.add_chat(request)
+    outputs, waited = [], False
+    while engine.has_unfinished():
+        outputs += engine.step()
+        stats = engine.stats()
+        assert stats["running_requests"] <= 2 and stats["running_rows"] <= 3
+        waited |= stats["waiting_requests"] > 0
+    assert waited
+    for rid, tokens in alone.items():
+        assert [t for o in outputs if o.request_id == rid for t in o.token_ids] == tokens
+
+
 # ---- finishing ------------------------------------------------------------------
 
 
