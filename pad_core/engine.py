@@ -339,6 +339,12 @@ class PadEngine:
             raise InvalidRequestError(f"request id {request.request_id!r} is already running", param="request_id")
         if not request.prompt_ids:
             raise InvalidRequestError("the prompt is empty", param="messages")
+        # An id outside the vocabulary would fail the forward pass shared by every running request.
+        vocab_size = self.runners[BASE_RUNNER].head.vocab_size
+        reward_ids = [p.prompt_ids for p in request.reward_prompts]
+        for name, prompts in (("prompt_ids", [request.prompt_ids]), ("reward_prompts", reward_ids)):
+            if any(not 0 <= token < vocab_size for ids in prompts for token in ids):
+                raise InvalidRequestError(f"{name}: token ids must be in [0, {vocab_size})", param=name)
         if sampling.max_tokens is not None and sampling.max_tokens < 1:
             raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
         if not (sampling.temperature >= 0 and math.isfinite(sampling.temperature)):

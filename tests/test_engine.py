@@ -427,6 +427,10 @@ def _bad_requests(tokenizer):
         (chat("bad", "mid", [Preference("  ")]), InvalidRequestError, "preference"),
         (ChatRequest("bad", []), InvalidRequestError, "messages"),
         (chat("ok-1"), InvalidRequestError, "request_id"),  # already running
+        # Token-level API: ids outside the vocabulary would crash the shared forward pass.
+        (GenerationRequest("bad", [5, len(tokenizer) + 7]), InvalidRequestError, "prompt_ids"),
+        (GenerationRequest("bad", [5, -1]), InvalidRequestError, "prompt_ids"),
+        (GenerationRequest("bad", [5, 6], [RewardPrompt((5, 10**7))]), InvalidRequestError, "reward_prompts"),
     ]
 
 
