@@ -342,6 +342,8 @@ class PadEngine:
         # An id outside the vocabulary would fail the forward pass shared by every running request.
         vocab_size = self.runners[BASE_RUNNER].head.vocab_size
         reward_ids = [p.prompt_ids for p in request.reward_prompts]
+        if not all(reward_ids):
+            raise InvalidRequestError("a reward prompt is empty", param="reward_prompts")
         for name, prompts in (("prompt_ids", [request.prompt_ids]), ("reward_prompts", reward_ids)):
             if any(not 0 <= token < vocab_size for ids in prompts for token in ids):
                 raise InvalidRequestError(f"{name}: token ids must be in [0, {vocab_size})", param=name)

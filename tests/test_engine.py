@@ -431,6 +431,7 @@ def _bad_requests(tokenizer):
         (GenerationRequest("bad", [5, len(tokenizer) + 7]), InvalidRequestError, "prompt_ids"),
         (GenerationRequest("bad", [5, -1]), InvalidRequestError, "prompt_ids"),
         (GenerationRequest("bad", [5, 6], [RewardPrompt((5, 10**7))]), InvalidRequestError, "reward_prompts"),
+        (GenerationRequest("bad", [5, 6], [RewardPrompt(())]), InvalidRequestError, "reward_prompts"),
     ]
 
 
