@@ -157,6 +157,7 @@ class PadEngine:
     def step(self) -> list[StepOutput]:
         outputs = self._finish_aborted()
         self._release_finished()
+        admitted: list[RequestState] = []
         try:
             if self.running:
                 outputs += self._decode_running()
@@ -165,7 +166,7 @@ class PadEngine:
                 outputs += self._prefill(admitted)
         except Exception as exc:  # a failed forward poisons the whole batch
             logger.exception("engine step failed; failing the running requests")
-            outputs += self._fail_all(f"engine error: {exc}")
+            outputs += self._fail_all(f"engine error: {exc}", admitted)
         self._release_finished()
         return outputs
 
@@ -299,8 +300,11 @@ class PadEngine:
         self._aborted.clear()
         return outputs
 
-    def _fail_all(self, message: str) -> list[StepOutput]:
-        outputs = [state.finish("error", error=message) for state in self.running if state.finish_reason is None]
+    def _fail_all(self, message: str, admitted: list[RequestState]) -> list[StepOutput]:
+        """Fails the running requests and those admitted this step (which may
+        not have reached `running` if their prefill failed)."""
+        in_flight = {id(state): state for state in (*self.running, *admitted)}.values()
+        outputs = [state.finish("error", error=message) for state in in_flight if state.finish_reason is None]
         for runner in self.runners.values():
             runner.remove(set(runner.row_keys))
         return outputs

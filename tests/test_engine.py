@@ -468,6 +468,34 @@ def test_context_length_errors_are_raised_only_past_the_limit(make_engine):
     assert results["rest"].finish_reason == "length"
 
 
+def test_a_failing_forward_ends_every_request_in_flight_and_the_engine_recovers(make_engine, tiny_model):
+    """Fault injection in the model (not the engine): any forward pass that sees
+    the POISON token raises. Every request in flight, including the one whose
+    prefill failed, must get exactly one final output ("error"), and the engine
+    must serve new requests afterwards."""
+    poison = 4321
+    model = copy.deepcopy(tiny_model)
+
+    def explode(module, args):
+        if (args[0] == poison).any():
+            raise RuntimeError("injected fault")
+
+    model.get_input_embeddings().register_forward_pre_hook(explode)
+    engine = make_engine(model=model)
+    engine.add_chat(chat("running"))
+    outputs = engine.step()
+    engine.add_request(GenerationRequest("poisoned", [5, poison, 6], sampling=GREEDY))
+    outputs += engine.step()
+    outputs += list(engine.generate([]))
+    finals = {o.request_id: o for o in outputs if o.finished}
+    assert set(finals) == {"running", "poisoned"}
+    assert finals["poisoned"].finish_reason == "error" and "injected fault" in finals["poisoned"].error
+    assert sum(o.finished for o in outputs) == 2
+    assert engine.stats() == {"running_requests": 0, "running_rows": 0, "waiting_requests": 0}
+    after = run_one(engine, chat("after", preferences=[PREF]))
+    assert after.tokens == run_one(make_engine(), chat("after", preferences=[PREF])).tokens
+
+
 # ---- abort ----------------------------------------------------------------------
 
 
