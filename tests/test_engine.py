@@ -653,3 +653,31 @@ def test_generation_request_with_explicit_reward_prompts(engine, tiny_model):
     result = run_one(engine, request)
     expected, gaps = reference_decode(tiny_model, base, [reward], [2.0], 0.5, 6)
     assert_same_until_near_tie(result.tokens, expected, gaps, min_steps=16)
+
+
+# ---- prompts and IPC shapes -------------------------------------------------------
+
+
+def test_reward_contexts_carry_the_preference_and_the_base_context_does_not(engine, tokenizer):
+    convo = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
+    base, rewards = engine.prompts.encode_request(convo, [PREF, PREF2], base_sees_preference=False)
+    base_text = tokenizer.decode(base)
+    assert PREF.text not in base_text and "Be kind." in base_text
+    assert base == engine.prompts.encode(convo)
+    for preference, ids in zip((PREF, PREF2), rewards, strict=True):
+        text = tokenizer.decode(ids)
+        assert preference.text in text and "[Principles]" in text
+        assert "Be kind." in text and text.count("<|im_start|>system") == 1  # merged into the one system message
+    seen, _ = engine.prompts.encode_request(convo, [PREF, PREF2], base_sees_preference=True)
+    assert PREF.text in tokenizer.decode(seen) and PREF2.text in tokenizer.decode(seen)
+
+
+def test_requests_and_outputs_survive_the_ipc_round_trip(engine):
+    request = chat("rt", "mid", [PREF, PREF2], SamplingParams(temperature=0.3, seed=2, max_tokens=3, stop=("x",),
+                                                             logprobs=True, top_logprobs=2), weight=1.5, top_k=4)
+    again = ChatRequest.from_dict(request.to_dict())
+    assert again == request
+    outputs = list(engine.generate([again]))
+    for output in outputs:
+        assert StepOutput.from_dict(output.to_dict()) == output
+
