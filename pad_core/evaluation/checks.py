@@ -14,6 +14,9 @@ from typing import Any
 
 WORD = re.compile(r"\b[\w'’-]+\b", re.UNICODE)
 BULLET = re.compile(r"^\s*(?:[-*•+]|\d+[.)])\s+\S", re.MULTILINE)
+NUMBERED = re.compile(r"^\s*(?:\*\*)?\d+[.)](?:\*\*)?\s+\S", re.MULTILINE)
+# A closing question: '?' followed only by closing quotes/brackets, emoji or spaces.
+ENDS_WITH_QUESTION = re.compile(r"\?[\s\"'”’»)\]*_\U0001f000-\U0001faff\U00002600-\U000027bf]*$")
 SENTENCE_END = re.compile(r"[.!?…]+(?=\s|$)")
 EMOJI = re.compile(
     "[\U0001f300-\U0001faff\U00002600-\U000027bf\U0001f000-\U0001f2ff\U0001f900-\U0001f9ff]", re.UNICODE
@@ -45,6 +48,10 @@ def sentences(text: str) -> list[str]:
 
 def bullet_count(text: str) -> int:
     return len(BULLET.findall(text))
+
+
+def numbered_count(text: str) -> int:
+    return len(NUMBERED.findall(text))
 
 
 def detect_language(text: str) -> str | None:
@@ -113,6 +120,8 @@ CHECKS: dict[str, Callable[[str, dict[str, Any]], bool]] = {
     "regex": lambda text, spec: _regex(spec).search(text) is not None,
     "not_regex": lambda text, spec: _regex(spec).search(text) is None,
     "language": lambda text, spec: detect_language(text) == _language(spec),
+    "min_numbered": lambda text, spec: numbered_count(text) >= _number(spec),
+    "ends_with_question": lambda text, spec: ENDS_WITH_QUESTION.search(text.strip()) is not None,
     "has_emoji": lambda text, spec: EMOJI.search(text) is not None,
     "no_emoji": lambda text, spec: EMOJI.search(text) is None,
 }
