@@ -517,6 +517,9 @@ def test_abort_frees_rows_and_finishes_once_with_abort(make_engine):
     assert len([o for o in outputs if o.request_id == "victim"]) == 3
     keep = Result([o for o in outputs if o.request_id == "keep"])
     assert keep.tokens == reference.tokens
+    # The id is free again, and the new request runs from scratch.
+    again = run_one(engine, chat("victim", "short"))
+    assert again.tokens == reference.tokens and again.finish_reason == "length"
 
 
 def test_abort_a_waiting_request(engine):
