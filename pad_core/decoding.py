@@ -31,6 +31,11 @@ class StepInputs:
     temperature: list[float]
     top_p: list[float]
     generators: list[torch.Generator | None]
+    # base_logits before presence/frequency penalties (None: no penalties).
+    # The reward compares the two models' own distributions; penalties act on
+    # the score and the prescreen. (Penalising inside the reward would cancel
+    # them out: at w = 1, l_base - log_softmax_k(l_base) is a constant.)
+    unpenalised_base_logits: torch.Tensor | None = None
 
 
 def next_tokens(inputs: StepInputs) -> torch.Tensor:
@@ -65,8 +70,10 @@ def _guided_tokens(inputs: StepInputs, rows: torch.Tensor) -> torch.Tensor:
     base = inputs.base_logits[rows]
     candidates, valid = prescreen_top_k(base, inputs.top_k[rows])  # [G, K]
     base_candidates = base.gather(1, candidates)
+    unpenalised = inputs.unpenalised_base_logits
+    reward_base = base_candidates if unpenalised is None else unpenalised[rows].gather(1, candidates)
     reward_candidates = inputs.reward_logits_at(candidates[owner])  # [M, K]
-    rewards = personalized_reward(reward_candidates, base_candidates[owner], valid[owner])
+    rewards = personalized_reward(reward_candidates, reward_base[owner], valid[owner])
     scores = guided_scores(
         base_candidates, valid, rewards, owner, inputs.preference_weight, inputs.guidance_weight[rows]
     )

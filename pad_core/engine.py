@@ -198,7 +198,8 @@ class PadEngine:
         hidden: runner name -> (hidden states [B, H], row key -> row index)."""
         base_hidden, base_index = hidden[BASE_RUNNER]
         base_rows = torch.tensor([base_index[state.base_key] for state in states], device=base_hidden.device)
-        base = self._penalised(states, self.runners[BASE_RUNNER].head.full(base_hidden[base_rows]))
+        raw_base = self.runners[BASE_RUNNER].head.full(base_hidden[base_rows])
+        base = self._penalised(states, raw_base)
         reward_rows = [(position, ref) for position, state in enumerate(states) for ref in state.reward_rows]
         device = base.device
         tokens = next_tokens(
@@ -212,6 +213,7 @@ class PadEngine:
                 temperature=[s.request.sampling.temperature for s in states],
                 top_p=[s.request.sampling.top_p for s in states],
                 generators=[s.generator for s in states],
+                unpenalised_base_logits=None if base is raw_base else raw_base,
             )
         )
         logprobs = self._logprobs(states, base, tokens)

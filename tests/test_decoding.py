@@ -178,3 +178,17 @@ def test_property_batched_choice_equals_each_request_alone_and_reference(data, n
             )
             # Only a near-tie between the two best scores (float32 vs float64) may resolve differently.
             assert batched[i] == expected or gap < 1e-3
+
+
+def test_penalties_act_on_the_score_not_inside_the_reward():
+    """At w = 1 with a reward model equal to the base, s = l_base' + r and r = 0
+    must stay 0: a penalty on token 0 then makes token 1 win. (Penalising the
+    logits inside the reward too would cancel the penalty: s = const + log p_rm.)"""
+    raw = [[2.0, 1.9, 0.0, -5.0]]
+    penalised = [[1.5, 1.9, 0.0, -5.0]]  # presence penalty 0.5 on token 0
+    inputs, _ = make_inputs(penalised, [raw[0]], [0], weight=[1.0], top_k=[3])
+    inputs.unpenalised_base_logits = torch.tensor(raw)
+    assert next_tokens(inputs).tolist() == [1]
+    # The same step without penalties keeps token 0.
+    plain_inputs, _ = make_inputs(raw, [raw[0]], [0], weight=[1.0], top_k=[3])
+    assert next_tokens(plain_inputs).tolist() == [0]
