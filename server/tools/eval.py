@@ -333,12 +333,12 @@ def plot_summary(summary: dict[str, Any], path: Path, title: str) -> None:
     modes = list(summary["modes"])
     groups = [*summary["types"], OVERALL]
     width = 0.8 / max(1, len(modes))
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(groups) * max(1, len(modes)) * 0.35 + 3), 4.8))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(8.0, 2 + 0.22 * len(groups) * len(modes))), 5.0))
     for i, m in enumerate(modes):
         entries = [summary["modes"][m]["by_type"][g] if g != OVERALL else summary["modes"][m][OVERALL] for g in groups]
         values = [100 * e["rate"] if e["n"] else 0 for e in entries]
-        lower = [100 * (e["rate"] - e["ci_low"]) if e["n"] else 0 for e in entries]
-        upper = [100 * (e["ci_high"] - e["rate"]) if e["n"] else 0 for e in entries]
+        lower = [max(0.0, 100 * (e["rate"] - e["ci_low"])) if e["n"] else 0 for e in entries]
+        upper = [max(0.0, 100 * (e["ci_high"] - e["rate"])) if e["n"] else 0 for e in entries]
         xs = [g + (i - (len(modes) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, values, width, label=m, yerr=[lower, upper], capsize=2, error_kw={"elinewidth": 0.8})
     ax.set_xticks(range(len(groups)))
@@ -346,7 +346,7 @@ def plot_summary(summary: dict[str, Any], path: Path, title: str) -> None:
     ax.set_ylabel("answers satisfying the preference (%)")
     ax.set_ylim(0, 100)
     ax.set_title(title)
-    ax.legend(fontsize=8, ncols=min(len(modes), 4))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
