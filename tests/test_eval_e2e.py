@@ -130,5 +130,5 @@ def test_grid_end_to_end_on_the_tiny_model(tiny_endpoint, tmp_path):
                  "--max-tokens", "6", "--out", str(out), "--no-progress"])
     assert code == 0
     grid = json.loads((out / "answers.json").read_text())["grid"]
-    assert len(grid["rows"]) == 4 and grid["best"] in {r["mode"] for r in grid["rows"] if r["eligible"]} | {None}
+    assert len(grid["rows"]) == 3 and grid["best"] in {r["mode"] for r in grid["rows"] if r["eligible"]} | {None}
     assert "PAD settings grid" in (out / "report.md").read_text()

@@ -94,8 +94,10 @@ def test_mode_names_and_sets():
     modes = comparison_modes(["base", "prompt", "pad"], [1, 2], ["self", "concise"])
     assert [m.name for m in modes] == ["base", "prompt", "pad w=1", "pad w=2", "pad[concise] w=1", "pad[concise] w=2"]
     grid = grid_modes([1, 2], [5, 10], [False, True])
-    assert len(grid) == 2 + 8 and len({m.name for m in grid}) == len(grid)
-    assert "pad w=2 k=10 bsp=1" in {m.name for m in grid}
+    # self reward + base_sees_preference: reward 0 whatever w and k, one setting stands for all.
+    assert len(grid) == 2 + 4 + 1 and len({m.name for m in grid}) == len(grid)
+    assert "pad w=2 k=10 bsp=0" in {m.name for m in grid} and grid[-1].name == "pad w=1 k=5 bsp=1"
+    assert len(grid_modes([1, 2], [5, 10], [False, True], "concise")) == 2 + 8
 
 
 def test_run_eval_against_a_fake_endpoint(tmp_path):

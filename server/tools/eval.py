@@ -165,10 +165,19 @@ def comparison_modes(
 def grid_modes(
     weights: Sequence[float], top_ks: Sequence[int], base_sees: Sequence[bool], reward_model: str = "self"
 ) -> list[Mode]:
+    """base, prompt, and PAD over weights x top_k x base_sees_preference.
+
+    With the `self` reward and base_sees_preference the base context equals
+    the reward context, so the reward is 0 and every (w, k) decodes the same
+    greedy answer (prompting with PAD's template): one setting stands for all."""
     rm = None if reward_model == "self" else reward_model
-    return [Mode("base"), Mode("prompt")] + [
-        Mode("pad", w, k, rm, bsp) for bsp in base_sees for k in top_ks for w in weights
-    ]
+    modes = [Mode("base"), Mode("prompt")]
+    for bsp in base_sees:
+        if bsp and rm is None:
+            modes.append(Mode("pad", weights[0], top_ks[0], rm, True))
+            continue
+        modes += [Mode("pad", w, k, rm, bsp) for k in top_ks for w in weights]
+    return modes
 
 
 # ---------------------------------------------------------------------- runs
@@ -507,7 +516,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", default="eval-results", help="output folder (answers.json, report.md, chart.png)")
     parser.add_argument("--resume", action="store_true", help="reuse answers in OUT/answers.jsonl from an earlier run")
     parser.add_argument("--grid", action="store_true", help="sweep PAD settings and pick the best (see --grid-*)")
-    parser.add_argument("--grid-weights", type=floats, default=[0.5, 1.0, 2.0, 4.0])
+    parser.add_argument("--grid-weights", type=floats, default=[1.0, 2.0, 4.0])
     parser.add_argument("--grid-top-k", type=ints, default=[5, 10, 20])
     parser.add_argument("--grid-base-sees-preference", type=bools, default=[False, True])
     parser.add_argument("--no-progress", action="store_true")
