@@ -155,6 +155,7 @@ def test_grid_rule_prefers_fluent_settings():
     text = grid_markdown(choice)
     assert "Best eligible setting: **pad w=1**, at least as good as `prompt`" in text
     assert "| pad w=4 | 90% [" in text and "| no |" in text
+    assert "As server defaults: `PAD_DEFAULT_WEIGHT=1`." in text
 
 
 def test_cli_end_to_end_on_a_fake_endpoint(tmp_path, monkeypatch):

@@ -426,6 +426,12 @@ def grid_markdown(choice: dict[str, Any]) -> str:
     if choice["best"]:
         verdict = "at least as good as" if choice["best_at_least_baseline"] else "WORSE than"
         lines.append(f"Best eligible setting: **{choice['best']}**, {verdict} `{choice['baseline']}` overall.")
+        settings = dict(part.split("=", 1) for part in choice["best"].split() if "=" in part)
+        env = " ".join(f"{var}={settings[key]}" for key, var in (("w", "PAD_DEFAULT_WEIGHT"), ("k", "PAD_DEFAULT_TOP_K"))
+                       if key in settings)
+        if env:
+            lines.append(f"As server defaults: `{env}`" + (
+                " (and `pad.base_sees_preference: true` per request)." if settings.get("bsp") == "1" else "."))
     else:
         lines.append("No PAD setting stays within the repetition limit.")
     return "\n".join(lines) + "\n"
@@ -453,7 +459,8 @@ def load_done(path: Path, decoding: Decoding) -> dict[tuple[str, str], Answer]:
 
 
 def write_outputs(out_dir: Path, answers: Sequence[Answer], summary: dict[str, Any], settings: dict[str, Any],
-                  markdown: str, chart_title: str, choice: dict[str, Any] | None = None) -> dict[str, str]:
+                  markdown: str, chart_title: str, choice: dict[str, Any] | None = None,
+                  chart_summary: dict[str, Any] | None = None) -> dict[str, str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"answers": out_dir / "answers.json", "report": out_dir / "report.md", "chart": out_dir / "chart.png"}
     payload = {"settings": settings, "summary": summary, "answers": [asdict(a) for a in answers]}
@@ -461,7 +468,7 @@ def write_outputs(out_dir: Path, answers: Sequence[Answer], summary: dict[str, A
         payload["grid"] = choice
     paths["answers"].write_text(json.dumps(payload, indent=1, ensure_ascii=False), encoding="utf-8")
     paths["report"].write_text(markdown, encoding="utf-8")
-    plot_summary(summary, paths["chart"], chart_title)
+    plot_summary(chart_summary or summary, paths["chart"], chart_title)
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -593,8 +600,7 @@ async def evaluate(args: argparse.Namespace, base_url: str) -> int:
         best_summary = summarize([a for a in answers if a.mode in shown], shown, baseline)
         markdown = header + grid_markdown(choice) + "\n" + markdown_report(best_summary, "Best setting by preference type")
         paths = write_outputs(out_dir, answers, summary, settings, markdown,
-                              f"pad eval ({decoding.model}): best grid setting", choice)
-        plot_summary(best_summary, Path(paths["chart"]), f"pad eval ({decoding.model}): base, prompt, best PAD setting")
+                              f"pad eval ({decoding.model}): base, prompt, best PAD setting", choice, best_summary)
     else:
         markdown = header + markdown_report(summary)
         paths = write_outputs(out_dir, answers, summary, settings, markdown, f"pad eval ({decoding.model})")
