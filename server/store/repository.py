@@ -1,0 +1,706 @@
+"""The store: user preference profiles, completions kept for feedback, and
+feedback, on SQLite (default) or PostgreSQL, through SQLAlchemy's asyncio API.
+
+Durability: a write method returns only after its transaction committed.
+SQLite runs in WAL mode with synchronous=FULL (a commit is fsynced before it
+returns, so neither kill -9 nor a power cut loses it) and every write
+transaction starts with BEGIN IMMEDIATE (writers queue on the busy timeout
+instead of failing on a stale snapshot); PostgreSQL commits are durable with
+its default synchronous_commit. Concurrent writers: PUT is an upsert, PATCH
+locks the row (SELECT ... FOR UPDATE; SQLite's write lock does the same).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import and_, delete, event, or_, select, update
+from sqlalchemy.engine.url import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from pad_core.types import Preference
+from server.store import schema
+from server.store.config import StoreConfig, redact_url
+from server.store.errors import Forbidden, InvalidInput, NotFound
+
+logger = logging.getLogger(__name__)
+
+THUMBS = {"up": 1, "thumbs_up": 1, "down": 0, "thumbs_down": 0}
+AccessCheck = Callable[[str | None], bool]
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
+
+
+def _key(value: Any) -> str:
+    return hashlib.sha256(_dumps(value).encode("ascii")).hexdigest()
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _check_text(value: str, param: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{param} is not valid Unicode (lone surrogate)", param=param, code="invalid_text") from None
+
+
+def validate_preferences(items: Any, config: StoreConfig, param: str = "preferences") -> list[Preference]:
+    """A list of preferences from JSON: each a string, {"text", "weight"} or
+    a Preference.
+    Bounded in count and length; texts kept verbatim (not stripped)."""
+    if not isinstance(items, list):
+        raise InvalidInput(f"'{param}' must be a list of strings or {{\"text\", \"weight\"}} objects", param=param)
+    if len(items) > config.max_preferences:
+        raise InvalidInput(
+            f"too many preferences: {len(items)} given, at most {config.max_preferences} allowed",
+            param=param,
+            code="too_many_preferences",
+        )
+    out: list[Preference] = []
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        where = f"{param}[{index}]"
+        weight: Any = 1.0
+        if isinstance(item, Preference):
+            item = {"text": item.text, "weight": item.weight}
+        if isinstance(item, str):
+            text = item
+        elif isinstance(item, dict):
+            unknown = set(item) - {"text", "weight"}
+            if unknown:
+                raise InvalidInput(f"{where} has unknown field(s): {', '.join(sorted(unknown))}", param=where)
+            text = item.get("text")
+            weight = item.get("weight", 1.0)
+            if not isinstance(text, str):
+                raise InvalidInput(f"{where}.text must be a string", param=f"{where}.text")
+        else:
+            raise InvalidInput(f"{where} must be a string or a {{\"text\", \"weight\"}} object", param=where)
+        if not text.strip():
+            raise InvalidInput(f"{where} is empty", param=where, code="empty_preference")
+        if len(text) > config.max_preference_chars:
+            raise InvalidInput(
+                f"{where} has {len(text)} characters, at most {config.max_preference_chars} allowed",
+                param=where,
+                code="preference_too_long",
+            )
+        _check_text(text, where)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+            raise InvalidInput(f"{where}.weight must be a finite number", param=f"{where}.weight")
+        if text in seen:
+            raise InvalidInput(f"{where} repeats an earlier preference", param=where, code="duplicate_preference")
+        seen.add(text)
+        out.append(Preference(text=text, weight=float(weight)))
+    return out
+
+
+def _prefs_json(preferences: Iterable[Preference]) -> list[dict]:
+    return [{"text": p.text, "weight": p.weight} for p in preferences]
+
+
+def _prefs_from_json(raw: str) -> list[Preference]:
+    return [Preference(text=p["text"], weight=float(p["weight"])) for p in json.loads(raw)]
+
+
+def normalize_messages(messages: Sequence[Any]) -> list[dict[str, str]]:
+    """[{"role", "content"}] with content flattened to text (text parts joined)."""
+    out = []
+    for message in messages:
+        if not isinstance(message, dict):
+            message = message.model_dump() if hasattr(message, "model_dump") else dict(message)
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "".join(
+                part.get("text", "") if isinstance(part, dict) else str(getattr(part, "text", "")) for part in content
+            )
+        out.append({"role": str(message.get("role", "user")), "content": "" if content is None else str(content)})
+    return out
+
+
+def _parse_rating(rating: Any) -> tuple[str, int]:
+    if isinstance(rating, str) and rating.lower() in THUMBS:
+        return "thumbs", THUMBS[rating.lower()]
+    if isinstance(rating, int) and not isinstance(rating, bool) and 1 <= rating <= 5:
+        return "scale", rating
+    raise InvalidInput(
+        "rating must be \"up\", \"down\" (thumbs) or an integer from 1 to 5", param="rating", code="invalid_rating"
+    )
+
+
+def rating_out(kind: str | None, value: int | None) -> str | int | None:
+    if kind == "thumbs":
+        return "up" if value else "down"
+    return value
+
+
+def rating_score(kind: str, value: int) -> float:
+    """Thumbs and 1-5 on one scale in [-1, 1]: up = 1, down = -1, 3 stars = 0."""
+    return (1.0 if value else -1.0) if kind == "thumbs" else (value - 3) / 2.0
+
+
+# ----------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Profile:
+    user_id: str
+    preferences: list[Preference]
+    created_at: int
+    updated_at: int
+
+    def to_openai(self) -> dict:
+        return {
+            "object": "user.preferences",
+            "user": self.user_id,
+            "preferences": _prefs_json(self.preferences),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass(frozen=True)
+class Completion:
+    completion_id: str
+    choice_index: int
+    user_id: str | None
+    messages: list[dict[str, str]]
+    preferences: list[Preference]
+    answer: str
+    model: str
+    created_at: int
+    prompt_key: str
+    preference_key: str
+
+
+@dataclass(frozen=True)
+class Feedback:
+    feedback_id: str
+    completion_id: str
+    choice_index: int
+    user_id: str | None
+    rating: str | int | None
+    preferred_over: str | None
+    preferred_over_choice_index: int | None
+    comment: str | None
+    created_at: int
+
+    def to_openai(self) -> dict:
+        return {
+            "id": self.feedback_id,
+            "object": "feedback",
+            "created_at": self.created_at,
+            "completion_id": self.completion_id,
+            "choice_index": self.choice_index,
+            "user": self.user_id,
+            "rating": self.rating,
+            "preferred_over": self.preferred_over,
+            "preferred_over_choice_index": self.preferred_over_choice_index,
+            "comment": self.comment,
+        }
+
+
+@dataclass
+class ExportResult:
+    pairs: list[dict] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+def preference_text(preferences: Sequence[Preference]) -> str:
+    """The single preference string of a training pair: the texts of the
+    positively weighted preferences, one per line."""
+    return "\n".join(p.text for p in preferences if p.weight > 0)
+
+
+# ----------------------------------------------------------------- store
+
+
+class Store:
+    """Open with `await Store.open(config)`; close with `await store.close()`."""
+
+    def __init__(self, engine: AsyncEngine, config: StoreConfig):
+        self.engine = engine
+        self.config = config
+        self.dialect = engine.dialect.name
+        self._writer = engine.execution_options(pad_write=True)
+        # SQLite allows one writer: queue this process's writers here rather
+        # than in SQLite's busy handler (which sleeps in coarse steps).
+        self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
+        self._next_prune = 0.0
+
+    # -- lifecycle
+
+    @classmethod
+    async def open(cls, config: StoreConfig | None = None, *, settings: object | None = None) -> Store:
+        config = config or StoreConfig.from_settings(settings)
+        url = make_url(config.url)
+        if url.get_backend_name() == "sqlite":
+            if url.database and url.database != ":memory:":
+                Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            engine = create_async_engine(url, connect_args={"timeout": 30})
+            _sqlite_events(engine)
+        else:
+            engine = create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+        store = cls(engine, config)
+        try:
+            async with store._write() as conn:
+                found = await conn.run_sync(schema.migrate)
+        except BaseException:
+            await engine.dispose()
+            raise
+        if found != schema.LATEST:
+            logger.info("database schema migrated from version %d to %d", found, schema.LATEST)
+        logger.info("store open: %s (schema v%d)", redact_url(config.url), schema.LATEST)
+        return store
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        async with self._write_lock if self._write_lock is not None else contextlib.nullcontext():
+            async with self._writer.begin() as conn:
+                yield conn
+
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.connect() as conn:
+            yield conn
+
+    def _insert(self, table):
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        return insert(table)
+
+    def _check_user_id(self, user_id: str) -> None:
+        if not isinstance(user_id, str) or not user_id:
+            raise InvalidInput("user id must be a non-empty string", param="user_id")
+        if len(user_id) > self.config.max_user_id_chars:
+            raise InvalidInput(
+                f"user id has {len(user_id)} characters, at most {self.config.max_user_id_chars} allowed",
+                param="user_id",
+            )
+        _check_text(user_id, "user_id")
+
+    # -- preference profiles
+
+    async def get_preferences(self, user_id: str) -> Profile:
+        """The stored profile; NotFound when the user has none."""
+        self._check_user_id(user_id)
+        async with self._read() as conn:
+            row = (await conn.execute(select(schema.user_profiles).where(schema.user_profiles.c.user_id == user_id))).first()
+        if row is None:
+            raise NotFound(f"no stored preferences for user {user_id!r}", param="user_id", code="user_not_found")
+        return Profile(row.user_id, _prefs_from_json(row.preferences), row.created_at, row.updated_at)
+
+    async def find_preferences(self, user_id: str | None) -> list[Preference] | None:
+        """The stored preferences of a user, or None when there is no profile."""
+        if not user_id or len(user_id) > self.config.max_user_id_chars:
+            return None
+        try:
+            return (await self.get_preferences(user_id)).preferences
+        except (NotFound, InvalidInput):
+            return None
+
+    async def put_preferences(self, user_id: str, preferences: Any) -> Profile:
+        """Replaces the whole list (creates the profile if needed)."""
+        self._check_user_id(user_id)
+        prefs = validate_preferences(preferences, self.config)
+        now = _now()
+        table = schema.user_profiles
+        stmt = self._insert(table).values(user_id=user_id, preferences=_dumps(_prefs_json(prefs)), created_at=now, updated_at=now)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[table.c.user_id],
+            set_={"preferences": stmt.excluded.preferences, "updated_at": stmt.excluded.updated_at},
+        ).returning(table.c.created_at)
+        async with self._write() as conn:
+            created = (await conn.execute(stmt)).scalar_one()
+        return Profile(user_id, list(prefs), created, now)
+
+    async def patch_preferences(self, user_id: str, add: Any = None, remove: Any = None) -> Profile:
+        """Adds preferences (an existing text gets the new weight, in place) and
+        removes texts (absent ones are ignored: the PATCH is idempotent).
+        NotFound for a user without a profile."""
+        self._check_user_id(user_id)
+        add_prefs = validate_preferences(add if add is not None else [], self.config, param="add")
+        if remove is None:
+            remove = []
+        if not isinstance(remove, list) or not all(isinstance(t, str) for t in remove):
+            raise InvalidInput("'remove' must be a list of preference texts", param="remove")
+        table = schema.user_profiles
+        async with self._write() as conn:
+            row = (
+                await conn.execute(select(table).where(table.c.user_id == user_id).with_for_update())
+            ).first()
+            if row is None:
+                raise NotFound(f"no stored preferences for user {user_id!r}", param="user_id", code="user_not_found")
+            current = _prefs_from_json(row.preferences)
+            drop = set(remove)
+            merged = [p for p in current if p.text not in drop]
+            position = {p.text: i for i, p in enumerate(merged)}
+            for pref in add_prefs:
+                if pref.text in position:
+                    merged[position[pref.text]] = pref
+                else:
+                    position[pref.text] = len(merged)
+                    merged.append(pref)
+            if len(merged) > self.config.max_preferences:
+                raise InvalidInput(
+                    f"too many preferences: the result would have {len(merged)}, "
+                    f"at most {self.config.max_preferences} allowed",
+                    param="add",
+                    code="too_many_preferences",
+                )
+            now = _now()
+            await conn.execute(
+                update(table).where(table.c.user_id == user_id).values(preferences=_dumps(_prefs_json(merged)), updated_at=now)
+            )
+        return Profile(user_id, merged, row.created_at, now)
+
+    async def delete_preferences(self, user_id: str) -> None:
+        self._check_user_id(user_id)
+        table = schema.user_profiles
+        async with self._write() as conn:
+            result = await conn.execute(delete(table).where(table.c.user_id == user_id))
+        if result.rowcount == 0:
+            raise NotFound(f"no stored preferences for user {user_id!r}", param="user_id", code="user_not_found")
+
+    # -- completions
+
+    @property
+    def keeps_completions(self) -> bool:
+        return self.config.feedback_retention_days > 0
+
+    async def record_completion(
+        self,
+        completion_id: str,
+        *,
+        messages: Sequence[Any],
+        answers: Sequence[str] | str,
+        preferences: Sequence[Preference] | None = None,
+        user: str | None = None,
+        model: str = "",
+        created: int | None = None,
+    ) -> bool:
+        """Keeps a completion (one row per choice) for later feedback; returns
+        False when retention is 0 (nothing is kept). Re-recording an id is a
+        no-op. Prunes expired completions now and then."""
+        if not self.keeps_completions:
+            return False
+        if isinstance(answers, str):
+            answers = [answers]
+        chat = normalize_messages(messages)
+        prefs = _prefs_json(preferences or [])
+        created = int(created if created is not None else _now())
+        rows = [
+            {
+                "completion_id": completion_id,
+                "choice_index": index,
+                "user_id": user or None,
+                "messages": _dumps(chat),
+                "prompt_key": _key(chat),
+                "preferences": _dumps(prefs),
+                "preference_key": _key(prefs),
+                "answer": _dumps(answer),
+                "model": model or "",
+                "created_at": created,
+            }
+            for index, answer in enumerate(answers)
+        ]
+        if not rows:
+            return False
+        stmt = self._insert(schema.completions).on_conflict_do_nothing()
+        async with self._write() as conn:
+            await conn.execute(stmt, rows)
+        if time.monotonic() >= self._next_prune:
+            await self.prune()
+        return True
+
+    async def get_completion(self, completion_id: str, choice_index: int = 0) -> Completion:
+        async with self._read() as conn:
+            row = await self._completion_row(conn, completion_id, choice_index)
+        return _completion(row)
+
+    async def _completion_row(self, conn, completion_id: Any, choice_index: Any, param: str = "completion_id"):
+        if not isinstance(completion_id, str) or not completion_id or len(completion_id) > 128:
+            raise InvalidInput(f"'{param}' must be a completion id (a non-empty string)", param=param)
+        if isinstance(choice_index, bool) or not isinstance(choice_index, int) or choice_index < 0:
+            raise InvalidInput("choice index must be a non-negative integer", param=param)
+        table = schema.completions
+        row = (
+            await conn.execute(
+                select(table).where(and_(table.c.completion_id == completion_id, table.c.choice_index == choice_index))
+            )
+        ).first()
+        if row is None:
+            what = f"choice {choice_index} of " if choice_index else ""
+            raise NotFound(
+                f"no stored completion {what}{completion_id!r} (unknown, or older than the "
+                f"{self.config.feedback_retention_days:g}-day retention)",
+                param=param,
+                code="completion_not_found",
+            )
+        return row
+
+    async def prune(self, now: float | None = None) -> int:
+        """Deletes completions older than the retention, and their feedback."""
+        retention = self.config.feedback_retention_days * 86400.0
+        self._next_prune = time.monotonic() + max(60.0, min(3600.0, retention / 10))
+        cutoff = int((now if now is not None else time.time()) - retention)
+        c, f = schema.completions, schema.feedback
+        async with self._write() as conn:
+            result = await conn.execute(delete(c).where(c.c.created_at < cutoff))
+            if result.rowcount:
+                alive = select(c.c.completion_id)
+                await conn.execute(
+                    delete(f).where(
+                        or_(
+                            f.c.completion_id.not_in(alive),
+                            and_(f.c.other_completion_id.is_not(None), f.c.other_completion_id.not_in(alive)),
+                        )
+                    )
+                )
+        if result.rowcount:
+            logger.info("pruned %d expired completion rows", result.rowcount)
+        return result.rowcount
+
+    # -- feedback
+
+    async def record_feedback(
+        self,
+        completion_id: Any,
+        *,
+        choice_index: Any = 0,
+        rating: Any = None,
+        preferred_over: Any = None,
+        preferred_over_choice_index: Any = 0,
+        comment: Any = None,
+        can_access: AccessCheck | None = None,
+    ) -> Feedback:
+        """Records a rating and/or a pairwise choice (this completion preferred
+        over `preferred_over`, a completion of the same prompt) and/or a
+        comment. NotFound for unknown completions, Forbidden when `can_access`
+        refuses a completion's user."""
+        if rating is None and preferred_over is None and comment is None:
+            raise InvalidInput("give at least one of 'rating', 'preferred_over' or 'comment'", param="rating")
+        kind, value = _parse_rating(rating) if rating is not None else (None, None)
+        if comment is not None:
+            if not isinstance(comment, str):
+                raise InvalidInput("'comment' must be a string", param="comment")
+            if len(comment) > self.config.max_comment_chars:
+                raise InvalidInput(
+                    f"'comment' has {len(comment)} characters, at most {self.config.max_comment_chars} allowed",
+                    param="comment",
+                    code="comment_too_long",
+                )
+            _check_text(comment, "comment")
+        if preferred_over is None:
+            preferred_over_choice_index = None
+        async with self._write() as conn:
+            row = await self._completion_row(conn, completion_id, choice_index)
+            if can_access is not None and not can_access(row.user_id):
+                raise Forbidden("this API key may not give feedback on that completion", param="completion_id")
+            if preferred_over is not None:
+                other = await self._completion_row(conn, preferred_over, preferred_over_choice_index, "preferred_over")
+                if can_access is not None and not can_access(other.user_id):
+                    raise Forbidden("this API key may not give feedback on that completion", param="preferred_over")
+                if (other.completion_id, other.choice_index) == (row.completion_id, row.choice_index):
+                    raise InvalidInput("a completion cannot be preferred over itself", param="preferred_over")
+                if other.prompt_key != row.prompt_key:
+                    raise InvalidInput(
+                        "'preferred_over' must be a completion of the same prompt (the same messages)",
+                        param="preferred_over",
+                        code="prompt_mismatch",
+                    )
+            record = Feedback(
+                feedback_id=f"fb-{uuid.uuid4().hex}",
+                completion_id=row.completion_id,
+                choice_index=row.choice_index,
+                user_id=row.user_id,
+                rating=rating_out(kind, value),
+                preferred_over=preferred_over,
+                preferred_over_choice_index=preferred_over_choice_index,
+                comment=comment,
+                created_at=_now(),
+            )
+            await conn.execute(
+                schema.feedback.insert().values(
+                    feedback_id=record.feedback_id,
+                    completion_id=record.completion_id,
+                    choice_index=record.choice_index,
+                    user_id=record.user_id,
+                    rating_kind=kind,
+                    rating=value,
+                    other_completion_id=preferred_over,
+                    other_choice_index=preferred_over_choice_index,
+                    comment=None if comment is None else _dumps(comment),
+                    created_at=record.created_at,
+                )
+            )
+        return record
+
+    async def list_feedback(self, completion_id: str | None = None) -> list[Feedback]:
+        f = schema.feedback
+        query = select(f).order_by(f.c.id)
+        if completion_id is not None:
+            query = query.where(f.c.completion_id == completion_id)
+        async with self._read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            Feedback(
+                r.feedback_id,
+                r.completion_id,
+                r.choice_index,
+                r.user_id,
+                rating_out(r.rating_kind, r.rating),
+                r.other_completion_id,
+                r.other_choice_index,
+                None if r.comment is None else json.loads(r.comment),
+                r.created_at,
+            )
+            for r in rows
+        ]
+
+    # -- export
+
+    async def export_pairs(self, users: Iterable[str] | None = None) -> ExportResult:
+        """Training pairs {"messages", "preference", "chosen", "rejected"}:
+        - each pairwise choice gives one pair (the later choice wins when two
+          contradict); its preference is the chosen completion's, else the
+          rejected one's;
+        - ratings: among completions of the same prompt and the same
+          preference, each two with different scores give a pair (latest
+          rating per completion; thumbs up = 5 stars, down = 1 star), unless
+          a pairwise choice already covers those two.
+        Pairs without a preference, or with equal or empty answers, are
+        skipped and counted in `skipped`."""
+        wanted = set(users) if users is not None else None
+        f, c = schema.feedback, schema.completions
+        async with self._read() as conn:
+            feedback_rows = (await conn.execute(select(f).order_by(f.c.id))).all()
+            ids = sorted(
+                {r.completion_id for r in feedback_rows}
+                | {r.other_completion_id for r in feedback_rows if r.other_completion_id is not None}
+            )
+            completions: dict[tuple[str, int], Completion] = {}
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                for row in (await conn.execute(select(c).where(c.c.completion_id.in_(chunk)))).all():
+                    completions[(row.completion_id, row.choice_index)] = _completion(row)
+        result = ExportResult()
+
+        def usable(key: tuple[str, int]) -> bool:
+            comp = completions.get(key)
+            return comp is not None and (wanted is None or comp.user_id in wanted)
+
+        chosen_pairs: dict[frozenset, tuple[tuple[str, int], tuple[tuple[str, int]], str, int]] = {}
+        latest_rating: dict[tuple[str, int], tuple[float, int]] = {}
+        for r in feedback_rows:
+            key = (r.completion_id, r.choice_index)
+            if r.rating_kind is not None:
+                latest_rating[key] = (rating_score(r.rating_kind, r.rating), r.id)
+            if r.other_completion_id is not None:
+                other = (r.other_completion_id, r.other_choice_index or 0)
+                if usable(key) and usable(other):
+                    chosen_pairs[frozenset((key, other))] = (key, other, "pairwise", r.id)
+                else:
+                    result.skip("completion_missing_or_filtered")
+        groups: dict[tuple[str, str], list[tuple[tuple[str, int], float, int]]] = {}
+        for key, (score, order) in latest_rating.items():
+            if usable(key):
+                comp = completions[key]
+                groups.setdefault((comp.prompt_key, comp.preference_key), []).append((key, score, order))
+        for members in groups.values():
+            for i, (a, score_a, order_a) in enumerate(members):
+                for b, score_b, order_b in members[i + 1 :]:
+                    if score_a == score_b or frozenset((a, b)) in chosen_pairs:
+                        continue
+                    chosen, rejected = (a, b) if score_a > score_b else (b, a)
+                    chosen_pairs[frozenset((a, b))] = (chosen, rejected, "rating", max(order_a, order_b))
+        for chosen_key, rejected_key, source, _order in sorted(chosen_pairs.values(), key=lambda v: (v[3], v[0], v[1])):
+            chosen, rejected = completions[chosen_key], completions[rejected_key]
+            preference = preference_text(chosen.preferences) or preference_text(rejected.preferences)
+            if not preference.strip():
+                result.skip("no_preference")
+                continue
+            if not chosen.answer.strip() or not rejected.answer.strip():
+                result.skip("empty_answer")
+                continue
+            if chosen.answer == rejected.answer:
+                result.skip("same_answer")
+                continue
+            result.pairs.append(
+                {
+                    "messages": chosen.messages,
+                    "preference": preference,
+                    "chosen": chosen.answer,
+                    "rejected": rejected.answer,
+                    "meta": {
+                        "source": source,
+                        "user": chosen.user_id,
+                        "chosen_id": f"{chosen.completion_id}:{chosen.choice_index}",
+                        "rejected_id": f"{rejected.completion_id}:{rejected.choice_index}",
+                    },
+                }
+            )
+        return result
+
+
+def _completion(row) -> Completion:
+    return Completion(
+        completion_id=row.completion_id,
+        choice_index=row.choice_index,
+        user_id=row.user_id,
+        messages=json.loads(row.messages),
+        preferences=_prefs_from_json(row.preferences),
+        answer=json.loads(row.answer),
+        model=row.model,
+        created_at=row.created_at,
+        prompt_key=row.prompt_key,
+        preference_key=row.preference_key,
+    )
+
+
+def _sqlite_events(engine: AsyncEngine) -> None:
+    """WAL + synchronous=FULL on every connection; transactions begun by us
+    (pysqlite's implicit BEGIN is turned off), IMMEDIATE for writers."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("pad_write") else "BEGIN")

@@ -1,0 +1,113 @@
+"""Tables (SQLAlchemy Core) and schema migrations.
+
+Migrations are our own, not Alembic: a `schema_version` table holds one row
+with the version reached, and `MIGRATIONS[i]` takes the schema from version
+i to i + 1. `migrate` runs the missing steps in one transaction under a lock
+(SQLite: BEGIN IMMEDIATE; PostgreSQL: an advisory lock), so several processes
+starting at once migrate exactly once. A database newer than this code is
+refused. To change the schema: append a step, never edit a shipped one.
+
+Texts (preferences, messages, answers) are stored as JSON text produced with
+`ensure_ascii=True`, so any Python string, control characters included,
+round-trips verbatim on both back-ends."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    select,
+    text,
+)
+
+from server.store.errors import SchemaTooNew
+
+metadata = MetaData()
+
+schema_version = Table("schema_version", metadata, Column("version", Integer, nullable=False))
+
+user_profiles = Table(
+    "user_profiles",
+    metadata,
+    Column("user_id", String(256), primary_key=True),
+    Column("preferences", Text, nullable=False),  # JSON list of {"text", "weight"}
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+completions = Table(
+    "completions",
+    metadata,
+    Column("completion_id", String(128), primary_key=True),
+    Column("choice_index", Integer, primary_key=True),
+    Column("user_id", String(256), nullable=True),
+    Column("messages", Text, nullable=False),  # JSON list of {"role", "content"}
+    Column("prompt_key", String(64), nullable=False),  # sha256 of the messages
+    Column("preferences", Text, nullable=False),  # JSON list of {"text", "weight"}; [] = none
+    Column("preference_key", String(64), nullable=False),
+    Column("answer", Text, nullable=False),  # JSON string
+    Column("model", String(256), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_completions_created_at", "created_at"),
+    Index("ix_completions_prompt", "prompt_key", "preference_key"),
+)
+
+feedback = Table(
+    "feedback",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("feedback_id", String(64), nullable=False),
+    Column("completion_id", String(128), nullable=False),
+    Column("choice_index", Integer, nullable=False),
+    Column("user_id", String(256), nullable=True),
+    Column("rating_kind", String(8), nullable=True),  # "thumbs" | "scale"
+    Column("rating", Integer, nullable=True),  # thumbs: 1 up / 0 down; scale: 1..5
+    Column("other_completion_id", String(128), nullable=True),  # this one preferred over that one
+    Column("other_choice_index", Integer, nullable=True),
+    Column("comment", Text, nullable=True),  # JSON string
+    Column("created_at", BigInteger, nullable=False),
+    UniqueConstraint("feedback_id", name="uq_feedback_feedback_id"),
+    Index("ix_feedback_completion", "completion_id", "choice_index"),
+    Index("ix_feedback_other", "other_completion_id"),
+)
+
+
+def _v1(conn: Connection) -> None:
+    for table in (user_profiles, completions, feedback):
+        table.create(conn)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+LATEST = len(MIGRATIONS)
+_PG_LOCK_ID = 0x5AD_5709E  # advisory lock key for migrations
+
+
+def migrate(conn: Connection) -> int:
+    """Brings the schema to LATEST inside the caller's transaction; returns
+    the version found before."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_ID})
+    schema_version.create(conn, checkfirst=True)
+    found = conn.execute(select(schema_version.c.version)).scalar()
+    if found is None:
+        conn.execute(schema_version.insert().values(version=0))
+        found = 0
+    if found > LATEST:
+        raise SchemaTooNew(
+            f"the database schema is at version {found}, newer than this server's {LATEST}: upgrade pad-server"
+        )
+    for step in range(found, LATEST):
+        MIGRATIONS[step](conn)
+    if found != LATEST:
+        conn.execute(schema_version.update().values(version=LATEST))
+    return found

@@ -1,0 +1,271 @@
+"""The store on SQLite and on a real PostgreSQL server: profile CRUD,
+bounds, verbatim texts, resolution order, completions + feedback + export
+into valid training pairs, retention, migrations, 16 concurrent writers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from store_helpers import db_url, store_config  # noqa: F401  (fixture)
+
+from pad_core.training.pairs import load_pairs
+from pad_core.types import Preference
+from server.store import (
+    UNSET,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    Store,
+    resolve_for_request,
+    resolve_preferences,
+)
+from server.store import schema
+from server.store.errors import SchemaTooNew
+from server.store.export import main as feedback_main
+
+WEIRD = ["  leading and trailing spaces  ", "tab\tnew\nline \x00 nul", "émoji 😀 and 中文", "a" * 2000, 'quotes "\' \\ ']
+HI = [{"role": "system", "content": "be nice"}, {"role": "user", "content": "How do I sleep better?"}]
+
+
+@pytest.fixture
+async def store(db_url):  # noqa: F811
+    store = await Store.open(store_config(db_url))
+    yield store
+    await store.close()
+
+
+async def test_profile_crud_and_verbatim(store):
+    with pytest.raises(NotFound):
+        await store.get_preferences("alice")
+    assert await store.find_preferences("alice") is None
+    created = await store.put_preferences("alice", [WEIRD[0], {"text": WEIRD[1], "weight": 2}, *WEIRD[2:]])
+    got = await store.get_preferences("alice")
+    assert [p.text for p in got.preferences] == WEIRD
+    assert [p.weight for p in got.preferences] == [1.0, 2.0, 1.0, 1.0, 1.0]
+    assert got.created_at == created.created_at and got.updated_at >= got.created_at
+
+    replaced = await store.put_preferences("alice", ["short answers"])
+    assert replaced.created_at == created.created_at
+    assert (await store.find_preferences("alice")) == [Preference("short answers", 1.0)]
+
+    patched = await store.patch_preferences(
+        "alice", add=[{"text": "short answers", "weight": 0.5}, "humour"], remove=["not there"]
+    )
+    assert patched.preferences == [Preference("short answers", 0.5), Preference("humour", 1.0)]
+    patched = await store.patch_preferences("alice", remove=["short answers"])
+    assert (await store.get_preferences("alice")).preferences == [Preference("humour", 1.0)]
+    assert patched.to_openai()["preferences"] == [{"text": "humour", "weight": 1.0}]
+
+    await store.delete_preferences("alice")
+    for call in (store.get_preferences("alice"), store.delete_preferences("alice"), store.patch_preferences("alice", add=["x"])):
+        with pytest.raises(NotFound):
+            await call
+    # other users untouched, empty profiles allowed
+    await store.put_preferences("bob", [])
+    assert (await store.get_preferences("bob")).preferences == []
+
+
+async def test_bounds(store):
+    limit = store.config.max_preferences
+    cases = {
+        "too_many_preferences": [f"p{i}" for i in range(limit + 1)],
+        "preference_too_long": ["a" * (store.config.max_preference_chars + 1)],
+        "empty_preference": ["   "],
+        "duplicate_preference": ["x", "x"],
+    }
+    for code, prefs in cases.items():
+        with pytest.raises(InvalidInput) as info:
+            await store.put_preferences("alice", prefs)
+        assert info.value.code == code and info.value.status == 400
+    for bad in ("a string", [1], [{"text": "x", "weight": float("nan")}], [{"text": "x", "extra": 1}], [{"weight": 1}]):
+        with pytest.raises(InvalidInput):
+            await store.put_preferences("alice", bad)
+    with pytest.raises(InvalidInput):
+        await store.put_preferences("u" * 300, ["x"])
+    await store.put_preferences("alice", [f"p{i}" for i in range(limit)])
+    with pytest.raises(InvalidInput) as info:
+        await store.patch_preferences("alice", add=["one more"])
+    assert info.value.code == "too_many_preferences"
+    assert len((await store.get_preferences("alice")).preferences) == limit  # refused PATCH changed nothing
+
+
+def test_resolution_order():
+    stored = [Preference("stored", 1.0)]
+    assert resolve_preferences(UNSET, stored).preferences == stored
+    assert resolve_preferences(UNSET, stored).source == "profile"
+    request = resolve_preferences("inline", stored)
+    assert request.preferences == [Preference("inline")] and request.source == "request"
+    listed = resolve_preferences([{"text": "a", "weight": 2}, "b"], stored)
+    assert listed.preferences == [Preference("a", 2.0), Preference("b", 1.0)]
+    for off in (None, "", []):
+        assert resolve_preferences(off, stored).preferences == []
+        assert resolve_preferences(off, stored).source == "none"
+    assert resolve_preferences(UNSET, None).source == "none"
+    assert resolve_preferences(UNSET, []).source == "none"
+
+
+async def test_resolution_with_store(store):
+    await store.put_preferences("alice", ["stored one"])
+    assert (await resolve_for_request(store, "alice")).preferences == [Preference("stored one")]
+    assert (await resolve_for_request(store, "alice", "inline")).preferences == [Preference("inline")]
+    assert (await resolve_for_request(store, "alice", None)).preferences == []
+    assert (await resolve_for_request(store, "nobody")).source == "none"
+    assert (await resolve_for_request(store, None)).source == "none"
+    assert (await resolve_for_request(None, "alice")).source == "none"
+
+
+async def _seed(store, prefs=(Preference("short answers"),)):
+    other_prompt = [{"role": "user", "content": "Another question"}]
+    await store.record_completion("c-a", messages=HI, answers=["A short answer.", "A long, long answer."],
+                                  preferences=list(prefs), user="alice", model="m")
+    await store.record_completion("c-b", messages=HI, answers=["B answer"], preferences=list(prefs), user="alice")
+    await store.record_completion("c-c", messages=HI, answers=["C answer"], preferences=list(prefs), user="alice")
+    await store.record_completion("c-x", messages=other_prompt, answers=["X"], preferences=list(prefs), user="bob")
+    await store.record_completion("c-plain", messages=HI, answers=["plain"], preferences=[], user="alice")
+
+
+async def test_feedback_and_export_round_trip(store, db_url, tmp_path):  # noqa: F811
+    await _seed(store)
+    kept = await store.get_completion("c-a", 1)
+    assert kept.messages == HI and kept.answer == "A long, long answer." and kept.user_id == "alice"
+    # pairwise: choice 0 of c-a over choice 1; ratings: c-b up, c-c down (-> c-b over c-c)
+    fb = await store.record_feedback("c-a", rating=5, preferred_over="c-a", preferred_over_choice_index=1,
+                                     comment="shorter is better")
+    assert fb.to_openai()["object"] == "feedback" and fb.rating == 5 and fb.user_id == "alice"
+    await store.record_feedback("c-b", rating="up")
+    await store.record_feedback("c-c", rating="down")
+    await store.record_feedback("c-c", rating="up")  # the latest rating counts ...
+    await store.record_feedback("c-c", rating=1)  # ... so c-c is at 1 star
+    await store.record_feedback("c-x", rating="up")  # alone in its group: no pair
+    await store.record_feedback("c-plain", preferred_over="c-b")  # plain chosen: the preference of the rejected
+    result = await store.export_pairs()
+    by_ids = {(p["meta"]["chosen_id"], p["meta"]["rejected_id"]): p for p in result.pairs}
+    assert set(by_ids) == {
+        ("c-a:0", "c-a:1"),  # pairwise
+        ("c-a:0", "c-c:0"),  # ratings: 5 stars over 1 star (5 stars and thumbs up tie: no pair)
+        ("c-b:0", "c-c:0"),  # ratings: up over 1 star
+        ("c-plain:0", "c-b:0"),  # pairwise
+    }
+    pair = by_ids[("c-a:0", "c-a:1")]
+    assert pair["messages"] == HI and pair["preference"] == "short answers"
+    assert (pair["chosen"], pair["rejected"]) == ("A short answer.", "A long, long answer.")
+    assert by_ids[("c-plain:0", "c-b:0")]["preference"] == "short answers"
+    assert by_ids[("c-plain:0", "c-b:0")]["meta"]["source"] == "pairwise"
+
+    out = tmp_path / "pairs.jsonl"
+    assert await asyncio.to_thread(feedback_main, ["export", "--out", str(out), "--db-url", db_url]) == 0
+    pairs = load_pairs(out)  # the `pad train` reader: every line a valid pair
+    assert len(pairs) == len(result.pairs)
+    assert pairs[0].to_json() == {k: result.pairs[0][k] for k in ("messages", "preference", "chosen", "rejected")}
+    only_bob = tmp_path / "bob.jsonl"
+    args = ["export", "--out", str(only_bob), "--db-url", db_url, "--user", "bob"]
+    assert await asyncio.to_thread(feedback_main, args) == 0
+    assert only_bob.read_text() == ""
+
+
+async def test_export_skips_unusable_pairs(store):
+    await store.record_completion("p1", messages=HI, answers=["same", "same", "other"], preferences=[])
+    await store.record_feedback("p1", preferred_over="p1", preferred_over_choice_index=2)  # no preference
+    await store.record_completion("q1", messages=HI, answers=["same", "same"], preferences=[Preference("x")])
+    await store.record_feedback("q1", preferred_over="q1", preferred_over_choice_index=1)  # equal answers
+    result = await store.export_pairs()
+    assert result.pairs == [] and result.skipped == {"no_preference": 1, "same_answer": 1}
+
+
+async def test_feedback_errors(store):
+    await _seed(store)
+    with pytest.raises(NotFound) as info:
+        await store.record_feedback("nope", rating="up")
+    assert info.value.code == "completion_not_found" and info.value.param == "completion_id"
+    with pytest.raises(NotFound):
+        await store.record_feedback("c-a", choice_index=7, rating="up")
+    with pytest.raises(NotFound) as info:
+        await store.record_feedback("c-a", preferred_over="nope")
+    assert info.value.param == "preferred_over"
+    for kwargs in ({"rating": 6}, {"rating": "meh"}, {"rating": True}, {}, {"comment": 3}, {"comment": "x" * 5000},
+                   {"preferred_over": "c-a"}, {"preferred_over": "c-x"}):
+        with pytest.raises(InvalidInput):
+            await store.record_feedback("c-a", **kwargs)
+    only_bob = lambda user: user == "bob"  # noqa: E731
+    with pytest.raises(Forbidden):
+        await store.record_feedback("c-a", rating="up", can_access=only_bob)
+    assert (await store.record_feedback("c-x", rating=3, can_access=only_bob)).rating == 3
+    assert len(await store.list_feedback()) == 1  # refused ones wrote nothing
+
+
+async def test_retention(db_url):  # noqa: F811
+    store = await Store.open(store_config(db_url, feedback_retention_days=1))
+    try:
+        old = int(time.time()) - 3 * 86400
+        store._next_prune = float("inf")  # no automatic pruning until asked
+        await store.record_completion("old", messages=HI, answers=["a"], preferences=[Preference("p")], created=old)
+        await store.record_completion("new", messages=HI, answers=["b"], preferences=[Preference("p")])
+        await store.record_feedback("new", preferred_over="old")
+        await store.record_feedback("old", rating="up")
+        assert await store.prune() == 1
+        with pytest.raises(NotFound):
+            await store.get_completion("old")
+        assert (await store.get_completion("new")).answer == "b"
+        assert await store.list_feedback() == []  # feedback on pruned completions goes with them
+        store._next_prune = 0.0  # due: the next record prunes by itself
+        await store.record_completion("old2", messages=HI, answers=["a"], created=old)
+        with pytest.raises(NotFound):
+            await store.get_completion("old2")
+    finally:
+        await store.close()
+    off = await Store.open(store_config(db_url, feedback_retention_days=0))
+    try:
+        assert await off.record_completion("x", messages=HI, answers=["a"]) is False
+        with pytest.raises(NotFound):
+            await off.get_completion("x")
+    finally:
+        await off.close()
+
+
+async def test_migrations(db_url):  # noqa: F811
+    first = await Store.open(store_config(db_url))
+    await first.put_preferences("alice", ["kept"])
+    second = await Store.open(store_config(db_url))  # a second process: no re-migration, data kept
+    assert (await second.get_preferences("alice")).preferences == [Preference("kept")]
+    async with second.engine.begin() as conn:
+        assert (await conn.execute(schema.schema_version.select())).all() == [(schema.LATEST,)]
+        await conn.execute(schema.schema_version.update().values(version=schema.LATEST + 1))
+    await first.close()
+    await second.close()
+    with pytest.raises(SchemaTooNew):
+        await Store.open(store_config(db_url))
+
+
+async def test_sqlite_is_wal_and_synchronous_full(tmp_path):
+    store = await Store.open(store_config(f"sqlite:///{tmp_path / 'sub' / 'pad.db'}"))
+    try:
+        async with store.engine.connect() as conn:
+            assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
+            assert (await conn.exec_driver_sql("PRAGMA synchronous")).scalar() == 2  # FULL
+    finally:
+        await store.close()
+
+
+async def test_sixteen_concurrent_writers_lose_nothing(db_url):  # noqa: F811
+    store = await Store.open(store_config(db_url, max_preferences=64))
+    try:
+        await store.put_preferences("shared", [])
+        await store.record_completion("c", messages=HI, answers=["a"], preferences=[Preference("p")], user="shared")
+
+        async def writer(i: int) -> None:
+            for j in range(4):
+                await store.put_preferences(f"user-{i}-{j}", [f"pref {i} {j}"])
+                await store.patch_preferences("shared", add=[f"from {i} {j}"])  # read-modify-write, same row
+            await store.record_feedback("c", rating=1 + i % 5, comment=f"writer {i}")
+
+        await asyncio.gather(*(writer(i) for i in range(16)))
+        for i in range(16):
+            for j in range(4):
+                assert (await store.get_preferences(f"user-{i}-{j}")).preferences == [Preference(f"pref {i} {j}")]
+        shared = {p.text for p in (await store.get_preferences("shared")).preferences}
+        assert shared == {f"from {i} {j}" for i in range(16) for j in range(4)}
+        assert sorted(f.comment for f in await store.list_feedback()) == sorted(f"writer {i}" for i in range(16))
+    finally:
+        await store.close()
