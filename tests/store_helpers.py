@@ -148,3 +148,37 @@ def store_config(url: str, **overrides):
     from server.store.config import StoreConfig, normalize_url
 
     return StoreConfig(url=normalize_url(url), **overrides)
+
+
+def store_app(store, api_keys=()):
+    """A small FastAPI app with the users and feedback routers, the store on
+    app.state and a key table (the gateway wires the same in create_app)."""
+    from fastapi import FastAPI
+
+    from server.auth_scopes import KeyTable
+    from server.routes import feedback, users
+
+    app = FastAPI()
+    app.include_router(users.router)
+    app.include_router(feedback.router)
+    app.state.store = store
+    app.state.key_table = KeyTable.from_specs(list(api_keys))
+    return app
+
+
+def asgi_client(app, key: str | None = None):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://pad.test", headers=headers)
+
+
+def assert_error(response, status: int, code: str | None = None, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    return error
