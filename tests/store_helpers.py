@@ -58,8 +58,22 @@ def _run(cmd: list[str], as_user: str | None, timeout: float = 60) -> subprocess
 
 
 @lru_cache(maxsize=1)
+def _start_once() -> str | Unavailable:
+    try:
+        return _start()
+    except Unavailable as exc:  # remembered: one failed start per test process
+        return exc
+
+
 def postgres_url() -> str:
     """A superuser URL (postgresql://postgres@127.0.0.1:PORT) of a running server."""
+    outcome = _start_once()
+    if isinstance(outcome, Unavailable):
+        raise outcome
+    return outcome
+
+
+def _start() -> str:
     if os.environ.get("PAD_TEST_POSTGRES_URL"):
         return os.environ["PAD_TEST_POSTGRES_URL"].rstrip("/")
     bin_dir = _bin_dir()
