@@ -269,3 +269,12 @@ async def test_sixteen_concurrent_writers_lose_nothing(db_url):  # noqa: F811
         assert sorted(f.comment for f in await store.list_feedback()) == sorted(f"writer {i}" for i in range(16))
     finally:
         await store.close()
+
+
+def test_feedback_cli_arguments(tmp_path, capsys):
+    db = tmp_path / "data"
+    assert feedback_main(["--data-dir", str(db), "--out", str(tmp_path / "a.jsonl")]) == 0  # "export" implied
+    assert (db / "pad.db").exists() and (tmp_path / "a.jsonl").read_text() == ""
+    assert feedback_main(["prune", "--data-dir", str(db)]) == 0
+    assert feedback_main(["export", "--db-url", "mysql://x/y", "--out", "-"]) == 2
+    assert "unsupported database" in capsys.readouterr().err

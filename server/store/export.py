@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`pad feedback ARGS`: argv starts with the subcommand (export | prune);
+    without one (a caller that consumed "export"), export is meant."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("export", "prune", "-h", "--help"):
+        argv.insert(0, "export")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
