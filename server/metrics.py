@@ -1,0 +1,36 @@
+"""Prometheus metrics (prometheus-client), one registry per app."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("pad_requests", "Chat completion requests by HTTP status", ["status"], registry=r)
+        self.prompt_tokens = Counter("pad_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("pad_generation_tokens", "Tokens generated", registry=r)
+        self.time_to_first_token = Histogram(
+            "pad_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.inter_token_latency = Histogram(
+            "pad_inter_token_latency_seconds", "Time between tokens of a request", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.in_flight = Gauge("pad_requests_in_flight", "Requests sent to the worker and not finished", registry=r)
+        self.queue_depth = Gauge("pad_queue_depth", "Requests waiting in the worker", registry=r)
+        self.running_requests = Gauge("pad_running_requests", "Requests in the running batch", registry=r)
+        self.running_rows = Gauge("pad_running_rows", "Model rows (base + reward) in the running batch", registry=r)
+        self.worker_up = Gauge("pad_worker_up", "1 when the worker is loaded and answering", registry=r)
+        self.worker_restarts = Counter("pad_worker_restarts", "Times a local worker was restarted", registry=r)
+
+    def update_worker_stats(self, stats: dict) -> None:
+        self.queue_depth.set(stats.get("waiting_requests", 0))
+        self.running_requests.set(stats.get("running_requests", 0))
+        self.running_rows.set(stats.get("running_rows", 0))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,388 @@
+"""POST /v1/chat/completions: OpenAI requests in, engine requests out, and
+the engine's token deltas back as chat.completion(.chunk) objects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from pad_core.types import ChatRequest, GuidanceParams, Preference, SamplingParams, StepOutput
+from server.auth_scopes import chat_user
+from server.errors import APIError, invalid, unavailable
+from server.openai_models import ChatCompletionRequest
+from server.store.http import request_scope
+from server.store.resolve import UNSET, resolve_for_request
+from server.worker_client import QueueFull, RequestRejected, WorkerUnavailable
+
+logger = logging.getLogger(__name__)
+router = APIRouter(tags=["chat"])
+
+UNSUPPORTED = (
+    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
+    "audio", "modalities", "prediction", "reasoning_effort",
+)  # fmt: skip
+ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+# ---- request conversion ------------------------------------------------
+def refuse_unsupported(body: ChatCompletionRequest) -> None:
+    for name in UNSUPPORTED:
+        if getattr(body, name) is not None:
+            raise invalid(f"'{name}' is not supported by this server", name, "unsupported_parameter")
+    fmt = body.response_format
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise invalid("only response_format {'type': 'text'} is supported", "response_format", "unsupported_parameter")
+    if body.top_logprobs and not body.logprobs:
+        raise invalid("top_logprobs requires logprobs: true", "top_logprobs")
+
+
+def flatten_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
+    """OpenAI messages -> [{"role", "content"}] with text content only."""
+    messages = []
+    for index, message in enumerate(body.messages):
+        if message.role not in ROLE_MAP:
+            raise invalid(f"messages[{index}].role '{message.role}' is not supported (no tool calling)",
+                          f"messages[{index}].role", "unsupported_parameter")
+        extra = set(message.model_extra or {})
+        if extra:
+            name = sorted(extra)[0]
+            raise invalid(f"messages[{index}].{name} is not supported", f"messages[{index}].{name}", "unsupported_parameter")
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for part_index, part in enumerate(content):
+                if part.type != "text" or not isinstance((part.model_extra or {}).get("text"), str):
+                    raise invalid(
+                        f"messages[{index}].content[{part_index}]: '{part.type}' parts are not supported (text only)",
+                        f"messages[{index}].content[{part_index}]",
+                        "unsupported_content",
+                    )
+                texts.append(part.model_extra["text"])
+            content = "\n".join(texts)
+        if content is None:
+            raise invalid(f"messages[{index}].content is required", f"messages[{index}].content")
+        messages.append({"role": ROLE_MAP[message.role], "content": content})
+    return messages
+
+
+def sampling_params(body: ChatCompletionRequest, choice: int) -> SamplingParams:
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if max_tokens is not None and max_tokens < 1:
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        raise invalid(f"{param} must be at least 1", param)
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=None if body.seed is None else body.seed + choice,
+        stop=tuple(stop),
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logprobs=body.logprobs,
+        top_logprobs=body.top_logprobs or 0,
+    )
+
+
+def check_preference_bounds(preferences: list[Preference], settings) -> None:
+    if len(preferences) > settings.max_preferences:
+        raise invalid(f"at most {settings.max_preferences} preferences per request", "preference")
+    for preference in preferences:
+        if len(preference.text) > settings.max_preference_chars:
+            raise invalid(f"a preference text is limited to {settings.max_preference_chars} characters", "preference")
+
+
+# ---- responses ---------------------------------------------------------
+def logprobs_json(output: StepOutput) -> list[dict]:
+    return [
+        {
+            "token": lp.token,
+            "logprob": lp.logprob,
+            "bytes": lp.bytes,
+            "top_logprobs": [{"token": t, "logprob": v, "bytes": b} for t, v, b in lp.top_logprobs],
+        }
+        for lp in output.logprobs or []
+    ]
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    logprobs: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    id: str
+    created: int
+    model: str
+    preferences: list[Preference]
+    source: str
+    started: float
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def pad_info(self) -> dict:
+        return {"preferences": [{"text": p.text, "weight": p.weight} for p in self.preferences], "source": self.source}
+
+
+def usage_of(choices: list[Choice]) -> dict:
+    prompt = choices[0].prompt_tokens if choices else 0
+    completion = sum(c.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def engine_failure(output: StepOutput) -> APIError | None:
+    if output.finish_reason == "error":
+        return APIError(500, output.error or "the engine failed on this request", "server_error", None, "engine_error")
+    if output.finish_reason == "abort":
+        return unavailable("the request was aborted by the server", "aborted")
+    return None
+
+
+def map_exception(exc: Exception) -> APIError:
+    if isinstance(exc, RequestRejected):
+        error = exc.error
+        return APIError(400, error.get("message", "invalid request"), "invalid_request_error",
+                        error.get("param"), error.get("code"))
+    if isinstance(exc, QueueFull):
+        return APIError(429, str(exc), "rate_limit_error", None, "queue_full")
+    if isinstance(exc, WorkerUnavailable):
+        return unavailable(str(exc))
+    if isinstance(exc, APIError):
+        return exc
+    raise exc
+
+
+class Timing:
+    """Time to first token and inter-token latency of one choice."""
+
+    def __init__(self, metrics, started: float):
+        self.metrics, self.last = metrics, started
+        self.first = True
+
+    def tick(self, output: StepOutput) -> None:
+        if not output.token_ids:
+            return
+        now = time.perf_counter()
+        (self.metrics.time_to_first_token if self.first else self.metrics.inter_token_latency).observe(now - self.last)
+        self.first, self.last = False, now
+
+
+# ---- the route ---------------------------------------------------------
+@router.post("/v1/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    state = request.app.state
+    metrics = state.metrics
+    try:
+        response = await _chat(body, request)
+    except APIError as error:
+        metrics.requests.labels(status=str(error.status)).inc()
+        raise
+    if isinstance(response, JSONResponse):
+        metrics.requests.labels(status=str(response.status_code)).inc()
+    return response
+
+
+async def _chat(body: ChatCompletionRequest, request: Request):
+    state = request.app.state
+    settings, client = state.settings, state.worker
+    served = client.model_info.get("served_model_name") or settings.resolved_served_name()
+    if body.model != served:
+        raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{served}'",
+                       "invalid_request_error", "model", "model_not_found")
+    refuse_unsupported(body)
+    messages = flatten_messages(body)
+    user = chat_user(request_scope(request), body.user)
+    asked = body.preference if "preference" in body.model_fields_set else UNSET
+    resolution = await resolve_for_request(getattr(state, "store", None), user, asked)
+    check_preference_bounds(resolution.preferences, settings)
+    pad = body.pad or None
+    guidance = GuidanceParams(
+        weight=pad.weight if pad else None,
+        top_k=pad.top_k if pad else None,
+        reward_model=pad.reward_model if pad else "self",
+        base_sees_preference=pad.base_sees_preference if pad else None,
+    )
+    completion = Completion(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), served, resolution.preferences,
+                            resolution.source, time.perf_counter())
+    chats = [
+        ChatRequest(f"{completion.id}-{i}", messages, resolution.preferences, sampling_params(body, i), guidance)
+        for i in range(body.n)
+    ]
+    try:
+        client.check_available()
+        streams = [client.generate(chat) for chat in chats]
+        # The first output of each choice arrives before any byte is sent, so
+        # a request the engine refuses still gets a proper 400.
+        firsts = [await stream.__anext__() for stream in streams]
+    except (RequestRejected, QueueFull, WorkerUnavailable) as exc:
+        for stream in locals().get("streams", []):
+            await stream.aclose()
+        raise map_exception(exc) from None
+    record = _recorder(state, completion, messages, user)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _stream(completion, streams, firsts, include_usage, state.metrics, record),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    choices = await asyncio.gather(
+        *(_collect(i, stream, first, state.metrics, completion.started) for i, (stream, first) in enumerate(zip(streams, firsts)))
+    , return_exceptions=True)
+    for result in choices:
+        if isinstance(result, BaseException):
+            raise map_exception(result)
+    await record([c.text for c in choices])
+    usage = usage_of(choices)
+    _count_tokens(state.metrics, usage)
+    return JSONResponse(
+        {
+            "id": completion.id,
+            "object": "chat.completion",
+            "created": completion.created,
+            "model": served,
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": {"content": c.logprobs} if body.logprobs else None,
+                    "finish_reason": c.finish_reason,
+                }
+                for c in choices
+            ],
+            "usage": usage,
+            "pad": completion.pad_info(),
+        }
+    )
+
+
+def _count_tokens(metrics, usage: dict) -> None:
+    metrics.prompt_tokens.inc(usage["prompt_tokens"])
+    metrics.generation_tokens.inc(usage["completion_tokens"])
+
+
+def _recorder(state, completion: Completion, messages, user):
+    async def record(answers: list[str]) -> None:
+        store = getattr(state, "store", None)
+        if store is None:
+            return
+        try:
+            await store.record_completion(completion.id, messages=messages, answers=answers,
+                                          preferences=completion.preferences, user=user, model=completion.model,
+                                          created=completion.created)
+        except Exception:  # feedback memory must never fail an answer
+            logger.exception("could not record completion %s for feedback", completion.id)
+
+    return record
+
+
+async def _outputs(stream: AsyncIterator[StepOutput], first: StepOutput) -> AsyncIterator[StepOutput]:
+    yield first
+    if not first.finished:
+        async for output in stream:
+            yield output
+
+
+async def _collect(index: int, stream, first: StepOutput, metrics, started: float) -> Choice:
+    choice, timing = Choice(index), Timing(metrics, started)
+    async for output in _outputs(stream, first):
+        timing.tick(output)
+        failure = engine_failure(output)
+        if failure is not None:
+            raise failure
+        choice.text += output.text
+        choice.logprobs += logprobs_json(output)
+        choice.prompt_tokens, choice.completion_tokens = output.prompt_tokens, output.completion_tokens
+        choice.finish_reason = output.finish_reason
+    return choice
+
+
+async def _merge(streams, firsts) -> AsyncIterator[tuple[int, StepOutput]]:
+    """Outputs of all choices as they come (n > 1 interleaves)."""
+    if len(streams) == 1:
+        async for output in _outputs(streams[0], firsts[0]):
+            yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int) -> None:
+        try:
+            async for output in _outputs(streams[index], firsts[index]):
+                await queue.put((index, output))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((index, exc))
+        await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(streams))]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _stream(completion: Completion, streams, firsts, include_usage: bool, metrics, record):
+    choices = [Choice(i) for i in range(len(streams))]
+    timings = [Timing(metrics, completion.started) for _ in streams]
+    yield completion.chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None} for c in choices])
+    status = "200"
+    try:
+        async for index, output in _merge(streams, firsts):
+            timings[index].tick(output)
+            failure = engine_failure(output)
+            if failure is not None:
+                raise failure
+            choice = choices[index]
+            choice.text += output.text
+            choice.prompt_tokens, choice.completion_tokens = output.prompt_tokens, output.completion_tokens
+            logprobs = logprobs_json(output)
+            if output.text or logprobs or output.finish_reason:
+                delta = {"content": output.text} if output.text else {}
+                yield completion.chunk([{
+                    "index": index, "delta": delta,
+                    "logprobs": {"content": logprobs} if logprobs else None,
+                    "finish_reason": output.finish_reason,
+                }])  # fmt: skip
+        usage = usage_of(choices)
+        _count_tokens(metrics, usage)
+        if include_usage:
+            yield completion.chunk([], usage)
+        await record([c.text for c in choices])
+    except (WorkerUnavailable, APIError) as exc:
+        error = map_exception(exc)
+        status = str(error.status)
+        yield f"data: {json.dumps(error.body())}\n\n"
+    except (asyncio.CancelledError, GeneratorExit):
+        status = "499"  # the client went away; leaving the streams aborted its requests
+        raise
+    finally:
+        metrics.requests.labels(status=status).inc()
+    yield "data: [DONE]\n\n"

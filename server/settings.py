@@ -1,0 +1,61 @@
+"""All settings of `pad serve`: one pydantic-settings class (PAD_* variables;
+the CLI flags fill the same fields). Built once, kept on app.state."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from pad_core.settings import EngineSettings
+from server.store.config import StoreSettings
+
+
+def _split_commas(value):
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _as_list(value):
+    # Key specs keep their commas (`KEY:alice,bob`): KeyTable splits them.
+    return [value] if isinstance(value, str) and value.strip() else ([] if isinstance(value, str) else value)
+
+
+class ServerSettings(EngineSettings, StoreSettings):
+    model_config = SettingsConfigDict(env_prefix="PAD_", extra="ignore", populate_by_name=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("api_keys", "PAD_API_KEY", "PAD_API_KEYS"),
+        description="accepted API keys, `KEY` or `KEY:user1,user2` (none: no auth)",
+    )
+    api_keys_file: str | None = Field(None, description="a file of key specs, one a line")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="allowed CORS origins")
+    max_queue: int = Field(256, ge=1, description="requests in flight before 429")
+    worker_address: str | None = Field(
+        None, description="attach to a running worker (tcp://host:port) instead of spawning one"
+    )
+    worker_start_timeout: float = Field(600.0, gt=0, description="seconds to wait for a worker to load")
+    worker_heartbeat_timeout: float = Field(10.0, gt=0, description="seconds of silence before a worker counts as down")
+    log_level: str = "info"
+
+    _keys_as_list = field_validator("api_keys", mode="before")(_as_list)
+    _split_origins = field_validator("cors_origins", mode="before")(_split_commas)
+
+
+def worker_environment(settings: EngineSettings) -> dict[str, str]:
+    """The engine settings as PAD_* variables, for a spawned worker process."""
+    env = {}
+    for name in EngineSettings.model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            value = json.dumps({k: str(v) for k, v in value.items()})
+        env[f"PAD_{name.upper()}"] = str(value)
+    return env

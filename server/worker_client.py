@@ -1,0 +1,251 @@
+"""The gateway's side of the IPC: one DEALER socket multiplexing every
+request, and the supervision of a local worker process.
+
+By default the gateway spawns `python -m pad_core.worker` on a free local
+port and restarts it when it dies; with `worker_address` it attaches to a
+worker elsewhere (another container) and only watches its heartbeat. Either
+way, when the worker goes down every in-flight request fails at once with
+WorkerUnavailable, and service resumes when a worker answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import zmq
+import zmq.asyncio
+
+from pad_core.ipc import pack, unpack
+from pad_core.types import ChatRequest, StepOutput
+from server.metrics import Metrics
+from server.settings import ServerSettings, worker_environment
+
+logger = logging.getLogger(__name__)
+
+HELLO_EVERY_S = 0.5
+SUPERVISE_EVERY_S = 0.25
+
+
+class WorkerUnavailable(Exception):
+    """The worker is loading, down, or died while serving the request."""
+
+
+class QueueFull(Exception):
+    pass
+
+
+class RequestRejected(Exception):
+    """The engine refused the request (its validation): an invalid request."""
+
+    def __init__(self, error: dict):
+        super().__init__(error.get("message", "invalid request"))
+        self.error = error
+
+
+def free_local_address() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+class WorkerClient:
+    def __init__(self, settings: ServerSettings, metrics: Metrics):
+        self.settings = settings
+        self.metrics = metrics
+        self.context = zmq.asyncio.Context()
+        self.socket: zmq.asyncio.Socket | None = None
+        self.process: subprocess.Popen | None = None
+        self.state = "starting"  # starting | ready | down
+        self.down_reason = "the worker is loading the model"
+        self.model_info: dict = {}
+        self.stats: dict = {}
+        self.pending: dict[str, asyncio.Queue] = {}
+        self.runtime_adapters: dict[str, str] = {}
+        self._adapter_waiters: dict[str, asyncio.Future] = {}
+        self._last_message = time.monotonic()
+        self._last_hello = 0.0
+        self._receiver: asyncio.Task | None = None
+        self._supervisor: asyncio.Task | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def local(self) -> bool:
+        return self.settings.worker_address is None
+
+    # ---- life cycle ---------------------------------------------------
+    async def start(self) -> None:
+        self._launch()
+        self._supervisor = asyncio.create_task(self._supervise(), name="worker-supervisor")
+
+    async def stop(self) -> None:
+        for task in (self._supervisor, self._receiver):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._fail_pending("the server is shutting down")
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.process.wait), timeout=10)
+            except TimeoutError:
+                self.process.kill()
+        if self.socket is not None:
+            self.socket.close(linger=0)
+        self.context.term()
+
+    def _launch(self) -> None:
+        """Spawns a local worker (or targets the external one) and connects."""
+        address = self.settings.worker_address
+        if address is None:
+            address = free_local_address()
+            env = {**os.environ, **worker_environment(self.settings)}
+            if self.runtime_adapters:  # adapters loaded at run time survive a restart
+                import json
+
+                adapters = {**{k: str(v) for k, v in self.settings.reward_adapters.items()}, **self.runtime_adapters}
+                env["PAD_REWARD_ADAPTERS"] = json.dumps(adapters)
+            command = [sys.executable, "-m", "pad_core.worker", "--bind", address, "--log-level", self.settings.log_level]
+            self.process = subprocess.Popen(command, env=env)
+            logger.info("started worker pid %d on %s", self.process.pid, address)
+        if self.socket is not None:
+            self.socket.close(linger=0)
+        if self._receiver is not None:
+            self._receiver.cancel()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(address)
+        self.state, self.down_reason = "starting", "the worker is loading the model"
+        self._last_message = time.monotonic()
+        self._receiver = asyncio.create_task(self._receive(self.socket), name="worker-receiver")
+
+    async def _supervise(self) -> None:
+        while True:
+            await asyncio.sleep(SUPERVISE_EVERY_S)
+            now = time.monotonic()
+            if self.process is not None and self.process.poll() is not None:
+                code = self.process.returncode
+                self._mark_down(f"the worker process exited (code {code}); restarting it")
+                self.metrics.worker_restarts.inc()
+                self._launch()
+                continue
+            if self.state == "ready" and now - self._last_message > self.settings.worker_heartbeat_timeout:
+                self._mark_down("the worker stopped answering")
+                if self.process is not None:
+                    self.process.kill()  # the next round restarts it
+                continue
+            if self.state != "ready" and now - self._last_hello > HELLO_EVERY_S:
+                self._last_hello = now
+                await self._send({"type": "hello"})
+
+    async def _receive(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            try:
+                message = unpack(await sock.recv())
+            except ValueError:
+                logger.warning("dropping a malformed message from the worker")
+                continue
+            self._last_message = time.monotonic()
+            self._dispatch(message)
+
+    def _dispatch(self, message: dict) -> None:
+        kind = message["type"]
+        if "stats" in message:
+            self.stats = message["stats"]
+            self.metrics.update_worker_stats(self.stats)
+        if kind == "ready":
+            if self.state != "ready":
+                logger.info("worker ready: %s", message["info"])
+            self.model_info = message["info"]
+            self.state = "ready"
+            self.metrics.worker_up.set(1)
+        elif kind == "outputs":
+            for data in message["outputs"]:
+                queue = self.pending.get(data["request_id"])
+                if queue is not None:
+                    queue.put_nowait(StepOutput.from_dict(data))
+        elif kind == "rejected":
+            queue = self.pending.get(message["request_id"])
+            if queue is not None:
+                queue.put_nowait(RequestRejected(message["error"]))
+        elif kind in ("adapter_loaded", "adapter_failed"):
+            waiter = self._adapter_waiters.pop(message["token"], None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(message)
+            if kind == "adapter_loaded":
+                self.model_info = message["info"]
+
+    def _mark_down(self, reason: str) -> None:
+        logger.warning("worker down: %s", reason)
+        self.state, self.down_reason = "down", reason
+        self.metrics.worker_up.set(0)
+        self._fail_pending(reason)
+
+    def _fail_pending(self, reason: str) -> None:
+        for queue in self.pending.values():
+            queue.put_nowait(WorkerUnavailable(reason))
+        self.pending.clear()
+        for waiter in self._adapter_waiters.values():
+            if not waiter.done():
+                waiter.set_exception(WorkerUnavailable(reason))
+        self._adapter_waiters.clear()
+
+    async def _send(self, message: dict) -> None:
+        if self.socket is not None:
+            await self.socket.send(pack(message))
+
+    # ---- requests -----------------------------------------------------
+    def check_available(self) -> None:
+        if not self.ready:
+            raise WorkerUnavailable(self.down_reason)
+        if len(self.pending) >= self.settings.max_queue:
+            raise QueueFull(f"the server has {len(self.pending)} requests in flight (max_queue); retry later")
+
+    async def generate(self, chat: ChatRequest) -> AsyncIterator[StepOutput]:
+        """Sends the request; yields its outputs until the last one. Leaving
+        early (a client that went away) aborts it in the worker."""
+        self.check_available()
+        queue: asyncio.Queue = asyncio.Queue()
+        self.pending[chat.request_id] = queue
+        self.metrics.in_flight.set(len(self.pending))
+        finished = False
+        try:
+            await self._send({"type": "add", "request": chat.to_dict()})
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self.pending.pop(chat.request_id, None)
+            self.metrics.in_flight.set(len(self.pending))
+            if not finished and self.ready:
+                await self._send({"type": "abort", "request_id": chat.request_id})
+
+    async def load_adapter(self, name: str, path: str, timeout: float = 300.0) -> dict:
+        """Loads a reward adapter in the worker; returns the new model info."""
+        if not self.ready:
+            raise WorkerUnavailable(self.down_reason)
+        token = uuid.uuid4().hex
+        waiter = asyncio.get_running_loop().create_future()
+        self._adapter_waiters[token] = waiter
+        await self._send({"type": "load_adapter", "name": name, "path": path, "token": token})
+        reply = await asyncio.wait_for(waiter, timeout)
+        if reply["type"] == "adapter_failed":
+            raise RequestRejected({"message": reply["error"], "param": "path", "code": "invalid_adapter"})
+        self.runtime_adapters[name] = path
+        return reply["info"]
