@@ -20,6 +20,7 @@ commands:
   eval              does PAD follow preferences better than prompting?
   bench             HTTP load benchmark, plain vs PAD
   feedback export   write preference pairs from user feedback
+  feedback prune    delete completions kept past the feedback retention
 """
 
 
@@ -112,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         from server.tools.bench import main as bench_main
 
         return bench_main(rest)
-    if command == "feedback" and rest[:1] == ["export"]:
-        from server.store.export import main as export_main
+    if command == "feedback" and rest[:1] in (["export"], ["prune"]):
+        from server.store.export import main as feedback_main
 
-        return export_main(rest[1:])
+        return feedback_main(rest)
     print(f"pad: unknown command {' '.join(argv[:2])!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
