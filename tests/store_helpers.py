@@ -86,7 +86,8 @@ def _start() -> str:
         if not shutil.which("runuser"):
             raise Unavailable("running as root and no runuser to switch to the 'postgres' user")
         as_user = "postgres"
-    root = Path(tempfile.mkdtemp(prefix="pad-test-pg-"))
+    # under /tmp when switching users: TMPDIR may sit in a home the postgres user cannot enter
+    root = Path(tempfile.mkdtemp(prefix="pad-test-pg-", dir="/tmp" if as_user and os.path.isdir("/tmp") else None))
     if as_user:
         os.chown(root, entry.pw_uid, entry.pw_gid)
     data, port = root / "data", _free_port()
