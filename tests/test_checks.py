@@ -71,6 +71,7 @@ def test_helpers():
     assert sentences("One. Two!  Three... and four") == ["One", "Two", "Three", "and four"]
     assert bullet_count(LIST_ANSWER) == 3 and bullet_count(NUMBERED_ANSWER) == 2  # '**3.**' is not a bullet
     assert numbered_count(NUMBERED_ANSWER) == 3 and numbered_count("- a\n- b") == 0
+    assert numbered_count("Step 1: Boil.\nstep 2: Pour.\n**Step 3:** Wait.\nIn 2024: no") == 3
     assert detect_language("") is None and detect_language("xyz qwv") is None
 
 

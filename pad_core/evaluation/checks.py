@@ -14,7 +14,8 @@ from typing import Any
 
 WORD = re.compile(r"\b[\w'’-]+\b", re.UNICODE)
 BULLET = re.compile(r"^\s*(?:[-*•+]|\d+[.)])\s+\S", re.MULTILINE)
-NUMBERED = re.compile(r"^\s*(?:\*\*)?\d+[.)](?:\*\*)?\s+\S", re.MULTILINE)
+# A numbered item: "1. ", "2) ", "**3.** ", "Step 4: " at the start of a line.
+NUMBERED = re.compile(r"^\s*(?:\*\*)?(?:step\s+)?\d+[.):](?:\*\*)?\s+\S", re.MULTILINE | re.IGNORECASE)
 # A closing question: '?' followed only by closing quotes/brackets, emoji or spaces.
 ENDS_WITH_QUESTION = re.compile(r"\?[\s\"'”’»)\]*_\U0001f000-\U0001faff\U00002600-\U000027bf]*$")
 SENTENCE_END = re.compile(r"[.!?…]+(?=\s|$)")
