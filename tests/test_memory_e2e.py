@@ -87,6 +87,12 @@ async def test_stored_preference_equals_inline(gateway, tmp_path):
     assert stored.choices[0].message.content != plain.choices[0].message.content  # the preference did something
     with pytest.raises(openai.PermissionDeniedError):
         await ask(alice, user="bob")
+    streamed = await ask(alice, user="alice", stream=True)
+    chunks = [chunk async for chunk in streamed]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == stored.choices[0].message.content
+    kept = await app.state.store.get_completion(chunks[0].id)  # streamed completions are kept too
+    assert kept.answer == text and kept.user_id == "alice" and kept.preferences[0].text == PREFERENCE
 
     # the personalized answer preferred over the plain one: one training pair
     feedback = await alice.post("/feedback", cast_to=object,
