@@ -38,8 +38,15 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
+def _is_union_tag(part) -> bool:
+    # pydantic names the union member it tried: "str", "list[WeightedPreference]"...
+    return isinstance(part, str) and (
+        part in {"str", "int", "float", "bool"} or "[" in part or "-" in part or part[:1].isupper()
+    )
+
+
 def _location(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    parts = [str(p) for p in loc if p not in ("body", "query", "path") and not _is_union_tag(p)]
     if not parts:
         return None
     text = parts[0]
@@ -49,7 +56,8 @@ def _location(loc: tuple) -> str | None:
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {}
+    # The most specific error: for unions, the member that got furthest.
+    first = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={})
     param = _location(tuple(first.get("loc", ())))
     if first.get("type") == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"

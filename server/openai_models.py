@@ -79,5 +79,5 @@ class ChatCompletionRequest(Strict):
     prediction: Any = None
     reasoning_effort: Any = None
     # PAD extensions (from the openai SDK: extra_body={...}).
-    preference: str | list[WeightedPreference] | None = None
+    preference: str | list[str | WeightedPreference] | None = None
     pad: PadOptions | None = None

@@ -1,0 +1,66 @@
+"""Gateway behaviour that needs no worker: 503 while the worker is not
+ready, request validation, and the OpenAI error shape (in-process app)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from server.app import create_app
+from server.settings import ServerSettings
+
+BODY = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def app(tmp_path):
+    return create_app(ServerSettings(data_dir=tmp_path), start_worker=False)
+
+
+async def post(app, body, path="/v1/chat/completions", headers=None):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        return await client.post(path, json=body, headers=headers)
+
+
+async def test_health_and_chat_are_503_until_the_worker_is_ready(app):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        health = await client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "starting"
+        response = await client.post("/v1/chat/completions", json=BODY)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "worker_unavailable"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({**BODY, "messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
+        ({**BODY, "messages": [{"role": "assistant", "content": None, "tool_calls": []}]}, "messages[0].tool_calls"),
+        ({**BODY, "response_format": {"type": "json_object"}}, "response_format"),
+        ({**BODY, "logit_bias": {"1": 5}}, "logit_bias"),
+        ({**BODY, "n": 0}, "n"),
+        ({**BODY, "top_logprobs": 2}, "top_logprobs"),
+        ({**BODY, "preference": [{"text": ""}]}, "preference[0].text"),
+        ({**BODY, "preference": ["x"] * 9}, "preference"),
+        ({**BODY, "preference": "x" * 5000}, "preference"),
+        ({**BODY, "max_tokens": 0}, "max_tokens"),
+    ],
+)
+async def test_invalid_requests_are_400_naming_the_parameter(app, body, param):
+    response = await post(app, body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+async def test_malformed_json_is_an_openai_shaped_400(app):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        response = await client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_api_key_required_when_configured(tmp_path):
+    app = create_app(ServerSettings(data_dir=tmp_path, api_keys=["k1"]), start_worker=False)
+    assert (await post(app, BODY)).status_code == 401
+    assert (await post(app, BODY, headers={"Authorization": "Bearer k2"})).status_code == 401
+    assert (await post(app, BODY, headers={"Authorization": "Bearer k1"})).status_code == 503  # past auth
