@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 
@@ -42,17 +44,20 @@ def local_server(extra_args: Sequence[str] = (), timeout: float = 300.0) -> Iter
     """Yields the /v1 base URL of a fresh `pad serve` (embedded model unless
     extra_args or PAD_* variables say otherwise)."""
     port = free_port()
-    command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *extra_args]
-    logger.info("starting %s", " ".join(command))
-    process = subprocess.Popen(command, env=dict(os.environ))
-    root = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(root, process, timeout)
-        yield f"{root}/v1"
-    finally:
-        process.terminate()
+    with tempfile.TemporaryDirectory(prefix="pad-tool-server-") as data_dir:
+        # A throw-away data dir: measurement traffic stays out of the user's database.
+        command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+                   "--log-level", "warning", "--data-dir", data_dir, *extra_args]
+        logger.info("starting %s", " ".join(command))
+        process = subprocess.Popen(command, env=dict(os.environ))
+        root = f"http://127.0.0.1:{port}"
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            wait_healthy(root, process, timeout)
+            yield f"{root}/v1"
+        finally:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
