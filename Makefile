@@ -31,7 +31,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not integration"
 
 bench: setup
-	$(BIN)/python benchmarks/bench_engine.py
+	$(BIN)/python -m benchmarks.bench_engine
 
 bench-http: setup
-	$(BIN)/python benchmarks/bench_http.py
+	$(BIN)/python -m benchmarks.bench_http

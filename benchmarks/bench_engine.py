@@ -1,6 +1,6 @@
 """Engine benchmark (issue 2): ratios measured in one run on the embedded model.
 
-    python benchmarks/bench_engine.py [--tokens 128] [--long-tokens 256] [--json out.json]
+    python -m benchmarks.bench_engine [--tokens 128] [--long-tokens 256] [--json out.json]
 
 Prints, each as a ratio with its bar:
   1. PAD (self reward, one preference) single-stream tok/s / plain single-stream tok/s   >= 0.75

@@ -31,8 +31,9 @@ IDLE_POLL_MS = 100
 
 
 class Worker:
-    def __init__(self, engine: PadEngine, socket: zmq.Socket):
+    def __init__(self, engine: PadEngine, socket: zmq.Socket, parent_pid: int | None = None):
         self.engine = engine
+        self.parent_pid = parent_pid
         self.socket = socket
         self.owners: dict[str, bytes] = {}  # request id -> gateway identity
         self.gateways: set[bytes] = set()
@@ -110,6 +111,9 @@ class Worker:
 
     def serve_forever(self) -> None:
         while self.running:
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                logger.warning("the gateway that spawned this worker is gone; exiting")
+                break
             self.drain(0 if self.engine.has_unfinished() else IDLE_POLL_MS)
             if self.engine.has_unfinished():
                 self.step()
@@ -120,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pad_core.worker", description=__doc__)
     parser.add_argument("--bind", default=os.environ.get("PAD_WORKER_BIND", "tcp://0.0.0.0:5557"))
     parser.add_argument("--log-level", default=os.environ.get("PAD_LOG_LEVEL", "INFO"))
+    parser.add_argument("--parent-pid", type=int, help="exit when this process (the spawning gateway) is gone")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s worker %(name)s: %(message)s")
     settings = EngineSettings()
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
     socket.bind(args.bind)
     logger.info("worker ready on %s serving %s", args.bind, settings.resolved_served_name())
-    worker = Worker(engine, socket)
+    worker = Worker(engine, socket, args.parent_pid)
 
     def stop(*_):
         worker.running = False

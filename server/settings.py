@@ -41,7 +41,9 @@ class ServerSettings(EngineSettings, StoreSettings):
         None, description="attach to a running worker (tcp://host:port) instead of spawning one"
     )
     worker_start_timeout: float = Field(600.0, gt=0, description="seconds to wait for a worker to load")
-    worker_heartbeat_timeout: float = Field(10.0, gt=0, description="seconds of silence before a worker counts as down")
+    worker_heartbeat_timeout: float = Field(
+        60.0, gt=0, description="seconds of silence before an attached (remote) worker counts as down"
+    )
     log_level: str = "info"
 
     _keys_as_list = field_validator("api_keys", mode="before")(_as_list)

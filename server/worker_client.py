@@ -117,7 +117,8 @@ class WorkerClient:
 
                 adapters = {**{k: str(v) for k, v in self.settings.reward_adapters.items()}, **self.runtime_adapters}
                 env["PAD_REWARD_ADAPTERS"] = json.dumps(adapters)
-            command = [sys.executable, "-m", "pad_core.worker", "--bind", address, "--log-level", self.settings.log_level]
+            command = [sys.executable, "-m", "pad_core.worker", "--bind", address, "--log-level", self.settings.log_level,
+                       "--parent-pid", str(os.getpid())]
             self.process = subprocess.Popen(command, env=env)
             logger.info("started worker pid %d on %s", self.process.pid, address)
         if self.socket is not None:
@@ -141,10 +142,11 @@ class WorkerClient:
                 self.metrics.worker_restarts.inc()
                 self._launch()
                 continue
-            if self.state == "ready" and now - self._last_message > self.settings.worker_heartbeat_timeout:
+            # A local worker is judged by its process (a long step on a busy
+            # CPU is not a death); a remote one by its heartbeat.
+            silent = now - self._last_message > self.settings.worker_heartbeat_timeout
+            if self.state == "ready" and self.process is None and silent:
                 self._mark_down("the worker stopped answering")
-                if self.process is not None:
-                    self.process.kill()  # the next round restarts it
                 continue
             if self.state != "ready" and now - self._last_hello > HELLO_EVERY_S:
                 self._last_hello = now
