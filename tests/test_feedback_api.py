@@ -9,15 +9,12 @@ import asyncio
 import httpx
 import openai
 import pytest
-from fastapi import Request
-from fastapi.responses import JSONResponse
 from store_helpers import asgi_client, assert_error, db_url, store_app, store_config  # noqa: F401  (fixture)
 
 from pad_core.training.pairs import load_pairs
 from pad_core.types import Preference
-from server.store import UNSET, Store, StoreError, StoreSettings
+from server.store import Store
 from server.store.export import main as feedback_main
-from server.store.gateway import close_store, open_store, remember_completion, resolve_chat
 
 PROMPT = [{"role": "user", "content": "Give me a tip to sleep better."}]
 PREF = [Preference("short answers with a bit of humour")]
@@ -103,44 +100,3 @@ async def test_openai_sdk(store):
     with pytest.raises(openai.NotFoundError):
         await client.post("/feedback", cast_to=object, body={"completion_id": "gone", "rating": "up"})
     await client.close()
-
-
-async def test_chat_hooks_resolve_and_remember(tmp_path):
-    """The gateway's chat-route hooks on a stand-in chat route: resolution
-    order through HTTP (request > stored > none, null = off), key binding of
-    `user`, and the completion kept for feedback."""
-    class Settings(StoreSettings):  # stands for the gateway's ServerSettings
-        api_keys: list[str] = ["sk-admin", "sk-alice:alice"]
-
-    app = store_app(None)
-    app.state.key_table = None  # open_store builds it from the settings
-    await open_store(app, Settings(data_dir=tmp_path))
-    assert (tmp_path / "pad.db").exists()
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        body = await request.json()
-        try:
-            user, resolution = await resolve_chat(request, body.get("user"), body.get("preference", UNSET))
-        except StoreError as exc:
-            return JSONResponse(exc.to_openai(), status_code=exc.status)
-        answer = "|".join(p.text for p in resolution.preferences) or "plain"
-        await remember_completion(request, body["id"], messages=body["messages"], answers=[answer],
-                                  preferences=resolution.preferences, user=user, model="m")
-        return {"id": body["id"], "user": user, "source": resolution.source, "answer": answer}
-
-    messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
-    async with asgi_client(app, "sk-alice") as alice, asgi_client(app, "sk-admin") as admin:
-        await alice.put("/v1/users/alice/preferences", json={"preferences": ["stored"]})
-        ask = lambda client, n, **extra: client.post("/v1/chat/completions",  # noqa: E731
-                                                     json={"id": f"c{n}", "messages": messages, **extra})
-        assert (await ask(alice, 1)).json() == {"id": "c1", "user": "alice", "source": "profile", "answer": "stored"}
-        assert (await ask(alice, 2, preference="inline")).json()["answer"] == "inline"
-        assert (await ask(alice, 3, preference=None)).json()["source"] == "none"
-        assert_error(await ask(alice, 4, user="bob"), 403, param="user")
-        assert (await ask(admin, 5)).json()["source"] == "none"  # no user: nothing stored applies
-        assert (await ask(admin, 6, user="alice")).json()["answer"] == "stored"
-        kept = await app.state.store.get_completion("c1")
-        assert kept.messages == [{"role": "user", "content": "Hi"}] and kept.preferences[0].text == "stored"
-        assert (await alice.post("/v1/feedback", json={"completion_id": "c1", "preferred_over": "c3"})).status_code == 200
-    await close_store(app)

@@ -11,7 +11,6 @@ import torch
 
 from pad_core.errors import ModelLoadError
 from pad_core.runner import NewRow
-from pad_core.settings import EngineSettings
 from pad_core.testing import tiny_model
 from pad_core.training.loss import pad_dpo_loss, sequence_log_probs
 from pad_core.training.pairs import PairFileError, PreferencePair, load_pairs
