@@ -256,6 +256,9 @@ def plot_levels(levels: Sequence[LevelResult], path: Path, title: str) -> None:
             points = sorted((lv.concurrency, value(lv)) for lv in levels if lv.mode == mode)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=mode)
         ax.set_xscale("log", base=2)
+        ticks = sorted({lv.concurrency for lv in levels})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         if log:
             ax.set_yscale("log")
         ax.set_xlabel("concurrent requests")
