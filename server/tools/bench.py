@@ -10,9 +10,10 @@ field: one or several preferences per request), and measures
   (ITL: gaps between streamed chunks) at p50/p95/p99, errors;
 
 prints a table per mode and level and the PAD/plain ratio at each level,
-and writes bench.json and bench.png. `--ignore-eos` asks the server to
-generate exactly --max-tokens (an extension field; without it answers may
-stop early, and the per-token numbers stay comparable).
+and writes bench.json, bench.md and bench.png. Answers may stop before
+--max-tokens (plain and PAD answers differ in length), so compare the
+per-token numbers (tokens/s, ITL). `--ignore-eos` sends vLLM's `ignore_eos`
+extension for servers that accept it (the PAD server refuses unknown fields).
 
 Without --base-url it starts `pad serve` on the embedded model on a free
 local port and stops it at the end.
@@ -284,7 +285,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=ints, default=[1, 4, 16, 32], help="comma list of levels")
     parser.add_argument("--requests", type=int, help="requests per mode and level (default: max(8, 2 x level))")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: true (server extension)")
+    parser.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: true (vLLM extension; not accepted by pad serve)")
     parser.add_argument("--modes", default="plain,pad", help="plain, pad or both")
     parser.add_argument("--preference", action="append", dest="preferences", metavar="TEXT",
                         help=f"PAD preference (repeatable; default: {PREFERENCES!r})")
