@@ -93,6 +93,11 @@ def test_request_per_mode():
 def test_mode_names_and_sets():
     modes = comparison_modes(["base", "prompt", "pad"], [1, 2], ["self", "concise"])
     assert [m.name for m in modes] == ["base", "prompt", "pad w=1", "pad w=2", "pad[concise] w=1", "pad[concise] w=2"]
+    from server.tools.eval import parse_args
+
+    default = comparison_modes(["pad"], parse_args(["--weights", "default,2"]).weights, ["self"])
+    assert [m.name for m in default] == ["pad", "pad w=2"] and "pad" not in default[0].request(CASES[0], Decoding("m")).get(
+        "extra_body", {})
     grid = grid_modes([1, 2], [5, 10], [False, True])
     # self reward + base_sees_preference: reward 0 whatever w and k, one setting stands for all.
     assert len(grid) == 2 + 4 + 1 and len({m.name for m in grid}) == len(grid)

@@ -142,7 +142,7 @@ def prompt_messages(messages: list[dict[str, str]], preference: str) -> list[dic
 
 def comparison_modes(
     kinds: Sequence[str],
-    weights: Sequence[float],
+    weights: Sequence[float | None],
     reward_models: Sequence[str],
     top_k: int | None = None,
     base_sees_preference: bool | None = None,
@@ -479,6 +479,14 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def weights(text: str) -> list[float | None]:
+    """Comma list of weights; `default` leaves the weight to the server."""
+    try:
+        return [None if x.strip() == "default" else float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"weights: {exc}") from exc
+
+
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -504,7 +512,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--api-key", default="none", help="sent as the bearer token (default: 'none'; env OPENAI_API_KEY not used)")
     parser.add_argument("--model", help="model name to request (default: the first of GET /v1/models)")
     parser.add_argument("--modes", default="base,prompt,pad", help="comma list of base, prompt, prompt-template, pad")
-    parser.add_argument("--weights", type=floats, default=[1.0, 2.0, 4.0], help="PAD guidance weights, one mode each")
+    parser.add_argument("--weights", type=weights, default=[1.0, 2.0, 4.0],
+                        help="PAD guidance weights, one mode each; 'default' = the server's (e.g. default,1,2,4)")
     parser.add_argument("--reward-model", action="append", dest="reward_models", metavar="NAME",
                         help="PAD reward model(s) to compare (repeatable; default: self). 'self' plus a trained "
                         "adapter: --reward-model self --reward-model concise")
