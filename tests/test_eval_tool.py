@@ -194,6 +194,15 @@ def test_cli_end_to_end_on_a_fake_endpoint(tmp_path, monkeypatch):
     grid = json.loads((out / "answers.json").read_text())["grid"]
     assert [r["mode"] for r in grid["rows"]] == ["pad w=1 k=5 bsp=0", "pad w=1 k=10 bsp=0"]
     assert "PAD settings grid" in (out / "report.md").read_text()
+    # The comparison at the chosen setting reuses the grid's answers: nothing is asked again.
+    chosen = tmp_path / "chosen"
+    chosen.mkdir()
+    (chosen / "answers.jsonl").write_text((out / "answers.jsonl").read_text())
+    bodies.clear()
+    assert main([str(data), "--base-url", "http://fake/v1", "--weights", "1", "--top-k", "10", "--base-sees-preference",
+                 "false", "--out", str(chosen), "--no-progress", "--max-tokens", "9", "--resume"]) == 0
+    assert bodies == []
+    assert json.loads((chosen / "answers.json").read_text())["settings"]["modes"] == ["base", "prompt", "pad w=1 k=10 bsp=0"]
 
 
 def test_cli_reports_dataset_errors(tmp_path, capsys):
