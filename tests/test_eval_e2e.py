@@ -134,3 +134,18 @@ async def test_bench_end_to_end_on_the_tiny_model(gateway, tmp_path):
     two = [b for b in gateway if isinstance(b.get("preference"), list)]
     assert two and all(len(b["preference"]) == 2 and b["stream"] for b in two)
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.integration
+def test_eval_starts_its_own_server_on_the_embedded_model(tmp_path, monkeypatch):
+    """No --base-url: `pad eval` starts `pad serve` (embedded model) on a free
+    port, runs, and stops it."""
+    monkeypatch.setenv("PAD_DTYPE", "float32")
+    out = tmp_path / "eval"
+    code = eval_tool.main(["--types", "brevity,bullets", "--limit", "1", "--modes", "base,pad", "--weights", "1",
+                           "--max-tokens", "8", "--out", str(out), "--no-progress"])
+    assert code == 0
+    payload = json.loads((out / "answers.json").read_text())
+    assert payload["settings"]["base_url"].startswith("http://127.0.0.1:")
+    assert payload["settings"]["decoding"]["model"] == "smollm2-135m-instruct"
+    assert len(payload["answers"]) == 4 and all(a["text"] and a["error"] is None for a in payload["answers"])
