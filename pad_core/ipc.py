@@ -8,11 +8,18 @@ Gateway -> worker:  {"type": "hello"}
                     {"type": "add", "request": ChatRequest.to_dict()}
                     {"type": "abort", "request_id": str}
                     {"type": "load_adapter", "name": str, "path": str, "token": str}
-Worker -> gateway:  {"type": "ready", "info": model_info, "stats": stats}
+Worker -> gateway:  {"type": "ready", "info": model_info, "stats": stats, "instance": str}
                     {"type": "outputs", "outputs": [StepOutput.to_dict()...], "stats": stats}
-                    {"type": "rejected", "request_id": str, "error": {message, param, code}}
-                    {"type": "stats", "stats": stats}          (heartbeat, every HEARTBEAT_S)
+                    {"type": "rejected", "request_id": str, "error": {message, param, code[, status]}}
+                    {"type": "stats", "stats": stats, "instance": str}   (heartbeat, every HEARTBEAT_S)
                     {"type": "adapter_loaded" | "adapter_failed", "token": str, "info" | "error": ...}
+
+`instance` is a fresh id per worker process: a gateway that sees it change
+(a remote worker restarted at the same address) fails its in-flight
+requests at once instead of waiting for outputs that will never come. A
+rejection without `status` is an invalid request (400); `status: 500` is
+the engine failing on it. The gateway says "hello" whenever it has not
+heard from the worker for a while, so a restarted worker learns about it.
 """
 
 from __future__ import annotations
@@ -29,7 +36,11 @@ def pack(message: dict[str, Any]) -> bytes:
 
 
 def unpack(frame: bytes) -> dict[str, Any]:
-    message = msgpack.unpackb(frame, raw=False)
-    if not isinstance(message, dict) or "type" not in message:
-        raise ValueError("malformed IPC message")
+    """The message in one frame; ValueError for anything that is not one."""
+    try:
+        message = msgpack.unpackb(frame, raw=False)
+    except Exception as exc:  # msgpack raises several kinds on garbage
+        raise ValueError(f"malformed IPC message: {exc}") from exc
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ValueError("malformed IPC message")  # noqa: TRY004 - one error type for callers
     return message

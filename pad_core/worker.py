@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from collections import defaultdict
 
 import zmq
@@ -39,6 +40,9 @@ class Worker:
         self.gateways: set[bytes] = set()
         self.last_heartbeat = 0.0
         self.running = True
+        # A fresh id per worker process: a gateway that sees it change knows
+        # the worker restarted and its in-flight requests are gone.
+        self.instance = uuid.uuid4().hex
 
     def send(self, identity: bytes, message: dict) -> None:
         self.socket.send_multipart([identity, pack(message)])
@@ -47,7 +51,8 @@ class Worker:
         kind = message["type"]
         self.gateways.add(identity)
         if kind == "hello":
-            self.send(identity, {"type": "ready", "info": self.engine.model_info(), "stats": self.engine.stats()})
+            self.send(identity, {"type": "ready", "info": self.engine.model_info(), "stats": self.engine.stats(),
+                                 "instance": self.instance})
         elif kind == "add":
             self.add(identity, message["request"])
         elif kind == "abort":
@@ -69,24 +74,41 @@ class Worker:
             error = {"message": f"malformed request: {exc}", "param": None, "code": None}
             self.send(identity, {"type": "rejected", "request_id": request_id, "error": error})
             return
+        except Exception as exc:  # one request must never stop the worker
+            logger.exception("could not add request %s", request_id)
+            error = {"message": f"the engine could not take this request: {exc}", "param": None,
+                     "code": "engine_error", "status": 500}
+            self.send(identity, {"type": "rejected", "request_id": request_id, "error": error})
+            return
         self.owners[request_id] = identity
 
     def load_adapter(self, identity: bytes, message: dict) -> None:
         try:
             self.engine.add_reward_adapter(message["name"], message["path"])
-        except EngineError as exc:
+        except Exception as exc:  # a bad adapter is answered, never fatal
+            if not isinstance(exc, EngineError):
+                logger.exception("could not load adapter %r", message.get("name"))
             self.send(identity, {"type": "adapter_failed", "token": message["token"], "error": str(exc)})
             return
         self.send(identity, {"type": "adapter_loaded", "token": message["token"], "info": self.engine.model_info()})
 
     def drain(self, timeout_ms: int) -> None:
         while self.socket.poll(timeout_ms):
-            identity, frame = self.socket.recv_multipart()
+            frames = self.socket.recv_multipart()
             try:
-                self.handle(identity, unpack(frame))
+                if len(frames) != 2:
+                    raise ValueError(f"expected 2 frames, got {len(frames)}")
+                identity, frame = frames
+                message = unpack(frame)
             except ValueError:
                 logger.warning("dropping a malformed message")
-            timeout_ms = 0
+                continue
+            finally:
+                timeout_ms = 0
+            try:
+                self.handle(identity, message)
+            except Exception:  # a bad message must never stop the worker
+                logger.exception("could not handle a %r message", message.get("type"))
 
     def step(self) -> None:
         outputs = self.engine.step()
@@ -107,7 +129,7 @@ class Worker:
             self.last_heartbeat = now
             stats = self.engine.stats()
             for identity in self.gateways:
-                self.send(identity, {"type": "stats", "stats": stats})
+                self.send(identity, {"type": "stats", "stats": stats, "instance": self.instance})
 
     def serve_forever(self) -> None:
         while self.running:

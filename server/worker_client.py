@@ -6,6 +6,12 @@ port and restarts it when it dies; with `worker_address` it attaches to a
 worker elsewhere (another container) and only watches its heartbeat. Either
 way, when the worker goes down every in-flight request fails at once with
 WorkerUnavailable, and service resumes when a worker answers again.
+
+A worker that dies before it is ever ready (a model that cannot load) is
+restarted with a growing delay (1, 2, 4 ... 30 s), and /health says why; a
+local worker still loading after `worker_start_timeout` is killed and
+restarted. A remote worker that restarted at the same address is noticed by
+its new instance id (the gateway says "hello" after a short silence).
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 HELLO_EVERY_S = 0.5
 SUPERVISE_EVERY_S = 0.25
+PING_AFTER_S = 2.0  # silence after which a ready worker is greeted again
+MAX_BACKOFF_S = 30.0
 
 
 class WorkerUnavailable(Exception):
@@ -71,8 +79,13 @@ class WorkerClient:
         self.pending: dict[str, asyncio.Queue] = {}
         self.runtime_adapters: dict[str, str] = {}
         self._adapter_waiters: dict[str, asyncio.Future] = {}
+        self.instance: str | None = None
         self._last_message = time.monotonic()
         self._last_hello = 0.0
+        self._launched_at = time.monotonic()
+        self._was_ready = False
+        self._early_exits = 0
+        self._restart_at: float | None = None
         self._receiver: asyncio.Task | None = None
         self._supervisor: asyncio.Task | None = None
 
@@ -129,28 +142,52 @@ class WorkerClient:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(address)
         self.state, self.down_reason = "starting", "the worker is loading the model"
-        self._last_message = time.monotonic()
+        self.instance = None
+        self._last_message = self._launched_at = time.monotonic()
+        self._was_ready = False
         self._receiver = asyncio.create_task(self._receive(self.socket), name="worker-receiver")
 
     async def _supervise(self) -> None:
         while True:
             await asyncio.sleep(SUPERVISE_EVERY_S)
-            now = time.monotonic()
-            if self.process is not None and self.process.poll() is not None:
-                code = self.process.returncode
-                self._mark_down(f"the worker process exited (code {code}); restarting it")
+            try:
+                await self._supervise_once(time.monotonic())
+            except Exception:  # supervision must go on
+                logger.exception("worker supervision failed")
+
+    async def _supervise_once(self, now: float) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            if self._restart_at is None:
+                # A worker that never got ready (a model that cannot load)
+                # is retried with a growing delay; one that served, at once.
+                self._early_exits = 0 if self._was_ready else self._early_exits + 1
+                delay = min(MAX_BACKOFF_S, 2.0 ** (self._early_exits - 1)) if self._early_exits else 0.0
+                when = f" in {delay:.0f} s" if delay else ""
+                self._mark_down(f"the worker process exited (code {self.process.returncode}); restarting it{when}")
+                self._restart_at = now + delay
+            if now >= self._restart_at:
+                self._restart_at = None
                 self.metrics.worker_restarts.inc()
                 self._launch()
-                continue
-            # A local worker is judged by its process (a long step on a busy
-            # CPU is not a death); a remote one by its heartbeat.
-            silent = now - self._last_message > self.settings.worker_heartbeat_timeout
-            if self.state == "ready" and self.process is None and silent:
-                self._mark_down("the worker stopped answering")
-                continue
-            if self.state != "ready" and now - self._last_hello > HELLO_EVERY_S:
-                self._last_hello = now
-                await self._send({"type": "hello"})
+            return
+        if (self.process is not None and self.state == "starting"
+                and now - self._launched_at > self.settings.worker_start_timeout):
+            logger.error("the worker did not get ready in %.0f s (worker_start_timeout); killing it",
+                         self.settings.worker_start_timeout)
+            self.process.kill()
+            return
+        # A local worker is judged by its process (a long step on a busy
+        # CPU is not a death); a remote one by its heartbeat.
+        silent = now - self._last_message
+        if self.state == "ready" and self.process is None and silent > self.settings.worker_heartbeat_timeout:
+            self._mark_down("the worker stopped answering")
+            return
+        since_hello = now - self._last_hello
+        if (since_hello > HELLO_EVERY_S and self.state != "ready") or (
+            since_hello > PING_AFTER_S and silent > PING_AFTER_S
+        ):
+            self._last_hello = now
+            await self._send({"type": "hello"})
 
     async def _receive(self, sock: zmq.asyncio.Socket) -> None:
         while True:
@@ -164,6 +201,16 @@ class WorkerClient:
 
     def _dispatch(self, message: dict) -> None:
         kind = message["type"]
+        instance = message.get("instance")
+        if instance is not None and instance != self.instance:
+            if self.instance is not None:
+                # Same address, new process: what the old one ran is gone.
+                self._fail_pending("the worker restarted; the request was lost")
+                self.metrics.worker_restarts.inc()
+                if kind != "ready":  # it must say ready before taking requests
+                    self.state, self.down_reason = "starting", "the worker restarted"
+                    self.metrics.worker_up.set(0)
+            self.instance = instance
         if "stats" in message:
             self.stats = message["stats"]
             self.metrics.update_worker_stats(self.stats)
@@ -172,6 +219,8 @@ class WorkerClient:
                 logger.info("worker ready: %s", message["info"])
             self.model_info = message["info"]
             self.state = "ready"
+            self._was_ready = True
+            self._early_exits = 0
             self.metrics.worker_up.set(1)
         elif kind == "outputs":
             for data in message["outputs"]:

@@ -4,6 +4,7 @@ the engine's token deltas back as chat.completion(.chunk) objects."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -12,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pad_core.types import ChatRequest, GuidanceParams, Preference, SamplingParams, StepOutput
 from server.auth_scopes import chat_user
@@ -160,8 +161,9 @@ def engine_failure(output: StepOutput) -> APIError | None:
 def map_exception(exc: Exception) -> APIError:
     if isinstance(exc, RequestRejected):
         error = exc.error
-        return APIError(400, error.get("message", "invalid request"), "invalid_request_error",
-                        error.get("param"), error.get("code"))
+        status = int(error.get("status") or 400)
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        return APIError(status, error.get("message", "invalid request"), kind, error.get("param"), error.get("code"))
     if isinstance(exc, QueueFull):
         return APIError(429, str(exc), "rate_limit_error", None, "queue_full")
     if isinstance(exc, WorkerUnavailable):
@@ -187,15 +189,51 @@ class Timing:
 
 
 # ---- the route ---------------------------------------------------------
+class ClientDisconnected(Exception):
+    pass
+
+
+async def _until_disconnected(request: Request) -> None:
+    # The body has been read: the next ASGI message is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work):
+    """Runs `work` (a coroutine); a client that goes away before it is done
+    cancels it, which aborts its requests in the worker (the generators'
+    cleanup). Covers a non-streaming answer and the wait for a stream's
+    first token; once streaming, the response itself watches the client."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise ClientDisconnected
+
+
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     state = request.app.state
     metrics = state.metrics
     try:
-        response = await _chat(body, request)
+        response = await _unless_disconnected(request, _chat(body, request))
     except APIError as error:
         metrics.requests.labels(status=str(error.status)).inc()
         raise
+    except ClientDisconnected:
+        metrics.requests.labels(status="499").inc()
+        logger.info("client went away before the answer; its request was aborted")
+        return Response(status_code=499)
     if isinstance(response, JSONResponse):
         metrics.requests.labels(status=str(response.status_code)).inc()
     return response
@@ -227,16 +265,21 @@ async def _chat(body: ChatCompletionRequest, request: Request):
         ChatRequest(f"{completion.id}-{i}", messages, resolution.preferences, sampling_params(body, i), guidance)
         for i in range(body.n)
     ]
+    streams = [client.generate(chat) for chat in chats]
+    # The first output of each choice arrives before any byte is sent, so a
+    # request the engine refuses still gets a proper 400. The n choices are
+    # sent together (they join the batch in the same step).
     try:
-        client.check_available()
-        streams = [client.generate(chat) for chat in chats]
-        # The first output of each choice arrives before any byte is sent, so
-        # a request the engine refuses still gets a proper 400.
-        firsts = [await stream.__anext__() for stream in streams]
-    except (RequestRejected, QueueFull, WorkerUnavailable) as exc:
-        for stream in locals().get("streams", []):
-            await stream.aclose()
-        raise map_exception(exc) from None
+        firsts = await asyncio.gather(*(stream.__anext__() for stream in streams), return_exceptions=True)
+    except asyncio.CancelledError:
+        await asyncio.gather(*(stream.aclose() for stream in streams), return_exceptions=True)
+        raise
+    failure = next((f for f in firsts if isinstance(f, BaseException)), None)
+    if failure is not None:
+        await asyncio.gather(*(stream.aclose() for stream in streams), return_exceptions=True)
+        if isinstance(failure, StopAsyncIteration):
+            failure = unavailable("the worker ended the request without an answer")
+        raise map_exception(failure) from None
     record = _recorder(state, completion, messages, user)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
