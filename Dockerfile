@@ -5,13 +5,15 @@
 #
 #   CPU (default):  docker build -t pad-server .
 #   CUDA:           docker build --build-arg FLAVOR=cuda \
-#                     --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 \
+#                     --build-arg BASE_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu24.04 \
 #                     -t pad-server:cuda .
 #
 # Build args:
 #   FLAVOR            cpu (default) or cuda: which torch build is installed
 #   BASE_IMAGE        python:3.11-slim (cpu) or an NVIDIA CUDA runtime image
-#                     (cuda; its distribution's python3 is installed)
+#                     (cuda; its distribution's python3 is installed). PyPI's
+#                     torch 2.13.0 is built for CUDA 13.0 (its CUDA libraries
+#                     come as pip packages): hosts need a driver >= 580.
 #   TORCH_VERSION     torch release (2.13.0, as pinned in pyproject.toml)
 #   TORCH_INDEX_URL   extra index for torch; "default" means the PyTorch CPU
 #                     index for cpu and none (PyPI's CUDA build) for cuda;
