@@ -39,6 +39,7 @@ export CONTAINERS_CONF="$REPO/docker/containers.conf"
 export PAD_DOCKER_WORK="$WORK"
 mkdir -p "$WORK"
 cd "$REPO"
+T0=$SECONDS
 
 log() { printf '[smoke %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 fail() { log "FAIL: $*"; exit 1; }
@@ -93,7 +94,7 @@ if ! podman image exists "$BASE_IMAGE"; then
 fi
 
 # 4. build -------------------------------------------------------------------
-mapfile -t build_opts < <("$PY" docker/pip_build_config.py "$WORK/secrets")
+mapfile -t build_opts < <("$PY" docker/pip_build_config.py "$WORK/secrets" 2> >(sed 's/^/[smoke] /' >&2))
 log "building $IMAGE (build log: $WORK/build.log)"
 start=$SECONDS
 if ! podman build --format docker --layers "${build_opts[@]}" \
@@ -126,6 +127,14 @@ if grep -q "converting" <<<"$container_log"; then
     fail "the model was converted at start: the baked-in cache was not used"
 fi
 log "HEALTHCHECK healthy, uid $uid, baked-in model used (no conversion at start)"
+# PID 1 (pad serve) must stop on SIGTERM (docker stop, Kubernetes) and
+# take its worker with it, well within the 10 s before SIGKILL.
+start=$SECONDS
+podman stop -t 30 "$CONTAINER" >/dev/null 2>>"$WORK/podman.log"
+stop_s=$((SECONDS - start))
+exit_code="$(podman inspect --format '{{.State.ExitCode}}' "$CONTAINER")"
+((stop_s < 10)) || fail "SIGTERM took ${stop_s}s to stop the container"
+log "stopped by SIGTERM in ${stop_s}s (exit code $exit_code)"
 podman rm -f "$CONTAINER" >/dev/null 2>>"$WORK/podman.log"
 
 # 6. compose: gateway + worker -----------------------------------------------
@@ -146,4 +155,4 @@ podman healthcheck run "${PROJECT}_gateway_1" >/dev/null 2>>"$WORK/podman.log" |
 podman exec "${PROJECT}_gateway_1" test -s /var/lib/pad/pad.db || fail "no SQLite database on the named volume"
 log "worker served the gateway over tcp://worker:5557; both health checks healthy; baked cache and pad.db on volume ${PROJECT}_pad-data"
 compose down -v >/dev/null 2>&1
-log "PASS"
+log "PASS in $((SECONDS - T0))s"
