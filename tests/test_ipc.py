@@ -8,8 +8,6 @@ with a delay, and a client that leaves a non-streaming request aborting it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
 import time
 
 import httpx
@@ -18,12 +16,11 @@ import pytest
 import zmq
 
 from pad_core.ipc import pack, unpack
-from pad_core.testing import tiny_engine
 from pad_core.types import ChatRequest, GuidanceParams, Preference, SamplingParams, StepOutput
-from pad_core.worker import Worker
 from server.metrics import Metrics
 from server.settings import ServerSettings
-from server.worker_client import RequestRejected, WorkerClient, WorkerUnavailable, free_local_address
+from server.worker_client import RequestRejected, WorkerClient, WorkerUnavailable
+from server_helpers import uvicorn_server, worker_thread
 
 MESSAGES = [{"role": "user", "content": "How do I sleep better?"}]
 
@@ -33,25 +30,6 @@ def request(request_id: str, max_tokens: int = 4, **guidance) -> dict:
     chat = ChatRequest(request_id, MESSAGES, preferences, SamplingParams(max_tokens=max_tokens, temperature=0.0),
                        GuidanceParams(**guidance))
     return chat.to_dict()
-
-
-@contextlib.contextmanager
-def worker_thread(address: str | None = None, engine=None):
-    address = address or free_local_address()
-    context = zmq.Context()
-    socket = context.socket(zmq.ROUTER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.bind(address)
-    worker = Worker(engine or tiny_engine(), socket)
-    thread = threading.Thread(target=worker.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield address, worker
-    finally:
-        worker.running = False
-        thread.join(10)
-        socket.close(linger=0)
-        context.term()
 
 
 class Gateway:
@@ -254,36 +232,11 @@ async def test_a_local_worker_that_cannot_load_is_retried_with_a_delay(tmp_path)
 
 
 # ---- the HTTP side ---------------------------------------------------------
-@contextlib.contextmanager
-def uvicorn_server(app):
-    import uvicorn
-
-    with contextlib.closing(__import__("socket").socket()) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 def test_a_client_leaving_a_non_streaming_request_aborts_it(worker, tmp_path):
     from server.app import create_app
 
     app = create_app(ServerSettings(worker_address=worker[0], data_dir=tmp_path))
     with uvicorn_server(app) as url:
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{url}/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
         body = {"model": "smollm2-135m-instruct", "messages": MESSAGES, "max_tokens": 450, "temperature": 0,
                 "preference": ["short answers", "humour", "french"]}
         with pytest.raises(httpx.ReadTimeout):

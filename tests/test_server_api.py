@@ -1,7 +1,8 @@
 """The server as a team would use it: a real `pad serve` process on the
 embedded model, driven by the official openai SDK (sync and async), plus
 every error status triggered for real, dropped streams, a killed worker and
-16 concurrent streaming clients."""
+16 concurrent streaming clients. (API keys, the queue limit and CORS are
+tested over real HTTP on the tiny engine, in test_server_http.py.)"""
 
 from __future__ import annotations
 
@@ -225,29 +226,3 @@ def test_killed_worker_fails_in_flight_requests_cleanly_and_service_resumes(serv
     server.wait_healthy()
     assert ask(client, max_tokens=4).choices[0].message.content
     assert server.metric("pad_worker_restarts_total") >= 1
-
-
-@pytest.fixture(scope="module")
-def guarded_server(tmp_path_factory):
-    running = Server(tmp_path_factory.mktemp("guarded"), "--api-key", "secret", "--max-queue", "1")
-    yield running
-    running.close()
-
-
-def test_api_keys_and_queue_limit(guarded_server):
-    url = f"{guarded_server.url}/v1/chat/completions"
-    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 4}
-    for headers in ({}, {"Authorization": "Bearer wrong"}):
-        response = httpx.post(url, json=body, headers=headers)
-        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
-    assert httpx.get(f"{guarded_server.url}/health").status_code == 200  # probes need no key
-
-    client = openai.OpenAI(base_url=f"{guarded_server.url}/v1", api_key="secret", max_retries=0)
-    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=300, stream=True)
-    next(iter(stream))
-    with pytest.raises(openai.RateLimitError) as limited:
-        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
-    assert limited.value.body["code"] == "queue_full"
-    stream.response.close()
-    time.sleep(0.5)
-    assert client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4).choices[0].message.content

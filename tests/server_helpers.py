@@ -1,0 +1,72 @@
+"""Helpers for the gateway tests on the tiny engine: a worker in a thread
+(the real Worker loop behind a real ZeroMQ socket) and a real uvicorn server
+in a thread (real TCP, so clients can hang up)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import zmq
+
+from pad_core.testing import tiny_engine
+from pad_core.worker import Worker
+from server.worker_client import free_local_address
+
+
+@contextlib.contextmanager
+def worker_thread(address: str | None = None, engine=None, step_delay: float = 0.0) -> Iterator[tuple[str, Worker]]:
+    """A Worker serving `engine` (a fresh tiny one by default) on `address`;
+    `step_delay` seconds are added to every step (a slow model)."""
+    address = address or free_local_address()
+    engine = engine or tiny_engine()
+    if step_delay:
+        step = engine.step
+
+        def slow_step():
+            time.sleep(step_delay)
+            return step()
+
+        engine.step = slow_step
+    context = zmq.Context()
+    sock = context.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(address)
+    worker = Worker(engine, sock)
+    thread = threading.Thread(target=worker.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield address, worker
+    finally:
+        worker.running = False
+        thread.join(10)
+        sock.close(linger=0)
+        context.term()
+
+
+@contextlib.contextmanager
+def uvicorn_server(app, healthy: bool = True) -> Iterator[str]:
+    """Serves `app` on a free local port; yields its root URL (after /health
+    answers 200 when `healthy`)."""
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started or (healthy and httpx.get(f"{url}/health").status_code != 200):
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(10)
