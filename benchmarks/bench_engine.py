@@ -10,6 +10,8 @@ Prints, each as a ratio with its bar:
      models at every step, one request at a time), at --long-tokens new tokens           >= 10
 and the peak resident memory of a process serving plain vs PAD requests.
 Every request is forced to its full length (ignore_eos) so the counts are equal.
+The first three ratios are medians over interleaved rounds (--rounds), since
+the machine is shared and noisy.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -111,25 +114,37 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--long-tokens", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (median)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
     settings = EngineSettings()
     engine = PadEngine.from_settings(settings)
     dtype = next(engine.runners["base"].model.parameters()).dtype
-    print(f"model {settings.resolved_served_name()} ({dtype}, {torch.get_num_threads()} threads), {args.tokens} new tokens per request")
+    print(f"model {settings.resolved_served_name()} ({dtype}, {torch.get_num_threads()} threads), "
+          f"{args.tokens} new tokens per request, {args.rounds} interleaved rounds")
     engine_tokens_per_second(engine, [request("warmup", 16, True)])
 
-    plain = engine_tokens_per_second(engine, [request("plain", args.tokens, False)])
-    pad = engine_tokens_per_second(engine, [request("pad", args.tokens, True)])
-    pad_many = engine_tokens_per_second(engine, [request(f"c{i}", args.tokens, True) for i in range(args.concurrency)])
-    hf = generate_tokens_per_second(engine, args.tokens)
+    # The machine is shared: each round measures the compared quantities back
+    # to back, and each ratio is the median of its per-round ratios, so noise
+    # that lasts a round hits both sides of a ratio alike.
+    rounds = []
+    for index in range(args.rounds):
+        rounds.append({
+            "plain": engine_tokens_per_second(engine, [request(f"plain{index}", args.tokens, False)]),
+            "pad": engine_tokens_per_second(engine, [request(f"pad{index}", args.tokens, True)]),
+            "pad_many": engine_tokens_per_second(
+                engine, [request(f"c{index}-{i}", args.tokens, True) for i in range(args.concurrency)]
+            ),
+            "generate": generate_tokens_per_second(engine, args.tokens),
+        })  # fmt: skip
     pad_long = engine_tokens_per_second(engine, [request("pad-long", args.long_tokens, True)])
     recompute = recompute_tokens_per_second(engine, args.long_tokens)
+    plain, pad, pad_many, hf = (statistics.median(r[key] for r in rounds) for key in ("plain", "pad", "pad_many", "generate"))
     memory_plain, growth_plain = memory_mib(False, args.tokens)
     memory_pad, growth_pad = memory_mib(True, args.tokens)
 
-    print("\nthroughput (tokens/s)")
+    print("\nthroughput (tokens/s, median of the rounds)")
     for name, value in [
         ("plain, single stream", plain),
         ("PAD, single stream", pad),
@@ -140,10 +155,13 @@ def main() -> int:
     ]:
         print(f"  {name:<62} {value:7.2f}")
     print("\nratios")
+    def median_ratio(top: str, bottom: str) -> float:
+        return statistics.median(r[top] / r[bottom] for r in rounds)
+
     results = [
-        line("PAD single / plain single", pad / plain, 0.75),
-        line(f"PAD {args.concurrency} concurrent / PAD single", pad_many / pad, 5.0),
-        line("plain single / transformers generate()", plain / hf, 1.0),
+        line("PAD single / plain single", median_ratio("pad", "plain"), 0.75),
+        line(f"PAD {args.concurrency} concurrent / PAD single", median_ratio("pad_many", "pad"), 5.0),
+        line("plain single / transformers generate()", median_ratio("plain", "generate"), 1.0),
         line(f"PAD / original PAD loop at {args.long_tokens} tokens", pad_long / recompute, 10.0),
     ]
     print("\nmemory of a process serving 16 requests (MiB): peak RSS, and its growth while decoding")
@@ -153,6 +171,7 @@ def main() -> int:
         with open(args.json, "w") as handle:
             json.dump(
                 {
+                    "rounds": rounds,
                     "tokens_per_second": {"plain": plain, "pad": pad, "pad_concurrent": pad_many, "generate": hf,
                                           "pad_long": pad_long, "recompute_long": recompute},
                     "ratios": results,
