@@ -5,40 +5,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import threading
 import time
 
 import httpx
 import pytest
-import zmq
 from openai import AsyncOpenAI
 
-from pad_core.testing import tiny_engine
-from pad_core.worker import Worker
 from server.tools import bench as bench_tool
 from server.tools import eval as eval_tool
-from server.worker_client import free_local_address
-
-
-@contextlib.contextmanager
-def worker_thread():
-    address = free_local_address()
-    context = zmq.Context()
-    socket = context.socket(zmq.ROUTER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.bind(address)
-    worker = Worker(tiny_engine(), socket)
-    thread = threading.Thread(target=worker.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield address
-    finally:
-        worker.running = False
-        thread.join(10)
-        socket.close(linger=0)
-        context.term()
+from server_helpers import worker_thread
 
 
 @pytest.fixture
@@ -54,7 +30,7 @@ async def gateway(tmp_path, monkeypatch):
         if request.url.path.endswith("/chat/completions"):
             seen.append(json.loads(request.content))
 
-    with worker_thread() as address:
+    with worker_thread() as (address, _worker):
         app = create_app(ServerSettings(worker_address=address, data_dir=tmp_path))
         async with app.router.lifespan_context(app):
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://pad.test") as http:

@@ -6,42 +6,18 @@ to another user gets 403; the completion is kept and its feedback exports."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import zmq
 
-from pad_core.testing import tiny_engine
 from pad_core.training.pairs import load_pairs
-from pad_core.worker import Worker
 from server.store.export import main as feedback_main
-from server.worker_client import free_local_address
+from server_helpers import worker_thread
 
 PREFERENCE = "Answer like a pirate, in three words."
 MESSAGES = [{"role": "user", "content": "How do I sleep better?"}]
-
-
-@contextlib.contextmanager
-def worker_thread():
-    address = free_local_address()
-    context = zmq.Context()
-    socket = context.socket(zmq.ROUTER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.bind(address)
-    worker = Worker(tiny_engine(), socket)
-    thread = threading.Thread(target=worker.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield address
-    finally:
-        worker.running = False
-        thread.join(10)
-        socket.close(linger=0)
-        context.term()
 
 
 @pytest.fixture
@@ -49,7 +25,7 @@ async def gateway(tmp_path):
     from server.app import create_app
     from server.settings import ServerSettings
 
-    with worker_thread() as address:
+    with worker_thread() as (address, _worker):
         settings = ServerSettings(worker_address=address, data_dir=tmp_path, api_keys=["sk-admin", "sk-alice:alice"])
         app = create_app(settings)
         async with app.router.lifespan_context(app):
