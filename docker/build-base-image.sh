@@ -41,7 +41,7 @@ printf 'deb %s bookworm main\ndeb %s bookworm-updates main\ndeb http://deb.debia
     "$MIRROR" "$MIRROR" >"$ROOTFS/etc/apt/sources.list"
 
 tar --numeric-owner -C "$ROOTFS" -c . |
-    podman import \
+    podman import --quiet \
         --change 'ENV LANG=C.UTF-8' \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'CMD ["python3"]' \
