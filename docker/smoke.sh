@@ -50,7 +50,7 @@ compose() {
 }
 
 cleanup() {
-    podman rm -f "$CONTAINER" >/dev/null 2>&1 || true
+    podman rm -f -v "$CONTAINER" >/dev/null 2>&1 || true
     compose down -v >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
@@ -110,7 +110,7 @@ podman run --rm --entrypoint sh "$IMAGE" -c \
 log "no pip configuration file or build secret in the image"
 
 # 5. one container -----------------------------------------------------------
-podman rm -f "$CONTAINER" >/dev/null 2>&1 || true
+podman rm -f -v "$CONTAINER" >/dev/null 2>&1 || true
 # (podman logs that it cannot schedule healthchecks without systemd: those
 # lines go to podman.log; `podman healthcheck run` below runs the check.)
 podman run -d --name "$CONTAINER" -p "127.0.0.1:$PORT:8000" -e PAD_API_KEY="$KEY" "$IMAGE" >/dev/null 2>>"$WORK/podman.log"
@@ -135,7 +135,7 @@ stop_s=$((SECONDS - start))
 exit_code="$(podman inspect --format '{{.State.ExitCode}}' "$CONTAINER")"
 ((stop_s < 10)) || fail "SIGTERM took ${stop_s}s to stop the container"
 log "stopped by SIGTERM in ${stop_s}s (exit code $exit_code)"
-podman rm -f "$CONTAINER" >/dev/null 2>>"$WORK/podman.log"
+podman rm -f -v "$CONTAINER" >/dev/null 2>>"$WORK/podman.log"
 
 # 6. compose: gateway + worker -----------------------------------------------
 compose down -v >/dev/null 2>&1 || true
