@@ -44,6 +44,11 @@ async def test_health_and_chat_are_503_until_the_worker_is_ready(app):
         ({**BODY, "preference": ["x"] * 9}, "preference"),
         ({**BODY, "preference": "x" * 5000}, "preference"),
         ({**BODY, "max_tokens": 0}, "max_tokens"),
+        ({**BODY, "stream_options": {"include_usage": True}}, "stream_options"),
+        ({**BODY, "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+         "messages[0].content[0]"),
+        ({**BODY, "tool_choice": "auto"}, "tool_choice"),
+        ({**BODY, "functions": [{"name": "f"}]}, "functions"),
     ],
 )
 async def test_invalid_requests_are_400_naming_the_parameter(app, body, param):

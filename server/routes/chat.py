@@ -41,6 +41,8 @@ def refuse_unsupported(body: ChatCompletionRequest) -> None:
     fmt = body.response_format
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise invalid("only response_format {'type': 'text'} is supported", "response_format", "unsupported_parameter")
+    if body.stream_options is not None and not body.stream:
+        raise invalid("stream_options is only allowed when stream is true", "stream_options")
     if body.top_logprobs and not body.logprobs:
         raise invalid("top_logprobs requires logprobs: true", "top_logprobs")
 
