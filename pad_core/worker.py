@@ -5,6 +5,10 @@
 Loop: take every waiting message (without blocking while requests run),
 run one engine step, send each gateway the outputs of its requests. A bad
 request is answered with "rejected" and never stops the loop.
+
+The ZeroMQ port has no authentication or encryption: whoever reaches it can
+submit requests and load adapters. Bind it to loopback or a private network
+(a compose/k8s internal network), never to a public interface.
 """
 
 from __future__ import annotations
