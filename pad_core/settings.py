@@ -50,7 +50,8 @@ class EngineSettings(BaseSettings):
         default_factory=dict, description="name -> separate causal LM (folder or .gguf) with the base tokenizer"
     )
 
-    default_weight: float = Field(1.0, description="default PAD guidance weight w")
+    # Chosen by `pad eval --grid` on the shipped data set (README, "Does PAD follow preferences?").
+    default_weight: float = Field(2.0, description="default PAD guidance weight w")
     default_top_k: int = Field(10, ge=1, description="default number of candidates kept by the prescreen")
     max_top_k: int = Field(100, ge=1)
     preference_template: str = DEFAULT_PREFERENCE_TEMPLATE
