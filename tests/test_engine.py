@@ -255,7 +255,9 @@ def test_greedy_output_is_the_same_alone_and_batched(make_engine, tiny_model, pr
     alone = run_one(engine, copy.deepcopy(target))
     batched = _scenario(make_engine(), target)
     base_ids, reward_ids = engine.prompts.encode_request(messages("mid"), list(preferences), False)
-    _, gaps = reference_decode(tiny_model, base_ids, reward_ids, [p.weight for p in preferences])
+    _, gaps = reference_decode(
+        tiny_model, base_ids, reward_ids, [p.weight for p in preferences], weight=engine.settings.default_weight
+    )
     assert_same_until_near_tie(alone.tokens, batched.tokens, gaps, min_steps=16)
     assert batched.text == alone.text and batched.finish_reason == alone.finish_reason == "length"
 
