@@ -10,7 +10,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,17 +18,13 @@ import httpx
 import openai
 import pytest
 
+from server.tools.local_server import free_port, wait_healthy
+
 pytestmark = pytest.mark.integration
 
 MODEL = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "How do I sleep better?"}]
 PREFERENCE = "I like short answers with a bit of humour"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Server:
@@ -45,16 +40,7 @@ class Server:
         self.wait_healthy()
 
     def wait_healthy(self, timeout: float = 240) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "pad serve exited"
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError("server not healthy")
+        wait_healthy(self.url, self.process, timeout)
 
     def worker_pid(self) -> int:
         children = open(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read().split()
