@@ -61,9 +61,11 @@ def generate_tokens_per_second(engine: PadEngine, tokens: int) -> float:
 
 
 @torch.inference_mode()
-def recompute_tokens_per_second(engine: PadEngine, tokens: int, top_k: int = 10, weight: float = 1.0) -> float:
+def recompute_tokens_per_second(engine: PadEngine, tokens: int) -> float:
     """The original PAD scripts' loop: no KV cache, one request, and both the
-    policy and the reward model re-read the whole prefix at every step."""
+    policy and the reward model re-read the whole prefix at every step (with
+    the engine's default weight and top_k, like the PAD side)."""
+    top_k, weight = engine.settings.default_top_k, engine.settings.default_weight
     model = engine.runners["base"].model
     base = engine.prompts.encode(PROMPT)
     reward = engine.prompts.encode_with_preference(PROMPT, PREFERENCE.text)

@@ -124,8 +124,7 @@ class PadEngine:
 
         if name in self.reward_sources:
             raise InvalidRequestError(f"a reward model named {name!r} is already loaded", param="name")
-        runner = self.runners[BASE_RUNNER]
-        runner.set_model(attach_adapters(runner.model, self.tokenizer, {name: Path(path)}), uses_adapters=True)
+        attach_adapters(self.runners[BASE_RUNNER], self.tokenizer, {name: Path(path)})
         self.reward_sources[name] = RewardSource(BASE_RUNNER, adapter=name)
 
     def has_unfinished(self) -> bool:

@@ -161,17 +161,15 @@ def engine_parts_for_model(model, tokenizer, settings: EngineSettings) -> dict:
     and every LoRA reward adapter of the settings (same runner, one forward)."""
     from pad_core.engine import BASE_RUNNER, RewardSource
 
-    if settings.reward_adapters:
-        model = attach_adapters(model, tokenizer, settings.reward_adapters)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    runner = TransformersRunner(model, pad_token_id=pad_id)
+    attach_adapters(runner, tokenizer, settings.reward_adapters)
     sources = {"self": RewardSource(BASE_RUNNER, base_sees_preference=False)}
     for name in settings.reward_adapters:
         sources[name] = RewardSource(BASE_RUNNER, adapter=name)
     return {
         "tokenizer": tokenizer,
-        "runners": {
-            BASE_RUNNER: TransformersRunner(model, pad_token_id=pad_id, uses_adapters=bool(settings.reward_adapters))
-        },
+        "runners": {BASE_RUNNER: runner},
         "reward_sources": sources,
         "context_length": context_length(model),
         "stop_token_ids": stop_token_ids(model, tokenizer),
@@ -203,7 +201,7 @@ def check_adapter_base(name: str, path: Path, model, tokenizer) -> None:
 
     summary = path / TRAINING_FILE
     if not summary.is_file():
-        return  # an adapter from elsewhere: peft's own shape checks apply
+        return  # an adapter from elsewhere: the shape checks of `MultiLora.add` apply
     expected = json.loads(summary.read_text()).get("base_model_fingerprint")
     if expected and expected != base_model_fingerprint(model, tokenizer):
         raise ModelLoadError(
@@ -211,22 +209,14 @@ def check_adapter_base(name: str, path: Path, model, tokenizer) -> None:
         )
 
 
-def attach_adapters(model, tokenizer, adapters: dict[str, Path]):
-    """Wraps the model in peft with each LoRA adapter loaded under its name
-    (a model already wrapped gets the new adapters added)."""
-    from peft import PeftModel
+def attach_adapters(runner: TransformersRunner, tokenizer, adapters: dict[str, Path]) -> None:
+    """Adds each LoRA adapter folder to the runner's batched multi-LoRA under
+    its name (at start-up or at run time, between steps)."""
+    from pad_core.lora import read_adapter
 
-    wrapped = model if isinstance(model, PeftModel) else None
     for name, path in adapters.items():
         path = Path(path).expanduser()
         if not (path / "adapter_config.json").is_file():
             raise ModelLoadError(f"reward adapter {name!r}: {path} is not a peft adapter folder")
-        check_adapter_base(name, path, model.get_base_model() if wrapped is not None else model, tokenizer)
-        try:
-            if wrapped is None:
-                wrapped = PeftModel.from_pretrained(model, path, adapter_name=name)
-            else:
-                wrapped.load_adapter(path, adapter_name=name)
-        except (ValueError, RuntimeError, KeyError) as exc:
-            raise ModelLoadError(f"reward adapter {name!r} does not fit the base model: {exc}") from exc
-    return wrapped.eval()
+        check_adapter_base(name, path, runner.model, tokenizer)
+        runner.lora.add(name, read_adapter(name, path))

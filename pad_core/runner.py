@@ -4,7 +4,7 @@ Behind this small interface (prefill / decode / remove) a GPU backend can
 replace the transformers one without touching the scheduler or guidance.
 A row is one context: a request's base context or one of its reward
 contexts. Rows that share weights share one forward pass; with LoRA
-adapters each row names its adapter (peft mixed-adapter batches).
+adapters each row names its adapter (batched multi-LoRA, `pad_core.lora`).
 
 The runner returns final hidden states, not logits: the engine applies the
 output head (`self.head`) in full to base rows and only at the top-k
@@ -13,16 +13,16 @@ candidates to reward rows.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from pad_core.lora import NO_ADAPTER, MultiLora
 from pad_core.kv_cache import GrowableKVLayer, concat_caches, new_cache, pad_mask_left
 from pad_core.output_head import OutputHead
 
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in mixed batches
+BASE_ADAPTER = NO_ADAPTER
 
 RowKey = Hashable
 
@@ -37,22 +37,15 @@ class NewRow:
 class TransformersRunner:
     """Decodes rows of one Hugging Face causal LM with a left-padded KV cache."""
 
-    def __init__(self, model: torch.nn.Module, pad_token_id: int = 0, uses_adapters: bool = False):
+    def __init__(self, model: torch.nn.Module, pad_token_id: int = 0):
         self.pad_token_id = pad_token_id
+        self.model = model.requires_grad_(False)  # inference only
         self.device = next(model.parameters()).device
         self.num_layers = model.config.get_text_config().num_hidden_layers
-        self.set_model(model, uses_adapters)
+        self.decoder = model.get_decoder()
+        self.head = OutputHead(model)
+        self.lora = MultiLora(model)  # reward adapters, added with `lora.add`
         self._reset()
-
-    def set_model(self, model: torch.nn.Module, uses_adapters: bool) -> None:
-        """(Re)binds the weights, e.g. once wrapped with LoRA adapters. The base
-        weights must be the same: running rows keep their caches."""
-        self.model = model.requires_grad_(False)  # inference only
-        self.uses_adapters = uses_adapters
-        # peft wraps the transformers model; its LoRA layers live inside.
-        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.decoder = causal_lm.get_decoder()
-        self.head = OutputHead(causal_lm)
 
     def _reset(self) -> None:
         self.row_keys: list[RowKey] = []
@@ -142,20 +135,14 @@ class TransformersRunner:
         self.adapters.extend(adapters)
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, adapters) -> torch.Tensor:
-        adapter_scope = (
-            # What PeftModel.forward does with adapter_names, around the decoder alone.
-            self.model._enable_peft_forward_hooks(adapter_names=list(adapters))
-            if self.uses_adapters
-            else contextlib.nullcontext()
+        self.lora.select(adapters)
+        output = self.decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
         )
-        with adapter_scope:
-            output = self.decoder(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-            )
         return output.last_hidden_state[:, -1]
 
 

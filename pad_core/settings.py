@@ -51,8 +51,8 @@ class EngineSettings(BaseSettings):
     )
 
     # Chosen by `pad eval --grid` on the shipped data set (README, "Does PAD follow preferences?").
-    default_weight: float = Field(2.0, description="default PAD guidance weight w")
-    default_top_k: int = Field(10, ge=1, description="default number of candidates kept by the prescreen")
+    default_weight: float = Field(4.0, description="default PAD guidance weight w")
+    default_top_k: int = Field(80, ge=1, description="default number of candidates kept by the prescreen")
     max_top_k: int = Field(100, ge=1)
     preference_template: str = DEFAULT_PREFERENCE_TEMPLATE
     max_preferences: int = Field(8, ge=1, description="preferences per request")

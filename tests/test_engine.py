@@ -256,7 +256,8 @@ def test_greedy_output_is_the_same_alone_and_batched(make_engine, tiny_model, pr
     batched = _scenario(make_engine(), target)
     base_ids, reward_ids = engine.prompts.encode_request(messages("mid"), list(preferences), False)
     _, gaps = reference_decode(
-        tiny_model, base_ids, reward_ids, [p.weight for p in preferences], weight=engine.settings.default_weight
+        tiny_model, base_ids, reward_ids, [p.weight for p in preferences], weight=engine.settings.default_weight,
+        top_k=engine.settings.default_top_k,
     )
     assert_same_until_near_tie(alone.tokens, batched.tokens, gaps, min_steps=16)
     assert batched.text == alone.text and batched.finish_reason == alone.finish_reason == "length"
@@ -266,16 +267,17 @@ def test_greedy_output_is_the_same_alone_and_batched(make_engine, tiny_model, pr
 def test_seeded_sampling_is_reproducible_alone_and_batched(make_engine, preferences):
     """Each request samples with its own generator: the same seed gives the same
     tokens alone, again, and inside a batch (the probabilities differ only by
-    float noise, far below what moves a multinomial draw here)."""
+    float noise, far below what moves a multinomial draw here). Weight 1: a
+    large w makes the tiny random model's guided distribution nearly one-hot."""
     sampling = SamplingParams(temperature=1.0, seed=1234, max_tokens=16)
-    target = chat("target", "mid", preferences, sampling)
+    target = chat("target", "mid", preferences, sampling, weight=1.0)
     first = run_one(make_engine(), target)
     again = run_one(make_engine(), target)
     batched = _scenario(make_engine(), target)
     assert first.tokens == again.tokens == batched.tokens
-    reseeded = run_one(make_engine(), chat("target", "mid", preferences, SamplingParams(temperature=1.0, seed=99, max_tokens=16)))
+    reseeded = run_one(make_engine(), chat("target", "mid", preferences, SamplingParams(temperature=1.0, seed=99, max_tokens=16), weight=1.0))
     assert reseeded.tokens != first.tokens
-    greedy = run_one(make_engine(), chat("target", "mid", preferences, GREEDY))
+    greedy = run_one(make_engine(), chat("target", "mid", preferences, GREEDY, weight=1.0))
     assert first.tokens != greedy.tokens  # it does sample
 
 

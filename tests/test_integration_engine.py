@@ -126,7 +126,8 @@ def test_guided_greedy_is_the_same_alone_and_batched(engine):
     batched = collect(engine, others[0], target, others[1])["target"]
     base_ids, (reward_ids,) = engine.prompts.encode_request(QUESTION, [PIRATE], False)
     choices, gaps = pad_reference(
-        engine.runners["base"].model, base_ids, reward_ids, alone["tokens"], weight=engine.settings.default_weight
+        engine.runners["base"].model, base_ids, reward_ids, alone["tokens"],
+        weight=engine.settings.default_weight, top_k=engine.settings.default_top_k,
     )
     horizon = next((i for i, gap in enumerate(gaps) if gap < TIE), len(gaps))
     assert horizon >= 8
