@@ -135,3 +135,25 @@ def test_guided_greedy_is_the_same_alone_and_batched(engine):
     assert batched["tokens"][:horizon] == alone["tokens"][:horizon]
     if horizon == len(gaps):
         assert batched["tokens"] == alone["tokens"]
+
+
+def test_shipped_persrm_adapter_loads_at_run_time_and_steers(engine):
+    """results/persrm/adapter (trained by scripts/persrm-experiment.sh on a GPU)
+    fits the embedded model (fingerprint and shapes), serves next to `self`,
+    and its rewards change the greedy answer; base-only rows are untouched."""
+    from pathlib import Path
+
+    adapter = Path(__file__).resolve().parents[1] / "results" / "persrm" / "adapter"
+    if "persrm" not in engine.reward_sources:
+        engine.add_reward_adapter("persrm", str(adapter))
+    sampling = SamplingParams(temperature=0.0, max_tokens=24)
+    brevity = [Preference("Keep your answers brief, under 50 words.")]
+    plain_before = collect(engine, ChatRequest("p0", QUESTION, sampling=sampling))["p0"]
+    results = collect(
+        engine,
+        ChatRequest("self", QUESTION, brevity, sampling, GuidanceParams(reward_model="self")),
+        ChatRequest("persrm", QUESTION, brevity, sampling, GuidanceParams(reward_model="persrm")),
+        ChatRequest("plain", QUESTION, sampling=sampling),
+    )
+    assert results["persrm"]["tokens"] != results["self"]["tokens"]
+    assert results["plain"]["tokens"] == plain_before["tokens"]
