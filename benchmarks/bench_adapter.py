@@ -1,7 +1,7 @@
 """Reward-adapter throughput (issue 6): a LoRA PersRM served by name costs
 little next to the `self` reward, because base rows and adapter rows of
-different requests still run in one batched forward (peft mixed-adapter
-batches).
+different requests still run in one batched forward (batched multi-LoRA,
+`pad_core/lora.py`).
 
     python -m benchmarks.bench_adapter [--concurrency 16] [--tokens 128] [--rounds 3]
 

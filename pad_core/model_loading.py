@@ -161,6 +161,8 @@ def engine_parts_for_model(model, tokenizer, settings: EngineSettings) -> dict:
     and every LoRA reward adapter of the settings (same runner, one forward)."""
     from pad_core.engine import BASE_RUNNER, RewardSource
 
+    if "self" in settings.reward_adapters:
+        raise ModelLoadError("reward adapter name 'self' is taken by the built-in reward; choose another name")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     runner = TransformersRunner(model, pad_token_id=pad_id)
     attach_adapters(runner, tokenizer, settings.reward_adapters)

@@ -125,3 +125,8 @@ def test_unknown_weights_in_an_adapter_are_refused(tmp_path, tokenizer, make_eng
     save_random_adapter(tmp_path, tokenizer, 0, modules_to_save=["lm_head"])
     with pytest.raises(ModelLoadError, match="modules_to_save"):
         make_engine(model=tiny_model(tokenizer), reward_adapters={"m": tmp_path})
+
+
+def test_an_adapter_named_self_is_refused(tokenizer, adapters, make_engine):
+    with pytest.raises(ModelLoadError, match="'self' is taken"):
+        make_engine(model=tiny_model(tokenizer), reward_adapters={"self": adapters["one"]})
