@@ -46,11 +46,31 @@ def test_loss_is_log_two_when_policy_equals_reference_and_prefers_nothing():
     assert result.accuracy.item() == 0.0
 
 
-def test_sequence_log_probs_sums_only_answer_tokens():
-    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]]))
-    labels = torch.tensor([[0, 0, 1]])
-    mask = torch.tensor([[0.0, 1.0, 1.0]])
-    assert sequence_log_probs(logits, labels, mask).item() == pytest.approx(math.log(0.9) + math.log(0.8), rel=1e-5)
+def test_sequence_log_probs_sums_each_rows_tokens():
+    token_logits = torch.log(torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]]))
+    labels = torch.tensor([0, 1, 0])
+    row_of_token = torch.tensor([0, 0, 2])
+    totals = sequence_log_probs(token_logits, labels, row_of_token, rows=3)
+    assert totals.tolist() == pytest.approx([math.log(0.9) + math.log(0.8), 0.0, math.log(0.3)], rel=1e-5)
+
+
+def test_batch_log_probs_equal_the_full_forward(tokenizer):
+    # The head runs only at answer positions; the sums must equal those taken
+    # from the model's own full logits, with right padding in the batch.
+    from pad_core.training.trainer import EncodedSequence, batch_log_probs
+
+    torch.manual_seed(0)
+    model = tiny_model(tokenizer).eval()
+    sequences = [EncodedSequence([5, 6, 7, 8, 9, 10], 3), EncodedSequence([11, 12, 13, 14], 2)]
+    with torch.no_grad():
+        fast = batch_log_probs(model, sequences, pad_id=0, device="cpu")
+        expected = []
+        for seq in sequences:
+            ids = torch.tensor([seq.input_ids])
+            log_probs = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            picked = log_probs.gather(1, ids[0, 1:].unsqueeze(1)).squeeze(1)
+            expected.append(picked[seq.answer_start - 1 :].sum().item())
+    assert fast.tolist() == pytest.approx(expected, rel=1e-4, abs=1e-4)
 
 
 def test_policy_sees_the_preference_and_the_reference_does_not(tokenizer):

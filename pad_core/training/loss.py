@@ -26,14 +26,20 @@ class PairLoss:
     margin: torch.Tensor  # mean reward margin
 
 
-def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of log p(label_t) over the answer tokens.
+def sequence_log_probs(token_logits: torch.Tensor, labels: torch.Tensor, row_of_token: torch.Tensor,
+                       rows: int) -> torch.Tensor:
+    """Sum of log p(label) per sequence, over answer tokens only.
 
-    logits [B, T, V] predicting labels [B, T] (already shifted), mask [B, T]
-    1 on answer tokens -> [B].
+    token_logits [N, V] are the logits that predict labels [N]; row_of_token
+    [N] says which of the `rows` sequences each token belongs to -> [rows].
+    Only answer positions are passed in, so the vocabulary projection and
+    the softmax never run over prompt tokens; cross_entropy avoids
+    materialising a [N, V] log-softmax.
     """
-    log_probs = torch.gather(logits.float().log_softmax(dim=-1), 2, labels.unsqueeze(-1)).squeeze(-1)
-    return (log_probs * mask).sum(dim=-1)
+    token_log_probs = -F.cross_entropy(token_logits.float(), labels, reduction="none")
+    return torch.zeros(rows, dtype=token_log_probs.dtype, device=token_log_probs.device).index_add(
+        0, row_of_token, token_log_probs
+    )
 
 
 def pad_dpo_loss(

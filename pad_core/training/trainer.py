@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
+from pad_core.output_head import OutputHead
 from pad_core.prompting import PromptBuilder
 from pad_core.settings import DEFAULT_PREFERENCE_TEMPLATE
 from pad_core.training.loss import pad_dpo_loss, sequence_log_probs
@@ -99,18 +100,25 @@ def encode_pair(prompts: PromptBuilder, pair: PreferencePair, end_token: int, ma
 
 
 def batch_log_probs(model, sequences: list[EncodedSequence], pad_id: int, device) -> torch.Tensor:
-    """Sum of answer-token log-probs of each sequence [B] (right padded)."""
+    """Sum of answer-token log-probs of each sequence [B] (right padded).
+
+    The decoder runs over every token, the output head only where a hidden
+    state predicts an answer token (about half of a chat pair's tokens).
+    """
     width = max(len(s.input_ids) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention = torch.zeros_like(ids)
-    answer = torch.zeros_like(ids)
+    predicts_answer = torch.zeros_like(ids, dtype=torch.bool)  # position t predicts answer token t + 1
     for row, seq in enumerate(sequences):
         ids[row, : len(seq.input_ids)] = torch.tensor(seq.input_ids)
         attention[row, : len(seq.input_ids)] = 1
-        answer[row, seq.answer_start : len(seq.input_ids)] = 1
-    ids, attention, answer = ids.to(device), attention.to(device), answer.to(device)
-    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
-    return sequence_log_probs(logits, ids[:, 1:], answer[:, 1:].float())
+        predicts_answer[row, max(seq.answer_start, 1) - 1 : len(seq.input_ids) - 1] = True
+    ids, attention, predicts_answer = ids.to(device), attention.to(device), predicts_answer.to(device)
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=attention).last_hidden_state  # [B, T, H]
+    labels = torch.roll(ids, shifts=-1, dims=1)[predicts_answer]  # [N]
+    token_logits = OutputHead(model).full(hidden[predicts_answer])  # [N, V]
+    row_of_token = predicts_answer.nonzero()[:, 0]
+    return sequence_log_probs(token_logits, labels, row_of_token, len(sequences))
 
 
 class PersRMTrainer:
@@ -141,7 +149,8 @@ class PersRMTrainer:
         self.model.eval()
         rows = []
         with self.model.disable_adapter():
-            for start in range(0, len(encoded), self.settings.batch_size):
+            starts = range(0, len(encoded), self.settings.batch_size)
+            for start in tqdm(starts, desc="reference log-probs", unit="batch", disable=len(starts) < 2):
                 chunk = encoded[start : start + self.settings.batch_size]
                 sequences = [p.reference_chosen for p in chunk] + [p.reference_rejected for p in chunk]
                 logps = batch_log_probs(self.model, sequences, self.pad_id, self.device)
