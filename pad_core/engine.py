@@ -26,9 +26,10 @@ import torch
 from pad_core.decoding import StepInputs, next_tokens
 from pad_core.detokenize import IncrementalDetokenizer, token_bytes
 from pad_core.errors import ContextLengthExceededError, InvalidRequestError, UnknownRewardModelError
+from pad_core.lora import NO_ADAPTER
 from pad_core.prompting import PromptBuilder
 from pad_core.request_state import RequestState, RewardRowRef
-from pad_core.runner import BASE_ADAPTER, NewRow, TransformersRunner
+from pad_core.runner import NewRow, TransformersRunner
 from pad_core.sampling import apply_penalties, top_logprobs
 from pad_core.settings import EngineSettings
 from pad_core.types import ChatRequest, GenerationRequest, RewardPrompt, StepOutput, TokenLogprob
@@ -43,10 +44,10 @@ MAX_STOP_STRINGS = 16
 @dataclass(frozen=True)
 class RewardSource:
     """Where a named reward model's rows run: a runner, and the LoRA adapter
-    to apply there (BASE_ADAPTER for the plain weights)."""
+    to apply there (NO_ADAPTER for the plain weights)."""
 
     runner: str
-    adapter: str = BASE_ADAPTER
+    adapter: str = NO_ADAPTER
     base_sees_preference: bool = True  # default for trained reward models
 
 

@@ -92,7 +92,7 @@ class MultiLora:
         self.modules = dict(model.named_modules())
         parameter = next(model.parameters())
         self.dtype, self.device = parameter.dtype, parameter.device
-        self.adapters: dict[str, dict[str, LoraPair]] = {}
+        self.names: set[str] = set()
         self._hooked: set[str] = set()
         self._weights: dict[str, dict[str, LoraPair]] = {}  # module -> adapter -> pair
         self.active: list[tuple[str, torch.Tensor | None]] = []  # (adapter, row mask [B,1,1] or None)
@@ -116,20 +116,20 @@ class MultiLora:
             if module_name not in self._hooked:
                 self.modules[module_name].register_forward_hook(self._hook(module_name))
                 self._hooked.add(module_name)
-        self.adapters[name] = pairs
+        self.names.add(name)
         self._selected = None
         logger.info("reward adapter %s: LoRA on %d layers", name, len(pairs))
 
     def select(self, row_adapters: Sequence[str]) -> None:
         """Sets the rows' adapters for the next forward (row order)."""
         key = tuple(row_adapters)
-        if key == self._selected or not self.adapters:
+        if key == self._selected or not self.names:
             return
         active = []
         for name in dict.fromkeys(key):
             if name == NO_ADAPTER:
                 continue
-            if name not in self.adapters:
+            if name not in self.names:
                 raise KeyError(f"unknown LoRA adapter {name!r}")
             if all(row == name for row in key):
                 active.append((name, None))

@@ -18,11 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pad_core.lora import NO_ADAPTER, MultiLora
 from pad_core.kv_cache import GrowableKVLayer, concat_caches, new_cache, pad_mask_left
+from pad_core.lora import NO_ADAPTER, MultiLora
 from pad_core.output_head import OutputHead
-
-BASE_ADAPTER = NO_ADAPTER
 
 RowKey = Hashable
 
@@ -31,7 +29,7 @@ RowKey = Hashable
 class NewRow:
     key: RowKey
     prompt_ids: Sequence[int]
-    adapter: str = BASE_ADAPTER
+    adapter: str = NO_ADAPTER
 
 
 class TransformersRunner:
