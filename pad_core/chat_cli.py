@@ -53,6 +53,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--reward-model", default="self")
+    parser.add_argument("--min-p", type=float, help="PAD prescreen floor (default: the server's)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     preferences = [Preference(text) for text in (args.preference or [DEFAULT_PREFERENCE])]
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    guidance = GuidanceParams(weight=args.weight, top_k=args.top_k, reward_model=args.reward_model)
+    guidance = GuidanceParams(weight=args.weight, top_k=args.top_k, min_p=args.min_p, reward_model=args.reward_model)
 
     plain = answer(engine, ChatRequest("plain", messages, sampling=sampling))
     personalized = answer(engine, ChatRequest("pad", messages, preferences, sampling, guidance))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pad_core.guidance import guided_scores, personalized_reward, prescreen_top_k
+from pad_core.guidance import guided_scores, personalized_reward, prescreen
 from pad_core.sampling import choose_tokens
 
 
@@ -36,6 +36,9 @@ class StepInputs:
     # the score and the prescreen. (Penalising inside the reward would cancel
     # them out: at w = 1, l_base - log_softmax_k(l_base) is a constant.)
     unpenalised_base_logits: torch.Tensor | None = None
+    # [N] in [0, 1]: the prescreen's plausibility floor (guidance.prescreen);
+    # None: top_k alone.
+    min_p: torch.Tensor | None = None
 
 
 def next_tokens(inputs: StepInputs) -> torch.Tensor:
@@ -68,7 +71,8 @@ def _guided_tokens(inputs: StepInputs, rows: torch.Tensor) -> torch.Tensor:
     owner = position[inputs.reward_owner]
 
     base = inputs.base_logits[rows]
-    candidates, valid = prescreen_top_k(base, inputs.top_k[rows])  # [G, K]
+    min_p = None if inputs.min_p is None else inputs.min_p[rows]
+    candidates, valid = prescreen(base, inputs.top_k[rows], min_p)  # [G, K]
     base_candidates = base.gather(1, candidates)
     unpenalised = inputs.unpenalised_base_logits
     reward_base = base_candidates if unpenalised is None else unpenalised[rows].gather(1, candidates)

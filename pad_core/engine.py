@@ -210,6 +210,7 @@ class PadEngine:
                 preference_weight=torch.tensor([r.weight for _, r in reward_rows], dtype=base.dtype, device=device),
                 guidance_weight=torch.tensor([s.guidance_weight for s in states], dtype=base.dtype, device=device),
                 top_k=torch.tensor([s.top_k for s in states], dtype=torch.long, device=device),
+                min_p=torch.tensor([s.min_p for s in states], dtype=torch.float32, device=device),
                 temperature=[s.request.sampling.temperature for s in states],
                 top_p=[s.request.sampling.top_p for s in states],
                 generators=[s.generator for s in states],
@@ -372,6 +373,9 @@ class PadEngine:
             raise InvalidRequestError("pad.weight must be finite", param="pad.weight")
         if not 1 <= top_k <= self.settings.max_top_k:
             raise InvalidRequestError(f"pad.top_k must be in [1, {self.settings.max_top_k}]", param="pad.top_k")
+        min_p = self.settings.default_min_p if guidance.min_p is None else guidance.min_p
+        if not 0.0 <= min_p <= 1.0:  # also refuses nan
+            raise InvalidRequestError("pad.min_p must be in [0, 1]", param="pad.min_p")
         source = self._reward_source(guidance.reward_model)
         longest_prompt = max([len(request.prompt_ids), *(len(p.prompt_ids) for p in request.reward_prompts)])
         room = self.context_length - longest_prompt
@@ -397,6 +401,7 @@ class PadEngine:
             max_tokens=sampling.max_tokens or room,
             guidance_weight=weight,
             top_k=top_k,
+            min_p=min_p,
             reward_rows=[
                 RewardRowRef(source.runner, (request.request_id, index + 1), prompt.weight)
                 for index, prompt in enumerate(request.reward_prompts)

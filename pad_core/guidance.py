@@ -25,6 +25,31 @@ def prescreen_top_k(base_logits: torch.Tensor, top_k: torch.Tensor) -> tuple[tor
     return candidate_ids, valid
 
 
+def prescreen(
+    base_logits: torch.Tensor, top_k: torch.Tensor, min_p: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidates of each base row: its top_k tokens, minus those the base
+    model finds implausible (our extension to PAD, DESIGN.md).
+
+    A candidate a stays only if p_base(a) >= min_p * max p_base, i.e.
+    l(a) - l_max >= log(min_p): a strong reward can then only choose among
+    tokens that make sense to the base model, however large w is. min_p = 0
+    keeps all top_k; the most likely token always stays.
+
+    base_logits [N, V], top_k [N] long, min_p [N] in [0, 1] (None: all 0)
+    -> candidate ids [N, K] sorted by base logit, validity mask [N, K].
+    """
+    candidate_ids, valid = prescreen_top_k(base_logits, top_k)
+    if min_p is None or not bool((min_p > 0).any()):
+        return candidate_ids, valid
+    candidate_logits = base_logits.gather(1, candidate_ids).float()
+    gap = candidate_logits - candidate_logits[:, :1]  # [N, K], <= 0 (sorted)
+    floor = torch.log(min_p.float().clamp(min=0.0, max=1.0))[:, None]  # log 0 = -inf keeps all
+    plausible = gap >= floor
+    plausible[:, 0] = True  # the top token, also when its logit is not finite
+    return candidate_ids, valid & plausible
+
+
 def masked_log_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """log_softmax over the valid columns only; invalid columns get -inf."""
     return logits.masked_fill(~valid, NEG_INF).log_softmax(dim=-1)

@@ -25,6 +25,7 @@ class RequestState:
     max_tokens: int  # resolved against the context length
     guidance_weight: float
     top_k: int
+    min_p: float
     reward_rows: list[RewardRowRef]
     stop_token_ids: frozenset[int]
     detokenizer: IncrementalDetokenizer

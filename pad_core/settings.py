@@ -54,6 +54,10 @@ class EngineSettings(BaseSettings):
     default_weight: float = Field(4.0, description="default PAD guidance weight w")
     default_top_k: int = Field(80, ge=1, description="default number of candidates kept by the prescreen")
     max_top_k: int = Field(100, ge=1)
+    default_min_p: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="default prescreen floor: a candidate stays only if p_base(a) >= min_p * max p_base (0: off)",
+    )
     preference_template: str = DEFAULT_PREFERENCE_TEMPLATE
     max_preferences: int = Field(8, ge=1, description="preferences per request")
 

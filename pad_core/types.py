@@ -41,6 +41,7 @@ class GuidanceParams:
 
     weight: float | None = None  # w; 0 = plain decoding
     top_k: int | None = None  # candidates kept by the base model's prescreen
+    min_p: float | None = None  # prescreen floor: keep a if p_base(a) >= min_p * max p_base
     reward_model: str = "self"
     base_sees_preference: bool | None = None  # None: False for self, True otherwise
 

@@ -40,6 +40,7 @@ class WeightedPreference(Strict):
 class PadOptions(Strict):
     weight: float | None = None
     top_k: int | None = Field(None, ge=1)
+    min_p: float | None = Field(None, ge=0, le=1)
     reward_model: str = "self"
     base_sees_preference: bool | None = None
 

@@ -26,7 +26,7 @@ class RewardTable:
 
 
 def make_inputs(base, rewards=(), owner=(), pref_weight=None, weight=None, top_k=None, temperature=None,
-                top_p=None, generators=None):
+                top_p=None, generators=None, min_p=None):
     base = torch.as_tensor(base, dtype=torch.float32)
     n = base.shape[0]
     table = RewardTable(list(rewards), base.shape[1])
@@ -40,6 +40,7 @@ def make_inputs(base, rewards=(), owner=(), pref_weight=None, weight=None, top_k
         temperature=temperature if temperature is not None else [0.0] * n,
         top_p=top_p if top_p is not None else [1.0] * n,
         generators=generators if generators is not None else [None] * n,
+        min_p=None if min_p is None else torch.tensor(min_p),
     )
     return inputs, table
 
@@ -115,6 +116,33 @@ def test_no_guided_rows_never_asks_for_reward_logits():
 def test_guided_row_never_leaves_its_candidates_even_with_huge_weight():
     inputs, _ = make_inputs([BASE], [[0.0, 0.0, 1e4, 1e4, 1e4]], [0], weight=[1e3], top_k=[2])
     assert next_tokens(inputs).item() in (0, 1)
+
+
+def test_min_p_keeps_a_huge_reward_from_promoting_an_implausible_token():
+    # Token 1 has p_base / p_max = e^-1 = 0.37; token 2, e^-5 = 0.007. The
+    # reward loves token 2; with min_p = 0.05 it is not a candidate, so the
+    # reward can only choose among tokens 0 and 1.
+    base = [[5.0, 4.0, 0.0, -1.0]]
+    reward = [[0.0, 1.0, 40.0, 0.0]]
+    unfloored, _ = make_inputs(base, reward, [0], weight=[8.0], top_k=[3])
+    assert next_tokens(unfloored).item() == 2
+    floored, table = make_inputs(base, reward, [0], weight=[8.0], top_k=[3], min_p=[0.05])
+    assert next_tokens(floored).item() == 1
+    # The reward is normalised over the surviving candidates only.
+    floored_two, _ = make_inputs(base, reward, [0], weight=[8.0], top_k=[2])
+    assert next_tokens(floored_two).item() == 1
+
+
+def test_min_p_sampling_never_draws_a_dropped_candidate():
+    base = [[5.0, 4.9, 4.8, 0.0, -1.0, -2.0]]
+    reward = [[0.0, 0.0, 0.0, 30.0, 30.0, 30.0]]
+    gen = torch.Generator().manual_seed(0)
+    drawn = set()
+    for _ in range(200):
+        inputs, _ = make_inputs(base, reward, [0], weight=[4.0], top_k=[6], temperature=[1.0],
+                                generators=[gen], min_p=[0.1])
+        drawn.add(next_tokens(inputs).item())
+    assert drawn <= {0, 1, 2} and len(drawn) > 1
 
 
 def test_top_k_one_is_plain_greedy_whatever_the_reward():

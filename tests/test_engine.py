@@ -14,6 +14,7 @@ practice they check exact identity.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -76,7 +77,8 @@ def run_one(engine, request) -> Result:
 
 
 @torch.inference_mode()
-def reference_decode(model, base_ids, reward_ids=(), pref_weights=(), weight=1.0, top_k=10, steps=16, stop_ids=(2,)):
+def reference_decode(model, base_ids, reward_ids=(), pref_weights=(), weight=1.0, top_k=10, steps=16, stop_ids=(2,),
+                     min_p=0.0):
     """PAD decoding the slow, obviously-correct way (DESIGN steps 1-5): every
     step recomputes each whole context from scratch, in float64 scoring.
     Returns the greedy tokens and, per step, the gap that decides it."""
@@ -91,14 +93,19 @@ def reference_decode(model, base_ids, reward_ids=(), pref_weights=(), weight=1.0
         else:
             ranked = base.topk(top_k + 1)
             candidates = ranked.indices[:top_k]
+            floor_gap = float("inf")
+            if min_p > 0:  # the prescreen's plausibility floor: p(a) >= min_p * max p
+                log_ratio = ranked.values[:top_k] - ranked.values[0]
+                floor_gap = float((log_ratio - math.log(min_p)).abs().min())
+                candidates = candidates[log_ratio >= math.log(min_p)]
             base_ls = base[candidates].log_softmax(0)
             scores = base[candidates].clone()
             for ctx, w_j in zip(reward_ctx, pref_weights, strict=True):
                 rm = model(torch.tensor([ctx])).logits[0, -1].double()
                 scores += weight * w_j * (rm[candidates].log_softmax(0) - base_ls)
-            top = scores.topk(min(2, top_k))
-            score_gap = float(top.values[0] - top.values[1]) if top_k > 1 else float("inf")
-            gaps.append(min(score_gap, float(ranked.values[top_k - 1] - ranked.values[top_k])))
+            top = scores.topk(min(2, len(candidates)))
+            score_gap = float(top.values[0] - top.values[1]) if len(candidates) > 1 else float("inf")
+            gaps.append(min(score_gap, floor_gap, float(ranked.values[top_k - 1] - ranked.values[top_k])))
             token = int(candidates[top.indices[0]])
         tokens.append(token)
         base_ctx.append(token)
@@ -157,13 +164,14 @@ def test_zero_weight_is_exactly_plain_decoding_with_no_reward_rows(engine, make_
     assert engine.stats()["running_rows"] == 1  # w = 0: no reward rows at all
     outputs += list(engine.generate([]))
     assert [t for o in outputs for t in o.token_ids] == plain.tokens
-    # top_k = 1 keeps only the base's best token: guided, yet the same tokens.
-    single = make_engine()
-    single.add_chat(chat("k1", preferences=[PREF], top_k=1, weight=5.0))
-    outputs = single.step()
-    assert single.stats()["running_rows"] == 2
-    outputs += list(single.generate([]))
-    assert [t for o in outputs for t in o.token_ids] == plain.tokens
+    # top_k = 1, or min_p = 1, keeps only the base's best token: guided, yet the same tokens.
+    for guidance in ({"top_k": 1}, {"min_p": 1.0}):
+        single = make_engine()
+        single.add_chat(chat("k1", preferences=[PREF], weight=5.0, **guidance))
+        outputs = single.step()
+        assert single.stats()["running_rows"] == 2
+        outputs += list(single.generate([]))
+        assert [t for o in outputs for t in o.token_ids] == plain.tokens
 
 
 # ---- guided decoding -------------------------------------------------------------
@@ -181,13 +189,14 @@ def test_zero_weight_is_exactly_plain_decoding_with_no_reward_rows(engine, make_
         ("mid", [PREF2], 1.5, 4, True),
     ],
 )
-def test_guided_decoding_equals_reference_pad(engine, tiny_model, prompt, preferences, weight, top_k, base_sees):
-    request = chat("g", prompt, preferences, weight=weight, top_k=top_k, base_sees_preference=base_sees)
+@pytest.mark.parametrize("min_p", [0.0, 0.3])
+def test_guided_decoding_equals_reference_pad(engine, tiny_model, prompt, preferences, weight, top_k, base_sees, min_p):
+    request = chat("g", prompt, preferences, weight=weight, top_k=top_k, base_sees_preference=base_sees, min_p=min_p)
     result = run_one(engine, request)
     base_ids, reward_ids = engine.prompts.encode_request(messages(prompt), preferences, bool(base_sees))
     assert reward_ids and all(len(r) > len(engine.prompts.encode(messages(prompt))) for r in reward_ids)
     expected, gaps = reference_decode(
-        tiny_model, base_ids, reward_ids, [p.weight for p in preferences], weight, top_k
+        tiny_model, base_ids, reward_ids, [p.weight for p in preferences], weight, top_k, min_p=min_p
     )
     assert_same_until_near_tie(result.tokens, expected, gaps, min_steps=16)
 
@@ -257,7 +266,7 @@ def test_greedy_output_is_the_same_alone_and_batched(make_engine, tiny_model, pr
     base_ids, reward_ids = engine.prompts.encode_request(messages("mid"), list(preferences), False)
     _, gaps = reference_decode(
         tiny_model, base_ids, reward_ids, [p.weight for p in preferences], weight=engine.settings.default_weight,
-        top_k=engine.settings.default_top_k,
+        top_k=engine.settings.default_top_k, min_p=engine.settings.default_min_p,
     )
     assert_same_until_near_tie(alone.tokens, batched.tokens, gaps, min_steps=16)
     assert batched.text == alone.text and batched.finish_reason == alone.finish_reason == "length"
@@ -436,6 +445,8 @@ def _bad_requests(tokenizer):
         (GenerationRequest("bad", [5, -1]), InvalidRequestError, "prompt_ids"),
         (GenerationRequest("bad", [5, 6], [RewardPrompt((5, 10**7))]), InvalidRequestError, "reward_prompts"),
         (GenerationRequest("bad", [5, 6], [RewardPrompt(())]), InvalidRequestError, "reward_prompts"),
+        (chat("bad", "mid", [PREF], min_p=1.5), InvalidRequestError, "pad.min_p"),
+        (chat("bad", "mid", [PREF], min_p=float("nan")), InvalidRequestError, "pad.min_p"),
     ]
 
 

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pad_core.guidance import guided_scores, masked_log_softmax, personalized_reward, prescreen_top_k
+from pad_core.guidance import guided_scores, masked_log_softmax, personalized_reward, prescreen, prescreen_top_k
 
 NEG_INF = float("-inf")
 finite32 = st.floats(min_value=-30, max_value=30, allow_nan=False, allow_infinity=False, width=32)
@@ -67,6 +67,56 @@ def test_prescreen_property_valid_columns_are_exactly_each_rows_top_k(data, rows
         assert valid[n].sum().item() == top_k[n]
         assert ids[n, : top_k[n]].tolist() == expected
         assert not valid[n, top_k[n] :].any()
+
+
+# ---- min_p plausibility floor (our extension) -------------------------------------
+
+
+def test_min_p_drops_candidates_the_base_finds_implausible():
+    # p ∝ exp(logit): relative to the top token, 1.0, e^-1 = 0.37, e^-3 = 0.05, e^-6 = 0.0025
+    logits = torch.tensor([[5.0, 4.0, 2.0, -1.0, -9.0]])
+    ids, valid = prescreen(logits, torch.tensor([4]), torch.tensor([0.1]))
+    assert ids.tolist() == [[0, 1, 2, 3]]
+    assert valid.tolist() == [[True, True, False, False]]
+
+
+def test_min_p_zero_or_absent_is_plain_top_k():
+    logits = torch.tensor([[5.0, 4.0, 2.0, -1.0, -9.0]])
+    reference = prescreen_top_k(logits, torch.tensor([4]))
+    for min_p in (None, torch.tensor([0.0])):
+        ids, valid = prescreen(logits, torch.tensor([4]), min_p)
+        assert torch.equal(ids, reference[0]) and torch.equal(valid, reference[1])
+
+
+def test_min_p_one_keeps_only_the_top_token_and_ties():
+    logits = torch.tensor([[3.0, 3.0, 1.0]])
+    _, valid = prescreen(logits, torch.tensor([3]), torch.tensor([1.0]))
+    assert valid.tolist() == [[True, True, False]]
+
+
+def test_min_p_is_per_row():
+    logits = torch.tensor([[5.0, 4.0, 2.0], [5.0, 4.0, 2.0]])
+    _, valid = prescreen(logits, torch.tensor([3, 2]), torch.tensor([0.0, 0.5]))
+    assert valid.tolist() == [[True, True, True], [True, False, False]]
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), rows=st.integers(1, 4), vocab=st.integers(1, 12))
+def test_min_p_property_matches_probability_rule_and_keeps_the_top(data, rows, vocab):
+    logits = [data.draw(st.lists(finite32, min_size=vocab, max_size=vocab, unique=True)) for _ in range(rows)]
+    top_k = [data.draw(st.integers(1, vocab)) for _ in range(rows)]
+    min_p = [data.draw(st.floats(0.0, 1.0)) for _ in range(rows)]
+    ids, valid = prescreen(torch.tensor(logits), torch.tensor(top_k), torch.tensor(min_p))
+    for n in range(rows):
+        probs = torch.tensor(logits[n], dtype=torch.float64).softmax(-1)
+        kept = {int(ids[n, j]) for j in range(ids.shape[1]) if valid[n, j]}
+        assert ids[n, 0].item() in kept  # never empty
+        top = sorted(range(vocab), key=lambda v: -logits[n][v])[: top_k[n]]
+        for token in top[1:]:
+            ratio = float(probs[token] / probs.max())
+            if abs(ratio - min_p[n]) > 1e-4:  # float32 vs float64 at the boundary
+                assert (token in kept) == (ratio >= min_p[n])
+        assert kept <= set(top)
 
 
 # ---- reward formula -------------------------------------------------------------

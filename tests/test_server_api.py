@@ -150,6 +150,7 @@ def test_n_seed_stop_logprobs(client):
         ({"temperature": -1}, 400, "temperature", None),
         ({"pad": {"reward_model": "nope"}, "preference": "x"}, 400, "pad.reward_model", "model_not_found"),
         ({"pad": {"top_k": 0}}, 400, "pad.top_k", None),
+        ({"pad": {"min_p": 1.5}}, 400, "pad.min_p", None),
         ({"messages": []}, 400, "messages", None),
     ],
 )

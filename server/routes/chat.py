@@ -258,6 +258,7 @@ async def _chat(body: ChatCompletionRequest, request: Request):
     guidance = GuidanceParams(
         weight=pad.weight if pad else None,
         top_k=pad.top_k if pad else None,
+        min_p=pad.min_p if pad else None,
         reward_model=pad.reward_model if pad else "self",
         base_sees_preference=pad.base_sees_preference if pad else None,
     )
