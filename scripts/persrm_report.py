@@ -1,87 +1,89 @@
-"""Issue 6's two bars from a `pad eval` answers file of the PersRM experiment
-(scripts/persrm-experiment.sh):
+"""Issue 12's bars from a `pad eval` run (answers.json, with every answer's
+quality gate) of prompt vs `self` PAD vs the trained PersRM at the defaults:
 
-1. trained preference types: PersRM vs `prompt`, at least +10 points, with
-   the fluency guard (repeated 4-gram share at most 1.5x prompt's);
-2. preference types absent from training: PersRM vs `self` at the same
-   weight, no worse.
+1. self PAD gated satisfaction >= prompt's;
+2. PersRM gated satisfaction >= prompt's + 10 points;
+3. gate pass rate of both PAD modes >= prompt's - 5 points;
 
-    python scripts/persrm_report.py results/persrm/eval/answers.jsonl
+plus the same figures on trained and unseen preference types (types that
+got no training pairs: data/train/build_cases.py).
 
-Prints a Markdown table with paired-bootstrap 95% intervals.
+    python scripts/persrm_report.py results/persrm/eval/answers.json [--pad MODE] [--persrm MODE]
+
+Prints Markdown with Wilson and paired-bootstrap 95% intervals.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pad_core.evaluation.stats import mean_repeated_ngram_share, paired_bootstrap_diff, rate  # noqa: E402
+from pad_core.evaluation.report import OVERALL, Answer, diff_text, pct, summarize  # noqa: E402
 
-UNSEEN_TYPES = {"spanish", "avoid_word", "casual_tone"}  # data/train/build_cases.py
-FLUENCY_FACTOR = 1.5
-
-
-def load(path: Path) -> dict[str, dict[str, dict]]:
-    """mode -> case id -> answer record"""
-    answers: dict[str, dict[str, dict]] = defaultdict(dict)
-    for line in path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        answers[record["mode"]][record["case_id"]] = record
-    return answers
+UNSEEN_TYPES = {"spanish", "avoid_word", "casual_tone"}  # no training pairs (data/train/build_cases.py)
 
 
-def pct(r) -> str:
-    return f"{100 * r.value:.0f}% [{100 * r.low:.0f}-{100 * r.high:.0f}]"
+def load(path: Path) -> list[Answer]:
+    return [Answer(**a) for a in json.loads(path.read_text(encoding="utf-8"))["answers"]]
 
 
-def diff(a: list[dict], b: list[dict]) -> tuple[float, str]:
-    d, low, high = paired_bootstrap_diff([x["satisfied"] for x in a], [y["satisfied"] for y in b])
-    return d, f"{100 * d:+.0f} [{100 * low:+.0f}, {100 * high:+.0f}]"
+def bars(summary: dict, pad: str, persrm: str) -> list[tuple[str, float, float, bool]]:
+    """(bar, measured points, required points, held)."""
+    modes = summary["modes"]
+    prompt_gated = modes["prompt"]["gated"][OVERALL]["rate"]
+    prompt_gate = modes["prompt"]["gate"][OVERALL]["rate"]
+    rows = []
+    gated_pad = modes[pad]["gated"][OVERALL]["rate"] - prompt_gated
+    rows.append((f"`{pad}` gated satisfaction - prompt's", 100 * gated_pad, 0.0, gated_pad >= 0))
+    gated_rm = modes[persrm]["gated"][OVERALL]["rate"] - prompt_gated
+    rows.append((f"`{persrm}` gated satisfaction - prompt's", 100 * gated_rm, 10.0, gated_rm >= 0.10 - 1e-9))
+    for mode in (pad, persrm):
+        gate = modes[mode]["gate"][OVERALL]["rate"] - prompt_gate
+        rows.append((f"`{mode}` gate pass rate - prompt's", 100 * gate, -5.0, gate >= -0.05 - 1e-9))
+    return rows
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("answers", type=Path)
-    args = parser.parse_args()
-    answers = load(args.answers)
-    prompt = answers["prompt"]
-    trained_ids = sorted(i for i, a in prompt.items() if a["preference_type"] not in UNSEEN_TYPES)
-    unseen_ids = sorted(i for i, a in prompt.items() if a["preference_type"] in UNSEEN_TYPES)
-    prompt_share = mean_repeated_ngram_share([a["text"] for a in prompt.values()])
-    print(f"trained types: {len(trained_ids)} cases; unseen types ({', '.join(sorted(UNSEEN_TYPES))}): {len(unseen_ids)} cases")
-    print(f"prompt: repeated 4-gram share {prompt_share:.3f} (guard: at most {FLUENCY_FACTOR * prompt_share:.3f})\n")
-    print("| weight | trained: prompt | trained: PersRM | PersRM - prompt (pts) | unseen: self | unseen: PersRM "
-          "| PersRM - self (pts) | PersRM 4-gram share | bars |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |")
-    for mode in sorted(answers):
-        match = re.fullmatch(r"pad\[persrm\] (w=\S+)(.*)", mode)
-        if not match:
-            continue
-        persrm = answers[mode]
-        self_mode = f"pad {match.group(1)}{match.group(2)}"
-        self_answers = answers.get(self_mode, {})
-        trained_p = [prompt[i] for i in trained_ids]
-        trained_r = [persrm[i] for i in trained_ids]
-        unseen_s = [self_answers[i] for i in unseen_ids if i in self_answers]
-        unseen_r = [persrm[i] for i in unseen_ids if i in self_answers]
-        gain, gain_text = diff(trained_r, trained_p)
-        loss, loss_text = diff(unseen_r, unseen_s) if unseen_s else (float("nan"), "-")
-        share = mean_repeated_ngram_share([a["text"] for a in persrm.values()])
-        holds = gain >= 0.10 and share <= FLUENCY_FACTOR * prompt_share and loss >= 0
-        print(
-            f"| {match.group(1)}{match.group(2)} | {pct(rate([a['satisfied'] for a in trained_p]))} "
-            f"| {pct(rate([a['satisfied'] for a in trained_r]))} | {gain_text} "
-            f"| {pct(rate([a['satisfied'] for a in unseen_s])) if unseen_s else '-'} "
-            f"| {pct(rate([a['satisfied'] for a in unseen_r])) if unseen_r else '-'} | {loss_text} "
-            f"| {share:.3f} | {'hold' if holds else 'miss'} |"
+def table(summary: dict, modes: list[str], title: str) -> list[str]:
+    lines = [f"#### {title}", "", "| mode | n | gated satisfaction | vs prompt (pts) | gate pass rate | vs prompt (pts) "
+             "| raw satisfaction |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for mode in modes:
+        e = summary["modes"][mode]
+        vs = e.get("vs_baseline")
+        lines.append(
+            f"| {mode} | {e['n']} | {pct(e['gated'][OVERALL])} | {diff_text(vs['gated'][OVERALL]) if vs else '-'} "
+            f"| {pct(e['gate'][OVERALL])} | {diff_text(vs['gate'][OVERALL]) if vs else '-'} "
+            f"| {pct(e['satisfaction'][OVERALL])} |"
         )
+    return lines + [""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("answers", type=Path, help="answers.json of a `pad eval` run")
+    parser.add_argument("--pad", default="pad", help="the self PAD mode's name (default: pad)")
+    parser.add_argument("--persrm", default="pad[persrm]", help="the PersRM mode's name (default: pad[persrm])")
+    args = parser.parse_args(argv)
+    answers = load(args.answers)
+    modes = ["prompt", args.pad, args.persrm]
+    missing = [m for m in modes if m not in {a.mode for a in answers}]
+    if missing:
+        print(f"missing modes in {args.answers}: {missing}", file=sys.stderr)
+        return 2
+    answers = [a for a in answers if a.mode in modes]
+    summary = summarize(answers, modes)
+    out = table(summary, modes, f"All cases ({summary['modes']['prompt']['n']})")
+    for label, keep in (("trained types", lambda t: t not in UNSEEN_TYPES), ("unseen types", lambda t: t in UNSEEN_TYPES)):
+        part = [a for a in answers if keep(a.preference_type)]
+        if part:
+            out += table(summarize(part, modes), modes, f"{label.capitalize()} ({len(part) // len(modes)} cases)")
+    out += ["#### Bars", "", "| bar | measured (pts) | required (pts) | held |", "| --- | ---: | ---: | :---: |"]
+    for name, measured, required, held in bars(summary, args.pad, args.persrm):
+        out.append(f"| {name} | {measured:+.0f} | >= {required:+.0f} | {'yes' if held else 'NO'} |")
+    sys.stdout.write("\n".join(out) + "\n")
     return 0
 
 

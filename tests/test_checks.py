@@ -9,10 +9,14 @@ from pad_core.evaluation.checks import (
     CheckSpecError,
     bullet_count,
     detect_language,
+    heading_count,
+    long_word_share,
+    mean_sentence_words,
     numbered_count,
     run_check,
     satisfied,
     sentences,
+    syllables,
     validate_check,
     words,
 )
@@ -22,6 +26,14 @@ NUMBERED_ANSWER = "Steps:\n1. Boil water.\n2) Add the tea.\n**3.** Wait three mi
 FRENCH = "Pour faire un bon café, il faut de l'eau chaude et des grains moulus que vous versez dans la tasse."
 SPANISH = "Para dormir mejor, es importante que no uses el teléfono en la cama y que tengas una rutina."
 ENGLISH = "To sleep better, keep a routine and put the phone away in the evening; it is the simplest fix."
+HEADED = "# Sleep better\nKeep a routine.\n\n## In the evening\nPut the phone away.\n"
+# The same facts for a six-year-old and for an adult reader.
+FOR_A_CHILD = ("Fish breathe with gills, not lungs like us. Water has a little bit of air in it. A fish gulps water "
+               "with its mouth. The water goes over the gills on the sides of its head. The gills take the air out "
+               "of the water. So fish can breathe under the water!")
+FOR_AN_ADULT = ("Fish breathe underwater using their gills, which are specialized organs that extract dissolved oxygen "
+                "from the water. As water flows over the gill filaments, oxygen diffuses into the blood while carbon "
+                "dioxide is released, a process that allows fish to survive in aquatic environments.")
 
 # (check spec, an answer that passes, an answer that fails): one row per type at least.
 CASES = [
@@ -45,6 +57,11 @@ CASES = [
     ({"type": "ends_with_question", "value": None}, "What do you think? 😊", "Is it good? Yes, it is."),
     ({"type": "has_emoji"}, "Have fun 🎉", "Have fun :)"),
     ({"type": "no_emoji"}, "Have fun :)", "Have fun 🎉"),
+    ({"type": "contains_at_least", "values": ["Maillard", "amino acid", "reducing sugar"], "value": 2},
+     "The Maillard reaction joins an amino acid and a sugar.", "The Maillard reaction browns the meat."),
+    ({"type": "min_headings", "value": 2}, HEADED, "# Only one heading\n#hashtag is not one\n    # indented code"),
+    ({"type": "max_mean_sentence_words", "value": 12}, FOR_A_CHILD, FOR_AN_ADULT),
+    ({"type": "max_long_word_share", "value": 0.1}, FOR_A_CHILD, FOR_AN_ADULT),
 ]
 
 
@@ -73,6 +90,44 @@ def test_helpers():
     assert numbered_count(NUMBERED_ANSWER) == 3 and numbered_count("- a\n- b") == 0
     assert numbered_count("Step 1: Boil.\nstep 2: Pour.\n**Step 3:** Wait.\nIn 2024: no") == 3
     assert detect_language("") is None and detect_language("xyz qwv") is None
+
+
+@pytest.mark.parametrize(
+    "word, count",
+    [
+        ("the", 1), ("she", 1), ("cat", 1), ("make", 1), ("whole", 1), ("times", 1), ("hoped", 1), ("played", 1),
+        ("water", 2), ("table", 2), ("people", 2), ("wanted", 2), ("boxes", 2), ("places", 2), ("lonely", 2),
+        ("careful", 2), ("movement", 2), ("something", 2), ("sometimes", 2), ("homework", 2), ("don't", 1),
+        ("animal", 3), ("element", 3), ("decided", 3), ("beautiful", 3), ("gentleness", 3), ("oxygen", 3),
+        ("Café", 2), ("résumé", 3), ("temperature", 4), ("photosynthesis", 5), ("", 0), ("42", 0),
+    ],
+)
+def test_syllables_heuristic(word, count):
+    assert syllables(word) == count
+
+
+def test_readability_measures():
+    assert long_word_share("") == 0.0 and mean_sentence_words("") == 0.0
+    # Numbers are not words; hyphenated parts are separate words.
+    assert long_word_share("In 2024 a step-by-step plan.") == 0.0
+    assert long_word_share("Beautiful animals everywhere, cat.") == 0.75
+    assert mean_sentence_words("One two three. Four five six seven!") == 3.5
+    # A list item or heading without a full stop is a unit of its own.
+    assert mean_sentence_words("# Tips\n- drink water\n- sleep well") == 5 / 3
+    assert mean_sentence_words(FOR_A_CHILD) < 12 < mean_sentence_words(FOR_AN_ADULT)
+    assert long_word_share(FOR_A_CHILD) < 0.1 < long_word_share(FOR_AN_ADULT)
+
+
+def test_heading_count():
+    assert heading_count(HEADED) == 2
+    assert heading_count("   ### Three spaces is fine\n####### seven is not\n#no space\n\tnot a tab either") == 1
+
+
+def test_contains_at_least_counts_distinct_values():
+    spec = {"type": "contains_at_least", "values": ["dipole", "magnetron", "GHz"], "value": 2}
+    assert not run_check("A dipole, another dipole, a third dipole.", spec)
+    assert run_check("The magnetron emits at 2.45 ghz.", spec)
+    assert not run_check("The magnetron emits at 2.45 ghz.", {**spec, "case_sensitive": True})
 
 
 def test_ends_with_question_allows_closing_marks_only():
@@ -104,6 +159,15 @@ def test_satisfied_needs_every_check():
         ({"type": "starts_with", "value": ""}, "'value' must be a non-empty string"),
         ({"type": "regex", "pattern": "(unclosed"}, "invalid pattern"),
         ({"type": "language", "value": "klingon"}, "unknown language 'klingon'"),
+        ({"type": "contains_at_least", "values": ["a", "b"]}, "'value' must be a positive integer"),
+        ({"type": "contains_at_least", "values": ["a", "b"], "value": 0}, "'value' must be a positive integer"),
+        ({"type": "contains_at_least", "values": ["a", "b"], "value": 1.5}, "'value' must be a positive integer"),
+        ({"type": "contains_at_least", "values": ["a", "b"], "value": 3}, "more than the 2 values"),
+        ({"type": "contains_at_least", "values": ["sympathetic", "parasympathetic"], "value": 1}, "count twice"),
+        ({"type": "contains_at_least", "values": ["CPI", "cpi"], "value": 1}, "count twice"),
+        ({"type": "min_headings", "value": "2"}, "'value' must be a number"),
+        ({"type": "max_mean_sentence_words"}, "'value' must be a number"),
+        ({"type": "max_long_word_share", "value": 10}, "share between 0 and 1"),
     ],
 )
 def test_spec_errors(spec, message):

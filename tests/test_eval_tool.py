@@ -12,11 +12,14 @@ import pytest
 from openai import AsyncOpenAI
 
 from pad_core.evaluation.dataset import parse_cases
+from pad_core.evaluation.quality import QualityGate
+from pad_core.evaluation.report import Answer, sample_case_ids, samples_markdown
 from server.tools.eval import (
     Decoding,
     Mode,
     choose_best,
     comparison_modes,
+    gate_answers,
     grid_markdown,
     grid_modes,
     load_done,
@@ -85,6 +88,9 @@ def test_request_per_mode():
     assert pad["extra_body"] == {"preference": "End with a question.", "pad": {"weight": 2.0, "top_k": 5, "base_sees_preference": False}}
     assert Mode("pad").request(q1, decoding)["extra_body"] == {"preference": "End with a question."}
     assert Mode("pad", 1.0, reward_model="concise").request(q1, decoding)["extra_body"]["pad"] == {"weight": 1.0, "reward_model": "concise"}
+    floored = Mode("pad", 2.0, 80, min_p=0.05)
+    assert floored.name == "pad w=2 k=80 p=0.05"
+    assert floored.request(q1, decoding)["extra_body"]["pad"] == {"weight": 2.0, "top_k": 80, "min_p": 0.05}
     # Every mode: the same decoding settings.
     keys = ("model", "max_tokens", "temperature", "top_p", "seed")
     assert len({tuple(r[k] for k in keys) for r in (base, prompt, template, pad)}) == 1
@@ -103,6 +109,9 @@ def test_mode_names_and_sets():
     assert len(grid) == 2 + 4 + 1 and len({m.name for m in grid}) == len(grid)
     assert "pad w=2 k=10 bsp=0" in {m.name for m in grid} and grid[-1].name == "pad w=1 k=5 bsp=1"
     assert len(grid_modes([1, 2], [5, 10], [False, True], "concise")) == 2 + 8
+    floors = grid_modes([1, 2], [80], [False], min_ps=[0.0, 0.1])
+    assert [m.name for m in floors][2:] == ["pad w=1 k=80 p=0 bsp=0", "pad w=2 k=80 p=0 bsp=0",
+                                            "pad w=1 k=80 p=0.1 bsp=0", "pad w=2 k=80 p=0.1 bsp=0"]
 
 
 def test_run_eval_against_a_fake_endpoint(tmp_path):
@@ -125,42 +134,65 @@ def test_run_eval_against_a_fake_endpoint(tmp_path):
     failed = by[("pad w=4", "b1")]
     assert failed.error and not failed.satisfied and failed.text == ""
 
+    assert gate_answers(answers, CASES, QualityGate()) is None  # no coherence scored: not judged
+    assert all(a.gate is not None for a in answers if a.error is None) and failed.gate is None
     summary = summarize(answers, [m.name for m in modes])
     assert summary["types"] == ["bullets", "question"]
-    assert summary["modes"]["pad w=1"]["overall"]["rate"] == 1.0
-    assert summary["modes"]["prompt"]["overall"]["rate"] == 0.0
+    assert summary["modes"]["pad w=1"]["satisfaction"]["overall"]["rate"] == 1.0
+    assert summary["modes"]["pad w=1"]["gate"]["overall"]["rate"] == 1.0
+    assert summary["modes"]["pad w=1"]["gated"]["overall"]["rate"] == 1.0
+    assert summary["modes"]["prompt"]["gated"]["overall"]["rate"] == 0.0
     assert summary["modes"]["pad w=4"]["errors"] == 2
-    assert summary["modes"]["pad w=1"]["vs_baseline"]["overall"]["diff"] == 1.0
+    assert summary["modes"]["pad w=1"]["vs_baseline"]["gated"]["overall"]["diff"] == 1.0
     assert "vs_baseline" not in summary["modes"]["prompt"]
     report = markdown_report(summary)
-    assert "| **overall** | 2 | 0% [0-66] | 0% [0-66] | 100% [34-100] |" in report
+    assert "| **overall** | 2 | 0% [0-66] | 0% [0-66] | 100% [34-100] | 0% [0-66] |" in report
     assert "Difference to `prompt`" in report and "+100" in report
     plot_summary(summary, tmp_path / "chart.png", "test")
     assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_grid_rule_prefers_fluent_settings():
+def _gate(passed: bool) -> dict:
+    return {"passed": passed, "failures": [] if passed else ["on_topic"], "coherence_logprob": -1.0}
+
+
+def test_grid_rule_best_gated_satisfaction_within_five_points_of_prompts_gate():
     answers = []
-    from server.tools.eval import Answer
 
-    def add(mode, ok, text):
-        for i in range(10):
-            answers.append(Answer(f"c{i}", "t", mode, text, i < ok))
+    def add(mode, ok, good):
+        for i in range(20):
+            answers.append(Answer(f"c{i}", "t", mode, "some answer text", i < ok, gate=_gate(i < good)))
 
-    add("base", 1, "plain words here")
-    add("prompt", 3, "a b c d e f a b c d e f g h")  # some repetition: share 3/11
-    add("pad w=1", 4, "one two three four five")
-    add("pad w=4", 9, "loop loop loop loop loop loop loop loop")  # best rate but repetitive
-    add("pad w=2", 4, "fresh words every time here")  # ties w=1: the lower weight wins
+    add("base", 2, 20)
+    add("prompt", 4, 16)  # gate 80%: eligible from 75% up; gated 4/20
+    add("pad w=1", 6, 16)  # gated 6
+    add("pad w=4", 18, 10)  # gated 10, the best, but gate 50%: not eligible
+    add("pad w=2", 6, 15)  # gated 6 like w=1 with gate 75% (eligible); w=1 wins on the higher gate rate
     summary = summarize(answers, ["base", "prompt", "pad w=1", "pad w=4", "pad w=2"])
     choice = choose_best(summary)
-    assert choice["repetition_limit"] == pytest.approx(1.5 * 3 / 11)
+    assert choice["gate_floor"] == pytest.approx(0.75)
     assert {r["mode"]: r["eligible"] for r in choice["rows"]} == {"pad w=1": True, "pad w=4": False, "pad w=2": True}
     assert choice["best"] == "pad w=1" and choice["best_at_least_baseline"]
     text = grid_markdown(choice)
     assert "Best eligible setting: **pad w=1**, at least as good as `prompt`" in text
-    assert "| pad w=4 | 90% [" in text and "| no |" in text
+    assert "| pad w=4 | 50% [" in text and "| no |" in text
     assert "As server defaults: `PAD_DEFAULT_WEIGHT=1`." in text
+
+
+def test_grid_defaults_name_every_variable():
+    answers = [Answer("c0", "t", m, "x", True, gate=_gate(True)) for m in ("prompt", "pad w=2 k=80 p=0.05 bsp=0")]
+    choice = choose_best(summarize(answers, ["prompt", "pad w=2 k=80 p=0.05 bsp=0"]))
+    assert "`PAD_DEFAULT_WEIGHT=2 PAD_DEFAULT_TOP_K=80 PAD_DEFAULT_MIN_P=0.05`" in grid_markdown(choice)
+
+
+def test_samples_are_drawn_by_seed_not_by_hand():
+    answers = [Answer(f"c{i}", "t", m, f"answer {i} {m}", i % 2 == 0, gate=_gate(i % 3 != 0))
+               for m in ("prompt", "pad") for i in range(30)]
+    ids = sample_case_ids(answers, 10, seed=0)
+    assert len(ids) == 10 and ids == sample_case_ids(answers, 10, seed=0) != sample_case_ids(answers, 10, seed=1)
+    text = samples_markdown(answers, ["prompt", "pad"], {f"c{i}": (f"q{i}", "p") for i in range(30)}, 10, 0)
+    assert text.count("- `prompt`") == text.count("- `pad`") == 10
+    assert "✅" in text and "❌ on_topic" in text
 
 
 def test_cli_end_to_end_on_a_fake_endpoint(tmp_path, monkeypatch):
@@ -179,13 +211,16 @@ def test_cli_end_to_end_on_a_fake_endpoint(tmp_path, monkeypatch):
     data.write_text("\n".join(json.dumps({"id": c.id, "messages": c.messages, "preference": c.preference,
                                           "preference_type": c.preference_type, "checks": c.checks}) for c in CASES))
     out = tmp_path / "out"
-    argv = [str(data), "--base-url", "http://fake/v1", "--weights", "1,2", "--out", str(out), "--no-progress", "--max-tokens", "9"]
+    argv = [str(data), "--base-url", "http://fake/v1", "--weights", "1,2", "--out", str(out), "--no-progress", "--max-tokens", "9",
+            "--no-coherence"]
     assert main(argv) == 0
     payload = json.loads((out / "answers.json").read_text())
     assert payload["settings"]["decoding"]["model"] == "fake-model"  # from GET /v1/models
     assert payload["settings"]["modes"] == ["base", "prompt", "pad w=1", "pad w=2"]
     assert len(payload["answers"]) == 8 and all(b["max_tokens"] == 9 for b in bodies)
-    assert "| **overall** |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| **overall** |" in report and "drawn with seed 0" in report
+    assert all(a["gate"] is not None for a in payload["answers"])
     assert (out / "chart.png").stat().st_size > 1000
     assert len(load_done(out / "answers.jsonl", Decoding("fake-model", 9))) == 8
     bodies.clear()
@@ -200,9 +235,13 @@ def test_cli_end_to_end_on_a_fake_endpoint(tmp_path, monkeypatch):
     (chosen / "answers.jsonl").write_text((out / "answers.jsonl").read_text())
     bodies.clear()
     assert main([str(data), "--base-url", "http://fake/v1", "--weights", "1", "--top-k", "10", "--base-sees-preference",
-                 "false", "--out", str(chosen), "--no-progress", "--max-tokens", "9", "--resume"]) == 0
+                 "false", "--out", str(chosen), "--no-progress", "--max-tokens", "9", "--resume", "--no-coherence"]) == 0
     assert bodies == []
     assert json.loads((chosen / "answers.json").read_text())["settings"]["modes"] == ["base", "prompt", "pad w=1 k=10 bsp=0"]
+    # --rescore judges the journal again without any endpoint.
+    (chosen / "report.md").unlink()
+    assert main([str(data), "--out", str(chosen), "--rescore", "--no-coherence"]) == 0 and bodies == []
+    assert "Gated satisfaction" in (chosen / "report.md").read_text()
 
 
 def test_cli_reports_dataset_errors(tmp_path, capsys):

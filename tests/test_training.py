@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pad_core.errors import ModelLoadError
+from pad_core.evaluation.quality import QualityGate
 from pad_core.runner import NewRow
 from pad_core.testing import tiny_model
 from pad_core.training.loss import pad_dpo_loss, sequence_log_probs
@@ -181,20 +182,58 @@ def test_split_keeps_every_pair_once():
     assert sorted(train + validation) == list(range(10)) and len(validation) == 2
 
 
-def test_synth_pairs_a_passing_answer_with_a_failing_one(make_engine):
-    from pad_core.training.synth import SynthCase, pick_pairs, synthesize
+SOCK_TOPIC = ("sock", "laundry", "washing", "dryer", "drum")
 
-    case = SynthCase("c1", (("user", "Say hi"),), "answer in at most 3 words", ({"type": "max_words", "value": 3},))
-    pairs = pick_pairs(case, ["Hi there!", "Hello, how are you doing today?", "Hi there!", "Hey.", "One two three four five"], 5)
-    # Distinct texts only; best passing answers against worst failing ones.
-    assert [(p.chosen, p.rejected) for p in pairs] == [
-        ("Hi there!", "One two three four five"),
-        ("Hey.", "Hello, how are you doing today?"),
-    ]
-    assert all(p.preference == case.preference for p in pairs)
-    # End to end on the tiny model: whatever it samples, every pair is a real winner/loser.
+
+def _sock_case(checks=({"type": "max_words", "value": 12},)):
+    from pad_core.training.synth import SynthCase
+
+    return SynthCase("c1", (("user", "Why do I lose socks in the laundry?"),), "Answer in at most twelve words.",
+                     checks, "en", SOCK_TOPIC, "en", SOCK_TOPIC)
+
+
+def test_synth_judges_chosen_fluent_misses_and_degenerate_answers():
+    from pad_core.training.synth import Sample, judge
+
+    case = _sock_case()
+    judged = judge(case, [
+        Sample("Socks slip into the washing machine drum or stick to towels.", True),  # follows, good: chosen
+        Sample("Socks slip into the washing machine drum or stick to towels.", True),  # duplicate: once
+        Sample("Answer in at most twelve words: socks vanish in laundry.", True),  # follows, echoes: dropped
+        Sample("Socks often get lost in the laundry because they are small and light, so they slip into the "
+               "gap between the drum and the door seal, or cling to larger items like sheets.", False),  # fluent miss
+        Sample("Verifca que este pasaje es específique para tu especíbel laundry socks misterio grande.", True),
+        Sample("", True),
+    ], QualityGate())
+    assert judged.chosen == ["Socks slip into the washing machine drum or stick to towels."]
+    assert len(judged.fluent_misses) == 1 and judged.fluent_misses[0].startswith("Socks often get lost")
+    assert len(judged.degenerate) == 1 and "Verifca" in judged.degenerate[0]
+
+
+def test_synth_pairs_use_fluent_losers_and_a_share_of_degenerate_ones():
+    from pad_core.training.synth import Judged, pick_pairs
+
+    case = _sock_case()
+    judged = Judged(chosen=[f"good {i}" for i in range(4)], fluent_misses=[f"miss {i}" for i in range(4)],
+                    degenerate=[f"junk {i}" for i in range(4)])
+    plain = pick_pairs(case, judged, per_case=4)
+    assert len(plain) == 4 and all(p.rejected.startswith("miss") for p in plain)
+    assert len({p.chosen for p in plain}) == len({p.rejected for p in plain}) == 4
+    mixed = pick_pairs(case, judged, per_case=4, degenerate_share=0.5)
+    assert sum(p.rejected.startswith("junk") for p in mixed) == 2
+    # No loser: no pair.
+    assert pick_pairs(case, Judged(chosen=["good"]), per_case=2) == []
+
+
+def test_synth_end_to_end_on_the_tiny_model_every_pair_is_a_real_winner_and_loser(make_engine):
     from pad_core.evaluation.checks import satisfied
+    from pad_core.training.synth import synthesize
 
-    generated = synthesize(make_engine(), [case], samples=6, temperature=1.0, max_tokens=6, per_case=3)
-    for pair in generated:
+    case = _sock_case()
+    pairs, stats = synthesize(make_engine(), [case], samples=6, temperature=1.0, max_tokens=6, per_case=3,
+                              plain_samples=2)
+    assert set(stats) >= {"chosen", "fluent_misses", "degenerate", "cases_with_pairs"}
+    gate = QualityGate()
+    for pair in pairs:  # random weights rarely give one; whatever it gives must hold
         assert satisfied(pair.chosen, list(case.checks)) and not satisfied(pair.rejected, list(case.checks))
+        assert gate.check(pair.chosen, language="en", topic=SOCK_TOPIC, preference=case.preference).passed

@@ -4,11 +4,16 @@ A check is a JSON object with a `type` and its arguments, e.g.
 {"type": "max_words", "value": 40}. Each type maps to a pure function
 (answer text, spec) -> bool. Unknown types and bad arguments raise
 CheckSpecError, so a data set is validated before anything runs.
+
+The readability checks (max_mean_sentence_words, max_long_word_share: is
+this simple enough for a child?) count English syllables with a documented
+heuristic (`syllables`), good enough for a share over a whole answer.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +26,28 @@ ENDS_WITH_QUESTION = re.compile(r"\?[\s\"'”’»)\]*_\U0001f000-\U0001faff\U00
 SENTENCE_END = re.compile(r"[.!?…]+(?=\s|$)")
 EMOJI = re.compile(
     "[\U0001f300-\U0001faff\U00002600-\U000027bf\U0001f000-\U0001f2ff\U0001f900-\U0001f9ff]", re.UNICODE
+)
+# A Markdown ATX heading: up to 3 spaces, 1 to 6 '#', a space, then text.
+HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+\S", re.MULTILINE)
+# Words for readability: runs of letters (apostrophes inside allowed), so
+# numbers are not words and "step-by-step" is three short words, not one long one.
+LETTER_WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*")
+VOWEL_GROUP = re.compile(r"[aeiouy]+")
+# A silent 'e' ending a stem (the syllable heuristic below): at the end
+# (make, whole), before a consonant suffix (lonely, careful, homeless,
+# lateness, movement), before -d (hoped, played) or -s (times). Pronounced:
+# consonant + '-le' (table, gentleness), '-ement' (element), '-ed' after t/d
+# (wanted), '-es' after a sibilant (boxes, places, pages).
+SILENT_E = re.compile(
+    r"(?<=[^aeiouy])(?<![^aeiouy]l)e(?=(?:ly|ful|less|ness)?$)"
+    r"|(?<=[^aeiouyl])e(?=ment$)"
+    r"|(?<=[^aeioutd])e(?=d$)"
+    r"|(?<=[^aeiouycgsxzh])e(?=s$)"
+)
+# Compounds whose first part ends in a silent 'e' (something, sometimes,
+# homework, lifetime): the heuristic above only sees the end of a word.
+SILENT_E_PREFIX = re.compile(
+    r"^(?:som|hom|tim|lif|fir|car|sid|lik|lov|nam|plac|spac|gam|saf|us|whol)e(?=[^aeiouy][a-z])"
 )
 
 # Frequent function words, enough to tell these languages apart by counts.
@@ -55,6 +82,40 @@ def numbered_count(text: str) -> int:
     return len(NUMBERED.findall(text))
 
 
+def heading_count(text: str) -> int:
+    return len(HEADING.findall(text))
+
+
+def syllables(word: str) -> int:
+    """English syllables, estimated: vowel groups (y counts as a vowel), less
+    one silent 'e' at the end of the word (SILENT_E) or of a compound's first
+    part (SILENT_E_PREFIX), at least 1. Right for most everyday words and off
+    by one on some (maybe: 1, cement: 1); a share of long words over a whole
+    answer averages such errors out, which is all the readability checks need."""
+    # An accented final 'é' is spoken (café, résumé): keep it a vowel group of its own.
+    word = unicodedata.normalize("NFKD", word.lower().replace("é", "ey")).encode("ascii", "ignore").decode()
+    word = SILENT_E_PREFIX.sub(lambda m: m.group(0)[:-1], re.sub(r"[^a-z]", "", word))
+    if not word:
+        return 0
+    silent = 1 if SILENT_E.search(word) else 0
+    return max(1, len(VOWEL_GROUP.findall(word)) - silent)
+
+
+def long_word_share(text: str) -> float:
+    """The share of words with 3 or more syllables (0.0 without words): the
+    polysyllable count of readability formulas (SMOG, Gunning fog)."""
+    found = LETTER_WORD.findall(text)
+    return sum(syllables(w) >= 3 for w in found) / len(found) if found else 0.0
+
+
+def mean_sentence_words(text: str) -> float:
+    """Words per sentence (0.0 without words). Each line is split on its own,
+    so a list item or a heading without a full stop is one short unit rather
+    than part of one endless sentence."""
+    units = [s for line in text.splitlines() for s in sentences(line)]
+    return sum(len(words(u)) for u in units) / len(units) if units else 0.0
+
+
 def detect_language(text: str) -> str | None:
     """The language whose stop words occur most often (None if no evidence)."""
     tokens = [w.lower() for w in words(text)]
@@ -84,12 +145,43 @@ def _strings(spec: dict[str, Any], key: str = "values") -> list[str]:
     return values
 
 
+def _count(spec: dict[str, Any], key: str = "value") -> int:
+    value = spec.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise CheckSpecError(f"{spec.get('type')}: '{key}' must be a positive integer")
+    return value
+
+
+def _share(spec: dict[str, Any], key: str = "value") -> float:
+    value = _number(spec, key)
+    if not 0 <= value <= 1:
+        raise CheckSpecError(f"{spec.get('type')}: '{key}' must be a share between 0 and 1")
+    return value
+
+
 def _fold(text: str, spec: dict[str, Any]) -> str:
     return text if spec.get("case_sensitive") else text.lower()
 
 
 def _contains(text: str, needle: str, spec: dict[str, Any]) -> bool:
     return _fold(needle, spec) in _fold(text, spec)
+
+
+def _contains_at_least(text: str, spec: dict[str, Any]) -> bool:
+    """At least `value` of the distinct `values` occur (substrings, like
+    contains_any). One mention must not count twice, so no value may contain
+    another, and `value` cannot exceed the number of values (unreachable)."""
+    values, needed = _strings(spec), _count(spec)
+    folded = [_fold(v, spec) for v in values]
+    nested = [(a, b) for a in values for b, fb in zip(values, folded) if a != b and _fold(a, spec) in fb]
+    if nested:
+        inner, outer = nested[0]
+        raise CheckSpecError(f"contains_at_least: {inner!r} is inside {outer!r}; one mention would count twice")
+    if len(set(folded)) < len(folded):
+        raise CheckSpecError("contains_at_least: 'values' has duplicates")
+    if needed > len(values):
+        raise CheckSpecError(f"contains_at_least: 'value' ({needed}) is more than the {len(values)} values")
+    return sum(_contains(text, v, spec) for v in values) >= needed
 
 
 def _regex(spec: dict[str, Any]) -> re.Pattern:
@@ -125,6 +217,10 @@ CHECKS: dict[str, Callable[[str, dict[str, Any]], bool]] = {
     "ends_with_question": lambda text, spec: ENDS_WITH_QUESTION.search(text.strip()) is not None,
     "has_emoji": lambda text, spec: EMOJI.search(text) is not None,
     "no_emoji": lambda text, spec: EMOJI.search(text) is None,
+    "contains_at_least": _contains_at_least,
+    "min_headings": lambda text, spec: heading_count(text) >= _number(spec),
+    "max_mean_sentence_words": lambda text, spec: mean_sentence_words(text) <= _number(spec),
+    "max_long_word_share": lambda text, spec: long_word_share(text) <= _share(spec),
 }
 
 

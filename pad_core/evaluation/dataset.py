@@ -6,7 +6,18 @@
 
 `messages` (a chat: [{"role", "content"}], ending with a user turn) may be
 given instead of `prompt`. An answer satisfies the preference when it passes
-every check. A file is validated as a whole before anything runs: every
+every check.
+
+Two optional fields describe what a good answer is, apart from the
+preference (the quality gate of `pad eval` reads them):
+
+- `language`: the ISO 639-1 code of the language the answer must be in, one
+  of checks.STOP_WORDS' (en, fr, es, de, it, pt); "en" when absent.
+- `topic`: topic terms in that language; an answer is on topic when one of
+  them occurs in it (case- and accent-insensitive, at the start of a word,
+  so a stem like "scatter" matches "scattering").
+
+A file is validated as a whole before anything runs: every
 malformed line, missing or mistyped field, duplicate id and bad check is
 reported with its line number in one DatasetError; nothing is skipped
 silently (blank lines are the only lines ignored).
@@ -15,15 +26,23 @@ silently (blank lines are the only lines ignored).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pad_core.evaluation.checks import CheckSpecError, validate_check
+from pad_core.evaluation.checks import STOP_WORDS, CheckSpecError, validate_check
 
 ROLES = frozenset({"system", "user", "assistant"})
-FIELDS = frozenset({"id", "messages", "prompt", "preference", "preference_type", "checks", "notes"})
+FIELDS = frozenset(
+    {"id", "messages", "prompt", "preference", "preference_type", "checks", "notes", "language", "topic"}
+)
+# Languages an answer can be required to be in: those the checks can detect.
+LANGUAGES = tuple(STOP_WORDS)
+DEFAULT_LANGUAGE = "en"
+# `select_cases(split=...)`: settings are tuned on "tune" and reported on "heldout" too.
+SPLITS = ("all", "tune", "heldout")
 
 
 class DatasetError(ValueError):
@@ -45,6 +64,9 @@ class EvalCase:
     checks: list[dict[str, Any]]
     line: int = 0
     notes: str = field(default="", compare=False)
+    # Last and defaulted, so code that builds a case positionally still works.
+    language: str = DEFAULT_LANGUAGE
+    topic: tuple[str, ...] = ()
 
 
 def _messages(record: dict[str, Any], problems: list[str]) -> list[dict[str, str]]:
@@ -88,6 +110,26 @@ def _string_field(record: dict[str, Any], key: str, problems: list[str]) -> str:
     return value
 
 
+def _language(record: dict[str, Any], problems: list[str]) -> str:
+    language = record.get("language", DEFAULT_LANGUAGE)
+    if language not in LANGUAGES:
+        problems.append(f"'language' must be one of {', '.join(LANGUAGES)} (ISO 639-1), not {language!r}")
+        return DEFAULT_LANGUAGE
+    return language
+
+
+def _topic(record: dict[str, Any], problems: list[str]) -> tuple[str, ...]:
+    """An absent topic is no topic; a present one must say something (an
+    empty list or a blank term would make every answer off topic)."""
+    if "topic" not in record:
+        return ()
+    topic = record["topic"]
+    if not isinstance(topic, list) or not topic or not all(isinstance(t, str) and t.strip() for t in topic):
+        problems.append("'topic' must be a non-empty list of non-empty strings")
+        return ()
+    return tuple(topic)
+
+
 def _checks(record: dict[str, Any], problems: list[str]) -> list[dict[str, Any]]:
     checks = record.get("checks")
     if not isinstance(checks, list) or not checks:
@@ -119,9 +161,11 @@ def parse_case(record: Any, line: int) -> tuple[EvalCase | None, list[str]]:
     notes = record.get("notes", "")
     if not isinstance(notes, str):
         problems.append("'notes' must be a string")
+    language = _language(record, problems)
+    topic = _topic(record, problems)
     if problems:
         return None, problems
-    return EvalCase(str(case_id), messages, preference, preference_type, checks, line, notes), []
+    return EvalCase(str(case_id), messages, preference, preference_type, checks, line, notes, language, topic), []
 
 
 def parse_cases(lines: Iterable[str], source: str = "<cases>") -> list[EvalCase]:
@@ -160,14 +204,45 @@ def load_cases(path: str | Path) -> list[EvalCase]:
         return parse_cases(handle, str(path))
 
 
+def split_of(cases: list[EvalCase]) -> dict[str, str]:
+    """Case id -> "tune" or "heldout": within each preference type, in file
+    order, the first ceil(n/2) cases tune and the rest are held out. Computed
+    over the whole file, so a case's split does not depend on what else is
+    selected, and every type is in both halves (given two cases or more)."""
+    counts: dict[str, int] = {}
+    for case in cases:
+        counts[case.preference_type] = counts.get(case.preference_type, 0) + 1
+    seen: dict[str, int] = {}
+    out = {}
+    for case in cases:
+        seen[case.preference_type] = seen.get(case.preference_type, 0) + 1
+        tune = seen[case.preference_type] <= math.ceil(counts[case.preference_type] / 2)
+        out[case.id] = "tune" if tune else "heldout"
+    return out
+
+
 def select_cases(
-    cases: list[EvalCase], types: Iterable[str] | None = None, ids: Iterable[str] | None = None, limit: int | None = None
+    cases: list[EvalCase],
+    types: Iterable[str] | None = None,
+    ids: Iterable[str] | None = None,
+    limit: int | None = None,
+    split: str = "all",
 ) -> list[EvalCase]:
-    """Filter by preference type and id; `limit` keeps the first N per type
+    """Filter by split ("all", "tune", "heldout": see split_of; pass the whole
+    file), preference type and id; `limit` then keeps the first N per type
     (so a quick run still covers every type)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    splits = split_of(cases)
     types = set(types or ())
     ids = set(ids or ())
-    chosen = [c for c in cases if (not types or c.preference_type in types) and (not ids or c.id in ids)]
+    chosen = [
+        c
+        for c in cases
+        if (split == "all" or splits[c.id] == split)
+        and (not types or c.preference_type in types)
+        and (not ids or c.id in ids)
+    ]
     if limit is None:
         return chosen
     kept: dict[str, int] = {}

@@ -1,11 +1,28 @@
 """`pad data synth`: preference pairs made by the embedded model itself.
 
 For each (prompt, preference) with verifiable checks (the `pad eval` data
-set format), sample several answers with the preference in the system
-prompt, score each by the share of checks it passes, and keep a pair when
-one answer passes every check and another fails at least one: a clear
-winner and loser. All samples of all cases decode in one continuously
-batched engine run.
+set format, with `language` and `topic`), sample answers two ways:
+
+- with the preference as a plain system message (what a user would type;
+  not PAD's reward template, whose wording the model then parrots), and
+- without it (plain answers, sampled once per question and shared by every
+  preference on that question).
+
+Every answer goes through the quality gate (pad_core/evaluation/quality.py).
+A pair is (chosen, rejected) where
+
+- chosen:   passes every check of the case AND the gate (in the case's language);
+- rejected: fluent but misses the preference: passes the gate in the
+            language it was asked in, fails a check. So the reward model learns
+            the preference, not "gibberish is bad".
+
+Optionally (`--degenerate-share`), a share of the pairs takes a degenerate
+rejected answer instead (wrong language, leakage, invented words, a loop),
+to teach the reward that junk never follows a preference; keep it only if
+it helps on the held-out eval. Coherence, the gate's model-based part, is not
+scored here: the other components judge the samples.
+
+All samples of all cases decode in one continuously batched engine run.
 """
 
 from __future__ import annotations
@@ -13,17 +30,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import sys
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from pad_core.engine import PadEngine
 from pad_core.evaluation.checks import run_check
-from pad_core.prompting import with_preference
-from pad_core.settings import EngineSettings
+from pad_core.evaluation.quality import QualityGate
 from pad_core.training.pairs import PreferencePair, write_pairs
 from pad_core.types import ChatRequest, SamplingParams
 
@@ -36,6 +53,27 @@ class SynthCase:
     messages: tuple[tuple[str, str], ...]
     preference: str
     checks: tuple[dict, ...]
+    language: str = "en"
+    topic: tuple[str, ...] = ()
+    # How a plain (no-preference) answer to this question is judged for
+    # fluency: the conversation's own language and topic terms in it.
+    plain_language: str = "en"
+    plain_topic: tuple[str, ...] = ()
+
+
+@dataclass
+class Sample:
+    text: str
+    with_preference: bool
+
+
+@dataclass
+class Judged:
+    """A case's distinct samples, sorted into the three pools."""
+
+    chosen: list[str] = field(default_factory=list)
+    fluent_misses: list[str] = field(default_factory=list)
+    degenerate: list[str] = field(default_factory=list)
 
 
 def check_score(text: str, checks: tuple[dict, ...]) -> float:
@@ -43,76 +81,160 @@ def check_score(text: str, checks: tuple[dict, ...]) -> float:
     return sum(run_check(text, spec) for spec in checks) / len(checks)
 
 
-def pick_pairs(case: SynthCase, answers: list[str], per_case: int) -> list[PreferencePair]:
-    """Best passing answers against worst failing ones, distinct texts only."""
-    scored = sorted({a.strip(): check_score(a, case.checks) for a in answers if a.strip()}.items(), key=lambda kv: -kv[1])
-    winners = [text for text, score in scored if score == 1.0]
-    losers = [text for text, score in reversed(scored) if score < 1.0]
-    return [
-        PreferencePair(case.messages, case.preference, chosen, rejected)
-        for chosen, rejected in list(zip(winners, losers))[:per_case]
-    ]
+def judge(case: SynthCase, samples: Sequence[Sample], gate: QualityGate) -> Judged:
+    """Sorts distinct non-empty samples: chosen (checks and gate pass in the
+    case's language), fluent misses (a check fails, the gate passes in the
+    language the answer was asked in), degenerate (the gate fails)."""
+    judged = Judged()
+    seen: set[str] = set()
+    for sample in samples:
+        text = sample.text.strip()
+        if not text or text in seen:
+            continue
+        seen.add(text)
+        follows = check_score(text, case.checks) == 1.0
+        in_target = gate.check(text, language=case.language, topic=case.topic, preference=case.preference).passed
+        if follows and in_target:
+            judged.chosen.append(text)
+            continue
+        if sample.with_preference:
+            fluent = in_target
+        else:  # a plain answer is judged in the conversation's language
+            fluent = gate.check(text, language=case.plain_language, topic=case.plain_topic or case.topic,
+                                preference=case.preference).passed
+        if follows:
+            continue  # follows the preference but is not good: neither a winner nor a clean loser
+        (judged.fluent_misses if fluent else judged.degenerate).append(text)
+    return judged
 
 
-def synthesize(engine: PadEngine, cases: list[SynthCase], samples: int, temperature: float, max_tokens: int,
-               per_case: int, seed: int = 0) -> list[PreferencePair]:
+def pick_pairs(case: SynthCase, judged: Judged, per_case: int, degenerate_share: float = 0.0,
+               rng: random.Random | None = None) -> list[PreferencePair]:
+    """Up to `per_case` pairs, each chosen and rejected answer used once; a
+    `degenerate_share` of them take a degenerate loser when there is one."""
+    rng = rng or random.Random(0)
+    chosen = list(judged.chosen)
+    fluent, degenerate = list(judged.fluent_misses), list(judged.degenerate)
+    rng.shuffle(chosen)
+    rng.shuffle(fluent)
+    rng.shuffle(degenerate)
+    pairs = []
+    for index, winner in enumerate(chosen[:per_case]):
+        # Pair i takes a degenerate loser when the running count of
+        # share * (i + 1) steps up: a share of 0.25 gives pairs 4, 8, ...
+        want_degenerate = int((index + 1) * degenerate_share) > int(index * degenerate_share)
+        pool = degenerate if want_degenerate and degenerate else fluent
+        if not pool:
+            break
+        pairs.append(PreferencePair(case.messages, case.preference, winner, pool.pop()))
+    return pairs
+
+
+def synthesize(engine, cases: list[SynthCase], samples: int, temperature: float, max_tokens: int, per_case: int,
+               seed: int = 0, plain_samples: int = 4, degenerate_share: float = 0.0,
+               gate: QualityGate | None = None) -> tuple[list[PreferencePair], dict]:
+    """Samples, judges and pairs. Returns (pairs, stats)."""
+    gate = gate or QualityGate()
+    questions = list(dict.fromkeys(case.messages for case in cases))
     requests = []
     for case in cases:
-        chat = with_preference(
-            [{"role": r, "content": c} for r, c in case.messages], engine.settings.preference_template, case.preference
-        )
+        chat = preference_messages([{"role": r, "content": c} for r, c in case.messages], case.preference)
         for index in range(samples):
-            requests.append(
-                ChatRequest(
-                    f"{case.case_id}#{index}",
-                    chat,
-                    sampling=SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + index),
-                )
-            )
+            requests.append(ChatRequest(f"p:{case.case_id}#{index}", chat, sampling=SamplingParams(
+                max_tokens=max_tokens, temperature=temperature, seed=seed + index)))
+    for number, question in enumerate(questions):
+        chat = [{"role": r, "content": c} for r, c in question]
+        for index in range(plain_samples):
+            requests.append(ChatRequest(f"q:{number}#{index}", chat, sampling=SamplingParams(
+                max_tokens=max_tokens, temperature=temperature, seed=seed + 1000 + index)))
     texts: dict[str, list[str]] = defaultdict(list)
     with tqdm(total=len(requests), desc="sampling", unit="answer") as progress:
         for output in engine.generate(requests):
             texts[output.request_id].append(output.text)
             if output.finished:
                 progress.update(1)
-    answers: dict[str, list[str]] = defaultdict(list)
-    for request_id, parts in texts.items():
-        answers[request_id.rsplit("#", 1)[0]].append("".join(parts))
-    pairs = []
+    answers = {request_id: "".join(parts) for request_id, parts in texts.items()}
+    plain: dict[tuple, list[Sample]] = {
+        question: [Sample(answers.get(f"q:{number}#{i}", ""), False) for i in range(plain_samples)]
+        for number, question in enumerate(questions)
+    }
+    rng = random.Random(seed)
+    pairs: list[PreferencePair] = []
+    stats: Counter = Counter()
     for case in cases:
-        pairs.extend(pick_pairs(case, answers[case.case_id], per_case))
-    return pairs
+        own = [Sample(answers.get(f"p:{case.case_id}#{i}", ""), True) for i in range(samples)]
+        judged = judge(case, own + plain[case.messages], gate)
+        stats["chosen"] += len(judged.chosen)
+        stats["fluent_misses"] += len(judged.fluent_misses)
+        stats["degenerate"] += len(judged.degenerate)
+        case_pairs = pick_pairs(case, judged, per_case, degenerate_share, rng)
+        stats["cases_with_pairs"] += bool(case_pairs)
+        stats["degenerate_rejected"] += sum(p.rejected in judged.degenerate for p in case_pairs)
+        pairs.extend(case_pairs)
+    return pairs, dict(stats)
+
+
+def preference_messages(messages: list[dict[str, str]], preference: str) -> list[dict[str, str]]:
+    """The preference as the (first) system message, as a user would write it."""
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{preference}\n\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": preference}, *messages]
 
 
 def cases_from_eval_file(path: Path, exclude_ids: set[str]) -> list[SynthCase]:
+    """Synth cases from a data set file; a plain answer to a question is
+    judged with the topic terms of an English case on the same question."""
     from pad_core.evaluation.dataset import load_cases
 
-    return [
-        SynthCase(case.id, tuple((m["role"], m["content"]) for m in case.messages), case.preference, tuple(case.checks))
-        for case in load_cases(path)
-        if case.id not in exclude_ids
-    ]
+    loaded = [case for case in load_cases(path) if case.id not in exclude_ids]
+    english_topic: dict[tuple, tuple[str, ...]] = {}
+    for case in loaded:
+        key = tuple((m["role"], m["content"]) for m in case.messages)
+        if case.language == "en" and case.topic and key not in english_topic:
+            english_topic[key] = tuple(case.topic)
+    out = []
+    for case in loaded:
+        key = tuple((m["role"], m["content"]) for m in case.messages)
+        out.append(SynthCase(case.id, key, case.preference, tuple(case.checks), case.language, tuple(case.topic),
+                             "en", english_topic.get(key, ())))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pad data synth", description=__doc__)
-    parser.add_argument("cases", help="JSONL in the `pad eval` data set format (cases with checks)")
+    parser = argparse.ArgumentParser(prog="pad data synth", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("cases", help="JSONL in the `pad eval` data set format (cases with checks, language, topic)")
     parser.add_argument("--out", required=True, help="pairs JSONL to write")
-    parser.add_argument("--samples", type=int, default=8, help="answers sampled per case")
-    parser.add_argument("--pairs-per-case", type=int, default=2)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", type=int, default=6, help="answers sampled per case with the preference (default: 6)")
+    parser.add_argument("--plain-samples", type=int, default=4,
+                        help="answers sampled per question without a preference, shared by its cases (default: 4)")
+    parser.add_argument("--pairs-per-case", type=int, default=2, help="(default: 2)")
+    parser.add_argument("--degenerate-share", type=float, default=0.0,
+                        help="share of pairs whose rejected answer is degenerate (wrong language, leakage, "
+                        "gibberish, a loop) instead of fluent (default: 0)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="(default: 0.8)")
+    parser.add_argument("--max-tokens", type=int, default=96, help="(default: 96)")
+    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
     parser.add_argument("--exclude-ids", default="", help="comma-separated case ids to leave out (held-out eval prompts)")
-    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--limit-questions", type=int,
+                        help="keep only the cases of the first N distinct questions (a cheaper run)")
+    parser.add_argument("--model", default="embedded", help="(default: embedded)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if not 0.0 <= args.degenerate_share <= 1.0:
+        parser.error("--degenerate-share must be in [0, 1]")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from pad_core.engine import PadEngine
+    from pad_core.settings import EngineSettings
+
     cases = cases_from_eval_file(Path(args.cases), {i for i in args.exclude_ids.split(",") if i})
+    if args.limit_questions:
+        kept = set(list(dict.fromkeys(c.messages for c in cases))[: args.limit_questions])
+        cases = [c for c in cases if c.messages in kept]
     engine = PadEngine.from_settings(EngineSettings(model=args.model))
-    pairs = synthesize(engine, cases, args.samples, args.temperature, args.max_tokens, args.pairs_per_case, args.seed)
+    pairs, stats = synthesize(engine, cases, args.samples, args.temperature, args.max_tokens, args.pairs_per_case,
+                              args.seed, args.plain_samples, args.degenerate_share)
     write_pairs(args.out, pairs)
-    covered = len({p.messages + (("pref", p.preference),) for p in pairs})
-    print(json.dumps({"cases": len(cases), "pairs": len(pairs), "cases_with_pairs": covered, "out": args.out}))
+    sys.stdout.write(json.dumps({"cases": len(cases), "pairs": len(pairs), **stats, "out": args.out}) + "\n")
     return 0
 
 

@@ -12,14 +12,22 @@ on the same cases, model and decoding settings:
   pad              PAD decoding (`preference` + `pad` body fields), one mode
                    per --weights value and per --reward-models name
 
-and reports per-mode and per-preference-type satisfaction rates with Wilson
-95% intervals, PAD-minus-prompt differences with paired-bootstrap intervals,
-a fluency guard (share of repeated word 4-grams, mean words), a JSON file
-with every answer, a Markdown report and a PNG chart.
+and judges every answer twice: the case's preference checks (raw
+satisfaction) and the quality gate (pad_core/evaluation/quality.py: right
+language, real words, on topic, no leakage, not a loop, coherent). The
+headline is gated satisfaction: both pass. Reports per mode and preference
+type with Wilson 95% intervals, differences to `prompt` with paired-bootstrap
+intervals, ten answers per mode for the same seeded cases, a JSON file with
+every answer and its gate, a Markdown report and a PNG chart
+(pad_core/evaluation/report.py).
 
-`--grid` instead sweeps PAD settings (weights x top_k x base_sees_preference)
-and picks the best one whose repeated-4-gram share stays within 1.5x
-prompt's (the rule for the server defaults).
+`--grid` instead sweeps PAD settings (weights x top_k x min_p x
+base_sees_preference) and picks the best gated satisfaction among settings
+whose gate pass rate is at least prompt's minus 5 points (the rule for the
+server defaults).
+
+Coherence (the gate's model-based part) is scored in-process with the
+embedded model after the answers are in (`--no-coherence` skips it).
 
 Without --base-url it starts `pad serve` on the embedded model on a free
 local port and stops it at the end.
@@ -39,12 +47,16 @@ from pathlib import Path
 from typing import Any
 
 from pad_core.evaluation.checks import run_check
-from pad_core.evaluation.dataset import DatasetError, EvalCase, load_cases, select_cases
-from pad_core.evaluation.stats import (
-    mean_repeated_ngram_share,
-    mean_words,
-    paired_bootstrap_diff,
-    rate,
+from pad_core.evaluation.dataset import SPLITS, DatasetError, EvalCase, load_cases, select_cases
+from pad_core.evaluation.quality import QualityGate, coherence_floor
+from pad_core.evaluation.report import (
+    Answer,
+    choose_best,
+    grid_markdown,
+    markdown_report,
+    plot_summary,
+    samples_markdown,
+    summarize,
 )
 from pad_core.prompting import with_preference
 from pad_core.settings import DEFAULT_PREFERENCE_TEMPLATE
@@ -52,8 +64,7 @@ from pad_core.settings import DEFAULT_PREFERENCE_TEMPLATE
 logger = logging.getLogger(__name__)
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "data" / "eval" / "dev.jsonl"
-FLUENCY_FACTOR = 1.5  # grid rule: repeated-4-gram share at most 1.5x prompt's
-OVERALL = "overall"
+SAMPLE_CASES = 10  # answers shown per mode in the report, for cases drawn with --sample-seed
 
 
 # --------------------------------------------------------------------- modes
@@ -81,6 +92,7 @@ class Mode:
     top_k: int | None = None
     reward_model: str | None = None
     base_sees_preference: bool | None = None
+    min_p: float | None = None
 
     @property
     def name(self) -> str:
@@ -91,6 +103,8 @@ class Mode:
             parts.append(f"w={self.weight:g}")
         if self.top_k is not None:
             parts.append(f"k={self.top_k}")
+        if self.min_p is not None:
+            parts.append(f"p={self.min_p:g}")
         if self.base_sees_preference is not None:
             parts.append(f"bsp={int(self.base_sees_preference)}")
         return " ".join(parts)
@@ -99,6 +113,7 @@ class Mode:
         fields = {
             "weight": self.weight,
             "top_k": self.top_k,
+            "min_p": self.min_p,
             "reward_model": self.reward_model,
             "base_sees_preference": self.base_sees_preference,
         }
@@ -146,6 +161,7 @@ def comparison_modes(
     reward_models: Sequence[str],
     top_k: int | None = None,
     base_sees_preference: bool | None = None,
+    min_p: float | None = None,
 ) -> list[Mode]:
     """The modes of a normal run: base/prompt modes, then PAD per reward
     model and weight."""
@@ -155,7 +171,8 @@ def comparison_modes(
             for reward_model in reward_models:
                 for weight in weights:
                     modes.append(
-                        Mode("pad", weight, top_k, None if reward_model == "self" else reward_model, base_sees_preference)
+                        Mode("pad", weight, top_k, None if reward_model == "self" else reward_model, base_sees_preference,
+                             min_p)
                     )
         else:
             modes.append(Mode(kind))
@@ -163,39 +180,26 @@ def comparison_modes(
 
 
 def grid_modes(
-    weights: Sequence[float], top_ks: Sequence[int], base_sees: Sequence[bool], reward_model: str = "self"
+    weights: Sequence[float], top_ks: Sequence[int], base_sees: Sequence[bool], reward_model: str = "self",
+    min_ps: Sequence[float | None] = (None,),
 ) -> list[Mode]:
-    """base, prompt, and PAD over weights x top_k x base_sees_preference.
+    """base, prompt, and PAD over weights x top_k x min_p x base_sees_preference
+    (min_p None: the server's default, left out of the mode's name).
 
     With the `self` reward and base_sees_preference the base context equals
-    the reward context, so the reward is 0 and every (w, k) decodes the same
-    greedy answer (prompting with PAD's template): one setting stands for all."""
+    the reward context, so the reward is 0 and every (w, k, min_p) decodes the
+    same greedy answer (prompting with PAD's template): one setting stands for all."""
     rm = None if reward_model == "self" else reward_model
     modes = [Mode("base"), Mode("prompt")]
     for bsp in base_sees:
         if bsp and rm is None:
-            modes.append(Mode("pad", weights[0], top_ks[0], rm, True))
+            modes.append(Mode("pad", weights[0], top_ks[0], rm, True, min_ps[0]))
             continue
-        modes += [Mode("pad", w, k, rm, bsp) for k in top_ks for w in weights]
+        modes += [Mode("pad", w, k, rm, bsp, p) for p in min_ps for k in top_ks for w in weights]
     return modes
 
 
 # ---------------------------------------------------------------------- runs
-
-
-@dataclass
-class Answer:
-    case_id: str
-    preference_type: str
-    mode: str
-    text: str
-    satisfied: bool
-    checks: list[bool] = field(default_factory=list)
-    finish_reason: str | None = None
-    completion_tokens: int | None = None
-    seconds: float = 0.0
-    error: str | None = None
-    decoding: dict[str, Any] = field(default_factory=dict)
 
 
 def score(case: EvalCase, mode: Mode, text: str) -> tuple[bool, list[bool]]:
@@ -257,195 +261,57 @@ async def run_eval(
     return [done[(case.id, mode.name)] for mode in modes for case in cases]
 
 
-# ------------------------------------------------------------------- summary
+# ---------------------------------------------------------------------- gate
 
 
-def summarize(answers: Sequence[Answer], modes: Sequence[str], baseline: str = "prompt") -> dict[str, Any]:
-    """Satisfaction per mode (overall and per preference type) with Wilson
-    intervals, the fluency guard, and paired differences to `baseline`."""
-    by_mode: dict[str, list[Answer]] = {m: [] for m in modes}
-    for a in answers:
-        by_mode.setdefault(a.mode, []).append(a)
-    types = sorted({a.preference_type for a in answers})
-    out: dict[str, Any] = {"types": types, "baseline": baseline, "modes": {}}
-    base_answers = {a.case_id: a for a in by_mode.get(baseline, [])}
-    for mode, items in by_mode.items():
-        texts = [a.text for a in items if a.error is None]
-        entry: dict[str, Any] = {
-            OVERALL: rate([a.satisfied for a in items]).to_dict(),
-            "by_type": {t: rate([a.satisfied for a in items if a.preference_type == t]).to_dict() for t in types},
-            "repeated_4gram_share": mean_repeated_ngram_share(texts),
-            "mean_words": mean_words(texts),
-            "truncated": sum(a.finish_reason == "length" for a in items),
-            "errors": sum(a.error is not None for a in items),
-            "n": len(items),
-        }
-        if base_answers and mode != baseline:
-            entry["vs_baseline"] = {}
-            for t in [OVERALL, *types]:
-                pairs = [(a.satisfied, base_answers[a.case_id].satisfied) for a in items
-                         if a.case_id in base_answers and (t == OVERALL or a.preference_type == t)]
-                diff, low, high = paired_bootstrap_diff([p[0] for p in pairs], [p[1] for p in pairs])
-                entry["vs_baseline"][t] = {"diff": diff, "ci_low": low, "ci_high": high, "n": len(pairs)}
-        out["modes"][mode] = entry
-    return out
+def score_coherence(answers: Sequence[Answer], cases: Sequence[EvalCase], model: str) -> dict[tuple[str, str], float | None]:
+    """(case id, mode) -> the answer's mean token log-probability under `model`,
+    given the question with the preference as a system message. Equal texts
+    of the same case are scored once."""
+    from pad_core.evaluation.coherence import CoherenceScorer, ScoringItem
 
-
-def _pct(r: dict[str, Any]) -> str:
-    if not r["n"]:
-        return "-"
-    return f"{100 * r['rate']:.0f}% [{100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f}]"
-
-
-def _diff(d: dict[str, Any]) -> str:
-    if not d["n"]:
-        return "-"
-    return f"{100 * d['diff']:+.0f} [{100 * d['ci_low']:+.0f}, {100 * d['ci_high']:+.0f}]"
-
-
-def markdown_report(summary: dict[str, Any], title: str = "Satisfaction by preference type") -> str:
-    modes = list(summary["modes"])
-    types = summary["types"]
-    lines = [f"### {title}", "", "Share of answers passing every check of their case, with Wilson 95% intervals.", ""]
-    lines.append("| preference type | n | " + " | ".join(modes) + " |")
-    lines.append("| --- | ---: |" + " ---: |" * len(modes))
-    for t in [*types, OVERALL]:
-        n = summary["modes"][modes[0]]["by_type"][t]["n"] if t != OVERALL else summary["modes"][modes[0]][OVERALL]["n"]
-        cells = [_pct(summary["modes"][m]["by_type"][t] if t != OVERALL else summary["modes"][m][OVERALL]) for m in modes]
-        label = f"**{t}**" if t == OVERALL else t
-        lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
-    lines += ["", "### Fluency guard", "",
-              "| mode | repeated 4-gram share | mean words | truncated (max_tokens) | errors |",
-              "| --- | ---: | ---: | ---: | ---: |"]
-    for m in modes:
-        e = summary["modes"][m]
-        lines.append(f"| {m} | {e['repeated_4gram_share']:.3f} | {e['mean_words']:.1f} | {e['truncated']} | {e['errors']} |")
-    compared = [m for m in modes if "vs_baseline" in summary["modes"][m]]
-    if compared:
-        baseline = summary["baseline"]
-        lines += ["", f"### Difference to `{baseline}` (percentage points, paired bootstrap 95% interval)", "",
-                  "| preference type | " + " | ".join(compared) + " |", "| --- |" + " ---: |" * len(compared)]
-        for t in [*types, OVERALL]:
-            label = f"**{t}**" if t == OVERALL else t
-            lines.append(f"| {label} | " + " | ".join(_diff(summary["modes"][m]["vs_baseline"][t]) for m in compared) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_summary(summary: dict[str, Any], path: Path, title: str) -> None:
-    """Grouped bars: satisfaction by preference type (and overall), one bar
-    per mode, Wilson 95% intervals as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    modes = list(summary["modes"])
-    groups = [*summary["types"], OVERALL]
-    width = 0.8 / max(1, len(modes))
-    fig, ax = plt.subplots(figsize=(min(16.0, max(8.0, 2 + 0.22 * len(groups) * len(modes))), 5.0))
-    for i, m in enumerate(modes):
-        entries = [summary["modes"][m]["by_type"][g] if g != OVERALL else summary["modes"][m][OVERALL] for g in groups]
-        values = [100 * e["rate"] if e["n"] else 0 for e in entries]
-        lower = [max(0.0, 100 * (e["rate"] - e["ci_low"])) if e["n"] else 0 for e in entries]
-        upper = [max(0.0, 100 * (e["ci_high"] - e["rate"])) if e["n"] else 0 for e in entries]
-        xs = [g + (i - (len(modes) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, values, width, label=m, yerr=[lower, upper], capsize=2, error_kw={"elinewidth": 0.8})
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels(groups, rotation=30, ha="right")
-    ax.set_ylabel("answers satisfying the preference (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------- grid
-
-
-def choose_best(summary: dict[str, Any], baseline: str = "prompt", factor: float = FLUENCY_FACTOR) -> dict[str, Any]:
-    """The grid rule: among PAD settings whose repeated-4-gram share is at
-    most `factor` x the baseline's, the highest overall satisfaction (ties:
-    lower repetition, then lower weight). Returns rows for every setting."""
-    limit = factor * summary["modes"][baseline]["repeated_4gram_share"]
-    rows = []
-    for name, e in summary["modes"].items():
-        if not name.startswith("pad"):
-            continue
-        rows.append({
-            "mode": name,
-            "satisfaction": e[OVERALL],
-            "repeated_4gram_share": e["repeated_4gram_share"],
-            "mean_words": e["mean_words"],
-            "eligible": e["repeated_4gram_share"] <= limit,
-            "vs_baseline": e.get("vs_baseline", {}).get(OVERALL),
-        })
-    eligible = [r for r in rows if r["eligible"]]
-
-    def weight_of(name: str) -> float:
-        for part in name.split():
-            if part.startswith("w="):
-                return float(part[2:])
-        return 0.0
-
-    best = max(eligible, key=lambda r: (r["satisfaction"]["rate"], -r["repeated_4gram_share"], -weight_of(r["mode"])),
-               default=None)
-    base = summary["modes"][baseline][OVERALL]
-    return {
-        "baseline": baseline,
-        "baseline_satisfaction": base,
-        "baseline_repeated_4gram_share": summary["modes"][baseline]["repeated_4gram_share"],
-        "repetition_limit": limit,
-        "rows": rows,
-        "best": best["mode"] if best else None,
-        "best_at_least_baseline": bool(best and best["satisfaction"]["rate"] >= base["rate"]),
-    }
-
-
-def grid_markdown(choice: dict[str, Any]) -> str:
-    lines = [
-        "### PAD settings grid",
-        "",
-        f"`{choice['baseline']}`: {_pct(choice['baseline_satisfaction'])}, repeated 4-gram share "
-        f"{choice['baseline_repeated_4gram_share']:.3f}; a setting is eligible when its share is at most "
-        f"{FLUENCY_FACTOR:g}x that ({choice['repetition_limit']:.3f}).",
-        "",
-        f"| setting | satisfaction | vs {choice['baseline']} (pts) | repeated 4-gram share | mean words | eligible |",
-        "| --- | ---: | ---: | ---: | ---: | :---: |",
+    by_id = {case.id: case for case in cases}
+    live = [a for a in answers if a.error is None and a.case_id in by_id]
+    unique = list(dict.fromkeys((a.case_id, a.text) for a in live))
+    items = [
+        ScoringItem(tuple((m["role"], m["content"]) for m in prompt_messages(by_id[cid].messages, by_id[cid].preference)),
+                    text)
+        for cid, text in unique
     ]
-    for r in sorted(choice["rows"], key=lambda r: -r["satisfaction"]["rate"]):
-        mark = "**" if r["mode"] == choice["best"] else ""
-        diff = _diff(r["vs_baseline"]) if r["vs_baseline"] else "-"
-        lines.append(
-            f"| {mark}{r['mode']}{mark} | {_pct(r['satisfaction'])} | {diff} | {r['repeated_4gram_share']:.3f} | "
-            f"{r['mean_words']:.1f} | {'yes' if r['eligible'] else 'no'} |"
-        )
-    lines.append("")
-    if choice["best"]:
-        verdict = "at least as good as" if choice["best_at_least_baseline"] else "WORSE than"
-        lines.append(f"Best eligible setting: **{choice['best']}**, {verdict} `{choice['baseline']}` overall.")
-        settings = dict(part.split("=", 1) for part in choice["best"].split() if "=" in part)
-        env = " ".join(f"{var}={settings[key]}" for key, var in (("w", "PAD_DEFAULT_WEIGHT"), ("k", "PAD_DEFAULT_TOP_K"))
-                       if key in settings)
-        if env:
-            lines.append(f"As server defaults: `{env}`" + (
-                " (and `pad.base_sees_preference: true` per request)." if settings.get("bsp") == "1" else "."))
-    else:
-        lines.append("No PAD setting stays within the repetition limit.")
-    return "\n".join(lines) + "\n"
+    logger.info("scoring coherence of %d distinct answers with %s", len(items), model)
+    scores = dict(zip(unique, CoherenceScorer.load(model).score(items), strict=True))
+    return {(a.case_id, a.mode): scores[(a.case_id, a.text)] for a in live}
+
+
+def gate_answers(answers: Sequence[Answer], cases: Sequence[EvalCase], gate: QualityGate,
+                 coherence: dict[tuple[str, str], float | None] | None = None, baseline: str = "prompt") -> float | None:
+    """Sets every answer's `gate` (None for failed requests). The coherence
+    floor comes from the baseline mode's answers; returns it (None: coherence
+    not judged, because it was not scored or there is no baseline mode)."""
+    by_id = {case.id: case for case in cases}
+    coherence = coherence or {}
+    floor = coherence_floor([coherence.get((a.case_id, a.mode)) for a in answers if a.mode == baseline])
+    for a in answers:
+        if a.error is not None or a.case_id not in by_id:
+            a.gate = None
+            continue
+        case = by_id[a.case_id]
+        a.gate = gate.check(
+            a.text, language=case.language, topic=case.topic, preference=case.preference,
+            coherence_logprob=coherence.get((a.case_id, a.mode)), coherence_floor=floor,
+        ).to_dict()
+    return floor
 
 
 # ----------------------------------------------------------------------- I/O
 
 
-def load_done(path: Path, decoding: Decoding) -> dict[tuple[str, str], Answer]:
-    """Answers of an earlier run with the same decoding settings (resume);
-    failed requests are retried."""
-    done: dict[tuple[str, str], Answer] = {}
+def read_journal(path: Path) -> list[Answer]:
+    """Every well-formed answer of a journal (answers.jsonl), later lines
+    replacing earlier ones for the same (case, mode)."""
+    answers: dict[tuple[str, str], Answer] = {}
     if not path.exists():
-        return done
+        return []
     for raw in path.read_text(encoding="utf-8").splitlines():
         if not raw.strip():
             continue
@@ -453,9 +319,15 @@ def load_done(path: Path, decoding: Decoding) -> dict[tuple[str, str], Answer]:
             answer = Answer(**json.loads(raw))
         except (json.JSONDecodeError, TypeError):
             continue
-        if answer.error is None and answer.decoding == asdict(decoding):
-            done[(answer.case_id, answer.mode)] = answer
-    return done
+        answers[(answer.case_id, answer.mode)] = answer
+    return list(answers.values())
+
+
+def load_done(path: Path, decoding: Decoding) -> dict[tuple[str, str], Answer]:
+    """Answers of an earlier run with the same decoding settings (resume);
+    failed requests are retried."""
+    return {(a.case_id, a.mode): a for a in read_journal(path)
+            if a.error is None and a.decoding == asdict(decoding)}
 
 
 def write_outputs(out_dir: Path, answers: Sequence[Answer], summary: dict[str, Any], settings: dict[str, Any],
@@ -518,6 +390,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="PAD reward model(s) to compare (repeatable; default: self). 'self' plus a trained "
                         "adapter: --reward-model self --reward-model concise")
     parser.add_argument("--top-k", type=int, help="PAD candidates (default: the server's)")
+    parser.add_argument("--min-p", type=float, help="PAD prescreen floor pad.min_p (default: the server's)")
     parser.add_argument("--base-sees-preference", type=optional_bool, metavar="true|false",
                         help="PAD: does the base context see the preference (default: the server's)")
     parser.add_argument("--max-tokens", type=int, default=128, help="(default: 128)")
@@ -528,12 +401,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per request (default: 900)")
     parser.add_argument("--types", help="comma list of preference types to keep")
     parser.add_argument("--ids", help="comma list of case ids to keep")
+    parser.add_argument("--split", choices=SPLITS, default="all",
+                        help="cases to use: all, tune (first half of each preference type) or heldout (the rest) "
+                        "(default: all)")
     parser.add_argument("--limit", type=int, help="keep the first N cases of each preference type")
     parser.add_argument("--out", default="eval-results", help="output folder: answers.json, answers.jsonl, report.md, chart.png (default: eval-results)")
     parser.add_argument("--resume", action="store_true", help="reuse answers in OUT/answers.jsonl from an earlier run")
+    parser.add_argument("--rescore", action="store_true",
+                        help="ask nothing: judge the answers already in OUT/answers.jsonl again (gate, report) "
+                        "for the selected cases; no endpoint needed")
+    parser.add_argument("--no-coherence", dest="coherence", action="store_false",
+                        help="do not score coherence (the gate then judges the other components only)")
+    parser.add_argument("--coherence-model", default="embedded",
+                        help="model that scores coherence in-process ('embedded', a folder or a .gguf; default: embedded)")
+    parser.add_argument("--sample-seed", type=int, default=0,
+                        help=f"seed that draws the {SAMPLE_CASES} cases whose answers the report shows (default: 0)")
     parser.add_argument("--grid", action="store_true", help="sweep PAD settings and pick the best (see --grid-*)")
     parser.add_argument("--grid-weights", type=floats, default=[1.0, 2.0, 4.0], help="(default: 1,2,4)")
     parser.add_argument("--grid-top-k", type=ints, default=[5, 10, 20], help="(default: 5,10,20)")
+    parser.add_argument("--grid-min-p", type=floats, default=None,
+                        help="prescreen floors to sweep, e.g. 0,0.05,0.1 (default: the server's only)")
     parser.add_argument("--grid-base-sees-preference", type=bools, default=[False, True], help="(default: false,true)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
@@ -551,33 +438,35 @@ async def resolve_model(client, model: str | None) -> str:
     return listing.data[0].id
 
 
-async def evaluate(args: argparse.Namespace, base_url: str) -> int:
-    from openai import AsyncOpenAI
-
-    cases = select_cases(
+def selected_cases(args: argparse.Namespace) -> list[EvalCase]:
+    return select_cases(
         load_cases(args.dataset),
         types=args.types.split(",") if args.types else None,
         ids=args.ids.split(",") if args.ids else None,
         limit=args.limit,
+        split=args.split,
     )
-    if not cases:
-        print("pad eval: no cases selected", file=sys.stderr)
-        return 2
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def requested_modes(args: argparse.Namespace) -> list[Mode]:
+    if args.grid:
+        return grid_modes(args.grid_weights, args.grid_top_k, args.grid_base_sees_preference,
+                          (args.reward_models or ["self"])[0], args.grid_min_p or [None])
+    kinds = [k.strip() for k in args.modes.split(",") if k.strip()]
+    unknown = set(kinds) - {"base", "prompt", "prompt-template", "pad"}
+    if unknown:
+        raise ValueError(f"unknown mode(s) {sorted(unknown)}")
+    return comparison_modes(kinds, args.weights, args.reward_models or ["self"], args.top_k,
+                            args.base_sees_preference, args.min_p)
+
+
+async def collect(args: argparse.Namespace, base_url: str, cases: list[EvalCase], modes: list[Mode],
+                  out_dir: Path) -> tuple[list[Answer], Decoding]:
+    """Asks the endpoint for every (case, mode) not already in the journal."""
+    from openai import AsyncOpenAI
+
     async with AsyncOpenAI(base_url=base_url, api_key=args.api_key, timeout=args.timeout, max_retries=1) as client:
         decoding = Decoding(await resolve_model(client, args.model), args.max_tokens, args.temperature, args.top_p, args.seed)
-        if args.grid:
-            modes = grid_modes(args.grid_weights, args.grid_top_k, args.grid_base_sees_preference,
-                               (args.reward_models or ["self"])[0])
-        else:
-            kinds = [k.strip() for k in args.modes.split(",") if k.strip()]
-            unknown = set(kinds) - {"base", "prompt", "prompt-template", "pad"}
-            if unknown:
-                print(f"pad eval: unknown mode(s) {sorted(unknown)}", file=sys.stderr)
-                return 2
-            modes = comparison_modes(kinds, args.weights, args.reward_models or ["self"], args.top_k,
-                                     args.base_sees_preference)
         journal = out_dir / "answers.jsonl"
         done = load_done(journal, decoding) if args.resume else {}
         wanted = {m.name for m in modes}
@@ -590,36 +479,88 @@ async def evaluate(args: argparse.Namespace, base_url: str) -> int:
                 handle.write(json.dumps(asdict(answer), ensure_ascii=False) + "\n")
                 handle.flush()
 
-            start = time.perf_counter()
             answers = await run_eval(client, cases, modes, decoding, args.concurrency, not args.no_progress, done, record)
-            elapsed = time.perf_counter() - start
-    names = [m.name for m in modes]
+    return answers, decoding
+
+
+def report(args: argparse.Namespace, cases: list[EvalCase], names: list[str], answers: list[Answer],
+           decoding: dict[str, Any], settings: dict[str, Any], out_dir: Path) -> int:
+    """Gates every answer, then writes and prints the report. Exit code 1 if
+    any request failed."""
     baseline = "prompt" if "prompt" in names else names[0]
+    coherence = score_coherence(answers, cases, args.coherence_model) if args.coherence else None
+    floor = gate_answers(answers, cases, QualityGate(), coherence, baseline)
     summary = summarize(answers, names, baseline)
-    settings = {
-        "dataset": str(args.dataset), "base_url": base_url, "cases": len(cases), "modes": names,
-        "decoding": asdict(decoding), "seconds": round(elapsed, 1),
-    }
-    header = (f"Model `{decoding.model}`, {len(cases)} cases, max_tokens={decoding.max_tokens}, "
-              f"temperature={decoding.temperature:g}, seed={decoding.seed}.\n\n")
+    settings = {**settings, "coherence_model": args.coherence_model if coherence else None, "coherence_floor": floor}
+    floor_text = (f"coherence floor {floor:.2f} nats/token (`{baseline}` median minus the margin)"
+                  if floor is not None else "coherence not judged")
+    header = (f"Model `{decoding['model']}`, {len(cases)} cases (split: {args.split}), "
+              f"max_tokens={decoding['max_tokens']}, temperature={decoding['temperature']:g}, "
+              f"seed={decoding['seed']}; {floor_text}.\n\n")
+    questions = {c.id: (c.messages[-1]["content"], c.preference) for c in cases}
     choice = None
     if args.grid:
         choice = choose_best(summary, baseline)
-        shown = ["base", "prompt"] + ([choice["best"]] if choice["best"] else [])
-        best_summary = summarize([a for a in answers if a.mode in shown], shown, baseline)
-        markdown = header + grid_markdown(choice) + "\n" + markdown_report(best_summary, "Best setting by preference type")
+        shown = [m for m in ("base", baseline) if m in names] + ([choice["best"]] if choice["best"] else [])
+        shown_answers = [a for a in answers if a.mode in shown]
+        best_summary = summarize(shown_answers, shown, baseline)
+        markdown = (header + grid_markdown(choice) + "\n" + markdown_report(best_summary, "Best setting by preference type")
+                    + "\n" + samples_markdown(shown_answers, shown, questions, SAMPLE_CASES, args.sample_seed))
         paths = write_outputs(out_dir, answers, summary, settings, markdown,
-                              f"pad eval ({decoding.model}): base, prompt, best PAD setting", choice, best_summary)
+                              f"pad eval ({decoding['model']}): gated satisfaction, best PAD setting", choice,
+                              best_summary)
     else:
-        markdown = header + markdown_report(summary)
-        paths = write_outputs(out_dir, answers, summary, settings, markdown, f"pad eval ({decoding.model})")
+        markdown = (header + markdown_report(summary) + "\n"
+                    + samples_markdown(answers, names, questions, SAMPLE_CASES, args.sample_seed))
+        paths = write_outputs(out_dir, answers, summary, settings, markdown,
+                              f"pad eval ({decoding['model']}): gated satisfaction")
     sys.stdout.write(markdown + "\n")
-    sys.stdout.write(json.dumps({"outputs": paths, "seconds": round(elapsed, 1)}) + "\n")
+    sys.stdout.write(json.dumps({"outputs": paths, "seconds": settings.get("seconds")}) + "\n")
     errors = sum(a.error is not None for a in answers)
     if errors:
         print(f"pad eval: {errors} request(s) failed (counted as not satisfied); see {paths['answers']}", file=sys.stderr)
         return 1
     return 0
+
+
+async def evaluate(args: argparse.Namespace, base_url: str) -> int:
+    cases = selected_cases(args)
+    if not cases:
+        print("pad eval: no cases selected", file=sys.stderr)
+        return 2
+    modes = requested_modes(args)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    answers, decoding = await collect(args, base_url, cases, modes, out_dir)
+    names = [m.name for m in modes]
+    settings = {
+        "dataset": str(args.dataset), "base_url": base_url, "cases": len(cases), "split": args.split, "modes": names,
+        "decoding": asdict(decoding), "seconds": round(time.perf_counter() - start, 1),
+    }
+    return report(args, cases, names, answers, asdict(decoding), settings, out_dir)
+
+
+def rescore(args: argparse.Namespace) -> int:
+    """Judges a finished run again (a new gate, another split) without asking
+    anything: the modes are those in the journal, in their first order."""
+    out_dir = Path(args.out)
+    cases = selected_cases(args)
+    wanted = {c.id for c in cases}
+    answers = [a for a in read_journal(out_dir / "answers.jsonl") if a.case_id in wanted]
+    if not answers:
+        print(f"pad eval: no answers for the selected cases in {out_dir / 'answers.jsonl'}", file=sys.stderr)
+        return 2
+    names = list(dict.fromkeys(a.mode for a in answers))
+    if args.grid is False and args.modes != "base,prompt,pad":
+        kinds = {k.strip() for k in args.modes.split(",")}
+        names = [n for n in names if n.split()[0].split("[")[0] in kinds]
+        answers = [a for a in answers if a.mode in names]
+    decoding = answers[0].decoding or {"model": "?", "max_tokens": 0, "temperature": 0.0, "seed": None}
+    cases = [c for c in cases if c.id in {a.case_id for a in answers}]
+    settings = {"dataset": str(args.dataset), "rescored_from": str(out_dir / "answers.jsonl"), "cases": len(cases),
+                "split": args.split, "modes": names, "decoding": decoding}
+    return report(args, cases, names, answers, decoding, settings, out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -628,15 +569,18 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         load_cases(args.dataset)  # validate before starting anything
-    except (DatasetError, OSError) as exc:
+        requested_modes(args)
+    except (DatasetError, OSError, ValueError) as exc:
         print(f"pad eval: {exc}", file=sys.stderr)
         return 2
+    if args.rescore:
+        return rescore(args)
     if args.base_url:
         return asyncio.run(evaluate(args, args.base_url))
     from server.tools.local_server import local_server
 
     with local_server(args.serve_arg) as base_url:
-        return asyncio.run(evaluate(args, base_url))
+        return asyncio.run(evaluate(args, args.base_url or base_url))
 
 
 if __name__ == "__main__":
