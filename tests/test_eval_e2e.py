@@ -54,6 +54,7 @@ async def test_eval_end_to_end_on_the_tiny_model(gateway, tmp_path):
     args = eval_tool.parse_args([
         str(eval_tool.DEFAULT_DATASET), "--ids", "bullets-01,fr-01,emoji-01", "--modes", "base,prompt,pad",
         "--weights", "0,1,4", "--top-k", "5", "--max-tokens", "8", "--concurrency", "4", "--out", str(out), "--no-progress",
+        "--no-coherence",
     ])
     assert await eval_tool.evaluate(args, "http://pad.test/v1") == 0
     payload = json.loads((out / "answers.json").read_text())
@@ -73,7 +74,10 @@ async def test_eval_end_to_end_on_the_tiny_model(gateway, tmp_path):
     assert all(b["temperature"] == 0 and b["max_tokens"] == 8 and b["seed"] == 0 for b in gateway)
     summary = payload["summary"]
     assert set(summary["modes"]) == set(modes) and summary["types"] == ["bullets", "emoji", "french"]
-    assert all(summary["modes"][m]["overall"]["n"] == 3 for m in modes)
+    assert all(summary["modes"][m][rate]["overall"]["n"] == 3 for m in modes for rate in ("gated", "gate", "satisfaction"))
+    # Random weights write gibberish: the gate fails it, whatever the checks say.
+    assert all(a["gate"] is not None and not a["gate"]["passed"] for a in payload["answers"])
+    assert all(summary["modes"][m]["gated"]["overall"]["rate"] == 0 for m in modes)
     assert "| **overall** | 3 |" in (out / "report.md").read_text()
     assert (out / "chart.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -83,7 +87,7 @@ async def test_grid_end_to_end_on_the_tiny_model(gateway, tmp_path):
     args = eval_tool.parse_args([
         str(eval_tool.DEFAULT_DATASET), "--ids", "brief-02,casual-02", "--grid", "--grid-weights", "1,2",
         "--grid-top-k", "5", "--grid-base-sees-preference", "false,true", "--max-tokens", "6", "--out", str(out),
-        "--no-progress",
+        "--no-progress", "--no-coherence",
     ])
     assert await eval_tool.evaluate(args, "http://pad.test/v1") == 0
     payload = json.loads((out / "answers.json").read_text())
@@ -125,3 +129,6 @@ def test_eval_starts_its_own_server_on_the_embedded_model(tmp_path, monkeypatch)
     assert payload["settings"]["base_url"].startswith("http://127.0.0.1:")
     assert payload["settings"]["decoding"]["model"] == "smollm2-135m-instruct"
     assert len(payload["answers"]) == 4 and all(a["text"] and a["error"] is None for a in payload["answers"])
+    # Coherence was scored in-process with the embedded model, relative to `prompt`... which this run lacks.
+    assert payload["settings"]["coherence_floor"] is None
+    assert all(a["gate"]["coherence_logprob"] is not None for a in payload["answers"])

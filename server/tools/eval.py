@@ -10,7 +10,7 @@ on the same cases, model and decoding settings:
   prompt-template  the preference in PAD's reward-context template as the
                    system message, plain decoding
   pad              PAD decoding (`preference` + `pad` body fields), one mode
-                   per --weights value and per --reward-models name
+                   per --weights value and per --reward-model name
 
 and judges every answer twice: the case's preference checks (raw
 satisfaction) and the quality gate (pad_core/evaluation/quality.py: right
