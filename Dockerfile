@@ -151,8 +151,9 @@ RUN --mount=type=bind,from=build,source=/dist,target=/dist \
 COPY docker/healthcheck.py /usr/local/bin/pad-healthcheck
 USER 10001:10001
 WORKDIR /home/pad
-# The conversion depends on the installed GGUF file's path, size and mtime:
-# done here, on the final files, so the server finds it at start.
+# The conversion is keyed by the GGUF's content; its hash is remembered per
+# path, size and mtime: done here, on the final files, so the server finds
+# both at start and hashes nothing.
 RUN if [ "$BAKE_MODEL" = 1 ]; then \
       python -c "from pad_core.settings import EngineSettings as S; from pad_core.model_loading import resolve_model_folder as r; s = S(); print('baked', r(s.model, s.cache_dir))"; \
     fi

@@ -19,7 +19,10 @@ from pad_core.types import (
     RewardPrompt,
     SamplingParams,
     StepOutput,
+    StructuredOutput,
     TokenLogprob,
+    ToolCall,
+    ToolFunction,
 )
 
 __all__ = [
@@ -34,6 +37,9 @@ __all__ = [
     "RewardPrompt",
     "SamplingParams",
     "StepOutput",
+    "StructuredOutput",
     "TokenLogprob",
+    "ToolCall",
+    "ToolFunction",
     "UnknownRewardModelError",
 ]

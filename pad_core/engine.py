@@ -23,22 +23,25 @@ from pathlib import Path
 
 import torch
 
-from pad_core.decoding import StepInputs, next_tokens
+from pad_core.decoding import StepInputs, TokenMask, next_tokens
 from pad_core.detokenize import IncrementalDetokenizer, token_bytes
 from pad_core.errors import ContextLengthExceededError, InvalidRequestError, UnknownRewardModelError
 from pad_core.lora import NO_ADAPTER
 from pad_core.prompting import PromptBuilder
 from pad_core.request_state import RequestState, RewardRowRef
 from pad_core.runner import NewRow, TransformersRunner
-from pad_core.sampling import apply_penalties, top_logprobs
+from pad_core.sampling import INVALID_TOKEN, apply_penalties, top_logprobs
 from pad_core.settings import EngineSettings
-from pad_core.types import ChatRequest, GenerationRequest, RewardPrompt, StepOutput, TokenLogprob
+from pad_core.structured import StructuredOutputs, check_spec
+from pad_core.types import ChatRequest, GenerationRequest, RequestLimits, RewardPrompt, StepOutput, TokenLogprob
+from pad_core.validation import TEMPERATURE_FLOOR
 
 logger = logging.getLogger(__name__)
 
 BASE_RUNNER = "base"
-MAX_TOP_LOGPROBS = 20
-MAX_STOP_STRINGS = 16
+# What OpenAI reports for a token the model finds impossible: logprobs stay
+# finite numbers (JSON has no -Infinity).
+MIN_LOGPROB = -9999.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,9 @@ class PadEngine:
         self.context_length = context_length
         self.stop_token_ids = frozenset(stop_token_ids)
         self.prompts = PromptBuilder(tokenizer, settings.preference_template)
+        self.limits = RequestLimits.from_settings(settings)
+        self.max_token_chars = max_token_chars(tokenizer)
+        self.structured = StructuredOutputs(tokenizer, runners[BASE_RUNNER].head.vocab_size, self.stop_token_ids)
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []
         self._aborted: set[str] = set()
@@ -92,22 +98,39 @@ class PadEngine:
     def add_chat(self, chat: ChatRequest) -> None:
         """Renders the chat (with the preferences in the reward contexts) and
         queues it. Raises InvalidRequestError subclasses; nothing is queued then."""
-        self._check_preferences(chat)
+        self.add_request(self.prepare_chat(chat))
+
+    def prepare_chat(self, chat: ChatRequest) -> GenerationRequest:
+        """Validates and renders the chat (tokenization, the slow part of a
+        long prompt). Reads only the tokenizer and the settings, so the worker
+        runs it off its decode loop, in another thread; `add_request` then
+        queues the result. Raises InvalidRequestError subclasses."""
+        chat.verify(self.limits)
+        self._check_prompt_chars(chat)
         source = self._reward_source(chat.guidance.reward_model)
         sees = chat.guidance.base_sees_preference
         if sees is None:
             sees = source.base_sees_preference
-        prompt_ids, reward_ids = self.prompts.encode_request(chat.messages, chat.preferences, sees)
-        self.add_request(
-            GenerationRequest(
-                request_id=chat.request_id,
-                prompt_ids=prompt_ids,
-                reward_prompts=[
-                    RewardPrompt(tuple(ids), p.weight) for ids, p in zip(reward_ids, chat.preferences, strict=True)
-                ],
-                sampling=chat.sampling,
-                guidance=chat.guidance,
-            )
+        structured = chat.structured
+        if structured is not None:
+            check_spec(structured)
+        tool_call = structured is not None and structured.kind == "tool_calls"
+        prompt_ids, reward_ids = self.prompts.encode_request(
+            chat.messages,
+            chat.preferences,
+            sees,
+            tools=structured.tools if tool_call else (),
+            tool_choice=structured.tool_choice if tool_call else None,
+        )
+        return GenerationRequest(
+            request_id=chat.request_id,
+            prompt_ids=prompt_ids,
+            reward_prompts=[
+                RewardPrompt(tuple(ids), p.weight) for ids, p in zip(reward_ids, chat.preferences, strict=True)
+            ],
+            sampling=chat.sampling,
+            guidance=chat.guidance,
+            structured=structured,
         )
 
     def add_request(self, request: GenerationRequest) -> None:
@@ -143,6 +166,12 @@ class PadEngine:
             "served_model_name": self.settings.resolved_served_name(),
             "context_length": self.context_length,
             "reward_models": sorted(self.reward_sources),
+            # Structured outputs (pad_core/structured.py); tools are honoured
+            # as forced calls (tool_choice "required" or a named function).
+            "structured_outputs": ["json_object", "json_schema", "tool_calls"],
+            # Whether the chat template renders `tools` itself; where it does
+            # not, the engine describes them in the system message.
+            "chat_template_tools": self.prompts.template_knows_tools,
         }
 
     def generate(self, requests: Iterable[ChatRequest | GenerationRequest]) -> Iterator[StepOutput]:
@@ -155,18 +184,22 @@ class PadEngine:
     # ---- the step -----------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        """One decode step of the running requests, then the prefill of those
+        admitted. A failure ends only the requests it can be traced to: a
+        request whose token choice fails ends alone (`_advance`), a prefill
+        that fails is retried request by request (`_prefill`); only a failed
+        decode forward, which every running row shares, ends them all."""
         outputs = self._finish_aborted()
         self._release_finished()
-        admitted: list[RequestState] = []
-        try:
-            if self.running:
+        if self.running:
+            try:
                 outputs += self._decode_running()
-            admitted = self._admit()
-            if admitted:
-                outputs += self._prefill(admitted)
-        except Exception as exc:  # a failed forward poisons the whole batch
-            logger.exception("engine step failed; failing the running requests")
-            outputs += self._fail_all(f"engine error: {exc}", admitted)
+            except Exception as exc:  # the shared forward failed: its KV caches are not trustworthy
+                logger.exception("decode step failed; failing the running requests")
+                outputs += self._fail_all(f"engine error: {exc}", [])
+        admitted = self._admit()
+        if admitted:
+            outputs += self._prefill(admitted)
         self._release_finished()
         return outputs
 
@@ -180,6 +213,23 @@ class PadEngine:
         return self._advance(list(self.running), hidden)
 
     def _prefill(self, admitted: list[RequestState]) -> list[StepOutput]:
+        """Prefills the admitted requests and chooses their first tokens. A
+        failed prefill leaves the running rows alone (the new rows are built
+        apart, then appended); several requests are then retried one by one,
+        so only the one that fails alone ends ("error")."""
+        try:
+            hidden = self._prefill_forward(admitted)
+        except Exception as exc:
+            self._drop_rows(admitted)
+            if len(admitted) > 1:
+                logger.warning("prefill of %d requests failed (%s); retrying each alone", len(admitted), exc)
+                return [output for state in admitted for output in self._prefill([state])]
+            logger.exception("prefill of request %s failed", admitted[0].request_id)
+            return [admitted[0].finish("error", error=f"engine error: {exc}")]
+        self.running.extend(admitted)
+        return self._advance(admitted, hidden)
+
+    def _prefill_forward(self, admitted: list[RequestState]) -> dict:
         new_rows: dict[str, list[NewRow]] = {}
         for state in admitted:
             new_rows.setdefault(BASE_RUNNER, []).append(NewRow(state.base_key, state.request.prompt_ids))
@@ -189,13 +239,61 @@ class PadEngine:
         hidden = {}
         for name, rows in new_rows.items():
             hidden[name] = (self.runners[name].prefill(rows), {row.key: index for index, row in enumerate(rows)})
-        self.running.extend(admitted)
-        return self._advance(admitted, hidden)
+        return hidden
+
+    def _drop_rows(self, states: list[RequestState]) -> None:
+        keys = {key for state in states for key in state.row_keys}
+        for runner in self.runners.values():
+            runner.remove(keys)
 
     def _advance(self, states: list[RequestState], hidden) -> list[StepOutput]:
-        """Chooses and records one token for each of `states`.
+        """Chooses and records one token for each of `states`. A request whose
+        choice or bookkeeping fails (a numerical error, a bug its input
+        reaches) ends alone with "error"; the others get their token.
 
         hidden: runner name -> (hidden states [B, H], row key -> row index)."""
+        generators = [state.generator for state in states]
+        snapshot = [None if g is None else g.get_state() for g in generators]
+        try:
+            tokens, logprobs = self._choose(states, hidden)
+        except Exception:
+            logger.exception("choosing the next tokens of %d requests failed; retrying each alone", len(states))
+            for generator, state in zip(generators, snapshot, strict=True):
+                if generator is not None:  # the retry draws what the batch would have drawn
+                    generator.set_state(state)
+            tokens, logprobs = self._choose_each(states, hidden)
+        outputs = []
+        for index, state in enumerate(states):
+            token = tokens[index]
+            if isinstance(token, Exception) or token == INVALID_TOKEN:
+                reason = "the scores are not finite numbers (NaN or infinite logits)" if token == INVALID_TOKEN else token
+                outputs.append(state.finish("error", error=f"engine error on this request: {reason}"))
+                continue
+            try:
+                outputs.append(state.append_token(token, logprobs[index] if logprobs else None))
+            except Exception as exc:
+                logger.exception("request %s failed after its token was chosen", state.request_id)
+                outputs.append(state.finish("error", error=f"engine error on this request: {exc}"))
+        return outputs
+
+    def _choose_each(self, states: list[RequestState], hidden) -> tuple[list, list | None]:
+        """_choose for one request at a time: a request that fails gets its
+        exception in place of a token."""
+        tokens: list = []
+        logprobs: list = []
+        for state in states:
+            try:
+                chosen, chosen_logprobs = self._choose([state], hidden)
+            except Exception as exc:
+                logger.exception("choosing the next token of request %s failed", state.request_id)
+                chosen, chosen_logprobs = [exc], None
+            tokens += chosen
+            logprobs += chosen_logprobs or [None]
+        return tokens, logprobs
+
+    def _choose(self, states: list[RequestState], hidden) -> tuple[list[int], list[TokenLogprob] | None]:
+        """The next token of each request (INVALID_TOKEN where its scores are
+        not usable), and its logprobs where asked."""
         base_hidden, base_index = hidden[BASE_RUNNER]
         base_rows = torch.tensor([base_index[state.base_key] for state in states], device=base_hidden.device)
         raw_base = self.runners[BASE_RUNNER].head.full(base_hidden[base_rows])
@@ -215,13 +313,19 @@ class PadEngine:
                 top_p=[s.request.sampling.top_p for s in states],
                 generators=[s.generator for s in states],
                 unpenalised_base_logits=None if base is raw_base else raw_base,
+                token_mask=self._token_mask(states, device),
             )
         )
-        logprobs = self._logprobs(states, base, tokens)
-        return [
-            state.append_token(token, logprobs[i] if logprobs else None)
-            for i, (state, token) in enumerate(zip(states, tokens.tolist(), strict=True))
-        ]
+        logprobs = self._logprobs(states, base, tokens.clamp(min=0))
+        return tokens.tolist(), logprobs
+
+    def _token_mask(self, states: list[RequestState], device: torch.device) -> TokenMask | None:
+        """The legal next tokens of the requests with a grammar (structured outputs)."""
+        constrained = [row for row, state in enumerate(states) if state.grammar is not None]
+        if not constrained:
+            return None
+        allowed = self.structured.allowed_tokens([states[row].grammar for row in constrained])
+        return TokenMask(torch.tensor(constrained, dtype=torch.long, device=device), allowed.to(device))
 
     def _reward_logits_at(self, reward_rows, hidden, candidates: torch.Tensor) -> torch.Tensor:
         """Logits of each reward row [M] at its candidates [M, K], each row
@@ -258,9 +362,12 @@ class PadEngine:
                 result.append(None)
                 continue
             n = state.request.sampling.top_logprobs
-            top = [self._token_entry(i, v) for i, v in zip(ids[row, :n].tolist(), values[row, :n].tolist())]
+            top = [
+                self._token_entry(i, finite_logprob(v)) for i, v in zip(ids[row, :n].tolist(), values[row, :n].tolist())
+            ]
             token, _, raw = self._token_entry(int(tokens[row]), 0.0)
-            result.append(TokenLogprob(token=token, logprob=float(chosen[row]), bytes=raw, top_logprobs=top))
+            logprob = finite_logprob(float(chosen[row]))
+            result.append(TokenLogprob(token=token, logprob=logprob, bytes=raw, top_logprobs=top))
         return result
 
     def _token_entry(self, token_id: int, logprob: float) -> tuple[str, float, list[int]]:
@@ -327,19 +434,30 @@ class PadEngine:
             raise UnknownRewardModelError(name, list(self.reward_sources))
         return self.reward_sources[name]
 
-    def _check_preferences(self, chat: ChatRequest) -> None:
-        if len(chat.preferences) > self.settings.max_preferences:
-            raise InvalidRequestError(
-                f"at most {self.settings.max_preferences} preferences per request", param="preference"
+    def _check_prompt_chars(self, chat: ChatRequest) -> None:
+        """Refuses, before tokenizing, a chat that cannot fit: a token covers
+        at most `max_token_chars` characters, so the longest context (the
+        messages plus one preference) has at least chars / max_token_chars
+        tokens. Counting characters costs nothing; tokenizing 20 MB does."""
+        messages = sum(len(v) for m in chat.messages for v in m.values() if isinstance(v, str))
+        longest = messages + max((len(p.text) for p in chat.preferences), default=0)
+        at_least = -(-longest // self.max_token_chars)
+        if at_least >= self.context_length:
+            raise ContextLengthExceededError(
+                f"the prompt has {longest} characters, at least {at_least} tokens; "
+                f"the model's context length is {self.context_length}"
             )
-        for index, preference in enumerate(chat.preferences):
-            if not preference.text.strip():
-                raise InvalidRequestError(f"preference[{index}].text is empty", param="preference")
-            if not math.isfinite(preference.weight):
-                raise InvalidRequestError(f"preference[{index}].weight must be finite", param="preference")
+        max_tokens = chat.sampling.max_tokens
+        if max_tokens is not None and at_least + max_tokens > self.context_length:
+            raise ContextLengthExceededError(
+                f"this model's context length is {self.context_length} tokens; the prompt has at least "
+                f"{at_least} and max_tokens asks for {max_tokens}",
+                param="max_tokens",
+            )
 
     def _new_state(self, request: GenerationRequest) -> RequestState:
         """Validates a request and resolves its defaults."""
+        request.verify(self.limits)
         sampling, guidance = request.sampling, request.guidance
         live = {s.request_id for s in (*self.waiting, *self.running)}
         if request.request_id in live:
@@ -352,30 +470,11 @@ class PadEngine:
         if not all(reward_ids):
             raise InvalidRequestError("a reward prompt is empty", param="reward_prompts")
         for name, prompts in (("prompt_ids", [request.prompt_ids]), ("reward_prompts", reward_ids)):
-            if any(not 0 <= token < vocab_size for ids in prompts for token in ids):
+            if any(type(token) is not int or not 0 <= token < vocab_size for ids in prompts for token in ids):
                 raise InvalidRequestError(f"{name}: token ids must be in [0, {vocab_size})", param=name)
-        if sampling.max_tokens is not None and sampling.max_tokens < 1:
-            raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
-        if not (sampling.temperature >= 0 and math.isfinite(sampling.temperature)):
-            raise InvalidRequestError("temperature must be a finite number >= 0", param="temperature")
-        if not 0 < sampling.top_p <= 1:
-            raise InvalidRequestError("top_p must be in (0, 1]", param="top_p")
-        if not 0 <= sampling.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise InvalidRequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
-        if len(sampling.stop) > MAX_STOP_STRINGS:
-            raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(sampling, name) <= 2.0:
-                raise InvalidRequestError(f"{name} must be in [-2, 2]", param=name)
         weight = self.settings.default_weight if guidance.weight is None else guidance.weight
         top_k = self.settings.default_top_k if guidance.top_k is None else guidance.top_k
-        if not math.isfinite(weight):
-            raise InvalidRequestError("pad.weight must be finite", param="pad.weight")
-        if not 1 <= top_k <= self.settings.max_top_k:
-            raise InvalidRequestError(f"pad.top_k must be in [1, {self.settings.max_top_k}]", param="pad.top_k")
         min_p = self.settings.default_min_p if guidance.min_p is None else guidance.min_p
-        if not 0.0 <= min_p <= 1.0:  # also refuses nan
-            raise InvalidRequestError("pad.min_p must be in [0, 1]", param="pad.min_p")
         source = self._reward_source(guidance.reward_model)
         longest_prompt = max([len(request.prompt_ids), *(len(p.prompt_ids) for p in request.reward_prompts)])
         room = self.context_length - longest_prompt
@@ -390,15 +489,16 @@ class PadEngine:
                 f"(with the preference) and max_tokens asks for {sampling.max_tokens}",
                 param="max_tokens",
             )
+        grammar = self.structured.start(request.structured) if request.structured is not None else None
         if weight == 0:  # plain decoding: no reward rows at all
             request = dataclasses.replace(request, reward_prompts=[])
         seed = sampling.seed if sampling.seed is not None else self._seed_source.getrandbits(63)
         generator = None
-        if sampling.temperature > 0:
+        if sampling.temperature >= TEMPERATURE_FLOOR:  # below: greedy (sampling.choose_tokens)
             generator = torch.Generator(device=self.runners[BASE_RUNNER].device).manual_seed(seed)
         return RequestState(
             request=request,
-            max_tokens=sampling.max_tokens or room,
+            max_tokens=sampling.max_tokens or default_max_tokens(self.settings.default_max_tokens, room),
             guidance_weight=weight,
             top_k=top_k,
             min_p=min_p,
@@ -409,4 +509,22 @@ class PadEngine:
             stop_token_ids=self.stop_token_ids | frozenset(sampling.stop_token_ids),
             detokenizer=IncrementalDetokenizer(self.tokenizer.backend_tokenizer, request.prompt_ids),
             generator=generator,
+            grammar=grammar,
         )
+
+
+def max_token_chars(tokenizer) -> int:
+    """The most characters of text one token can stand for: the longest
+    token string (a byte-level token's string has one character per byte,
+    and a character is at least one byte). Bounds the prompt pre-check."""
+    return max(1, max((len(token) for token in tokenizer.get_vocab()), default=1))
+
+
+def finite_logprob(value: float) -> float:
+    return value if math.isfinite(value) else MIN_LOGPROB
+
+
+def default_max_tokens(default: int, room: int) -> int:
+    """max_tokens of a request that gives none (vLLM-like): the configured
+    default, capped by the room left in the context; default 0: the room."""
+    return min(default, room) if default > 0 else room

@@ -34,12 +34,17 @@ def prescreen(
     A candidate a stays only if p_base(a) >= min_p * max p_base, i.e.
     l(a) - l_max >= log(min_p): a strong reward can then only choose among
     tokens that make sense to the base model, however large w is. min_p = 0
-    keeps all top_k; the most likely token always stays.
+    keeps all top_k; the most likely token always stays. A token at -inf (a
+    grammar forbids it, decoding.apply_token_mask) is never a candidate, even
+    when fewer than top_k tokens are legal.
 
     base_logits [N, V], top_k [N] long, min_p [N] in [0, 1] (None: all 0)
     -> candidate ids [N, K] sorted by base logit, validity mask [N, K].
     """
     candidate_ids, valid = prescreen_top_k(base_logits, top_k)
+    forbidden = base_logits.gather(1, candidate_ids) == NEG_INF
+    forbidden[:, 0] = False  # the top token stays, whatever its logit
+    valid = valid & ~forbidden
     if min_p is None or not bool((min_p > 0).any()):
         return candidate_ids, valid
     candidate_logits = base_logits.gather(1, candidate_ids).float()

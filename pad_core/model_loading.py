@@ -8,6 +8,7 @@ transformers (slow), so the converted model is cached as safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -73,7 +74,82 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+HASH_INDEX = "hashes.json"  # in <cache_dir>/converted: path+size+mtime -> content hash
+HASH_INDEX_ENTRIES = 256
+EDGE_BYTES = 1 << 20  # the quick hash reads the first and last MiB
+
+
+def quick_hash(path: Path, size: int) -> str:
+    """sha256 of the size and the first and last MiB: a cheap check that a
+    remembered full hash still belongs to the file (read ~2 MiB, not all)."""
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as file:
+        digest.update(file.read(EDGE_BYTES))
+        if size > EDGE_BYTES:
+            file.seek(max(EDGE_BYTES, size - EDGE_BYTES))
+            digest.update(file.read(EDGE_BYTES))
+    return digest.hexdigest()
+
+
+def full_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_index(index: Path) -> dict[str, dict]:
+    try:
+        entries = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def _write_index(index: Path, entries: dict[str, dict]) -> None:
+    """Atomic replace; two processes racing lose at most an entry (re-hashed later)."""
+    index.parent.mkdir(parents=True, exist_ok=True)
+    kept = dict(list(entries.items())[-HASH_INDEX_ENTRIES:])
+    handle, staging = tempfile.mkstemp(dir=index.parent, prefix=".hashes-")
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(kept, file)
+        os.replace(staging, index)
+    except OSError:
+        Path(staging).unlink(missing_ok=True)
+        logger.warning("could not write the hash index %s", index)
+
+
+def content_key(path: Path, cache_dir: Path) -> str:
+    """`<size>-<sha256 prefix>` of a file's content. The full hash is computed
+    once per (path, size, mtime) and remembered in a small index under the
+    cache; a later call reads only the first and last MiB to check that the
+    remembered hash still fits the file."""
+    stat = path.stat()
+    index = cache_dir / "converted" / HASH_INDEX
+    entries = _read_index(index)
+    location = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    quick = quick_hash(path, stat.st_size)
+    entry = entries.get(location)
+    if isinstance(entry, dict) and entry.get("quick") == quick and isinstance(entry.get("sha256"), str):
+        sha = entry["sha256"]
+    else:
+        sha = full_hash(path)
+        entries.pop(location, None)
+        entries[location] = {"quick": quick, "sha256": sha}
+        _write_index(index, entries)
+    return f"{stat.st_size}-{sha[:16]}"
+
+
 def _gguf_cache_folder(gguf: Path, cache_dir: Path) -> Path:
+    """Keyed by content, not by path: every clone (every venv with its own
+    copy of the embedded GGUF) finds the same converted folder."""
+    return cache_dir / "converted" / f"{gguf.stem}-{content_key(gguf, cache_dir)}"
+
+
+def _path_keyed_cache_folder(gguf: Path, cache_dir: Path) -> Path:
+    """Where earlier versions kept the conversion (keyed by path + mtime)."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     return cache_dir / "converted" / f"{gguf.stem}-{key}"
@@ -84,6 +160,13 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     folder = _gguf_cache_folder(gguf, cache_dir)
     if (folder / "config.json").is_file():
         return folder
+    legacy = _path_keyed_cache_folder(gguf, cache_dir)
+    if (legacy / "config.json").is_file() and not legacy.is_symlink():  # adopt an earlier version's conversion
+        with contextlib.suppress(OSError):
+            os.replace(legacy, folder)
+            legacy.symlink_to(folder.name)  # a running older version still finds it
+        if (folder / "config.json").is_file():
+            return folder
     logger.info("converting %s (first start only; cached in %s)", gguf.name, folder)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

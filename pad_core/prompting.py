@@ -3,10 +3,12 @@ per preference (the preference as a system message, PAD's template)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from pad_core.errors import InvalidRequestError
-from pad_core.types import Preference
+from pad_core.types import Preference, ToolFunction
 
 ROLES = ("system", "user", "assistant")
 
@@ -23,6 +25,51 @@ def with_preference(messages: Sequence[dict[str, str]], template: str, preferenc
         messages[0]["content"] = preference_system_message(template, preference, messages[0]["content"])
         return messages
     return [{"role": "system", "content": preference_system_message(template, preference, None)}, *messages]
+
+
+def tool_instructions(tools: Sequence[ToolFunction], tool_choice: str | None) -> str:
+    """A system-message text that tells a model whose chat template knows no
+    tools which functions exist and how a call is written (the grammar then
+    holds it to that form)."""
+    described = "\n".join(
+        json.dumps(
+            {k: v for k, v in (("name", t.name), ("description", t.description), ("parameters", t.parameters)) if v},
+            ensure_ascii=False,
+        )
+        for t in tools
+    )
+    which = f"Call the function {tool_choice}." if tool_choice else "Call one or more of these functions."
+    return (
+        f"You can call these functions:\n{described}\n{which} Answer only with a JSON list of calls: "
+        '[{"name": "<function name>", "arguments": {<the arguments>}}]'
+    )
+
+
+def with_tool_instructions(
+    messages: Sequence[dict[str, str]], tools: Sequence[ToolFunction], tool_choice: str | None
+) -> list[dict[str, str]]:
+    """The conversation with the tool instructions in its (first) system message."""
+    text = tool_instructions(tools, tool_choice)
+    messages = [dict(m) for m in messages]
+    if messages and messages[0].get("role") == "system":
+        messages[0]["content"] = f"{messages[0]['content']}\n\n{text}"
+        return messages
+    return [{"role": "system", "content": text}, *messages]
+
+
+def openai_tools(tools: Iterable[ToolFunction]) -> list[dict[str, Any]]:
+    """Tools in the OpenAI shape chat templates with tool support expect."""
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": t.name,
+                "description": t.description or "",
+                "parameters": t.parameters or {"type": "object"},
+            },
+        }
+        for t in tools
+    ]
 
 
 def validate_messages(messages: Sequence[dict[str, str]]) -> None:
@@ -44,23 +91,44 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.preference_template = preference_template
 
-    def encode(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    @property
+    def template_knows_tools(self) -> bool:
+        """Whether the chat template renders a `tools` argument itself."""
+        return "tools" in (getattr(self.tokenizer, "chat_template", None) or "")
+
+    def encode(self, messages: Sequence[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        extra = {"tools": tools} if tools else {}
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False, **extra)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode_with_preference(self, messages: Sequence[dict[str, str]], preference: str) -> list[int]:
-        return self.encode(with_preference(messages, self.preference_template, preference))
+    def encode_with_preference(
+        self, messages: Sequence[dict[str, str]], preference: str, tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        return self.encode(with_preference(messages, self.preference_template, preference), tools)
 
     def encode_request(
-        self, messages: Sequence[dict[str, str]], preferences: Sequence[Preference], base_sees_preference: bool
+        self,
+        messages: Sequence[dict[str, str]],
+        preferences: Sequence[Preference],
+        base_sees_preference: bool,
+        tools: Sequence[ToolFunction] = (),
+        tool_choice: str | None = None,
     ) -> tuple[list[int], list[list[int]]]:
         """Base prompt ids, and one reward prompt per preference.
 
         With base_sees_preference the base context gets all preferences joined
-        (as the original PAD scripts give both models the same prefix)."""
+        (as the original PAD scripts give both models the same prefix). Tools
+        (a tool-call request) go through the chat template where it knows
+        them, else into the system message (with_tool_instructions); every
+        context sees them."""
         validate_messages(messages)
-        rewards = [self.encode_with_preference(messages, p.text) for p in preferences]
+        template_tools = None
+        if tools and self.template_knows_tools:
+            template_tools = openai_tools(tools)
+        elif tools:
+            messages = with_tool_instructions(messages, tools, tool_choice)
+        rewards = [self.encode_with_preference(messages, p.text, template_tools) for p in preferences]
         if base_sees_preference and preferences:
             joined = "\n".join(p.text.strip() for p in preferences)
-            return self.encode_with_preference(messages, joined), rewards
-        return self.encode(messages), rewards
+            return self.encode_with_preference(messages, joined, template_tools), rewards
+        return self.encode(messages, template_tools), rewards

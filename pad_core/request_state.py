@@ -9,7 +9,8 @@ import torch
 
 from pad_core.detokenize import IncrementalDetokenizer
 from pad_core.stopping import StopStringMatcher
-from pad_core.types import FinishReason, GenerationRequest, StepOutput, TokenLogprob
+from pad_core.structured import GrammarMatcher
+from pad_core.types import FinishReason, GenerationRequest, StepOutput, TokenLogprob, ToolCall
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class RequestState:
     stop_matcher: StopStringMatcher = field(init=False)
     generated: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    grammar: GrammarMatcher | None = None  # structured output: the answer's grammar
 
     def __post_init__(self) -> None:
         self.stop_matcher = StopStringMatcher(self.request.sampling.stop)
@@ -64,18 +66,33 @@ class RequestState:
             completion_tokens=len(self.generated),
             logprobs=logprobs,
             error=error,
+            tool_calls=self._tool_calls(),
         )
+
+    def _tool_calls(self) -> list[ToolCall] | None:
+        """The parsed calls, on the last output of a completed tool-call answer."""
+        if self.grammar is None or self.finish_reason != "stop":
+            return None
+        return self.grammar.tool_calls([t for t in self.generated if t not in self.stop_token_ids])
 
     def append_token(self, token_id: int, logprob: TokenLogprob | None = None) -> StepOutput:
         """Records a chosen token and says what the client sees."""
         self.generated.append(token_id)
         logprobs = [logprob] if logprob is not None else None
+        if self.grammar is not None:
+            self.grammar.consume(token_id)
         if token_id in self.stop_token_ids and not self.request.sampling.ignore_eos:
             self.finish_reason = "stop"
             return self.output([token_id], self.stop_matcher.flush(), logprobs)
         text = self.stop_matcher.feed(self.detokenizer.step(token_id))
         if self.stop_matcher.matched is not None:
             self.finish_reason = "stop"
+        elif self.grammar is not None and self.grammar.error is not None:
+            self.finish_reason = "error"
+            return self.output([token_id], text, logprobs, error=f"structured output: {self.grammar.error}")
+        elif self.grammar is not None and self.grammar.done:  # complete: only end-of-sequence could follow
+            self.finish_reason = "stop"
+            text += self.stop_matcher.flush()
         elif len(self.generated) >= self.max_tokens:
             self.finish_reason = "length"
             text += self.stop_matcher.flush()

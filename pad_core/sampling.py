@@ -8,6 +8,11 @@ from collections.abc import Sequence
 
 import torch
 
+from pad_core.validation import TEMPERATURE_FLOOR
+
+# The column/token of a row that has no distribution to choose from.
+INVALID_TOKEN = -1
+
 
 def apply_penalties(
     logits: torch.Tensor,
@@ -26,13 +31,22 @@ def apply_penalties(
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero the tail of one distribution [C] beyond cumulative mass top_p
-    (the most likely token is always kept). Not renormalised."""
+    (the most likely token is always kept, however small top_p: 5e-324 is
+    0.0 in float32). Not renormalised."""
     if top_p >= 1.0:
         return probs
     sorted_probs, order = probs.sort(descending=True)
     mass_before = sorted_probs.cumsum(0) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    drop = mass_before >= top_p
+    drop[0] = False
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+
+
+def usable_rows(scores: torch.Tensor) -> torch.Tensor:
+    """[N] bool: rows with a finite best score and no NaN or +inf anywhere
+    (-inf is an excluded column). Only such a row has a distribution."""
+    return torch.isfinite(scores.max(dim=-1).values)
 
 
 def choose_tokens(
@@ -43,14 +57,23 @@ def choose_tokens(
 ) -> torch.Tensor:
     """Pick one column per row of scores [N, C] (-inf = excluded).
 
-    temperature 0: argmax. Otherwise sample from softmax(scores / T) after
-    top-p, with the row's own generator. Returns column indices [N].
+    temperature below TEMPERATURE_FLOOR (0 included): argmax, as vLLM does.
+    Otherwise sample from softmax(scores / T) after top-p, with the row's own
+    generator. Scores that overflow when divided by T are shifted by their
+    maximum first, so no temperature yields inf or NaN. A row with no usable score (NaN or +inf,
+    or every column excluded) gets INVALID_TOKEN: the caller ends that
+    request alone. Returns column indices [N].
     """
     chosen = scores.argmax(dim=-1)
+    usable = usable_rows(scores)
+    chosen[~usable] = INVALID_TOKEN
     for row, temp in enumerate(temperature):
-        if temp <= 0:
+        if temp < TEMPERATURE_FLOOR or not usable[row]:
             continue
-        probs = torch.softmax(scores[row].float() / temp, dim=-1)
+        scaled = scores[row].float() / temp
+        if not bool(torch.isfinite(scaled.max())):  # overflowed: shift first (softmax is shift-invariant)
+            scaled = (scores[row].float() - scores[row].float().max()) / temp
+        probs = torch.softmax(scaled, dim=-1)
         probs = top_p_filter(probs, top_p[row])
         chosen[row] = torch.multinomial(probs, 1, generator=generators[row]).squeeze(0)
     return chosen

@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pad_core.validation import MAX_WEIGHT
 
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
@@ -38,8 +40,10 @@ class EngineSettings(BaseSettings):
     served_model_name: str | None = Field(
         None, description="name clients use in 'model' (default: smollm2-135m-instruct for the embedded model, else the folder name)"
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype; auto: bfloat16 on CUDA and on CPUs with native bf16, else float32"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="converted-weights cache")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
 
@@ -50,20 +54,37 @@ class EngineSettings(BaseSettings):
         default_factory=dict, description="name -> separate causal LM (folder or .gguf) with the base tokenizer"
     )
 
-    # Chosen by `pad eval --grid` on the shipped data set (README, "Does PAD follow preferences?").
-    default_weight: float = Field(4.0, description="default PAD guidance weight w")
+    # w, top_k and min_p chosen by `pad eval --grid` on the tune half of the shipped data set, by
+    # gated satisfaction (README, "Does PAD follow preferences?"; results/eval-grid).
+    default_weight: float = Field(
+        4.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False, description="default PAD guidance weight w"
+    )
     default_top_k: int = Field(80, ge=1, description="default number of candidates kept by the prescreen")
-    max_top_k: int = Field(100, ge=1)
+    max_top_k: int = Field(100, ge=1, description="largest pad.top_k a request may ask for")
     default_min_p: float = Field(
-        0.0, ge=0.0, le=1.0,
+        0.1, ge=0.0, le=1.0,
         description="default prescreen floor: a candidate stays only if p_base(a) >= min_p * max p_base (0: off)",
     )
-    preference_template: str = DEFAULT_PREFERENCE_TEMPLATE
+    preference_template: str = Field(
+        DEFAULT_PREFERENCE_TEMPLATE, description="system message of a reward context; {preference} is replaced"
+    )
     max_preferences: int = Field(8, ge=1, description="preferences per request")
+    max_preference_chars: int = Field(2000, ge=1, description="characters per preference text")
 
     max_running_requests: int = Field(32, ge=1, description="requests decoded together")
     max_batch_rows: int = Field(96, ge=1, description="model rows decoded together (base + reward rows)")
     max_prefill_tokens: int = Field(4096, ge=1, description="prompt tokens prefilled in one step")
+    default_max_tokens: int = Field(
+        1024, ge=0,
+        description="max_tokens of a request that gives none, capped by the room left in the context "
+        "(0: up to the context length)",
+    )
+
+    @model_validator(mode="after")
+    def _default_top_k_within_max(self) -> EngineSettings:
+        if self.default_top_k > self.max_top_k:
+            raise ValueError(f"default_top_k ({self.default_top_k}) is larger than max_top_k ({self.max_top_k})")
+        return self
 
     def resolved_served_name(self) -> str:
         if self.served_model_name:

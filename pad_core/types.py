@@ -5,9 +5,25 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Literal
 
+from pad_core.errors import InvalidRequestError
+from pad_core.validation import (
+    INT64_MAX,
+    MAX_PENALTY,
+    MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    MAX_TOP_LOGPROBS,
+    MAX_WEIGHT,
+    check_bool,
+    check_float,
+    check_int,
+    check_text,
+)
+
 FinishReason = Literal["stop", "length", "abort", "error"]
+StructuredKind = Literal["json_object", "json_schema", "tool_calls"]
 
 
 @dataclass(frozen=True)
@@ -16,6 +32,51 @@ class Preference:
 
     text: str
     weight: float = 1.0
+
+    def verify(self, param: str = "preference", max_chars: int | None = None) -> None:
+        """Text: a non-blank, valid Unicode string of at most max_chars; weight:
+        finite, |weight| <= MAX_WEIGHT. `param` names this preference."""
+        if not isinstance(self.text, str):
+            raise InvalidRequestError(f"{param}.text must be a string", param=f"{param}.text")
+        check_text(self.text, param, max_chars=max_chars, code="preference_too_long")
+        if not self.text.strip():
+            raise InvalidRequestError(f"{param} is empty", param=param, code="empty_preference")
+        check_float(self.weight, f"{param}.weight", -MAX_WEIGHT, MAX_WEIGHT)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The bounds a deployment sets (settings fields of the same names), on
+    top of the fixed ones in pad_core.validation."""
+
+    max_preferences: int = 8
+    max_preference_chars: int = 2000
+    max_top_k: int = 100
+
+    @classmethod
+    def from_settings(cls, settings: object) -> RequestLimits:
+        values = {f.name: getattr(settings, f.name, None) for f in dataclasses.fields(cls)}
+        return cls(**{name: value for name, value in values.items() if value is not None})
+
+
+def verify_preferences(preferences: Sequence[Preference], limits: RequestLimits, param: str = "preference") -> None:
+    """The one rule for a list of preferences, inline or stored: at most
+    max_preferences, each valid (Preference.verify), no text twice (a stored
+    profile is edited by text, and a repeated text is a doubled weight)."""
+    if len(preferences) > limits.max_preferences:
+        raise InvalidRequestError(
+            f"too many preferences: {len(preferences)} given, at most {limits.max_preferences} allowed",
+            param=param,
+            code="too_many_preferences",
+        )
+    seen: set[str] = set()
+    for index, preference in enumerate(preferences):
+        where = f"{param}[{index}]"
+        preference.verify(where, limits.max_preference_chars)
+        if preference.text in seen:
+            raise InvalidRequestError(f"{where} repeats an earlier preference", param=where,
+                                      code="duplicate_preference")
+        seen.add(preference.text)
 
 
 @dataclass(frozen=True)
@@ -34,6 +95,29 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20, only with logprobs
 
+    def verify(self) -> None:
+        """Every field within its legal range (vLLM's _verify_args); raises
+        InvalidRequestError naming the OpenAI parameter."""
+        if self.max_tokens is not None:
+            check_int(self.max_tokens, "max_tokens", 1, INT64_MAX)
+        check_float(self.temperature, "temperature", 0.0, MAX_TEMPERATURE)
+        check_float(self.top_p, "top_p", 0.0, 1.0, low_open=True)
+        if self.seed is not None:
+            check_int(self.seed, "seed")
+        if not isinstance(self.stop, tuple | list) or len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError(f"stop must be at most {MAX_STOP_STRINGS} strings", param="stop")
+        for stop in self.stop:
+            check_text(stop, "stop")
+        if not isinstance(self.stop_token_ids, tuple | list):
+            raise InvalidRequestError("stop_token_ids must be a list of token ids", param="stop_token_ids")
+        for token in self.stop_token_ids:
+            check_int(token, "stop_token_ids", 0)
+        check_bool(self.ignore_eos, "ignore_eos")
+        check_float(self.presence_penalty, "presence_penalty", -MAX_PENALTY, MAX_PENALTY)
+        check_float(self.frequency_penalty, "frequency_penalty", -MAX_PENALTY, MAX_PENALTY)
+        check_bool(self.logprobs, "logprobs")
+        check_int(self.top_logprobs, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+
 
 @dataclass(frozen=True)
 class GuidanceParams:
@@ -44,6 +128,82 @@ class GuidanceParams:
     min_p: float | None = None  # prescreen floor: keep a if p_base(a) >= min_p * max p_base
     reward_model: str = "self"
     base_sees_preference: bool | None = None  # None: False for self, True otherwise
+
+    def verify(self, limits: RequestLimits) -> None:
+        """Every field within its legal range (None: the engine's default)."""
+        if self.weight is not None:
+            check_float(self.weight, "pad.weight", -MAX_WEIGHT, MAX_WEIGHT)
+        if self.top_k is not None:
+            check_int(self.top_k, "pad.top_k", 1, limits.max_top_k)
+        if self.min_p is not None:
+            check_float(self.min_p, "pad.min_p", 0.0, 1.0)
+        check_text(self.reward_model, "pad.reward_model")
+        if self.base_sees_preference is not None:
+            check_bool(self.base_sees_preference, "pad.base_sees_preference")
+
+
+@dataclass(frozen=True)
+class ToolFunction:
+    """A function the model may call (OpenAI `tools[].function`)."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # JSON Schema of the arguments; None: any JSON object
+    strict: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ToolFunction:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A grammar the answer must follow (torch-free; pad_core/structured.py
+    compiles it). The grammar's token mask is applied to the base logits
+    before PAD's prescreen, so the reward only chooses among legal tokens,
+    and the request stops ("stop") as soon as the grammar is complete.
+
+    kind:
+    - "json_object": any JSON object (OpenAI `response_format: json_object`).
+    - "json_schema": JSON matching `json_schema` (OpenAI `response_format:
+      json_schema`; `strict` refuses schema keywords the grammar engine does
+      not implement, non-strict ignores them).
+    - "tool_calls": a JSON array of calls `[{"name": ..., "arguments":
+      {...}}, ...]` of the functions in `tools` (OpenAI `tool_choice:
+      "required"`); `tool_choice` names the one function to call (exactly one
+      call); `parallel_tool_calls=False` allows one call only. The final
+      StepOutput carries them parsed in `tool_calls`.
+    """
+
+    kind: StructuredKind
+    json_schema: dict[str, Any] | None = None
+    schema_name: str | None = None  # OpenAI `json_schema.name`, informational
+    strict: bool = False
+    tools: tuple[ToolFunction, ...] = ()
+    tool_choice: str | None = None
+    parallel_tool_calls: bool = True
+
+    @property
+    def param(self) -> str:
+        """The OpenAI request field an error about this constraint names."""
+        return "tools" if self.kind == "tool_calls" else "response_format"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StructuredOutput:
+        tools = tuple(ToolFunction.from_dict(t) for t in data.get("tools") or ())
+        return cls(**{**data, "tools": tools})
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call the model made; `arguments` is JSON text (as in
+    OpenAI's `tool_calls[].function.arguments`)."""
+
+    name: str
+    arguments: str
 
 
 @dataclass
@@ -56,6 +216,32 @@ class ChatRequest:
     preferences: list[Preference] = field(default_factory=list)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     guidance: GuidanceParams = field(default_factory=GuidanceParams)
+    structured: StructuredOutput | None = None  # None: free text
+
+    def verify(self, limits: RequestLimits) -> None:
+        """The request's own bounds (the engine adds what needs the model:
+        roles, context length, reward model names). Raises InvalidRequestError."""
+        check_text(self.request_id, "request_id")
+        if not isinstance(self.messages, list) or not self.messages:
+            raise InvalidRequestError("messages must be a non-empty list", param="messages")
+        for index, message in enumerate(self.messages):
+            if not isinstance(message, dict):
+                raise InvalidRequestError(f"messages[{index}] must be an object", param=f"messages[{index}]")
+            for key, value in message.items():
+                check_text(key, f"messages[{index}]")
+                if isinstance(value, str):
+                    check_text(value, f"messages[{index}].{key}")
+        if not isinstance(self.preferences, list):
+            raise InvalidRequestError("preference must be a list", param="preference")
+        verify_preferences(self.preferences, limits)
+        self.sampling.verify()
+        self.guidance.verify(limits)
+
+    def text_length(self) -> int:
+        """Characters of every message and preference: a cheap bound on the
+        prompt before it is tokenized (a token covers at most so many)."""
+        messages = sum(len(v) for m in self.messages for v in m.values() if isinstance(v, str))
+        return messages + sum(len(p.text) for p in self.preferences)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -72,6 +258,7 @@ class ChatRequest:
             preferences=[Preference(**p) for p in data.get("preferences") or []],
             sampling=SamplingParams(**sampling),
             guidance=GuidanceParams(**(data.get("guidance") or {})),
+            structured=StructuredOutput.from_dict(data["structured"]) if data.get("structured") else None,
         )
 
 
@@ -93,6 +280,15 @@ class GenerationRequest:
     reward_prompts: list[RewardPrompt] = field(default_factory=list)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     guidance: GuidanceParams = field(default_factory=GuidanceParams)
+    structured: StructuredOutput | None = None
+
+    def verify(self, limits: RequestLimits) -> None:
+        """The settings' bounds (the engine checks the token ids against its vocabulary)."""
+        check_text(self.request_id, "request_id")
+        for index, prompt in enumerate(self.reward_prompts):
+            check_float(prompt.weight, f"reward_prompts[{index}].weight", -MAX_WEIGHT, MAX_WEIGHT)
+        self.sampling.verify()
+        self.guidance.verify(limits)
 
 
 @dataclass
@@ -113,6 +309,8 @@ class StepOutput:
     `text` is the new text since the previous output (it may be empty while
     bytes of a multi-byte character or a possible stop string are held back).
     `finish_reason` is set exactly once, on the request's last output.
+    `tool_calls` is set on the last output of a "tool_calls" request whose
+    grammar completed (its `text` deltas are the raw JSON of the calls).
     """
 
     request_id: str
@@ -123,6 +321,7 @@ class StepOutput:
     completion_tokens: int
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
     @property
     def finished(self) -> bool:
@@ -144,4 +343,7 @@ class StepOutput:
                 )
                 for lp in logprobs
             ]
-        return cls(**{**data, "logprobs": logprobs})
+        tool_calls = data.get("tool_calls")
+        if tool_calls is not None:
+            tool_calls = [ToolCall(**call) for call in tool_calls]
+        return cls(**{**data, "logprobs": logprobs, "tool_calls": tool_calls})

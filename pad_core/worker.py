@@ -3,8 +3,13 @@
     python -m pad_core.worker --bind tcp://0.0.0.0:5557      (settings from PAD_*)
 
 Loop: take every waiting message (without blocking while requests run),
-run one engine step, send each gateway the outputs of its requests. A bad
-request is answered with "rejected" and never stops the loop.
+queue the chats whose prompts are ready, run one engine step, send each
+gateway the outputs of its requests. A bad request is answered with
+"rejected" and never stops the loop.
+
+Chats are validated and tokenized in a thread of their own (the tokenizer
+releases the GIL), never in the loop: a huge prompt delays its own first
+token, not the tokens of the requests already decoding.
 
 The ZeroMQ port has no authentication or encryption: whoever reaches it can
 submit requests and load adapters. Bind it to loopback or a private network
@@ -21,10 +26,12 @@ import sys
 import time
 import uuid
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import zmq
 
 from pad_core.engine import PadEngine
+from pad_core.cli_flags import add_settings_flags, settings_overrides
 from pad_core.errors import EngineError, InvalidRequestError
 from pad_core.ipc import HEARTBEAT_S, pack, unpack
 from pad_core.settings import EngineSettings
@@ -47,6 +54,17 @@ class Worker:
         # A fresh id per worker process: a gateway that sees it change knows
         # the worker restarted and its in-flight requests are gone.
         self.instance = uuid.uuid4().hex
+        # Chats being tokenized: request id -> (gateway, future GenerationRequest).
+        # One thread: tokenizations queue behind each other, never behind a step.
+        self.preparing: dict[str, tuple[bytes, Future]] = {}
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pad-tokenize")
+        # A finished tokenization wakes the loop's poll through this pipe.
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self.poller = zmq.Poller()
+        self.poller.register(self.socket, zmq.POLLIN)
+        self.poller.register(self._wake_read, zmq.POLLIN)
 
     def send(self, identity: bytes, message: dict) -> None:
         self.socket.send_multipart([identity, pack(message)])
@@ -60,31 +78,59 @@ class Worker:
         elif kind == "add":
             self.add(identity, message["request"])
         elif kind == "abort":
-            self.engine.abort(message["request_id"])
+            if self.preparing.pop(message["request_id"], None) is None:  # still tokenizing: just forget it
+                self.engine.abort(message["request_id"])
         elif kind == "load_adapter":
             self.load_adapter(identity, message)
         else:
             logger.warning("ignoring unknown message type %r", kind)
 
     def add(self, identity: bytes, payload: dict) -> None:
-        request_id = payload.get("request_id", "?")
+        """Starts tokenizing a chat in the tokenizer thread; `collect` queues it."""
+        request_id = payload.get("request_id", "?") if isinstance(payload, dict) else "?"
         try:
-            self.engine.add_chat(ChatRequest.from_dict(payload))
-        except InvalidRequestError as exc:
+            chat = ChatRequest.from_dict(payload)
+            if chat.request_id in self.preparing:
+                raise InvalidRequestError(f"request id {chat.request_id!r} is already running", param="request_id")
+        except Exception as exc:
+            self.reject(identity, request_id, exc)
+            return
+        future = self._tokenizer_thread.submit(self.engine.prepare_chat, chat)
+        self.preparing[chat.request_id] = (identity, future)
+        future.add_done_callback(self._wake)
+
+    def _wake(self, _future: Future) -> None:
+        try:
+            os.write(self._wake_write, b"\0")
+        except (BlockingIOError, OSError):  # the pipe is full (already awake) or closed (stopping)
+            pass
+
+    def collect(self) -> None:
+        """Queues in the engine the chats whose tokenization finished (in
+        arrival order), and answers those refused with "rejected"."""
+        for request_id, (identity, future) in list(self.preparing.items()):
+            if not future.done():
+                break
+            del self.preparing[request_id]
+            try:
+                self.engine.add_request(future.result())
+            except Exception as exc:
+                self.reject(identity, request_id, exc)
+                continue
+            self.owners[request_id] = identity
+
+    def reject(self, identity: bytes, request_id: str, exc: Exception) -> None:
+        """Answers a request the engine will not take: its own fault (400),
+        or the engine's (500, logged). Never stops the loop."""
+        if isinstance(exc, InvalidRequestError):
             error = {"message": exc.message, "param": exc.param, "code": exc.code}
-            self.send(identity, {"type": "rejected", "request_id": request_id, "error": error})
-            return
-        except (TypeError, KeyError, ValueError) as exc:
+        elif isinstance(exc, TypeError | KeyError | ValueError | AttributeError):
             error = {"message": f"malformed request: {exc}", "param": None, "code": None}
-            self.send(identity, {"type": "rejected", "request_id": request_id, "error": error})
-            return
-        except Exception as exc:  # one request must never stop the worker
-            logger.exception("could not add request %s", request_id)
+        else:
+            logger.error("could not add request %s", request_id, exc_info=exc)
             error = {"message": f"the engine could not take this request: {exc}", "param": None,
                      "code": "engine_error", "status": 500}
-            self.send(identity, {"type": "rejected", "request_id": request_id, "error": error})
-            return
-        self.owners[request_id] = identity
+        self.send(identity, {"type": "rejected", "request_id": request_id, "error": error})
 
     def load_adapter(self, identity: bytes, message: dict) -> None:
         try:
@@ -97,6 +143,17 @@ class Worker:
         self.send(identity, {"type": "adapter_loaded", "token": message["token"], "info": self.engine.model_info()})
 
     def drain(self, timeout_ms: int) -> None:
+        """Handles every waiting message, waiting up to timeout_ms for the
+        first one (or for a tokenization to finish)."""
+        if timeout_ms:
+            self.poller.poll(timeout_ms)
+            timeout_ms = 0
+        while True:
+            try:
+                if not os.read(self._wake_read, 4096):
+                    break
+            except BlockingIOError:
+                break
         while self.socket.poll(timeout_ms):
             frames = self.socket.recv_multipart()
             try:
@@ -141,9 +198,18 @@ class Worker:
                 logger.warning("the gateway that spawned this worker is gone; exiting")
                 break
             self.drain(0 if self.engine.has_unfinished() else IDLE_POLL_MS)
+            self.collect()
             if self.engine.has_unfinished():
                 self.step()
             self.heartbeat()
+        self.close()
+
+    def close(self) -> None:
+        """Stops the tokenizer thread (chats still waiting for it are dropped)."""
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+        self.poller.unregister(self._wake_read)
+        for fd in (self._wake_read, self._wake_write):
+            os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,9 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bind", default=os.environ.get("PAD_WORKER_BIND", "tcp://0.0.0.0:5557"))
     parser.add_argument("--log-level", default=os.environ.get("PAD_LOG_LEVEL", "INFO"))
     parser.add_argument("--parent-pid", type=int, help="exit when this process (the spawning gateway) is gone")
+    add_settings_flags(parser.add_argument_group("model and decoding"), EngineSettings)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        overrides = settings_overrides(args, EngineSettings)
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s worker %(name)s: %(message)s")
-    settings = EngineSettings()
+    settings = EngineSettings(**overrides)
     engine = PadEngine.from_settings(settings)
     context = zmq.Context()
     socket = context.socket(zmq.ROUTER)

@@ -1,6 +1,10 @@
 """create_app(settings): the FastAPI gateway. State lives on app.state,
 set up and torn down by the lifespan: the worker client (and its local
-worker process), the metrics registry, the key table, the preference store."""
+worker process), the metrics registry, the key table, the preference store.
+
+Every request passes the body limit (413) first; the routers then check
+the API key (server/auth.py, a dependency) and parse JSON bodies strictly
+(server/request_body.py); one set of handlers shapes every error."""
 
 from __future__ import annotations
 
@@ -8,20 +12,20 @@ import contextlib
 import logging
 import time
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from server.auth_scopes import KeyTable, bearer_token
-from server.errors import APIError, error_response, install_error_handlers
+from server.auth_scopes import KeyTable
+from server.errors import install_error_handlers
 from server.metrics import Metrics
+from server.openapi import install_openapi
+from server.request_body import BodyLimitMiddleware
 from server.routes import chat, feedback, models, users
 from server.settings import ServerSettings
 from server.store.repository import Store
 from server.worker_client import WorkerClient
 
 logger = logging.getLogger(__name__)
-
-OPEN_PATHS = {"/health", "/metrics", "/docs", "/openapi.json", "/redoc"}
 
 
 def create_app(settings: ServerSettings | None = None, start_worker: bool = True) -> FastAPI:
@@ -51,20 +55,10 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        table: KeyTable = request.app.state.key_table
-        if not table.enabled or request.url.path in OPEN_PATHS or request.method == "OPTIONS":
-            request.state.key_scope = None
-            return await call_next(request)
-        token = bearer_token(request.headers.get("authorization")) or request.headers.get("api-key")
-        scope = table.authenticate(token)
-        if scope is None:
-            message = "Incorrect API key provided." if token else "You didn't provide an API key."
-            return error_response(APIError(401, message, "invalid_request_error", None, "invalid_api_key"))
-        request.state.key_scope = scope
-        return await call_next(request)
+    # Outermost (added last): an oversized body is refused before anything reads it.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
 
-    for router in (chat.router, models.router, users.router, feedback.router):
+    for router in (chat.router, models.router, models.probes, users.router, feedback.router):
         app.include_router(router)
+    install_openapi(app)
     return app

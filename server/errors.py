@@ -1,28 +1,62 @@
 """OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}} with
-the right status, for every failure the gateway can meet."""
+the right status, for every failure the gateway can meet. One set of
+handlers (`install_error_handlers`) serves every router, the store's too.
+
+429 and 503 carry Retry-After; 401 carries WWW-Authenticate. Error bodies
+are ASCII JSON: a message may quote what the client sent, and nothing it
+quotes may fail the response."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
+from pad_core.errors import InvalidRequestError
 from server.store.errors import StoreError
 
 logger = logging.getLogger(__name__)
 
+# Seconds a client should wait before retrying: a full queue drains in about
+# a request's time; a worker (re)loading the model takes several seconds.
+RETRY_AFTER_S = {429: 1, 503: 5}
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.extra_headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        headers = dict(self.extra_headers)
+        if self.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        if self.status in RETRY_AFTER_S:
+            headers["Retry-After"] = str(RETRY_AFTER_S[self.status])
+        return headers
+
+    @classmethod
+    def from_invalid(cls, exc: InvalidRequestError, rename: dict[str, str] | None = None) -> APIError:
+        """A 400 from the validation on the request types (pad_core.types);
+        `rename` maps their parameter names to the ones the client used."""
+        param = exc.param
+        message = exc.message
+        for ours, theirs in (rename or {}).items():
+            if param is not None and (param == ours or param.startswith((f"{ours}.", f"{ours}["))):
+                param = theirs + param[len(ours):] if theirs else None
+                message = message.replace(ours, theirs or "the request", 1)
+                break
+        return cls(400, message, "invalid_request_error", param, exc.code)
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -33,9 +67,13 @@ def unavailable(message: str, code: str = "worker_unavailable") -> APIError:
     return APIError(503, message, "server_error", None, code)
 
 
+class ErrorJSONResponse(JSONResponse):
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error_response(error: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    return ErrorJSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
 
 def _is_union_tag(part) -> bool:
@@ -45,8 +83,13 @@ def _is_union_tag(part) -> bool:
     )
 
 
-def _location(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path") and not _is_union_tag(p)]
+def _location(loc: tuple, keep_last: bool = False) -> str | None:
+    """The parameter an error is about, in the client's terms
+    (messages[0].content), without pydantic's union tags; keep_last: the
+    last element is a key the client sent (an unknown field), never a tag."""
+    last = [str(loc[-1])] if keep_last and loc else []
+    loc = loc[:-1] if keep_last else loc
+    parts = [str(p) for p in loc if p not in ("body", "query", "path") and not _is_union_tag(p)] + last
     if not parts:
         return None
     text = parts[0]
@@ -55,15 +98,30 @@ def _location(loc: tuple) -> str | None:
     return text
 
 
+def _unknown_argument(error: dict, errors: list[dict]) -> APIError:
+    """An unknown field, with a hint when a required one differs only in case
+    ({"Model": 1} -> did you mean 'model'?)."""
+    loc = tuple(error.get("loc", ()))
+    param = _location(loc, keep_last=True)
+    sent = str(loc[-1]) if loc else ""
+    missing = [str(e["loc"][-1]) for e in errors
+               if e.get("type") == "missing" and tuple(e.get("loc", ()))[:-1] == loc[:-1] and e.get("loc")]
+    hint = next((f" (did you mean '{name}'?)" for name in missing if name.lower() == sent.lower()), "")
+    return invalid(f"Unrecognized request argument supplied: {param}{hint}", param, "unknown_parameter")
+
+
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    unknown = next((e for e in errors if e.get("type") == "extra_forbidden"), None)
+    if unknown is not None:  # as OpenAI: an unknown argument is named first
+        return error_response(_unknown_argument(unknown, errors))
     # The most specific error: for unions, the member that got furthest.
-    first = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={})
+    first = max(errors, key=lambda e: len(e.get("loc", ())), default={})
     param = _location(tuple(first.get("loc", ())))
-    if first.get("type") == "extra_forbidden":
-        message = f"Unrecognized request argument supplied: {param}"
-        return error_response(invalid(message, param, "unknown_parameter"))
     if first.get("type") == "json_invalid":
         return error_response(invalid("The request body is not valid JSON.", None, "invalid_json"))
+    if first.get("type") == "missing" and param is None:
+        return error_response(invalid("The request body is required (a JSON object).", None, "missing_body"))
     message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
     return error_response(invalid(message, param))
 
@@ -73,12 +131,32 @@ async def _api_error(_: Request, exc: APIError) -> JSONResponse:
 
 
 async def _store_error(_: Request, exc: StoreError) -> JSONResponse:
-    return JSONResponse(exc.to_openai(), status_code=exc.status)
+    return error_response(APIError(exc.status, exc.message, exc.type, exc.param, exc.code))
 
 
-async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+async def _invalid_request(_: Request, exc: InvalidRequestError) -> JSONResponse:
+    return error_response(APIError.from_invalid(exc))
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method of the request's path (Starlette's 405 names only the
+    first route's, and each method here is a route of its own)."""
+    methods = set()
+    for route in request.app.router.routes:
+        if route.matches(request.scope)[0] != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    error = getattr(exc, "error", None)  # request_body.BodyError
+    if isinstance(error, APIError):
+        return error_response(error)
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return error_response(APIError(exc.status_code, str(exc.detail), kind))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
+    return error_response(APIError(exc.status_code, str(exc.detail), kind, headers=headers))
 
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -90,5 +168,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StoreError, _store_error)
+    app.add_exception_handler(InvalidRequestError, _invalid_request)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

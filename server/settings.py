@@ -27,8 +27,8 @@ def _as_list(value):
 class ServerSettings(EngineSettings, StoreSettings):
     model_config = SettingsConfigDict(env_prefix="PAD_", extra="ignore", populate_by_name=True)
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         validation_alias=AliasChoices("api_keys", "PAD_API_KEY", "PAD_API_KEYS"),
@@ -37,6 +37,10 @@ class ServerSettings(EngineSettings, StoreSettings):
     api_keys_file: str | None = Field(None, description="a file of key specs, one a line")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="allowed CORS origins")
     max_queue: int = Field(256, ge=1, description="requests in flight before 429")
+    max_request_bytes: int = Field(
+        2 * 1024 * 1024, ge=1024,
+        description="largest request body; a larger one is refused (413) before it is read",
+    )
     worker_address: str | None = Field(
         None, description="attach to a running worker (tcp://host:port) instead of spawning one"
     )
@@ -44,7 +48,7 @@ class ServerSettings(EngineSettings, StoreSettings):
     worker_heartbeat_timeout: float = Field(
         60.0, gt=0, description="seconds of silence before an attached (remote) worker counts as down"
     )
-    log_level: str = "info"
+    log_level: str = Field("info", description="debug, info, warning or error")
 
     _keys_as_list = field_validator("api_keys", mode="before")(_as_list)
     _split_origins = field_validator("cors_origins", mode="before")(_split_commas)

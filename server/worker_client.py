@@ -258,10 +258,12 @@ class WorkerClient:
             await self.socket.send(pack(message))
 
     # ---- requests -----------------------------------------------------
-    def check_available(self) -> None:
+    def check_available(self, needed: int = 1) -> None:
+        """WorkerUnavailable, or QueueFull unless `needed` more requests fit
+        (a request's n choices are taken together or not at all)."""
         if not self.ready:
             raise WorkerUnavailable(self.down_reason)
-        if len(self.pending) >= self.settings.max_queue:
+        if len(self.pending) + needed > self.settings.max_queue:
             raise QueueFull(f"the server has {len(self.pending)} requests in flight (max_queue); retry later")
 
     async def generate(self, chat: ChatRequest) -> AsyncIterator[StepOutput]:

@@ -167,13 +167,16 @@ def store_config(url: str, **overrides):
 
 def store_app(store, api_keys=()):
     """A small FastAPI app with the users and feedback routers, the store on
-    app.state and a key table (the gateway wires the same in create_app)."""
+    app.state, a key table and the error handlers (the gateway wires the
+    same in create_app)."""
     from fastapi import FastAPI
 
     from server.auth_scopes import KeyTable
+    from server.errors import install_error_handlers
     from server.routes import feedback, users
 
     app = FastAPI()
+    install_error_handlers(app)
     app.include_router(users.router)
     app.include_router(feedback.router)
     app.state.store = store

@@ -268,7 +268,8 @@ def test_greedy_output_is_the_same_alone_and_batched(make_engine, tiny_model, pr
         tiny_model, base_ids, reward_ids, [p.weight for p in preferences], weight=engine.settings.default_weight,
         top_k=engine.settings.default_top_k, min_p=engine.settings.default_min_p,
     )
-    assert_same_until_near_tie(alone.tokens, batched.tokens, gaps, min_steps=16)
+    # At the default min_p one step of this prompt sits near the prescreen's floor (step 14 of 16).
+    assert_same_until_near_tie(alone.tokens, batched.tokens, gaps, min_steps=12)
     assert batched.text == alone.text and batched.finish_reason == alone.finish_reason == "length"
 
 
@@ -437,7 +438,7 @@ def _bad_requests(tokenizer):
         (ChatRequest("bad", [{"role": "user", "content": huge}]), ContextLengthExceededError, "messages"),
         (GenerationRequest("bad", list(range(3, 600))), ContextLengthExceededError, "messages"),
         (chat("bad", sampling=SamplingParams(max_tokens=10_000)), ContextLengthExceededError, "max_tokens"),
-        (chat("bad", "mid", [Preference("  ")]), InvalidRequestError, "preference"),
+        (chat("bad", "mid", [Preference("  ")]), InvalidRequestError, "preference[0]"),
         (ChatRequest("bad", []), InvalidRequestError, "messages"),
         (chat("ok-1"), InvalidRequestError, "request_id"),  # already running
         # Token-level API: ids outside the vocabulary would crash the shared forward pass.
@@ -483,11 +484,12 @@ def test_context_length_errors_are_raised_only_past_the_limit(make_engine):
     assert results["rest"].finish_reason == "length"
 
 
-def test_a_failing_forward_ends_every_request_in_flight_and_the_engine_recovers(make_engine, tiny_model):
+def test_a_failing_prefill_ends_only_its_request_and_the_engine_recovers(make_engine, tiny_model):
     """Fault injection in the model (not the engine): any forward pass that sees
-    the POISON token raises. Every request in flight, including the one whose
-    prefill failed, must get exactly one final output ("error"), and the engine
-    must serve new requests afterwards."""
+    the POISON token raises. The prefill that fails is retried request by
+    request, so only the poisoned request ends ("error", exactly one final
+    output); the request already running, and the one admitted with the
+    poisoned one, decode on as if alone."""
     poison = 4321
     model = copy.deepcopy(tiny_model)
 
@@ -500,15 +502,41 @@ def test_a_failing_forward_ends_every_request_in_flight_and_the_engine_recovers(
     engine.add_chat(chat("running"))
     outputs = engine.step()
     engine.add_request(GenerationRequest("poisoned", [5, poison, 6], sampling=GREEDY))
+    engine.add_chat(chat("neighbour", "short", [PREF]))
     outputs += engine.step()
     outputs += list(engine.generate([]))
     finals = {o.request_id: o for o in outputs if o.finished}
-    assert set(finals) == {"running", "poisoned"}
+    assert set(finals) == {"running", "poisoned", "neighbour"}
     assert finals["poisoned"].finish_reason == "error" and "injected fault" in finals["poisoned"].error
-    assert sum(o.finished for o in outputs) == 2
+    assert sum(o.finished for o in outputs) == 3
+    for rid, request in (("running", chat("running")), ("neighbour", chat("neighbour", "short", [PREF]))):
+        assert Result([o for o in outputs if o.request_id == rid]).tokens == run_one(make_engine(), request).tokens
     assert engine.stats() == {"running_requests": 0, "running_rows": 0, "waiting_requests": 0}
     after = run_one(engine, chat("after", preferences=[PREF]))
     assert after.tokens == run_one(make_engine(), chat("after", preferences=[PREF])).tokens
+
+
+def test_a_failing_decode_forward_ends_the_running_requests_and_the_engine_recovers(make_engine, monkeypatch):
+    """The decode forward is shared by every running row: when it fails, their
+    KV caches cannot be trusted, so they all end ("error", once each), and
+    the engine serves new requests afterwards."""
+    engine = make_engine()
+    engine.add_chat(chat("a"))
+    engine.add_chat(chat("b", "short", [PREF]))
+    outputs = engine.step()
+    runner = engine.runners["base"]
+    decode = runner.decode
+
+    def failing(tokens):
+        monkeypatch.setattr(runner, "decode", decode)  # once
+        raise RuntimeError("injected decode fault")
+
+    monkeypatch.setattr(runner, "decode", failing)
+    outputs += engine.step()
+    finals = {o.request_id: o for o in outputs if o.finished}
+    assert {rid: o.finish_reason for rid, o in finals.items()} == {"a": "error", "b": "error"}
+    assert engine.stats() == {"running_requests": 0, "running_rows": 0, "waiting_requests": 0}
+    assert run_one(engine, chat("after")).tokens == run_one(make_engine(), chat("after")).tokens
 
 
 # ---- abort ----------------------------------------------------------------------

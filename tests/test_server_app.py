@@ -29,6 +29,7 @@ async def test_health_and_chat_are_503_until_the_worker_is_ready(app):
         response = await client.post("/v1/chat/completions", json=BODY)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "worker_unavailable"
+    assert response.headers["retry-after"] == "5" and health.headers["retry-after"] == "5"
 
 
 @pytest.mark.parametrize(

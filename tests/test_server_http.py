@@ -59,6 +59,11 @@ def test_queue_limit_is_a_429_and_the_server_keeps_serving(guarded):
     with pytest.raises(openai.RateLimitError) as limited:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
     assert limited.value.status_code == 429 and limited.value.body["code"] == "queue_full"
+    assert limited.value.response.headers["retry-after"] == "1"
+    # n above max_queue could never be served: a 400, not a 429 to retry forever
+    with pytest.raises(openai.BadRequestError) as too_many:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, n=2)
+    assert too_many.value.body["param"] == "n"
     stream.response.close()
     deadline = time.monotonic() + 10
     while True:

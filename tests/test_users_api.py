@@ -63,6 +63,9 @@ async def test_bad_requests(store):
         assert_error(await client.put(URL.format("u" * 300), json={"preferences": ["x"]}), 400, param="user_id")
         # a lone surrogate (valid JSON escape, not storable text)
         assert_error(await client.put(URL.format("a"), content=b'{"preferences": ["\\ud800"]}'), 400, "invalid_text")
+        # what PostgreSQL cannot hold is a 400 on both backends, never a failed query
+        assert_error(await client.put(URL.format("a%00b"), json={"preferences": ["x"]}), 400, "invalid_text")
+        assert_error(await client.post("/v1/feedback", json={"completion_id": "c\x00", "rating": 1}), 400)
         assert_error(await client.get(URL.format("a")), 404)  # nothing was stored by the refused writes
 
 

@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exclude-ids", default="", help="comma-separated case ids to leave out (held-out eval prompts)")
     parser.add_argument("--limit-questions", type=int,
                         help="keep only the cases of the first N distinct questions (a cheaper run)")
+    parser.add_argument("--skip-questions", type=int, default=0,
+                        help="leave out the cases of the first N distinct questions (to continue a cheaper run)")
     parser.add_argument("--model", default="embedded", help="(default: embedded)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not 0.0 <= args.degenerate_share <= 1.0:
@@ -227,9 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     from pad_core.settings import EngineSettings
 
     cases = cases_from_eval_file(Path(args.cases), {i for i in args.exclude_ids.split(",") if i})
+    questions = list(dict.fromkeys(c.messages for c in cases))[args.skip_questions:]
     if args.limit_questions:
-        kept = set(list(dict.fromkeys(c.messages for c in cases))[: args.limit_questions])
-        cases = [c for c in cases if c.messages in kept]
+        questions = questions[: args.limit_questions]
+    kept = set(questions)
+    cases = [c for c in cases if c.messages in kept]
     engine = PadEngine.from_settings(EngineSettings(model=args.model))
     pairs, stats = synthesize(engine, cases, args.samples, args.temperature, args.max_tokens, args.pairs_per_case,
                               args.seed, args.plain_samples, args.degenerate_share)

@@ -12,19 +12,23 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from pad_core.types import ChatRequest, GuidanceParams, Preference, SamplingParams, StepOutput
+from pad_core.errors import InvalidRequestError
+from pad_core.types import ChatRequest, GuidanceParams, Preference, RequestLimits, SamplingParams, StepOutput
+from pad_core.validation import INT64_MIN
+from server.auth import Scope, key_scope
 from server.auth_scopes import chat_user
 from server.errors import APIError, invalid, unavailable
-from server.openai_models import ChatCompletionRequest
-from server.store.http import request_scope
-from server.store.resolve import UNSET, resolve_for_request
+from server.openai_models import ChatCompletion, ChatCompletionRequest
+from server.openapi import errors
+from server.request_body import JSONRoute
+from server.store.resolve import UNSET, Resolution, resolve_for_request
 from server.worker_client import QueueFull, RequestRejected, WorkerUnavailable
 
 logger = logging.getLogger(__name__)
-router = APIRouter(tags=["chat"])
+router = APIRouter(tags=["chat"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 
 UNSUPPORTED = (
     "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
@@ -76,17 +80,20 @@ def flatten_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
     return messages
 
 
+def choice_seed(seed: int, choice: int) -> int:
+    """seed + choice, wrapped around within int64 (seed 2**63 - 1, choice 1
+    must not overflow the IPC)."""
+    return (seed + choice - INT64_MIN) % 2**64 + INT64_MIN
+
+
 def sampling_params(body: ChatCompletionRequest, choice: int) -> SamplingParams:
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    if max_tokens is not None and max_tokens < 1:
-        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        raise invalid(f"{param} must be at least 1", param)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
-        seed=None if body.seed is None else body.seed + choice,
+        seed=None if body.seed is None else choice_seed(body.seed, choice),
         stop=tuple(stop),
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
@@ -95,12 +102,23 @@ def sampling_params(body: ChatCompletionRequest, choice: int) -> SamplingParams:
     )
 
 
-def check_preference_bounds(preferences: list[Preference], settings) -> None:
-    if len(preferences) > settings.max_preferences:
-        raise invalid(f"at most {settings.max_preferences} preferences per request", "preference")
-    for preference in preferences:
-        if len(preference.text) > settings.max_preference_chars:
-            raise invalid(f"a preference text is limited to {settings.max_preference_chars} characters", "preference")
+def verify_chat(chat: ChatRequest, body: ChatCompletionRequest, resolution: Resolution, user: str | None,
+                settings) -> None:
+    """The request types' one validation (pad_core.types, the same the
+    engine and the store run), its errors named as the client wrote them."""
+    try:
+        chat.verify(RequestLimits.from_settings(settings))
+    except InvalidRequestError as exc:
+        if resolution.source == "profile" and (exc.param or "").startswith("preference"):
+            raise APIError(400, f"the preferences stored for user {user!r} cannot be used ({exc.message}); "
+                                f"replace them with PUT /v1/users/{{user_id}}/preferences", "invalid_request_error",
+                           "user", exc.code) from None
+        rename = {}
+        if body.max_completion_tokens is not None:
+            rename["max_tokens"] = "max_completion_tokens"
+        if isinstance(body.preference, str):
+            rename["preference[0]"] = "preference"
+        raise APIError.from_invalid(exc, rename) from None
 
 
 # ---- responses ---------------------------------------------------------
@@ -223,12 +241,34 @@ async def _unless_disconnected(request: Request, work):
     raise ClientDisconnected
 
 
-@router.post("/v1/chat/completions")
-async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+# One server-sent event (OpenAPI 3.2's reading of an event stream's schema).
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "data": {"type": "string", "description": "a chat.completion.chunk (JSON), an OpenAI-shaped error "
+                                                  "(JSON) or [DONE]"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+    "required": ["data"],
+}
+CHAT_RESPONSES = {
+    **errors(400, 401, 403, 404, 413, 429, 503),
+    200: {
+        "model": ChatCompletion,
+        "description": "a chat.completion, or with stream: true a text/event-stream of chat.completion.chunk",
+        "content": {"text/event-stream": {"schema": SSE_EVENT}},
+    },
+}
+
+
+@router.post("/v1/chat/completions", response_model=None, responses=CHAT_RESPONSES)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, scope: Scope):
     state = request.app.state
     metrics = state.metrics
     try:
-        response = await _unless_disconnected(request, _chat(body, request))
+        response = await _unless_disconnected(request, _chat(body, request, scope))
     except APIError as error:
         metrics.requests.labels(status=str(error.status)).inc()
         raise
@@ -241,19 +281,21 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     return response
 
 
-async def _chat(body: ChatCompletionRequest, request: Request):
+async def _chat(body: ChatCompletionRequest, request: Request, scope):
     state = request.app.state
     settings, client = state.settings, state.worker
     served = client.model_info.get("served_model_name") or settings.resolved_served_name()
     if body.model != served:
         raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{served}'",
                        "invalid_request_error", "model", "model_not_found")
+    if body.n > settings.max_queue:  # a 429 that retrying can never cure
+        raise invalid(f"n = {body.n} is more than this server ever runs at once (max_queue = {settings.max_queue})",
+                      "n")
     refuse_unsupported(body)
     messages = flatten_messages(body)
-    user = chat_user(request_scope(request), body.user)
+    user = chat_user(scope, body.user)
     asked = body.preference if "preference" in body.model_fields_set else UNSET
     resolution = await resolve_for_request(getattr(state, "store", None), user, asked)
-    check_preference_bounds(resolution.preferences, settings)
     pad = body.pad or None
     guidance = GuidanceParams(
         weight=pad.weight if pad else None,
@@ -268,6 +310,11 @@ async def _chat(body: ChatCompletionRequest, request: Request):
         ChatRequest(f"{completion.id}-{i}", messages, resolution.preferences, sampling_params(body, i), guidance)
         for i in range(body.n)
     ]
+    verify_chat(chats[0], body, resolution, user, settings)  # the others differ in the seed alone (choice_seed)
+    try:
+        client.check_available(needed=body.n)
+    except (QueueFull, WorkerUnavailable) as exc:
+        raise map_exception(exc) from None
     streams = [client.generate(chat) for chat in chats]
     # The first output of each choice arrives before any byte is sent, so a
     # request the engine refuses still gets a proper 400. The n choices are

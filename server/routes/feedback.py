@@ -13,32 +13,26 @@ the API key is not bound to."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends
 
-from server.store.errors import InvalidInput
-from server.store.http import get_store, handle, json_object, request_scope
+from server.auth import Scope, key_scope
+from server.openai_models import FeedbackRecord, FeedbackRequest
+from server.openapi import errors
+from server.request_body import JSONRoute
+from server.store.http import StoreDep
 
-router = APIRouter(tags=["feedback"])
-FIELDS = {"completion_id", "choice_index", "rating", "preferred_over", "preferred_over_choice_index", "comment"}
+router = APIRouter(tags=["feedback"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 
 
-@router.post("/v1/feedback")
-async def post_feedback(request: Request):
-    async def run():
-        scope = request_scope(request)
-        store = get_store(request)
-        body = await json_object(request, FIELDS)
-        if "completion_id" not in body:
-            raise InvalidInput("'completion_id' is required", param="completion_id")
-        record = await store.record_feedback(
-            body["completion_id"],
-            choice_index=body.get("choice_index", 0),
-            rating=body.get("rating"),
-            preferred_over=body.get("preferred_over"),
-            preferred_over_choice_index=body.get("preferred_over_choice_index", 0),
-            comment=body.get("comment"),
-            can_access=None if scope is None else scope.can_access,
-        )
-        return record.to_openai()
-
-    return await handle(run)
+@router.post("/v1/feedback", response_model=FeedbackRecord, responses=errors(400, 401, 403, 404, 413, 503))
+async def post_feedback(body: FeedbackRequest, scope: Scope, store: StoreDep):
+    record = await store.record_feedback(
+        body.completion_id,
+        choice_index=body.choice_index,
+        rating=body.rating,
+        preferred_over=body.preferred_over,
+        preferred_over_choice_index=body.preferred_over_choice_index,
+        comment=body.comment,
+        can_access=None if scope is None else scope.can_access,
+    )
+    return record.to_openai()

@@ -2,33 +2,55 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.auth import Scope, key_scope
 from server.auth_scopes import check_admin
-from server.errors import APIError, unavailable
-from server.store.http import request_scope
+from server.errors import RETRY_AFTER_S, APIError, unavailable
+from server.openai_models import ModelList, RewardModelLoaded
+from server.openapi import RETRY_AFTER_HEADER, errors
+from server.request_body import JSONRoute
 from server.worker_client import RequestRejected, WorkerUnavailable
 
-router = APIRouter(tags=["models"])
+# Probes: no API key, so a load balancer or Prometheus needs none.
+probes = APIRouter(tags=["probes"])
+router = APIRouter(tags=["models"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
+
+HEALTH = {
+    "type": "object",
+    "properties": {"status": {"type": "string"}, "model": {"type": ["string", "null"]},
+                   "reason": {"type": "string"}},
+    "required": ["status"],
+}
 
 
-@router.get("/health")
+@probes.get(
+    "/health",
+    responses={200: {"description": "the worker is ready", "content": {"application/json": {"schema": HEALTH}}},
+               503: {"description": "the worker is loading or down", "headers": RETRY_AFTER_HEADER,
+                     "content": {"application/json": {"schema": HEALTH}}}},
+)
 async def health(request: Request):
     client = request.app.state.worker
     if client.ready:
         return {"status": "ok", "model": client.model_info.get("served_model_name")}
-    return JSONResponse({"status": client.state, "reason": client.down_reason}, status_code=503)
+    return JSONResponse({"status": client.state, "reason": client.down_reason}, status_code=503,
+                        headers={"Retry-After": str(RETRY_AFTER_S[503])})
 
 
-@router.get("/metrics")
+@probes.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 async def metrics(request: Request):
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model=ModelList, responses=errors(401))
 async def list_models(request: Request):
     client, settings = request.app.state.worker, request.app.state.settings
     info = client.model_info
@@ -54,10 +76,10 @@ class LoadRewardModel(BaseModel):
     path: str = Field(min_length=1)
 
 
-@router.post("/v1/reward_models")
-async def load_reward_model(body: LoadRewardModel, request: Request):
+@router.post("/v1/reward_models", response_model=RewardModelLoaded, responses=errors(400, 401, 403, 413, 503))
+async def load_reward_model(body: LoadRewardModel, request: Request, scope: Scope):
     """Loads a LoRA reward adapter into the running worker (admin key only)."""
-    check_admin(request_scope(request))
+    check_admin(scope)
     client = request.app.state.worker
     if body.name in client.model_info.get("reward_models", []):
         raise APIError(400, f"a reward model named {body.name!r} is already loaded", param="name", code="already_loaded")

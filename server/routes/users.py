@@ -12,54 +12,34 @@ exactly as stored. A key bound to other users gets 403."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends
 
-from server.auth_scopes import check_user
-from server.store.errors import InvalidInput
-from server.store.http import get_store, handle, json_object, request_scope
+from server.auth import UserId, key_scope
+from server.openai_models import DeletedProfile, PatchPreferences, PreferenceProfile, PutPreferences
+from server.openapi import errors
+from server.request_body import JSONRoute
+from server.store.http import StoreDep
 
-router = APIRouter(tags=["users"])
+router = APIRouter(tags=["users"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 PATH = "/v1/users/{user_id}/preferences"
 
 
-@router.get(PATH)
-async def get_preferences(user_id: str, request: Request):
-    async def run():
-        check_user(request_scope(request), user_id)
-        return (await get_store(request).get_preferences(user_id)).to_openai()
-
-    return await handle(run)
+@router.get(PATH, response_model=PreferenceProfile, responses=errors(400, 401, 403, 404, 413, 503))
+async def get_preferences(user_id: UserId, store: StoreDep):
+    return (await store.get_preferences(user_id)).to_openai()
 
 
-@router.put(PATH)
-async def put_preferences(user_id: str, request: Request):
-    async def run():
-        check_user(request_scope(request), user_id)
-        store = get_store(request)
-        body = await json_object(request, {"preferences"})
-        if "preferences" not in body:
-            raise InvalidInput("'preferences' is required", param="preferences")
-        return (await store.put_preferences(user_id, body["preferences"])).to_openai()
-
-    return await handle(run)
+@router.put(PATH, response_model=PreferenceProfile, responses=errors(400, 401, 403, 413, 503))
+async def put_preferences(body: PutPreferences, user_id: UserId, store: StoreDep):
+    return (await store.put_preferences(user_id, body.preferences)).to_openai()
 
 
-@router.patch(PATH)
-async def patch_preferences(user_id: str, request: Request):
-    async def run():
-        check_user(request_scope(request), user_id)
-        store = get_store(request)
-        body = await json_object(request, {"add", "remove"})
-        return (await store.patch_preferences(user_id, add=body.get("add"), remove=body.get("remove"))).to_openai()
-
-    return await handle(run)
+@router.patch(PATH, response_model=PreferenceProfile, responses=errors(400, 401, 403, 404, 413, 503))
+async def patch_preferences(body: PatchPreferences, user_id: UserId, store: StoreDep):
+    return (await store.patch_preferences(user_id, add=body.add, remove=body.remove)).to_openai()
 
 
-@router.delete(PATH)
-async def delete_preferences(user_id: str, request: Request):
-    async def run():
-        check_user(request_scope(request), user_id)
-        await get_store(request).delete_preferences(user_id)
-        return {"object": "user.preferences.deleted", "user": user_id, "deleted": True}
-
-    return await handle(run)
+@router.delete(PATH, response_model=DeletedProfile, responses=errors(400, 401, 403, 404, 413, 503))
+async def delete_preferences(user_id: UserId, store: StoreDep):
+    await store.delete_preferences(user_id)
+    return {"object": "user.preferences.deleted", "user": user_id, "deleted": True}

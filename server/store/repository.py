@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -29,7 +28,9 @@ from sqlalchemy import and_, delete, event, or_, select, update
 from sqlalchemy.engine.url import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from pad_core.types import Preference
+from pad_core.errors import InvalidRequestError
+from pad_core.types import Preference, RequestLimits, verify_preferences
+from pad_core.validation import INT32_MAX, check_int, check_text
 from server.store import schema
 from server.store.config import StoreConfig, redact_url
 from server.store.errors import Forbidden, InvalidInput, NotFound
@@ -55,60 +56,68 @@ def _now() -> int:
     return int(time.time())
 
 
-def _check_text(value: str, param: str) -> None:
+def _store_error(exc: InvalidRequestError) -> InvalidInput:
+    return InvalidInput(exc.message, param=exc.param, code=exc.code)
+
+
+def _check_text(value: Any, param: str) -> None:
     try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidInput(f"{param} is not valid Unicode (lone surrogate)", param=param, code="invalid_text") from None
+        check_text(value, param)
+    except InvalidRequestError as exc:
+        raise _store_error(exc) from None
+
+
+def _check_id(value: Any, param: str) -> None:
+    """An id that is a database key: valid Unicode without NUL (PostgreSQL
+    text cannot hold one, and would fail the query)."""
+    _check_text(value, param)
+    if "\x00" in value:
+        raise InvalidInput(f"{param} must not contain NUL characters", param=param, code="invalid_text")
+
+
+def _check_index(value: Any, param: str) -> int:
+    """A choice index: a non-negative integer that fits the INTEGER column."""
+    try:
+        return check_int(value, param, 0, INT32_MAX)
+    except InvalidRequestError:
+        raise InvalidInput("choice index must be a non-negative integer", param=param) from None
+
+
+def _as_preference(item: Any, where: str) -> Preference:
+    """One stored-preference item from JSON (a string or {"text", "weight"}),
+    a Preference, or the routes' pydantic item; shape only."""
+    if isinstance(item, Preference):
+        return item
+    if isinstance(item, str):
+        return Preference(text=item)
+    if hasattr(item, "model_dump"):  # the route's WeightedPreference
+        item = item.model_dump()
+    if isinstance(item, dict):
+        unknown = set(item) - {"text", "weight"}
+        if unknown:
+            raise InvalidInput(f"{where} has unknown field(s): {', '.join(sorted(unknown))}", param=where)
+        if "text" not in item:
+            raise InvalidInput(f"{where}.text must be a string", param=f"{where}.text")
+        return Preference(text=item["text"], weight=item.get("weight", 1.0))
+    raise InvalidInput(f"{where} must be a string or a {{\"text\", \"weight\"}} object", param=where)
 
 
 def validate_preferences(items: Any, config: StoreConfig, param: str = "preferences") -> list[Preference]:
     """A list of preferences from JSON: each a string, {"text", "weight"} or
-    a Preference.
-    Bounded in count and length; texts kept verbatim (not stripped)."""
+    a Preference. The same rule as a chat request's (pad_core.types.
+    verify_preferences): bounded in count and length, finite bounded
+    weights, no repeated text. Texts kept verbatim (not stripped)."""
     if not isinstance(items, list):
         raise InvalidInput(f"'{param}' must be a list of strings or {{\"text\", \"weight\"}} objects", param=param)
-    if len(items) > config.max_preferences:
-        raise InvalidInput(
-            f"too many preferences: {len(items)} given, at most {config.max_preferences} allowed",
-            param=param,
-            code="too_many_preferences",
-        )
-    out: list[Preference] = []
-    seen: set[str] = set()
-    for index, item in enumerate(items):
-        where = f"{param}[{index}]"
-        weight: Any = 1.0
-        if isinstance(item, Preference):
-            item = {"text": item.text, "weight": item.weight}
-        if isinstance(item, str):
-            text = item
-        elif isinstance(item, dict):
-            unknown = set(item) - {"text", "weight"}
-            if unknown:
-                raise InvalidInput(f"{where} has unknown field(s): {', '.join(sorted(unknown))}", param=where)
-            text = item.get("text")
-            weight = item.get("weight", 1.0)
-            if not isinstance(text, str):
-                raise InvalidInput(f"{where}.text must be a string", param=f"{where}.text")
-        else:
-            raise InvalidInput(f"{where} must be a string or a {{\"text\", \"weight\"}} object", param=where)
-        if not text.strip():
-            raise InvalidInput(f"{where} is empty", param=where, code="empty_preference")
-        if len(text) > config.max_preference_chars:
-            raise InvalidInput(
-                f"{where} has {len(text)} characters, at most {config.max_preference_chars} allowed",
-                param=where,
-                code="preference_too_long",
-            )
-        _check_text(text, where)
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
-            raise InvalidInput(f"{where}.weight must be a finite number", param=f"{where}.weight")
-        if text in seen:
-            raise InvalidInput(f"{where} repeats an earlier preference", param=where, code="duplicate_preference")
-        seen.add(text)
-        out.append(Preference(text=text, weight=float(weight)))
-    return out
+    limits = RequestLimits(max_preferences=config.max_preferences, max_preference_chars=config.max_preference_chars)
+    try:
+        if len(items) > limits.max_preferences:  # the rule's count check, before converting a million items
+            verify_preferences([Preference("")] * len(items), limits, param)
+        prefs = [_as_preference(item, f"{param}[{index}]") for index, item in enumerate(items)]
+        verify_preferences(prefs, limits, param)
+    except InvalidRequestError as exc:
+        raise _store_error(exc) from None
+    return [Preference(text=p.text, weight=float(p.weight)) for p in prefs]
 
 
 def _prefs_json(preferences: Iterable[Preference]) -> list[dict]:
@@ -307,7 +316,7 @@ class Store:
                 f"user id has {len(user_id)} characters, at most {self.config.max_user_id_chars} allowed",
                 param="user_id",
             )
-        _check_text(user_id, "user_id")
+        _check_id(user_id, "user_id")
 
     # -- preference profiles
 
@@ -451,8 +460,8 @@ class Store:
     async def _completion_row(self, conn, completion_id: Any, choice_index: Any, param: str = "completion_id"):
         if not isinstance(completion_id, str) or not completion_id or len(completion_id) > 128:
             raise InvalidInput(f"'{param}' must be a completion id (a non-empty string)", param=param)
-        if isinstance(choice_index, bool) or not isinstance(choice_index, int) or choice_index < 0:
-            raise InvalidInput("choice index must be a non-negative integer", param=param)
+        _check_id(completion_id, param)
+        choice_index = _check_index(choice_index, param)
         table = schema.completions
         row = (
             await conn.execute(

@@ -552,6 +552,15 @@ def rescore(args: argparse.Namespace) -> int:
         print(f"pad eval: no answers for the selected cases in {out_dir / 'answers.jsonl'}", file=sys.stderr)
         return 2
     names = list(dict.fromkeys(a.mode for a in answers))
+    # A mode that did not answer every selected case (an interrupted run)
+    # cannot be compared case for case: leave it out, saying so.
+    answered = {name: {a.case_id for a in answers if a.mode == name} for name in names}
+    complete = {c.id for c in cases}
+    partial = [name for name in names if answered[name] != complete & {a.case_id for a in answers}]
+    if partial:
+        logger.warning("left out, not every case answered: %s", ", ".join(partial))
+        names = [n for n in names if n not in partial]
+        answers = [a for a in answers if a.mode in names]
     if args.grid is False and args.modes != "base,prompt,pad":
         kinds = {k.strip() for k in args.modes.split(",")}
         names = [n for n in names if n.split()[0].split("[")[0] in kinds]

@@ -1,0 +1,53 @@
+"""The OpenAPI document states what the server really does: the error
+statuses of each route (OpenAI-shaped bodies, never FastAPI's 422), and the
+media types it sends (SSE for a streamed chat, Prometheus text for
+/metrics), so a schema fuzzer run against /openapi.json finds no false
+mismatches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from server.openai_models import ErrorResponse
+
+DESCRIPTIONS = {
+    400: "Invalid request (OpenAI-shaped error naming the parameter)",
+    401: "Missing or wrong API key (when keys are configured)",
+    403: "The API key is bound to other users, or is not an admin key",
+    404: "Unknown model, user profile or completion",
+    413: "The request body is larger than PAD_MAX_REQUEST_BYTES",
+    429: "max_queue requests are in flight; retry after Retry-After seconds",
+    503: "The worker is loading or down (or the store is unavailable); retry after Retry-After seconds",
+}
+RETRY_AFTER_HEADER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` of a route: these statuses, each with the error body."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        out[status] = {"model": ErrorResponse, "description": DESCRIPTIONS[status]}
+        if status in (429, 503):
+            out[status]["headers"] = RETRY_AFTER_HEADER
+    return out
+
+
+def install_openapi(app: FastAPI) -> None:
+    """app.openapi() without FastAPI's 422 (this server answers 400)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                                 description=app.description)
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi

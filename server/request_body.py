@@ -1,0 +1,216 @@
+"""What the gateway accepts as a request body, before any route sees it.
+
+- `BodyLimitMiddleware`: a body larger than `max_request_bytes` is a 413,
+  refused from its Content-Length before a byte of it is read (or as soon as
+  a chunked body passes the limit). Nothing downstream ever holds more.
+- `parse_json`: strict JSON (UTF-8, no NaN/Infinity, finite numbers), nested
+  at most MAX_JSON_DEPTH deep, with no lone surrogate ("\\ud800") in any
+  string or key: such text cannot be encoded as UTF-8, so it would fail the
+  IPC, the tokenizer or the database later, as a 500.
+- `JSONRoute`: the route class of every router, so FastAPI's body parsing
+  goes through `parse_json` and its errors are OpenAI-shaped 400s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pad_core.validation import is_valid_unicode
+from server.errors import APIError, error_response, invalid
+
+# A chat request nests 5 deep (body > messages > [i] > content > [j]); 32
+# leaves room for any legitimate client and none for a stack-busting one.
+MAX_JSON_DEPTH = 32
+# Keys of one object: a request has ~40 fields; 200,000 unknown ones would
+# cost pydantic a second of the event loop to list.
+MAX_JSON_KEYS = 1000
+# Bodies larger than this are parsed in a thread, beside the event loop.
+PARSE_IN_THREAD_BYTES = 256 * 1024
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_EMPTY_PAIR = re.compile(rb"\[\]|\{\}")
+# A \uD800-\uDBFF escape not followed by a \uDC00-\uDFFF one, or the reverse
+# (an escape is real when an even number of backslashes precedes it).
+_LONE_SURROGATE = re.compile(
+    rb"(?:^|[^\\])(?:\\\\)*(?:"
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+)
+
+
+class BodyError(HTTPException):
+    """An unacceptable body, raised inside FastAPI's body parsing (which
+    lets only HTTPException through); the error handler answers `error`."""
+
+    def __init__(self, error: APIError):
+        super().__init__(error.status, error.message)
+        self.error = error
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than this server's limit of {limit} bytes "
+                         "(PAD_MAX_REQUEST_BYTES).", "invalid_request_error", None, "request_too_large")
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI: buffers the body up to `limit` bytes and replays it to the
+    app; past the limit, answers 413 without reading the rest."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and (not declared.strip().isdigit() or int(declared) > self.limit):
+            await self._refuse(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending
+                await self.app(scope, _replay([], message, receive), send)
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, _replay(chunks, None, receive), send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(too_large(self.limit))
+        response.headers["Connection"] = "close"  # the unread rest of the body must not be parsed as a request
+        await response(scope, receive, send)
+
+
+def _replay(chunks: list[bytes], first: Message | None, receive: Receive) -> Receive:
+    """A receive that gives the buffered body as one message, then defers to
+    the real one (the chat route listens there for the client leaving)."""
+    pending: list[Message] = [first] if first is not None else [
+        {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+    ]
+
+    async def replayed() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replayed
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is too large")
+    return value
+
+
+def _bounded_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    if len(pairs) > MAX_JSON_KEYS:
+        raise ValueError(f"an object has {len(pairs)} keys, at most {MAX_JSON_KEYS} allowed")
+    return dict(pairs)
+
+
+def parse_json(raw: bytes) -> Any:
+    """The body as JSON; an OpenAI-shaped 400 (APIError) for anything else."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise invalid(f"The request body is not valid UTF-8 (byte {exc.start}).", None, "invalid_json") from None
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
+                           object_pairs_hook=_bounded_object)
+    except RecursionError:
+        raise _too_deep() from None
+    except ValueError as exc:  # JSONDecodeError, NaN, huge numbers, > 4300-digit integers, too many keys
+        raise invalid(f"The request body is not valid JSON: {exc}", None, "invalid_json") from None
+    if _nested_deeper_than(raw, MAX_JSON_DEPTH):
+        raise _too_deep()
+    if _LONE_SURROGATE.search(raw):
+        _refuse_lone_surrogate(value)
+    return value
+
+
+def _too_deep() -> APIError:
+    return invalid(f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.", None, "invalid_json")
+
+
+def _nested_deeper_than(raw: bytes, limit: int) -> bool:
+    """On valid JSON, at C speed: strip the strings, keep the brackets, and
+    remove innermost pairs once per level."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    for _ in range(limit):
+        if not brackets:
+            return False
+        brackets = _EMPTY_PAIR.sub(b"", brackets)
+    return bool(brackets)
+
+
+def _refuse_lone_surrogate(value: Any) -> None:
+    """Finds the string (or key) holding a lone surrogate, to name it."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            if not is_valid_unicode(node):
+                raise invalid(f"{path or 'the body'} is not valid Unicode (a lone surrogate)", path or None,
+                              "invalid_text")
+            continue
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, child in items:
+            if isinstance(key, str) and not is_valid_unicode(key):
+                raise invalid("a key of the body is not valid Unicode (a lone surrogate)", None, "invalid_text")
+            if isinstance(child, str | dict | list):
+                stack.append((child, f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else key)))
+
+
+class JSONRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            raw = await self.body()
+            try:
+                if len(raw) > PARSE_IN_THREAD_BYTES:  # the loop keeps serving (json.loads lets go of the GIL in slices)
+                    self._json = await asyncio.to_thread(parse_json, raw)
+                else:
+                    self._json = parse_json(raw)
+            except APIError as error:
+                raise BodyError(error) from None
+        return self._json
+
+
+class JSONRoute(APIRoute):
+    """Routes whose JSON bodies are parsed by `parse_json`; a body sent with
+    no Content-Type is taken as JSON (newer FastAPI would leave it unparsed)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            scope = request.scope
+            if not any(name == b"content-type" for name, _ in scope.get("headers") or ()):
+                scope = {**scope, "headers": [*scope.get("headers", ()), (b"content-type", b"application/json")]}
+            return await handler(JSONRequest(scope, request.receive))
+
+        return route

@@ -1,0 +1,367 @@
+"""Structured outputs (pad_core/structured.py): the token mask as pure
+functions, then the engine on the tiny random model, where only the grammar
+can make the output parse."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+
+from pad_core.decoding import StepInputs, TokenMask, apply_token_mask, next_tokens
+from pad_core.engine import BASE_RUNNER, default_max_tokens
+from pad_core.errors import InvalidRequestError
+from pad_core.guidance import prescreen
+from pad_core.ipc import pack, unpack
+from pad_core.structured import check_spec, parse_tool_calls, tool_call_schema, unpack_bitmask
+from pad_core.types import (
+    ChatRequest,
+    GuidanceParams,
+    Preference,
+    SamplingParams,
+    StepOutput,
+    StructuredOutput,
+    ToolCall,
+    ToolFunction,
+)
+
+NEG = float("-inf")
+PREF = Preference("I like short answers with a bit of humour")
+# Every value bounded: on random weights the answer must still complete.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "color": {"enum": ["red", "green", "blue"]},
+        "word": {"type": "string", "maxLength": 6},
+    },
+    "required": ["ok", "color", "word"],
+    "additionalProperties": False,
+}
+WEATHER = ToolFunction(
+    "get_weather",
+    "Current weather in a city",
+    {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]}},
+        "required": ["city", "unit"],
+        "additionalProperties": False,
+    },
+)
+TIME = ToolFunction("get_time", None, {"type": "object", "properties": {}, "additionalProperties": False})
+
+
+def chat(rid, structured=None, preferences=(), temperature=0.0, seed=None, max_tokens=48, content="Answer in JSON.",
+         **guidance) -> ChatRequest:
+    return ChatRequest(
+        rid,
+        [{"role": "user", "content": content}],
+        list(preferences),
+        SamplingParams(temperature=temperature, seed=seed, max_tokens=max_tokens),
+        GuidanceParams(**guidance),
+        structured,
+    )
+
+
+def run(engine, *requests) -> dict[str, list[StepOutput]]:
+    outputs: dict[str, list[StepOutput]] = {}
+    for output in engine.generate(requests):
+        outputs.setdefault(output.request_id, []).append(output)
+    return outputs
+
+
+def text_of(outputs: list[StepOutput]) -> str:
+    return "".join(o.text for o in outputs)
+
+
+def matches_schema(value) -> bool:
+    return (
+        set(value) == {"ok", "color", "word"}
+        and isinstance(value["ok"], bool)
+        and value["color"] in ("red", "green", "blue")
+        and isinstance(value["word"], str)
+        and len(value["word"]) <= 6
+    )
+
+
+# ---- pure functions ----------------------------------------------------------------
+
+
+def test_apply_token_mask_only_touches_constrained_rows():
+    logits = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    mask = TokenMask(torch.tensor([1]), torch.tensor([[True, False, True, False]]))
+    masked = apply_token_mask(logits, mask)
+    assert masked[0].tolist() == logits[0].tolist() and masked[2].tolist() == logits[2].tolist()
+    assert masked[1].tolist() == [4.0, NEG, 6.0, NEG]
+    assert logits[1, 1] == 5.0  # the input is left alone (logprobs read it)
+    assert apply_token_mask(logits, None) is logits
+    every = apply_token_mask(logits, TokenMask(torch.tensor([0, 1, 2]), torch.tensor([[True, False, False, True]] * 3)))
+    assert every[2].tolist() == [8.0, NEG, NEG, 11.0] and logits[2, 1] == 9.0
+    swapped = apply_token_mask(logits[:2], TokenMask(torch.tensor([1, 0]), torch.tensor([[True] * 4, [False] * 3 + [True]])))
+    assert swapped[0].tolist() == [NEG, NEG, NEG, 3.0] and swapped[1].tolist() == [4.0, 5.0, 6.0, 7.0]
+
+
+def make_inputs(base, mask, temperature=None, top_k=None, rewards=None, owner=(), weight=None, min_p=None):
+    base = torch.as_tensor(base, dtype=torch.float32)
+    n = base.shape[0]
+    table = torch.as_tensor(rewards if rewards is not None else [[0.0] * base.shape[1]], dtype=torch.float32)
+    return StepInputs(
+        base_logits=base,
+        reward_logits_at=lambda candidates: table[: candidates.shape[0]].gather(1, candidates),
+        reward_owner=torch.tensor(list(owner), dtype=torch.long),
+        preference_weight=torch.ones(len(owner)),
+        guidance_weight=torch.tensor(weight if weight is not None else [1.0] * n),
+        top_k=torch.tensor(top_k if top_k is not None else [3] * n),
+        temperature=temperature if temperature is not None else [0.0] * n,
+        top_p=[1.0] * n,
+        generators=[torch.Generator().manual_seed(i) for i in range(n)],
+        min_p=None if min_p is None else torch.tensor(min_p),
+        token_mask=mask,
+    )
+
+
+def test_plain_rows_greedy_and_sampled_only_pick_legal_tokens():
+    base = [[9.0, 8.0, 1.0, 0.0, -1.0]] * 3
+    allowed = torch.tensor([[False, False, True, False, True], [False, True, False, False, False]])
+    mask = TokenMask(torch.tensor([0, 2]), allowed)
+    assert next_tokens(make_inputs(base, mask)).tolist() == [2, 0, 1]  # row 1 has no grammar
+    for _ in range(20):
+        sampled = next_tokens(make_inputs(base, mask, temperature=[5.0, 5.0, 5.0])).tolist()
+        assert sampled[0] in (2, 4) and sampled[2] == 1
+
+
+def test_guided_row_reward_chooses_only_among_legal_candidates():
+    # The reward loves token 0, the base's best; the grammar forbids it. Only
+    # two tokens are legal although top_k is 3: the third candidate (-inf) is
+    # dropped by the prescreen rather than scored (no nan).
+    base = [[9.0, 8.0, 7.0, 1.0, 0.0]]
+    rewards = [[50.0, 0.0, 0.0, 0.0, 3.0]]
+    allowed = torch.tensor([[False, True, False, False, True]])
+    mask = TokenMask(torch.tensor([0]), allowed)
+    inputs = make_inputs(base, mask, rewards=rewards, owner=[0], weight=[10.0], top_k=[3])
+    assert next_tokens(inputs).tolist() == [4]  # the reward picks the legal token it prefers
+    inputs = make_inputs(base, mask, rewards=rewards, owner=[0], weight=[0.0], top_k=[3])
+    assert next_tokens(inputs).tolist() == [1]  # w = 0: the base's best legal token
+    for _ in range(20):
+        sampled = make_inputs(base, mask, temperature=[3.0], rewards=rewards, owner=[0], weight=[1.0], top_k=[3])
+        assert next_tokens(sampled).item() in (1, 4)
+
+
+def test_prescreen_never_keeps_a_forbidden_candidate():
+    logits = torch.tensor([[NEG, 2.0, NEG, 1.0, NEG], [3.0, 2.0, 1.0, 0.0, -1.0]])
+    for min_p in (None, torch.tensor([0.0, 0.0]), torch.tensor([0.1, 0.1])):
+        candidates, valid = prescreen(logits, torch.tensor([4, 4]), min_p)
+        kept = candidates[0][valid[0]].tolist()
+        assert kept == [1, 3]
+        assert valid[1, :2].all()
+
+
+def test_unpack_bitmask_reads_llguidance_bit_order():
+    words = torch.zeros((2, 2), dtype=torch.int32)
+    words[0, 0] = 1 | (1 << 5)  # tokens 0 and 5
+    words[0, 1] = -(2**31)  # bit 31 of word 1: token 63
+    words[1, 1] = 1  # token 32
+    allowed = unpack_bitmask(words, 64)
+    assert allowed[0].nonzero().flatten().tolist() == [0, 5, 63]
+    assert allowed[1].nonzero().flatten().tolist() == [32]
+    assert unpack_bitmask(words, 40).shape == (2, 40)
+    wider = unpack_bitmask(words, 70)  # a model vocabulary past the tokenizer's: never allowed
+    assert wider.shape == (2, 70) and not wider[:, 64:].any()
+
+
+def test_tool_call_schema_and_parse():
+    schema = tool_call_schema([WEATHER, TIME], None, parallel=True)
+    assert schema["minItems"] == 1 and "maxItems" not in schema and len(schema["items"]["anyOf"]) == 2
+    named = tool_call_schema([WEATHER, TIME], "get_time", parallel=True)
+    assert named["maxItems"] == 1 and named["items"]["properties"]["name"] == {"const": "get_time"}
+    assert tool_call_schema([WEATHER, TIME], None, parallel=False)["maxItems"] == 1
+    calls = parse_tool_calls('[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}, '
+                             '{"name": "get_time", "arguments": {}}]')
+    assert calls == [ToolCall("get_weather", '{"city": "Paris", "unit": "c"}'), ToolCall("get_time", "{}")]
+    assert parse_tool_calls('[{"name": "get_weather", "argu') is None
+    assert parse_tool_calls("[]") is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "param"),
+    [
+        (StructuredOutput("json_schema"), "response_format"),
+        (StructuredOutput("json_schema", json_schema=["not", "a", "schema"]), "response_format"),
+        (StructuredOutput("xml"), "response_format"),
+        (StructuredOutput("tool_calls"), "tools"),
+        (StructuredOutput("tool_calls", tools=(WEATHER, WEATHER)), "tools"),
+        (StructuredOutput("tool_calls", tools=(ToolFunction("bad name!"),)), "tools[0].function.name"),
+        (StructuredOutput("tool_calls", tools=(ToolFunction("f", parameters="x"),)), "tools[0].function.parameters"),
+        (StructuredOutput("tool_calls", tools=(WEATHER,), tool_choice="nope"), "tool_choice"),
+    ],
+)
+def test_check_spec_names_the_param(spec, param):
+    with pytest.raises(InvalidRequestError) as error:
+        check_spec(spec)
+    assert error.value.param == param
+
+
+def test_types_round_trip_through_ipc():
+    spec = StructuredOutput("tool_calls", tools=(WEATHER, TIME), tool_choice="get_time", parallel_tool_calls=False)
+    request = chat("r", spec)
+    assert ChatRequest.from_dict(unpack(pack({"type": "add", "request": request.to_dict()}))["request"]) == request
+    schema_request = chat("s", StructuredOutput("json_schema", json_schema=SCHEMA, schema_name="x", strict=True))
+    assert ChatRequest.from_dict(schema_request.to_dict()) == schema_request
+    assert ChatRequest.from_dict(chat("p").to_dict()).structured is None
+    output = StepOutput("r", [1], "x", "stop", 3, 1, tool_calls=[ToolCall("f", "{}")])
+    assert StepOutput.from_dict(unpack(pack({"type": "outputs", "outputs": [output.to_dict()]}))["outputs"][0]) == output
+
+
+def test_default_max_tokens_is_capped_by_the_room_left():
+    assert default_max_tokens(1024, 5000) == 1024
+    assert default_max_tokens(1024, 100) == 100
+    assert default_max_tokens(0, 100) == 100
+
+
+# ---- the engine on the tiny random model ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared_engine(make_engine):
+    """One engine for the module: its llguidance tokenizer is built once
+    (~0.5 s). Every test runs its requests to the end, so it starts empty."""
+    return make_engine()
+
+
+@pytest.fixture
+def engine(shared_engine):
+    assert not shared_engine.has_unfinished()
+    return shared_engine
+
+
+@contextlib.contextmanager
+def biased(engine, bias: torch.Tensor):
+    """The tiny model with a fixed logit bias [V] on every row (base and
+    reward alike, so PAD's reward is unchanged by it)."""
+    head = engine.runners[BASE_RUNNER].head
+    full, at = head.full, head.at
+    head.full = lambda hidden: full(hidden) + bias
+    head.at = lambda hidden, ids: at(hidden, ids) + bias[ids]
+    try:
+        yield
+    finally:
+        del head.full, head.at
+
+
+def test_json_schema_batched_beside_plain_and_guided_requests(engine, make_engine):
+    plain = chat("plain", content="How do I sleep better at night?", max_tokens=16)
+    alone = text_of(run(make_engine(), plain)["plain"])
+    spec = StructuredOutput("json_schema", json_schema=SCHEMA, strict=True)
+    outputs = run(
+        engine,
+        chat("schema-greedy", spec),
+        chat("schema-sampled-1", spec, temperature=1.0, seed=1),  # n > 1: one engine request per choice
+        chat("schema-sampled-2", spec, temperature=1.0, seed=2),
+        chat("schema-pad", spec, preferences=[PREF], weight=4.0, top_k=20),
+        chat("schema-pad-sampled", spec, preferences=[PREF], weight=8.0, temperature=1.0, seed=3),
+        plain,
+        chat("guided-free", preferences=[PREF], weight=4.0, max_tokens=16),
+    )
+    for rid, outs in outputs.items():
+        if rid.startswith("schema"):
+            assert outs[-1].finish_reason == "stop", rid
+            assert matches_schema(json.loads(text_of(outs))), rid
+            assert outs[-1].token_ids[-1] not in engine.stop_token_ids  # stopped by the grammar, not EOS
+    assert text_of(outputs["plain"]) == alone  # rows without a constraint are untouched
+    assert outputs["plain"][-1].finish_reason == outputs["guided-free"][-1].finish_reason == "length"
+
+
+def test_json_object_is_valid_json_so_far_and_completes(engine):
+    spec = StructuredOutput("json_object")
+    outs = run(engine, chat("obj", spec, max_tokens=24))["obj"]
+    # Random weights write one endless key; every token was still legal JSON.
+    tokens = [t for o in outs for t in o.token_ids]
+    checker = engine.structured.start(spec)
+    for token in tokens:
+        checker.consume(token)
+    assert checker.error is None and text_of(outs).startswith("{")
+    # A model that likes closing tokens (and end-of-sequence) finishes the object.
+    bias = torch.zeros(engine.runners[BASE_RUNNER].head.vocab_size)
+    vocab = engine.tokenizer.get_vocab()
+    bias[[vocab['"'], vocab["}"], vocab['"}'], *engine.stop_token_ids]] = 30.0
+    with biased(engine, bias):
+        outputs = run(engine, chat("g", spec), chat("s", spec, temperature=1.0, seed=0),
+                      chat("p", spec, preferences=[PREF], weight=4.0))
+    for outs in outputs.values():
+        assert outs[-1].finish_reason == "stop"
+        assert isinstance(json.loads(text_of(outs)), dict)
+
+
+def test_end_of_sequence_only_where_the_grammar_accepts(engine):
+    bias = torch.zeros(engine.runners[BASE_RUNNER].head.vocab_size)
+    bias[list(engine.stop_token_ids)] = 100.0  # the model wants to stop at once
+    with biased(engine, bias):
+        outputs = run(
+            engine,
+            chat("obj", StructuredOutput("json_schema", json_schema=SCHEMA)),
+            chat("int", StructuredOutput("json_schema", json_schema={"type": "integer"})),
+            chat("free", max_tokens=8),
+        )
+    assert matches_schema(json.loads(text_of(outputs["obj"])))
+    number = outputs["int"]
+    assert number[-1].finish_reason == "stop" and number[-1].token_ids[-1] in engine.stop_token_ids
+    assert isinstance(json.loads(text_of(number)), int)  # one digit, then the end it wanted
+    assert outputs["free"][0].finish_reason == "stop"  # unconstrained: stops at once
+
+
+def test_named_tool_call_arguments_parse(engine):
+    spec = StructuredOutput("tool_calls", tools=(WEATHER, TIME), tool_choice="get_weather")
+    outputs = run(
+        engine,
+        chat("named", spec, content="What is the weather in Paris?", max_tokens=64),
+        chat("named-pad", spec, preferences=[PREF], weight=4.0, temperature=1.0, seed=5, max_tokens=64),
+    )
+    for outs in outputs.values():
+        last = outs[-1]
+        assert last.finish_reason == "stop"
+        assert [call.name for call in last.tool_calls] == ["get_weather"]
+        arguments = json.loads(last.tool_calls[0].arguments)
+        assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("c", "f")
+        assert json.loads(text_of(outs))[0]["arguments"] == arguments  # the text deltas are the raw calls
+        assert all(o.tool_calls is None for o in outs[:-1])
+
+
+def test_required_tool_call_picks_one_of_the_tools_and_the_prompt_lists_them(engine):
+    spec = StructuredOutput("tool_calls", tools=(WEATHER, TIME), parallel_tool_calls=False)
+    last = run(engine, chat("req", spec, temperature=1.0, seed=0, max_tokens=64))["req"][-1]
+    assert last.finish_reason == "stop" and len(last.tool_calls) == 1
+    assert last.tool_calls[0].name in ("get_weather", "get_time")
+    json.loads(last.tool_calls[0].arguments)
+    # SmolLM2's template knows no tools: they are described in the system message.
+    prompt, _ = engine.prompts.encode_request([{"role": "user", "content": "hi"}], [], False, tools=spec.tools)
+    assert "get_weather" in engine.tokenizer.decode(prompt)
+    info = engine.model_info()
+    assert info["chat_template_tools"] is False and "tool_calls" in info["structured_outputs"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "param"),
+    [
+        (StructuredOutput("json_schema", json_schema={"type": "objectx"}, strict=True), "response_format"),
+        (StructuredOutput("json_schema", json_schema={"type": "string", "pattern": "(("}), "response_format"),
+        (StructuredOutput("tool_calls", tools=(TIME, ToolFunction("f", parameters={"type": 3}))),
+         "tools[1].function.parameters"),
+        (StructuredOutput("tool_calls", tools=(TIME,), tool_choice="get_weather"), "tool_choice"),
+    ],
+)
+def test_invalid_schema_is_an_invalid_request_and_the_engine_goes_on(engine, spec, param):
+    with pytest.raises(InvalidRequestError) as error:
+        engine.add_chat(chat("bad", spec))
+    assert error.value.param == param
+    assert not engine.has_unfinished()
+    outs = run(engine, chat("ok", StructuredOutput("json_schema", json_schema=SCHEMA)))["ok"]
+    assert matches_schema(json.loads(text_of(outs)))
+
+
+def test_default_max_tokens_applies_when_the_request_gives_none(make_engine):
+    engine = make_engine(default_max_tokens=5)
+    request = ChatRequest("r", [{"role": "user", "content": "Hi"}], sampling=SamplingParams(temperature=0.0))
+    last = run(engine, request)["r"][-1]
+    assert last.finish_reason == "length" and last.completion_tokens == 5
