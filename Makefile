@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve chat test test-fast bench bench-http eval bench-pad docker-smoke lint-docker
+.PHONY: setup serve chat test test-fast bench bench-http eval bench-pad docker-smoke lint-docker guidellm
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not integration"
+
+# guidellm (the benchmark client of tests/test_clients.py) in a venv of its own:
+# it pulls its own torch, which the project's venv must not get.
+guidellm: .venv-guidellm/bin/guidellm
+
+.venv-guidellm/bin/guidellm:
+	$(PYTHON) -m venv .venv-guidellm
+	.venv-guidellm/bin/pip install -q guidellm
 
 bench: setup
 	$(BIN)/python -m benchmarks.bench_engine

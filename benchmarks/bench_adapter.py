@@ -24,6 +24,7 @@ import torch
 
 from benchmarks.bench_engine import PREFERENCE, PROMPT
 from pad_core.engine import PadEngine
+from pad_core.model_loading import load_engine
 from pad_core.model_loading import load_causal_lm
 from pad_core.settings import EngineSettings
 from pad_core.training.trainer import TrainSettings, wrap_with_lora
@@ -62,8 +63,8 @@ def main() -> int:
         make_adapter(folder)
         # `self` on an engine with no adapter at all (no peft in the forward),
         # the adapter on an engine that serves it: the strict comparison.
-        plain_engine = PadEngine.from_settings(EngineSettings())
-        adapter_engine = PadEngine.from_settings(EngineSettings(reward_adapters={"persrm": folder}))
+        plain_engine = load_engine(EngineSettings())
+        adapter_engine = load_engine(EngineSettings(reward_adapters={"persrm": folder}))
         rate(plain_engine, "self", 2, 8)  # warm-up
         rate(adapter_engine, "persrm", 2, 8)
         rounds = []

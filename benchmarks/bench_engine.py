@@ -27,6 +27,7 @@ import time
 import torch
 
 from pad_core.engine import PadEngine
+from pad_core.model_loading import engine_for_model, load_causal_lm, load_engine
 from pad_core.guidance import personalized_reward, prescreen_top_k
 from pad_core.settings import EngineSettings
 from pad_core.types import ChatRequest, Preference, SamplingParams
@@ -51,22 +52,20 @@ def engine_tokens_per_second(engine: PadEngine, requests: list[ChatRequest]) -> 
 
 
 @torch.inference_mode()
-def generate_tokens_per_second(engine: PadEngine, tokens: int) -> float:
+def generate_tokens_per_second(engine: PadEngine, model, tokens: int) -> float:
     """transformers' own greedy generate() on the same model object."""
-    model = engine.runners["base"].model
-    ids = torch.tensor([engine.prompts.encode(PROMPT)], device=engine.runners["base"].device)
+    ids = torch.tensor([engine.prompts.encode(PROMPT)], device=model.device)
     start = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
     return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
 
 
 @torch.inference_mode()
-def recompute_tokens_per_second(engine: PadEngine, tokens: int) -> float:
+def recompute_tokens_per_second(engine: PadEngine, model, tokens: int) -> float:
     """The original PAD scripts' loop: no KV cache, one request, and both the
     policy and the reward model re-read the whole prefix at every step (with
     the engine's default weight and top_k, like the PAD side)."""
     top_k, weight = engine.settings.default_top_k, engine.settings.default_weight
-    model = engine.runners["base"].model
     base = engine.prompts.encode(PROMPT)
     reward = engine.prompts.encode_with_preference(PROMPT, PREFERENCE.text)
     start = time.perf_counter()
@@ -97,7 +96,7 @@ def _rss_mib() -> float:
 
 
 def memory_probe(preference: bool, tokens: int, concurrency: int = 16) -> None:
-    engine = PadEngine.from_settings(EngineSettings())
+    engine = load_engine(EngineSettings())
     loaded = _rss_mib()
     peak = loaded
     for _ in engine.generate([request(f"m{i}", tokens, preference) for i in range(concurrency)]):
@@ -121,8 +120,9 @@ def main() -> int:
     args = parser.parse_args()
 
     settings = EngineSettings()
-    engine = PadEngine.from_settings(settings)
-    dtype = next(engine.runners["base"].model.parameters()).dtype
+    model, tokenizer = load_causal_lm(settings.model, settings)
+    engine = engine_for_model(model, tokenizer, settings)
+    dtype = model.dtype
     print(f"model {settings.resolved_served_name()} ({dtype}, {torch.get_num_threads()} threads), "
           f"{args.tokens} new tokens per request, {args.rounds} interleaved rounds")
     engine_tokens_per_second(engine, [request("warmup", 16, True)])
@@ -138,10 +138,10 @@ def main() -> int:
             "pad_many": engine_tokens_per_second(
                 engine, [request(f"c{index}-{i}", args.tokens, True) for i in range(args.concurrency)]
             ),
-            "generate": generate_tokens_per_second(engine, args.tokens),
+            "generate": generate_tokens_per_second(engine, model, args.tokens),
         })  # fmt: skip
     pad_long = engine_tokens_per_second(engine, [request("pad-long", args.long_tokens, True)])
-    recompute = recompute_tokens_per_second(engine, args.long_tokens)
+    recompute = recompute_tokens_per_second(engine, model, args.long_tokens)
     plain, pad, pad_many, hf = (statistics.median(r[key] for r in rounds) for key in ("plain", "pad", "pad_many", "generate"))
     memory_plain, growth_plain = memory_mib(False, args.tokens)
     memory_pad, growth_pad = memory_mib(True, args.tokens)

@@ -32,6 +32,7 @@ import openai
 
 from benchmarks.bench_engine import PREFERENCE
 from pad_core.engine import PadEngine
+from pad_core.model_loading import load_engine
 from pad_core.settings import EngineSettings
 from pad_core.types import ChatRequest, SamplingParams
 from server.tools.local_server import free_port, wait_healthy
@@ -146,7 +147,7 @@ def main() -> int:
 
     # Same prompts, same greedy settings, same model: both sides generate the
     # same tokens, so the tokens/s compare like for like.
-    engine = PadEngine.from_settings(EngineSettings())
+    engine = load_engine(EngineSettings())
     list(engine.generate([ChatRequest("warm-up", prompts(1)[0], [PREFERENCE], SamplingParams(max_tokens=8, temperature=0.0))]))
     print(f"{args.concurrency} concurrent PAD requests x {args.tokens} new tokens, embedded model, "
           f"{args.rounds} interleaved rounds", flush=True)

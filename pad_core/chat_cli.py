@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 from pad_core.engine import PadEngine
+from pad_core.model_loading import load_engine
 from pad_core.settings import EngineSettings
 from pad_core.types import ChatRequest, GuidanceParams, Preference, SamplingParams
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     overrides = {key: value for key, value in (("model", args.model), ("dtype", args.dtype), ("device", args.device)) if value}
     settings = EngineSettings(**overrides)
-    engine = PadEngine.from_settings(settings)
+    engine = load_engine(settings)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}
     ]

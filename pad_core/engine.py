@@ -5,9 +5,13 @@ steps requests join (their prompts are prefilled and their rows appended to
 the running batch) and leave (their rows are dropped); rows keep their KV
 caches, and rows on the same weights run in one forward pass.
 
+    engine = load_engine(settings)    # pad_core.model_loading: builds the runners
     engine.add_chat(request)          # or add_request(GenerationRequest)
     while engine.has_unfinished():
         for output in engine.step(): ...
+
+The engine never loads models: it is given its runners (the `Runner`
+protocol of pad_core.runner) and reaches them only through that protocol.
 """
 
 from __future__ import annotations
@@ -17,8 +21,7 @@ import logging
 import math
 import random
 from collections import deque
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -26,11 +29,10 @@ import torch
 from pad_core.decoding import StepInputs, TokenMask, next_tokens
 from pad_core.detokenize import IncrementalDetokenizer, token_bytes
 from pad_core.errors import ContextLengthExceededError, InvalidRequestError, UnknownRewardModelError
-from pad_core.lora import NO_ADAPTER
 from pad_core.prompting import PromptBuilder
 from pad_core.request_state import RequestState, RewardRowRef
-from pad_core.runner import NewRow, TransformersRunner
-from pad_core.sampling import INVALID_TOKEN, apply_penalties, top_logprobs
+from pad_core.runner import BASE_RUNNER, NewRow, RewardSource, Runner
+from pad_core.sampling import INVALID_TOKEN, apply_penalties, apply_sampling_controls, top_logprobs
 from pad_core.settings import EngineSettings
 from pad_core.structured import StructuredOutputs, check_spec
 from pad_core.types import ChatRequest, GenerationRequest, RequestLimits, RewardPrompt, StepOutput, TokenLogprob
@@ -38,61 +40,41 @@ from pad_core.validation import TEMPERATURE_FLOOR
 
 logger = logging.getLogger(__name__)
 
-BASE_RUNNER = "base"
 # What OpenAI reports for a token the model finds impossible: logprobs stay
 # finite numbers (JSON has no -Infinity).
 MIN_LOGPROB = -9999.0
 
 
-@dataclass(frozen=True)
-class RewardSource:
-    """Where a named reward model's rows run: a runner, and the LoRA adapter
-    to apply there (NO_ADAPTER for the plain weights)."""
-
-    runner: str
-    adapter: str = NO_ADAPTER
-    base_sees_preference: bool = True  # default for trained reward models
+__all__ = ["BASE_RUNNER", "PadEngine", "RewardSource", "default_max_tokens", "finite_logprob", "max_token_chars"]
 
 
 class PadEngine:
+    """runners: name -> Runner (BASE_RUNNER holds the base model);
+    reward_sources: reward model name (as requests give it) -> where its rows run."""
+
     def __init__(
         self,
         tokenizer,
-        runners: dict[str, TransformersRunner],
-        reward_sources: dict[str, RewardSource],
+        runners: Mapping[str, Runner],
+        reward_sources: Mapping[str, RewardSource],
         settings: EngineSettings,
         context_length: int,
         stop_token_ids: Iterable[int],
     ):
         self.tokenizer = tokenizer
-        self.runners = runners
-        self.reward_sources = reward_sources
+        self.runners = dict(runners)
+        self.reward_sources = dict(reward_sources)
         self.settings = settings
         self.context_length = context_length
         self.stop_token_ids = frozenset(stop_token_ids)
         self.prompts = PromptBuilder(tokenizer, settings.preference_template)
         self.limits = RequestLimits.from_settings(settings)
         self.max_token_chars = max_token_chars(tokenizer)
-        self.structured = StructuredOutputs(tokenizer, runners[BASE_RUNNER].head.vocab_size, self.stop_token_ids)
+        self.structured = StructuredOutputs(tokenizer, runners[BASE_RUNNER].vocab_size, self.stop_token_ids)
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []
         self._aborted: set[str] = set()
         self._seed_source = random.Random()
-
-    # ---- construction -------------------------------------------------
-    @classmethod
-    def from_settings(cls, settings: EngineSettings) -> PadEngine:
-        from pad_core.model_loading import load_engine_parts
-
-        return cls(settings=settings, **load_engine_parts(settings))
-
-    @classmethod
-    def from_models(cls, model, tokenizer, settings: EngineSettings | None = None) -> PadEngine:
-        """An engine over an already built model (the `self` reward only)."""
-        from pad_core.model_loading import engine_parts_for_model
-
-        settings = settings or EngineSettings()
-        return cls(settings=settings, **engine_parts_for_model(model, tokenizer, settings))
 
     # ---- requests -----------------------------------------------------
     def add_chat(self, chat: ChatRequest) -> None:
@@ -143,12 +125,11 @@ class PadEngine:
 
     def add_reward_adapter(self, name: str, path: str) -> None:
         """Loads a LoRA reward adapter at run time (between steps); requests
-        may name it in `pad.reward_model` from the next step on."""
-        from pad_core.model_loading import attach_adapters
-
+        may name it in `pad.reward_model` from the next step on. Raises
+        ModelLoadError for a folder that cannot be served."""
         if name in self.reward_sources:
             raise InvalidRequestError(f"a reward model named {name!r} is already loaded", param="name")
-        attach_adapters(self.runners[BASE_RUNNER], self.tokenizer, {name: Path(path)})
+        self.runners[BASE_RUNNER].add_adapter(name, Path(path))
         self.reward_sources[name] = RewardSource(BASE_RUNNER, adapter=name)
 
     def has_unfinished(self) -> bool:
@@ -205,12 +186,22 @@ class PadEngine:
 
     def _decode_running(self) -> list[StepOutput]:
         hidden = {}
-        owner = self._row_owner_tokens()
-        for name, runner in self.runners.items():
-            if runner.num_rows:
-                tokens = torch.tensor([owner[key] for key in runner.row_keys], dtype=torch.long)
-                hidden[name] = (runner.decode(tokens), runner.row_index())
+        for name, tokens in self._decode_tokens().items():
+            runner = self.runners[name]
+            hidden[name] = (runner.decode(torch.tensor(tokens, dtype=torch.long)), runner.row_index())
         return self._advance(list(self.running), hidden)
+
+    def _decode_tokens(self) -> dict[str, list[int]]:
+        """Each runner's decode input: the next token of every live row at its
+        batch index (`Runner.row_index`, kept by the runner as rows join and
+        leave); 0 where no row sits (a pool's free slot)."""
+        tokens = {name: [0] * runner.batch_size for name, runner in self.runners.items() if runner.num_rows}
+        indexes = {name: self.runners[name].row_index() for name in tokens}
+        for state in self.running:
+            token = state.next_input
+            for runner_name, key in state.row_locations:
+                tokens[runner_name][indexes[runner_name][key]] = token
+        return tokens
 
     def _prefill(self, admitted: list[RequestState]) -> list[StepOutput]:
         """Prefills the admitted requests and chooses their first tokens. A
@@ -251,7 +242,7 @@ class PadEngine:
         choice or bookkeeping fails (a numerical error, a bug its input
         reaches) ends alone with "error"; the others get their token.
 
-        hidden: runner name -> (hidden states [B, H], row key -> row index)."""
+        hidden: runner name -> (hidden states [B, H], row key -> index in B)."""
         generators = [state.generator for state in states]
         snapshot = [None if g is None else g.get_state() for g in generators]
         try:
@@ -296,8 +287,8 @@ class PadEngine:
         not usable), and its logprobs where asked."""
         base_hidden, base_index = hidden[BASE_RUNNER]
         base_rows = torch.tensor([base_index[state.base_key] for state in states], device=base_hidden.device)
-        raw_base = self.runners[BASE_RUNNER].head.full(base_hidden[base_rows])
-        base = self._penalised(states, raw_base)
+        raw_base = self.runners[BASE_RUNNER].logits(base_hidden[base_rows])
+        base = apply_sampling_controls(self._penalised(states, raw_base), states)  # vLLM extensions, logit_bias
         reward_rows = [(position, ref) for position, state in enumerate(states) for ref in state.reward_rows]
         device = base.device
         tokens = next_tokens(
@@ -329,13 +320,13 @@ class PadEngine:
 
     def _reward_logits_at(self, reward_rows, hidden, candidates: torch.Tensor) -> torch.Tensor:
         """Logits of each reward row [M] at its candidates [M, K], each row
-        through the output head of the runner that holds it."""
+        through the runner that holds it."""
         logits = candidates.new_empty(candidates.shape, dtype=torch.float32)
         for runner_name in {ref.runner for _, ref in reward_rows}:
             runner_hidden, index = hidden[runner_name]
             positions = [m for m, (_, ref) in enumerate(reward_rows) if ref.runner == runner_name]
             rows = torch.tensor([index[reward_rows[m][1].key] for m in positions], device=runner_hidden.device)
-            logits[positions] = self.runners[runner_name].head.at(runner_hidden[rows], candidates[positions])
+            logits[positions] = self.runners[runner_name].logits_at(runner_hidden[rows], candidates[positions])
         return logits
 
     def _penalised(self, states: list[RequestState], base: torch.Tensor) -> torch.Tensor:
@@ -396,9 +387,6 @@ class PadEngine:
             prefill_tokens += state_tokens
         return admitted
 
-    def _row_owner_tokens(self) -> dict[tuple[str, int], int]:
-        return {key: state.next_input for state in self.running for key in state.row_keys}
-
     def _finish_aborted(self) -> list[StepOutput]:
         if not self._aborted:
             return []
@@ -416,7 +404,7 @@ class PadEngine:
         in_flight = {id(state): state for state in (*self.running, *admitted)}.values()
         outputs = [state.finish("error", error=message) for state in in_flight if state.finish_reason is None]
         for runner in self.runners.values():
-            runner.remove(set(runner.row_keys))
+            runner.remove(list(runner.row_index()))
         return outputs
 
     def _release_finished(self) -> None:
@@ -465,7 +453,7 @@ class PadEngine:
         if not request.prompt_ids:
             raise InvalidRequestError("the prompt is empty", param="messages")
         # An id outside the vocabulary would fail the forward pass shared by every running request.
-        vocab_size = self.runners[BASE_RUNNER].head.vocab_size
+        vocab_size = self.runners[BASE_RUNNER].vocab_size
         reward_ids = [p.prompt_ids for p in request.reward_prompts]
         if not all(reward_ids):
             raise InvalidRequestError("a reward prompt is empty", param="reward_prompts")

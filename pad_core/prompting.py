@@ -27,6 +27,11 @@ def with_preference(messages: Sequence[dict[str, str]], template: str, preferenc
     return [{"role": "system", "content": preference_system_message(template, preference, None)}, *messages]
 
 
+def text_with_preference(text: str, template: str, preference: str) -> str:
+    """A raw-text prompt with the filled preference template before it."""
+    return f"{template.format(preference=preference.strip())}\n\n{text}"
+
+
 def tool_instructions(tools: Sequence[ToolFunction], tool_choice: str | None) -> str:
     """A system-message text that tells a model whose chat template knows no
     tools which functions exist and how a call is written (the grammar then
@@ -132,3 +137,28 @@ class PromptBuilder:
             joined = "\n".join(p.text.strip() for p in preferences)
             return self.encode_with_preference(messages, joined, template_tools), rewards
         return self.encode(messages, template_tools), rewards
+
+    def encode_text(
+        self, prompt: str | Sequence[int], preferences: Sequence[Preference], base_sees_preference: bool
+    ) -> tuple[list[int], list[list[int]]]:
+        """A raw-text prompt (legacy completions: no chat template), as text
+        or token ids: base prompt ids, and one reward prompt per preference,
+        the prompt after the filled preference template and a blank line
+        (text_with_preference). With base_sees_preference the base context
+        gets that prefix too, all preferences joined."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt)["input_ids"]
+
+            def prefixed(preference: str) -> list[int]:
+                return self.tokenizer(text_with_preference(prompt, self.preference_template, preference))["input_ids"]
+        else:
+            ids = list(prompt)
+
+            def prefixed(preference: str) -> list[int]:
+                prefix = text_with_preference("", self.preference_template, preference)
+                return self.tokenizer(prefix)["input_ids"] + ids
+
+        rewards = [prefixed(p.text) for p in preferences]
+        if base_sees_preference and preferences:
+            return prefixed("\n".join(p.text.strip() for p in preferences)), rewards
+        return ids, rewards

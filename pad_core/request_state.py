@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pad_core.detokenize import IncrementalDetokenizer
+from pad_core.runner import BASE_RUNNER
 from pad_core.stopping import StopStringMatcher
 from pad_core.structured import GrammarMatcher
 from pad_core.types import FinishReason, GenerationRequest, StepOutput, TokenLogprob, ToolCall
@@ -32,12 +33,16 @@ class RequestState:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
     stop_matcher: StopStringMatcher = field(init=False)
+    # (runner name, row key) of each of the request's rows, fixed at creation
+    # (read at every decode step).
+    row_locations: tuple[tuple[str, tuple[str, int]], ...] = field(init=False)
     generated: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     grammar: GrammarMatcher | None = None  # structured output: the answer's grammar
 
     def __post_init__(self) -> None:
         self.stop_matcher = StopStringMatcher(self.request.sampling.stop)
+        self.row_locations = ((BASE_RUNNER, self.base_key), *((row.runner, row.key) for row in self.reward_rows))
 
     @property
     def request_id(self) -> str:

@@ -1,20 +1,30 @@
-"""Model runner: one set of weights and the rows it decodes together.
+"""Model runners: one set of weights and the rows it decodes together.
 
-Behind this small interface (prefill / decode / remove) a GPU backend can
-replace the transformers one without touching the scheduler or guidance.
-A row is one context: a request's base context or one of its reward
-contexts. Rows that share weights share one forward pass; with LoRA
-adapters each row names its adapter (batched multi-LoRA, `pad_core.lora`).
+The engine (scheduler, PAD's rule, sampling) talks to runners only through
+the `Runner` protocol below, so a GPU backend (a preallocated KV pool, CUDA
+graphs) replaces the transformers one without touching the scheduler, the
+guidance or the server. A row is one context: a request's base context or
+one of its reward contexts. Rows that share weights share one forward pass;
+with LoRA adapters each row names its adapter (batched multi-LoRA).
 
-The runner returns final hidden states, not logits: the engine applies the
-output head (`self.head`) in full to base rows and only at the top-k
-candidates to reward rows.
+Runners return final hidden states, not logits: the engine asks for full
+logits of base rows (`logits`) and for reward rows' logits only at the
+top-k candidates (`logits_at`), a few dot products instead of a
+vocabulary-sized matmul.
+
+`TransformersRunner` (left-padded cache whose rows are concatenated and
+selected between steps) is the reference and the CPU path;
+`pad_core.slot_runner.SlotRunner` keeps rows in a preallocated pool.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import inspect
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -23,6 +33,7 @@ from pad_core.lora import NO_ADAPTER, MultiLora
 from pad_core.output_head import OutputHead
 
 RowKey = Hashable
+BASE_RUNNER = "base"  # the runner of the base model; `self` and LoRA reward rows run there too
 
 
 @dataclass(frozen=True)
@@ -32,36 +43,134 @@ class NewRow:
     adapter: str = NO_ADAPTER
 
 
-class TransformersRunner:
-    """Decodes rows of one Hugging Face causal LM with a left-padded KV cache."""
+@dataclass(frozen=True)
+class RewardSource:
+    """Where a named reward model's rows run: a runner, and the LoRA adapter
+    to apply there (NO_ADAPTER for the plain weights)."""
 
-    def __init__(self, model: torch.nn.Module, pad_token_id: int = 0):
+    runner: str
+    adapter: str = NO_ADAPTER
+    base_sees_preference: bool = True  # default for trained reward models
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """What the engine needs from a backend that runs rows of one model.
+
+    Rows are identified by key. `row_index()` says where each live row sits
+    in the batch that `decode` takes and returns; it is kept up to date as
+    rows join (`prefill`) and leave (`remove`), not rebuilt per step. The
+    batch may be wider than the live rows (`batch_size >= num_rows`): a
+    pool-based runner decodes its free slots too and ignores them.
+    """
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def num_rows(self) -> int:
+        """Live rows."""
+
+    @property
+    def batch_size(self) -> int:
+        """Width of `decode`'s batch: the tokens it takes, the hidden states it returns."""
+
+    def row_index(self) -> Mapping[RowKey, int]:
+        """Live row key -> its index in `decode`'s batch (a live view)."""
+
+    def prefill(self, rows: Sequence[NewRow]) -> torch.Tensor:
+        """Runs the prompts of new rows (keys not live) and adds them to the
+        batch. Returns their last hidden states [len(rows), H], in the order given."""
+
+    def decode(self, next_tokens: torch.Tensor) -> torch.Tensor:
+        """One token per batch position ([batch_size] long, by `row_index()`;
+        positions no row holds are ignored); returns hidden states [batch_size, H]."""
+
+    def remove(self, keys: Collection[RowKey]) -> None:
+        """Frees the rows of these keys (keys not live are ignored)."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] -> float32 logits over the vocabulary [N, V]."""
+
+    def logits_at(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """hidden [M, H], token_ids [M, K] -> float32 logits of those tokens [M, K]."""
+
+    def add_adapter(self, name: str, folder: Path) -> None:
+        """Loads a LoRA reward adapter folder onto these weights, for rows
+        that name it (`NewRow.adapter`). Raises ModelLoadError."""
+
+
+def cache_keyword(decoder: torch.nn.Module) -> str:
+    """The name a transformers decoder takes its KV cache under: `cache` in
+    transformers >= 5.2x, `past_key_values` before (still accepted, with a
+    deprecation warning, until 5.40)."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+class TransformersRunner:
+    """Decodes rows of one Hugging Face causal LM with a left-padded KV cache
+    (`pad_core.kv_cache`): joining rows are concatenated to the batch,
+    leaving rows selected out. The reference runner, and the CPU path.
+
+    fingerprint: gives the base model's fingerprint
+    (`pad_core.adapters.base_model_fingerprint`, ~0.1 s: asked only when an
+    adapter is loaded), to refuse adapters trained on another model; None
+    skips that check."""
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int = 0, fingerprint: Callable[[], str] | None = None):
         self.pad_token_id = pad_token_id
+        self.fingerprint = fingerprint
         self.model = model.requires_grad_(False)  # inference only
         self.device = next(model.parameters()).device
         self.num_layers = model.config.get_text_config().num_hidden_layers
         self.decoder = model.get_decoder()
+        self._cache_keyword = cache_keyword(self.decoder)
         self.head = OutputHead(model)
-        self.lora = MultiLora(model)  # reward adapters, added with `lora.add`
+        self.lora = MultiLora(model)  # reward adapters (`add_adapter`)
+        self._index: dict[RowKey, int] = {}
+        self._index_view = MappingProxyType(self._index)
         self._reset()
 
     def _reset(self) -> None:
         self.row_keys: list[RowKey] = []
+        self._index.clear()
         self.adapters: list[str] = []
         self.cache = None
         self.attention_mask: torch.Tensor | None = None  # [B, L] 1 = real token
         self.next_positions: torch.Tensor | None = None  # [B] position id of the next input
 
     @property
+    def vocab_size(self) -> int:
+        return self.head.vocab_size
+
+    @property
     def num_rows(self) -> int:
         return len(self.row_keys)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.row_keys)  # dense: every batch position is a live row
 
     @property
     def cache_columns(self) -> int:
         return 0 if self.attention_mask is None else self.attention_mask.shape[1]
 
-    def row_index(self) -> dict[RowKey, int]:
-        return {key: index for index, key in enumerate(self.row_keys)}
+    def row_index(self) -> Mapping[RowKey, int]:
+        return self._index_view
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head.full(hidden)
+
+    def logits_at(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.head.at(hidden, token_ids)
+
+    def add_adapter(self, name: str, folder: Path) -> None:
+        from pad_core.adapters import load_adapter  # peft, imported only when an adapter is loaded
+
+        self.lora.add(name, load_adapter(name, folder, self.fingerprint))
 
     @torch.inference_mode()
     def prefill(self, rows: Sequence[NewRow]) -> torch.Tensor:
@@ -85,7 +194,9 @@ class TransformersRunner:
 
     @torch.inference_mode()
     def decode(self, next_tokens: torch.Tensor) -> torch.Tensor:
-        """Feeds one token per row (in row order, [B]); returns hidden states [B, H]."""
+        """Feeds one token per row (in row order, [B]); returns hidden states [B, H].
+        The attention mask grows by a column (torch.cat, O(B x L)); cheap
+        next to the forward on CPU, one of the costs the pool runner avoids."""
         mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((self.num_rows, 1))], dim=1)
         logits = self._forward(
             next_tokens.to(self.device)[:, None], mask, self.next_positions[:, None], self.cache, self.adapters
@@ -94,14 +205,16 @@ class TransformersRunner:
         self.next_positions = self.next_positions + 1
         return logits
 
-    def remove(self, keys: set[RowKey]) -> None:
-        """Frees the rows of finished or aborted requests."""
-        keep = [index for index, key in enumerate(self.row_keys) if key not in keys]
-        if len(keep) == self.num_rows:
+    def remove(self, keys: Collection[RowKey]) -> None:
+        """Frees the rows of finished or aborted requests (the others' caches
+        are selected into new buffers: the reason for a pool-based runner)."""
+        leaving = {self._index[key] for key in keys if key in self._index}
+        if not leaving:
             return
-        if not keep:
+        if len(leaving) == self.num_rows:
             self._reset()
             return
+        keep = [index for index in range(self.num_rows) if index not in leaving]
         index = torch.tensor(keep, device=self.device)
         for layer in self.cache.layers:
             layer.batch_select_indices(index)
@@ -109,6 +222,8 @@ class TransformersRunner:
         self.next_positions = self.next_positions[index]
         self.row_keys = [self.row_keys[i] for i in keep]
         self.adapters = [self.adapters[i] for i in keep]
+        self._index.clear()  # rows after a leaving one move up
+        self._index.update((key, position) for position, key in enumerate(self.row_keys))
         self._drop_padding_columns()
 
     def _drop_padding_columns(self) -> None:
@@ -129,6 +244,7 @@ class TransformersRunner:
                 [pad_mask_left(self.attention_mask, width), pad_mask_left(mask, width)], dim=0
             )
             self.next_positions = torch.cat([self.next_positions, next_positions])
+        self._index.update((key, len(self.row_keys) + offset) for offset, key in enumerate(keys))
         self.row_keys.extend(keys)
         self.adapters.extend(adapters)
 
@@ -138,8 +254,8 @@ class TransformersRunner:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_keyword: cache},
         )
         return output.last_hidden_state[:, -1]
 

@@ -87,3 +87,111 @@ def top_logprobs(log_probs: torch.Tensor, token_ids: torch.Tensor, count: int):
     chosen = log_probs.gather(1, token_ids[:, None]).squeeze(1)
     values, ids = log_probs.topk(count, dim=-1) if count else (log_probs[:, :0], token_ids[:, None][:, :0])
     return chosen, values, ids
+
+
+# ---- vLLM's sampling extensions and OpenAI's logit_bias --------------------
+def apply_logit_bias(logits: torch.Tensor, rows: Sequence[int], token_ids: Sequence[int],
+                     biases: Sequence[float]) -> torch.Tensor:
+    """logits [N, V] with biases[j] added at (rows[j], token_ids[j]); ids
+    outside the vocabulary are ignored. Returns new logits."""
+    vocab = logits.shape[1]
+    kept = [j for j, token in enumerate(token_ids) if 0 <= token < vocab]
+    if not kept:
+        return logits
+    out = logits.clone()
+    index = (torch.tensor([rows[j] for j in kept], device=logits.device),
+             torch.tensor([token_ids[j] for j in kept], device=logits.device))
+    out.index_put_(index, torch.tensor([biases[j] for j in kept], dtype=logits.dtype, device=logits.device),
+                   accumulate=True)
+    return out
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """CTRL's repetition penalty, as vLLM and transformers apply it: the
+    logit of every token already seen (prompt or answer) is divided by the
+    penalty when positive and multiplied by it when negative, so a penalty
+    > 1 makes it less likely either way. logits [N, V], seen [N, V] bool,
+    penalty [N] (> 0; 1: off). Returns new logits."""
+    factor = penalty.to(logits.dtype)[:, None]
+    penalised = torch.where(logits > 0, logits / factor, logits * factor)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_top_k_min_p(logits: torch.Tensor, top_k: torch.Tensor, min_p: torch.Tensor,
+                       temperature: torch.Tensor) -> torch.Tensor:
+    """vLLM's top_k and min_p: tokens outside a row's top_k (0: no limit;
+    ties with the k-th are kept) or below min_p times the most likely
+    token's probability at the row's temperature (as vLLM, which applies
+    min_p after temperature: l - l_max >= T log(min_p)) go to -inf. The
+    most likely token always stays. logits [N, V]; top_k [N] long; min_p,
+    temperature [N]. Returns new logits."""
+    out = logits
+    vocab = logits.shape[1]
+    if bool((top_k > 0).any()):
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+        values = logits.topk(int(k.max()), dim=-1).values
+        kth = values.gather(1, (k - 1)[:, None])
+        out = out.masked_fill(logits < kth, float("-inf"))
+    if bool((min_p > 0).any()):
+        best = logits.max(dim=-1, keepdim=True).values
+        scale = temperature.float().clamp(min=1.0e-5)[:, None]  # greedy rows: only the argmax matters anyway
+        floor = best.float() + scale * torch.log(min_p.float())[:, None]  # log 0 = -inf: no floor
+        out = out.masked_fill(logits.float() < floor, float("-inf"))
+    return out
+
+
+def apply_sampling_controls(logits: torch.Tensor, states: Sequence) -> torch.Tensor:
+    """The vLLM extensions (top_k, min_p, repetition_penalty, min_tokens)
+    and OpenAI's logit_bias of each request, applied to its base row's
+    logits [N, V], after the presence / frequency penalties: what plain
+    decoding samples from, and what PAD's prescreen and score see. States
+    give `request.sampling` (SamplingParams), `request.prompt_ids`,
+    `generated` and `stop_token_ids`. The logits themselves (no copy) when
+    no request uses any of them."""
+    samplings = [state.request.sampling for state in states]
+    if not any(sampling.processes_logits for sampling in samplings):
+        return logits
+    device = logits.device
+    bias_rows, bias_ids, bias_values = [], [], []
+    for row, sampling in enumerate(samplings):
+        for token, bias in sampling.logit_bias:
+            bias_rows.append(row)
+            bias_ids.append(int(token))
+            bias_values.append(float(bias))
+    if bias_rows:
+        logits = apply_logit_bias(logits, bias_rows, bias_ids, bias_values)
+    blocked = [(row, sorted(state.stop_token_ids)) for row, state in enumerate(states)
+               if len(state.generated) < state.request.sampling.min_tokens and state.stop_token_ids]
+    if blocked:  # min_tokens: no end of sequence yet
+        logits = logits.clone()
+        vocab = logits.shape[1]
+        for row, stops in blocked:
+            stops = [token for token in stops if 0 <= token < vocab]
+            logits[row, stops] = float("-inf")
+    penalised = [row for row, sampling in enumerate(samplings) if sampling.repetition_penalty != 1.0]
+    if penalised:
+        seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+        for row in penalised:
+            tokens = [*states[row].request.prompt_ids, *states[row].generated]
+            tokens = [token for token in tokens if 0 <= token < logits.shape[1]]
+            if tokens:
+                seen[row, torch.tensor(tokens, device=device)] = True
+        penalty = torch.tensor([s.repetition_penalty for s in samplings], device=device)
+        logits = apply_repetition_penalty(logits, seen, penalty)
+    if any(sampling.top_k or sampling.min_p for sampling in samplings):
+        # A grammar's mask comes first (as in vLLM): the filters then keep the
+        # best *legal* tokens, and never leave a constrained row without one.
+        constrained = [row for row, (state, sampling) in enumerate(zip(states, samplings, strict=True))
+                       if getattr(state, "grammar", None) is not None and (sampling.top_k or sampling.min_p)]
+        if constrained:
+            logits = logits.clone()
+            for row in constrained:
+                allowed = states[row].grammar.allowed(logits.shape[1]).to(device)
+                logits[row] = logits[row].masked_fill(~allowed, float("-inf"))
+        logits = filter_top_k_min_p(
+            logits,
+            torch.tensor([s.top_k for s in samplings], dtype=torch.long, device=device),
+            torch.tensor([s.min_p for s in samplings], dtype=torch.float32, device=device),
+            torch.tensor([s.temperature for s in samplings], dtype=torch.float32, device=device),
+        )
+    return logits

@@ -46,6 +46,20 @@ class EngineSettings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="converted-weights cache")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    backend: Literal["transformers", "slots"] = Field(
+        "transformers",
+        description="model runner: 'transformers' (left-padded cache, the reference and CPU path) or 'slots' "
+        "(a preallocated KV pool: rows join and leave by slot, no copy of other rows' caches)",
+    )
+    kv_pool_gib: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="slots backend: size of the KV pool in GiB (default: gpu_memory_utilization of the GPU "
+        "minus the weights on CUDA, 2 GiB on CPU); it sets the tokens a row may hold, up to the context length",
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, allow_inf_nan=False,
+        description="slots backend on CUDA: share of the GPU's memory the weights and the KV pool may use",
+    )
 
     reward_adapters: dict[str, Path] = Field(
         default_factory=dict, description="name -> LoRA adapter folder (peft) on the base model"

@@ -192,6 +192,13 @@ class GrammarMatcher:
         self._matcher.unsafe_compute_mask_ptr(address, size)
         return not self._matcher.is_error()
 
+    def allowed(self, vocab_size: int) -> torch.Tensor:
+        """The legal next tokens [vocab_size] bool (for a sampling filter that
+        must see them before the engine's own mask; StructuredOutputs.allowed_tokens
+        computes a whole step's masks at once)."""
+        words = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.int32)
+        return unpack_bitmask(torch.from_numpy(words.copy())[None, :], vocab_size)[0]
+
     def fail(self, message: str) -> None:
         if self.error is None:
             self.error = message

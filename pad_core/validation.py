@@ -26,6 +26,12 @@ MAX_TEMPERATURE = 2.0
 # (its _SAMPLING_EPS): softmax(s / T) is a one-hot vector to float precision.
 TEMPERATURE_FLOOR = 1e-5
 MAX_PENALTY = 2.0
+# vLLM's repetition_penalty, in [0.01, 2]: seen logits are divided or multiplied by it, and a
+# near-zero divisor would overflow them to infinity.
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 2.0
+MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's limit)
+MAX_LOGIT_BIAS_VALUE = 100.0  # |bias| (OpenAI's range)
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 16  # n

@@ -32,10 +32,11 @@ import zmq
 
 from pad_core.engine import PadEngine
 from pad_core.cli_flags import add_settings_flags, settings_overrides
-from pad_core.errors import EngineError, InvalidRequestError
+from pad_core.errors import ContextLengthExceededError, EngineError, InvalidRequestError, UnknownRewardModelError
 from pad_core.ipc import HEARTBEAT_S, pack, unpack
+from pad_core.model_loading import load_engine
 from pad_core.settings import EngineSettings
-from pad_core.types import ChatRequest
+from pad_core.types import ChatRequest, GenerationRequest, GuidanceParams, RewardPrompt, TextRequest
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ class Worker:
         # Chats being tokenized: request id -> (gateway, future GenerationRequest).
         # One thread: tokenizations queue behind each other, never behind a step.
         self.preparing: dict[str, tuple[bytes, Future]] = {}
+        # The PAD settings of each request not yet answered: its first output
+        # says which values were used (resolved_guidance).
+        self.unreported: dict[str, GuidanceParams] = {}
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pad-tokenize")
         # A finished tokenization wakes the loop's poll through this pipe.
         self._wake_read, self._wake_write = os.pipe()
@@ -73,7 +77,7 @@ class Worker:
         kind = message["type"]
         self.gateways.add(identity)
         if kind == "hello":
-            self.send(identity, {"type": "ready", "info": self.engine.model_info(), "stats": self.engine.stats(),
+            self.send(identity, {"type": "ready", "info": self.model_info(), "stats": self.engine.stats(),
                                  "instance": self.instance})
         elif kind == "add":
             self.add(identity, message["request"])
@@ -85,19 +89,33 @@ class Worker:
         else:
             logger.warning("ignoring unknown message type %r", kind)
 
+    def model_info(self) -> dict:
+        """The engine's model info, plus what the gateway checks requests against."""
+        return {**self.engine.model_info(), "vocab_size": len(self.engine.tokenizer)}
+
     def add(self, identity: bytes, payload: dict) -> None:
-        """Starts tokenizing a chat in the tokenizer thread; `collect` queues it."""
+        """Starts tokenizing a chat (or a raw-text prompt, "kind": "text") in
+        the tokenizer thread; `collect` queues it."""
         request_id = payload.get("request_id", "?") if isinstance(payload, dict) else "?"
         try:
-            chat = ChatRequest.from_dict(payload)
-            if chat.request_id in self.preparing:
-                raise InvalidRequestError(f"request id {chat.request_id!r} is already running", param="request_id")
+            request = TextRequest.from_dict(payload) if payload.get("kind") == "text" else ChatRequest.from_dict(payload)
+            if request.request_id in self.preparing:
+                raise InvalidRequestError(f"request id {request.request_id!r} is already running", param="request_id")
         except Exception as exc:
             self.reject(identity, request_id, exc)
             return
-        future = self._tokenizer_thread.submit(self.engine.prepare_chat, chat)
-        self.preparing[chat.request_id] = (identity, future)
+        future = self._tokenizer_thread.submit(self.prepare, request)
+        self.preparing[request.request_id] = (identity, future)
         future.add_done_callback(self._wake)
+
+    def prepare(self, request: ChatRequest | TextRequest) -> GenerationRequest:
+        """Validates and tokenizes a request (in the tokenizer thread)."""
+        if isinstance(request, TextRequest):
+            generation = prepare_text(self.engine, request)
+        else:
+            generation = self.engine.prepare_chat(request)
+        check_logit_bias(generation, len(self.engine.tokenizer))
+        return generation
 
     def _wake(self, _future: Future) -> None:
         try:
@@ -113,11 +131,13 @@ class Worker:
                 break
             del self.preparing[request_id]
             try:
-                self.engine.add_request(future.result())
+                generation = future.result()
+                self.engine.add_request(generation)
             except Exception as exc:
                 self.reject(identity, request_id, exc)
                 continue
             self.owners[request_id] = identity
+            self.unreported[request_id] = generation.guidance
 
     def reject(self, identity: bytes, request_id: str, exc: Exception) -> None:
         """Answers a request the engine will not take: its own fault (400),
@@ -140,7 +160,7 @@ class Worker:
                 logger.exception("could not load adapter %r", message.get("name"))
             self.send(identity, {"type": "adapter_failed", "token": message["token"], "error": str(exc)})
             return
-        self.send(identity, {"type": "adapter_loaded", "token": message["token"], "info": self.engine.model_info()})
+        self.send(identity, {"type": "adapter_loaded", "token": message["token"], "info": self.model_info()})
 
     def drain(self, timeout_ms: int) -> None:
         """Handles every waiting message, waiting up to timeout_ms for the
@@ -176,6 +196,9 @@ class Worker:
         by_gateway = defaultdict(list)
         for output in outputs:
             owner = self.owners.get(output.request_id)
+            guidance = self.unreported.pop(output.request_id, None)
+            if guidance is not None:
+                output.guidance = resolved_guidance(guidance, self.engine.settings)
             if output.finished:
                 self.owners.pop(output.request_id, None)
             if owner is not None:
@@ -212,6 +235,51 @@ class Worker:
             os.close(fd)
 
 
+def resolved_guidance(guidance: GuidanceParams, settings: EngineSettings) -> dict:
+    """The PAD settings a request runs with: its own, else the engine's
+    defaults (as the engine resolves them when it admits the request)."""
+    return {
+        "reward_model": guidance.reward_model,
+        "weight": settings.default_weight if guidance.weight is None else guidance.weight,
+        "top_k": settings.default_top_k if guidance.top_k is None else guidance.top_k,
+        "min_p": settings.default_min_p if guidance.min_p is None else guidance.min_p,
+    }
+
+
+def check_logit_bias(request: GenerationRequest, vocab_size: int) -> None:
+    for token, _ in request.sampling.logit_bias:
+        if not 0 <= token < vocab_size:
+            raise InvalidRequestError(f"logit_bias: token id {token} is not in [0, {vocab_size})", param="logit_bias")
+
+
+def prepare_text(engine: PadEngine, request: TextRequest) -> GenerationRequest:
+    """A raw-text prompt (no chat template) as a GenerationRequest: what
+    PadEngine.prepare_chat does for a chat. Raises InvalidRequestError."""
+    request.verify(engine.limits)
+    sources = engine.reward_sources
+    name = request.guidance.reward_model
+    if name not in sources:
+        raise UnknownRewardModelError(name, list(sources))
+    # The cheap bound before tokenizing (as prepare_chat): a token covers at most max_token_chars.
+    longest = request.text_length()
+    at_least = -(-longest // engine.max_token_chars)
+    if at_least >= engine.context_length:
+        raise ContextLengthExceededError(
+            f"the prompt has {longest} characters, at least {at_least} tokens; "
+            f"the model's context length is {engine.context_length}", param="prompt")
+    sees = request.guidance.base_sees_preference
+    if sees is None:
+        sees = sources[name].base_sees_preference
+    prompt_ids, reward_ids = engine.prompts.encode_text(request.prompt, request.preferences, sees)
+    return GenerationRequest(
+        request_id=request.request_id,
+        prompt_ids=prompt_ids,
+        reward_prompts=[RewardPrompt(tuple(ids), p.weight) for ids, p in zip(reward_ids, request.preferences, strict=True)],
+        sampling=request.sampling,
+        guidance=request.guidance,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pad_core.worker", description=__doc__)
     parser.add_argument("--bind", default=os.environ.get("PAD_WORKER_BIND", "tcp://0.0.0.0:5557"))
@@ -225,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s worker %(name)s: %(message)s")
     settings = EngineSettings(**overrides)
-    engine = PadEngine.from_settings(settings)
+    engine = load_engine(settings)
     context = zmq.Context()
     socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.LINGER, 0)

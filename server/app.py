@@ -20,7 +20,7 @@ from server.errors import install_error_handlers
 from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.request_body import BodyLimitMiddleware
-from server.routes import chat, feedback, models, users
+from server.routes import chat, completions, feedback, models, responses, users
 from server.settings import ServerSettings
 from server.store.repository import Store
 from server.worker_client import WorkerClient
@@ -58,7 +58,8 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
     # Outermost (added last): an oversized body is refused before anything reads it.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
 
-    for router in (chat.router, models.router, models.probes, users.router, feedback.router):
+    for router in (chat.router, completions.router, responses.router, models.router, models.probes, users.router,
+                   feedback.router):
         app.include_router(router)
     install_openapi(app)
     return app

@@ -148,10 +148,25 @@ def _allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
+def served_routes(request: Request) -> list[str]:
+    """'METHOD /path' of every API route (the OpenAPI document's, so no docs pages)."""
+    paths = request.app.openapi().get("paths", {})
+    return [f"{method.upper()} {path}" for path, operations in paths.items() if path.startswith("/v1/")
+            for method in operations]
+
+
+def _matches_a_route(request: Request) -> bool:
+    return any(route.matches(request.scope)[0] != Match.NONE for route in request.app.router.routes)
+
+
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     error = getattr(exc, "error", None)  # request_body.BodyError
     if isinstance(error, APIError):
         return error_response(error)
+    if exc.status_code == 404 and request.url.path.startswith("/v1/") and not _matches_a_route(request):
+        message = (f"Unknown endpoint: {request.method} {request.url.path}. This server serves "
+                   f"{', '.join(served_routes(request))}.")
+        return error_response(APIError(404, message, "invalid_request_error", None, "unknown_url"))
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     headers = dict(exc.headers or {})
     if exc.status_code == 405:

@@ -1,37 +1,93 @@
-"""OpenAI Chat Completions request shape, plus PAD's two extensions
-(`preference`, `pad`); the bodies of the preference-memory and feedback
-routes; and the response shapes the OpenAPI document states. Unknown fields
-are refused (400, naming them), and known fields this server cannot honour
-are refused by the chat route.
+"""The OpenAI request shapes this server accepts (Chat Completions, legacy
+Completions; the Responses API is in responses_models.py), plus PAD's two
+extensions (`preference`, `pad`); the bodies of the preference-memory and
+feedback routes; and the response shapes the OpenAPI document states.
+
+Every documented OpenAI field is accepted: honoured, or accepted and
+ignored where it has no effect here (`IGNORED`, each with the reason the
+README's table gives); a value this server cannot honour (an audio answer,
+web search, `tool_choice: "auto"` on a template without tools) is refused
+by name. A field no API documents is a 400 naming it. The request models
+build the engine's parameters themselves (`to_sampling_params`,
+`to_guidance_params`, `to_structured`), as vLLM's protocol.py does.
 
 The bounds here come from pad_core.validation, the ones the request types
 check (`verify`) in the gateway, the engine and the store: they are here so
-the OpenAPI document states them, and a bad value is refused early."""
+the OpenAPI document states them, and a bad value is refused early. Request
+models are strict (a string is not a number, 1 is not true), as their JSON
+Schema says."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationInfo, field_validator
 
+from pad_core.types import GuidanceParams, SamplingParams, StructuredOutput, ToolFunction
 from pad_core.validation import (
     INT32_MAX,
     INT64_MAX,
     INT64_MIN,
     MAX_CHOICES,
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_VALUE,
     MAX_PENALTY,
+    MAX_REPETITION_PENALTY,
+    MIN_REPETITION_PENALTY,
     MAX_STOP_STRINGS,
     MAX_TEMPERATURE,
     MAX_TOP_LOGPROBS,
     MAX_WEIGHT,
 )
+from server.errors import invalid
 
 Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 Weight = Annotated[float, Field(strict=True, ge=-MAX_WEIGHT, le=MAX_WEIGHT)]
+Metadata = Annotated[dict[str, str], Field(max_length=16, description="up to 16 string pairs; accepted and ignored")]
+
+# Accepted and ignored: they change nothing here (no server-side storage, no
+# tiers, no prompt cache keyed by clients, no reasoning, one verbosity).
+IGNORED: dict[str, str] = {
+    "store": "no server-side storage of answers (the feedback memory keeps them for PAD_FEEDBACK_RETENTION_DAYS anyway)",
+    "metadata": "no stored completions to tag",
+    "service_tier": "one tier; answers say service_tier 'default'",
+    "prompt_cache_key": "KV caches live per request",
+    "prompt_cache_retention": "KV caches live per request",
+    "prompt_cache_options": "KV caches live per request",
+    "safety_identifier": "no abuse monitoring here (`user` keys the preference memory)",
+    "verbosity": "the model has one verbosity; a preference steers length",
+    "reasoning_effort": "the model does not reason before answering",
+    "prediction": "predicted outputs only save latency",
+    "stream_options.include_obfuscation": "no obfuscation padding is sent",
+}
+
+
+def reject_if(condition: bool, message: str, param: str, code: str = "unsupported_parameter") -> None:
+    if condition:
+        raise invalid(message, param, code)
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StrictRequest(Strict):
+    """A request body: unknown fields refused, and no type coercion. OpenAI's
+    optional fields may be sent as null, which means their default
+    (`NULL_IS_DEFAULT`: listed per model, the schema says they are nullable)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.field_name in NULL_IS_DEFAULT:
+            return cls.model_fields[info.field_name].default
+        return value
+
+
+# Nullable in OpenAI's API, with a non-null default here.
+NULL_IS_DEFAULT = frozenset({"n", "stream", "logprobs", "echo", "include_usage", "continuous_usage_stats"})
 
 
 class TextPart(Strict):
@@ -40,17 +96,37 @@ class TextPart(Strict):
 
 
 class ContentPart(BaseModel):
-    """Any typed part; non-text ones are refused by name in the route."""
+    """Any typed part; non-text ones are refused by name (server/messages.py)."""
 
     model_config = ConfigDict(extra="allow")
     type: str
 
 
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    arguments: str
+
+
+class MessageToolCall(BaseModel):
+    """An assistant message's earlier call (`messages[i].tool_calls[j]`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str
+    type: str = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # tool_calls etc. are refused by name in the route
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
+    function_call: ToolCallFunction | None = None  # assistant (deprecated functions API)
+    refusal: str | None = None  # assistant
+    audio: dict[str, Any] | None = None  # assistant: an earlier audio answer (refused: no audio here)
 
 
 class WeightedPreference(Strict):
@@ -60,49 +136,343 @@ class WeightedPreference(Strict):
 
 class PadOptions(Strict):
     weight: float | None = Field(None, ge=-MAX_WEIGHT, le=MAX_WEIGHT)
-    top_k: int | None = Field(None, ge=1, le=INT64_MAX, description="at most the server's max_top_k (100)")
-    min_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=1, le=INT64_MAX, description="PAD's prescreen: candidates kept "
+                              "(at most the server's max_top_k, 100); not the sampling-level top_k")
+    min_p: float | None = Field(None, ge=0, le=1, description="PAD's prescreen floor: a candidate stays if "
+                                "p_base >= min_p * max p_base; not the sampling-level min_p")
     reward_model: str = "self"
     base_sees_preference: bool | None = None
 
+    def to_guidance_params(self) -> GuidanceParams:
+        return GuidanceParams(weight=self.weight, top_k=self.top_k, min_p=self.min_p,
+                              reward_model=self.reward_model, base_sees_preference=self.base_sees_preference)
 
-class StreamOptions(Strict):
-    include_usage: bool = False
+
+Preferences = str | list[str | WeightedPreference] | None
 
 
-class ChatCompletionRequest(Strict):
+class StreamOptions(StrictRequest):
+    include_usage: bool | None = False
+    include_obfuscation: bool | None = Field(None, description="accepted and ignored")
+    continuous_usage_stats: bool | None = Field(False, description="vLLM: usage (so far) on every chunk")
+
+
+def guidance_of(pad: PadOptions | None) -> GuidanceParams:
+    return pad.to_guidance_params() if pad is not None else GuidanceParams()
+
+
+class SamplingFields(StrictRequest):
+    """The fields Chat Completions and legacy Completions share: OpenAI's
+    sampling settings, vLLM's extensions, and PAD's."""
+
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(1, ge=1, le=MAX_CHOICES)
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: Int64 | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS_VALUE, le=MAX_LOGIT_BIAS_VALUE)]],
+                          Field(max_length=MAX_LOGIT_BIAS)] | None = Field(
+        None, description="token id (as a string) -> bias added to its logit, -100..100")
+    # vLLM's sampling extensions (on the base row's distribution; PAD's score sees them as it sees penalties)
+    top_k: int | None = Field(None, ge=-1, le=INT64_MAX, description="vLLM: sample among the top_k tokens "
+                              "(-1 or 0: all); not PAD's prescreen pad.top_k")
+    min_p: float | None = Field(None, ge=0, le=1, description="vLLM: drop tokens below min_p x the top "
+                                "token's probability; not PAD's prescreen pad.min_p")
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY,
+                                             description="vLLM: > 1 discourages tokens already in the prompt or answer")
+    ignore_eos: bool | None = Field(None, description="vLLM: keep going past end-of-sequence (up to max_tokens)")
+    min_tokens: int | None = Field(None, ge=0, le=INT64_MAX, description="vLLM: no end-of-sequence before this many tokens")
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=INT64_MAX)]] | None = Field(
+        None, max_length=MAX_STOP_STRINGS, description="vLLM: token ids that end the answer")
+    # PAD extensions (from the openai SDK: extra_body={...}).
+    preference: Preferences = None
+    pad: PadOptions | None = None
+
+    def max_tokens_asked(self) -> int | None:
+        raise NotImplementedError
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            reject_if(not key.isdigit() or len(key) > 19, f"logit_bias: {key!r} is not a token id",
+                       "logit_bias", "invalid_value")
+            pairs.append((int(key), float(bias)))
+        return tuple(pairs)
+
+    def sampling_kwargs(self, choice: int) -> dict[str, Any]:
+        """SamplingParams fields common to both endpoints."""
+        return {
+            "max_tokens": self.max_tokens_asked(),
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "seed": None if self.seed is None else choice_seed(self.seed, choice),
+            "stop": self.stop_strings(),
+            "stop_token_ids": tuple(self.stop_token_ids or ()),
+            "ignore_eos": bool(self.ignore_eos),
+            "presence_penalty": self.presence_penalty or 0.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "top_k": max(0, self.top_k or 0),
+            "min_p": self.min_p or 0.0,
+            "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            "min_tokens": self.min_tokens or 0,
+            "logit_bias": self.logit_bias_pairs(),
+        }
+
+    def to_guidance_params(self) -> GuidanceParams:
+        return guidance_of(self.pad)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and (self.stream_options.include_usage or self.stream_options.continuous_usage_stats))
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    def check_stream_options(self) -> None:
+        reject_if(self.stream_options is not None and not self.stream,
+                   "stream_options is only allowed when stream is true", "stream_options", "invalid_value")
+
+
+def choice_seed(seed: int, choice: int) -> int:
+    """seed + choice, wrapped around within int64 (seed 2**63 - 1, choice 1
+    must not overflow the IPC)."""
+    return (seed + choice - INT64_MIN) % 2**64 + INT64_MIN
+
+
+# ---- structured outputs and tools ------------------------------------------
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def to_tool(self) -> ToolFunction:
+        return ToolFunction(self.name, self.description, self.parameters, bool(self.strict))
+
+
+class ToolDefinition(BaseModel):
+    """`tools[i]`: function tools are honoured; other types are refused by name."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: str
+    function: FunctionDefinition | None = None
+    custom: dict[str, Any] | None = None
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatText(StrictRequest):
+    type: Literal["text"]
+
+
+class ResponseFormatJSONObject(StrictRequest):
+    type: Literal["json_object"]
+
+
+class ResponseFormatJSONSchema(StrictRequest):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[ResponseFormatText | ResponseFormatJSONObject | ResponseFormatJSONSchema,
+                           Field(discriminator="type")]
+
+
+def response_format_output(fmt: ResponseFormat | None) -> StructuredOutput | None:
+    """OpenAI `response_format` -> the engine's StructuredOutput (None: free text)."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return StructuredOutput("json_object")
+    spec = fmt.json_schema
+    return StructuredOutput("json_schema", json_schema=spec.schema_ if spec.schema_ is not None else {"type": "object"},
+                            schema_name=spec.name, strict=bool(spec.strict))
+
+
+def function_tools(tools: list[ToolDefinition] | None, param: str = "tools") -> list[ToolFunction]:
+    out = []
+    for index, tool in enumerate(tools or ()):
+        reject_if(tool.type != "function" or tool.function is None,
+                   f"{param}[{index}]: only function tools are supported (type 'function' with a 'function'), "
+                   f"not {tool.type!r}", f"{param}[{index}].type")
+        out.append(tool.function.to_tool())
+    return out
+
+
+TOOLS_AUTO = ("tool_choice '{choice}' with tools needs a chat template that can offer tools, and this model's "
+              "cannot{why}; use tool_choice 'required' or name a function ({{'type': 'function', 'function': "
+              "{{'name': ...}}}}), or 'none'")
+
+
+def tool_output(tools: list[ToolFunction], tool_choice: Any, parallel: bool | None, template_knows_tools: bool,
+                choice_param: str = "tool_choice") -> StructuredOutput | None:
+    """tools + tool_choice -> a forced tool-call grammar, or None (free text:
+    no tools, or tool_choice 'none'). 'auto' (the default with tools) is
+    refused: the engine forces calls or answers text, never both."""
+    name = None
+    if isinstance(tool_choice, dict):
+        kind = tool_choice.get("type")
+        if kind == "function":
+            function = tool_choice.get("function") or {}
+            name = function.get("name") if isinstance(function, dict) else None
+            name = name if name is not None else tool_choice.get("name")  # the Responses API's shape
+            reject_if(not isinstance(name, str), "tool_choice: a named function needs function.name",
+                       choice_param, "invalid_value")
+        elif kind == "allowed_tools":
+            mode = tool_choice.get("mode", "auto")
+            allowed = {t.get("function", {}).get("name") or t.get("name") for t in tool_choice.get("tools") or []
+                       if isinstance(t, dict)}
+            tools = [t for t in tools if t.name in allowed]
+            reject_if(not tools, "tool_choice.tools names none of the tools", choice_param, "invalid_value")
+            tool_choice = mode
+        else:
+            raise invalid(f"tool_choice type {kind!r} is not supported (function or allowed_tools)", choice_param,
+                          "unsupported_parameter")
+    elif tool_choice not in (None, "none", "auto", "required"):
+        raise invalid(f"tool_choice {tool_choice!r} is not one of none, auto, required or a named function",
+                      choice_param, "invalid_value")
+    if not tools:
+        reject_if(tool_choice == "required" or name is not None, "tool_choice requires tools", choice_param,
+                   "invalid_value")
+        return None
+    if tool_choice == "none":
+        return None
+    if name is None and tool_choice != "required":
+        why = "" if not template_knows_tools else " (the engine forces calls or answers text, never both)"
+        raise invalid(TOOLS_AUTO.format(choice=tool_choice or "auto", why=why), choice_param, "unsupported_parameter")
+    return StructuredOutput("tool_calls", tools=tuple(tools), tool_choice=name,
+                            parallel_tool_calls=parallel is not False)
+
+
+# ---- POST /v1/chat/completions ---------------------------------------------
+class ChatCompletionRequest(SamplingFields):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
-    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    seed: Int64 | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
-    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
-    # Known OpenAI fields we cannot honour: accepted by the schema so the
-    # route can refuse them by name (a clearer error than "unrecognized").
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    parallel_tool_calls: Any = None
-    response_format: Any = None
-    logit_bias: Any = None
-    audio: Any = None
-    modalities: Any = None
-    prediction: Any = None
-    reasoning_effort: Any = None
-    # PAD extensions (from the openai SDK: extra_body={...}).
-    preference: str | list[str | WeightedPreference] | None = None
-    pad: PadOptions | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[FunctionDefinition] | None = Field(None, description="deprecated: use tools")
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = Field(None, description="deprecated: use tool_choice")
+    # Honoured when they ask for nothing this server lacks: refused by name otherwise.
+    audio: dict[str, Any] | None = Field(None, description="refused unless null: no audio here")
+    modalities: list[str] | None = Field(None, description="['text'] only")
+    web_search_options: dict[str, Any] | None = Field(None, description="refused unless null: no web search here")
+    moderation: dict[str, Any] | None = Field(None, description="refused unless null: no moderation here")
+    # Accepted and ignored (IGNORED says why).
+    store: bool | None = None
+    metadata: Metadata | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    safety_identifier: str | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    reasoning_effort: str | None = None
+    prediction: dict[str, Any] | None = None
+
+    def max_tokens_asked(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def refuse_unsupported(self) -> None:
+        """Values this server cannot honour, refused by name (never ignored)."""
+        reject_if(self.audio is not None, "'audio' is not supported: this server answers text only", "audio")
+        reject_if(any(m != "text" for m in self.modalities or ()), "modalities: only 'text' is supported",
+                   "modalities")
+        reject_if(self.web_search_options is not None, "'web_search_options' is not supported: no web search here",
+                   "web_search_options")
+        reject_if(self.moderation is not None, "'moderation' is not supported: no moderation here", "moderation")
+        reject_if(bool(self.top_logprobs) and not self.logprobs, "top_logprobs requires logprobs: true",
+                   "top_logprobs", "invalid_value")
+        reject_if(bool(self.tools) and bool(self.functions), "give tools or functions, not both", "functions",
+                   "invalid_value")
+        self.check_stream_options()
+
+    def to_sampling_params(self, choice: int = 0) -> SamplingParams:
+        return SamplingParams(**self.sampling_kwargs(choice), logprobs=self.logprobs,
+                              top_logprobs=self.top_logprobs or 0)
+
+    @property
+    def legacy_functions(self) -> bool:
+        """The deprecated functions API: a forced call answers `function_call`."""
+        return bool(self.functions)
+
+    def to_structured(self, template_knows_tools: bool) -> StructuredOutput | None:
+        """tools / tool_choice (or the deprecated functions / function_call)
+        and response_format -> the grammar the answer must follow; a forced
+        tool call wins over response_format."""
+        if self.functions:
+            tools = [f.to_tool() for f in self.functions]
+            choice = self.function_call
+            if isinstance(choice, dict):
+                choice = {"type": "function", "function": choice}
+            forced = tool_output(tools, choice, False, template_knows_tools, "function_call")
+        else:
+            forced = tool_output(function_tools(self.tools), self.tool_choice, self.parallel_tool_calls,
+                                 template_knows_tools)
+        return forced or response_format_output(self.response_format)
+
+
+# ---- POST /v1/completions (legacy) -----------------------------------------
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=INT64_MAX)]], Field(min_length=1)]
+
+
+class CompletionRequest(SamplingFields):
+    model: str
+    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+    max_tokens: int | None = Field(16, ge=1, le=INT64_MAX, description="OpenAI's default, 16; null: "
+                                   "PAD_DEFAULT_MAX_TOKENS")
+    logprobs: int | None = Field(None, ge=0, le=5, description="the most likely tokens per position (0-5)")
+    echo: bool | None = False
+    suffix: str | None = Field(None, description="refused unless null: no insertion here")
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description="at most n (no ranking of extra samples)")
+
+    def max_tokens_asked(self) -> int | None:
+        return self.max_tokens
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a string or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and isinstance(prompt[0], int):
+            return [list(prompt)]
+        return [p if isinstance(p, str) else list(p) for p in prompt]
+
+    def refuse_unsupported(self) -> None:
+        reject_if(self.suffix is not None, "'suffix' is not supported (no insertion)", "suffix")
+        reject_if(self.best_of is not None and self.best_of > self.n,
+                   "best_of larger than n is not supported (no ranking of extra samples)", "best_of")
+        reject_if(self.echo and any(not isinstance(p, str) for p in self.prompts()),
+                   "echo needs text prompts, not token ids", "echo")
+        for index, prompt in enumerate(self.prompts()):
+            reject_if(prompt == "", f"prompt[{index}] is empty" if not isinstance(self.prompt, str) else "prompt is empty",
+                       "prompt", "invalid_value")
+        self.check_stream_options()
+
+    def to_sampling_params(self, choice: int = 0) -> SamplingParams:
+        return SamplingParams(**self.sampling_kwargs(choice), logprobs=self.logprobs is not None,
+                              top_logprobs=self.logprobs or 0)
 
 
 # ---- preference memory and feedback (server/routes/users.py, feedback.py) --
@@ -151,6 +521,7 @@ class ErrorResponse(BaseModel):
 class ResponseMessage(Open):
     role: Literal["assistant"]
     content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class CompletionChoice(Open):
@@ -172,6 +543,23 @@ class ChatCompletion(Open):
     created: int
     model: str
     choices: list[CompletionChoice]
+    usage: Usage
+    pad: dict[str, Any] | None = None
+
+
+class TextCompletionChoice(Open):
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None
+
+
+class TextCompletion(Open):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextCompletionChoice]
     usage: Usage
     pad: dict[str, Any] | None = None
 

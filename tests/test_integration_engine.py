@@ -8,10 +8,12 @@ generate()'s differ in float reduction order); the test asserts that at least
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from pad_core.engine import PadEngine
+from pad_core.model_loading import load_engine
 from pad_core.settings import EngineSettings
 from pad_core.types import ChatRequest, GuidanceParams, Preference, SamplingParams
 
@@ -25,7 +27,7 @@ PIRATE = Preference("Answer like a pirate, with lots of humour")
 
 @pytest.fixture(scope="module")
 def engine():
-    return PadEngine.from_settings(EngineSettings(dtype="float32"))
+    return load_engine(EngineSettings(dtype="float32"))
 
 
 def collect(engine, *requests):
@@ -67,7 +69,8 @@ def test_preference_changes_the_answer_and_finish_reasons(engine):
     results = collect(
         engine,
         ChatRequest("plain", HELLO, sampling=greedy),
-        ChatRequest("pirate", HELLO, [PIRATE], sampling=greedy, guidance=GuidanceParams(weight=2.0)),
+        # min_p 0 (no prescreen floor): with the default floor (0.1) this answer runs past 32 tokens.
+        ChatRequest("pirate", HELLO, [PIRATE], sampling=greedy, guidance=GuidanceParams(weight=2.0, min_p=0.0)),
         ChatRequest("short", QUESTION, sampling=SamplingParams(temperature=0.0, max_tokens=4)),
     )
     plain, pirate = results["plain"], results["pirate"]
@@ -91,10 +94,11 @@ def test_preference_changes_the_answer_and_finish_reasons(engine):
 
 
 @torch.inference_mode()
-def pad_reference(model, base_ids, reward_ids, tokens, weight=1.0, top_k=10) -> tuple[list[int], list[float]]:
+def pad_reference(model, base_ids, reward_ids, tokens, weight=1.0, top_k=10, min_p=0.0) -> tuple[list[int], list[float]]:
     """Per step of `tokens` (teacher forced): the PAD greedy choice, and the smaller of the gap between the two best PAD
-    scores and the gap between the k-th and (k+1)-th base logits (DESIGN steps
-    1-4, one preference), from one uncached forward over each whole context."""
+    scores, the gap between the k-th and (k+1)-th base logits and the distance
+    to the prescreen's floor p(a) >= min_p * max p (DESIGN steps 1-4, one
+    preference), from one uncached forward over each whole context."""
     steps = len(tokens)
     base_all = model(torch.tensor([list(base_ids) + tokens])).logits[0, len(base_ids) - 1 : len(base_ids) - 1 + steps]
     reward_all = model(torch.tensor([list(reward_ids) + tokens])).logits[0, len(reward_ids) - 1 : len(reward_ids) - 1 + steps]
@@ -102,10 +106,16 @@ def pad_reference(model, base_ids, reward_ids, tokens, weight=1.0, top_k=10) -> 
     for base, reward in zip(base_all.double(), reward_all.double(), strict=True):
         ranked = base.topk(top_k + 1)
         cand = ranked.indices[:top_k]
+        floor_gap = float("inf")
+        if min_p > 0:
+            log_ratio = ranked.values[:top_k] - ranked.values[0]
+            floor_gap = float((log_ratio - math.log(min_p)).abs().min())
+            cand = cand[log_ratio >= math.log(min_p)]
         scores = base[cand] + weight * (reward[cand].log_softmax(0) - base[cand].log_softmax(0))
-        best = scores.topk(2)
+        best = scores.topk(min(2, len(cand)))
         choices.append(int(cand[best.indices[0]]))
-        gaps.append(min(float(best.values[0] - best.values[1]), float(ranked.values[top_k - 1] - ranked.values[top_k])))
+        score_gap = float(best.values[0] - best.values[1]) if len(cand) > 1 else float("inf")
+        gaps.append(min(score_gap, floor_gap, float(ranked.values[top_k - 1] - ranked.values[top_k])))
     return choices, gaps
 
 
@@ -127,7 +137,7 @@ def test_guided_greedy_is_the_same_alone_and_batched(engine):
     base_ids, (reward_ids,) = engine.prompts.encode_request(QUESTION, [PIRATE], False)
     choices, gaps = pad_reference(
         engine.runners["base"].model, base_ids, reward_ids, alone["tokens"],
-        weight=engine.settings.default_weight, top_k=engine.settings.default_top_k,
+        weight=engine.settings.default_weight, top_k=engine.settings.default_top_k, min_p=engine.settings.default_min_p,
     )
     horizon = next((i for i, gap in enumerate(gaps) if gap < TIE), len(gaps))
     assert horizon >= 8

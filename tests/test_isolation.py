@@ -192,10 +192,10 @@ def outputs_of(outputs, request_id):
 
 @pytest.fixture(scope="module")
 def engine_alone(tiny_model, tokenizer):
-    from pad_core.engine import PadEngine
+    from pad_core.model_loading import engine_for_model
     from pad_core.settings import EngineSettings
 
-    engine = PadEngine.from_models(tiny_model, tokenizer, EngineSettings())
+    engine = engine_for_model(tiny_model, tokenizer, EngineSettings())
     healthy = ChatRequest("healthy", MESSAGES, [Preference("short answers")], HEALTHY)
     tokens, last = outputs_of(list(engine.generate([healthy])), "healthy")
     return tokens, last.finish_reason
@@ -284,11 +284,11 @@ def test_a_prompt_being_tokenized_does_not_hold_up_the_running_requests(tiny_mod
     import zmq
     from server_helpers import worker_thread
 
-    from pad_core.engine import PadEngine
+    from pad_core.model_loading import engine_for_model
     from pad_core.ipc import pack, unpack
     from pad_core.settings import EngineSettings
 
-    engine = PadEngine.from_models(tiny_model, tokenizer, EngineSettings())
+    engine = engine_for_model(tiny_model, tokenizer, EngineSettings())
     release = threading.Event()
     prepare = engine.prepare_chat
 

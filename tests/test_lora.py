@@ -55,7 +55,7 @@ def base_logits(tokenizer, prompt) -> torch.Tensor:
 
 def test_mixed_batch_rows_match_peft_for_their_own_adapter(tokenizer, adapters):
     runner = TransformersRunner(tiny_model(tokenizer))
-    attach_adapters(runner, tokenizer, adapters)
+    attach_adapters(runner, adapters)
     row_adapters = ["one", "__base__", "two"]
     hidden = runner.prefill([NewRow(i, p, a) for i, (p, a) in enumerate(zip(PROMPTS, row_adapters))])
     logits = runner.head.full(hidden)
@@ -69,7 +69,7 @@ def test_decode_steps_of_a_mixed_batch_match_each_row_alone(tokenizer, adapters)
     ones it gets in a batch of its own."""
     def run(rows, steps=4):
         runner = TransformersRunner(tiny_model(tokenizer))
-        attach_adapters(runner, tokenizer, adapters)
+        attach_adapters(runner, adapters)
         runner.prefill(rows)
         out = []
         for step in range(steps):

@@ -174,14 +174,14 @@ def test_coherence_margin_passes_every_good_reference_answer():
     """The margin's justification, re-measured: the embedded model's own greedy
     answers (what `prompt` mode gives) set the floor, and every hand-written
     good reference answer clears it."""
-    from pad_core.engine import PadEngine
     from pad_core.evaluation.coherence import CoherenceScorer, ScoringItem
+    from pad_core.model_loading import load_engine
     from pad_core.settings import EngineSettings
     from pad_core.types import ChatRequest, SamplingParams
     from server.tools.eval import prompt_messages
 
     contexts = [prompt_messages([{"role": "user", "content": r["prompt"]}], r["preference"]) for r in GOOD]
-    engine = PadEngine.from_settings(EngineSettings(dtype="float32"))
+    engine = load_engine(EngineSettings(dtype="float32"))
     texts: dict[str, str] = {}
     requests = [ChatRequest(str(i), c, sampling=SamplingParams(temperature=0.0, max_tokens=48))
                 for i, c in enumerate(contexts)]

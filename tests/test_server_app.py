@@ -35,10 +35,12 @@ async def test_health_and_chat_are_503_until_the_worker_is_ready(app):
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({**BODY, "messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
-        ({**BODY, "messages": [{"role": "assistant", "content": None, "tool_calls": []}]}, "messages[0].tool_calls"),
-        ({**BODY, "response_format": {"type": "json_object"}}, "response_format"),
-        ({**BODY, "logit_bias": {"1": 5}}, "logit_bias"),
+        ({**BODY, "messages": [{"role": "tool", "tool_call_id": "1"}]}, "messages[0].content"),
+        ({**BODY, "messages": [{"role": "assistant", "content": None, "tool_calls": []}]}, "messages[0].content"),
+        ({**BODY, "messages": [{"role": "user", "content": "x", "cache_control": {}}]}, "messages[0].cache_control"),
+        ({**BODY, "response_format": {"type": "grammar", "grammar": "x"}}, "response_format"),
+        ({**BODY, "logit_bias": {"x": 5}}, "logit_bias"),
+        ({**BODY, "logit_bias": {"1": 101}}, "logit_bias[1]"),
         ({**BODY, "n": 0}, "n"),
         ({**BODY, "top_logprobs": 2}, "top_logprobs"),
         ({**BODY, "preference": [{"text": ""}]}, "preference[0].text"),
@@ -48,8 +50,13 @@ async def test_health_and_chat_are_503_until_the_worker_is_ready(app):
         ({**BODY, "stream_options": {"include_usage": True}}, "stream_options"),
         ({**BODY, "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
          "messages[0].content[0]"),
-        ({**BODY, "tool_choice": "auto"}, "tool_choice"),
-        ({**BODY, "functions": [{"name": "f"}]}, "functions"),
+        ({**BODY, "tool_choice": "required"}, "tool_choice"),
+        ({**BODY, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),  # "auto"
+        ({**BODY, "functions": [{"name": "f"}]}, "function_call"),  # "auto"
+        ({**BODY, "audio": {"voice": "alloy", "format": "mp3"}}, "audio"),
+        ({**BODY, "top_k": -2}, "top_k"),
+        ({**BODY, "repetition_penalty": 0}, "repetition_penalty"),
+        ({**BODY, "store": 1}, "store"),
     ],
 )
 async def test_invalid_requests_are_400_naming_the_parameter(app, body, param):

@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= args.degenerate_share <= 1.0:
         parser.error("--degenerate-share must be in [0, 1]")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from pad_core.engine import PadEngine
+    from pad_core.model_loading import load_engine
     from pad_core.settings import EngineSettings
 
     cases = cases_from_eval_file(Path(args.cases), {i for i in args.exclude_ids.split(",") if i})
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         questions = questions[: args.limit_questions]
     kept = set(questions)
     cases = [c for c in cases if c.messages in kept]
-    engine = PadEngine.from_settings(EngineSettings(model=args.model))
+    engine = load_engine(EngineSettings(model=args.model))
     pairs, stats = synthesize(engine, cases, args.samples, args.temperature, args.max_tokens, args.pairs_per_case,
                               args.seed, args.plain_samples, args.degenerate_share)
     write_pairs(args.out, pairs)

@@ -10,8 +10,6 @@ split, checkpoints and resume.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import random
@@ -22,6 +20,7 @@ import torch
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
+from pad_core.adapters import base_model_fingerprint, write_training_summary
 from pad_core.output_head import OutputHead
 from pad_core.prompting import PromptBuilder
 from pad_core.settings import DEFAULT_PREFERENCE_TEMPLATE
@@ -30,7 +29,6 @@ from pad_core.training.pairs import PreferencePair
 
 logger = logging.getLogger(__name__)
 
-TRAINING_FILE = "pad_training.json"
 STATE_FILE = "trainer_state.pt"
 
 
@@ -49,19 +47,6 @@ class TrainSettings(BaseModel):
     validation_fraction: float = Field(0.1, ge=0, lt=1)
     checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints (0: each epoch)")
     preference_template: str = DEFAULT_PREFERENCE_TEMPLATE
-
-
-def base_model_fingerprint(model, tokenizer) -> str:
-    """Identifies the base weights' architecture and vocabulary, so an adapter
-    trained on another base model is refused at load time."""
-    config = model.config.get_text_config()
-    fields = {
-        "model_type": config.model_type,
-        "hidden_size": config.hidden_size,
-        "layers": config.num_hidden_layers,
-        "vocab": sorted(tokenizer.get_vocab().items())[:: max(1, len(tokenizer) // 512)],
-    }
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
 @dataclass
@@ -277,9 +262,7 @@ def train_adapter(model, tokenizer, pairs: list[PreferencePair], settings: Train
     peft_model.save_pretrained(out_dir)
     summary = {
         "settings": settings.model_dump(),
-        "base_model_fingerprint": fingerprint,
         "pairs": {"train": len(train_pairs), "validation": len(validation_pairs)},
         "metrics": metrics,
     }
-    (out_dir / TRAINING_FILE).write_text(json.dumps(summary, indent=2))
-    return summary
+    return write_training_summary(out_dir, summary, fingerprint)

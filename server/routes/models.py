@@ -1,4 +1,4 @@
-"""GET /v1/models, GET /health, GET /metrics, POST /v1/reward_models."""
+"""GET /v1/models, GET /v1/models/{model}, GET /health, GET /metrics, POST /v1/reward_models."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from server.auth import Scope, key_scope
 from server.auth_scopes import check_admin
 from server.errors import RETRY_AFTER_S, APIError, unavailable
-from server.openai_models import ModelList, RewardModelLoaded
+from server.openai_models import ModelCard, ModelList, RewardModelLoaded
 from server.openapi import RETRY_AFTER_HEADER, errors
 from server.request_body import JSONRoute
 from server.worker_client import RequestRejected, WorkerUnavailable
@@ -50,24 +50,32 @@ async def metrics(request: Request):
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/models", response_model=ModelList, responses=errors(401))
-async def list_models(request: Request):
+def model_card(request: Request) -> dict:
     client, settings = request.app.state.worker, request.app.state.settings
     info = client.model_info
-    name = info.get("served_model_name") or settings.resolved_served_name()
     return {
-        "object": "list",
-        "data": [
-            {
-                "id": name,
-                "object": "model",
-                "created": request.app.state.started,
-                "owned_by": "pad-server",
-                "context_length": info.get("context_length"),
-                "reward_models": info.get("reward_models", ["self"]),
-            }
-        ],
+        "id": info.get("served_model_name") or settings.resolved_served_name(),
+        "object": "model",
+        "created": request.app.state.started,
+        "owned_by": "pad-server",
+        "context_length": info.get("context_length"),
+        "reward_models": info.get("reward_models", ["self"]),
     }
+
+
+@router.get("/v1/models", response_model=ModelList, responses=errors(401))
+async def list_models(request: Request):
+    return {"object": "list", "data": [model_card(request)]}
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=errors(401, 404))
+async def retrieve_model(model_id: str, request: Request):
+    """The served model (`client.models.retrieve`); any other id is a 404."""
+    card = model_card(request)
+    if model_id != card["id"]:
+        raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{card['id']}'",
+                       "invalid_request_error", "model", "model_not_found")
+    return card
 
 
 class LoadRewardModel(BaseModel):

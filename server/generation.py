@@ -1,0 +1,442 @@
+"""The one path from an OpenAI request to engine requests and back, shared
+by /v1/chat/completions, /v1/completions and /v1/responses.
+
+- `Generation.start` sends the engine requests (the n choices of a chat,
+  prompts x n of a legacy completion) and waits for each one's first output
+  before a byte is sent, so a request the engine refuses is a proper 400.
+- `ChoiceState.update` is the one bookkeeping of a choice, for streamed and
+  collected answers alike: text, finish reason, token counts, logprobs, and
+  tool calls (their raw JSON is held back and handed out as one delta at the
+  end, with finish_reason "tool_calls"; an answer that ran out of tokens
+  before its calls were complete is returned as text).
+- `Formatter`s (one per endpoint, in the routes) turn that bookkeeping into
+  chunks / events and into the final object; `stream_events` drives a
+  stream, `Generation.collect` a whole answer.
+- `serve` wraps a route: the request counter by status, and a client that
+  hangs up before its answer aborts its requests in the worker (499).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from pad_core.errors import InvalidRequestError
+from pad_core.types import ChatRequest, Preference, RequestLimits, StepOutput, TextRequest, TokenLogprob
+from server.errors import APIError, invalid, unavailable
+from server.store.resolve import Resolution
+from server.worker_client import QueueFull, RequestRejected, WorkerUnavailable
+
+logger = logging.getLogger(__name__)
+
+EngineRequest = ChatRequest | TextRequest
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+# ---- errors ------------------------------------------------------------
+def engine_failure(output: StepOutput) -> APIError | None:
+    if output.finish_reason == "error":
+        return APIError(500, output.error or "the engine failed on this request", "server_error", None, "engine_error")
+    if output.finish_reason == "abort":
+        return unavailable("the request was aborted by the server", "aborted")
+    return None
+
+
+def map_exception(exc: BaseException) -> APIError:
+    if isinstance(exc, RequestRejected):
+        error = exc.error
+        status = int(error.get("status") or 400)
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        return APIError(status, error.get("message", "invalid request"), kind, error.get("param"), error.get("code"))
+    if isinstance(exc, QueueFull):
+        return APIError(429, str(exc), "rate_limit_error", None, "queue_full")
+    if isinstance(exc, WorkerUnavailable):
+        return unavailable(str(exc))
+    if isinstance(exc, StopAsyncIteration):
+        return unavailable("the worker ended the request without an answer")
+    if isinstance(exc, APIError):
+        return exc
+    raise exc
+
+
+def check_model(state, model: str) -> str:
+    """The served model's name; a 404 for any other."""
+    served = state.worker.model_info.get("served_model_name") or state.settings.resolved_served_name()
+    if model != served:
+        raise APIError(404, f"The model '{model}' does not exist; this server serves '{served}'",
+                       "invalid_request_error", "model", "model_not_found")
+    return served
+
+
+def check_fan_out(state, count: int, param: str = "n") -> None:
+    """More engine requests than the server ever runs at once is a 400 (a 429
+    that retrying can never cure)."""
+    if count > state.settings.max_queue:
+        raise invalid(f"{param} = {count} is more than this server ever runs at once "
+                      f"(max_queue = {state.settings.max_queue})", param)
+
+
+def verify_request(request: EngineRequest, settings, resolution: Resolution, user: str | None,
+                   rename: dict[str, str]) -> None:
+    """The request types' one validation (pad_core.types, the same the
+    engine and the store run), its errors named as the client wrote them."""
+    try:
+        request.verify(RequestLimits.from_settings(settings))
+    except InvalidRequestError as exc:
+        if resolution.source == "profile" and (exc.param or "").startswith("preference"):
+            raise APIError(400, f"the preferences stored for user {user!r} cannot be used ({exc.message}); "
+                                f"replace them with PUT /v1/users/{{user_id}}/preferences", "invalid_request_error",
+                           "user", exc.code) from None
+        raise APIError.from_invalid(exc, rename) from None
+
+
+# ---- one choice's bookkeeping ------------------------------------------
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass
+class Delta:
+    """What one engine output adds to a choice, as the client sees it."""
+
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[dict] | None = None  # OpenAI-shaped, with ids
+    finish_reason: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.text or self.logprobs or self.tool_calls or self.finish_reason)
+
+
+@dataclass
+class ChoiceState:
+    index: int
+    group: int = 0  # which prompt (legacy completions): usage counts each prompt once
+    holds_calls: bool = False  # a forced tool call: the JSON text is not content
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[dict] | None = None
+    _held: str = ""
+
+    def update(self, output: StepOutput) -> Delta:
+        """Records one engine output; the delta to send (falsy: nothing).
+        An engine failure raises its APIError."""
+        failure = engine_failure(output)
+        if failure is not None:
+            raise failure
+        self.prompt_tokens, self.completion_tokens = output.prompt_tokens, output.completion_tokens
+        self.finish_reason = output.finish_reason
+        if self.holds_calls:
+            self._held += output.text
+            if not output.finished:
+                return Delta()
+            if output.tool_calls is not None:
+                self.tool_calls = [
+                    {"id": call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in output.tool_calls
+                ]
+                self.finish_reason = "tool_calls"
+                return Delta(tool_calls=self.tool_calls, finish_reason="tool_calls")
+            self.text = self._held  # ran out before the calls were complete: the text, as it is
+            return Delta(text=self._held, finish_reason=output.finish_reason)
+        self.text += output.text
+        logprobs = list(output.logprobs or ())
+        self.logprobs += logprobs
+        return Delta(output.text, logprobs, None, output.finish_reason)
+
+
+def usage_of(choices: list[ChoiceState]) -> dict:
+    """OpenAI usage: each prompt counted once, every choice's answer."""
+    prompts = {c.group: c.prompt_tokens for c in choices}
+    prompt = sum(prompts.values())
+    completion = sum(c.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class Timing:
+    """Time to first token and inter-token latency of one choice."""
+
+    def __init__(self, metrics, started: float):
+        self.metrics, self.last = metrics, started
+        self.first = True
+
+    def tick(self, output: StepOutput) -> None:
+        if not output.token_ids:
+            return
+        now = time.perf_counter()
+        (self.metrics.time_to_first_token if self.first else self.metrics.inter_token_latency).observe(now - self.last)
+        self.first, self.last = False, now
+
+
+# ---- the engine requests of one HTTP request ---------------------------
+@dataclass
+class Generation:
+    """The engine requests of one HTTP request and their choices."""
+
+    state: Any  # app.state
+    id: str
+    model: str
+    requests: list[EngineRequest]
+    choices: list[ChoiceState]
+    resolution: Resolution
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.perf_counter)
+    guidance: dict | None = None  # the PAD settings the engine resolved (first output)
+    _streams: list = field(default_factory=list)
+    _firsts: list[StepOutput] = field(default_factory=list)
+
+    @property
+    def metrics(self):
+        return self.state.metrics
+
+    def pad_info(self) -> dict:
+        """The `pad` field of every answer: the preferences applied (with
+        their weights and where they came from) and the PAD settings used."""
+        preferences: list[Preference] = self.resolution.preferences
+        info: dict[str, Any] = {"preferences": [{"text": p.text, "weight": p.weight} for p in preferences],
+                                "source": self.resolution.source}
+        guidance = dict(self.guidance or {})
+        if not preferences or guidance.get("weight") == 0:
+            guidance = {**guidance, "applied": False}  # plain decoding: no reward rows ran
+        return {**info, **guidance}
+
+    async def start(self) -> None:
+        """Sends every request; returns once each has its first output. A
+        refusal (the engine's validation, a full queue, no worker) is raised
+        as an APIError, and nothing is left running."""
+        client = self.state.worker
+        try:
+            client.check_available(needed=len(self.requests))
+        except (QueueFull, WorkerUnavailable) as exc:
+            raise map_exception(exc) from None
+        self._streams = [client.generate(request) for request in self.requests]
+        try:
+            firsts = await asyncio.gather(*(s.__anext__() for s in self._streams), return_exceptions=True)
+        except asyncio.CancelledError:
+            await self.close()
+            raise
+        failure = next((f for f in firsts if isinstance(f, BaseException)), None)
+        if failure is not None:
+            await self.close()
+            raise map_exception(failure) from None
+        self._firsts = list(firsts)
+        for choice, first in zip(self.choices, self._firsts, strict=True):
+            choice.prompt_tokens = first.prompt_tokens
+        self.guidance = next((f.guidance for f in self._firsts if f.guidance is not None), None)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(stream.aclose() for stream in self._streams), return_exceptions=True)
+
+    async def _outputs_of(self, index: int) -> AsyncIterator[StepOutput]:
+        first = self._firsts[index]
+        yield first
+        if not first.finished:
+            async for output in self._streams[index]:
+                yield output
+
+    async def outputs(self) -> AsyncIterator[tuple[int, StepOutput]]:
+        """Outputs of all choices as they come (several interleave)."""
+        if len(self._streams) == 1:
+            async for output in self._outputs_of(0):
+                yield 0, output
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            try:
+                async for output in self._outputs_of(index):
+                    await queue.put((index, output))
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer
+                await queue.put((index, exc))
+            await queue.put((index, None))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(self._streams))]
+        try:
+            remaining = len(self._streams)
+            while remaining:
+                index, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def collect(self) -> list[ChoiceState]:
+        """Runs every choice to its end (a whole, non-streamed answer)."""
+        timings = [Timing(self.metrics, self.started) for _ in self.choices]
+        try:
+            async for index, output in self.outputs():
+                timings[index].tick(output)
+                self.choices[index].update(output)
+        except (WorkerUnavailable, APIError) as exc:
+            await self.close()  # the other choices end too
+            raise map_exception(exc) from None
+        count_tokens(self.metrics, usage_of(self.choices))
+        return self.choices
+
+
+def count_tokens(metrics, usage: dict) -> None:
+    metrics.prompt_tokens.inc(usage["prompt_tokens"])
+    metrics.generation_tokens.inc(usage["completion_tokens"])
+
+
+# ---- streaming ---------------------------------------------------------
+class Formatter:
+    """One endpoint's wire format over the shared bookkeeping."""
+
+    def opening(self, generation: Generation) -> list[str]:
+        return []
+
+    def delta(self, generation: Generation, choice: ChoiceState, delta: Delta) -> list[str]:
+        raise NotImplementedError
+
+    def closing(self, generation: Generation, usage: dict) -> list[str]:
+        return []
+
+    def error(self, generation: Generation, error: APIError) -> list[str]:
+        raise NotImplementedError
+
+    def done(self) -> list[str]:
+        return ["data: [DONE]\n\n"]
+
+
+async def stream_events(generation: Generation, formatter: Formatter,
+                        finished: Callable[[list[ChoiceState]], Awaitable[None]] | None = None) -> AsyncIterator[str]:
+    metrics = generation.metrics
+    timings = [Timing(metrics, generation.started) for _ in generation.choices]
+    status = "200"
+    try:
+        for event in formatter.opening(generation):
+            yield event
+        async for index, output in generation.outputs():
+            timings[index].tick(output)
+            choice = generation.choices[index]
+            delta = choice.update(output)
+            if delta:
+                for event in formatter.delta(generation, choice, delta):
+                    yield event
+        usage = usage_of(generation.choices)
+        count_tokens(metrics, usage)
+        for event in formatter.closing(generation, usage):
+            yield event
+        if finished is not None:
+            await finished(generation.choices)
+    except (WorkerUnavailable, APIError) as exc:
+        await generation.close()  # the other choices end too
+        error = map_exception(exc)
+        status = str(error.status)
+        for event in formatter.error(generation, error):
+            yield event
+    except (asyncio.CancelledError, GeneratorExit):
+        status = "499"  # the client went away; leaving the streams aborted its requests
+        raise
+    finally:
+        metrics.requests.labels(status=status).inc()
+    for event in formatter.done():
+        yield event
+
+
+def streaming_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+# ---- the route wrapper -------------------------------------------------
+class ClientDisconnected(Exception):
+    pass
+
+
+async def _until_disconnected(request: Request) -> None:
+    # The body has been read: the next ASGI message is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable):
+    """Runs `work`; a client that goes away before it is done cancels it,
+    which aborts its requests in the worker (the generators' cleanup).
+    Covers a non-streaming answer and the wait for a stream's first token;
+    once streaming, the response itself watches the client."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise ClientDisconnected
+
+
+async def serve(request: Request, work: Awaitable) -> Response:
+    """Runs a generation route: counts its status (a stream counts its own
+    when it ends), and answers 499 to a client gone before its answer."""
+    metrics = request.app.state.metrics
+    try:
+        response = await _unless_disconnected(request, work)
+    except APIError as error:
+        metrics.requests.labels(status=str(error.status)).inc()
+        raise
+    except ClientDisconnected:
+        metrics.requests.labels(status="499").inc()
+        logger.info("client went away before the answer; its request was aborted")
+        return Response(status_code=499)
+    if isinstance(response, JSONResponse):
+        metrics.requests.labels(status=str(response.status_code)).inc()
+    return response
+
+
+def recorder(state, generation: Generation, messages, user: str | None):
+    """Keeps the answers for feedback (the preference memory's store)."""
+
+    async def record(choices: list[ChoiceState]) -> None:
+        store = getattr(state, "store", None)
+        if store is None:
+            return
+        try:
+            await store.record_completion(generation.id, messages=messages, answers=[c.text for c in choices],
+                                          preferences=generation.resolution.preferences, user=user,
+                                          model=generation.model, created=generation.created)
+        except Exception:  # feedback memory must never fail an answer
+            logger.exception("could not record completion %s for feedback", generation.id)
+
+    return record
+
+
+# One server-sent event (OpenAPI 3.2's reading of an event stream's schema).
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "data": {"type": "string", "description": "a chunk or event (JSON), an OpenAI-shaped error (JSON) or [DONE]"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+    "required": ["data"],
+}
+
+
+def logprob_entry(lp: TokenLogprob) -> dict:
+    return {"token": lp.token, "logprob": lp.logprob, "bytes": lp.bytes,
+            "top_logprobs": [{"token": t, "logprob": v, "bytes": b} for t, v, b in lp.top_logprobs]}

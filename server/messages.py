@@ -1,0 +1,147 @@
+"""OpenAI conversations -> the engine's text messages ([{"role", "content"}]
+with roles system / user / assistant and text content).
+
+- Text parts are joined; image, audio and file parts are refused by name.
+- `developer` is a system message.
+- Tool use in the history is flattened to text, because the chat template
+  (SmolLM2's) cannot render it: an assistant's earlier calls become the same
+  JSON list a forced tool call produces (`[{"name": ..., "arguments":
+  {...}}]`), and a tool's result a user message that names the call.
+- The Responses API's input items (messages, function_call,
+  function_call_output; reasoning items are skipped) map to the same.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from server.errors import invalid
+from server.openai_models import ChatMessage
+
+ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+TEXT_PARTS = ("text", "input_text", "output_text", "refusal")
+
+
+def part_text(part: Any, param: str) -> str:
+    """The text of one content part (chat `text`, Responses `input_text` /
+    `output_text`, an assistant's `refusal`)."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    text = part.get("refusal" if kind == "refusal" else "text") if isinstance(part, dict) else None
+    if kind not in TEXT_PARTS or not isinstance(text, str):
+        raise invalid(f"{param}: '{kind}' parts are not supported (text only)", param, "unsupported_content")
+    return text
+
+
+def content_text(content: Any, param: str) -> str | None:
+    """A message's content (a string or a list of parts) as text."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p.model_dump() if hasattr(p, "model_dump") else p for p in content]
+        return "\n".join(part_text(part, f"{param}[{index}]") for index, part in enumerate(parts))
+    raise invalid(f"{param} must be text or a list of text parts", param)
+
+
+def calls_text(calls: Iterable[tuple[str, str]]) -> str:
+    """Earlier tool calls (name, JSON arguments) in the form a forced call takes."""
+    out = []
+    for name, arguments in calls:
+        try:
+            parsed = json.loads(arguments) if arguments else {}
+        except ValueError:
+            parsed = arguments  # kept as the client wrote it
+        out.append({"name": name, "arguments": parsed})
+    return json.dumps(out, ensure_ascii=False)
+
+
+def tool_result_text(output: str, name: str | None, call_id: str | None) -> str:
+    which = " ".join(part for part in (name, f"(call {call_id})" if call_id else None) if part)
+    return f"Result of the tool call {which}:\n{output}" if which else f"Tool result:\n{output}"
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Chat Completions messages -> engine messages."""
+    out: list[dict[str, str]] = []
+    names: dict[str, str] = {}  # tool call id -> function name
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if message.audio is not None:
+            raise invalid(f"{where}.audio is not supported (text only)", f"{where}.audio", "unsupported_content")
+        text = content_text(message.content, f"{where}.content")
+        if message.role in ("tool", "function"):
+            if text is None:
+                raise invalid(f"{where}.content is required", f"{where}.content")
+            call_id = message.tool_call_id
+            name = message.name or (names.get(call_id) if call_id else None)
+            out.append({"role": "user", "content": tool_result_text(text, name, call_id)})
+            continue
+        if message.role == "assistant":
+            calls = [(c.function.name, c.function.arguments) for c in message.tool_calls or ()]
+            for call in message.tool_calls or ():
+                names[call.id] = call.function.name
+            if message.function_call is not None:
+                calls.append((message.function_call.name, message.function_call.arguments))
+            pieces = [p for p in (text, message.refusal if text is None else None, calls_text(calls) if calls else None)
+                      if p]
+            if not pieces and text is None:
+                raise invalid(f"{where}.content is required (or tool_calls)", f"{where}.content")
+            out.append({"role": "assistant", "content": "\n".join(pieces)})
+            continue
+        if text is None:
+            raise invalid(f"{where}.content is required", f"{where}.content")
+        out.append({"role": ROLE_MAP[message.role], "content": text})
+    return out
+
+
+def response_input_messages(items: str | list[dict[str, Any]], instructions: str | None) -> list[dict[str, str]]:
+    """Responses API `instructions` + `input` -> engine messages."""
+    out: list[dict[str, str]] = []
+    if instructions:
+        out.append({"role": "system", "content": instructions})
+    if isinstance(items, str):
+        out.append({"role": "user", "content": items})
+        return out
+    names: dict[str, str] = {}
+    calls_at, pending = -1, []  # the assistant message holding the latest calls
+    for index, item in enumerate(items):
+        where = f"input[{index}]"
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ROLE_MAP:
+                raise invalid(f"{where}.role must be one of {', '.join(ROLE_MAP)}", f"{where}.role")
+            text = content_text(item.get("content"), f"{where}.content")
+            if text is None:
+                raise invalid(f"{where}.content is required", f"{where}.content")
+            out.append({"role": ROLE_MAP[role], "content": text})
+        elif kind == "function_call":
+            name, arguments = item.get("name"), item.get("arguments", "")
+            if not isinstance(name, str) or not isinstance(arguments, str):
+                raise invalid(f"{where}: a function_call needs name and arguments (strings)", where)
+            if isinstance(item.get("call_id"), str):
+                names[item["call_id"]] = name
+            if calls_at == len(out) - 1 and out:  # parallel calls: one list, as they were made
+                pending.append((name, arguments))
+                out[-1]["content"] = calls_text(pending)
+            else:
+                pending = [(name, arguments)]
+                out.append({"role": "assistant", "content": calls_text(pending)})
+                calls_at = len(out) - 1
+        elif kind == "function_call_output":
+            output = item.get("output")
+            if isinstance(output, list):
+                output = content_text(output, f"{where}.output")
+            if not isinstance(output, str):
+                raise invalid(f"{where}.output must be text", f"{where}.output")
+            call_id = item.get("call_id") if isinstance(item.get("call_id"), str) else None
+            out.append({"role": "user", "content": tool_result_text(output, names.get(call_id or ""), call_id)})
+        elif kind == "reasoning":
+            continue  # another model's reasoning summary: nothing this model can use
+        else:
+            raise invalid(f"{where}: input items of type {kind!r} are not supported "
+                          "(message, function_call, function_call_output)", f"{where}.type", "unsupported_content")
+    if not out:
+        raise invalid("input has no messages", "input")
+    return out

@@ -1,0 +1,151 @@
+"""The Responses API request (POST /v1/responses): text in, text out (or
+forced function calls, or JSON by `text.format`), streamed as OpenAI's
+typed events or returned whole. Nothing is stored server-side: `store` is
+accepted and means nothing, `previous_response_id` and `conversation` are
+a clear 400 (send the whole conversation in `input`)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pad_core.types import GuidanceParams, SamplingParams, StructuredOutput, ToolFunction
+from pad_core.validation import INT64_MAX, MAX_TEMPERATURE, MAX_TOP_LOGPROBS
+from server.errors import invalid
+from server.openai_models import (
+    Metadata,
+    PadOptions,
+    Preferences,
+    StrictRequest,
+    reject_if,
+    guidance_of,
+    tool_output,
+)
+
+
+class ResponsesStreamOptions(StrictRequest):
+    include_obfuscation: bool | None = Field(None, description="accepted and ignored")
+
+
+class ResponseTextConfig(StrictRequest):
+    format: dict[str, Any] | None = Field(None, description="{'type': 'text' | 'json_object' | 'json_schema', ...}")
+    verbosity: Literal["low", "medium", "high"] | None = Field(None, description="accepted and ignored")
+
+
+class ResponsesRequest(StrictRequest):
+    model: str
+    input: str | list[dict[str, Any]] = Field(description="text, or message / function_call / "
+                                              "function_call_output items")
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    stream: bool | None = False
+    stream_options: ResponsesStreamOptions | None = None
+    text: ResponseTextConfig | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    user: str | None = None
+    # No server-side state: refused unless null.
+    previous_response_id: str | None = Field(None, description="refused: nothing is stored; send the whole input")
+    conversation: str | dict[str, Any] | None = Field(None, description="refused: nothing is stored")
+    prompt: dict[str, Any] | None = Field(None, description="refused: no stored prompts")
+    background: bool | None = Field(None, description="refused when true: answers are synchronous")
+    moderation: dict[str, Any] | None = Field(None, description="refused unless null: no moderation here")
+    # Accepted and ignored.
+    store: bool | None = None
+    metadata: Metadata | None = None
+    include: list[str] | None = None
+    reasoning: dict[str, Any] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    context_management: list[dict[str, Any]] | None = None
+    max_tool_calls: int | None = Field(None, ge=1, le=INT64_MAX)
+    background_options: dict[str, Any] | None = None
+    access_programs: dict[str, Any] | None = None
+    image: dict[str, Any] | None = None
+    # PAD extensions.
+    preference: Preferences = None
+    pad: PadOptions | None = None
+
+    def refuse_unsupported(self) -> None:
+        reject_if(self.previous_response_id is not None,
+                   "previous_response_id is not supported: this server stores no responses; send the whole "
+                   "conversation in input", "previous_response_id")
+        reject_if(self.conversation is not None, "conversation is not supported: this server stores no "
+                   "conversations; send the whole conversation in input", "conversation")
+        reject_if(self.prompt is not None, "prompt (a stored prompt template) is not supported", "prompt")
+        reject_if(bool(self.background), "background responses are not supported", "background")
+        reject_if(self.moderation is not None, "'moderation' is not supported: no moderation here", "moderation")
+        reject_if(self.stream_options is not None and not self.stream,
+                   "stream_options is only allowed when stream is true", "stream_options", "invalid_value")
+
+    def to_sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=self.max_output_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            logprobs=self.top_logprobs is not None,
+            top_logprobs=self.top_logprobs or 0,
+        )
+
+    def to_guidance_params(self) -> GuidanceParams:
+        return guidance_of(self.pad)
+
+    def function_tools(self) -> list[ToolFunction]:
+        out = []
+        for index, tool in enumerate(self.tools or ()):
+            name = tool.get("name")
+            reject_if(tool.get("type") != "function" or not isinstance(name, str),
+                       f"tools[{index}]: only function tools are supported (type 'function' with a name), "
+                       f"not {tool.get('type')!r}", f"tools[{index}].type")
+            parameters = tool.get("parameters")
+            reject_if(parameters is not None and not isinstance(parameters, dict),
+                       f"tools[{index}].parameters must be a JSON Schema object", f"tools[{index}].parameters",
+                       "invalid_value")
+            description = tool.get("description")
+            out.append(ToolFunction(name, description if isinstance(description, str) else None, parameters,
+                                    tool.get("strict") is True))
+        return out
+
+    def text_format(self) -> StructuredOutput | None:
+        fmt = (self.text.format if self.text else None) or {"type": "text"}
+        kind = fmt.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return StructuredOutput("json_object")
+        if kind == "json_schema":
+            schema = fmt.get("schema")
+            reject_if(not isinstance(schema, dict), "text.format.schema must be a JSON Schema object",
+                       "text.format.schema", "invalid_value")
+            name = fmt.get("name")
+            return StructuredOutput("json_schema", json_schema=schema, schema_name=name if isinstance(name, str)
+                                    else None, strict=fmt.get("strict") is True)
+        raise invalid(f"text.format type {kind!r} is not supported (text, json_object, json_schema)",
+                      "text.format", "unsupported_parameter")
+
+    def to_structured(self, template_knows_tools: bool) -> StructuredOutput | None:
+        forced = tool_output(self.function_tools(), self.tool_choice, self.parallel_tool_calls, template_knows_tools)
+        return forced or self.text_format()
+
+
+class ResponseObject(BaseModel):
+    """A `response` object (the OpenAPI document's shape of it)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: str
+    model: str
+    output: list[dict[str, Any]]
+    usage: dict[str, Any] | None = None
+    pad: dict[str, Any] | None = None

@@ -1,0 +1,146 @@
+"""POST /v1/completions (OpenAI's legacy Completions): raw text in, no chat
+template. The prompt is a string, a list of strings, token ids, or a list
+of token-id lists; each prompt gets n choices (choice index = prompt
+index x n + i, as OpenAI numbers them). `preference` and `pad` work as in
+chat: each preference's reward context is the prompt after the filled
+preference template (pad_core.prompting.PromptBuilder.encode_text)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from pad_core.types import TextRequest, TokenLogprob
+from server.auth import Scope, key_scope
+from server.auth_scopes import chat_user
+from server.errors import APIError
+from server.generation import (
+    SSE_EVENT,
+    ChoiceState,
+    Delta,
+    Formatter,
+    Generation,
+    check_fan_out,
+    check_model,
+    serve,
+    stream_events,
+    streaming_response,
+    usage_of,
+    verify_request,
+)
+from server.openai_models import CompletionRequest, TextCompletion
+from server.openapi import errors
+from server.request_body import JSONRoute
+from server.routes.chat import preference_rename, resolve_preferences
+
+router = APIRouter(tags=["completions"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
+
+COMPLETION_RESPONSES = {
+    **errors(400, 401, 403, 404, 413, 429, 503),
+    200: {
+        "model": TextCompletion,
+        "description": "a text_completion, or with stream: true a text/event-stream of text_completion chunks",
+        "content": {"text/event-stream": {"schema": SSE_EVENT}},
+    },
+}
+
+
+@router.post("/v1/completions", response_model=None, responses=COMPLETION_RESPONSES)
+async def create_completion(body: CompletionRequest, request: Request, scope: Scope):
+    return await serve(request, _complete(body, request, scope))
+
+
+async def _complete(body: CompletionRequest, request: Request, scope):
+    state = request.app.state
+    served = check_model(state, body.model)
+    prompts = body.prompts()
+    check_fan_out(state, len(prompts) * body.n, "n" if len(prompts) == 1 else "prompt")
+    body.refuse_unsupported()
+    user = chat_user(scope, body.user)
+    resolution = await resolve_preferences(state, body, user)
+    guidance = body.to_guidance_params()
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    requests, choices = [], []
+    for group, prompt in enumerate(prompts):
+        for i in range(body.n):
+            index = group * body.n + i
+            requests.append(TextRequest(f"{completion_id}-{index}", prompt, resolution.preferences,
+                                        body.to_sampling_params(i), guidance))
+            choices.append(ChoiceState(index, group=group))
+    generation = Generation(state, completion_id, served, requests, choices, resolution)
+    rename = preference_rename(body)
+    for group in range(len(prompts)):
+        verify_request(requests[group * body.n], state.settings, resolution, user, rename)
+    await generation.start()
+    formatter = CompletionFormatter(body, prompts)
+    if body.stream:
+        return streaming_response(stream_events(generation, formatter))
+    choices = await generation.collect()
+    return JSONResponse(formatter.response(generation, choices))
+
+
+def legacy_logprobs(entries: list[TokenLogprob], offset: int) -> dict:
+    """OpenAI's legacy logprobs: tokens, token_logprobs, top_logprobs (token
+    -> logprob), text_offset."""
+    tokens, values, tops, offsets = [], [], [], []
+    for lp in entries:
+        tokens.append(lp.token)
+        values.append(lp.logprob)
+        tops.append({token: value for token, value, _ in lp.top_logprobs})
+        offsets.append(offset)
+        offset += len(lp.token)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+class CompletionFormatter(Formatter):
+    def __init__(self, body: CompletionRequest, prompts: list):
+        self.body = body
+        self.prompts = prompts
+        self.echoed: set[int] = set()
+        self.offsets: dict[int, int] = {}
+        self.pad_sent = False
+
+    def echo(self, choice: ChoiceState) -> str:
+        return self.prompts[choice.group] if self.body.echo else ""
+
+    def chunk(self, generation: Generation, choices: list[dict], usage: dict | None = None, **extra) -> str:
+        data = {"id": generation.id, "object": "text_completion", "created": generation.created,
+                "model": generation.model, "choices": choices, **extra}
+        if usage is not None:
+            data["usage"] = usage
+        elif self.body.continuous_usage:
+            data["usage"] = usage_of(generation.choices)
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    def delta(self, generation: Generation, choice: ChoiceState, delta: Delta) -> list[str]:
+        text = delta.text
+        first = choice.index not in self.echoed
+        if first:
+            self.echoed.add(choice.index)
+            text = self.echo(choice) + text
+        offset = self.offsets.get(choice.index, len(self.echo(choice)))
+        logprobs = legacy_logprobs(delta.logprobs, offset) if self.body.logprobs is not None else None
+        self.offsets[choice.index] = offset + len(delta.text)
+        extra = {} if self.pad_sent else {"pad": generation.pad_info()}  # on the first chunk
+        self.pad_sent = True
+        return [self.chunk(generation, [{"index": choice.index, "text": text, "logprobs": logprobs,
+                                         "finish_reason": delta.finish_reason}], **extra)]
+
+    def closing(self, generation: Generation, usage: dict) -> list[str]:
+        return [self.chunk(generation, [], usage)] if self.body.include_usage else []
+
+    def error(self, generation: Generation, error: APIError) -> list[str]:
+        return [f"data: {json.dumps(error.body())}\n\n"]
+
+    def response(self, generation: Generation, choices: list[ChoiceState]) -> dict:
+        out = []
+        for choice in choices:
+            echo = self.echo(choice)
+            logprobs = legacy_logprobs(choice.logprobs, len(echo)) if self.body.logprobs is not None else None
+            out.append({"index": choice.index, "text": echo + choice.text, "logprobs": logprobs,
+                        "finish_reason": choice.finish_reason})
+        return {"id": generation.id, "object": "text_completion", "created": generation.created,
+                "model": generation.model, "choices": out, "usage": usage_of(choices), "pad": generation.pad_info()}

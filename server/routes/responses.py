@@ -1,0 +1,210 @@
+"""POST /v1/responses (OpenAI's Responses API, text in and out): one
+answer, as a `response` object or as OpenAI's stream of typed events
+(response.created, response.in_progress, response.output_item.added,
+response.content_part.added, response.output_text.delta ...,
+response.output_text.done, response.content_part.done,
+response.output_item.done, then response.completed, or
+response.incomplete when max_output_tokens ran out). Forced function calls
+come as function_call items (with response.function_call_arguments.delta
+and .done). `pad` is on the response object, hence on response.created and
+on the terminal event too."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from pad_core.types import ChatRequest
+from server.auth import Scope, key_scope
+from server.auth_scopes import chat_user
+from server.errors import APIError
+from server.generation import (
+    SSE_EVENT,
+    ChoiceState,
+    Delta,
+    Formatter,
+    Generation,
+    check_model,
+    logprob_entry,
+    recorder,
+    serve,
+    stream_events,
+    streaming_response,
+    usage_of,
+    verify_request,
+)
+from server.messages import response_input_messages
+from server.openapi import errors
+from server.request_body import JSONRoute
+from server.responses_models import ResponseObject, ResponsesRequest
+from server.routes.chat import preference_rename, resolve_preferences
+
+router = APIRouter(tags=["responses"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
+
+RESPONSES_RESPONSES = {
+    **errors(400, 401, 403, 404, 413, 429, 503),
+    200: {
+        "model": ResponseObject,
+        "description": "a response, or with stream: true a text/event-stream of response events",
+        "content": {"text/event-stream": {"schema": SSE_EVENT}},
+    },
+}
+
+
+@router.post("/v1/responses", response_model=None, responses=RESPONSES_RESPONSES)
+async def create_response(body: ResponsesRequest, request: Request, scope: Scope):
+    return await serve(request, _respond(body, request, scope))
+
+
+async def _respond(body: ResponsesRequest, request: Request, scope):
+    state = request.app.state
+    served = check_model(state, body.model)
+    body.refuse_unsupported()
+    structured = body.to_structured(bool(state.worker.model_info.get("chat_template_tools")))
+    messages = response_input_messages(body.input, body.instructions)
+    user = chat_user(scope, body.user)
+    resolution = await resolve_preferences(state, body, user)
+    response_id = f"resp_{uuid.uuid4().hex}"
+    chat = ChatRequest(f"{response_id}-0", messages, resolution.preferences, body.to_sampling_params(),
+                       body.to_guidance_params(), structured)
+    holds_calls = structured is not None and structured.kind == "tool_calls"
+    generation = Generation(state, response_id, served, [chat], [ChoiceState(0, holds_calls=holds_calls)], resolution)
+    verify_request(chat, state.settings, resolution, user,
+                   {**preference_rename(body), "max_tokens": "max_output_tokens"})
+    await generation.start()
+    record = recorder(state, generation, messages, user)
+    formatter = ResponsesFormatter(body)
+    if body.stream:
+        return streaming_response(stream_events(generation, formatter, record))
+    choices = await generation.collect()
+    await record(choices)
+    return JSONResponse(formatter.response(generation, choices[0]))
+
+
+def responses_usage(usage: dict) -> dict:
+    return {"input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage["total_tokens"]}
+
+
+class ResponsesFormatter(Formatter):
+    def __init__(self, body: ResponsesRequest):
+        self.body = body
+        self.sequence = 0
+        self.message_id = f"msg_{uuid.uuid4().hex}"
+        self.message_open = False
+
+    # ---- the objects ----------------------------------------------------
+    def envelope(self, generation: Generation, status: str, output: list[dict], usage: dict | None) -> dict:
+        body = self.body
+        incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+        text_format = (body.text.format if body.text else None) or {"type": "text"}
+        return {
+            "id": generation.id, "object": "response", "created_at": generation.created, "status": status,
+            "background": False, "error": None, "incomplete_details": incomplete,
+            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+            "max_tool_calls": body.max_tool_calls, "model": generation.model, "output": output,
+            "parallel_tool_calls": body.parallel_tool_calls is not False, "previous_response_id": None,
+            "reasoning": {"effort": None, "summary": None}, "service_tier": "default",
+            "store": False,  # nothing is kept (the request's store is accepted and means nothing)
+            "temperature": 1.0 if body.temperature is None else body.temperature,
+            "text": {"format": text_format, "verbosity": (body.text.verbosity if body.text else None) or "medium"},
+            "tool_choice": body.tool_choice if body.tool_choice is not None else ("auto" if body.tools else "none"),
+            "tools": body.tools or [], "top_logprobs": body.top_logprobs or 0,
+            "top_p": 1.0 if body.top_p is None else body.top_p, "truncation": body.truncation or "disabled",
+            "usage": responses_usage(usage) if usage is not None else None, "user": body.user,
+            "metadata": body.metadata or {}, "safety_identifier": body.safety_identifier,
+            "prompt_cache_key": body.prompt_cache_key, "pad": generation.pad_info(),
+        }
+
+    def text_part(self, text: str, logprobs: list | None = None) -> dict:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+
+    def message_item(self, choice: ChoiceState, status: str) -> dict:
+        content = [self.text_part(choice.text, [logprob_entry(lp) for lp in choice.logprobs])] if status != "in_progress" else []
+        return {"id": self.message_id, "type": "message", "status": status, "role": "assistant", "content": content}
+
+    @staticmethod
+    def call_items(choice: ChoiceState) -> list[dict]:
+        return [{"id": f"fc_{call['id'].removeprefix('call_')}", "type": "function_call", "status": "completed",
+                 "call_id": call["id"], "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+                for call in choice.tool_calls or ()]
+
+    @staticmethod
+    def status(choice: ChoiceState) -> str:
+        return "incomplete" if choice.finish_reason == "length" else "completed"
+
+    def output(self, choice: ChoiceState) -> list[dict]:
+        if choice.tool_calls is not None:
+            return self.call_items(choice)
+        return [self.message_item(choice, self.status(choice))]
+
+    def response(self, generation: Generation, choice: ChoiceState) -> dict:
+        return self.envelope(generation, self.status(choice), self.output(choice), usage_of([choice]))
+
+    # ---- the events -----------------------------------------------------
+    def event(self, kind: str, **data: Any) -> str:
+        payload = {"type": kind, "sequence_number": self.sequence, **data}
+        self.sequence += 1
+        return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    def opening(self, generation: Generation) -> list[str]:
+        envelope = self.envelope(generation, "in_progress", [], None)
+        return [self.event("response.created", response=envelope), self.event("response.in_progress", response=envelope)]
+
+    def open_message(self, choice: ChoiceState) -> list[str]:
+        if self.message_open:
+            return []
+        self.message_open = True
+        return [
+            self.event("response.output_item.added", output_index=0, item=self.message_item(choice, "in_progress")),
+            self.event("response.content_part.added", item_id=self.message_id, output_index=0, content_index=0,
+                       part=self.text_part("")),
+        ]
+
+    def delta(self, generation: Generation, choice: ChoiceState, delta: Delta) -> list[str]:
+        if delta.tool_calls is not None:
+            events = []
+            for index, item in enumerate(self.call_items(choice)):
+                added = {**item, "status": "in_progress", "arguments": ""}
+                events += [
+                    self.event("response.output_item.added", output_index=index, item=added),
+                    self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                               delta=item["arguments"]),
+                    self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                               name=item["name"], arguments=item["arguments"]),
+                    self.event("response.output_item.done", output_index=index, item=item),
+                ]
+            return events
+        events = self.open_message(choice)
+        if delta.text:
+            events.append(self.event("response.output_text.delta", item_id=self.message_id, output_index=0,
+                                     content_index=0, delta=delta.text,
+                                     logprobs=[logprob_entry(lp) for lp in delta.logprobs]))
+        if delta.finish_reason is not None:
+            part = self.text_part(choice.text, [logprob_entry(lp) for lp in choice.logprobs])
+            events += [
+                self.event("response.output_text.done", item_id=self.message_id, output_index=0, content_index=0,
+                           text=choice.text, logprobs=part["logprobs"]),
+                self.event("response.content_part.done", item_id=self.message_id, output_index=0, content_index=0,
+                           part=part),
+                self.event("response.output_item.done", output_index=0,
+                           item=self.message_item(choice, self.status(choice))),
+            ]
+        return events
+
+    def closing(self, generation: Generation, usage: dict) -> list[str]:
+        choice = generation.choices[0]
+        status = self.status(choice) if choice.tool_calls is None else "completed"
+        kind = "response.incomplete" if status == "incomplete" else "response.completed"
+        return [self.event(kind, response=self.envelope(generation, status, self.output(choice), usage))]
+
+    def error(self, generation: Generation, error: APIError) -> list[str]:
+        return [self.event("error", code=error.code or error.type, message=error.message, param=error.param)]
+
+    def done(self) -> list[str]:
+        return []  # the Responses stream ends with its terminal event, no [DONE]

@@ -1,0 +1,307 @@
+"""Drop-in compatibility with the official openai SDK, over real HTTP
+(uvicorn) in front of the real worker loop on the tiny engine: every
+documented Chat Completions field accepted, vLLM's extensions, legacy
+/v1/completions, /v1/responses (whole and streamed), models.retrieve,
+structured outputs (json_object, json_schema, parse) and forced tool calls,
+tool use in the history, `pad` on streams, and OpenAI-shaped 404s for
+unknown routes. (The same against the real model and guidellm: tests marked
+integration in test_clients.py.)"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import httpx
+import openai
+import pytest
+from pydantic import BaseModel
+from server_helpers import uvicorn_server, worker_thread
+
+from server.app import create_app
+from server.openai_models import IGNORED
+from server.settings import ServerSettings
+
+MODEL = "smollm2-135m-instruct"
+ASK = [{"role": "user", "content": "How do I sleep better?"}]
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+                       "required": ["city"], "additionalProperties": False},
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with worker_thread() as (address, _worker), uvicorn_server(
+        create_app(ServerSettings(worker_address=address, data_dir=tmp_path_factory.mktemp("compat")))
+    ) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+def post(server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{server}{path}", json=body, timeout=60)
+
+
+# ---- fields ------------------------------------------------------------
+def test_documented_fields_are_accepted_and_vllm_extensions_honoured(client):
+    answer = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_completion_tokens=4, temperature=0.7, seed=1, n=2,
+        store=True, metadata={"team": "docs"}, service_tier="auto", prompt_cache_key="k", safety_identifier="s",
+        verbosity="low", reasoning_effort="low", user="alice", parallel_tool_calls=False, tool_choice="none",
+        tools=[WEATHER], functions=[], prediction={"type": "content", "content": "x"}, modalities=["text"],
+        response_format={"type": "text"}, logit_bias={"42": -100}, stop=None,
+        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "min_tokens": 2, "ignore_eos": True,
+                    "stop_token_ids": [2], "prompt_cache_retention": "24h"},
+    )
+    assert [c.finish_reason for c in answer.choices] == ["length", "length"]
+    assert answer.usage.completion_tokens == 8
+    assert set(IGNORED) >= {"store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier",
+                            "verbosity", "stream_options.include_obfuscation"}
+
+
+def test_unknown_and_unsupported_fields_are_refused_by_name(server):
+    base = {"model": MODEL, "messages": ASK, "max_tokens": 2}
+    cases = {
+        "bogus": ({"bogus": 1}, "unknown_parameter"),
+        "audio": ({"audio": {"voice": "alloy", "format": "wav"}}, "unsupported_parameter"),
+        "web_search_options": ({"web_search_options": {}}, "unsupported_parameter"),
+        "modalities": ({"modalities": ["text", "audio"]}, "unsupported_parameter"),
+        "tool_choice": ({"tools": [WEATHER], "tool_choice": "auto"}, "unsupported_parameter"),
+        "tools[0].type": ({"tools": [{"type": "custom", "custom": {"name": "x"}}], "tool_choice": "required"},
+                          "unsupported_parameter"),
+        "stream_options": ({"stream_options": {"include_usage": True}}, "invalid_value"),
+    }
+    for param, (extra, code) in cases.items():
+        response = post(server, "/v1/chat/completions", {**base, **extra})
+        assert response.status_code == 400, (param, response.text)
+        assert response.json()["error"]["param"] == param and response.json()["error"]["code"] == code, response.text
+    # tools without tool_choice means "auto": refused, and says why
+    error = post(server, "/v1/chat/completions", {**base, "tools": [WEATHER]}).json()["error"]
+    assert error["param"] == "tool_choice" and "chat template" in error["message"]
+    # a type mismatch is refused too (strict request models)
+    assert post(server, "/v1/chat/completions", {**base, "store": "yes"}).status_code == 400
+
+
+def test_streams_carry_pad_on_the_first_chunk_and_continuous_usage(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=3, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True, "include_obfuscation": False},
+        extra_body={"preference": "short answers", "pad": {"weight": 2.0, "top_k": 10}})
+    chunks = list(stream)
+    pad = chunks[0].model_extra["pad"]
+    assert pad == {"preferences": [{"text": "short answers", "weight": 1.0}], "source": "request",
+                   "reward_model": "self", "weight": 2.0, "top_k": 10, "min_p": 0.1}  # min_p: the default
+    assert all(c.usage is not None for c in chunks)
+    assert [c.usage.completion_tokens for c in chunks] == [0, 1, 2, 3, 3]
+    assert chunks[-1].choices == [] and chunks[0].usage.prompt_tokens == chunks[-1].usage.prompt_tokens > 0
+    plain = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=1)
+    assert plain.model_extra["pad"] == {"preferences": [], "source": "none", "reward_model": "self", "weight": 4.0,
+                                        "top_k": 80, "min_p": 0.1, "applied": False}
+
+
+def test_tool_use_in_the_history_is_accepted(client):
+    messages = [
+        {"role": "system", "content": "You help with the weather."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+    ]
+    answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    assert answer.choices[0].finish_reason == "length"
+
+
+# ---- structured outputs and tools ---------------------------------------
+class Verdict(BaseModel):
+    ok: bool
+    color: Literal["red", "blue"]
+
+
+def test_json_schema_and_parse(client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    answer = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "check", "schema": schema, "strict": True}})
+    assert answer.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(answer.choices[0].message.content)["ok"], bool)
+    parsed = client.chat.completions.parse(model=MODEL, messages=ASK, max_tokens=60, temperature=0,
+                                           response_format=Verdict, extra_body={"preference": "short answers"})
+    assert isinstance(parsed.choices[0].message.parsed, Verdict)
+
+
+def test_json_object_answers_parse(client, tokenizer):
+    # The tiny random model writes endless strings; a bias on "{" and "}"
+    # (chosen only where the grammar allows them) closes the object at once.
+    braces = {str(tokenizer(b, add_special_tokens=False)["input_ids"][0]): 50 for b in "{}"}
+    answer = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=40, temperature=0,
+                                            response_format={"type": "json_object"}, logit_bias=braces)
+    assert isinstance(json.loads(answer.choices[0].message.content), dict)
+
+
+def test_a_named_tool_call_and_a_required_one(client):
+    named = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=60, temperature=0,
+                                           tools=[WEATHER, TIME],
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = named.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+    required = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=60, temperature=0,
+                                              tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False)
+    (call,) = required.choices[0].message.tool_calls
+    assert call.function.name in ("get_weather", "get_time") and json.loads(call.function.arguments)
+
+
+def test_a_streamed_tool_call_is_one_delta_at_the_end(client):
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=60, temperature=0, stream=True, tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}))
+    contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert contents == []  # the call's JSON is never content
+    calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(calls) == 1 and calls[0][0].function.name == "get_weather"
+    assert json.loads(calls[0][0].function.arguments)["city"] in ("Paris", "Rome")
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_tool_call_that_runs_out_of_tokens_is_text(client):
+    answer = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=3, temperature=0, tools=[WEATHER],
+                                            tool_choice="required")
+    choice = answer.choices[0]
+    assert choice.finish_reason == "length" and choice.message.tool_calls is None
+    assert choice.message.content.startswith("[")
+
+
+def test_bad_constraints_are_400s_naming_the_field(server):
+    base = {"model": MODEL, "messages": ASK, "max_tokens": 2}
+    bad_name = {**base, "tools": [{"type": "function", "function": {"name": "no spaces"}}], "tool_choice": "required"}
+    assert post(server, "/v1/chat/completions", bad_name).json()["error"]["param"] == "tools[0].function.name"
+    unknown = {**base, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "other"}}}
+    assert post(server, "/v1/chat/completions", unknown).json()["error"]["param"] == "tool_choice"
+    schema = {**base, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": True,
+                                                                                 "schema": {"type": "nonsense"}}}}
+    response = post(server, "/v1/chat/completions", schema)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
+
+
+def test_legacy_functions(client):
+    answer = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=60, temperature=0,
+                                            functions=[WEATHER["function"]], function_call={"name": "get_weather"})
+    choice = answer.choices[0]
+    assert choice.finish_reason == "function_call" and choice.message.function_call.name == "get_weather"
+    assert json.loads(choice.message.function_call.arguments)["city"] in ("Paris", "Rome")
+
+
+# ---- models, completions, responses, unknown routes ---------------------
+def test_models_retrieve(client, server):
+    model = client.models.retrieve(MODEL)
+    assert model.id == MODEL and model.object == "model"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4o")
+    assert missing.value.body["code"] == "model_not_found"
+
+
+def test_completions(client):
+    one = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=3, temperature=0,
+                                    extra_body={"preference": "short answers"})
+    assert one.object == "text_completion" and one.choices[0].finish_reason == "length"
+    assert one.usage.completion_tokens == 3 and one.model_extra["pad"]["source"] == "request"
+    default = client.completions.create(model=MODEL, prompt="Once upon a time", temperature=0)
+    assert default.usage.completion_tokens == 16  # OpenAI's default max_tokens
+    many = client.completions.create(model=MODEL, prompt=["Once upon a time", "The sea"], n=2, max_tokens=2,
+                                     logprobs=2, seed=5)
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    assert many.usage.completion_tokens == 8 and len(many.choices[0].logprobs.tokens) == 2
+    assert len(many.choices[0].logprobs.top_logprobs[0]) == 2
+    ids = client.completions.create(model=MODEL, prompt=[[9038, 2402, 253, 655], [504, 3181]], max_tokens=2)
+    assert len(ids.choices) == 2 and ids.usage.prompt_tokens == 6
+    echoed = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=2, temperature=0, echo=True)
+    text = echoed.choices[0].text
+    assert text.startswith("Once upon a time") and default.choices[0].text.startswith(text[len("Once upon a time"):])
+    streamed = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=3, temperature=0,
+                                              stream=True, extra_body={"preference": "short answers"}))
+    assert "".join(c.choices[0].text for c in streamed) == one.choices[0].text
+    assert streamed[0].model_extra["pad"]["preferences"] == [{"text": "short answers", "weight": 1.0}]
+
+
+def test_responses(client):
+    response = client.responses.create(model=MODEL, input="How do I sleep better?", instructions="Be brief.",
+                                       max_output_tokens=4, store=True, metadata={"team": "docs"},
+                                       extra_body={"preference": "short answers"})
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert response.usage.output_tokens == 4 and response.output_text
+    assert response.model_extra["pad"]["preferences"][0]["text"] == "short answers"
+    events = list(client.responses.create(model=MODEL, input=[{"role": "user", "content": "Hi"}], stream=True,
+                                          max_output_tokens=3))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds.count("response.output_text.delta") == 3 and kinds[-1] == "response.incomplete"
+    assert events[-1].response.output_text == "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].response.model_extra["pad"]["source"] == "none"
+    # the SDK's stream helper, on an answer that completes (a grammar ends it)
+    with client.responses.stream(model=MODEL, input="Is it ok?", max_output_tokens=40, temperature=0,
+                                 text_format=Verdict) as stream:
+        final = stream.get_final_response()
+    assert final.status == "completed" and isinstance(final.output_parsed, Verdict)
+
+
+def test_responses_structured_and_function_calls(client):
+    answer = client.responses.create(model=MODEL, input="Is it ok?", max_output_tokens=40, temperature=0,
+                                     text={"format": {"type": "json_schema", "name": "v", "strict": True,
+                                                      "schema": Verdict.model_json_schema() | {"additionalProperties": False}}})
+    assert answer.status == "completed" and Verdict.model_validate_json(answer.output_text)
+    tool = {"type": "function", **WEATHER["function"]}
+    called = client.responses.create(model=MODEL, input="Weather?", max_output_tokens=60, temperature=0, tools=[tool],
+                                     tool_choice={"type": "function", "name": "get_weather"})
+    (item,) = called.output
+    assert item.type == "function_call" and item.call_id.startswith("call_")
+    history = [{"role": "user", "content": "Weather?"}, item.model_dump(exclude_none=True),
+               {"type": "function_call_output", "call_id": item.call_id, "output": "sunny"}]
+    follow_up = client.responses.create(model=MODEL, input=history, max_output_tokens=2)
+    assert follow_up.output[0].type == "message"
+
+
+def test_responses_refuse_server_side_state(server):
+    base = {"model": MODEL, "input": "Hi", "max_output_tokens": 2}
+    for field, value in (("previous_response_id", "resp_1"), ("conversation", "conv_1"), ("background", True)):
+        response = post(server, "/v1/responses", {**base, field: value})
+        assert response.status_code == 400 and response.json()["error"]["param"] == field
+        assert "not supported" in response.json()["error"]["message"]
+
+
+def test_unknown_routes_are_openai_shaped_404s(server):
+    for method, path in (("GET", "/v1/files"), ("POST", "/v1/embeddings"), ("POST", "/v1/responses/x/cancel")):
+        response = httpx.request(method, f"{server}{path}", json={})
+        assert response.status_code == 404
+        error = response.json()["error"]
+        assert error["code"] == "unknown_url" and path in error["message"]
+        assert "POST /v1/chat/completions" in error["message"] and "POST /v1/responses" in error["message"]
+
+
+def test_nullable_openai_fields_mean_their_default(server):
+    body = {"model": MODEL, "messages": ASK, "max_tokens": 2, "n": None, "stream": None, "logprobs": None,
+            "temperature": None, "stop": None, "presence_penalty": None, "seed": None, "top_logprobs": None}
+    answer = post(server, "/v1/chat/completions", body)
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["choices"]) == 1 and answer.json()["choices"][0]["logprobs"] is None
+    completion = post(server, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 1, "echo": None,
+                                                  "n": None, "stream": None, "logprobs": None})
+    assert completion.status_code == 200 and completion.json()["choices"][0]["text"]
