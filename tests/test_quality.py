@@ -102,6 +102,10 @@ def test_leaks_name_template_words_tags_and_transcripts(text, leak):
         "Boilé en leçon:\n\n" * 10,  # repeated 4-grams
         "💗 to stay motivated to exercise\n###\n###\n###\n###\n###.##########################",  # lines, symbols
         "Step one.\nStep two.\nStep two.\nStep two.\nStep two.",  # repeated lines
+        # numbered loops: the numbers hide the repetition from a plain 4-gram count
+        "1. Find a bird watching location. 2. Carry binoculars. 3. Observe. 4. Report. 5. Report. 6. Report. "
+        "7. Report. 8. Report. 9. Report. 10. Report. 11. Report. 12. Report.",
+        "1. Energy can be reduced by using renewable energy. 2. 1. 2. 3. 4. 5. 6. 7. 8. 9. 10. 11. 12. 13. 14.",  # counting
     ],
 )
 def test_loops_of_words_lines_and_symbols(text):
@@ -115,6 +119,8 @@ def test_loops_of_words_lines_and_symbols(text):
         "1. **Preheat** the oven\n2. **Mix** flour and water\n3. *Knead* the dough\n4. Bake it",
         "It costs $5 + $3 = $8, about 10% off.",
         "## Sleep\nGo to bed at the same time every night.",
+        "1. Preheat the oven to 220 C.\n2. Mix 500 g flour, 7 g yeast, 10 g salt and 325 ml water.\n"
+        "3. Knead for 10 minutes.\n4. Let it rise for 1 hour.\n5. Bake for 25 minutes.",
         "1. Drinking water helps to maintain proper bodily functions\n2. It aids in the elimination of waste "
         "products\n3. It aids in the proper functioning of the kidneys\n4. It aids in the proper functioning of "
         "the nervous system",

@@ -14,9 +14,9 @@ well-kept libraries, what a reader would ask first:
 - no leakage: no words of PAD's reward template, no role-play transcript
               markers or bracketed template tags, and no echo of five or
               more consecutive words of the preference text;
-- not a loop: its repeated word 4-gram share stays below MAX_REPEATED_4GRAMS,
-              it does not repeat most of its lines, and it is not mostly
-              symbols (`is_loop`);
+- not a loop: its repeated word 4-gram share (with and without numbers)
+              stays below MAX_REPEATED_4GRAMS, it does not repeat most of its
+              lines, and it is not mostly symbols or bare numbers (`is_loop`);
 - coherence:  (when scored) its mean per-token log-probability under the base
               model, given the question with the preference as a system
               message, is at least a floor set relative to `prompt` answers
@@ -76,6 +76,13 @@ MIN_LINES_FOR_REPEATS = 4
 MAX_REPEATED_LINES = 0.5
 MAX_SYMBOL_SHARE = 0.25
 JUNK_SYMBOLS = frozenset("#=~|<>^`\\")
+# Numbered loops hide from a word 4-gram count that includes the numbers
+# ("5. Report. 6. Report. 7. Report." has no repeated 4-gram), and counting
+# is not an answer ("1. 1. 2. 3. 4. 5. ... 23"). So repetition is also
+# measured over the letters-only words, and an answer of at least
+# MIN_TOKENS_FOR_NUMBERS tokens that are mostly bare numbers is junk.
+MIN_TOKENS_FOR_NUMBERS = 8
+MAX_NUMBER_SHARE = 0.5
 # Coherence floor, relative to the `prompt` answers of the same run: their
 # median mean token log-probability minus COHERENCE_MARGIN nats. `prompt`
 # answers are the model's own greedy text in exactly the scoring context, so
@@ -173,11 +180,26 @@ def symbol_share(text: str) -> float:
     return junk / len(visible)
 
 
+def number_share(text: str) -> float:
+    """Share of the answer's word tokens that are bare numbers (0.0 below
+    MIN_TOKENS_FOR_NUMBERS tokens)."""
+    tokens = words(text)
+    if len(tokens) < MIN_TOKENS_FOR_NUMBERS:
+        return 0.0
+    return sum(token.isdigit() for token in tokens) / len(tokens)
+
+
+def letters_repeated_4gram_share(text: str) -> float:
+    """repeated_ngram_share over the letters-only words (numbers dropped)."""
+    return repeated_ngram_share(" ".join(word_tokens(text)))
+
+
 def is_loop(text: str, max_repeated_4grams: float = MAX_REPEATED_4GRAMS) -> bool:
     return (
-        repeated_ngram_share(text) > max_repeated_4grams
+        max(repeated_ngram_share(text), letters_repeated_4gram_share(text)) > max_repeated_4grams
         or repeated_line_share(text) > MAX_REPEATED_LINES
         or symbol_share(text) > MAX_SYMBOL_SHARE
+        or number_share(text) > MAX_NUMBER_SHARE
     )
 
 

@@ -34,7 +34,7 @@ import random
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
@@ -132,8 +132,10 @@ def pick_pairs(case: SynthCase, judged: Judged, per_case: int, degenerate_share:
 
 def synthesize(engine, cases: list[SynthCase], samples: int, temperature: float, max_tokens: int, per_case: int,
                seed: int = 0, plain_samples: int = 4, degenerate_share: float = 0.0,
-               gate: QualityGate | None = None) -> tuple[list[PreferencePair], dict]:
-    """Samples, judges and pairs. Returns (pairs, stats)."""
+               gate: QualityGate | None = None, judged_out: dict[str, Judged] | None = None,
+               ) -> tuple[list[PreferencePair], dict]:
+    """Samples, judges and pairs. Returns (pairs, stats); `judged_out`, when
+    given, receives every case's sorted samples (to pair them again later)."""
     gate = gate or QualityGate()
     questions = list(dict.fromkeys(case.messages for case in cases))
     requests = []
@@ -164,6 +166,8 @@ def synthesize(engine, cases: list[SynthCase], samples: int, temperature: float,
     for case in cases:
         own = [Sample(answers.get(f"p:{case.case_id}#{i}", ""), True) for i in range(samples)]
         judged = judge(case, own + plain[case.messages], gate)
+        if judged_out is not None:
+            judged_out[case.case_id] = judged
         stats["chosen"] += len(judged.chosen)
         stats["fluent_misses"] += len(judged.fluent_misses)
         stats["degenerate"] += len(judged.degenerate)
@@ -220,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep only the cases of the first N distinct questions (a cheaper run)")
     parser.add_argument("--skip-questions", type=int, default=0,
                         help="leave out the cases of the first N distinct questions (to continue a cheaper run)")
+    parser.add_argument("--samples-out", help="also write every case's judged samples (chosen, fluent misses, "
+                        "degenerate) to this JSONL, to pair them again without sampling")
     parser.add_argument("--model", default="embedded", help="(default: embedded)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not 0.0 <= args.degenerate_share <= 1.0:
@@ -235,9 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     kept = set(questions)
     cases = [c for c in cases if c.messages in kept]
     engine = load_engine(EngineSettings(model=args.model))
+    judged: dict[str, Judged] = {}
     pairs, stats = synthesize(engine, cases, args.samples, args.temperature, args.max_tokens, args.pairs_per_case,
-                              args.seed, args.plain_samples, args.degenerate_share)
+                              args.seed, args.plain_samples, args.degenerate_share, judged_out=judged)
     write_pairs(args.out, pairs)
+    if args.samples_out:
+        with Path(args.samples_out).open("w", encoding="utf-8") as handle:
+            for case_id, sorted_samples in judged.items():
+                handle.write(json.dumps({"case_id": case_id, **asdict(sorted_samples)}, ensure_ascii=False) + "\n")
     sys.stdout.write(json.dumps({"cases": len(cases), "pairs": len(pairs), **stats, "out": args.out}) + "\n")
     return 0
 
