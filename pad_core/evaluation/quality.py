@@ -113,6 +113,17 @@ URL = re.compile(r"https?://\S+|www\.\S+")
 LETTERS = re.compile(r"^[^\W\d_]+(?:['’][^\W\d_]+)*$", re.UNICODE)
 
 
+def _require(module: str):
+    """Imports one of the gate's libraries, or says how to get it: they are
+    the `eval` extra, which a server does not need."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"the quality gate needs {module!r}: pip install 'pad-server[eval]'") from exc
+
+
 def fold(text: str) -> str:
     """Lower case without accents: 'Lumière' -> 'lumiere'."""
     decomposed = unicodedata.normalize("NFKD", text.casefold())
@@ -136,8 +147,7 @@ def word_tokens(text: str) -> list[str]:
 
 def real_word_share(text: str, language: str, min_zipf: float = MIN_ZIPF) -> float | None:
     """Share of the answer's words that exist in `language` (None: no words)."""
-    from wordfreq import zipf_frequency
-
+    zipf_frequency = _require("wordfreq").zipf_frequency
     tokens = word_tokens(text)
     if not tokens:
         return None
@@ -231,8 +241,8 @@ class LanguageDetector:
 
     @cached_property
     def _detector(self):
-        from lingua import Language, LanguageDetectorBuilder
-
+        lingua = _require("lingua")
+        Language, LanguageDetectorBuilder = lingua.Language, lingua.LanguageDetectorBuilder
         return LanguageDetectorBuilder.from_languages(*(getattr(Language, n) for n in LANGUAGES.values())).build()
 
     @cached_property
