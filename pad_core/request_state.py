@@ -61,7 +61,7 @@ class RequestState:
         return self.generated[-1]
 
     def output(self, token_ids: list[int], text: str, logprobs: list[TokenLogprob] | None = None,
-               error: str | None = None) -> StepOutput:
+               error: str | None = None, error_param: str | None = None) -> StepOutput:
         return StepOutput(
             request_id=self.request_id,
             token_ids=token_ids,
@@ -72,6 +72,7 @@ class RequestState:
             logprobs=logprobs,
             error=error,
             tool_calls=self._tool_calls(),
+            error_param=error_param,
         )
 
     def _tool_calls(self) -> list[ToolCall] | None:
@@ -86,15 +87,16 @@ class RequestState:
         logprobs = [logprob] if logprob is not None else None
         if self.grammar is not None:
             self.grammar.consume(token_id)
+            if self.grammar.error is not None:  # the schema could not be followed: even an end-of-sequence is no answer
+                self.finish_reason = "error"
+                return self.output([token_id], "", logprobs, error=f"structured output: {self.grammar.error}",
+                                   error_param=self.grammar.spec.param)
         if token_id in self.stop_token_ids and not self.request.sampling.ignore_eos:
             self.finish_reason = "stop"
             return self.output([token_id], self.stop_matcher.flush(), logprobs)
         text = self.stop_matcher.feed(self.detokenizer.step(token_id))
         if self.stop_matcher.matched is not None:
             self.finish_reason = "stop"
-        elif self.grammar is not None and self.grammar.error is not None:
-            self.finish_reason = "error"
-            return self.output([token_id], text, logprobs, error=f"structured output: {self.grammar.error}")
         elif self.grammar is not None and self.grammar.done:  # complete: only end-of-sequence could follow
             self.finish_reason = "stop"
             text += self.stop_matcher.flush()

@@ -164,6 +164,11 @@ def parse_tool_calls(text: str) -> list[ToolCall] | None:
 
 
 # ---- matchers (llguidance) ------------------------------------------------
+def parser_error(matcher) -> str:
+    """An llguidance matcher's error, without its "<non-verbose/>" marker."""
+    return matcher.get_error().replace("<non-verbose/>", "").strip()
+
+
 class GrammarMatcher:
     """One request's position in its grammar."""
 
@@ -182,9 +187,9 @@ class GrammarMatcher:
         """Advances by the chosen token (legal by construction); a token the
         grammar refuses records an error instead of raising."""
         if self.error is None and not self._matcher.consume_token(token_id):
-            self.fail(f"the grammar refused token {token_id}: {self._matcher.get_error()}")
+            self.fail(f"the grammar refused token {token_id}: {parser_error(self._matcher)}")
         elif self.error is None and self._matcher.is_error():
-            self.fail(self._matcher.get_error())
+            self.fail(parser_error(self._matcher))
 
     def write_mask(self, address: int, size: int) -> bool:
         """Writes the packed mask of legal next tokens at `address` (size
@@ -278,24 +283,37 @@ class StructuredOutputs:
         limits = llguidance.LLParserLimits(verbose_errors=False)
         matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0, limits=limits)
         if matcher.is_error():
-            return matcher.get_error().strip() or "the grammar does not compile"
+            return parser_error(matcher) or "the grammar does not compile"
+        # Some grammars compile but cannot take a first step (a schema that is
+        # only a reference to itself): refused now, not after a 200.
+        probe = matcher.deep_copy()
+        probe.compute_bitmask()
+        if probe.is_error():
+            return parser_error(probe) or "the grammar allows no first token"
         return matcher
 
     def allowed_tokens(self, matchers: Sequence[GrammarMatcher]) -> torch.Tensor:
         """Legal next tokens of each matcher: [R, V] bool. A matcher that
-        allows nothing (an engine bug, never a request's fault) is marked
-        failed and gets every token, so sampling stays defined; its request
-        then ends with an error."""
+        fails or allows nothing (a schema the parser cannot follow, say one
+        with no finite instance) is marked failed and gets every token, so
+        sampling stays defined; its request then ends with an error naming
+        its constraint."""
         self._llg()
         words = (self._ll_tokenizer.vocab_size + 31) // 32
         bitmask = torch.zeros((len(matchers), words), dtype=torch.int32)
         # Each matcher fills its row of the (contiguous, CPU) buffer, ~8 us a
         # row here. In sequence: llguidance's thread pool saves little at
         # these sizes and its threads would compete with torch's for the cores.
+        failed = []
         for row, matcher in enumerate(matchers):
-            matcher.write_mask(bitmask.data_ptr() + row * words * 4, words * 4)
+            if not matcher.write_mask(bitmask.data_ptr() + row * words * 4, words * 4):
+                # The parser failed (a schema it cannot follow); its row holds whatever it left.
+                matcher.fail(parser_error(matcher._matcher) or "the grammar failed")
+                failed.append(row)
         allowed = unpack_bitmask(bitmask, self.vocab_size)
         empty = ~allowed.any(dim=1)
+        if failed:
+            empty[failed] = True
         if bool(empty.any()):
             for row in empty.nonzero().flatten().tolist():
                 matchers[row].fail(matchers[row].error or "the grammar allows no next token")

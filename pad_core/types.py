@@ -23,6 +23,7 @@ from pad_core.validation import (
     check_bool,
     check_float,
     check_int,
+    check_json,
     check_text,
 )
 
@@ -231,6 +232,15 @@ class StructuredOutput:
         """The OpenAI request field an error about this constraint names."""
         return "tools" if self.kind == "tool_calls" else "response_format"
 
+    def verify(self) -> None:
+        """Plain JSON that crosses the IPC (pad_core.validation.check_json);
+        the grammar engine checks the schemas themselves (structured.check_spec)."""
+        check_json(self.json_schema, self.param)
+        for index, tool in enumerate(self.tools):
+            check_json([tool.name, tool.description], f"tools[{index}].function")
+            check_json(tool.parameters, f"tools[{index}].function.parameters")
+        check_json([self.schema_name, self.tool_choice], self.param)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -279,6 +289,8 @@ class ChatRequest:
         verify_preferences(self.preferences, limits)
         self.sampling.verify()
         self.guidance.verify(limits)
+        if self.structured is not None:
+            self.structured.verify()
 
     def text_length(self) -> int:
         """Characters of every message and preference: a cheap bound on the
@@ -377,6 +389,8 @@ class GenerationRequest:
             check_float(prompt.weight, f"reward_prompts[{index}].weight", -MAX_WEIGHT, MAX_WEIGHT)
         self.sampling.verify()
         self.guidance.verify(limits)
+        if self.structured is not None:
+            self.structured.verify()
 
 
 @dataclass
@@ -402,6 +416,9 @@ class StepOutput:
     `guidance` is set on a request's first output only: the PAD settings
     the engine resolved for it (`weight`, `top_k`, `min_p`: the request's
     own or the engine's defaults), so a gateway can report what was used.
+    `error_param` is set on an "error" output whose cause is a value of the
+    request (the OpenAI field: "response_format" or "tools" for a schema
+    the grammar engine could not follow): the client's fault, a 400.
     """
 
     request_id: str
@@ -414,6 +431,7 @@ class StepOutput:
     error: str | None = None
     tool_calls: list[ToolCall] | None = None
     guidance: dict[str, Any] | None = None
+    error_param: str | None = None
 
     @property
     def finished(self) -> bool:

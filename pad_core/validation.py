@@ -77,6 +77,35 @@ def check_text(value: Any, param: str, *, max_chars: int | None = None, code: st
     return value
 
 
+def check_json(value: Any, param: str) -> Any:
+    """A plain JSON value (a JSON Schema, say) that can cross the IPC: dicts
+    with string keys, lists, strings of valid Unicode, finite floats, and
+    integers within int64 (msgpack stops at 64 bits: a schema's
+    `"minimum": 2**64` must be a 400, not an OverflowError)."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, child in node.items():
+                check_text(key, param)
+                stack.append(child)
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+        elif isinstance(node, str):
+            check_text(node, param)
+        elif isinstance(node, bool) or node is None:
+            continue
+        elif isinstance(node, int):
+            if not INT64_MIN <= node <= INT64_MAX:
+                raise InvalidRequestError(f"{param}: the integer {str(node)[:40]} is outside int64", param=param)
+        elif isinstance(node, float):
+            if not math.isfinite(node):
+                raise InvalidRequestError(f"{param}: numbers must be finite", param=param)
+        else:
+            raise InvalidRequestError(f"{param} must be plain JSON", param=param)
+    return value
+
+
 def is_valid_unicode(text: str) -> bool:
     try:
         text.encode("utf-8")

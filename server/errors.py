@@ -49,14 +49,20 @@ class APIError(Exception):
     def from_invalid(cls, exc: InvalidRequestError, rename: dict[str, str] | None = None) -> APIError:
         """A 400 from the validation on the request types (pad_core.types);
         `rename` maps their parameter names to the ones the client used."""
-        param = exc.param
-        message = exc.message
+        return cls(400, exc.message, "invalid_request_error", exc.param, exc.code).renamed(rename)
+
+    def renamed(self, rename: dict[str, str] | None) -> APIError:
+        """This error with its parameter named as the client wrote it (the
+        engine says messages / max_tokens / response_format for every route)."""
+        param, message = self.param, self.message
         for ours, theirs in (rename or {}).items():
             if param is not None and (param == ours or param.startswith((f"{ours}.", f"{ours}["))):
                 param = theirs + param[len(ours):] if theirs else None
                 message = message.replace(ours, theirs or "the request", 1)
                 break
-        return cls(400, message, "invalid_request_error", param, exc.code)
+        else:
+            return self
+        return APIError(self.status, message, self.type, param, self.code, self.extra_headers)
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -110,7 +116,7 @@ def _unknown_argument(error: dict, errors: list[dict]) -> APIError:
     return invalid(f"Unrecognized request argument supplied: {param}{hint}", param, "unknown_parameter")
 
 
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
     unknown = next((e for e in errors if e.get("type") == "extra_forbidden"), None)
     if unknown is not None:  # as OpenAI: an unknown argument is named first
@@ -122,6 +128,11 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
         return error_response(invalid("The request body is not valid JSON.", None, "invalid_json"))
     if first.get("type") == "missing" and param is None:
         return error_response(invalid("The request body is required (a JSON object).", None, "missing_body"))
+    if param is None and first.get("type") == "model_attributes_type":  # [], 5, or a body not sent as JSON
+        sent = (f"Content-Type {request.headers.get('content-type', '')[:60]!r}"
+                if isinstance(first.get("input"), bytes) else "JSON that is not an object")
+        return error_response(invalid(f"The request body must be a JSON object sent as Content-Type "
+                                      f"application/json, not {sent}.", None, "invalid_json"))
     message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
     return error_response(invalid(message, param))
 

@@ -44,6 +44,8 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 # ---- errors ------------------------------------------------------------
 def engine_failure(output: StepOutput) -> APIError | None:
+    if output.finish_reason == "error" and output.error_param is not None:  # a value of the request's: its fault
+        return invalid(output.error or "the engine could not follow this request", output.error_param)
     if output.finish_reason == "error":
         return APIError(500, output.error or "the engine failed on this request", "server_error", None, "engine_error")
     if output.finish_reason == "abort":
@@ -194,6 +196,7 @@ class Generation:
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
     guidance: dict | None = None  # the PAD settings the engine resolved (first output)
+    rename: dict[str, str] = field(default_factory=dict)  # the engine's parameter names -> the route's
     _streams: list = field(default_factory=list)
     _firsts: list[StepOutput] = field(default_factory=list)
 
@@ -228,9 +231,10 @@ class Generation:
             await self.close()
             raise
         failure = next((f for f in firsts if isinstance(f, BaseException)), None)
-        if failure is not None:
+        failure = failure or next((e for e in map(engine_failure, firsts) if e is not None), None)
+        if failure is not None:  # a first token that already failed is a status too, streamed or not
             await self.close()
-            raise map_exception(failure) from None
+            raise map_exception(failure).renamed(self.rename) from None
         self._firsts = list(firsts)
         for choice, first in zip(self.choices, self._firsts, strict=True):
             choice.prompt_tokens = first.prompt_tokens
@@ -286,7 +290,7 @@ class Generation:
                 self.choices[index].update(output)
         except (WorkerUnavailable, APIError) as exc:
             await self.close()  # the other choices end too
-            raise map_exception(exc) from None
+            raise map_exception(exc).renamed(self.rename) from None
         count_tokens(self.metrics, usage_of(self.choices))
         return self.choices
 
@@ -339,7 +343,7 @@ async def stream_events(generation: Generation, formatter: Formatter,
             await finished(generation.choices)
     except (WorkerUnavailable, APIError) as exc:
         await generation.close()  # the other choices end too
-        error = map_exception(exc)
+        error = map_exception(exc).renamed(generation.rename)
         status = str(error.status)
         for event in formatter.error(generation, error):
             yield event

@@ -50,7 +50,7 @@ def calls_text(calls: Iterable[tuple[str, str]]) -> str:
     for name, arguments in calls:
         try:
             parsed = json.loads(arguments) if arguments else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's stack
             parsed = arguments  # kept as the client wrote it
         out.append({"name": name, "arguments": parsed})
     return json.dumps(out, ensure_ascii=False)
@@ -104,13 +104,13 @@ def response_input_messages(items: str | list[dict[str, Any]], instructions: str
         out.append({"role": "user", "content": items})
         return out
     names: dict[str, str] = {}
-    calls_at, pending = -1, []  # the assistant message holding the latest calls
+    calls: dict[int, list[tuple[str, str]]] = {}  # assistant message index -> its calls, written out at the end
     for index, item in enumerate(items):
         where = f"input[{index}]"
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
-            if role not in ROLE_MAP:
+            if not isinstance(role, str) or role not in ROLE_MAP:
                 raise invalid(f"{where}.role must be one of {', '.join(ROLE_MAP)}", f"{where}.role")
             text = content_text(item.get("content"), f"{where}.content")
             if text is None:
@@ -122,13 +122,10 @@ def response_input_messages(items: str | list[dict[str, Any]], instructions: str
                 raise invalid(f"{where}: a function_call needs name and arguments (strings)", where)
             if isinstance(item.get("call_id"), str):
                 names[item["call_id"]] = name
-            if calls_at == len(out) - 1 and out:  # parallel calls: one list, as they were made
-                pending.append((name, arguments))
-                out[-1]["content"] = calls_text(pending)
-            else:
-                pending = [(name, arguments)]
-                out.append({"role": "assistant", "content": calls_text(pending)})
-                calls_at = len(out) - 1
+            if len(out) - 1 not in calls:  # parallel calls: one list, as they were made
+                out.append({"role": "assistant", "content": ""})
+                calls[len(out) - 1] = []
+            calls[len(out) - 1].append((name, arguments))
         elif kind == "function_call_output":
             output = item.get("output")
             if isinstance(output, list):
@@ -144,4 +141,6 @@ def response_input_messages(items: str | list[dict[str, Any]], instructions: str
                           "(message, function_call, function_call_output)", f"{where}.type", "unsupported_content")
     if not out:
         raise invalid("input has no messages", "input")
+    for at, made in calls.items():  # once per message: 10,000 calls in a row must not cost 10,000^2
+        out[at]["content"] = calls_text(made)
     return out

@@ -315,6 +315,18 @@ def function_tools(tools: list[ToolDefinition] | None, param: str = "tools") -> 
     return out
 
 
+def allowed_tool_name(tool: Any) -> str | None:
+    """The name of one `tool_choice.tools` entry ({"type": "function",
+    "function": {"name"}} in Chat Completions, {"type": "function", "name"}
+    in Responses); None for anything else."""
+    if not isinstance(tool, dict):
+        return None
+    function = tool.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    name = name if name is not None else tool.get("name")
+    return name if isinstance(name, str) else None
+
+
 TOOLS_AUTO = ("tool_choice '{choice}' with tools needs a chat template that can offer tools, and this model's "
               "cannot{why}; use tool_choice 'required' or name a function ({{'type': 'function', 'function': "
               "{{'name': ...}}}}), or 'none'")
@@ -336,8 +348,10 @@ def tool_output(tools: list[ToolFunction], tool_choice: Any, parallel: bool | No
                        choice_param, "invalid_value")
         elif kind == "allowed_tools":
             mode = tool_choice.get("mode", "auto")
-            allowed = {t.get("function", {}).get("name") or t.get("name") for t in tool_choice.get("tools") or []
-                       if isinstance(t, dict)}
+            listed = tool_choice.get("tools") or []
+            reject_if(not isinstance(listed, list), "tool_choice.tools must be a list of tools", choice_param,
+                       "invalid_value")
+            allowed = {allowed_tool_name(t) for t in listed}
             tools = [t for t in tools if t.name in allowed]
             reject_if(not tools, "tool_choice.tools names none of the tools", choice_param, "invalid_value")
             tool_choice = mode

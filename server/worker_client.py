@@ -275,7 +275,15 @@ class WorkerClient:
         self.metrics.in_flight.set(len(self.pending))
         finished = False
         try:
-            await self._send({"type": "add", "request": chat.to_dict()})
+            try:
+                message = pack({"type": "add", "request": chat.to_dict()})
+            except (OverflowError, ValueError) as exc:  # a value msgpack cannot carry that verify missed
+                finished = True  # never sent: nothing to abort
+                logger.warning("request %s cannot be sent to the worker: %s", chat.request_id, exc)
+                raise RequestRejected({"message": f"the request holds a value that cannot be sent to the worker "
+                                                  f"({exc})", "param": None, "code": "invalid_value"}) from None
+            if self.socket is not None:
+                await self.socket.send(message)
             while not finished:
                 item = await queue.get()
                 if isinstance(item, Exception):

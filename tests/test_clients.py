@@ -121,6 +121,32 @@ async def test_an_agent_on_the_responses_path_with_store_and_metadata(base_url):
     assert deltas and streamed.final_output == result.final_output
 
 
+async def test_an_agent_with_a_function_tool(base_url):
+    """A forced call (tool_choice "required" or the tool's name) runs the
+    tool; stop_on_first_tool makes its result the final output. (Without it
+    the SDK resets tool_choice to its default, "auto", for the next turn,
+    which this model's template cannot honour: a 400.)"""
+    agents = agents_setup(base_url)
+    cities = []
+
+    @agents.function_tool
+    def get_weather(city: Literal["Paris", "Rome"]) -> str:
+        """The weather in a city."""
+        cities.append(city)
+        return f"sunny in {city}"
+
+    for choice in ("required", "get_weather"):
+        settings = agents.ModelSettings(tool_choice=choice, store=False, metadata={"team": "docs"}, max_tokens=60,
+                                        temperature=0, extra_body={"preference": PREFERENCE})
+        agent = agents.Agent(name="weather", instructions="Use the tool.", model=MODEL, tools=[get_weather],
+                             model_settings=settings, tool_use_behavior="stop_on_first_tool")
+        result = await agents.Runner.run(agent, "Weather in Paris?")
+        assert result.final_output == f"sunny in {cities[-1]}"
+        streamed = agents.Runner.run_streamed(agent, "Weather in Paris?")
+        [event async for event in streamed.stream_events()]
+        assert streamed.final_output == result.final_output
+
+
 # ---- the real model (integration) ----------------------------------------
 @pytest.fixture(scope="module")
 def real_server(tmp_path_factory):

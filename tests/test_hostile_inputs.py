@@ -22,6 +22,9 @@ BASE = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4}
 DEEP = 100_000
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
 def raw(body: dict) -> bytes:
     """JSON with \\uXXXX escapes (httpx's own encoder refuses lone surrogates)."""
     return json.dumps(body, ensure_ascii=True).encode("ascii")
@@ -58,6 +61,26 @@ CHAT_CASES = [
     ({"n": 9}, 400, "n"),  # more than max_queue (8): a 429 no retry could cure
     ({"n": 17}, 400, "n"),
     ({"messages": [{"role": "user", "content": "x" * 200_000}]}, 400, "messages"),  # refused before tokenizing
+    # integers msgpack cannot carry, inside free-form JSON (a schema): a 400, not an OverflowError
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+        "type": "array", "minItems": 2**64}}}}, 400, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"maximum": -(2**70)}}}],
+      "tool_choice": "required"}, 400, "tools[0].function.parameters"),
+    # a schema that compiles but can take no first step: refused, not answered "" with "stop"
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": {"$ref": "#"}}}}, 400,
+     "response_format"),
+    # malformed allowed_tools entries
+    ({"tools": [WEATHER], "tool_choice": {"type": "allowed_tools", "mode": "required",
+                                          "tools": [{"type": "function", "function": "get_weather"}]}},
+     400, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "allowed_tools", "mode": "required", "tools": [{"name": ["f"]}]}},
+     400, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "allowed_tools", "mode": "required", "tools": "get_weather"}},
+     400, "tool_choice"),
+    # earlier calls whose arguments nest past the JSON parser's stack are kept as text (too long for the
+    # tiny model's context, so refused by the worker; the gateway used to fail on them with a RecursionError)
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "f", "arguments": "[" * 5000}}]}, {"role": "user", "content": "Hi"}]}, 400, "messages"),
 ]
 RAW_CHAT_CASES = [  # bodies json.dumps cannot write
     (b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}', None),
@@ -130,6 +153,80 @@ def test_hostile_chats_get_4xx_or_answers_and_the_stream_beside_them_is_untouche
         assert thread.is_alive(), "the steady stream should still be decoding"  # it ran beside them
     thread.join(120)
     assert beside == [alone] and alone[1] == "length"
+
+
+def test_hostile_responses_inputs(target):
+    url = target[0]
+    base = {"model": MODEL, "max_output_tokens": 4}
+    with httpx.Client(base_url=url, timeout=120) as client:
+        response = client.post("/v1/responses", json={**base, "input": [{"role": ["user"], "content": "Hi"}]})
+        assert_error(response, 400, "input[0].role")
+        deep = [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[" * 5000},
+                {"type": "function_call_output", "call_id": "c", "output": "ok"}]
+        response = client.post("/v1/responses", json={**base, "input": deep})
+        assert_error(response, 400)  # kept as text: too long for the tiny model's context
+        # 20,000 parallel calls in a row are one assistant message, written out once (not once per call)
+        calls = [{"type": "function_call", "call_id": f"c{i}", "name": "f", "arguments": "{}"} for i in range(20_000)]
+        started = time.perf_counter()
+        response = client.post("/v1/responses", json={**base, "input": [*calls, {"role": "user", "content": "Hi"}]})
+        assert_error(response, 400, "input")["code"] == "context_length_exceeded"  # from the character count
+        assert time.perf_counter() - started < 10
+        # the engine's errors name each route's own fields
+        response = client.post("/v1/completions", json={"model": MODEL, "prompt": [1] * 600, "max_tokens": 4})
+        assert_error(response, 400, "prompt")["code"] == "context_length_exceeded"
+        response = client.post("/v1/responses", json={**base, "input": "Hi", "max_output_tokens": 600})
+        assert_error(response, 400, "max_output_tokens")
+        assert client.post("/v1/responses", json={**base, "input": "Hi"}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def failing_grammar_target(tmp_path_factory):
+    """An engine whose grammar parser gives up at the first mask, as
+    llguidance does mid-answer on a schema with no finite instance."""
+    from pad_core.testing import tiny_engine
+
+    engine = tiny_engine()
+    start = engine.structured.start
+
+    def failing_start(spec):
+        matcher = start(spec)
+        matcher.write_mask = lambda address, size: False
+        return matcher
+
+    engine.structured.start = failing_start
+    with worker_thread(engine=engine) as (address, _worker):
+        settings = ServerSettings(worker_address=address, data_dir=tmp_path_factory.mktemp("grammar"))
+        with uvicorn_server(create_app(settings)) as url:
+            yield url
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_schema_the_grammar_engine_cannot_follow_is_a_400_naming_it(failing_grammar_target, stream):
+    body = {**BASE, "stream": stream, "response_format": {"type": "json_object"}}
+    with httpx.Client(base_url=failing_grammar_target, timeout=60) as client:
+        response = client.post("/v1/chat/completions", json=body)
+        error = assert_error(response, 400, "response_format")  # failed at the first token: before any byte
+        assert error["type"] == "invalid_request_error" and error["message"].startswith("structured output:")
+        response = client.post("/v1/responses", json={"model": MODEL, "input": "Hi", "max_output_tokens": 4,
+                                                       "stream": stream, "text": {"format": {"type": "json_object"}}})
+        assert_error(response, 400, "text.format")  # named as the Responses API names it
+        assert client.post("/v1/chat/completions", json=BASE).status_code == 200  # the same connection goes on
+
+
+def test_bodies_not_sent_as_json_objects_are_named(target):
+    url = target[0]
+    body = json.dumps(BASE).encode()
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data", ""):
+            response = client.post("/v1/chat/completions", content=body, headers={"content-type": content_type})
+            error = assert_error(response, 400)
+            assert error["code"] == "invalid_json" and "Content-Type" in error["message"], error
+        for sent in (b"[]", b"5", b'"x"', b"null"):
+            response = client.put("/v1/users/alice/preferences", content=sent,
+                                  headers={"content-type": "application/json"})
+            assert_error(response, 400)
+        response = client.post("/v1/chat/completions", content=body)  # no Content-Type at all: taken as JSON
+        assert response.status_code == 200, response.text
 
 
 def test_a_misspelt_field_is_named(target):

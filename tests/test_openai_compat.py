@@ -178,6 +178,11 @@ def test_a_streamed_tool_call_is_one_delta_at_the_end(client):
     assert len(calls) == 1 and calls[0][0].function.name == "get_weather"
     assert json.loads(calls[0][0].function.arguments)["city"] in ("Paris", "Rome")
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content is None
+    with client.chat.completions.stream(model=MODEL, messages=ASK, max_tokens=60, temperature=0, tools=[WEATHER],
+                                        tool_choice="required") as stream:
+        message = stream.get_final_completion().choices[0].message
+    assert message.content is None and message.tool_calls[0].function.name == "get_weather"  # as when not streamed
 
 
 def test_a_tool_call_that_runs_out_of_tokens_is_text(client):
@@ -305,3 +310,37 @@ def test_nullable_openai_fields_mean_their_default(server):
     completion = post(server, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 1, "echo": None,
                                                   "n": None, "stream": None, "logprobs": None})
     assert completion.status_code == 200 and completion.json()["choices"][0]["text"]
+
+
+def sse_data(server, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", f"{server}{path}", json={**body, "stream": True}, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        return [json.loads(line[6:]) for line in response.iter_lines()
+                if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+def test_every_shape_validates_against_the_sdk_types(server):
+    """The SDK builds its objects without validation, so a missing field
+    only fails a client that reads it: every answer, chunk and event is
+    validated here against the SDK's own (pydantic) types."""
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    event = TypeAdapter(ResponseStreamEvent)
+    chats = [{"max_tokens": 3, "n": 2, "logprobs": True, "top_logprobs": 2, "preference": "short answers"},
+             {"max_tokens": 60, "temperature": 0, "tools": [WEATHER, TIME], "tool_choice": "required"},
+             {"max_tokens": 60, "temperature": 0, "response_format": {"type": "json_object"}}]
+    for extra in chats:
+        body = {"model": MODEL, "messages": ASK, **extra}
+        ChatCompletion.model_validate(post(server, "/v1/chat/completions", body).json())
+        for chunk in sse_data(server, "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}}):
+            ChatCompletionChunk.model_validate(chunk)
+    tool = {"type": "function", **WEATHER["function"]}
+    for extra in ({"max_output_tokens": 3, "top_logprobs": 2, "instructions": "Be brief."},
+                  {"max_output_tokens": 60, "temperature": 0, "tools": [tool], "tool_choice": "required"}):
+        body = {"model": MODEL, "input": "Weather?", **extra}
+        answer = Response.model_validate(post(server, "/v1/responses", body).json())
+        assert answer.usage.input_tokens_details.cache_write_tokens == 0
+        for data in sse_data(server, "/v1/responses", body):
+            event.validate_python(data)

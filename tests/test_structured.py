@@ -349,6 +349,14 @@ def test_required_tool_call_picks_one_of_the_tools_and_the_prompt_lists_them(eng
         (StructuredOutput("tool_calls", tools=(TIME, ToolFunction("f", parameters={"type": 3}))),
          "tools[1].function.parameters"),
         (StructuredOutput("tool_calls", tools=(TIME,), tool_choice="get_weather"), "tool_choice"),
+        # compiles, but the parser cannot take a first step: refused up front, not answered "" with "stop"
+        (StructuredOutput("json_schema", json_schema={"$ref": "#"}), "response_format"),
+        (StructuredOutput("json_schema", json_schema={"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}),
+         "response_format"),
+        # an integer msgpack cannot carry (StructuredOutput.verify)
+        (StructuredOutput("json_schema", json_schema={"type": "integer", "minimum": 2**64}), "response_format"),
+        (StructuredOutput("tool_calls", tools=(ToolFunction("f", parameters={"maxProperties": -(2**63) - 1}),)),
+         "tools[0].function.parameters"),
     ],
 )
 def test_invalid_schema_is_an_invalid_request_and_the_engine_goes_on(engine, spec, param):
@@ -365,3 +373,28 @@ def test_default_max_tokens_applies_when_the_request_gives_none(make_engine):
     request = ChatRequest("r", [{"role": "user", "content": "Hi"}], sampling=SamplingParams(temperature=0.0))
     last = run(engine, request)["r"][-1]
     assert last.finish_reason == "length" and last.completion_tokens == 5
+
+
+def test_a_grammar_that_fails_while_decoding_ends_its_request_alone_as_the_clients_fault(engine, monkeypatch):
+    """llguidance can fail mid-answer (a schema with no finite instance hits
+    its parser limits): the request ends with "error" naming response_format
+    (a 400 at the gateway), even when the token drawn from the unmasked row
+    is an end-of-sequence, which must not pass for a complete answer."""
+    start = engine.structured.start
+
+    def failing_start(spec):
+        matcher = start(spec)
+        matcher.write_mask = lambda address, size: False  # the parser gave up computing the mask
+        return matcher
+
+    monkeypatch.setattr(engine.structured, "start", failing_start)
+    bias = torch.zeros(engine.runners[BASE_RUNNER].head.vocab_size)
+    bias[list(engine.stop_token_ids)] = 100.0  # the unmasked row would end at once
+    with biased(engine, bias):
+        outputs = run(engine, chat("broken", StructuredOutput("json_object")), chat("free", max_tokens=8))
+    (broken,) = outputs["broken"]
+    assert broken.finish_reason == "error" and broken.error_param == "response_format" and broken.text == ""
+    assert broken.error.startswith("structured output:")
+    assert outputs["free"][-1].finish_reason == "stop" and outputs["free"][-1].error is None
+    (sent,) = unpack(pack({"type": "outputs", "outputs": [broken.to_dict()]}))["outputs"]
+    assert StepOutput.from_dict(sent) == broken  # error_param crosses the IPC

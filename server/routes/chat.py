@@ -82,6 +82,7 @@ async def _chat(body: ChatCompletionRequest, request: Request, scope):
     if body.max_completion_tokens is not None:
         rename["max_tokens"] = "max_completion_tokens"
     verify_request(requests[0], state.settings, resolution, user, rename)  # the others differ in the seed alone
+    generation.rename = rename
     await generation.start()
     record = recorder(state, generation, messages, user)
     formatter = ChatFormatter(body)
@@ -106,8 +107,10 @@ class ChatFormatter(Formatter):
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     def opening(self, generation: Generation) -> list[str]:
-        """The role of every choice, and `pad` (what personalized the answer)."""
-        return [self.chunk(generation, [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+        """The role of every choice (content null before tool calls, as OpenAI's),
+        and `pad` (what personalized the answer)."""
+        return [self.chunk(generation, [{"index": c.index, "delta": {"role": "assistant",
+                                                                  "content": None if c.holds_calls else ""},
                                          "logprobs": None, "finish_reason": None} for c in generation.choices],
                            pad=generation.pad_info())]
 

@@ -74,6 +74,7 @@ async def _complete(body: CompletionRequest, request: Request, scope):
     rename = preference_rename(body)
     for group in range(len(prompts)):
         verify_request(requests[group * body.n], state.settings, resolution, user, rename)
+    generation.rename = {**rename, "messages": "prompt"}  # the engine's context-length errors say messages
     await generation.start()
     formatter = CompletionFormatter(body, prompts)
     if body.stream:

@@ -73,8 +73,9 @@ async def _respond(body: ResponsesRequest, request: Request, scope):
                        body.to_guidance_params(), structured)
     holds_calls = structured is not None and structured.kind == "tool_calls"
     generation = Generation(state, response_id, served, [chat], [ChoiceState(0, holds_calls=holds_calls)], resolution)
-    verify_request(chat, state.settings, resolution, user,
-                   {**preference_rename(body), "max_tokens": "max_output_tokens"})
+    rename = {**preference_rename(body), "max_tokens": "max_output_tokens"}
+    verify_request(chat, state.settings, resolution, user, rename)
+    generation.rename = {**rename, "messages": "input", "response_format": "text.format"}
     await generation.start()
     record = recorder(state, generation, messages, user)
     formatter = ResponsesFormatter(body)
@@ -86,7 +87,8 @@ async def _respond(body: ResponsesRequest, request: Request, scope):
 
 
 def responses_usage(usage: dict) -> dict:
-    return {"input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+    return {"input_tokens": usage["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": usage["total_tokens"]}
 
