@@ -148,7 +148,7 @@ def test_guided_greedy_is_the_same_alone_and_batched(engine):
 
 
 def test_shipped_persrm_adapter_loads_at_run_time_and_steers(engine):
-    """results/persrm/adapter (trained by scripts/persrm-experiment.sh on a GPU)
+    """results/persrm/adapter (trained by scripts/persrm-experiment.sh)
     fits the embedded model (fingerprint and shapes), serves next to `self`,
     and its rewards change the greedy answer; base-only rows are untouched."""
     from pathlib import Path

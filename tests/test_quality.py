@@ -106,6 +106,12 @@ def test_leaks_name_template_words_tags_and_transcripts(text, leak):
         "1. Find a bird watching location. 2. Carry binoculars. 3. Observe. 4. Report. 5. Report. 6. Report. "
         "7. Report. 8. Report. 9. Report. 10. Report. 11. Report. 12. Report.",
         "1. Energy can be reduced by using renewable energy. 2. 1. 2. 3. 4. 5. 6. 7. 8. 9. 10. 11. 12. 13. 14.",  # counting
+        # lists cycling through a few items on one line (read in a PersRM run, counted good before)
+        "1. Rest. 2. Eat healthy. 3. Drink water. 4. Eat. 5. Exercise. 6. Sleep. 7. Eat. 8. Drink water. 9. Eat. "
+        "10. Drink water. 11. Sleep. 12. Exercise. 13. Drink water. 14. Eat. 15. Drink water. 16. Sleep. 17.",
+        "Sure, here are some steps you can do to start running:\n\n1. Begin with the basics: 200m running.\n"
+        "2. 30 min running.\n3. 60 min running.\n4. 90 min running.\n5. 180 min running.\n6. 200 m running.\n"
+        "7. 40 min running.\n8. 80 min running.\n9.",
     ],
 )
 def test_loops_of_words_lines_and_symbols(text):
@@ -124,6 +130,10 @@ def test_loops_of_words_lines_and_symbols(text):
         "1. Drinking water helps to maintain proper bodily functions\n2. It aids in the elimination of waste "
         "products\n3. It aids in the proper functioning of the kidneys\n4. It aids in the proper functioning of "
         "the nervous system",
+        # items that share words but not all of them; a refrain said twice
+        "Mix 2 cups flour. Add 1 cup sugar. Add 2 eggs. Stir well. Bake 30 minutes. Stir well.",
+        "- Drink water in the morning.\n- Drink water with every meal.\n- Drink water after exercise.\n"
+        "- Carry a bottle.",
     ],
 )
 def test_lists_markdown_and_arithmetic_are_not_loops(text):

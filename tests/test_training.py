@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -223,6 +224,52 @@ def test_synth_pairs_use_fluent_losers_and_a_share_of_degenerate_ones():
     assert sum(p.rejected.startswith("junk") for p in mixed) == 2
     # No loser: no pair.
     assert pick_pairs(case, Judged(chosen=["good"]), per_case=2) == []
+
+
+GOOD_ANSWER = ("Socks slip into the gap between the drum and the door seal. Static also makes them cling to "
+               "sheets, so check the duvet cover.")
+
+
+@pytest.mark.parametrize("kind", ["repeat_line", "count", "numbered_repeat"])
+def test_a_loop_variant_of_a_good_answer_is_a_loop_the_gate_sees(kind):
+    from pad_core.evaluation.quality import is_loop
+    from pad_core.training.synth import loop_variant
+
+    assert not is_loop(GOOD_ANSWER)
+    looped = loop_variant(GOOD_ANSWER, kind)
+    assert looped is not None and is_loop(looped) and len(looped) >= len(GOOD_ANSWER)
+    assert looped == loop_variant(GOOD_ANSWER, kind)  # pure
+    assert GOOD_ANSWER.split()[0] in looped  # it starts as the answer did
+    assert loop_variant("", kind) is None and loop_variant("Yes", kind) is None  # no sentence to start from
+
+
+def test_loop_pairs_add_a_share_of_pairs_with_the_same_winner_and_a_looping_loser():
+    from pad_core.evaluation.quality import is_loop
+    from pad_core.training.pairs import PreferencePair
+    from pad_core.training.synth import add_loop_pairs
+
+    pairs = [PreferencePair((("user", f"q{i}"),), "Be brief.", GOOD_ANSWER, f"A fluent miss number {i}.")
+             for i in range(10)]
+    out = add_loop_pairs(pairs, 0.3, random.Random(0))
+    assert out[:10] == pairs and len(out) == 13
+    for pair in out[10:]:
+        assert pair.chosen == GOOD_ANSWER and is_loop(pair.rejected) and pair.preference == "Be brief."
+    assert add_loop_pairs(pairs, 0.0, random.Random(0)) == pairs
+
+
+def test_synth_adds_loop_pairs_to_an_earlier_runs_pairs_without_a_model(tmp_path):
+    from pad_core.training.pairs import PreferencePair, load_pairs, write_pairs
+    from pad_core.training.synth import main
+
+    given = tmp_path / "pairs.jsonl"
+    write_pairs(given, [PreferencePair((("user", f"q{i}"),), "Be brief.", GOOD_ANSWER, "A miss.") for i in range(4)])
+    out = tmp_path / "out.jsonl"
+    assert main(["--pairs-in", str(given), "--loop-share", "0.5", "--out", str(out)]) == 0
+    assert len(load_pairs(out)) == 6
+    with pytest.raises(SystemExit):
+        main(["--pairs-in", str(given), "--loop-share", "1.5", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        main(["--out", str(out)])  # no cases and no --pairs-in
 
 
 def test_synth_end_to_end_on_the_tiny_model_every_pair_is_a_real_winner_and_loser(make_engine):

@@ -83,6 +83,14 @@ JUNK_SYMBOLS = frozenset("#=~|<>^`\\")
 # MIN_TOKENS_FOR_NUMBERS tokens that are mostly bare numbers is junk.
 MIN_TOKENS_FOR_NUMBERS = 8
 MAX_NUMBER_SHARE = 0.5
+# A list that cycles through a few items on one line escapes both counts
+# ("1. Rest. 2. Eat. 3. Drink water. 4. Eat. 5. Sleep. 6. Drink water. ..."
+# or "2. 30 min running. 3. 60 min running. ..."): the answer's items (its
+# lines and sentences, over letters-only words) are a loop when more than
+# half of them repeat an earlier one, the same rule as for lines. Over the
+# grid's and the defaults run's 1,300 answers this flags three more, all
+# such cycling lists, and no answer a reader would keep.
+ITEM_BREAK = re.compile(r"\n+|(?<=[.!?])\s+")
 # Coherence floor, relative to the `prompt` answers of the same run: their
 # median mean token log-probability minus COHERENCE_MARGIN nats. `prompt`
 # answers are the model's own greedy text in exactly the scoring context, so
@@ -178,6 +186,17 @@ def repeated_line_share(text: str) -> float:
     return 1 - len(set(lines)) / len(lines)
 
 
+def repeated_item_share(text: str) -> float:
+    """Share of the answer's items (lines and sentences, letters-only words,
+    so list numbers and quantities do not count) that repeat an earlier item
+    (0.0 below MIN_LINES_FOR_REPEATS items)."""
+    items = [" ".join(word_tokens(part)).lower() for part in ITEM_BREAK.split(text)]
+    items = [item for item in items if item]
+    if len(items) < MIN_LINES_FOR_REPEATS:
+        return 0.0
+    return 1 - len(set(items)) / len(items)
+
+
 def symbol_share(text: str) -> float:
     """Share of the visible characters that are markup-like symbols ('#',
     '=', '~', '|', '<', '>', '^', '`', '\\') or other symbols below the
@@ -207,7 +226,7 @@ def letters_repeated_4gram_share(text: str) -> float:
 def is_loop(text: str, max_repeated_4grams: float = MAX_REPEATED_4GRAMS) -> bool:
     return (
         max(repeated_ngram_share(text), letters_repeated_4gram_share(text)) > max_repeated_4grams
-        or repeated_line_share(text) > MAX_REPEATED_LINES
+        or max(repeated_line_share(text), repeated_item_share(text)) > MAX_REPEATED_LINES
         or symbol_share(text) > MAX_SYMBOL_SHARE
         or number_share(text) > MAX_NUMBER_SHARE
     )

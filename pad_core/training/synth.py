@@ -22,6 +22,16 @@ to teach the reward that junk never follows a preference; keep it only if
 it helps on the held-out eval. Coherence, the gate's model-based part, is not
 scored here: the other components judge the samples.
 
+Optionally (`--loop-share`), a share of the pairs gets a second pair with
+the same winner and, as the loser, that winner falling into a loop: its first
+sentence, then the line repeated, a count ("1. 2. 3. ...") or a numbered list
+of the same words. Sampling at temperature 0.8 almost never produces these,
+but a reward-guided greedy decoder does: they are what a reward trained only
+on sampled answers was seen to promote (the first retrained PersRM answered
+"1. 1. 1. 2. 3. ..."). Each variant must fail the gate's loop check. With
+`--pairs-in`, the loop pairs are added to a previous run's pairs, with no
+sampling.
+
 All samples of all cases decode in one continuously batched engine run.
 """
 
@@ -31,6 +41,7 @@ import argparse
 import json
 import logging
 import random
+import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -40,7 +51,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pad_core.evaluation.checks import run_check
-from pad_core.evaluation.quality import QualityGate
+from pad_core.evaluation.quality import QualityGate, is_loop
 from pad_core.training.pairs import PreferencePair, write_pairs
 from pad_core.types import ChatRequest, SamplingParams
 
@@ -130,6 +141,60 @@ def pick_pairs(case: SynthCase, judged: Judged, per_case: int, degenerate_share:
     return pairs
 
 
+LOOP_KINDS = ("repeat_line", "count", "numbered_repeat")
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def loop_variant(text: str, kind: str, length: int | None = None) -> str | None:
+    """`text` falling into a loop of the given kind, about as long as the
+    original (or `length` characters); None when the answer has no sentence
+    to start from. Pure: the same answer and kind give the same loop."""
+    sentences = [s.strip() for s in SENTENCE_END.split(text.strip()) if len(s.strip().split()) >= 2]
+    if not sentences:
+        return None
+    length = max(length or len(text), 300)  # a loop needs room to be one (96 tokens are ~400 characters)
+    opening = sentences[0]
+    if kind == "repeat_line":  # "To learn to juggle, practice.\n\nPractice regularly.\n\nPractice regularly..."
+        line = sentences[1] if len(sentences) > 1 else sentences[0]
+        out, repeats = opening, 0
+        while len(out) < length or repeats < 3:
+            out += "\n\n" + line
+            repeats += 1
+        return out
+    if kind == "count":  # "Here are some tips: 1. 2. 3. 4. ..."
+        out, number = opening, 1
+        while len(out) < length:
+            out += f" {number}."
+            number += 1
+        return out
+    if kind == "numbered_repeat":  # "1. Beach towel\n2. Beach towel\n3. Beach towel..."
+        phrase = " ".join(opening.rstrip(".!?").split()[:3])
+        lines, number = [], 1
+        while sum(len(line) + 1 for line in lines) < length:
+            lines.append(f"{number}. {phrase}")
+            number += 1
+        return "\n".join(lines)
+    raise ValueError(f"unknown loop kind {kind!r}")
+
+
+def add_loop_pairs(pairs: Sequence[PreferencePair], share: float, rng: random.Random) -> list[PreferencePair]:
+    """`pairs` plus, for a `share` of them (spread evenly), a pair with the
+    same winner and a loop of it as the loser (a kind drawn by `rng`); a
+    variant the gate's loop check would not fail is not used."""
+    out = list(pairs)
+    for index, pair in enumerate(pairs):
+        if int((index + 1) * share) == int(index * share):
+            continue
+        kinds = list(LOOP_KINDS)
+        rng.shuffle(kinds)
+        for kind in kinds:
+            looped = loop_variant(pair.chosen, kind)
+            if looped is not None and is_loop(looped):
+                out.append(PreferencePair(pair.messages, pair.preference, pair.chosen, looped))
+                break
+    return out
+
+
 def synthesize(engine, cases: list[SynthCase], samples: int, temperature: float, max_tokens: int, per_case: int,
                seed: int = 0, plain_samples: int = 4, degenerate_share: float = 0.0,
                gate: QualityGate | None = None, judged_out: dict[str, Judged] | None = None,
@@ -207,7 +272,8 @@ def cases_from_eval_file(path: Path, exclude_ids: set[str]) -> list[SynthCase]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pad data synth", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("cases", help="JSONL in the `pad eval` data set format (cases with checks, language, topic)")
+    parser.add_argument("cases", nargs="?",
+                        help="JSONL in the `pad eval` data set format (cases with checks, language, topic)")
     parser.add_argument("--out", required=True, help="pairs JSONL to write")
     parser.add_argument("--samples", type=int, default=6, help="answers sampled per case with the preference (default: 6)")
     parser.add_argument("--plain-samples", type=int, default=4,
@@ -216,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--degenerate-share", type=float, default=0.0,
                         help="share of pairs whose rejected answer is degenerate (wrong language, leakage, "
                         "gibberish, a loop) instead of fluent (default: 0)")
+    parser.add_argument("--loop-share", type=float, default=0.0,
+                        help="share of pairs that also get a pair whose loser is the winner falling into a loop "
+                        "(default: 0)")
+    parser.add_argument("--pairs-in", help="skip sampling: add the loop pairs (--loop-share) to this pairs JSONL "
+                        "from an earlier run")
     parser.add_argument("--temperature", type=float, default=0.8, help="(default: 0.8)")
     parser.add_argument("--max-tokens", type=int, default=96, help="(default: 96)")
     parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
@@ -228,9 +299,21 @@ def main(argv: list[str] | None = None) -> int:
                         "degenerate) to this JSONL, to pair them again without sampling")
     parser.add_argument("--model", default="embedded", help="(default: embedded)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if not 0.0 <= args.degenerate_share <= 1.0:
-        parser.error("--degenerate-share must be in [0, 1]")
+    for name in ("degenerate_share", "loop_share"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1]")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.pairs_in:
+        from pad_core.training.pairs import load_pairs
+
+        given = load_pairs(args.pairs_in)
+        pairs = add_loop_pairs(given, args.loop_share, random.Random(args.seed))
+        write_pairs(args.out, pairs)
+        sys.stdout.write(json.dumps({"pairs_in": len(given), "pairs": len(pairs), "loop_pairs": len(pairs) - len(given),
+                                     "out": args.out}) + "\n")
+        return 0
+    if not args.cases:
+        parser.error("the cases file is required (unless --pairs-in)")
     from pad_core.model_loading import load_engine
     from pad_core.settings import EngineSettings
 
@@ -244,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     judged: dict[str, Judged] = {}
     pairs, stats = synthesize(engine, cases, args.samples, args.temperature, args.max_tokens, args.pairs_per_case,
                               args.seed, args.plain_samples, args.degenerate_share, judged_out=judged)
+    loops_before = len(pairs)
+    pairs = add_loop_pairs(pairs, args.loop_share, random.Random(args.seed))
+    stats["loop_pairs"] = len(pairs) - loops_before
     write_pairs(args.out, pairs)
     if args.samples_out:
         with Path(args.samples_out).open("w", encoding="utf-8") as handle:

@@ -12,8 +12,9 @@ field: one or several preferences per request), and measures
 prints a table per mode and level and the PAD/plain ratio at each level,
 and writes bench.json, bench.md and bench.png. Answers may stop before
 --max-tokens (plain and PAD answers differ in length), so compare the
-per-token numbers (tokens/s, ITL). `--ignore-eos` sends vLLM's `ignore_eos`
-extension for servers that accept it (the PAD server refuses unknown fields).
+per-token numbers (tokens/s, ITL), or pass `--ignore-eos`: it sends vLLM's
+`ignore_eos` extension (honoured by the PAD server and by vLLM), so every
+answer runs to --max-tokens.
 
 Without --base-url it starts `pad serve` on the embedded model on a free
 local port and stops it at the end.
