@@ -8,7 +8,7 @@ quality gate) of prompt vs `self` PAD vs the trained PersRM at the defaults:
 plus the same figures on trained and unseen preference types (types that
 got no training pairs: data/train/build_cases.py).
 
-    python scripts/persrm_report.py results/persrm/eval/answers.json [--pad MODE] [--persrm MODE]
+    python scripts/persrm_report.py results/persrm/eval-heldout/answers.json [--pad MODE] [--persrm MODE]
 
 Prints Markdown with Wilson and paired-bootstrap 95% intervals.
 """
