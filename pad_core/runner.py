@@ -110,28 +110,51 @@ def cache_keyword(decoder: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
-class TransformersRunner:
-    """Decodes rows of one Hugging Face causal LM with a left-padded KV cache
-    (`pad_core.kv_cache`): joining rows are concatenated to the batch,
-    leaving rows selected out. The reference runner, and the CPU path.
+class ModelRows:
+    """What every runner of one Hugging Face causal LM shares, whatever its
+    KV cache: the model, its output head (the engine's logits), its reward
+    adapters and the row -> batch position index the runner keeps.
 
     fingerprint: gives the base model's fingerprint
     (`pad_core.adapters.base_model_fingerprint`, ~0.1 s: asked only when an
     adapter is loaded), to refuse adapters trained on another model; None
     skips that check."""
 
-    def __init__(self, model: torch.nn.Module, pad_token_id: int = 0, fingerprint: Callable[[], str] | None = None):
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, fingerprint: Callable[[], str] | None):
         self.pad_token_id = pad_token_id
         self.fingerprint = fingerprint
         self.model = model.requires_grad_(False)  # inference only
-        self.device = next(model.parameters()).device
-        self.num_layers = model.config.get_text_config().num_hidden_layers
         self.decoder = model.get_decoder()
         self._cache_keyword = cache_keyword(self.decoder)
         self.head = OutputHead(model)
         self.lora = MultiLora(model)  # reward adapters (`add_adapter`)
         self._index: dict[RowKey, int] = {}
         self._index_view = MappingProxyType(self._index)
+
+    def row_index(self) -> Mapping[RowKey, int]:
+        return self._index_view
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head.full(hidden)
+
+    def logits_at(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.head.at(hidden, token_ids)
+
+    def add_adapter(self, name: str, folder: Path) -> None:
+        from pad_core.adapters import load_adapter  # peft, imported only when an adapter is loaded
+
+        self.lora.add(name, load_adapter(name, folder, self.fingerprint))
+
+
+class TransformersRunner(ModelRows):
+    """Decodes rows of one Hugging Face causal LM with a left-padded KV cache
+    (`pad_core.kv_cache`): joining rows are concatenated to the batch,
+    leaving rows selected out. The reference runner, and the CPU path."""
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int = 0, fingerprint: Callable[[], str] | None = None):
+        super().__init__(model, pad_token_id, fingerprint)
+        self.device = next(model.parameters()).device
+        self.num_layers = model.config.get_text_config().num_hidden_layers
         self._reset()
 
     def _reset(self) -> None:
@@ -157,20 +180,6 @@ class TransformersRunner:
     @property
     def cache_columns(self) -> int:
         return 0 if self.attention_mask is None else self.attention_mask.shape[1]
-
-    def row_index(self) -> Mapping[RowKey, int]:
-        return self._index_view
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head.full(hidden)
-
-    def logits_at(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.head.at(hidden, token_ids)
-
-    def add_adapter(self, name: str, folder: Path) -> None:
-        from pad_core.adapters import load_adapter  # peft, imported only when an adapter is loaded
-
-        self.lora.add(name, load_adapter(name, folder, self.fingerprint))
 
     @torch.inference_mode()
     def prefill(self, rows: Sequence[NewRow]) -> torch.Tensor:

@@ -37,18 +37,15 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from types import MappingProxyType
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from pad_core.errors import ModelLoadError
-from pad_core.lora import NO_ADAPTER, MultiLora
-from pad_core.output_head import OutputHead
-from pad_core.runner import NewRow, RowKey, cache_keyword
+from pad_core.lora import NO_ADAPTER
+from pad_core.runner import ModelRows, NewRow, RowKey
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +189,7 @@ def attention_mask(allowed: torch.Tensor, implementation: str, dtype: torch.dtyp
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-class SlotRunner:
+class SlotRunner(ModelRows):
     """Decodes rows of one Hugging Face causal LM whose KV caches live in a
     preallocated pool of `slots` slots of `slot_tokens` tokens each."""
 
@@ -201,16 +198,10 @@ class SlotRunner:
         implementation = model.config.get_text_config()._attn_implementation
         if implementation not in SUPPORTED_ATTENTION:
             raise ModelLoadError(f"the slots backend supports attention {SUPPORTED_ATTENTION}, not {implementation!r}")
-        self.model = model.requires_grad_(False)
+        super().__init__(model, pad_token_id, fingerprint)  # self._index: row key -> slot
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
-        self.pad_token_id = pad_token_id
-        self.fingerprint = fingerprint
-        self.decoder = model.get_decoder()
-        self._cache_keyword = cache_keyword(self.decoder)
         self._attention = implementation
-        self.head = OutputHead(model)
-        self.lora = MultiLora(model)
         num_layers, kv_heads, head_dim = model_kv_geometry(model)
         self.shape = PoolShape(num_layers, slots, kv_heads, slot_tokens, head_dim, self.dtype)
         self.cache = _SlotCache(self.shape, self.device)
@@ -223,8 +214,6 @@ class SlotRunner:
         self.live = torch.zeros(slots, dtype=torch.long, device=self.device)
         # The same, on the host (no device sync to size a step).
         self._free = list(range(slots))  # a heap: rows take the lowest free slot
-        self._index: dict[RowKey, int] = {}  # row key -> slot
-        self._index_view = MappingProxyType(self._index)
         self._adapters = [NO_ADAPTER] * slots
         self._host_lengths: dict[int, int] = {}  # live slot -> tokens held
         self._steps = 0  # decode steps so far; a live slot holds its _host_lengths + steps since it joined
@@ -249,20 +238,6 @@ class SlotRunner:
     @property
     def slot_tokens(self) -> int:
         return self.shape.slot_tokens
-
-    def row_index(self) -> Mapping[RowKey, int]:
-        return self._index_view
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head.full(hidden)
-
-    def logits_at(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.head.at(hidden, token_ids)
-
-    def add_adapter(self, name: str, folder: Path) -> None:
-        from pad_core.adapters import load_adapter
-
-        self.lora.add(name, load_adapter(name, folder, self.fingerprint))
 
     @torch.inference_mode()
     def prefill(self, rows: Sequence[NewRow]) -> torch.Tensor:
