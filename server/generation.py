@@ -428,19 +428,6 @@ def recorder(state, generation: Generation, messages, user: str | None):
     return record
 
 
-# One server-sent event (OpenAPI 3.2's reading of an event stream's schema).
-SSE_EVENT = {
-    "type": "object",
-    "properties": {
-        "data": {"type": "string", "description": "a chunk or event (JSON), an OpenAI-shaped error (JSON) or [DONE]"},
-        "event": {"type": "string"},
-        "id": {"type": "string"},
-        "retry": {"type": "integer"},
-    },
-    "required": ["data"],
-}
-
-
 def logprob_entry(lp: TokenLogprob) -> dict:
     return {"token": lp.token, "logprob": lp.logprob, "bytes": lp.bytes,
             "top_logprobs": [{"token": t, "logprob": v, "bytes": b} for t, v, b in lp.top_logprobs]}

@@ -35,6 +35,29 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return out
 
 
+# One server-sent event (OpenAPI 3.2's reading of an event stream's schema).
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "data": {"type": "string", "description": "a chunk or event (JSON), an OpenAI-shaped error (JSON) or [DONE]"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+    "required": ["data"],
+}
+
+
+def generation_responses(model: type, description: str) -> dict[int | str, dict[str, Any]]:
+    """`responses=` of a generating route: its errors, and a 200 that is
+    `model` as JSON or, with stream: true, a text/event-stream."""
+    return {
+        **errors(400, 401, 403, 404, 413, 429, 503),
+        200: {"model": model, "description": description,
+              "content": {"text/event-stream": {"schema": SSE_EVENT}}},
+    }
+
+
 def install_openapi(app: FastAPI) -> None:
     """app.openapi() without FastAPI's 422 (this server answers 400)."""
 

@@ -15,7 +15,6 @@ from server.auth import Scope, key_scope
 from server.auth_scopes import chat_user
 from server.errors import APIError
 from server.generation import (
-    SSE_EVENT,
     ChoiceState,
     Delta,
     Formatter,
@@ -32,20 +31,14 @@ from server.generation import (
 )
 from server.messages import chat_messages
 from server.openai_models import ChatCompletion, ChatCompletionRequest
-from server.openapi import errors
+from server.openapi import generation_responses
 from server.request_body import JSONRoute
 from server.store.resolve import UNSET, resolve_for_request
 
 router = APIRouter(tags=["chat"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 
-CHAT_RESPONSES = {
-    **errors(400, 401, 403, 404, 413, 429, 503),
-    200: {
-        "model": ChatCompletion,
-        "description": "a chat.completion, or with stream: true a text/event-stream of chat.completion.chunk",
-        "content": {"text/event-stream": {"schema": SSE_EVENT}},
-    },
-}
+CHAT_RESPONSES = generation_responses(
+    ChatCompletion, "a chat.completion, or with stream: true a text/event-stream of chat.completion.chunk")
 
 
 async def resolve_preferences(state, body, user: str | None):

@@ -18,7 +18,6 @@ from server.auth import Scope, key_scope
 from server.auth_scopes import chat_user
 from server.errors import APIError
 from server.generation import (
-    SSE_EVENT,
     ChoiceState,
     Delta,
     Formatter,
@@ -32,20 +31,14 @@ from server.generation import (
     verify_request,
 )
 from server.openai_models import CompletionRequest, TextCompletion
-from server.openapi import errors
+from server.openapi import generation_responses
 from server.request_body import JSONRoute
 from server.routes.chat import preference_rename, resolve_preferences
 
 router = APIRouter(tags=["completions"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 
-COMPLETION_RESPONSES = {
-    **errors(400, 401, 403, 404, 413, 429, 503),
-    200: {
-        "model": TextCompletion,
-        "description": "a text_completion, or with stream: true a text/event-stream of text_completion chunks",
-        "content": {"text/event-stream": {"schema": SSE_EVENT}},
-    },
-}
+COMPLETION_RESPONSES = generation_responses(
+    TextCompletion, "a text_completion, or with stream: true a text/event-stream of text_completion chunks")
 
 
 @router.post("/v1/completions", response_model=None, responses=COMPLETION_RESPONSES)

@@ -23,7 +23,6 @@ from server.auth import Scope, key_scope
 from server.auth_scopes import chat_user
 from server.errors import APIError
 from server.generation import (
-    SSE_EVENT,
     ChoiceState,
     Delta,
     Formatter,
@@ -38,21 +37,15 @@ from server.generation import (
     verify_request,
 )
 from server.messages import response_input_messages
-from server.openapi import errors
+from server.openapi import generation_responses
 from server.request_body import JSONRoute
 from server.responses_models import ResponseObject, ResponsesRequest
 from server.routes.chat import preference_rename, resolve_preferences
 
 router = APIRouter(tags=["responses"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 
-RESPONSES_RESPONSES = {
-    **errors(400, 401, 403, 404, 413, 429, 503),
-    200: {
-        "model": ResponseObject,
-        "description": "a response, or with stream: true a text/event-stream of response events",
-        "content": {"text/event-stream": {"schema": SSE_EVENT}},
-    },
-}
+RESPONSES_RESPONSES = generation_responses(
+    ResponseObject, "a response, or with stream: true a text/event-stream of response events")
 
 
 @router.post("/v1/responses", response_model=None, responses=RESPONSES_RESPONSES)
