@@ -177,24 +177,24 @@ def topic_hits(text: str, terms: Sequence[str]) -> list[str]:
     return [term for term in terms if re.search(r"(?<!\w)" + re.escape(fold(term).strip()), folded)]
 
 
-def repeated_line_share(text: str) -> float:
-    """Share of the non-empty lines that repeat an earlier line (0.0 below
-    MIN_LINES_FOR_REPEATS lines)."""
-    lines = [line.strip().lower() for line in text.splitlines() if line.strip()]
-    if len(lines) < MIN_LINES_FOR_REPEATS:
+def repeat_share(parts: Sequence[str]) -> float:
+    """Share of the non-empty parts that repeat an earlier one (0.0 below
+    MIN_LINES_FOR_REPEATS parts)."""
+    parts = [part for part in parts if part]
+    if len(parts) < MIN_LINES_FOR_REPEATS:
         return 0.0
-    return 1 - len(set(lines)) / len(lines)
+    return 1 - len(set(parts)) / len(parts)
+
+
+def repeated_line_share(text: str) -> float:
+    """Share of the non-empty lines that repeat an earlier line."""
+    return repeat_share([line.strip().lower() for line in text.splitlines()])
 
 
 def repeated_item_share(text: str) -> float:
     """Share of the answer's items (lines and sentences, letters-only words,
-    so list numbers and quantities do not count) that repeat an earlier item
-    (0.0 below MIN_LINES_FOR_REPEATS items)."""
-    items = [" ".join(word_tokens(part)).lower() for part in ITEM_BREAK.split(text)]
-    items = [item for item in items if item]
-    if len(items) < MIN_LINES_FOR_REPEATS:
-        return 0.0
-    return 1 - len(set(items)) / len(items)
+    so list numbers and quantities do not count) that repeat an earlier item."""
+    return repeat_share([" ".join(word_tokens(part)).lower() for part in ITEM_BREAK.split(text)])
 
 
 def symbol_share(text: str) -> float:

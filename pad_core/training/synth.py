@@ -119,6 +119,13 @@ def judge(case: SynthCase, samples: Sequence[Sample], gate: QualityGate) -> Judg
     return judged
 
 
+def in_share(index: int, share: float) -> bool:
+    """Whether item `index` is one of an evenly spread `share` of items: the
+    running count share * (index + 1) steps up there (a share of 0.25 gives
+    items 3, 7, 11, ...)."""
+    return int((index + 1) * share) > int(index * share)
+
+
 def pick_pairs(case: SynthCase, judged: Judged, per_case: int, degenerate_share: float = 0.0,
                rng: random.Random | None = None) -> list[PreferencePair]:
     """Up to `per_case` pairs, each chosen and rejected answer used once; a
@@ -131,9 +138,7 @@ def pick_pairs(case: SynthCase, judged: Judged, per_case: int, degenerate_share:
     rng.shuffle(degenerate)
     pairs = []
     for index, winner in enumerate(chosen[:per_case]):
-        # Pair i takes a degenerate loser when the running count of
-        # share * (i + 1) steps up: a share of 0.25 gives pairs 4, 8, ...
-        want_degenerate = int((index + 1) * degenerate_share) > int(index * degenerate_share)
+        want_degenerate = in_share(index, degenerate_share)
         pool = degenerate if want_degenerate and degenerate else fluent
         if not pool:
             break
@@ -183,7 +188,7 @@ def add_loop_pairs(pairs: Sequence[PreferencePair], share: float, rng: random.Ra
     variant the gate's loop check would not fail is not used."""
     out = list(pairs)
     for index, pair in enumerate(pairs):
-        if int((index + 1) * share) == int(index * share):
+        if not in_share(index, share):
             continue
         kinds = list(LOOP_KINDS)
         rng.shuffle(kinds)
