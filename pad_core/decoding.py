@@ -12,6 +12,7 @@ import torch
 
 from pad_core.guidance import NEG_INF, guided_scores, personalized_reward, prescreen
 from pad_core.sampling import INVALID_TOKEN, choose_tokens
+from pad_core.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -47,14 +48,20 @@ class StepInputs:
 
     Reward rows are asked for their logits only at the candidates:
     reward_logits_at(candidate_ids [M, K]) -> logits [M, K].
+
+    The per-request settings are host (CPU) tensors: which rows are plain or
+    guided, and the largest top_k, are read on the host, and everything is
+    sent to the logits' device without a sync (pad_core.transfer). The only
+    device -> host copy of a step is then the caller's read of the chosen
+    tokens.
     """
 
     base_logits: torch.Tensor
     reward_logits_at: Callable[[torch.Tensor], torch.Tensor]
-    reward_owner: torch.Tensor  # [M] long
-    preference_weight: torch.Tensor  # [M]
-    guidance_weight: torch.Tensor  # [N]
-    top_k: torch.Tensor  # [N] long
+    reward_owner: torch.Tensor  # [M] long, host
+    preference_weight: torch.Tensor  # [M], host
+    guidance_weight: torch.Tensor  # [N], host
+    top_k: torch.Tensor  # [N] long, host
     temperature: list[float]
     top_p: list[float]
     generators: list[torch.Generator | None]
@@ -63,7 +70,7 @@ class StepInputs:
     # the score and the prescreen. (Penalising inside the reward would cancel
     # them out: at w = 1, l_base - log_softmax_k(l_base) is a constant.)
     unpenalised_base_logits: torch.Tensor | None = None
-    # [N] in [0, 1]: the prescreen's plausibility floor (guidance.prescreen);
+    # [N] in [0, 1], host: the prescreen's plausibility floor (guidance.prescreen);
     # None: top_k alone.
     min_p: torch.Tensor | None = None
     # Structured outputs: the legal tokens of the constrained rows (None: no row is).
@@ -71,54 +78,67 @@ class StepInputs:
 
 
 def next_tokens(inputs: StepInputs) -> torch.Tensor:
-    """Token id chosen for each request [N]; INVALID_TOKEN for a request
-    whose scores are not usable (NaN or infinite logits)."""
+    """Token id chosen for each request [N] (on the logits' device);
+    INVALID_TOKEN for a request whose scores are not usable (NaN or
+    infinite logits). Reads nothing back from the device."""
     if inputs.token_mask is not None:
         inputs = dataclasses.replace(inputs, base_logits=apply_token_mask(inputs.base_logits, inputs.token_mask))
     count = inputs.base_logits.shape[0]
     device = inputs.base_logits.device
-    guided = torch.zeros(count, dtype=torch.bool, device=device)
-    guided[inputs.reward_owner] = True
+    owners = set(inputs.reward_owner.tolist())  # host
+    plain_rows = [row for row in range(count) if row not in owners]
+    guided_rows = sorted(owners)
+    if not plain_rows:  # every request guided (no row gather needed)
+        return _guided_tokens(inputs, guided_rows)
+    if not guided_rows:
+        return _plain_tokens(inputs, plain_rows)
     tokens = torch.empty(count, dtype=torch.long, device=device)
-
-    plain_rows = (~guided).nonzero().squeeze(1).tolist()
-    if plain_rows:
-        tokens[plain_rows] = choose_tokens(
-            inputs.base_logits[plain_rows],
-            [inputs.temperature[i] for i in plain_rows],
-            [inputs.top_p[i] for i in plain_rows],
-            [inputs.generators[i] for i in plain_rows],
-        )
-
-    guided_rows = guided.nonzero().squeeze(1)
-    if guided_rows.numel():
-        tokens[guided_rows] = _guided_tokens(inputs, guided_rows)
+    tokens[to_device(plain_rows, torch.long, device)] = _plain_tokens(inputs, plain_rows)
+    tokens[to_device(guided_rows, torch.long, device)] = _guided_tokens(inputs, guided_rows)
     return tokens
 
 
-def _guided_tokens(inputs: StepInputs, rows: torch.Tensor) -> torch.Tensor:
-    # Renumber owners into positions within `rows`.
-    position = torch.full((inputs.base_logits.shape[0],), -1, dtype=torch.long, device=rows.device)
-    position[rows] = torch.arange(rows.numel(), device=rows.device)
-    owner = position[inputs.reward_owner]
+def _rows_of(tensor: torch.Tensor, rows: list[int], count: int) -> torch.Tensor:
+    """tensor[rows] on its device; the tensor itself when rows are all of its `count` rows."""
+    if len(rows) == count:
+        return tensor
+    return tensor[to_device(rows, torch.long, tensor.device)]
 
-    base = inputs.base_logits[rows]
-    min_p = None if inputs.min_p is None else inputs.min_p[rows]
-    candidates, valid = prescreen(base, inputs.top_k[rows], min_p)  # [G, K]
+
+def _plain_tokens(inputs: StepInputs, rows: list[int]) -> torch.Tensor:
+    return choose_tokens(
+        _rows_of(inputs.base_logits, rows, inputs.base_logits.shape[0]),
+        [inputs.temperature[i] for i in rows],
+        [inputs.top_p[i] for i in rows],
+        [inputs.generators[i] for i in rows],
+    )
+
+
+def _guided_tokens(inputs: StepInputs, rows: list[int]) -> torch.Tensor:
+    count, device = inputs.base_logits.shape[0], inputs.base_logits.device
+    # Renumber owners into positions within `rows` (host).
+    position = {row: index for index, row in enumerate(rows)}
+    owner = to_device([position[row] for row in inputs.reward_owner.tolist()], torch.long, device)
+
+    base = _rows_of(inputs.base_logits, rows, count)
+    top_k = inputs.top_k[rows].tolist()  # host
+    min_p = None if inputs.min_p is None else to_device(inputs.min_p[rows], torch.float32, device)
+    candidates, valid = prescreen(base, to_device(top_k, torch.long, device), min_p, k_max=max(top_k))  # [G, K]
     base_candidates = base.gather(1, candidates)
     unpenalised = inputs.unpenalised_base_logits
-    reward_base = base_candidates if unpenalised is None else unpenalised[rows].gather(1, candidates)
+    reward_base = base_candidates if unpenalised is None else _rows_of(unpenalised, rows, count).gather(1, candidates)
     reward_candidates = inputs.reward_logits_at(candidates[owner])  # [M, K]
     rewards = personalized_reward(reward_candidates, reward_base[owner], valid[owner])
     scores = guided_scores(
-        base_candidates, valid, rewards, owner, inputs.preference_weight, inputs.guidance_weight[rows]
+        base_candidates, valid, rewards, owner,
+        to_device(inputs.preference_weight, base.dtype, device),
+        to_device(inputs.guidance_weight[rows], base.dtype, device),
     )
-    row_list = rows.tolist()
     columns = choose_tokens(
         scores,
-        [inputs.temperature[i] for i in row_list],
-        [inputs.top_p[i] for i in row_list],
-        [inputs.generators[i] for i in row_list],
+        [inputs.temperature[i] for i in rows],
+        [inputs.top_p[i] for i in rows],
+        [inputs.generators[i] for i in rows],
     )
     tokens = candidates.gather(1, columns.clamp(min=0)[:, None]).squeeze(1)
     return tokens.masked_fill(columns == INVALID_TOKEN, INVALID_TOKEN)  # no usable score: the engine fails it

@@ -35,6 +35,7 @@ from pad_core.runner import BASE_RUNNER, NewRow, RewardSource, Runner
 from pad_core.sampling import INVALID_TOKEN, apply_penalties, apply_sampling_controls, top_logprobs
 from pad_core.settings import EngineSettings
 from pad_core.structured import StructuredOutputs, check_spec
+from pad_core.transfer import to_device
 from pad_core.types import ChatRequest, GenerationRequest, RequestLimits, RewardPrompt, StepOutput, TokenLogprob
 from pad_core.validation import TEMPERATURE_FLOOR
 
@@ -286,25 +287,25 @@ class PadEngine:
         """The next token of each request (INVALID_TOKEN where its scores are
         not usable), and its logprobs where asked."""
         base_hidden, base_index = hidden[BASE_RUNNER]
-        base_rows = torch.tensor([base_index[state.base_key] for state in states], device=base_hidden.device)
-        raw_base = self.runners[BASE_RUNNER].logits(base_hidden[base_rows])
+        base_rows = [base_index[state.base_key] for state in states]
+        raw_base = self.runners[BASE_RUNNER].logits(rows_of(base_hidden, base_rows))
         base = apply_sampling_controls(self._penalised(states, raw_base), states)  # vLLM extensions, logit_bias
         reward_rows = [(position, ref) for position, state in enumerate(states) for ref in state.reward_rows]
-        device = base.device
+        # Per-request settings stay on the host (next_tokens sends them without a sync).
         tokens = next_tokens(
             StepInputs(
                 base_logits=base,
                 reward_logits_at=lambda candidates: self._reward_logits_at(reward_rows, hidden, candidates),
-                reward_owner=torch.tensor([p for p, _ in reward_rows], dtype=torch.long, device=device),
-                preference_weight=torch.tensor([r.weight for _, r in reward_rows], dtype=base.dtype, device=device),
-                guidance_weight=torch.tensor([s.guidance_weight for s in states], dtype=base.dtype, device=device),
-                top_k=torch.tensor([s.top_k for s in states], dtype=torch.long, device=device),
-                min_p=torch.tensor([s.min_p for s in states], dtype=torch.float32, device=device),
+                reward_owner=torch.tensor([p for p, _ in reward_rows], dtype=torch.long),
+                preference_weight=torch.tensor([r.weight for _, r in reward_rows], dtype=torch.float32),
+                guidance_weight=torch.tensor([s.guidance_weight for s in states], dtype=torch.float32),
+                top_k=torch.tensor([s.top_k for s in states], dtype=torch.long),
+                min_p=torch.tensor([s.min_p for s in states], dtype=torch.float32),
                 temperature=[s.request.sampling.temperature for s in states],
                 top_p=[s.request.sampling.top_p for s in states],
                 generators=[s.generator for s in states],
                 unpenalised_base_logits=None if base is raw_base else raw_base,
-                token_mask=self._token_mask(states, device),
+                token_mask=self._token_mask(states, base.device),
             )
         )
         logprobs = self._logprobs(states, base, tokens.clamp(min=0))
@@ -321,13 +322,23 @@ class PadEngine:
     def _reward_logits_at(self, reward_rows, hidden, candidates: torch.Tensor) -> torch.Tensor:
         """Logits of each reward row [M] at its candidates [M, K], each row
         through the runner that holds it."""
+        by_runner: dict[str, list[int]] = {}
+        for m, (_, ref) in enumerate(reward_rows):
+            by_runner.setdefault(ref.runner, []).append(m)
+        if len(by_runner) == 1:  # the usual case: no scatter
+            (runner_name, positions), = by_runner.items()
+            return self._runner_logits_at(runner_name, [reward_rows[m][1] for m in positions], hidden, candidates)
         logits = candidates.new_empty(candidates.shape, dtype=torch.float32)
-        for runner_name in {ref.runner for _, ref in reward_rows}:
-            runner_hidden, index = hidden[runner_name]
-            positions = [m for m, (_, ref) in enumerate(reward_rows) if ref.runner == runner_name]
-            rows = torch.tensor([index[reward_rows[m][1].key] for m in positions], device=runner_hidden.device)
-            logits[positions] = self.runners[runner_name].logits_at(runner_hidden[rows], candidates[positions])
+        for runner_name, positions in by_runner.items():
+            index = to_device(positions, torch.long, candidates.device)
+            logits[index] = self._runner_logits_at(runner_name, [reward_rows[m][1] for m in positions], hidden,
+                                                   candidates[index])
         return logits
+
+    def _runner_logits_at(self, runner_name: str, refs, hidden, candidates: torch.Tensor) -> torch.Tensor:
+        runner_hidden, index = hidden[runner_name]
+        rows = rows_of(runner_hidden, [index[ref.key] for ref in refs])
+        return self.runners[runner_name].logits_at(rows, candidates)
 
     def _penalised(self, states: list[RequestState], base: torch.Tensor) -> torch.Tensor:
         presence = [s.request.sampling.presence_penalty for s in states]
@@ -499,6 +510,14 @@ class PadEngine:
             generator=generator,
             grammar=grammar,
         )
+
+
+def rows_of(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """hidden[rows] (rows given on the host); a view when rows are 0..n-1
+    (a batch in order: no gather)."""
+    if rows == list(range(len(rows))):
+        return hidden[: len(rows)]
+    return hidden[to_device(rows, torch.long, hidden.device)]
 
 
 def max_token_chars(tokenizer) -> int:

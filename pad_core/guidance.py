@@ -12,13 +12,17 @@ import torch
 NEG_INF = float("-inf")
 
 
-def prescreen_top_k(base_logits: torch.Tensor, top_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def prescreen_top_k(base_logits: torch.Tensor, top_k: torch.Tensor, k_max: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k candidates of each base row.
 
     base_logits [N, V], top_k [N] (long, >= 1) -> candidate ids [N, K] sorted by
     base logit, and a validity mask [N, K] (column j valid iff j < top_k[n]).
+    k_max: top_k's largest value when the caller knows it (else read from
+    the device: a sync).
     """
-    k_max = int(top_k.max())
+    if k_max is None:
+        k_max = int(top_k.max())
     _, candidate_ids = base_logits.topk(k_max, dim=-1)
     columns = torch.arange(k_max, device=base_logits.device)
     valid = columns[None, :] < top_k[:, None]
@@ -26,7 +30,7 @@ def prescreen_top_k(base_logits: torch.Tensor, top_k: torch.Tensor) -> tuple[tor
 
 
 def prescreen(
-    base_logits: torch.Tensor, top_k: torch.Tensor, min_p: torch.Tensor | None = None
+    base_logits: torch.Tensor, top_k: torch.Tensor, min_p: torch.Tensor | None = None, k_max: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The candidates of each base row: its top_k tokens, minus those the base
     model finds implausible (our extension to PAD, DESIGN.md).
@@ -40,12 +44,13 @@ def prescreen(
 
     base_logits [N, V], top_k [N] long, min_p [N] in [0, 1] (None: all 0)
     -> candidate ids [N, K] sorted by base logit, validity mask [N, K].
+    k_max: as prescreen_top_k's.
     """
-    candidate_ids, valid = prescreen_top_k(base_logits, top_k)
+    candidate_ids, valid = prescreen_top_k(base_logits, top_k, k_max)
     forbidden = base_logits.gather(1, candidate_ids) == NEG_INF
     forbidden[:, 0] = False  # the top token stays, whatever its logit
     valid = valid & ~forbidden
-    if min_p is None or not bool((min_p > 0).any()):
+    if min_p is None:  # (min_p 0 needs no branch: its floor log 0 = -inf keeps every candidate)
         return candidate_ids, valid
     candidate_logits = base_logits.gather(1, candidate_ids).float()
     gap = candidate_logits - candidate_logits[:, :1]  # [N, K], <= 0 (sorted)

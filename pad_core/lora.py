@@ -93,6 +93,15 @@ class MultiLora:
                 active.append((name, mask.to(self.device)[:, None, None]))
         self.active, self._selected = active, key
 
+    def use_row_masks(self, masks: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """Sets the adapters of the next forward from row masks the caller
+        keeps ([B, 1, 1] each, 1 where the row uses that adapter). A runner
+        whose rows sit in fixed slots keeps one mask per adapter and updates
+        it in place as rows join and leave, so a recorded CUDA graph, which
+        reads these same tensors at every replay, sees the current rows."""
+        self.active = list(masks)
+        self._selected = None
+
     def _hook(self, module_name: str):
         weights = self._weights[module_name]
 

@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
 from pad_core.adapters import base_model_fingerprint
+from pad_core.cuda_graphs import decode_steps, graph_batch_buckets
 from pad_core.engine import PadEngine
 from pad_core.errors import ModelLoadError
 from pad_core.runner import BASE_RUNNER, RewardSource, Runner, TransformersRunner
@@ -272,17 +273,24 @@ def pool_slots(settings: EngineSettings) -> int:
 def build_runner(model, tokenizer, settings: EngineSettings, fingerprint: Callable[[], str] | None = None) -> Runner:
     """The runner of the configured backend over one model."""
     pad_id = pad_token_id(tokenizer)
-    if settings.backend == "slots":
+    device = next(model.parameters()).device
+    backend = settings.resolved_backend(device.type)
+    if backend == "cuda" and device.type != "cuda":
+        raise ModelLoadError(f"the cuda backend needs a CUDA device; the model is on {device.type}")
+    if backend in ("slots", "cuda"):
         layers, kv_heads, head_dim = model_kv_geometry(model)
         dtype = next(model.parameters()).dtype
         slots = pool_slots(settings)
         slot_tokens = slot_tokens_for_budget(
-            kv_pool_budget(settings, next(model.parameters()).device),
+            kv_pool_budget(settings, device),
             slots,
             kv_bytes_per_token(layers, kv_heads, head_dim, dtype),
             context_length(model),
         )
-        return SlotRunner(model, slots, slot_tokens, pad_token_id=pad_id, fingerprint=fingerprint)
+        graphed = backend == "cuda"
+        return SlotRunner(model, slots, slot_tokens, pad_token_id=pad_id, fingerprint=fingerprint,
+                          batch_buckets=graph_batch_buckets(slots) if graphed else None,
+                          steps=decode_steps(device, enabled=graphed))
     return TransformersRunner(model, pad_token_id=pad_id, fingerprint=fingerprint)
 
 

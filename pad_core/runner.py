@@ -31,6 +31,7 @@ import torch
 from pad_core.kv_cache import GrowableKVLayer, concat_caches, new_cache, pad_mask_left
 from pad_core.lora import NO_ADAPTER, MultiLora
 from pad_core.output_head import OutputHead
+from pad_core.transfer import to_device
 
 RowKey = Hashable
 BASE_RUNNER = "base"  # the runner of the base model; `self` and LoRA reward rows run there too
@@ -208,7 +209,7 @@ class TransformersRunner(ModelRows):
         next to the forward on CPU, one of the costs the pool runner avoids."""
         mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((self.num_rows, 1))], dim=1)
         logits = self._forward(
-            next_tokens.to(self.device)[:, None], mask, self.next_positions[:, None], self.cache, self.adapters
+            to_device(next_tokens, torch.long, self.device)[:, None], mask, self.next_positions[:, None], self.cache, self.adapters
         )
         self.attention_mask = mask
         self.next_positions = self.next_positions + 1

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from pad_core.transfer import to_device
 from pad_core.validation import TEMPERATURE_FLOOR
 
 # The column/token of a row that has no distribution to choose from.
@@ -29,24 +30,40 @@ def apply_penalties(
     return logits - presence_penalty[:, None] * (counts > 0) - frequency_penalty[:, None] * counts
 
 
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero the tail of one distribution [C] beyond cumulative mass top_p
-    (the most likely token is always kept, however small top_p: 5e-324 is
-    0.0 in float32). Not renormalised."""
-    if top_p >= 1.0:
-        return probs
-    sorted_probs, order = probs.sort(descending=True)
-    mass_before = sorted_probs.cumsum(0) - sorted_probs
-    drop = mass_before >= top_p
-    drop[0] = False
+def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Zero the tail of each distribution of probs [R, C] beyond cumulative
+    mass top_p [R] (the most likely token is always kept, however small
+    top_p: 5e-324 is 0.0 in float32; rows with top_p >= 1 keep everything).
+    Not renormalised."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop = (mass_before >= top_p[:, None]) & (top_p < 1.0)[:, None]
+    drop[:, 0] = False
     sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-    return torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return torch.zeros_like(probs).scatter_(1, order, sorted_probs)
 
 
 def usable_rows(scores: torch.Tensor) -> torch.Tensor:
     """[N] bool: rows with a finite best score and no NaN or +inf anywhere
     (-inf is an excluded column). Only such a row has a distribution."""
     return torch.isfinite(scores.max(dim=-1).values)
+
+
+def sampling_probs(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """softmax(scores / T) after top-p, per row of scores [R, C]
+    (temperature, top_p [R]). Scores that overflow when divided by T are
+    shifted by their maximum first (softmax is shift-invariant), so no
+    temperature yields inf or NaN; a row with no usable score gets a uniform
+    distribution (a valid draw, which the caller discards)."""
+    scores = scores.float()
+    temperature = temperature.float()[:, None]
+    best = scores.max(dim=-1, keepdim=True).values
+    scaled = scores / temperature
+    overflowed = ~torch.isfinite(scaled.max(dim=-1, keepdim=True).values)
+    scaled = torch.where(overflowed, (scores - best) / temperature, scaled)
+    probs = top_p_filter(torch.softmax(scaled, dim=-1), top_p)
+    usable = usable_rows(scores)[:, None]
+    return torch.where(usable, probs, torch.full_like(probs, 1.0 / probs.shape[-1]))
 
 
 def choose_tokens(
@@ -59,24 +76,27 @@ def choose_tokens(
 
     temperature below TEMPERATURE_FLOOR (0 included): argmax, as vLLM does.
     Otherwise sample from softmax(scores / T) after top-p, with the row's own
-    generator. Scores that overflow when divided by T are shifted by their
-    maximum first, so no temperature yields inf or NaN. A row with no usable score (NaN or +inf,
+    generator (`sampling_probs`). A row with no usable score (NaN or +inf,
     or every column excluded) gets INVALID_TOKEN: the caller ends that
-    request alone. Returns column indices [N].
+    request alone. Returns column indices [N], on scores' device; reads
+    nothing back from it (the settings are host lists).
     """
     chosen = scores.argmax(dim=-1)
     usable = usable_rows(scores)
-    chosen[~usable] = INVALID_TOKEN
-    for row, temp in enumerate(temperature):
-        if temp < TEMPERATURE_FLOOR or not usable[row]:
-            continue
-        scaled = scores[row].float() / temp
-        if not bool(torch.isfinite(scaled.max())):  # overflowed: shift first (softmax is shift-invariant)
-            scaled = (scores[row].float() - scores[row].float().max()) / temp
-        probs = torch.softmax(scaled, dim=-1)
-        probs = top_p_filter(probs, top_p[row])
-        chosen[row] = torch.multinomial(probs, 1, generator=generators[row]).squeeze(0)
-    return chosen
+    sampled = [row for row, temp in enumerate(temperature) if temp >= TEMPERATURE_FLOOR]
+    if sampled:
+        device = scores.device
+        index = to_device(sampled, torch.long, device)
+        probs = sampling_probs(
+            scores[index],
+            to_device([temperature[row] for row in sampled], torch.float32, device),
+            to_device([top_p[row] for row in sampled], torch.float32, device),
+        )
+        # One draw per row with the row's own generator: a request's samples
+        # do not depend on what else is in the batch.
+        draws = torch.cat([torch.multinomial(probs[j], 1, generator=generators[row]) for j, row in enumerate(sampled)])
+        chosen = chosen.index_copy(0, index, draws)
+    return torch.where(usable, chosen, INVALID_TOKEN)
 
 
 def top_logprobs(log_probs: torch.Tensor, token_ids: torch.Tensor, count: int):

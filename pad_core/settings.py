@@ -46,10 +46,11 @@ class EngineSettings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="converted-weights cache")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
-    backend: Literal["transformers", "slots"] = Field(
-        "transformers",
-        description="model runner: 'transformers' (left-padded cache, the reference and CPU path) or 'slots' "
-        "(a preallocated KV pool: rows join and leave by slot, no copy of other rows' caches)",
+    backend: Literal["auto", "transformers", "slots", "cuda"] = Field(
+        "auto",
+        description="model runner: 'transformers' (left-padded cache, the reference and CPU path), 'slots' "
+        "(a preallocated KV pool: rows join and leave by slot, no copy of other rows' caches), 'cuda' (the "
+        "slots runner with its decode step replayed from CUDA graphs); auto: cuda on a CUDA device, else transformers",
     )
     kv_pool_gib: float | None = Field(
         None, gt=0, allow_inf_nan=False,
@@ -99,6 +100,12 @@ class EngineSettings(BaseSettings):
         if self.default_top_k > self.max_top_k:
             raise ValueError(f"default_top_k ({self.default_top_k}) is larger than max_top_k ({self.max_top_k})")
         return self
+
+    def resolved_backend(self, device_type: str) -> str:
+        """The backend of a runner on a device of this type ('cpu', 'cuda'), 'auto' resolved."""
+        if self.backend == "auto":
+            return "cuda" if device_type == "cuda" else "transformers"
+        return self.backend
 
     def resolved_served_name(self) -> str:
         if self.served_model_name:

@@ -24,12 +24,16 @@ calls `cache.update` and takes a 4D attention mask: Llama, Qwen, Mistral...);
 this module only decides where K/V are written and which columns a query
 sees, so float32 greedy tokens equal the transformers runner's.
 
-TODO(GPU session, issue 15 part 2): capture `_decode_forward` in CUDA graphs
-per batch bucket (static input buffers for tokens / positions / mask, read
-length fixed at slot_tokens or bucketed), run PAD's rule on the device right
-after the graph, chunked prefill (the pool already supports writing a row
-from any start column), and an attention kernel that reads K/V in place
-(today transformers' SDPA path repeats the KV heads for GQA when a mask is
+The decode step reads only buffers that never move (the tokens, the
+lengths, the pool, one row mask per LoRA adapter) and has fixed shapes for a
+given (batch bucket, read-length bucket), so on CUDA it is recorded once per
+bucket pair in a CUDA graph and replayed (pad_core.cuda_graphs); on the CPU
+the very same step runs eagerly. The read length is bucketed (powers of
+two) on both, so CPU tests run the shapes the GPU records.
+
+Not here yet (issue 15): chunked prefill (the pool already supports writing
+a row from any start column), and an attention kernel that reads K/V in
+place (transformers' SDPA path repeats the KV heads for GQA when a mask is
 given, a copy per layer per step).
 """
 
@@ -43,9 +47,11 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from pad_core.cuda_graphs import EagerSteps, GraphedSteps, read_length_bucket
 from pad_core.errors import ModelLoadError
 from pad_core.lora import NO_ADAPTER
 from pad_core.runner import ModelRows, NewRow, RowKey
+from pad_core.transfer import copy_to
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +200,8 @@ class SlotRunner(ModelRows):
     preallocated pool of `slots` slots of `slot_tokens` tokens each."""
 
     def __init__(self, model: torch.nn.Module, slots: int, slot_tokens: int, pad_token_id: int = 0,
-                 fingerprint: Callable[[], str] | None = None, batch_buckets: Sequence[int] | None = None):
+                 fingerprint: Callable[[], str] | None = None, batch_buckets: Sequence[int] | None = None,
+                 steps: EagerSteps | GraphedSteps | None = None):
         implementation = model.config.get_text_config()._attn_implementation
         if implementation not in SUPPORTED_ATTENTION:
             raise ModelLoadError(f"the slots backend supports attention {SUPPORTED_ATTENTION}, not {implementation!r}")
@@ -212,6 +219,13 @@ class SlotRunner(ModelRows):
         # position) and whether a row lives there. Free slots hold 0.
         self.lengths = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.live = torch.zeros(slots, dtype=torch.long, device=self.device)
+        # The decode step's other inputs, at fixed addresses (CUDA graphs replay them).
+        self._tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # next input of each slot
+        self._slot_ids = torch.arange(slots, device=self.device)
+        self._columns = torch.arange(slot_tokens, device=self.device)
+        self._adapter_masks: dict[str, torch.Tensor] = {}  # adapter -> [slots, 1, 1], 1 where a row uses it
+        self.steps = steps or EagerSteps()  # runs the decode step: eagerly, or recorded in CUDA graphs
+        self._graphed_adapters: tuple[str, ...] = ()
         # The same, on the host (no device sync to size a step).
         self._free = list(range(slots))  # a heap: rows take the lowest free slot
         self._adapters = [NO_ADAPTER] * slots
@@ -258,8 +272,8 @@ class SlotRunner(ModelRows):
             raise
         for row, length, slot in zip(rows, lengths, slots, strict=True):
             self._index[row.key] = slot
-            self._adapters[slot] = row.adapter
             self._host_lengths[slot], self._joined_at[slot] = length, self._steps
+        self._set_adapters(slots, [row.adapter for row in rows])
         index = torch.tensor(slots, device=self.device)
         self.lengths[index] = torch.tensor(lengths, device=self.device)
         self.live[index] = 1
@@ -270,20 +284,51 @@ class SlotRunner(ModelRows):
     @torch.inference_mode()
     def decode(self, next_tokens: torch.Tensor) -> torch.Tensor:
         """One token per slot of the decode batch ([batch_size], by
-        `row_index()`); returns hidden states [batch_size, H]."""
+        `row_index()`); returns hidden states [batch_size, H], valid until
+        the next decode (with CUDA graphs, a buffer the next replay reuses)."""
         batch = self.batch_size
-        lengths = self.lengths[:batch]
-        read_length = self._longest + 1
-        columns = torch.arange(read_length, device=self.device)
-        # A live row sees its tokens and the new one; a free slot sees column 0 (its dummy token).
-        allowed = (columns[None, :] <= lengths[:, None])[:, None, None, :]  # [B, 1, 1, read_length]
-        self.cache.plan = _Plan(False, torch.arange(batch, device=self.device), lengths, read_length)
-        hidden = self._forward(next_tokens.to(self.device)[:, None], allowed, lengths[:, None], self._adapters[:batch])
+        read_length = read_length_bucket(self._longest + 1, self.slot_tokens)
+        copy_to(self._tokens[:batch], next_tokens)
+        adapters = tuple(sorted(self.lora.names))
+        if adapters != self._graphed_adapters:  # the step's code changed: older graphs are stale
+            self.steps.clear()
+            self._graphed_adapters = adapters
+        hidden = self.steps.run((batch, read_length, adapters), lambda: self._decode_step(batch, read_length))
         self.lengths[:batch] += self.live[:batch]
         self._steps += 1
         self._longest += 1
+        return hidden
+
+    def _decode_step(self, batch: int, read_length: int) -> torch.Tensor:
+        """The recorded step: reads the fixed buffers only, writes each row's
+        new K/V at column lengths[b] (the same column when run again: the
+        lengths advance outside), returns hidden states [batch, H]."""
+        lengths = self.lengths[:batch]
+        # A live row sees its tokens and the new one; a free slot sees column 0 (its dummy token).
+        allowed = (self._columns[None, :read_length] <= lengths[:, None])[:, None, None, :]  # [B, 1, 1, read]
+        self.cache.plan = _Plan(False, self._slot_ids[:batch], lengths, read_length)
+        self.lora.use_row_masks([(name, self._adapter_mask(name)[:batch]) for name in self._graphed_adapters])
+        hidden = self._forward(self._tokens[:batch, None], allowed, lengths[:, None], adapters=None)
         return hidden[:, -1]
 
+    def _adapter_mask(self, name: str) -> torch.Tensor:
+        """[slots, 1, 1]: 1 at the slots whose row uses adapter `name`."""
+        mask = self._adapter_masks.get(name)
+        if mask is None:
+            rows = [adapter == name for adapter in self._adapters]
+            mask = torch.tensor(rows, dtype=self.dtype, device=self.device)[:, None, None]
+            self._adapter_masks[name] = mask
+        return mask
+
+    def _set_adapters(self, slots: Sequence[int], adapters: Sequence[str]) -> None:
+        """Records the slots' adapters, in the host list and in place in the masks."""
+        for slot, adapter in zip(slots, adapters, strict=True):
+            self._adapters[slot] = adapter
+        for name, mask in self._adapter_masks.items():
+            mask[list(slots), 0, 0] = torch.tensor([float(adapter == name) for adapter in adapters],
+                                                   dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
     def remove(self, keys: Collection[RowKey]) -> None:
         """Frees the slots of these rows; no other slot is touched."""
         slots = [self._index.pop(key) for key in set(keys) if key in self._index]
@@ -291,8 +336,8 @@ class SlotRunner(ModelRows):
             return
         for slot in slots:
             heapq.heappush(self._free, slot)
-            self._adapters[slot] = NO_ADAPTER
             del self._host_lengths[slot], self._joined_at[slot]
+        self._set_adapters(slots, [NO_ADAPTER] * len(slots))
         index = torch.tensor(slots, device=self.device)
         self.lengths[index] = 0
         self.live[index] = 0
@@ -318,9 +363,11 @@ class SlotRunner(ModelRows):
         last = torch.tensor(lengths, device=self.device) - 1
         return hidden[torch.arange(len(rows), device=self.device), last]
 
-    def _forward(self, input_ids, allowed, position_ids, adapters) -> torch.Tensor:
-        """input_ids [B, Q], allowed [B, 1, Q, K] -> last hidden states [B, Q, H]."""
-        self.lora.select(adapters)
+    def _forward(self, input_ids, allowed, position_ids, adapters: Sequence[str] | None) -> torch.Tensor:
+        """input_ids [B, Q], allowed [B, 1, Q, K] -> last hidden states [B, Q, H].
+        adapters: each row's LoRA adapter; None: already set (`use_row_masks`)."""
+        if adapters is not None:
+            self.lora.select(adapters)
         try:
             output = self.decoder(
                 input_ids=input_ids,

@@ -438,7 +438,23 @@ class StepOutput:
         return self.finish_reason is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The output as plain data (for msgpack). Written out rather than
+        dataclasses.asdict, which deep-copies every value: the worker sends
+        every running request's output each step, so this is on the step's
+        path (benchmarks/step_host_cost.py, "IPC")."""
+        return {
+            "request_id": self.request_id,
+            "token_ids": self.token_ids,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "logprobs": None if self.logprobs is None else [dataclasses.asdict(lp) for lp in self.logprobs],
+            "error": self.error,
+            "tool_calls": None if self.tool_calls is None else [dataclasses.asdict(call) for call in self.tool_calls],
+            "guidance": self.guidance,
+            "error_param": self.error_param,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepOutput:

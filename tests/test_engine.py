@@ -14,6 +14,7 @@ practice they check exact identity.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -29,6 +30,7 @@ from pad_core.types import (
     RewardPrompt,
     SamplingParams,
     StepOutput,
+    ToolCall,
 )
 
 TIE = 1e-4
@@ -726,4 +728,7 @@ def test_requests_and_outputs_survive_the_ipc_round_trip(engine):
     outputs = list(engine.generate([again]))
     for output in outputs:
         assert StepOutput.from_dict(output.to_dict()) == output
+        assert output.to_dict() == dataclasses.asdict(output)  # the written-out to_dict misses no field
+    called = StepOutput("t", [1], "x", "tool_calls", 3, 1, tool_calls=[ToolCall("f", "{}")], guidance={"weight": 1.0})
+    assert called.to_dict() == dataclasses.asdict(called) and StepOutput.from_dict(called.to_dict()) == called
 

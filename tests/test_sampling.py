@@ -38,16 +38,27 @@ def test_zero_penalties_leave_logits_unchanged():
 # ---- top-p ----------------------------------------------------------------------
 
 
+def top_p_one(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """top_p_filter of one distribution."""
+    return top_p_filter(probs[None], torch.tensor([top_p]))[0]
+
+
 def test_top_p_keeps_the_smallest_prefix_reaching_the_mass():
     probs = torch.tensor([0.15, 0.5, 0.05, 0.3])  # unsorted on purpose
-    assert top_p_filter(probs, 0.8).tolist() == pytest.approx([0.0, 0.5, 0.0, 0.3])
-    assert top_p_filter(probs, 0.81).tolist() == pytest.approx([0.15, 0.5, 0.0, 0.3])
-    assert top_p_filter(probs, 1.0).tolist() == probs.tolist()
+    assert top_p_one(probs, 0.8).tolist() == pytest.approx([0.0, 0.5, 0.0, 0.3])
+    assert top_p_one(probs, 0.81).tolist() == pytest.approx([0.15, 0.5, 0.0, 0.3])
+    assert top_p_one(probs, 1.0).tolist() == probs.tolist()
 
 
 def test_top_p_always_keeps_the_most_likely_token():
     probs = torch.tensor([0.1, 0.6, 0.3])
-    assert top_p_filter(probs, 1e-6).tolist() == pytest.approx([0.0, 0.6, 0.0])
+    assert top_p_one(probs, 1e-6).tolist() == pytest.approx([0.0, 0.6, 0.0])
+
+
+def test_top_p_filters_each_row_by_its_own_mass():
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3], [0.15, 0.5, 0.05, 0.3], [0.1, 0.6, 0.3, 0.0]])
+    kept = top_p_filter(probs, torch.tensor([0.8, 1.0, 1e-6]))
+    assert kept.tolist() == [pytest.approx([0.0, 0.5, 0.0, 0.3]), probs[1].tolist(), pytest.approx([0.0, 0.6, 0.0, 0.0])]
 
 
 @settings(max_examples=80, deadline=None)
@@ -58,7 +69,7 @@ def test_top_p_always_keeps_the_most_likely_token():
 def test_top_p_property(weights, top_p):
     probs = torch.tensor(weights)
     probs = probs / probs.sum()
-    kept = top_p_filter(probs, top_p)
+    kept = top_p_one(probs, top_p)
     mask = kept > 0
     assert mask.any()
     assert torch.equal(kept[mask], probs[mask])  # survivors untouched (not renormalised)
