@@ -6,16 +6,23 @@
 #                                    transformers, no internet) into .whl/, and
 #                                    the embedded model's tokenizer into
 #                                    .cache/smollm2-tokenizer/ (both git-ignored)
-#   scripts/gpu-session.sh run       on the lent machine (the device tool's
+#   scripts/gpu-session.sh run [STAGE...]
+#                                    on the lent machine (the device tool's
 #                                    `run`, carrying .whl and
 #                                    .cache/smollm2-tokenizer): installs them,
-#                                    runs tests/test_gpu.py, then
-#                                    benchmarks/bench_gpu.py; logs and JSON into
-#                                    $OUT (default: out/)
+#                                    then the stages (default: all, in this
+#                                    order); logs and JSON into $OUT (default out/)
 #
-# MODELS (default "135m 1b,8b": one bench call per item, so a slow large
-# model cannot cost the small one's table) and CONCURRENCY (default for the
-# large models: 1,64) shape the run.
+# Stages, most important first (a call that runs out of time still returns
+# what the earlier ones wrote):
+#   tests      tests/test_gpu.py (graphs recorded and replayed, float32 tokens
+#              equal to the transformers runner, one sync per step)        ~1 min
+#   bench135m  benchmarks/bench_gpu.py on 135m, concurrency 1,16,64: cuda,
+#              slots, transformers runners and the anchor                  ~4 min
+#   host       benchmarks/step_host_cost.py on 135m, 64 PAD requests, cuda  ~1 min
+#   large      bench_gpu on 1b,8b, concurrency 1,64, cuda runner + anchor  ~2 min
+# Two calls fit the 600 s limit: `run tests bench135m`, then `run host large`
+# (within idle_release_s of the first, so the machine is still warm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tokenizer=.cache/smollm2-tokenizer
@@ -24,7 +31,12 @@ prepare() {
     local python=${PYTHON:-.venv/bin/python}
     "$python" -m pip download -q --only-binary=:all: --python-version "${DEVICE_PYTHON:-3.12}" \
         --platform manylinux_2_31_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-        -d .whl pydantic-settings pydantic "llguidance>=1.9,<2"
+        -d .whl pydantic-settings pydantic "llguidance>=1.9,<2" msgpack
+    # peft (LoRA reward adapters and their test) without its dependencies,
+    # which transformers already brings, but for accelerate's psutil.
+    "$python" -m pip download -q --no-deps --only-binary=:all: --python-version "${DEVICE_PYTHON:-3.12}" \
+        --platform manylinux_2_31_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+        -d .whl peft accelerate psutil
     local converted
     converted=$("$python" -c 'from pad_core.model_loading import resolve_model_folder
 from pad_core.settings import EMBEDDED_MODEL, EngineSettings
@@ -38,22 +50,36 @@ run() {
     local out=${OUT:-out}
     mkdir -p "$out"
     export PYTHONUNBUFFERED=1 PAD_TEST_TOKENIZER_DIR=$tokenizer
-    python3 -m pip install -q --no-index --find-links .whl pydantic-settings llguidance
+    python3 -m pip install -q --no-index --find-links .whl pydantic-settings llguidance msgpack
+    python3 -m pip install -q --no-index --find-links .whl --no-deps peft accelerate psutil
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
     python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' \
         | tee -a "$out/device.txt"
-    python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/test_gpu.log" || true
-    for models in ${MODELS:-135m 1b,8b}; do
-        local args=()
-        # today's runner at 8b would spend the session's minutes on a known-slow path
-        [[ $models != 135m ]] && args=(--concurrency "${CONCURRENCY:-1,64}" --skip-transformers)
-        python3 -m benchmarks.bench_gpu --tokenizer "$tokenizer" --models "$models" "${args[@]}" \
-            --json "$out/bench_${models//,/_}.json" 2>&1 | tee "$out/bench_${models//,/_}.log" || true
+    local stages=("$@")
+    [[ ${#stages[@]} -eq 0 ]] && stages=(tests bench135m host large)
+    for stage in "${stages[@]}"; do
+        case $stage in
+            tests)
+                python3 -m pytest -q -p no:cacheprovider -p no:randomly tests/test_gpu.py 2>&1 \
+                    | tee "$out/test_gpu.log" || true ;;
+            bench135m)
+                python3 -m benchmarks.bench_gpu --tokenizer "$tokenizer" --models 135m \
+                    --json "$out/bench_135m.json" 2>&1 | tee "$out/bench_135m.log" || true ;;
+            host)
+                python3 -m benchmarks.step_host_cost --device cuda --model 135m --backend cuda --requests 64 \
+                    --steps 100 --rounds 2 --tokenizer "$tokenizer" 2>&1 | tee "$out/host_cost.log" || true ;;
+            large)
+                # today's runner and the graph-less pool at 8b would spend the session's minutes on known-slow paths
+                python3 -m benchmarks.bench_gpu --tokenizer "$tokenizer" --models 1b,8b --concurrency 1,64 \
+                    --skip-transformers --skip-slots --json "$out/bench_1b_8b.json" 2>&1 \
+                    | tee "$out/bench_1b_8b.log" || true ;;
+            *) echo "unknown stage $stage" >&2; exit 2 ;;
+        esac
     done
 }
 
 case "${1:-}" in
     prepare) prepare ;;
-    run) run ;;
+    run) shift; run "$@" ;;
     *) echo "usage: $0 prepare|run" >&2; exit 2 ;;
 esac
