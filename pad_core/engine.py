@@ -29,6 +29,7 @@ import torch
 from pad_core.decoding import StepInputs, TokenMask, next_tokens
 from pad_core.detokenize import IncrementalDetokenizer, token_bytes
 from pad_core.errors import ContextLengthExceededError, InvalidRequestError, UnknownRewardModelError
+from pad_core.lora import NO_ADAPTER
 from pad_core.prompting import PromptBuilder
 from pad_core.request_state import RequestState, RewardRowRef
 from pad_core.runner import BASE_RUNNER, NewRow, RewardSource, Runner
@@ -73,6 +74,7 @@ class PadEngine:
         self.max_token_chars = max_token_chars(tokenizer)
         self.structured = StructuredOutputs(tokenizer, runners[BASE_RUNNER].vocab_size, self.stop_token_ids)
         self.waiting: deque[RequestState] = deque()
+        self.prefilling: list[RequestState] = []  # admitted; prompts being written (chunked prefill)
         self.running: list[RequestState] = []
         self._aborted: set[str] = set()
         self._seed_source = random.Random()
@@ -121,7 +123,7 @@ class PadEngine:
 
     def abort(self, request_id: str) -> None:
         """The request ends (finish_reason "abort") at the next step and its rows are freed."""
-        if any(state.request_id == request_id for state in (*self.waiting, *self.running)):
+        if any(state.request_id == request_id for state in self._in_flight()):
             self._aborted.add(request_id)
 
     def add_reward_adapter(self, name: str, path: str) -> None:
@@ -134,11 +136,19 @@ class PadEngine:
         self.reward_sources[name] = RewardSource(BASE_RUNNER, adapter=name)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.prefilling or self.running)
+
+    @property
+    def chunked_prefill(self) -> bool:
+        """Prompts are written in pieces between decode steps (every runner can)."""
+        return self.settings.chunked_prefill and all(runner.chunked_prefill for runner in self.runners.values())
+
+    def _in_flight(self) -> list[RequestState]:
+        return [*self.waiting, *self.prefilling, *self.running]
 
     def stats(self) -> dict[str, int]:
         return {
-            "running_requests": len(self.running),
+            "running_requests": len(self.running) + len(self.prefilling),
             "running_rows": sum(runner.num_rows for runner in self.runners.values()),
             "waiting_requests": len(self.waiting),
         }
@@ -166,11 +176,14 @@ class PadEngine:
     # ---- the step -----------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        """One decode step of the running requests, then the prefill of those
-        admitted. A failure ends only the requests it can be traced to: a
-        request whose token choice fails ends alone (`_advance`), a prefill
-        that fails is retried request by request (`_prefill`); only a failed
-        decode forward, which every running row shares, ends them all."""
+        """One decode step of the running requests, then prefill: the
+        admitted requests' prompts, whole or (chunked prefill) a piece of at
+        most max_prefill_tokens, so a long prompt is written over several
+        steps while the others decode. A failure ends only the requests it
+        can be traced to: a request whose token choice fails ends alone
+        (`_advance`), a prefill that fails is retried request by request
+        (`_prefill`); only a failed decode forward, which every running row
+        shares, ends them all."""
         outputs = self._finish_aborted()
         self._release_finished()
         if self.running:
@@ -178,10 +191,10 @@ class PadEngine:
                 outputs += self._decode_running()
             except Exception as exc:  # the shared forward failed: its KV caches are not trustworthy
                 logger.exception("decode step failed; failing the running requests")
-                outputs += self._fail_all(f"engine error: {exc}", [])
-        admitted = self._admit()
-        if admitted:
-            outputs += self._prefill(admitted)
+                outputs += self._fail_all(f"engine error: {exc}")
+        self.prefilling += self._admit()
+        if self.prefilling:
+            outputs += self._prefill(self._prefill_plan())
         self._release_finished()
         return outputs
 
@@ -204,30 +217,75 @@ class PadEngine:
                 tokens[runner_name][indexes[runner_name][key]] = token
         return tokens
 
-    def _prefill(self, admitted: list[RequestState]) -> list[StepOutput]:
-        """Prefills the admitted requests and chooses their first tokens. A
-        failed prefill leaves the running rows alone (the new rows are built
-        apart, then appended); several requests are then retried one by one,
-        so only the one that fails alone ends ("error")."""
-        try:
-            hidden = self._prefill_forward(admitted)
-        except Exception as exc:
-            self._drop_rows(admitted)
-            if len(admitted) > 1:
-                logger.warning("prefill of %d requests failed (%s); retrying each alone", len(admitted), exc)
-                return [output for state in admitted for output in self._prefill([state])]
-            logger.exception("prefill of request %s failed", admitted[0].request_id)
-            return [admitted[0].finish("error", error=f"engine error: {exc}")]
-        self.running.extend(admitted)
-        return self._advance(admitted, hidden)
+    def _prefill_plan(self) -> list[tuple[RequestState, int]]:
+        """(request, tokens to advance its prompts by) for this step, first
+        come first served within max_prefill_tokens: with chunked prefill the
+        last request planned may get a piece of its prompts; without, every
+        admitted request is written whole (admission kept to the budget)."""
+        if not self.chunked_prefill:
+            return [(state, state.prefill_length - state.prefilled) for state in self.prefilling]
+        budget = self.settings.max_prefill_tokens
+        plan = []
+        for state in self.prefilling:
+            lengths = [len(prompt) for prompt in state.prompts]
+            advance = min(state.prefill_length - state.prefilled, budget // len(lengths))
+            if advance < 1:
+                if plan:
+                    break
+                advance = 1  # the first request always moves, whatever the budget
+            plan.append((state, advance))
+            budget -= sum(end - start for start, end in prompt_spans(lengths, state.prefilled, advance))
+            if budget <= 0:
+                break
+        return plan
 
-    def _prefill_forward(self, admitted: list[RequestState]) -> dict:
+    def _prefill(self, plan: list[tuple[RequestState, int]]) -> list[StepOutput]:
+        """Writes the planned pieces of the requests' prompts; a request whose
+        prompts are then complete chooses its first token and joins the
+        running batch. A failed prefill leaves the other rows alone (new rows
+        take free places, no running row moves) and drops the rows of the
+        requests it wrote for; several requests are then retried one by
+        one, from the start of their prompts, so only one that fails alone
+        ends ("error")."""
+        try:
+            hidden = self._prefill_forward(plan)
+        except Exception as exc:
+            states = [state for state, _ in plan]
+            self._drop_rows(states)
+            for state in states:
+                state.prefilled = 0
+            if len(plan) > 1:
+                logger.warning("prefill of %d requests failed (%s); retrying each alone", len(plan), exc)
+                return [output for entry in plan for output in self._prefill([entry])]
+            logger.exception("prefill of request %s failed", states[0].request_id)
+            return [states[0].finish("error", error=f"engine error: {exc}")]
+        for state, advance in plan:
+            state.prefilled += advance
+        complete = [state for state, _ in plan if state.prefilled >= state.prefill_length]
+        if not complete:
+            return []
+        joining = {id(state) for state in complete}
+        self.prefilling = [state for state in self.prefilling if id(state) not in joining]
+        self.running.extend(complete)
+        return self._advance(complete, hidden)
+
+    def _prefill_forward(self, plan: list[tuple[RequestState, int]]) -> dict:
+        """Runs the planned prompt pieces, each runner its rows in one call.
+        Returns runner name -> (hidden states [rows, H], row key -> index)."""
         new_rows: dict[str, list[NewRow]] = {}
-        for state in admitted:
-            new_rows.setdefault(BASE_RUNNER, []).append(NewRow(state.base_key, state.request.prompt_ids))
-            source = self.reward_sources[state.request.guidance.reward_model]
-            for ref, prompt in zip(state.reward_rows, state.request.reward_prompts, strict=True):
-                new_rows.setdefault(ref.runner, []).append(NewRow(ref.key, prompt.prompt_ids, source.adapter))
+        for state, advance in plan:
+            adapter = self.reward_sources[state.request.guidance.reward_model].adapter
+            runner_names = [BASE_RUNNER, *(ref.runner for ref in state.reward_rows)]
+            adapters = [NO_ADAPTER, *([adapter] * len(state.reward_rows))]
+            lengths = [len(prompt) for prompt in state.prompts]
+            spans = prompt_spans(lengths, state.prefilled, advance)
+            for name, key, prompt, row_adapter, (start, end) in zip(
+                runner_names, state.row_keys, state.prompts, adapters, spans, strict=True
+            ):
+                if start < end:
+                    new_rows.setdefault(name, []).append(
+                        NewRow(key, prompt[start:end], row_adapter, start=start, last=end == len(prompt))
+                    )
         hidden = {}
         for name, rows in new_rows.items():
             hidden[name] = (self.runners[name].prefill(rows), {row.key: index for index, row in enumerate(rows)})
@@ -377,21 +435,25 @@ class PadEngine:
 
     # ---- scheduling ---------------------------------------------------
     def _admit(self) -> list[RequestState]:
-        """FIFO admission within the request, row and prefill-token budgets."""
+        """FIFO admission within the request and row budgets, and, without
+        chunked prefill, the prefill-token budget (with it, `_prefill_plan`
+        spreads the prompts over steps instead)."""
         admitted: list[RequestState] = []
-        rows = sum(runner.num_rows for runner in self.runners.values())
+        in_batch = [*self.prefilling, *self.running]
+        rows = sum(len(state.row_keys) for state in in_batch)
         prefill_tokens = 0
+        token_budget = None if self.chunked_prefill else self.settings.max_prefill_tokens
         while self.waiting:
             state = self.waiting[0]
             state_rows = len(state.row_keys)
-            state_tokens = len(state.request.prompt_ids) + sum(len(p.prompt_ids) for p in state.request.reward_prompts)
+            state_tokens = sum(len(prompt) for prompt in state.prompts)
             fits = (
-                len(self.running) + len(admitted) < self.settings.max_running_requests
+                len(in_batch) + len(admitted) < self.settings.max_running_requests
                 and rows + state_rows <= self.settings.max_batch_rows
-                and prefill_tokens + state_tokens <= self.settings.max_prefill_tokens
+                and (token_budget is None or prefill_tokens + state_tokens <= token_budget)
             )
             # A request bigger than a budget still runs, alone.
-            if not fits and (admitted or self.running):
+            if not fits and (admitted or in_batch):
                 break
             admitted.append(self.waiting.popleft())
             rows += state_rows
@@ -402,29 +464,30 @@ class PadEngine:
         if not self._aborted:
             return []
         outputs = []
-        for state in [*self.waiting, *self.running]:
+        for state in self._in_flight():
             if state.request_id in self._aborted:
                 outputs.append(state.finish("abort"))
         self.waiting = deque(s for s in self.waiting if s.finish_reason is None)
         self._aborted.clear()
         return outputs
 
-    def _fail_all(self, message: str, admitted: list[RequestState]) -> list[StepOutput]:
-        """Fails the running requests and those admitted this step (which may
-        not have reached `running` if their prefill failed)."""
-        in_flight = {id(state): state for state in (*self.running, *admitted)}.values()
-        outputs = [state.finish("error", error=message) for state in in_flight if state.finish_reason is None]
+    def _fail_all(self, message: str) -> list[StepOutput]:
+        """Fails the requests with rows in the runners (running, and those
+        whose prompts are being written): their KV caches are dropped."""
+        in_batch = [*self.prefilling, *self.running]
+        outputs = [state.finish("error", error=message) for state in in_batch if state.finish_reason is None]
         for runner in self.runners.values():
             runner.remove(list(runner.row_index()))
         return outputs
 
     def _release_finished(self) -> None:
-        finished = [state for state in self.running if state.finish_reason is not None]
+        finished = [state for state in (*self.prefilling, *self.running) if state.finish_reason is not None]
         if not finished:
             return
         keys = {key for state in finished for key in state.row_keys}
         for runner in self.runners.values():
             runner.remove(keys)
+        self.prefilling = [state for state in self.prefilling if state.finish_reason is None]
         self.running = [state for state in self.running if state.finish_reason is None]
 
     # ---- validation ---------------------------------------------------
@@ -458,7 +521,7 @@ class PadEngine:
         """Validates a request and resolves its defaults."""
         request.verify(self.limits)
         sampling, guidance = request.sampling, request.guidance
-        live = {s.request_id for s in (*self.waiting, *self.running)}
+        live = {s.request_id for s in self._in_flight()}
         if request.request_id in live:
             raise InvalidRequestError(f"request id {request.request_id!r} is already running", param="request_id")
         if not request.prompt_ids:
@@ -510,6 +573,16 @@ class PadEngine:
             generator=generator,
             grammar=grammar,
         )
+
+
+def prompt_spans(lengths: list[int], progress: int, advance: int) -> list[tuple[int, int]]:
+    """The span [start, end) of each prompt written when a request's prefill
+    advances from `progress` to `progress + advance` tokens. Prompts are
+    right-aligned on the longest (a shorter one starts later), so all of a
+    request's rows complete in the same step and choose its first token
+    together."""
+    longest = max(lengths)
+    return [(max(0, progress - (longest - n)), max(0, min(n, progress + advance - (longest - n)))) for n in lengths]
 
 
 def rows_of(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:

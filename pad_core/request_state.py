@@ -38,6 +38,9 @@ class RequestState:
     row_locations: tuple[tuple[str, tuple[str, int]], ...] = field(init=False)
     generated: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    # Chunked prefill: how far the request's prompts are written, counted on
+    # the longest (the rows are right-aligned: pad_core.engine.prompt_spans).
+    prefilled: int = 0
     grammar: GrammarMatcher | None = None  # structured output: the answer's grammar
 
     def __post_init__(self) -> None:
@@ -55,6 +58,16 @@ class RequestState:
     @property
     def row_keys(self) -> list[tuple[str, int]]:
         return [self.base_key, *(row.key for row in self.reward_rows)]
+
+    @property
+    def prompts(self) -> list[tuple[int, ...] | list[int]]:
+        """The prompt of each row, in `row_keys` order."""
+        return [self.request.prompt_ids, *(prompt.prompt_ids for prompt in self.request.reward_prompts)]
+
+    @property
+    def prefill_length(self) -> int:
+        """Tokens of the longest of the request's prompts."""
+        return max(len(prompt) for prompt in self.prompts)
 
     @property
     def next_input(self) -> int:

@@ -39,9 +39,18 @@ BASE_RUNNER = "base"  # the runner of the base model; `self` and LoRA reward row
 
 @dataclass(frozen=True)
 class NewRow:
+    """Prompt tokens for `prefill` to write into a row: the whole prompt of a
+    new row, or, where the runner takes prompts in pieces
+    (`Runner.chunked_prefill`), the tokens at positions start.. of it (start 0:
+    the row is new and takes its place; start > 0: it continues the row).
+    `last`: the prompt is complete with these tokens; the row joins the
+    decode batch."""
+
     key: RowKey
     prompt_ids: Sequence[int]
     adapter: str = NO_ADAPTER
+    start: int = 0
+    last: bool = True
 
 
 @dataclass(frozen=True)
@@ -79,12 +88,18 @@ class Runner(Protocol):
     def batch_size(self) -> int:
         """Width of `decode`'s batch: the tokens it takes, the hidden states it returns."""
 
+    @property
+    def chunked_prefill(self) -> bool:
+        """Whether `prefill` takes a prompt in pieces (`NewRow.start` / `last`);
+        if not, every row is given whole (start 0, last)."""
+
     def row_index(self) -> Mapping[RowKey, int]:
         """Live row key -> its index in `decode`'s batch (a live view)."""
 
     def prefill(self, rows: Sequence[NewRow]) -> torch.Tensor:
-        """Runs the prompts of new rows (keys not live) and adds them to the
-        batch. Returns their last hidden states [len(rows), H], in the order given."""
+        """Runs the prompts (or prompt pieces) of rows and adds the rows whose
+        prompt is complete to the batch. Returns the hidden states of each
+        row's last given token [len(rows), H], in the order given."""
 
     def decode(self, next_tokens: torch.Tensor) -> torch.Tensor:
         """One token per batch position ([batch_size] long, by `row_index()`;
@@ -179,6 +194,10 @@ class TransformersRunner(ModelRows):
         return len(self.row_keys)  # dense: every batch position is a live row
 
     @property
+    def chunked_prefill(self) -> bool:
+        return False  # a row joins the left-padded batch whole
+
+    @property
     def cache_columns(self) -> int:
         return 0 if self.attention_mask is None else self.attention_mask.shape[1]
 
@@ -186,6 +205,8 @@ class TransformersRunner(ModelRows):
     def prefill(self, rows: Sequence[NewRow]) -> torch.Tensor:
         """Runs the prompts of new rows and appends them to the batch.
         Returns their last hidden states [len(rows), H]."""
+        if any(row.start or not row.last for row in rows):
+            raise ValueError("the transformers runner takes whole prompts (no chunked prefill)")
         lengths = [len(row.prompt_ids) for row in rows]
         width = max(lengths)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)

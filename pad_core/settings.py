@@ -88,7 +88,16 @@ class EngineSettings(BaseSettings):
 
     max_running_requests: int = Field(32, ge=1, description="requests decoded together")
     max_batch_rows: int = Field(96, ge=1, description="model rows decoded together (base + reward rows)")
-    max_prefill_tokens: int = Field(4096, ge=1, description="prompt tokens prefilled in one step")
+    max_prefill_tokens: int = Field(
+        4096, ge=1,
+        description="prompt tokens prefilled in one step (with chunked prefill a longer prompt is "
+        "written over several steps, so a long prompt never stalls the running requests for longer than this)",
+    )
+    chunked_prefill: bool = Field(
+        True,
+        description="write prompts in pieces of at most max_prefill_tokens per step, between decode steps "
+        "(backends slots and cuda; the transformers runner takes whole prompts)",
+    )
     default_max_tokens: int = Field(
         1024, ge=0,
         description="max_tokens of a request that gives none, capped by the room left in the context "

@@ -31,10 +31,15 @@ bucket pair in a CUDA graph and replayed (pad_core.cuda_graphs); on the CPU
 the very same step runs eagerly. The read length is bucketed (powers of
 two) on both, so CPU tests run the shapes the GPU records.
 
-Not here yet (issue 15): chunked prefill (the pool already supports writing
-a row from any start column), and an attention kernel that reads K/V in
-place (transformers' SDPA path repeats the KV heads for GQA when a mask is
-given, a copy per layer per step).
+Prefill may come in pieces (chunked prefill): a row keeps its slot while
+its prompt is written over several calls, each piece attending to the
+columns before it, and joins the decode batch with its last piece (until
+then its slot decodes a dummy token, like a free one, whose K/V the next
+piece overwrites).
+
+Not here yet (issue 15): an attention kernel that reads K/V in place
+(transformers' SDPA path repeats the KV heads for GQA when a mask is given,
+a copy per layer per step).
 """
 
 from __future__ import annotations
@@ -128,14 +133,17 @@ def model_kv_geometry(model) -> tuple[int, int, int]:
 class _Plan:
     """Where one forward writes K/V and what it reads back.
 
-    prefill: rows [B] are slot ids, written at columns 0..Q-1; attention sees
-    only the new tokens (a fresh row has no past).
+    prefill: rows [B] are slot ids. New rows only (read_length 0): written at
+    columns 0..Q-1, attention sees only the new tokens (no past). With rows
+    that continue (chunked prefill): columns [B, Q], row b's query q writes
+    column start_b + q (a padding query: the scratch column), attention
+    reads each slot's columns [0, read_length).
     decode: the batch is slots [0, B); row b writes column columns[b] and
     reads columns [0, read_length)."""
 
     prefill: bool
     slots: torch.Tensor  # [B] long
-    columns: torch.Tensor  # prefill: [Q] long; decode: [B] long
+    columns: torch.Tensor  # prefill: [Q] or [B, Q] long; decode: [B] long
     read_length: int = 0
 
 
@@ -155,10 +163,13 @@ class _SlotLayer(DynamicLayer):
         """key_states, value_states: [B, kv_heads, Q, D] -> the K/V attention sees."""
         plan = self.owner.plan
         if plan.prefill:
-            rows, columns = plan.slots[:, None], plan.columns[None, :]
+            rows = plan.slots[:, None]
+            columns = plan.columns if plan.columns.dim() == 2 else plan.columns[None, :]
             self.key_pool[rows, :, columns] = key_states.transpose(1, 2)  # [B, Q, kv_heads, D]
             self.value_pool[rows, :, columns] = value_states.transpose(1, 2)
-            return key_states, value_states
+            if not plan.read_length:  # new rows: nothing before these tokens
+                return key_states, value_states
+            return self.key_pool[plan.slots, :, : plan.read_length], self.value_pool[plan.slots, :, : plan.read_length]
         batch = key_states.shape[0]
         self.key_pool[plan.slots, :, plan.columns] = key_states[:, :, 0]  # [B, kv_heads, D]
         self.value_pool[plan.slots, :, plan.columns] = value_states[:, :, 0]
@@ -177,7 +188,9 @@ class _SlotLayer(DynamicLayer):
 class _SlotCache(Cache):
     def __init__(self, shape: PoolShape, device: torch.device):
         self.plan: _Plan | None = None
-        size = (shape.slots, shape.kv_heads, shape.slot_tokens, shape.head_dim)
+        # One column more per slot: the scratch column padding queries of a
+        # chunked prefill write to (never read: reads stop at slot_tokens).
+        size = (shape.slots, shape.kv_heads, shape.slot_tokens + 1, shape.head_dim)
         # zeros, not empty: a stale column is masked out, and 0 * NaN would not be 0
         layers = [
             _SlotLayer(torch.zeros(size, dtype=shape.dtype, device=device),
@@ -229,6 +242,7 @@ class SlotRunner(ModelRows):
         # The same, on the host (no device sync to size a step).
         self._free = list(range(slots))  # a heap: rows take the lowest free slot
         self._adapters = [NO_ADAPTER] * slots
+        self._pending: dict[int, int] = {}  # slot of a row whose prompt is not complete -> tokens written
         self._host_lengths: dict[int, int] = {}  # live slot -> tokens held
         self._steps = 0  # decode steps so far; a live slot holds its _host_lengths + steps since it joined
         self._joined_at: dict[int, int] = {}
@@ -253,33 +267,62 @@ class SlotRunner(ModelRows):
     def slot_tokens(self) -> int:
         return self.shape.slot_tokens
 
+    @property
+    def chunked_prefill(self) -> bool:
+        return True
+
     @torch.inference_mode()
     def prefill(self, rows: Sequence[NewRow]) -> torch.Tensor:
-        """Writes the prompts of new rows into free slots (right padded to
-        the longest; each row's padding stays in its own slot, beyond its
-        length). Returns their last hidden states [len(rows), H]."""
-        lengths = [len(row.prompt_ids) for row in rows]
-        if len(rows) > len(self._free):
-            raise RuntimeError(f"{len(rows)} new rows but {len(self._free)} free KV slots")
-        if max(lengths) > self.slot_tokens:
-            raise RuntimeError(f"a prompt of {max(lengths)} tokens does not fit a {self.slot_tokens}-token KV slot")
-        slots = [heapq.heappop(self._free) for _ in rows]
+        """Writes prompt tokens into slots: a row with start 0 takes the lowest
+        free slot, a row with start > 0 continues the slot it holds (chunked
+        prefill: start must be the tokens it has). Rows are right padded to
+        the longest; padding stays beyond a row's tokens in its own slot. A
+        row whose prompt is complete (`last`) joins the decode batch. Returns
+        the hidden states of each row's last given token [len(rows), H]."""
+        new_rows = [row for row in rows if row.start == 0]
+        if len(new_rows) > len(self._free):
+            raise RuntimeError(f"{len(new_rows)} new rows but {len(self._free)} free KV slots")
+        for row in rows:
+            if not row.prompt_ids:
+                raise ValueError(f"row {row.key!r}: no prompt tokens to write")
+            if row.start + len(row.prompt_ids) > self.slot_tokens:
+                raise RuntimeError(f"a prompt of {row.start + len(row.prompt_ids)} tokens does not fit a "
+                                   f"{self.slot_tokens}-token KV slot")
+            if row.start == 0 and row.key in self._index:
+                raise ValueError(f"row {row.key!r} is already in the pool")
+            if row.start and self._pending.get(self._index.get(row.key, -1)) != row.start:
+                raise ValueError(f"row {row.key!r} does not hold {row.start} tokens of an unfinished prompt")
+        taken = [heapq.heappop(self._free) for _ in new_rows]
+        fresh = iter(taken)
+        slots = [next(fresh) if row.start == 0 else self._index[row.key] for row in rows]
         try:
-            hidden = self._prefill_forward(rows, lengths, slots)
+            hidden = self._prefill_forward(rows, slots)
         except BaseException:
-            for slot in slots:
+            for slot in taken:
                 heapq.heappush(self._free, slot)
             raise
-        for row, length, slot in zip(rows, lengths, slots, strict=True):
-            self._index[row.key] = slot
-            self._host_lengths[slot], self._joined_at[slot] = length, self._steps
-        self._set_adapters(slots, [row.adapter for row in rows])
-        index = torch.tensor(slots, device=self.device)
-        self.lengths[index] = torch.tensor(lengths, device=self.device)
-        self.live[index] = 1
-        self._longest = max(self._longest, *lengths)
-        self._high_water = max(self._high_water, max(slots) + 1)
+        self._record_prefill(rows, slots)
         return hidden
+
+    def _record_prefill(self, rows: Sequence[NewRow], slots: list[int]) -> None:
+        ends = [row.start + len(row.prompt_ids) for row in rows]
+        new = [(row, slot) for row, slot in zip(rows, slots, strict=True) if row.start == 0]
+        for row, slot in new:
+            self._index[row.key] = slot
+        self._set_adapters([slot for _, slot in new], [row.adapter for row, _ in new])
+        complete = []
+        for row, slot, end in zip(rows, slots, ends, strict=True):
+            if row.last:
+                self._pending.pop(slot, None)
+                self._host_lengths[slot], self._joined_at[slot] = end, self._steps
+                complete.append(slot)
+            else:
+                self._pending[slot] = end
+        self.lengths[torch.tensor(slots, device=self.device)] = torch.tensor(ends, device=self.device)
+        if complete:
+            self.live[torch.tensor(complete, device=self.device)] = 1
+            self._longest = max(self._longest, *(self._host_lengths[slot] for slot in complete))
+        self._high_water = max(self._high_water, max(slots) + 1)
 
     @torch.inference_mode()
     def decode(self, next_tokens: torch.Tensor) -> torch.Tensor:
@@ -330,35 +373,50 @@ class SlotRunner(ModelRows):
 
     @torch.inference_mode()
     def remove(self, keys: Collection[RowKey]) -> None:
-        """Frees the slots of these rows; no other slot is touched."""
+        """Frees the slots of these rows (whole or still being prefilled); no
+        other slot is touched."""
         slots = [self._index.pop(key) for key in set(keys) if key in self._index]
         if not slots:
             return
         for slot in slots:
             heapq.heappush(self._free, slot)
-            del self._host_lengths[slot], self._joined_at[slot]
+            if self._pending.pop(slot, None) is None:
+                del self._host_lengths[slot], self._joined_at[slot]
         self._set_adapters(slots, [NO_ADAPTER] * len(slots))
         index = torch.tensor(slots, device=self.device)
         self.lengths[index] = 0
         self.live[index] = 0
         live = self._host_lengths.keys()
-        self._high_water = max(live, default=-1) + 1
+        self._high_water = max([*live, *self._pending], default=-1) + 1
         self._longest = max((self._row_length(slot) for slot in live), default=0)
 
     # ---- internals -------------------------------------------------------
     def _row_length(self, slot: int) -> int:
         return self._host_lengths[slot] + self._steps - self._joined_at[slot]
 
-    def _prefill_forward(self, rows: Sequence[NewRow], lengths: list[int], slots: list[int]) -> torch.Tensor:
+    def _prefill_forward(self, rows: Sequence[NewRow], slots: list[int]) -> torch.Tensor:
+        lengths = [len(row.prompt_ids) for row in rows]
+        starts = [row.start for row in rows]
         width = max(lengths)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         for index, row in enumerate(rows):
             input_ids[index, : lengths[index]] = torch.tensor(row.prompt_ids, dtype=torch.long)
-        columns = torch.arange(width, device=self.device)
-        causal = torch.ones((width, width), dtype=torch.bool, device=self.device).tril()
-        allowed = causal[None, None].expand(len(rows), 1, width, width)
-        self.cache.plan = _Plan(True, torch.tensor(slots, device=self.device), columns)
-        positions = columns[None, :].expand(len(rows), width)
+        queries = torch.arange(width, device=self.device)
+        slot_ids = torch.tensor(slots, device=self.device)
+        if not any(starts):  # new rows only: attention over the new tokens alone
+            causal = torch.ones((width, width), dtype=torch.bool, device=self.device).tril()
+            allowed = causal[None, None].expand(len(rows), 1, width, width)
+            self.cache.plan = _Plan(True, slot_ids, queries)
+            positions = queries[None, :].expand(len(rows), width)
+        else:  # rows that continue: attention over each slot's columns so far
+            start = torch.tensor(starts, device=self.device)[:, None]
+            positions = start + queries[None, :]  # [B, Q]
+            real = queries[None, :] < torch.tensor(lengths, device=self.device)[:, None]
+            columns = torch.where(real, positions, self.slot_tokens)  # padding queries: the scratch column
+            read_length = max(s + n for s, n in zip(starts, lengths, strict=True))
+            keys = torch.arange(read_length, device=self.device)
+            allowed = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, Q, read_length]
+            self.cache.plan = _Plan(True, slot_ids, columns, read_length)
         hidden = self._forward(input_ids.to(self.device), allowed, positions, [row.adapter for row in rows])
         last = torch.tensor(lengths, device=self.device) - 1
         return hidden[torch.arange(len(rows), device=self.device), last]

@@ -88,12 +88,15 @@ def _run(engine: PadEngine, requests: list[ChatRequest], stagger: int = 3) -> di
 
 
 @pytest.mark.parametrize("backend", ["slots", "cuda"])
-@pytest.mark.parametrize("max_batch_rows", [96, 4])
-def test_cuda_pool_backends_float32_match_the_transformers_runner(tokenizer, max_batch_rows, backend):
+@pytest.mark.parametrize(("max_batch_rows", "max_prefill_tokens"), [(96, 4096), (4, 4096), (96, 16)])
+def test_cuda_pool_backends_float32_match_the_transformers_runner(tokenizer, max_batch_rows, max_prefill_tokens,
+                                                                  backend):
+    """Also with prompts written in pieces of 16 tokens (chunked prefill)."""
     model = tiny_model(tokenizer).to("cuda")
     settings = {"device": "cuda", "dtype": "float32", "max_batch_rows": max_batch_rows, "kv_pool_gib": 0.05}
     reference = engine_for_model(model, tokenizer, EngineSettings(backend="transformers", **settings))
-    pooled = engine_for_model(model, tokenizer, EngineSettings(backend=backend, **settings))
+    pooled = engine_for_model(model, tokenizer, EngineSettings(backend=backend, max_prefill_tokens=max_prefill_tokens,
+                                                               **settings))
     assert pooled.runners["base"].device.type == "cuda" and pooled.runners["base"].cache.layers[0].key_pool.is_cuda
     expected = _run(reference, _batch("r"))
     assert _run(pooled, copy.deepcopy(_batch("r"))) == expected

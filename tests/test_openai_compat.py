@@ -252,8 +252,9 @@ def test_responses(client):
     assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
     assert response.usage.output_tokens == 4 and response.output_text
     assert response.model_extra["pad"]["preferences"][0]["text"] == "short answers"
+    # greedy: a sampled token may be half of a multi-byte character, which streams no delta of its own
     events = list(client.responses.create(model=MODEL, input=[{"role": "user", "content": "Hi"}], stream=True,
-                                          max_output_tokens=3))
+                                          max_output_tokens=3, temperature=0))
     kinds = [e.type for e in events]
     assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
                          "response.content_part.added"]

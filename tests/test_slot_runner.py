@@ -60,9 +60,10 @@ def test_both_runners_satisfy_the_protocol(runner, tiny_model):
 # ---- the runner ------------------------------------------------------------------------
 
 
-def check(runner, hidden, contexts, model):
+def check(runner, hidden, contexts, model, pending=()):
+    """The decoded rows' hidden states; `pending`: rows whose prompt is still being written."""
     index = runner.row_index()
-    assert set(index) == set(contexts)
+    assert set(index) == set(contexts) | set(pending)
     for key, context in contexts.items():
         torch.testing.assert_close(hidden[index[key]], recomputed(model, context), atol=ATOL, rtol=0)
 
@@ -146,6 +147,47 @@ def test_bucketed_batches_decode_the_same_hidden_states(tiny_model, tokenizer):
         a = exact.decode(torch.tensor(tokens))
         b = bucketed.decode(torch.tensor([*tokens, 0]))
         torch.testing.assert_close(b[:3], a, atol=1e-6, rtol=0)
+
+
+def test_a_prompt_written_in_pieces_while_others_decode_matches_full_recompute(runner, tiny_model):
+    """Chunked prefill: row "long" is written in three pieces, next to rows
+    that decode and a new row that joins in the same call as a piece; each
+    piece's last hidden state is its prefix's, and once complete the row
+    decodes like any other."""
+    contexts = {"a": ids(6, 1)}
+    runner.prefill([NewRow("a", contexts["a"])])
+    prompt = ids(50, 2)
+    hidden = runner.prefill([NewRow("long", prompt[:20], last=False)])
+    torch.testing.assert_close(hidden[0], recomputed(tiny_model, prompt[:20]), atol=ATOL, rtol=0)
+    assert runner.num_rows == 2 and set(runner.row_index()) == {"a", "long"}
+    check(runner, decode_step(runner, contexts, 10), contexts, tiny_model, pending={"long"})  # a dummy token
+
+    contexts["b"] = ids(9, 3)  # a new row and the next piece in one call
+    hidden = runner.prefill([NewRow("b", contexts["b"]), NewRow("long", prompt[20:45], start=20, last=False)])
+    torch.testing.assert_close(hidden[0], recomputed(tiny_model, contexts["b"]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(hidden[1], recomputed(tiny_model, prompt[:45]), atol=ATOL, rtol=0)
+    check(runner, decode_step(runner, contexts, 11), contexts, tiny_model, pending={"long"})
+
+    with pytest.raises(ValueError, match="does not hold 40 tokens"):
+        runner.prefill([NewRow("long", prompt[40:], start=40)])
+    hidden = runner.prefill([NewRow("long", prompt[45:], start=45)])
+    torch.testing.assert_close(hidden[0], recomputed(tiny_model, prompt), atol=ATOL, rtol=0)
+    contexts["long"] = list(prompt)
+    for step in range(3):
+        check(runner, decode_step(runner, contexts, 20 + step), contexts, tiny_model)
+
+
+def test_a_row_left_mid_prompt_frees_its_slot(runner, tiny_model):
+    runner.prefill([NewRow("a", ids(4, 1)), NewRow("p", ids(30, 2)[:10], last=False)])
+    assert runner._pending == {1: 10} and runner.batch_size == 2
+    runner.remove({"p"})
+    assert runner._pending == {} and runner.batch_size == 1 and runner.lengths[1] == 0
+    with pytest.raises(ValueError, match="does not hold"):
+        runner.prefill([NewRow("p", ids(30, 2)[10:], start=10)])
+    contexts = {"a": ids(4, 1), "c": ids(12, 3)}
+    runner.prefill([NewRow("c", contexts["c"])])
+    assert runner.row_index()["c"] == 1
+    check(runner, decode_step(runner, contexts, 5), contexts, tiny_model)
 
 
 # ---- the engine over the pool ----------------------------------------------------------
