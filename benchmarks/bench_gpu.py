@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from pad_core.attention import GROUPED_DECODE
 from pad_core.engine import PadEngine
 from pad_core.model_loading import engine_for_model, load_causal_lm, resolve_device, resolve_dtype
 from pad_core.prompting import PromptBuilder
@@ -230,6 +231,12 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def set_attention(model, implementation: str) -> None:
+    """Sets the model's attention implementation (a name transformers knows)."""
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config._attn_implementation = implementation
+
+
 def runners(args, device: torch.device) -> list[str]:
     """The engine backends to measure: the reference first (`same` compares to it)."""
     chosen = ["transformers", "slots", "cuda"] if device.type == "cuda" else ["transformers", "slots"]
@@ -245,11 +252,15 @@ def bench_model(name: str, tokenizer, args, device: torch.device, dtype: torch.d
     logger.info("%s: %s, %.2fB parameters, %s", name, description, parameter_count(model) / 1e9, dtype)
     results: list[Result] = []
     top = max(args.concurrency)
+    attention = model.config.get_text_config()._attn_implementation
     for concurrency in args.concurrency:
         for pad in (False, True):
             mode = "pad" if pad else "plain"
             chosen = {}
             for backend in runners(args, device):
+                # the pool runners switch the model to their decode attention; the others measure the model's own
+                pooled = backend != "transformers" and attention == "sdpa"
+                set_attention(model, GROUPED_DECODE if pooled else attention)
                 engine = engine_for_model(model, tokenizer, engine_settings(backend, device, dtype, model, top, args.tokens))
                 seconds, tok_s, itl, chosen[backend] = run_engine(engine, concurrency, args.tokens, pad)
                 same = chosen[backend] == chosen["transformers"] if backend != "transformers" and "transformers" in chosen else None
@@ -260,6 +271,7 @@ def bench_model(name: str, tokenizer, args, device: torch.device, dtype: torch.d
                 del engine
                 free_memory(device)
         if args.anchor:
+            set_attention(model, attention)
             prompt_ids = PromptBuilder(tokenizer, DEFAULT_PREFERENCE_TEMPLATE).encode(PROMPT)
             runner, seconds, tok_s, itl = run_anchor(model, tokenizer, prompt_ids, concurrency, args.tokens, device)
             results.append(Result(name, runner, "plain", concurrency, concurrency * args.tokens, seconds, tok_s,

@@ -37,9 +37,10 @@ columns before it, and joins the decode batch with its last piece (until
 then its slot decodes a dummy token, like a free one, whose K/V the next
 piece overwrites).
 
-Not here yet (issue 15): an attention kernel that reads K/V in place
-(transformers' SDPA path repeats the KV heads for GQA when a mask is given,
-a copy per layer per step).
+A model with SDPA attention is switched to pad_core.attention's, the same
+results, whose decode step reads each KV head once (transformers' SDPA path
+repeats the KV heads for grouped-query attention when a mask is given, a
+copy of the whole read per layer per step).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from pad_core.attention import GROUPED_DECODE, use_grouped_decode_attention
 from pad_core.cuda_graphs import EagerSteps, GraphedSteps, read_length_bucket
 from pad_core.errors import ModelLoadError
 from pad_core.lora import NO_ADAPTER
@@ -60,7 +62,7 @@ from pad_core.transfer import copy_to
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
+SUPPORTED_ATTENTION = ("sdpa", "eager", GROUPED_DECODE)
 MIN_SLOT_TOKENS = 64
 
 
@@ -218,6 +220,8 @@ class SlotRunner(ModelRows):
         implementation = model.config.get_text_config()._attn_implementation
         if implementation not in SUPPORTED_ATTENTION:
             raise ModelLoadError(f"the slots backend supports attention {SUPPORTED_ATTENTION}, not {implementation!r}")
+        if use_grouped_decode_attention(model):  # decode steps read each KV head once (pad_core.attention)
+            implementation = "sdpa"  # its masks are SDPA's
         super().__init__(model, pad_token_id, fingerprint)  # self._index: row key -> slot
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
