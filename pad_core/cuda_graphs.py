@@ -46,6 +46,15 @@ def read_length_bucket(needed: int, slot_tokens: int, smallest: int = SMALLEST_R
     return min(bucket, slot_tokens)
 
 
+def read_length_buckets(slot_tokens: int, smallest: int = SMALLEST_READ) -> tuple[int, ...]:
+    """Every read length `read_length_bucket` can give for this slot size."""
+    sizes, size = [], smallest
+    while size < slot_tokens:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, slot_tokens)
+
+
 def graph_batch_buckets(slots: int) -> tuple[int, ...]:
     """Decode batch widths with a graph each (as nano-vllm): 1, 2, 4, 8,
     then every 16 up to the pool's slots. A batch pads up to the next one,
@@ -60,6 +69,7 @@ class EagerSteps:
     """Runs each step as it comes (no graphs)."""
 
     graphs = 0
+    records = False  # nothing to record ahead
 
     def run(self, key: Hashable, step: Step) -> torch.Tensor:
         return step()
@@ -75,6 +85,8 @@ class GraphedSteps:
 
     A capture that fails (an operation CUDA graphs cannot record) is logged
     once and every step runs eagerly from then on: slower, never wrong."""
+
+    records = True
 
     def __init__(self, device: torch.device):
         self.device = device

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -320,11 +321,23 @@ def _engine_parts(model, tokenizer, settings: EngineSettings) -> dict:
     }
 
 
+def record_decode_graphs(runners: dict[str, Runner]) -> None:
+    """Records the cuda backend's decode graphs once every runner has its
+    adapters (an adapter changes the step), before serving."""
+    for name, runner in runners.items():
+        if isinstance(runner, SlotRunner) and runner.steps.records:
+            start = time.perf_counter()
+            count = runner.record_graphs()
+            logger.info("runner %s: %d decode graphs recorded in %.1f s", name, count, time.perf_counter() - start)
+
+
 def engine_for_model(model, tokenizer, settings: EngineSettings | None = None) -> PadEngine:
     """An engine over an already built model (tests, benchmarks): the `self`
     reward and the settings' LoRA reward adapters; no separate reward models."""
     settings = settings or EngineSettings()
-    return PadEngine(settings=settings, **_engine_parts(model, tokenizer, settings))
+    parts = _engine_parts(model, tokenizer, settings)
+    record_decode_graphs(parts["runners"])
+    return PadEngine(settings=settings, **parts)
 
 
 def load_engine(settings: EngineSettings) -> PadEngine:
@@ -343,6 +356,7 @@ def load_engine(settings: EngineSettings) -> PadEngine:
         parts["runners"][name] = runner
         parts["reward_sources"][name] = RewardSource(name)
         parts["context_length"] = min(parts["context_length"], runner_token_limit(runner) or parts["context_length"])
+    record_decode_graphs(parts["runners"])
     return PadEngine(settings=settings, **parts)
 
 

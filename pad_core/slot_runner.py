@@ -54,7 +54,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from pad_core.attention import GROUPED_DECODE, use_grouped_decode_attention
-from pad_core.cuda_graphs import EagerSteps, GraphedSteps, read_length_bucket
+from pad_core.cuda_graphs import EagerSteps, GraphedSteps, read_length_bucket, read_length_buckets
 from pad_core.errors import ModelLoadError
 from pad_core.lora import NO_ADAPTER
 from pad_core.runner import ModelRows, NewRow, RowKey
@@ -345,6 +345,25 @@ class SlotRunner(ModelRows):
         self._steps += 1
         self._longest += 1
         return hidden
+
+    @torch.inference_mode()
+    def record_graphs(self) -> int:
+        """Records the decode step of every (batch bucket, read-length
+        bucket) now, largest batch first (as nano-vllm: the graphs' shared
+        memory is sized by the first), so serving never waits for a capture.
+        Before any row joins: the steps run on the free slots (writing column
+        0 of each, which a prefill overwrites). Returns the graphs held; 0
+        where steps are not recorded (eager)."""
+        if not self.steps.records:
+            return 0
+        if self._index:
+            raise RuntimeError("decode graphs are recorded before rows join")
+        self._graphed_adapters = adapters = tuple(sorted(self.lora.names))
+        for batch in sorted(self.buckets or (self.shape.slots,), reverse=True):
+            for read_length in read_length_buckets(self.slot_tokens):
+                self.steps.run((batch, read_length, adapters),
+                               lambda batch=batch, read_length=read_length: self._decode_step(batch, read_length))
+        return self.steps.graphs
 
     def _decode_step(self, batch: int, read_length: int) -> torch.Tensor:
         """The recorded step: reads the fixed buffers only, writes each row's

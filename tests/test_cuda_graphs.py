@@ -24,7 +24,7 @@ import torch
 from test_engine import PREF, PREF2, chat
 from test_lora import save_random_adapter
 from test_runner import ids
-from test_slot_runner import tokens_by_request
+from test_slot_runner import check, decode_step, tokens_by_request
 
 from pad_core.cuda_graphs import EagerSteps, GraphedSteps, graph_batch_buckets, read_length_bucket
 from pad_core.errors import ModelLoadError
@@ -213,3 +213,27 @@ def test_the_engine_over_graph_buckets_and_mixed_adapters_chooses_the_reference_
         engine.add_reward_adapter("one", str(tmp_path / "one"))
     assert tokens_by_request(pooled, *copy.deepcopy(requests)) == tokens_by_request(reference, *requests)
     assert runner.num_rows == 0 and not any(mask.any() for mask in runner._adapter_masks.values())
+
+
+def test_graphs_are_recorded_ahead_for_every_bucket_and_serving_then_records_none(tiny_model):
+    class Recording(CountingSteps):
+        records = True
+
+        @property
+        def graphs(self):
+            return len(set(self.keys))
+
+    steps = Recording()
+    runner = SlotRunner(tiny_model, slots=10, slot_tokens=200, batch_buckets=graph_batch_buckets(10), steps=steps)
+    assert runner.record_graphs() == 5 * 3  # batch 10, 8, 4, 2, 1 x read 64, 128, 200
+    assert steps.keys[0] == (10, 64, ()) and steps.keys[-1] == (1, 200, ())
+    assert not runner.lengths.any() and not runner.live.any()
+    recorded = set(steps.keys)
+    contexts = {"a": ids(70, 1), "b": ids(5, 2), "c": ids(33, 3)}
+    runner.prefill([NewRow(key, context) for key, context in contexts.items()])
+    for step in range(3):  # the recording's dummy steps left nothing behind
+        check(runner, decode_step(runner, contexts, step), contexts, tiny_model)
+    assert set(steps.keys) == recorded  # every step served from a recorded key
+    with pytest.raises(RuntimeError, match="before rows join"):
+        runner.record_graphs()
+    assert SlotRunner(tiny_model, slots=2, slot_tokens=64).record_graphs() == 0  # eager: nothing to record
