@@ -92,6 +92,7 @@ class GraphedSteps:
         self.device = device
         self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
+        self._side: torch.cuda.Stream | None = None  # warm-up and capture stream, one for all keys
         self._failed = False
 
     @property
@@ -111,22 +112,34 @@ class GraphedSteps:
         return output
 
     def clear(self) -> None:
-        """Drops every graph (the step's code changed: an adapter was added)."""
+        """Drops every graph (the step's code changed: an adapter was added),
+        and their memory pool with them: a pool no graph holds any more
+        cannot be captured into again."""
         self._graphs.clear()
+        self._pool = None
 
     def _record(self, key: Hashable, step: Step) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+        current = None
         try:
-            # Warm-up on a side stream, as torch.cuda.graphs asks: lazy
-            # initialisations (cuBLAS workspaces, autotuning) must not be recorded.
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+            current = torch.cuda.current_stream(self.device)
+            # One side stream for warm-up and capture (each new stream would
+            # get cuBLAS workspaces of its own, never freed). Warm-up first, as
+            # torch.cuda.graphs asks: lazy initialisations (cuBLAS workspaces,
+            # autotuning) must not be recorded.
+            if self._side is None:
+                self._side = torch.cuda.Stream(self.device)
+            self._side.wait_stream(current)
+            with torch.cuda.stream(self._side):
                 step()
-            torch.cuda.current_stream(self.device).wait_stream(side)
+            current.wait_stream(self._side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._side, capture_error_mode="thread_local"):
                 output = step()
         except Exception:
+            # A capture that raises can leave its stream current (graph's
+            # __exit__ ends the capture before it switches back).
+            if current is not None:
+                torch.cuda.set_stream(current)
             logger.warning("CUDA graph capture failed for %s; decoding without graphs", key, exc_info=True)
             self._failed = True
             return None

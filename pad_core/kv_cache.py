@@ -27,6 +27,7 @@ class GrowableKVLayer(DynamicLayer):
 
     def __init__(self, key_buffer: torch.Tensor | None = None, value_buffer: torch.Tensor | None = None, length: int = 0):
         super().__init__()
+        self.is_initialized = False  # transformers 4.56's layer base class does not set it
         self.key_buffer = key_buffer
         self.value_buffer = value_buffer
         self.length = length
@@ -66,7 +67,9 @@ class GrowableKVLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # transformers < 5 passes the cache_position tensor
+            query_length = query_length.shape[0]
         return self.length + query_length, 0
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:

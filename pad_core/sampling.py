@@ -66,6 +66,14 @@ def sampling_probs(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch
     return torch.where(usable, probs, torch.full_like(probs, 1.0 / probs.shape[-1]))
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index [1] drawn from the distribution probs [C], as
+    torch.multinomial(probs, 1) draws it (the same exponential race, the same
+    generator use), without multinomial's two checks that read the device."""
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race).argmax(dim=-1, keepdim=True)
+
+
 def choose_tokens(
     scores: torch.Tensor,
     temperature: Sequence[float],
@@ -94,7 +102,7 @@ def choose_tokens(
         )
         # One draw per row with the row's own generator: a request's samples
         # do not depend on what else is in the batch.
-        draws = torch.cat([torch.multinomial(probs[j], 1, generator=generators[row]) for j, row in enumerate(sampled)])
+        draws = torch.cat([draw(probs[j], generators[row]) for j, row in enumerate(sampled)])
         chosen = chosen.index_copy(0, index, draws)
     return torch.where(usable, chosen, INVALID_TOKEN)
 

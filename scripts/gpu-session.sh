@@ -43,6 +43,14 @@ from pad_core.settings import EMBEDDED_MODEL, EngineSettings
 print(resolve_model_folder(EMBEDDED_MODEL, EngineSettings().cache_dir))')
     mkdir -p "$tokenizer"
     cp "$converted"/tokenizer.json "$converted"/tokenizer_config.json "$converted"/chat_template.jinja "$tokenizer"/
+    # transformers 5 writes its own class name; 4.x (the lent machine may have it) knows the fast tokenizer's
+    "$python" - "$tokenizer/tokenizer_config.json" <<'PY'
+import json, sys
+path = sys.argv[1]
+config = json.load(open(path))
+config["tokenizer_class"] = "PreTrainedTokenizerFast"
+json.dump(config, open(path, "w"), indent=2)
+PY
     du -sh .whl "$tokenizer"
 }
 

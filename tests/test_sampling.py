@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pad_core.sampling import apply_penalties, choose_tokens, top_logprobs, top_p_filter
+from pad_core.sampling import apply_penalties, choose_tokens, draw, top_logprobs, top_p_filter
 
 NEG_INF = float("-inf")
 
@@ -168,3 +168,17 @@ def test_top_logprobs_shapes_and_values():
     assert values.shape == (2, 2) and torch.equal(values, log_probs.gather(1, ids))
     chosen, values, ids = top_logprobs(log_probs, torch.tensor([0, 0]), 0)
     assert values.shape == (2, 0) and ids.shape == (2, 0)
+
+
+def test_a_draw_is_multinomials_draw_without_its_device_reads():
+    """draw() takes multinomial's exponential race: the same index and the
+    same generator state after it, for any distribution (zeros included)."""
+    for seed in range(100):
+        probs = torch.softmax(torch.randn(40, generator=torch.Generator().manual_seed(500 + seed)) * 3, dim=-1)
+        probs[torch.randint(0, 40, (6,), generator=torch.Generator().manual_seed(seed))] = 0.0
+        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        for _ in range(4):
+            index = draw(probs, ours)
+            assert index.shape == (1,) and probs[index] > 0
+            assert index.item() == torch.multinomial(probs, 1, generator=theirs).item()
+        assert torch.equal(ours.get_state(), theirs.get_state())
