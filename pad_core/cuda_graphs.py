@@ -119,27 +119,28 @@ class GraphedSteps:
         self._pool = None
 
     def _record(self, key: Hashable, step: Step) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
-        current = None
         try:
             current = torch.cuda.current_stream(self.device)
             # One side stream for warm-up and capture (each new stream would
-            # get cuBLAS workspaces of its own, never freed). Warm-up first, as
-            # torch.cuda.graphs asks: lazy initialisations (cuBLAS workspaces,
-            # autotuning) must not be recorded.
+            # get cuBLAS workspaces of its own, never freed).
             if self._side is None:
                 self._side = torch.cuda.Stream(self.device)
             self._side.wait_stream(current)
-            with torch.cuda.stream(self._side):
+            with torch.cuda.stream(self._side):  # restores the current stream however it ends
+                # Warm-up first, as torch.cuda.graphs asks: lazy initialisations
+                # (cuBLAS workspaces, autotuning) must not be recorded.
                 step()
+                # capture_begin / capture_end rather than `with torch.cuda.graph`,
+                # whose entry synchronises, collects garbage and empties the
+                # allocator's cache for every one of the dozens of keys.
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                try:
+                    output = step()
+                finally:
+                    graph.capture_end()
             current.wait_stream(self._side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=self._side, capture_error_mode="thread_local"):
-                output = step()
         except Exception:
-            # A capture that raises can leave its stream current (graph's
-            # __exit__ ends the capture before it switches back).
-            if current is not None:
-                torch.cuda.set_stream(current)
             logger.warning("CUDA graph capture failed for %s; decoding without graphs", key, exc_info=True)
             self._failed = True
             return None
