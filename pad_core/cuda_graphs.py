@@ -79,9 +79,11 @@ class EagerSteps:
 
 
 class GraphedSteps:
-    """One CUDA graph per key, recorded the first time the key runs (a few
-    tens of milliseconds), replayed after that. Graphs share one memory pool
-    (they never run concurrently: replays are sequential on one stream).
+    """One CUDA graph per key, recorded the first time the key runs (the
+    slot runner runs every key once when the engine is built,
+    `SlotRunner.record_graphs`), replayed after that. Graphs share one
+    memory pool (they never run concurrently: replays are sequential on one
+    stream).
 
     A capture that fails (an operation CUDA graphs cannot record) is logged
     once and every step runs eagerly from then on: slower, never wrong."""
