@@ -196,24 +196,22 @@ def run_anchor(model, tokenizer, prompt_ids: list[int], concurrency: int, tokens
                ) -> tuple[str, float, float, float | None]:
     """(name, seconds, tok/s, p50 inter-token latency or None) of transformers'
     own batching: `generate_batch` (continuous batching) on CUDA where the
-    installed transformers has it, else `generate()` with a static cache."""
+    installed transformers has it, else `generate()` with a static cache
+    (not compiled: compiling each batch shape would take minutes of a lent
+    GPU; the name says so)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if device.type == "cuda" and hasattr(model, "generate_batch"):
         try:
-            config = GenerationConfig(max_new_tokens=tokens, do_sample=False, eos_token_id=-1, pad_token_id=pad_id)
-            model.generate_batch([list(prompt_ids)] * concurrency, generation_config=config, progress_bar=False)  # warm-up
-            outputs = model.generate_batch([list(prompt_ids)] * concurrency, generation_config=config,
-                                           record_timestamps=True, progress_bar=False).values()
-            start = min(o.created_time for o in outputs)
-            end = max(o.timestamps[-1] for o in outputs)
-            generated = sum(len(o.generated_tokens) for o in outputs)
-            gaps = [b - a for o in outputs for a, b in zip(o.timestamps, o.timestamps[1:])]
-            return "generate_batch", end - start, generated / (end - start), statistics.median(gaps)
+            return ("generate_batch", *run_generate_batch(model, prompt_ids, concurrency, tokens, pad_id))
         except Exception as exc:
             logger.warning("generate_batch failed (%s); generate() with a static cache instead", exc)
     ids = torch.tensor([list(prompt_ids)] * concurrency, device=device)
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                   cache_implementation="static", pad_token_id=pad_id)
+    name = "generate(static)"
+    if device.type == "cuda" and hasattr(GenerationConfig(), "disable_compile"):
+        kwargs["disable_compile"] = True
+        name = "generate(static, eager)"
     with torch.inference_mode():
         model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
         start = time.perf_counter()
@@ -222,7 +220,35 @@ def run_anchor(model, tokenizer, prompt_ids: list[int], concurrency: int, tokens
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
     generated = (out.shape[1] - ids.shape[1]) * concurrency
-    return "generate(static)", seconds, generated / seconds, None
+    return name, seconds, generated / seconds, None
+
+
+def run_generate_batch(model, prompt_ids: list[int], concurrency: int, tokens: int, pad_id: int
+                       ) -> tuple[float, float, float | None]:
+    """(seconds, tok/s, p50 inter-token latency or None) of one generate_batch
+    call: from the per-token timestamps where this transformers records them
+    (5.x: record_timestamps), else timed around the call (4.5x); the
+    latency only with timestamps."""
+    import inspect
+
+    config = GenerationConfig(max_new_tokens=tokens, do_sample=False, eos_token_id=-1, pad_token_id=pad_id)
+    extra = {"progress_bar": False}
+    if "record_timestamps" in inspect.signature(model.generate_batch).parameters:
+        extra["record_timestamps"] = True
+    prompts = [list(prompt_ids)] * concurrency
+    model.generate_batch(prompts, generation_config=config, **extra)  # warm-up
+    start = time.perf_counter()
+    outputs = model.generate_batch(prompts, generation_config=config, **extra)
+    seconds = time.perf_counter() - start
+    outputs = list(outputs.values()) if isinstance(outputs, dict) else list(outputs)
+    generated = sum(len(o.generated_tokens) for o in outputs)
+    if len(outputs) != concurrency or generated < concurrency * tokens:
+        raise RuntimeError(f"generate_batch returned {len(outputs)} answers, {generated} tokens")
+    stamps = [getattr(o, "timestamps", None) or [] for o in outputs]
+    if all(stamps):  # the generation itself, without the manager's start and stop
+        seconds = max(s[-1] for s in stamps) - min(o.created_time for o in outputs)
+    gaps = [b - a for s in stamps for a, b in zip(s, s[1:])]
+    return seconds, generated / seconds, statistics.median(gaps) if gaps else None
 
 
 def free_memory(device: torch.device) -> None:
@@ -287,7 +313,7 @@ def bench_model(name: str, tokenizer, args, device: torch.device, dtype: torch.d
 
 
 def find(results: list[Result], model: str, runner: str, mode: str, concurrency: int) -> Result | None:
-    anchors = ("generate_batch", "generate(static)")
+    anchors = ("generate_batch", "generate(static)", "generate(static, eager)")
     for result in results:
         if (result.model, result.mode, result.concurrency) == (model, mode, concurrency) and (
             result.runner == runner or (runner == "anchor" and result.runner in anchors)
