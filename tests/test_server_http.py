@@ -126,3 +126,45 @@ def test_a_dropped_stream_frees_its_rows(open_server):
         time.sleep(0.02)
     assert worker.engine.stats()["running_rows"] == 0
     assert 'pad_requests_total{status="499"}' in httpx.get(f"{url}/metrics").text
+
+
+async def test_the_pool_backend_with_chunked_prefill_serves_the_reference_answers(tmp_path):
+    """The gateway over a worker on the slots backend writing prompts in
+    16-token pieces: concurrent streamed PAD and plain answers are the
+    transformers runner's, and a stream dropped while its prompt is still
+    being written frees its rows."""
+    import asyncio
+
+    from pad_core.settings import EngineSettings
+    from pad_core.testing import tiny_engine
+
+    async def answers(url: str) -> list[str]:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+        async def one(preference, question):
+            stream = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=12, temperature=0,
+                stream=True, extra_body={"preference": preference, "ignore_eos": True})
+            return "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+
+        questions = ["How do I sleep better?", "Tell me about gardening and compost. " * 8, "Hi"]
+        return await asyncio.gather(*(one(pref, q) for pref in (None, ["short answers", "humour"]) for q in questions))
+
+    results = []
+    for settings in (EngineSettings(), EngineSettings(backend="slots", kv_pool_gib=0.03, max_prefill_tokens=16)):
+        engine = tiny_engine(settings)
+        with worker_thread(engine=engine) as (address, worker), uvicorn_server(
+            create_app(ServerSettings(worker_address=address, data_dir=tmp_path / settings.backend))
+        ) as url:
+            results.append(await answers(url))
+            if settings.backend == "slots":
+                client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+                stream = client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "Tell me about compost. " * 40}],
+                    max_tokens=50, stream=True, extra_body={"preference": "short answers"})
+                stream.response.close()  # before its first token: the prompt is still being written
+                deadline = time.monotonic() + 10
+                while worker.engine.stats()["running_rows"] and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                assert worker.engine.stats() == {"running_requests": 0, "running_rows": 0, "waiting_requests": 0}
+    assert results[1] == results[0] and all(results[0])
