@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -318,6 +319,33 @@ class Formatter:
 
     def done(self) -> list[str]:
         return ["data: [DONE]\n\n"]
+
+
+class ChunkFormatter(Formatter):
+    """The streams of chat and text completions: `data:` chunks of one
+    object type with the choices' deltas, usage where asked (on the last
+    chunk, or on each with vLLM's continuous_usage_stats), an error as its
+    OpenAI body. `body` is the request (include_usage, continuous_usage)."""
+
+    chunk_object: str
+
+    def __init__(self, body):
+        self.body = body
+
+    def chunk(self, generation: Generation, choices: list[dict], usage: dict | None = None, **extra) -> str:
+        data = {"id": generation.id, "object": self.chunk_object, "created": generation.created,
+                "model": generation.model, "choices": choices, **extra}
+        if usage is not None:
+            data["usage"] = usage
+        elif self.body.continuous_usage:
+            data["usage"] = usage_of(generation.choices)
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    def closing(self, generation: Generation, usage: dict) -> list[str]:
+        return [self.chunk(generation, [], usage)] if self.body.include_usage else []
+
+    def error(self, generation: Generation, error: APIError) -> list[str]:
+        return [f"data: {json.dumps(error.body())}\n\n"]
 
 
 async def stream_events(generation: Generation, formatter: Formatter,

@@ -4,7 +4,6 @@ this module only shapes chat.completion(.chunk) objects."""
 
 from __future__ import annotations
 
-import json
 import uuid
 
 from fastapi import APIRouter, Depends, Request
@@ -13,11 +12,10 @@ from fastapi.responses import JSONResponse
 from pad_core.types import ChatRequest
 from server.auth import Scope, key_scope
 from server.auth_scopes import chat_user
-from server.errors import APIError
 from server.generation import (
     ChoiceState,
+    ChunkFormatter,
     Delta,
-    Formatter,
     Generation,
     check_fan_out,
     check_model,
@@ -86,18 +84,9 @@ async def _chat(body: ChatCompletionRequest, request: Request, scope):
     return JSONResponse(formatter.response(generation, choices))
 
 
-class ChatFormatter(Formatter):
-    def __init__(self, body: ChatCompletionRequest):
-        self.body = body
-
-    def chunk(self, generation: Generation, choices: list[dict], usage: dict | None = None, **extra) -> str:
-        data = {"id": generation.id, "object": "chat.completion.chunk", "created": generation.created,
-                "model": generation.model, "choices": choices, **extra}
-        if usage is not None:
-            data["usage"] = usage
-        elif self.body.continuous_usage:
-            data["usage"] = usage_of(generation.choices)
-        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+class ChatFormatter(ChunkFormatter):
+    chunk_object = "chat.completion.chunk"
+    body: ChatCompletionRequest
 
     def opening(self, generation: Generation) -> list[str]:
         """The role of every choice (content null before tool calls, as OpenAI's),
@@ -126,12 +115,6 @@ class ChatFormatter(Formatter):
             "logprobs": {"content": logprobs} if logprobs else None,
             "finish_reason": delta.finish_reason,
         }])]  # fmt: skip
-
-    def closing(self, generation: Generation, usage: dict) -> list[str]:
-        return [self.chunk(generation, [], usage)] if self.body.include_usage else []
-
-    def error(self, generation: Generation, error: APIError) -> list[str]:
-        return [f"data: {json.dumps(error.body())}\n\n"]
 
     def message(self, choice: ChoiceState) -> tuple[dict, str | None]:
         if choice.tool_calls is None:

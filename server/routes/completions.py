@@ -7,7 +7,6 @@ preference template (pad_core.prompting.PromptBuilder.encode_text)."""
 
 from __future__ import annotations
 
-import json
 import uuid
 
 from fastapi import APIRouter, Depends, Request
@@ -16,11 +15,10 @@ from fastapi.responses import JSONResponse
 from pad_core.types import TextRequest, TokenLogprob
 from server.auth import Scope, key_scope
 from server.auth_scopes import chat_user
-from server.errors import APIError
 from server.generation import (
     ChoiceState,
+    ChunkFormatter,
     Delta,
-    Formatter,
     Generation,
     check_fan_out,
     check_model,
@@ -89,9 +87,12 @@ def legacy_logprobs(entries: list[TokenLogprob], offset: int) -> dict:
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
-class CompletionFormatter(Formatter):
+class CompletionFormatter(ChunkFormatter):
+    chunk_object = "text_completion"
+    body: CompletionRequest
+
     def __init__(self, body: CompletionRequest, prompts: list):
-        self.body = body
+        super().__init__(body)
         self.prompts = prompts
         self.echoed: set[int] = set()
         self.offsets: dict[int, int] = {}
@@ -99,15 +100,6 @@ class CompletionFormatter(Formatter):
 
     def echo(self, choice: ChoiceState) -> str:
         return self.prompts[choice.group] if self.body.echo else ""
-
-    def chunk(self, generation: Generation, choices: list[dict], usage: dict | None = None, **extra) -> str:
-        data = {"id": generation.id, "object": "text_completion", "created": generation.created,
-                "model": generation.model, "choices": choices, **extra}
-        if usage is not None:
-            data["usage"] = usage
-        elif self.body.continuous_usage:
-            data["usage"] = usage_of(generation.choices)
-        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     def delta(self, generation: Generation, choice: ChoiceState, delta: Delta) -> list[str]:
         text = delta.text
@@ -122,12 +114,6 @@ class CompletionFormatter(Formatter):
         self.pad_sent = True
         return [self.chunk(generation, [{"index": choice.index, "text": text, "logprobs": logprobs,
                                          "finish_reason": delta.finish_reason}], **extra)]
-
-    def closing(self, generation: Generation, usage: dict) -> list[str]:
-        return [self.chunk(generation, [], usage)] if self.body.include_usage else []
-
-    def error(self, generation: Generation, error: APIError) -> list[str]:
-        return [f"data: {json.dumps(error.body())}\n\n"]
 
     def response(self, generation: Generation, choices: list[ChoiceState]) -> dict:
         out = []
