@@ -40,14 +40,12 @@ def read_length_bucket(needed: int, slot_tokens: int, smallest: int = SMALLEST_R
     slot's size. At most 2x the columns needed, log2(slot_tokens) graphs."""
     if needed > slot_tokens:
         raise ValueError(f"{needed} columns do not fit a {slot_tokens}-token slot")
-    bucket = smallest
-    while bucket < needed:
-        bucket *= 2
-    return min(bucket, slot_tokens)
+    return next(size for size in read_length_buckets(slot_tokens, smallest) if size >= needed)
 
 
 def read_length_buckets(slot_tokens: int, smallest: int = SMALLEST_READ) -> tuple[int, ...]:
-    """Every read length `read_length_bucket` can give for this slot size."""
+    """Every read length `read_length_bucket` can give for this slot size:
+    smallest, 2 x smallest, ... below slot_tokens, then slot_tokens."""
     sizes, size = [], smallest
     while size < slot_tokens:
         sizes.append(size)

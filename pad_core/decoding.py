@@ -12,7 +12,7 @@ import torch
 
 from pad_core.guidance import NEG_INF, guided_scores, personalized_reward, prescreen
 from pad_core.sampling import INVALID_TOKEN, choose_tokens
-from pad_core.transfer import to_device
+from pad_core.transfer import select_rows, to_device
 
 
 @dataclass(frozen=True)
@@ -98,16 +98,9 @@ def next_tokens(inputs: StepInputs) -> torch.Tensor:
     return tokens
 
 
-def _rows_of(tensor: torch.Tensor, rows: list[int], count: int) -> torch.Tensor:
-    """tensor[rows] on its device; the tensor itself when rows are all of its `count` rows."""
-    if len(rows) == count:
-        return tensor
-    return tensor[to_device(rows, torch.long, tensor.device)]
-
-
 def _plain_tokens(inputs: StepInputs, rows: list[int]) -> torch.Tensor:
     return choose_tokens(
-        _rows_of(inputs.base_logits, rows, inputs.base_logits.shape[0]),
+        select_rows(inputs.base_logits, rows),
         [inputs.temperature[i] for i in rows],
         [inputs.top_p[i] for i in rows],
         [inputs.generators[i] for i in rows],
@@ -115,18 +108,18 @@ def _plain_tokens(inputs: StepInputs, rows: list[int]) -> torch.Tensor:
 
 
 def _guided_tokens(inputs: StepInputs, rows: list[int]) -> torch.Tensor:
-    count, device = inputs.base_logits.shape[0], inputs.base_logits.device
+    device = inputs.base_logits.device
     # Renumber owners into positions within `rows` (host).
     position = {row: index for index, row in enumerate(rows)}
     owner = to_device([position[row] for row in inputs.reward_owner.tolist()], torch.long, device)
 
-    base = _rows_of(inputs.base_logits, rows, count)
+    base = select_rows(inputs.base_logits, rows)
     top_k = inputs.top_k[rows].tolist()  # host
     min_p = None if inputs.min_p is None else to_device(inputs.min_p[rows], torch.float32, device)
     candidates, valid = prescreen(base, to_device(top_k, torch.long, device), min_p, k_max=max(top_k))  # [G, K]
     base_candidates = base.gather(1, candidates)
     unpenalised = inputs.unpenalised_base_logits
-    reward_base = base_candidates if unpenalised is None else _rows_of(unpenalised, rows, count).gather(1, candidates)
+    reward_base = base_candidates if unpenalised is None else select_rows(unpenalised, rows).gather(1, candidates)
     reward_candidates = inputs.reward_logits_at(candidates[owner])  # [M, K]
     rewards = personalized_reward(reward_candidates, reward_base[owner], valid[owner])
     scores = guided_scores(

@@ -36,7 +36,7 @@ from pad_core.runner import BASE_RUNNER, NewRow, RewardSource, Runner
 from pad_core.sampling import INVALID_TOKEN, apply_penalties, apply_sampling_controls, top_logprobs
 from pad_core.settings import EngineSettings
 from pad_core.structured import StructuredOutputs, check_spec
-from pad_core.transfer import to_device
+from pad_core.transfer import select_rows, to_device
 from pad_core.types import ChatRequest, GenerationRequest, RequestLimits, RewardPrompt, StepOutput, TokenLogprob
 from pad_core.validation import TEMPERATURE_FLOOR
 
@@ -346,7 +346,7 @@ class PadEngine:
         not usable), and its logprobs where asked."""
         base_hidden, base_index = hidden[BASE_RUNNER]
         base_rows = [base_index[state.base_key] for state in states]
-        raw_base = self.runners[BASE_RUNNER].logits(rows_of(base_hidden, base_rows))
+        raw_base = self.runners[BASE_RUNNER].logits(select_rows(base_hidden, base_rows))
         base = apply_sampling_controls(self._penalised(states, raw_base), states)  # vLLM extensions, logit_bias
         reward_rows = [(position, ref) for position, state in enumerate(states) for ref in state.reward_rows]
         # Per-request settings stay on the host (next_tokens sends them without a sync).
@@ -395,7 +395,7 @@ class PadEngine:
 
     def _runner_logits_at(self, runner_name: str, refs, hidden, candidates: torch.Tensor) -> torch.Tensor:
         runner_hidden, index = hidden[runner_name]
-        rows = rows_of(runner_hidden, [index[ref.key] for ref in refs])
+        rows = select_rows(runner_hidden, [index[ref.key] for ref in refs])
         return self.runners[runner_name].logits_at(rows, candidates)
 
     def _penalised(self, states: list[RequestState], base: torch.Tensor) -> torch.Tensor:
@@ -583,14 +583,6 @@ def prompt_spans(lengths: list[int], progress: int, advance: int) -> list[tuple[
     together."""
     longest = max(lengths)
     return [(max(0, progress - (longest - n)), max(0, min(n, progress + advance - (longest - n)))) for n in lengths]
-
-
-def rows_of(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """hidden[rows] (rows given on the host); a view when rows are 0..n-1
-    (a batch in order: no gather)."""
-    if rows == list(range(len(rows))):
-        return hidden[: len(rows)]
-    return hidden[to_device(rows, torch.long, hidden.device)]
 
 
 def max_token_chars(tokenizer) -> int:

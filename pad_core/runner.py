@@ -147,6 +147,14 @@ class ModelRows:
         self._index: dict[RowKey, int] = {}
         self._index_view = MappingProxyType(self._index)
 
+    @property
+    def vocab_size(self) -> int:
+        return self.head.vocab_size
+
+    @property
+    def num_rows(self) -> int:
+        return len(self._index)
+
     def row_index(self) -> Mapping[RowKey, int]:
         return self._index_view
 
@@ -180,14 +188,6 @@ class TransformersRunner(ModelRows):
         self.cache = None
         self.attention_mask: torch.Tensor | None = None  # [B, L] 1 = real token
         self.next_positions: torch.Tensor | None = None  # [B] position id of the next input
-
-    @property
-    def vocab_size(self) -> int:
-        return self.head.vocab_size
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.row_keys)
 
     @property
     def batch_size(self) -> int:

@@ -113,15 +113,6 @@ def decode_batch_size(high_water: int, buckets: Sequence[int] | None) -> int:
     return next(size for size in buckets if size >= high_water)
 
 
-def power_of_two_buckets(slots: int) -> tuple[int, ...]:
-    """1, 2, 4, ... below `slots`, then `slots` itself."""
-    sizes, size = [], 1
-    while size < slots:
-        sizes.append(size)
-        size *= 2
-    return (*sizes, slots)
-
-
 def model_kv_geometry(model) -> tuple[int, int, int]:
     """(layers, kv_heads, head_dim) of a transformers causal LM."""
     config = model.config.get_text_config()
@@ -222,7 +213,7 @@ class SlotRunner(ModelRows):
             raise ModelLoadError(f"the slots backend supports attention {SUPPORTED_ATTENTION}, not {implementation!r}")
         if use_grouped_decode_attention(model):  # decode steps read each KV head once (pad_core.attention)
             implementation = "sdpa"  # its masks are SDPA's
-        super().__init__(model, pad_token_id, fingerprint)  # self._index: row key -> slot
+        super().__init__(model, pad_token_id, fingerprint)  # self._index: row key -> slot (num_rows counts it)
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
         self._attention = implementation
@@ -255,14 +246,6 @@ class SlotRunner(ModelRows):
         logger.info("KV pool: %d slots x %d tokens, %.2f GiB", slots, slot_tokens, self.shape.bytes / 2**30)
 
     # ---- the Runner protocol ---------------------------------------------
-    @property
-    def vocab_size(self) -> int:
-        return self.head.vocab_size
-
-    @property
-    def num_rows(self) -> int:
-        return len(self._index)
-
     @property
     def batch_size(self) -> int:
         return decode_batch_size(self._high_water, self.buckets) if self._index else 0

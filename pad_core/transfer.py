@@ -25,6 +25,14 @@ def to_device(values: Sequence | torch.Tensor, dtype: torch.dtype, device: torch
     return host.to(device, non_blocking=True)
 
 
+def select_rows(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """tensor[rows], rows given on the host; a view when rows are 0..n-1 (in
+    order: no gather, no copy to the device)."""
+    if rows == list(range(len(rows))):
+        return tensor[: len(rows)]
+    return tensor[to_device(rows, torch.long, tensor.device)]
+
+
 def copy_to(target: torch.Tensor, values: torch.Tensor) -> None:
     """target[...] = values (a host tensor of the same shape), without a sync."""
     if target.device.type == "cuda" and values.device.type == "cpu":

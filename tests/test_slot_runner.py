@@ -14,6 +14,7 @@ from test_engine import PREF, PREF2, _scenario, chat, run, run_one
 from test_lora import save_random_adapter
 from test_runner import ids, recomputed
 
+from pad_core.cuda_graphs import read_length_buckets
 from pad_core.errors import ModelLoadError
 from pad_core.lora import NO_ADAPTER
 from pad_core.runner import BASE_RUNNER, NewRow, Runner, TransformersRunner
@@ -21,7 +22,6 @@ from pad_core.slot_runner import (
     SlotRunner,
     decode_batch_size,
     kv_bytes_per_token,
-    power_of_two_buckets,
     slot_tokens_for_budget,
 )
 from pad_core.testing import tiny_model
@@ -45,8 +45,8 @@ def test_pool_sizing_and_batch_buckets():
     assert slot_tokens_for_budget(2**40, 96, per_token, 8192) == 8192  # capped by the context length
     with pytest.raises(ModelLoadError, match="only 10 tokens"):
         slot_tokens_for_budget(96 * 10 * per_token, 96, per_token, 8192)
-    assert power_of_two_buckets(96) == (1, 2, 4, 8, 16, 32, 64, 96)
-    assert power_of_two_buckets(1) == (1,)
+    assert read_length_buckets(96, smallest=1) == (1, 2, 4, 8, 16, 32, 64, 96)
+    assert read_length_buckets(1, smallest=1) == (1,)
     assert decode_batch_size(5, None) == 5
     assert decode_batch_size(5, (1, 2, 4, 8, 96)) == 8
     assert decode_batch_size(96, (1, 2, 4, 8, 96)) == 96
