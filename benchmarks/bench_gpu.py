@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from pad_core.attention import GROUPED_DECODE
+from pad_core.attention import GROUPED_DECODE, set_attention_implementation
 from pad_core.engine import PadEngine
 from pad_core.model_loading import engine_for_model, load_causal_lm, resolve_device, resolve_dtype
 from pad_core.prompting import PromptBuilder
@@ -257,12 +257,6 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def set_attention(model, implementation: str) -> None:
-    """Sets the model's attention implementation (a name transformers knows)."""
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        config._attn_implementation = implementation
-
-
 def runners(args, device: torch.device) -> list[str]:
     """The engine backends to measure: the reference first (`same` compares to it)."""
     chosen = ["transformers", "slots", "cuda"] if device.type == "cuda" else ["transformers", "slots"]
@@ -286,7 +280,7 @@ def bench_model(name: str, tokenizer, args, device: torch.device, dtype: torch.d
             for backend in runners(args, device):
                 # the pool runners switch the model to their decode attention; the others measure the model's own
                 pooled = backend != "transformers" and attention == "sdpa"
-                set_attention(model, GROUPED_DECODE if pooled else attention)
+                set_attention_implementation(model, GROUPED_DECODE if pooled else attention)
                 engine = engine_for_model(model, tokenizer, engine_settings(backend, device, dtype, model, top, args.tokens))
                 seconds, tok_s, itl, chosen[backend] = run_engine(engine, concurrency, args.tokens, pad)
                 same = chosen[backend] == chosen["transformers"] if backend != "transformers" and "transformers" in chosen else None
@@ -297,7 +291,7 @@ def bench_model(name: str, tokenizer, args, device: torch.device, dtype: torch.d
                 del engine
                 free_memory(device)
         if args.anchor:
-            set_attention(model, attention)
+            set_attention_implementation(model, attention)
             prompt_ids = PromptBuilder(tokenizer, DEFAULT_PREFERENCE_TEMPLATE).encode(PROMPT)
             runner, seconds, tok_s, itl = run_anchor(model, tokenizer, prompt_ids, concurrency, args.tokens, device)
             results.append(Result(name, runner, "plain", concurrency, concurrency * args.tokens, seconds, tok_s,

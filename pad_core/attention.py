@@ -68,6 +68,12 @@ def use_grouped_decode_attention(model: torch.nn.Module) -> bool:
         return False
     AttentionMaskInterface.register(GROUPED_DECODE, sdpa_mask)
     AttentionInterface.register(GROUPED_DECODE, attention)
-    for part in {id(c): c for c in (model.config, config)}.values():
-        part._attn_implementation = GROUPED_DECODE
+    set_attention_implementation(model, GROUPED_DECODE)
     return True
+
+
+def set_attention_implementation(model: torch.nn.Module, name: str) -> None:
+    """Sets the attention implementation (a name transformers knows) on the
+    model's config and its text config (the same object for most models)."""
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config._attn_implementation = name
