@@ -30,6 +30,12 @@ but a smoke run's numbers mean nothing.
 `same` says whether a pool runner chose the same tokens as the transformers
 runner on that load (float32: must be yes; bfloat16: kernels of other batch
 shapes may round differently).
+
+A lent GPU's time is short, so the bars' rows come first: our runner, then
+the anchor, then the transformers runner, then the pool without graphs; at
+each, the highest concurrency first, PAD before plain. With `--json` the
+results (and the table) are rewritten after every row, so a run stopped by
+a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -41,10 +47,12 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from pad_core.attention import GROUPED_DECODE, set_attention_implementation
@@ -226,9 +234,13 @@ def run_anchor(model, tokenizer, prompt_ids: list[int], concurrency: int, tokens
 def run_generate_batch(model, prompt_ids: list[int], concurrency: int, tokens: int, pad_id: int
                        ) -> tuple[float, float, float | None]:
     """(seconds, tok/s, p50 inter-token latency or None) of one generate_batch
-    call: from the per-token timestamps where this transformers records them
-    (5.x: record_timestamps), else timed around the call (4.5x); the
-    latency only with timestamps."""
+    call. Where this transformers records per-token timestamps (5.x:
+    record_timestamps), it is timed from its first token to its last and
+    credited with the tokens after the first: each call builds its paged
+    cache and manager thread before its first token (~1 s on a CPU), which
+    our engine does once when it is built, and leaving its prefill out as
+    well errs in the anchor's favour. Else (4.5x) timed around the call,
+    with no latency."""
     import inspect
 
     config = GenerationConfig(max_new_tokens=tokens, do_sample=False, eos_token_id=-1, pad_token_id=pad_id)
@@ -236,7 +248,8 @@ def run_generate_batch(model, prompt_ids: list[int], concurrency: int, tokens: i
     if "record_timestamps" in inspect.signature(model.generate_batch).parameters:
         extra["record_timestamps"] = True
     prompts = [list(prompt_ids)] * concurrency
-    model.generate_batch(prompts, generation_config=config, **extra)  # warm-up
+    warm = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=pad_id)
+    model.generate_batch(prompts, generation_config=warm, **extra)  # kernels for these shapes
     start = time.perf_counter()
     outputs = model.generate_batch(prompts, generation_config=config, **extra)
     seconds = time.perf_counter() - start
@@ -245,8 +258,9 @@ def run_generate_batch(model, prompt_ids: list[int], concurrency: int, tokens: i
     if len(outputs) != concurrency or generated < concurrency * tokens:
         raise RuntimeError(f"generate_batch returned {len(outputs)} answers, {generated} tokens")
     stamps = [getattr(o, "timestamps", None) or [] for o in outputs]
-    if all(stamps):  # the generation itself, without the manager's start and stop
-        seconds = max(s[-1] for s in stamps) - min(o.created_time for o in outputs)
+    if all(len(s) > 1 for s in stamps):
+        seconds = max(s[-1] for s in stamps) - min(s[0] for s in stamps)
+        generated = sum(len(s) - 1 for s in stamps)
     gaps = [b - a for s in stamps for a, b in zip(s, s[1:])]
     return seconds, generated / seconds, statistics.median(gaps) if gaps else None
 
@@ -258,49 +272,75 @@ def free_memory(device: torch.device) -> None:
 
 
 def runners(args, device: torch.device) -> list[str]:
-    """The engine backends to measure: the reference first (`same` compares to it)."""
-    chosen = ["transformers", "slots", "cuda"] if device.type == "cuda" else ["transformers", "slots"]
+    """What to measure on a model, most needed first, so that a run a lent
+    device's time limit cuts short has the bars' rows: our runner (the
+    cuda pool on CUDA), transformers' own batching (the anchor), today's
+    transformers runner (slow: minutes at 64 concurrent), the pool without
+    graphs."""
+    chosen = ["cuda", "anchor", "transformers", "slots"] if device.type == "cuda" else ["slots", "anchor", "transformers"]
     if args.skip_transformers:
         chosen.remove("transformers")
     if args.skip_slots and device.type == "cuda":
         chosen.remove("slots")
+    if not args.anchor:
+        chosen.remove("anchor")
     return chosen
 
 
-def bench_model(name: str, tokenizer, args, device: torch.device, dtype: torch.dtype) -> list[Result]:
+def loads(concurrencies: list[int]) -> list[tuple[int, str]]:
+    """(concurrency, mode), the bars' loads first: the highest concurrency,
+    PAD before plain; the table is sorted when it is rendered."""
+    return [(concurrency, mode) for concurrency in sorted(concurrencies, reverse=True) for mode in ("pad", "plain")]
+
+
+def bench_model(name: str, tokenizer, args, device: torch.device, dtype: torch.dtype,
+                report: Callable[[Result], None]) -> None:
+    """Every load on `name`, each result passed to `report` as it comes (a
+    run cut short by a device's time limit keeps what it measured). One
+    engine per backend serves every load, as a server's would: graphs are
+    recorded once per model, not once per load. `same` compares a pool
+    runner's tokens to the transformers runner's, whichever ran first."""
     model, description = build_model(name, tokenizer, device, dtype)
     logger.info("%s: %s, %.2fB parameters, %s", name, description, parameter_count(model) / 1e9, dtype)
-    results: list[Result] = []
-    top = max(args.concurrency)
     attention = model.config.get_text_config()._attn_implementation
-    for concurrency in args.concurrency:
-        for pad in (False, True):
-            mode = "pad" if pad else "plain"
-            chosen = {}
-            for backend in runners(args, device):
-                # the pool runners switch the model to their decode attention; the others measure the model's own
-                pooled = backend != "transformers" and attention == "sdpa"
-                set_attention_implementation(model, GROUPED_DECODE if pooled else attention)
-                engine = engine_for_model(model, tokenizer, engine_settings(backend, device, dtype, model, top, args.tokens))
-                seconds, tok_s, itl, chosen[backend] = run_engine(engine, concurrency, args.tokens, pad)
-                same = chosen[backend] == chosen["transformers"] if backend != "transformers" and "transformers" in chosen else None
-                graphs = engine.runners["base"].steps.graphs if backend == "cuda" else None
-                results.append(Result(name, backend, mode, concurrency, sum(map(len, chosen[backend].values())),
-                                      seconds, tok_s, itl * 1e3, same, graphs))
-                logger.info("%s", results[-1])
-                del engine
-                free_memory(device)
-        if args.anchor:
-            set_attention_implementation(model, attention)
-            prompt_ids = PromptBuilder(tokenizer, DEFAULT_PREFERENCE_TEMPLATE).encode(PROMPT)
-            runner, seconds, tok_s, itl = run_anchor(model, tokenizer, prompt_ids, concurrency, args.tokens, device)
-            results.append(Result(name, runner, "plain", concurrency, concurrency * args.tokens, seconds, tok_s,
-                                  None if itl is None else itl * 1e3))
-            logger.info("%s", results[-1])
-            free_memory(device)
+    chosen: dict[tuple[str, int, str], dict[str, list[int]]] = {}  # (backend, concurrency, mode): tokens by request
+    reported: dict[tuple[str, int, str], Result] = {}
+    for backend in runners(args, device):
+        if backend == "anchor":
+            bench_anchor(name, model, tokenizer, attention, args, device, report)
+            continue
+        # the pool runners switch the model to their decode attention; the others measure the model's own
+        pooled = backend != "transformers" and attention == "sdpa"
+        set_attention_implementation(model, GROUPED_DECODE if pooled else attention)
+        top = max(args.concurrency)
+        engine = engine_for_model(model, tokenizer, engine_settings(backend, device, dtype, model, top, args.tokens))
+        for concurrency, mode in loads(args.concurrency):
+            seconds, tok_s, itl, tokens = run_engine(engine, concurrency, args.tokens, mode == "pad")
+            chosen[backend, concurrency, mode] = tokens
+            graphs = engine.runners["base"].steps.graphs if backend == "cuda" else None
+            result = Result(name, backend, mode, concurrency, sum(map(len, tokens.values())), seconds, tok_s,
+                            itl * 1e3, None, graphs)
+            reported[backend, concurrency, mode] = result
+            for pool in ("cuda", "slots"):  # whichever of the pair came second settles `same`
+                if (pool, concurrency, mode) in reported and ("transformers", concurrency, mode) in chosen:
+                    reported[pool, concurrency, mode].same = (
+                        chosen[pool, concurrency, mode] == chosen["transformers", concurrency, mode])
+            report(result)
+        del engine
+        free_memory(device)
     del model
     free_memory(device)
-    return results
+
+
+def bench_anchor(name: str, model, tokenizer, attention: str, args, device: torch.device,
+                 report: Callable[[Result], None]) -> None:
+    set_attention_implementation(model, attention)
+    prompt_ids = PromptBuilder(tokenizer, DEFAULT_PREFERENCE_TEMPLATE).encode(PROMPT)
+    for concurrency in sorted(args.concurrency, reverse=True):
+        runner, seconds, tok_s, itl = run_anchor(model, tokenizer, prompt_ids, concurrency, args.tokens, device)
+        report(Result(name, runner, "plain", concurrency, concurrency * args.tokens, seconds, tok_s,
+                      None if itl is None else itl * 1e3))
+        free_memory(device)
 
 
 # ---- the table and the bars ---------------------------------------------------------------------
@@ -340,7 +380,8 @@ def render(results: list[Result], device_name: str, quick: bool) -> str:
     lines = [f"device: {device_name}", "",
              "| model | runner | mode | concurrency | tok/s | p50 inter-token ms | same tokens | graphs |",
              "| --- | --- | --- | ---: | ---: | ---: | :---: | ---: |"]
-    for r in results:
+    order = {runner: index for index, runner in enumerate(("cuda", "slots", "transformers"))}
+    for r in sorted(results, key=lambda r: (r.model, order.get(r.runner, len(order)), r.concurrency, r.mode != "plain")):
         itl = "n/a" if r.itl_p50_ms is None else f"{r.itl_p50_ms:.2f}"
         same = "" if r.same is None else ("yes" if r.same else "no")
         graphs = "" if r.graphs is None else str(r.graphs)
@@ -355,6 +396,11 @@ def render(results: list[Result], device_name: str, quick: bool) -> str:
     if quick:
         lines += ["", "(--quick: a smoke run on the tiny model; the bars are not meaningful)"]
     return "\n".join(lines)
+
+
+def write_json(path: Path, results: list[Result], device_name: str, quick: bool) -> None:
+    path.write_text(json.dumps({"device": device_name, "results": [asdict(r) for r in results],
+                                "bars": bar_values(results), "table": render(results, device_name, quick)}, indent=2))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -388,15 +434,18 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float32 if args.quick and device.type == "cpu" else resolve_dtype(args.dtype, device)
     tokenizer = load_tokenizer(args.tokenizer)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    device_name += f", torch {torch.__version__}, {dtype}"
+    device_name += f", torch {torch.__version__}, transformers {transformers.__version__}, {dtype}"
     results: list[Result] = []
+
+    def report(result: Result) -> None:
+        logger.info("%s", result)
+        results.append(result)
+        if args.json:  # rewritten after every result: a run cut short keeps what it measured
+            write_json(args.json, results, device_name, args.quick)
+
     for name in args.models:
-        results += bench_model(name, tokenizer, args, device, dtype)
-    table = render(results, device_name, args.quick)
-    sys.stdout.write(table + "\n")
-    if args.json:
-        args.json.write_text(json.dumps({"device": device_name, "results": [asdict(r) for r in results],
-                                         "bars": bar_values(results)}, indent=2))
+        bench_model(name, tokenizer, args, device, dtype, report)
+    sys.stdout.write(render(results, device_name, args.quick) + "\n")
     return 0
 
 

@@ -13,16 +13,19 @@
 #                                    then the stages (default: all, in this
 #                                    order); logs and JSON into $OUT (default out/)
 #
-# Stages, most important first (a call that runs out of time still returns
-# what the earlier ones wrote):
+# One call runs every stage (a session's device time is 15 minutes, the
+# machine's start included, and one command may run 10): each stage has a
+# time limit of its own (SIGINT: bench_gpu rewrites its JSON after every
+# row, so a stage cut short keeps what it measured), and they add up to
+# ~9.5 minutes. The device tool's timeout_s should be 590.
 #   tests      tests/test_gpu.py (graphs recorded and replayed, float32 tokens
-#              equal to the transformers runner, one sync per step)        ~1 min
+#              equal to the transformers runner, one sync per step)    <= 100 s
 #   bench135m  benchmarks/bench_gpu.py on 135m, concurrency 1,16,64: cuda,
-#              slots, transformers runners and the anchor                  ~4 min
-#   host       benchmarks/step_host_cost.py on 135m, 64 PAD requests, cuda  ~1 min
-#   large      bench_gpu on 1b,8b, concurrency 1,64, cuda runner + anchor  ~2 min
-# Two calls fit the 600 s limit: `run tests bench135m`, then `run host large`
-# (within idle_release_s of the first, so the machine is still warm).
+#              the anchor, transformers, slots                         <= 260 s
+#   large      bench_gpu on 8b then 1b, concurrency 1,64: cuda runner and
+#              the anchor                                              <= 150 s
+#   host       benchmarks/step_host_cost.py on 135m, 64 PAD requests    <= 50 s
+# `run STAGE...` runs only those (a second call, if time is left).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tokenizer=.cache/smollm2-tokenizer
@@ -64,26 +67,33 @@ run() {
     python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' \
         | tee -a "$out/device.txt"
     local stages=("$@")
-    [[ ${#stages[@]} -eq 0 ]] && stages=(tests bench135m host large)
+    [[ ${#stages[@]} -eq 0 ]] && stages=(tests bench135m large host)
     for stage in "${stages[@]}"; do
         case $stage in
             tests)
-                python3 -m pytest -q -p no:cacheprovider -p no:randomly tests/test_gpu.py 2>&1 \
+                limited 100 python3 -m pytest -q -p no:cacheprovider -p no:randomly tests/test_gpu.py 2>&1 \
                     | tee "$out/test_gpu.log" || true ;;
             bench135m)
-                python3 -m benchmarks.bench_gpu --tokenizer "$tokenizer" --models 135m \
+                limited 260 python3 -m benchmarks.bench_gpu --tokenizer "$tokenizer" --models 135m \
                     --json "$out/bench_135m.json" 2>&1 | tee "$out/bench_135m.log" || true ;;
-            host)
-                python3 -m benchmarks.step_host_cost --device cuda --model 135m --backend cuda --requests 64 \
-                    --steps 100 --rounds 2 --tokenizer "$tokenizer" 2>&1 | tee "$out/host_cost.log" || true ;;
             large)
                 # today's runner and the graph-less pool at 8b would spend the session's minutes on known-slow paths
-                python3 -m benchmarks.bench_gpu --tokenizer "$tokenizer" --models 1b,8b --concurrency 1,64 \
-                    --skip-transformers --skip-slots --json "$out/bench_1b_8b.json" 2>&1 \
-                    | tee "$out/bench_1b_8b.log" || true ;;
+                limited 150 python3 -m benchmarks.bench_gpu --tokenizer "$tokenizer" --models 8b,1b --concurrency 1,64 \
+                    --skip-transformers --skip-slots --json "$out/bench_8b_1b.json" 2>&1 \
+                    | tee "$out/bench_8b_1b.log" || true ;;
+            host)
+                limited 50 python3 -m benchmarks.step_host_cost --device cuda --model 135m --backend cuda --requests 64 \
+                    --steps 100 --rounds 2 --tokenizer "$tokenizer" 2>&1 | tee "$out/host_cost.log" || true ;;
             *) echo "unknown stage $stage" >&2; exit 2 ;;
         esac
     done
+}
+
+# A stage's time limit: SIGINT first (Python unwinds, files are written), KILL 10 s later.
+limited() {
+    local seconds=$1
+    shift
+    timeout --signal=INT --kill-after=10 "$seconds" "$@"
 }
 
 case "${1:-}" in

@@ -31,3 +31,27 @@ def test_quick_cpu_smoke_run(tmp_path, capsys, monkeypatch):
     assert len(written["bars"]) == len(BARS) and written["bars"] == [None] * len(BARS)  # no 135m / 8b rows
     table = capsys.readouterr().out
     assert "| tiny | slots | pad | 2 |" in table and "not meaningful" in table and "device: CPU" in table
+
+
+def test_results_are_written_as_they_come(tmp_path, monkeypatch):
+    """A device call that runs out of time keeps what it measured: the JSON
+    (table included) is rewritten after every result, and our runner runs
+    first, so a run stopped in the anchor (next in line) holds our
+    runner's rows, the bars' load (64 concurrent, PAD) leading."""
+    monkeypatch.syspath_prepend(str(REPO))
+    bench = importlib.import_module("benchmarks.bench_gpu")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # what `timeout --signal=INT` looks like to the script
+
+    monkeypatch.setattr(bench, "run_anchor", stopped)
+    out = tmp_path / "bench.json"
+    try:
+        bench.main(["--device", "cpu", "--quick", "--json", str(out)])
+    except KeyboardInterrupt:
+        pass
+    written = json.loads(out.read_text())
+    assert [(r["runner"], r["concurrency"], r["mode"]) for r in written["results"]] == [
+        ("slots", 2, "pad"), ("slots", 2, "plain"), ("slots", 1, "pad"), ("slots", 1, "plain")]
+    assert all(r["same"] is None for r in written["results"])  # the transformers runner had not run
+    assert "| tiny | slots | plain | 1 |" in written["table"]
