@@ -365,10 +365,12 @@ async def stream_events(generation: Generation, formatter: Formatter,
                     yield event
         usage = usage_of(generation.choices)
         count_tokens(metrics, usage)
-        for event in formatter.closing(generation, usage):
-            yield event
+        # Kept before the last event: a client may act on it at once (send the
+        # answer back as a Responses item_reference) or hang up after it.
         if finished is not None:
             await finished(generation.choices)
+        for event in formatter.closing(generation, usage):
+            yield event
     except (WorkerUnavailable, APIError) as exc:
         await generation.close()  # the other choices end too
         error = map_exception(exc).renamed(generation.rename)

@@ -17,7 +17,7 @@ DESCRIPTIONS = {
     400: "Invalid request (OpenAI-shaped error naming the parameter)",
     401: "Missing or wrong API key (when keys are configured)",
     403: "The API key is bound to other users, or is not an admin key",
-    404: "Unknown model, user profile or completion",
+    404: "Unknown model, user profile, completion or referenced input item",
     413: "The request body is larger than PAD_MAX_REQUEST_BYTES",
     429: "max_queue requests are in flight; retry after Retry-After seconds",
     503: "The worker is loading or down (or the store is unavailable); retry after Retry-After seconds",

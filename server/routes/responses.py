@@ -7,11 +7,18 @@ response.output_item.done, then response.completed, or
 response.incomplete when max_output_tokens ran out). Forced function calls
 come as function_call items (with response.function_call_arguments.delta
 and .done). `pad` is on the response object, hence on response.created and
-on the terminal event too."""
+on the terminal event too.
+
+Nothing is stored for the Responses API itself, but the feedback memory
+keeps every answer (PAD_FEEDBACK_RETENTION_DAYS): a message item's id is
+its response's (msg_<hex> of resp_<hex>), so an `item_reference` to an
+earlier answer, which the Vercel AI SDK sends for every assistant turn
+unless its `store` option is false, resolves to that answer."""
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
@@ -20,8 +27,8 @@ from fastapi.responses import JSONResponse
 
 from pad_core.types import ChatRequest
 from server.auth import Scope, key_scope
-from server.auth_scopes import chat_user
-from server.errors import APIError
+from server.auth_scopes import KeyScope, chat_user
+from server.errors import APIError, invalid
 from server.generation import (
     ChoiceState,
     Delta,
@@ -58,8 +65,9 @@ async def _respond(body: ResponsesRequest, request: Request, scope):
     served = check_model(state, body.model)
     body.refuse_unsupported()
     structured = body.to_structured(bool(state.worker.model_info.get("chat_template_tools")))
-    messages = response_input_messages(body.input, body.instructions)
     user = chat_user(scope, body.user)
+    items = await resolve_item_references(getattr(state, "store", None), scope, body.input)
+    messages = response_input_messages(items, body.instructions)
     resolution = await resolve_preferences(state, body, user)
     response_id = f"resp_{uuid.uuid4().hex}"
     chat = ChatRequest(f"{response_id}-0", messages, resolution.preferences, body.to_sampling_params(),
@@ -71,12 +79,73 @@ async def _respond(body: ResponsesRequest, request: Request, scope):
     generation.rename = {**rename, "messages": "input", "response_format": "text.format"}
     await generation.start()
     record = recorder(state, generation, messages, user)
-    formatter = ResponsesFormatter(body)
+    formatter = ResponsesFormatter(body, response_id)
     if body.stream:
         return streaming_response(stream_events(generation, formatter, record))
     choices = await generation.collect()
     await record(choices)
     return JSONResponse(formatter.response(generation, choices[0]))
+
+
+# ---- item references -------------------------------------------------------
+MESSAGE_ITEM_ID = re.compile(r"msg_([0-9a-f]{32})")  # message_item_id's, of a resp_<uuid4 hex>
+
+
+def message_item_id(response_id: str) -> str:
+    """A response's message item is named after the response, so that the
+    feedback memory's record of the response (kept under its id) is the
+    record of the item too."""
+    return "msg_" + response_id.removeprefix("resp_")
+
+
+def is_item_reference(item: dict[str, Any]) -> bool:
+    # OpenAI's ItemReference: {"type": "item_reference", "id"}; its type may be left out.
+    return item.get("type") == "item_reference" or ("type" not in item and "role" not in item and "id" in item)
+
+
+async def resolve_item_references(store, scope: KeyScope | None,
+                                  items: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """`input` with each item_reference replaced by the assistant message it
+    names (404 when that answer is not kept)."""
+    if isinstance(items, str):
+        return items
+    references = {index: item for index, item in enumerate(items) if is_item_reference(item)}
+    if not references:
+        return items
+    for index, item in references.items():
+        if not isinstance(item.get("id"), str) or not item["id"]:
+            raise invalid(f"input[{index}].id must be the id of an item (a string)", f"input[{index}].id",
+                          "invalid_value")
+    answers = await kept_answers(store, scope, [item["id"] for item in references.values()])
+    resolved = list(items)
+    for index, item in references.items():
+        if item["id"] not in answers:
+            raise item_not_found(store, item["id"], f"input[{index}].id")
+        resolved[index] = {"type": "message", "role": "assistant",
+                           "content": [{"type": "output_text", "text": answers[item["id"]]}]}
+    return resolved
+
+
+async def kept_answers(store, scope: KeyScope | None, item_ids: list[str]) -> dict[str, str]:
+    """Message item id -> its answer, for the items whose answers the feedback
+    memory keeps and the API key may read (another user's answer is left out,
+    as unknown: it is not even said to exist)."""
+    if store is None or not store.keeps_completions:
+        return {}
+    responses = {f"resp_{match[1]}": item_id for item_id in item_ids if (match := MESSAGE_ITEM_ID.fullmatch(item_id))}
+    kept = await store.find_completions(responses)
+    return {responses[response_id]: completion.answer for response_id, completion in kept.items()
+            if scope is None or scope.can_access(completion.user_id)}
+
+
+def item_not_found(store, item_id: str, param: str) -> APIError:
+    """OpenAI's 404 for an item it does not keep, saying how to do without."""
+    why = (f"only the message items of this server's answers can be referenced, for "
+           f"{store.config.feedback_retention_days:g} days" if store is not None and store.keeps_completions
+           else "this server keeps no answers (PAD_FEEDBACK_RETENTION_DAYS is 0)")
+    return APIError(404, f"Item with id {item_id[:80]!r} not found: {why}. Send the message itself in input "
+                    "(the Vercel AI SDK does with providerOptions.openai.store = false).",
+                    "invalid_request_error", param, "item_not_found")
 
 
 def responses_usage(usage: dict) -> dict:
@@ -87,10 +156,10 @@ def responses_usage(usage: dict) -> dict:
 
 
 class ResponsesFormatter(Formatter):
-    def __init__(self, body: ResponsesRequest):
+    def __init__(self, body: ResponsesRequest, response_id: str):
         self.body = body
         self.sequence = 0
-        self.message_id = f"msg_{uuid.uuid4().hex}"
+        self.message_id = message_item_id(response_id)
         self.message_open = False
 
     # ---- the objects ----------------------------------------------------
