@@ -20,6 +20,7 @@ from server.errors import install_error_handlers
 from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.request_body import BodyLimitMiddleware
+from server.request_id import RequestIdMiddleware
 from server.routes import chat, completions, feedback, models, responses, users
 from server.settings import ServerSettings
 from server.store.repository import Store
@@ -55,8 +56,10 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
 
-    # Outermost (added last): an oversized body is refused before anything reads it.
+    # An oversized body is refused before anything reads it.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    # Outermost (added last): every answer, a 413 included, carries its x-request-id.
+    app.add_middleware(RequestIdMiddleware)
 
     for router in (chat.router, completions.router, responses.router, models.router, models.probes, users.router,
                    feedback.router):

@@ -185,9 +185,15 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return error_response(APIError(exc.status_code, str(exc.detail), kind, headers=headers))
 
 
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error")
-    return error_response(APIError(500, "internal server error", "server_error"))
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette answers this from its outermost layer, outside
+    # RequestIdMiddleware: the id is put on the response here.
+    request_id = getattr(request.state, "request_id", None)
+    logger.exception("unhandled error in %s %s (request %s)", request.method, request.url.path, request_id)
+    response = error_response(APIError(500, "internal server error", "server_error"))
+    if request_id is not None:
+        response.headers["x-request-id"] = request_id
+    return response
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -22,6 +22,9 @@ DESCRIPTIONS = {
     429: "max_queue requests are in flight; retry after Retry-After seconds",
     503: "The worker is loading or down (or the store is unavailable); retry after Retry-After seconds",
 }
+REQUEST_ID_HEADER = {"x-request-id": {
+    "description": "the request's id: the client's X-Request-Id if it sent a plain token, else req_<hex>",
+    "schema": {"type": "string"}}}
 RETRY_AFTER_HEADER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 
 
@@ -68,6 +71,8 @@ def install_openapi(app: FastAPI) -> None:
             for path in schema.get("paths", {}).values():
                 for operation in path.values():
                     operation.get("responses", {}).pop("422", None)
+                    for response in operation.get("responses", {}).values():
+                        response.setdefault("headers", {}).update(REQUEST_ID_HEADER)
             for name in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
             app.openapi_schema = schema

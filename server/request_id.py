@@ -1,0 +1,53 @@
+"""`x-request-id` on every response, as OpenAI sends it.
+
+Clients read it to tie a failure to the server's logs: the Python SDK's
+`response._request_id` and `error.request_id`, the JS SDK's
+`error.requestID`, LiteLLM's logging. A client (or a proxy in front) that
+sends its own `X-Request-Id` gets that id back, as vLLM does, so one id can
+follow a request through several services; anything else is given a fresh
+`req_<hex>`. The id is also on the request's state (`request.state
+.request_id`) and in the log line of an unhandled error."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+HEADER = b"x-request-id"
+# A client's id is echoed only if it is a plain token: it goes into a
+# response header and a log line, so no spaces, quotes or control characters.
+CLIENT_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+
+
+def request_id_of(scope: Scope) -> str:
+    """The client's `X-Request-Id` if it is a plain token, else a new id."""
+    sent = dict(scope.get("headers") or ()).get(HEADER)
+    if sent is not None and CLIENT_ID.fullmatch(sent):
+        return sent.decode("ascii")
+    return f"req_{uuid.uuid4().hex}"
+
+
+class RequestIdMiddleware:
+    """Pure ASGI (streams pass through untouched): adds the header to the
+    response's start message, whatever answers it (a route, an error
+    handler, the body limit)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_of(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != HEADER]
+                message = {**message, "headers": [*headers, (HEADER, request_id.encode("ascii"))]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
