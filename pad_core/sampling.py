@@ -74,6 +74,19 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     return (probs / race).argmax(dim=-1, keepdim=True)
 
 
+def draw_rows(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One index per row of probs [R, C] -> [R], each row's draw exactly
+    `draw(probs[row], generators[row])`: every row races with its own
+    generator (a request's samples do not depend on what else is in the
+    batch), but into one buffer, so the division and the argmax run once
+    for all rows: one kernel per row (the exponentials) instead of five
+    (on a GPU at 64 sampled rows, ~64 launches a step instead of ~320)."""
+    race = torch.empty_like(probs)
+    for row, generator in enumerate(generators):
+        race[row].exponential_(1, generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
 def choose_tokens(
     scores: torch.Tensor,
     temperature: Sequence[float],
@@ -100,9 +113,7 @@ def choose_tokens(
             to_device([temperature[row] for row in sampled], torch.float32, device),
             to_device([top_p[row] for row in sampled], torch.float32, device),
         )
-        # One draw per row with the row's own generator: a request's samples
-        # do not depend on what else is in the batch.
-        draws = torch.cat([draw(probs[j], generators[row]) for j, row in enumerate(sampled)])
+        draws = draw_rows(probs, [generators[row] for row in sampled])
         chosen = chosen.index_copy(0, index, draws)
     return torch.where(usable, chosen, INVALID_TOKEN)
 

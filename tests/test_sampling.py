@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pad_core.sampling import apply_penalties, choose_tokens, draw, top_logprobs, top_p_filter
+from pad_core.sampling import apply_penalties, choose_tokens, draw, draw_rows, top_logprobs, top_p_filter
 
 NEG_INF = float("-inf")
 
@@ -182,3 +182,19 @@ def test_a_draw_is_multinomials_draw_without_its_device_reads():
             assert index.shape == (1,) and probs[index] > 0
             assert index.item() == torch.multinomial(probs, 1, generator=theirs).item()
         assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+def test_rows_drawn_together_are_each_rows_own_draw():
+    """draw_rows races every row into one buffer: each row's index and its
+    generator's state after are those of draw() on that row alone, so a
+    request's samples do not depend on its batch."""
+    probs = torch.softmax(torch.randn(7, 50, generator=torch.Generator().manual_seed(3)) * 2, dim=-1)
+    probs[2, :45] = 0.0
+    probs[2] /= probs[2].sum()
+    together = [torch.Generator().manual_seed(seed) for seed in range(7)]
+    alone = [torch.Generator().manual_seed(seed) for seed in range(7)]
+    for _ in range(5):
+        drawn = draw_rows(probs, together)
+        assert drawn.shape == (7,) and drawn.dtype == torch.long and int(drawn[2]) >= 45
+        assert drawn.tolist() == [int(draw(probs[row], alone[row])) for row in range(7)]
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(together, alone))
