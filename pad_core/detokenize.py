@@ -14,15 +14,40 @@ from tokenizers import Tokenizer, decoders
 from tokenizers.decoders import DecodeStream
 
 
+CONTEXT_TOKENS = 4  # tokens before a piece decoded with it, for the spacing rules
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None):
         self._tokenizer = tokenizer
         # Seeding with the prompt's tail gives the right leading space for
         # tokenizers whose decoding depends on the previous token.
-        self._stream = DecodeStream(ids=list(prompt_ids[-4:]) if prompt_ids else None, skip_special_tokens=True)
+        context = list(prompt_ids[-CONTEXT_TOKENS:]) if prompt_ids else []
+        self._stream = DecodeStream(ids=context or None, skip_special_tokens=True)
+        self._ids = context  # the context, then every token fed
+        self._shown = len(context)  # tokens whose text has been given out
 
     def step(self, token_id: int) -> str:
-        return self._stream.step(self._tokenizer, token_id) or ""
+        text = self._stream.step(self._tokenizer, token_id) or ""
+        self._ids.append(token_id)
+        if text:
+            self._shown = len(self._ids)
+        return text
+
+    def flush(self) -> str:
+        """The text of the tokens held back, when the answer ends: what a
+        decode of the whole answer shows for them (bytes that never made a
+        character as U+FFFD). Without it, an answer cut by max_tokens or
+        end-of-sequence after a token holding half a character (" \xf0",
+        a space and an emoji's first byte) lost that token's space, and a
+        run of such tokens lost the whole rest of the answer."""
+        if self._shown == len(self._ids):
+            return ""
+        start = max(0, self._shown - CONTEXT_TOKENS)
+        before = self._tokenizer.decode(self._ids[start:self._shown], skip_special_tokens=True)
+        whole = self._tokenizer.decode(self._ids[start:], skip_special_tokens=True)
+        self._shown = len(self._ids)
+        return whole[len(before):] if whole.startswith(before) else whole
 
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")

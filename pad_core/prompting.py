@@ -101,10 +101,15 @@ class PromptBuilder:
         """Whether the chat template renders a `tools` argument itself."""
         return "tools" in (getattr(self.tokenizer, "chat_template", None) or "")
 
-    def encode(self, messages: Sequence[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def encode(self, messages: Sequence[dict[str, str]], tools: list[dict[str, Any]] | None = None,
+               add_generation_prompt: bool = True, add_special_tokens: bool = False) -> list[int]:
+        """The chat through the template (ending with the assistant's turn
+        opening, unless add_generation_prompt is false); the template writes
+        its own special tokens, so the tokenizer adds none by default."""
         extra = {"tools": tools} if tools else {}
-        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False, **extra)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False, **extra)
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def encode_with_preference(
         self, messages: Sequence[dict[str, str]], preference: str, tools: list[dict[str, Any]] | None = None

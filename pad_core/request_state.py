@@ -106,17 +106,27 @@ class RequestState:
                                    error_param=self.grammar.spec.param)
         if token_id in self.stop_token_ids and not self.request.sampling.ignore_eos:
             self.finish_reason = "stop"
-            return self.output([token_id], self.stop_matcher.flush(), logprobs)
+            return self.output([token_id], self._last_text(), logprobs)
         text = self.stop_matcher.feed(self.detokenizer.step(token_id))
         if self.stop_matcher.matched is not None:
             self.finish_reason = "stop"
         elif self.grammar is not None and self.grammar.done:  # complete: only end-of-sequence could follow
             self.finish_reason = "stop"
-            text += self.stop_matcher.flush()
+            text += self._last_text()
         elif len(self.generated) >= self.max_tokens:
             self.finish_reason = "length"
-            text += self.stop_matcher.flush()
+            text += self._last_text()
         return self.output([token_id], text, logprobs)
+
+    def _last_text(self) -> str:
+        """What the answer still holds back as it ends: the detokenizer's
+        unfinished bytes (through the stop strings, which may still match
+        there), then the stop matcher's tail."""
+        text = self.stop_matcher.feed(self.detokenizer.flush())
+        if self.stop_matcher.matched is not None:
+            self.finish_reason = "stop"
+            return text
+        return text + self.stop_matcher.flush()
 
     def finish(self, reason: FinishReason, error: str | None = None) -> StepOutput:
         self.finish_reason = reason

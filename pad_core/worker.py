@@ -34,8 +34,10 @@ from pad_core.engine import PadEngine
 from pad_core.cli_flags import add_settings_flags, settings_overrides
 from pad_core.errors import ContextLengthExceededError, EngineError, InvalidRequestError, UnknownRewardModelError
 from pad_core.ipc import HEARTBEAT_S, pack, unpack
+from pad_core.memory import HeapTrimmer
 from pad_core.model_loading import load_engine
 from pad_core.settings import EngineSettings
+from pad_core.tokenization import tokenize
 from pad_core.types import ChatRequest, GenerationRequest, GuidanceParams, RewardPrompt, TextRequest
 
 logger = logging.getLogger(__name__)
@@ -44,7 +46,8 @@ IDLE_POLL_MS = 100
 
 
 class Worker:
-    def __init__(self, engine: PadEngine, socket: zmq.Socket, parent_pid: int | None = None):
+    def __init__(self, engine: PadEngine, socket: zmq.Socket, parent_pid: int | None = None,
+                 trimmer: HeapTrimmer | None = None):
         self.engine = engine
         self.parent_pid = parent_pid
         self.socket = socket
@@ -61,6 +64,8 @@ class Worker:
         # The PAD settings of each request not yet answered: its first output
         # says which values were used (resolved_guidance).
         self.unreported: dict[str, GuidanceParams] = {}
+        # /tokenize and /detokenize asks in the tokenizer thread: token -> (gateway, future answer).
+        self.tokenizing: dict[str, tuple[bytes, Future]] = {}
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pad-tokenize")
         # A finished tokenization wakes the loop's poll through this pipe.
         self._wake_read, self._wake_write = os.pipe()
@@ -69,6 +74,8 @@ class Worker:
         self.poller = zmq.Poller()
         self.poller.register(self.socket, zmq.POLLIN)
         self.poller.register(self._wake_read, zmq.POLLIN)
+        # Freed tensors go back to the OS after work (pad_core/memory.py).
+        self.trimmer = trimmer if trimmer is not None else HeapTrimmer()
 
     def send(self, identity: bytes, message: dict) -> None:
         self.socket.send_multipart([identity, pack(message)])
@@ -86,6 +93,8 @@ class Worker:
                 self.engine.abort(message["request_id"])
         elif kind == "load_adapter":
             self.load_adapter(identity, message)
+        elif kind == "tokenize":
+            self.tokenize(identity, message)
         else:
             logger.warning("ignoring unknown message type %r", kind)
 
@@ -123,9 +132,27 @@ class Worker:
         except (BlockingIOError, OSError):  # the pipe is full (already awake) or closed (stopping)
             pass
 
+    def tokenize(self, identity: bytes, message: dict) -> None:
+        """Starts a /tokenize or /detokenize ask in the tokenizer thread (a
+        huge prompt must not stall the decode loop); `collect` answers it."""
+        future = self._tokenizer_thread.submit(tokenize, self.engine.prompts, message["request"])
+        self.tokenizing[message["token"]] = (identity, future)
+        future.add_done_callback(self._wake)
+
+    def answer_tokenizations(self) -> None:
+        for token, (identity, future) in list(self.tokenizing.items()):
+            if not future.done():
+                continue
+            del self.tokenizing[token]
+            try:
+                self.send(identity, {"type": "tokenized", "token": token, "result": future.result()})
+            except Exception as exc:
+                self.send(identity, {"type": "tokenize_failed", "token": token, "error": refusal(exc, token)})
+
     def collect(self) -> None:
         """Queues in the engine the chats whose tokenization finished (in
         arrival order), and answers those refused with "rejected"."""
+        self.answer_tokenizations()
         for request_id, (identity, future) in list(self.preparing.items()):
             if not future.done():
                 break
@@ -142,15 +169,7 @@ class Worker:
     def reject(self, identity: bytes, request_id: str, exc: Exception) -> None:
         """Answers a request the engine will not take: its own fault (400),
         or the engine's (500, logged). Never stops the loop."""
-        if isinstance(exc, InvalidRequestError):
-            error = {"message": exc.message, "param": exc.param, "code": exc.code}
-        elif isinstance(exc, TypeError | KeyError | ValueError | AttributeError):
-            error = {"message": f"malformed request: {exc}", "param": None, "code": None}
-        else:
-            logger.error("could not add request %s", request_id, exc_info=exc)
-            error = {"message": f"the engine could not take this request: {exc}", "param": None,
-                     "code": "engine_error", "status": 500}
-        self.send(identity, {"type": "rejected", "request_id": request_id, "error": error})
+        self.send(identity, {"type": "rejected", "request_id": request_id, "error": refusal(exc, request_id)})
 
     def load_adapter(self, identity: bytes, message: dict) -> None:
         try:
@@ -222,9 +241,11 @@ class Worker:
                 break
             self.drain(0 if self.engine.has_unfinished() else IDLE_POLL_MS)
             self.collect()
-            if self.engine.has_unfinished():
+            worked = self.engine.has_unfinished()
+            if worked:
                 self.step()
             self.heartbeat()
+            self.trimmer.after_iteration(worked, idle=not self.engine.has_unfinished() and not self.preparing)
         self.close()
 
     def close(self) -> None:
@@ -233,6 +254,18 @@ class Worker:
         self.poller.unregister(self._wake_read)
         for fd in (self._wake_read, self._wake_write):
             os.close(fd)
+
+
+def refusal(exc: Exception, request_id: str) -> dict:
+    """The error a refused request is answered with: its own fault (400),
+    or the engine's (500, logged)."""
+    if isinstance(exc, InvalidRequestError):
+        return {"message": exc.message, "param": exc.param, "code": exc.code}
+    if isinstance(exc, TypeError | KeyError | ValueError | AttributeError):
+        return {"message": f"malformed request: {exc}", "param": None, "code": None}
+    logger.error("could not take request %s", request_id, exc_info=exc)
+    return {"message": f"the engine could not take this request: {exc}", "param": None, "code": "engine_error",
+            "status": 500}
 
 
 def resolved_guidance(guidance: GuidanceParams, settings: EngineSettings) -> dict:

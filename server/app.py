@@ -21,7 +21,7 @@ from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.request_body import BodyLimitMiddleware
 from server.request_id import RequestIdMiddleware
-from server.routes import chat, completions, feedback, models, responses, users
+from server.routes import chat, completions, feedback, models, responses, tokenize, users
 from server.settings import ServerSettings
 from server.store.repository import Store
 from server.worker_client import WorkerClient
@@ -62,7 +62,7 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
     app.add_middleware(RequestIdMiddleware)
 
     for router in (chat.router, completions.router, responses.router, models.router, models.probes, users.router,
-                   feedback.router):
+                   feedback.router, tokenize.router):
         app.include_router(router)
     install_openapi(app)
     return app

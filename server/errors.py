@@ -196,10 +196,32 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return response
 
 
+# The routes whose answers pad_requests_total counts (server/generation.py's `serve`).
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
+
+
+def count_request(request: Request, status: int | str) -> None:
+    """Counts a generation request's status once: `serve` counts what the
+    route answers; a request refused before the route ran (its key, its
+    body's types, unknown parameters, bad JSON) is counted by the error
+    handler that answers it."""
+    if request.url.path not in GENERATION_PATHS or getattr(request.state, "counted", False):
+        return
+    request.state.counted = True
+    request.app.state.metrics.requests.labels(status=str(status)).inc()
+
+
+def _counting(handler):
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        response = await handler(request, exc)
+        count_request(request, response.status_code)
+        return response
+
+    return handle
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(APIError, _api_error)
-    app.add_exception_handler(StoreError, _store_error)
-    app.add_exception_handler(InvalidRequestError, _invalid_request)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)
+    for kind, handler in ((RequestValidationError, _validation_error), (APIError, _api_error),
+                          (StoreError, _store_error), (InvalidRequestError, _invalid_request),
+                          (HTTPException, _http_error), (Exception, _unexpected)):
+        app.add_exception_handler(kind, _counting(handler))

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pad_core.errors import InvalidRequestError
 from pad_core.types import ChatRequest, Preference, RequestLimits, StepOutput, TextRequest, TokenLogprob
-from server.errors import APIError, invalid, unavailable
+from server.errors import APIError, count_request, invalid, unavailable
 from server.store.resolve import Resolution
 from server.worker_client import QueueFull, RequestRejected, WorkerUnavailable
 
@@ -426,18 +426,19 @@ async def _unless_disconnected(request: Request, work: Awaitable):
 async def serve(request: Request, work: Awaitable) -> Response:
     """Runs a generation route: counts its status (a stream counts its own
     when it ends), and answers 499 to a client gone before its answer."""
-    metrics = request.app.state.metrics
     try:
         response = await _unless_disconnected(request, work)
     except APIError as error:
-        metrics.requests.labels(status=str(error.status)).inc()
+        count_request(request, error.status)
         raise
     except ClientDisconnected:
-        metrics.requests.labels(status="499").inc()
+        count_request(request, 499)
         logger.info("client went away before the answer; its request was aborted")
         return Response(status_code=499)
     if isinstance(response, JSONResponse):
-        metrics.requests.labels(status=str(response.status_code)).inc()
+        count_request(request, response.status_code)
+    else:
+        request.state.counted = True  # a stream counts its own status when it ends (stream_events)
     return response
 
 

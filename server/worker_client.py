@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 HELLO_EVERY_S = 0.5
 SUPERVISE_EVERY_S = 0.25
+# The worker's answers to an `_ask`, matched to it by their token.
+REPLIES = frozenset({"adapter_loaded", "adapter_failed", "tokenized", "tokenize_failed"})
 PING_AFTER_S = 2.0  # silence after which a ready worker is greeted again
 MAX_BACKOFF_S = 30.0
 
@@ -78,7 +80,7 @@ class WorkerClient:
         self.stats: dict = {}
         self.pending: dict[str, asyncio.Queue] = {}
         self.runtime_adapters: dict[str, str] = {}
-        self._adapter_waiters: dict[str, asyncio.Future] = {}
+        self._replies: dict[str, asyncio.Future] = {}  # token -> the worker's answer to an `_ask`
         self.instance: str | None = None
         self._last_message = time.monotonic()
         self._last_hello = 0.0
@@ -210,6 +212,7 @@ class WorkerClient:
                 if kind != "ready":  # it must say ready before taking requests
                     self.state, self.down_reason = "starting", "the worker restarted"
                     self.metrics.worker_up.set(0)
+                self._forget_worker_stats()  # the new instance's own, if it sent any, follow
             self.instance = instance
         if "stats" in message:
             self.stats = message["stats"]
@@ -231,8 +234,8 @@ class WorkerClient:
             queue = self.pending.get(message["request_id"])
             if queue is not None:
                 queue.put_nowait(RequestRejected(message["error"]))
-        elif kind in ("adapter_loaded", "adapter_failed"):
-            waiter = self._adapter_waiters.pop(message["token"], None)
+        elif kind in REPLIES:
+            waiter = self._replies.pop(message["token"], None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(message)
             if kind == "adapter_loaded":
@@ -242,16 +245,26 @@ class WorkerClient:
         logger.warning("worker down: %s", reason)
         self.state, self.down_reason = "down", reason
         self.metrics.worker_up.set(0)
+        self._forget_worker_stats()
         self._fail_pending(reason)
+
+    def _forget_worker_stats(self) -> None:
+        """The queue and batch gauges report the worker's last stats; a dead
+        worker's requests are gone (failed here), so they read 0 until a
+        worker speaks again, not the dead one's last values for as long as no
+        new one gets ready (a model that no longer loads, a remote worker
+        that stays away)."""
+        self.stats = {}
+        self.metrics.update_worker_stats(self.stats)
 
     def _fail_pending(self, reason: str) -> None:
         for queue in self.pending.values():
             queue.put_nowait(WorkerUnavailable(reason))
         self.pending.clear()
-        for waiter in self._adapter_waiters.values():
+        for waiter in self._replies.values():
             if not waiter.done():
                 waiter.set_exception(WorkerUnavailable(reason))
-        self._adapter_waiters.clear()
+        self._replies.clear()
 
     async def _send(self, message: dict) -> None:
         if self.socket is not None:
@@ -297,15 +310,34 @@ class WorkerClient:
             if not finished and self.ready:
                 await self._send({"type": "abort", "request_id": chat.request_id})
 
-    async def load_adapter(self, name: str, path: str, timeout: float = 300.0) -> dict:
-        """Loads a reward adapter in the worker; returns the new model info."""
+    async def _ask(self, message: dict, timeout: float) -> dict:
+        """Sends `message` with a fresh token and waits for the worker's reply
+        carrying it (WorkerUnavailable if the worker goes down meanwhile or
+        stays silent past `timeout`)."""
         if not self.ready:
             raise WorkerUnavailable(self.down_reason)
         token = uuid.uuid4().hex
         waiter = asyncio.get_running_loop().create_future()
-        self._adapter_waiters[token] = waiter
-        await self._send({"type": "load_adapter", "name": name, "path": path, "token": token})
-        reply = await asyncio.wait_for(waiter, timeout)
+        self._replies[token] = waiter
+        try:
+            await self._send({**message, "token": token})
+            return await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            raise WorkerUnavailable(f"the worker did not answer a {message['type']!r} in {timeout:g} s") from None
+        finally:
+            self._replies.pop(token, None)
+
+    async def tokenize(self, payload: dict, timeout: float = 60.0) -> dict:
+        """The worker's tokenizer on `payload` (pad_core/tokenization.py):
+        a chat, a raw prompt or token ids to decode."""
+        reply = await self._ask({"type": "tokenize", "request": payload}, timeout)
+        if reply["type"] == "tokenize_failed":
+            raise RequestRejected(reply["error"])
+        return reply["result"]
+
+    async def load_adapter(self, name: str, path: str, timeout: float = 300.0) -> dict:
+        """Loads a reward adapter in the worker; returns the new model info."""
+        reply = await self._ask({"type": "load_adapter", "name": name, "path": path}, timeout)
         if reply["type"] == "adapter_failed":
             raise RequestRejected({"message": reply["error"], "param": "path", "code": "invalid_adapter"})
         self.runtime_adapters[name] = path

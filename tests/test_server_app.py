@@ -77,3 +77,29 @@ async def test_api_key_required_when_configured(tmp_path):
     assert (await post(app, BODY)).status_code == 401
     assert (await post(app, BODY, headers={"Authorization": "Bearer k2"})).status_code == 401
     assert (await post(app, BODY, headers={"Authorization": "Bearer k1"})).status_code == 503  # past auth
+
+
+async def test_every_refused_generation_request_is_counted_once(tmp_path):
+    """pad_requests_total counts a generation request refused before its
+    route ran (a wrong key, an unknown parameter, a body of the wrong type,
+    bad JSON) as well as one the route refuses, each once; other paths are
+    not generation requests."""
+    import re
+
+    app = create_app(ServerSettings(data_dir=tmp_path, api_keys=["sk-a"]), start_worker=False)
+    key = {"Authorization": "Bearer sk-a"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        sent = [
+            await client.post("/v1/chat/completions", json=BODY),  # 401: no key
+            await client.post("/v1/chat/completions", json={**BODY, "nope": 1}, headers=key),  # 400 unknown
+            await client.post("/v1/completions", json={"model": "m", "prompt": 5}, headers=key),  # 400 type
+            await client.post("/v1/responses", content=b"{not json", headers={**key, "content-type": "application/json"}),
+            await client.post("/v1/chat/completions", json={**BODY, "n": 0}, headers=key),  # 400 in the route
+            await client.post("/v1/chat/completions", json=BODY, headers=key),  # 503: no worker
+            await client.post("/v1/users/u/preferences", json={}, headers=key),  # not a generation request
+        ]
+        metrics = (await client.get("/metrics")).text
+    assert [r.status_code for r in sent[:6]] == [401, 400, 400, 400, 400, 503]
+    counted = {status: float(value) for status, value in re.findall(r'^pad_requests_total\{status="(\d+)"\} (\S+)$',
+                                                                   metrics, re.MULTILINE)}
+    assert counted == {"401": 1.0, "400": 4.0, "503": 1.0}

@@ -1,0 +1,1094 @@
+"""Soak test: a running PAD server under a mixed load for a while, with its
+invariants checked, the way one checks a server before production.
+
+    .venv/bin/python -m benchmarks.soak --base-url http://127.0.0.1:8000 --duration 600 \
+        [--concurrency 5] [--kill-worker-after 120] [--answers-out answers.jsonl]
+
+It talks to the server over HTTP only (httpx, asyncio) and reads its
+processes with psutil; it imports nothing of the server. The load, drawn at
+random (seeded) by --concurrency clients:
+
+  chat completions, streamed and not, plain and with `preference` (and `pad`
+  settings), `n: 2`, stop strings, logprobs, short and long prompts (some
+  not ASCII), `max_tokens` 1..64; `/v1/completions` (streamed and not);
+  `/v1/responses` streamed; a json_schema structured output now and then;
+  clients that hang up mid-stream and mid-prefill; invalid requests.
+
+Checked and printed at the end (exit status 1 if any fails):
+
+  - no 5xx and no transport error (except, with --kill-worker-after, 503s
+    and stream error events of the requests the kill reached);
+  - every answer has finish_reason in {stop, length, tool_calls}, usage that
+    adds up (total = prompt + completion; completion = max_tokens per
+    choice cut by length, at most max_tokens otherwise; a streamed answer's
+    final usage equals its chunks': one logprob entry per token, no more
+    content chunks than tokens, continuous usage never going back), with
+    logprobs a streamed text that is exactly its tokens' bytes decoded (no
+    character cut in half or doubled at a chunk boundary), no stop string
+    in the text, a json_schema answer that parses, Responses events
+    numbered in order ending in response.completed / .incomplete (answers
+    holding U+FFFD, byte tokens the model wrote that make no character,
+    are counted);
+  - every invalid request is a 4xx with an OpenAI-shaped error body;
+  - after the load, with the server idle, the /metrics gauges of requests
+    in flight, queue depth, running requests and running rows return to 0;
+  - with --kill-worker-after: the worker is SIGKILLed mid-load, the requests
+    in flight end (503 or a stream error event) within --hang-limit seconds,
+    /health goes back to 200 and answers succeed again.
+
+Reported: the RSS of the gateway and the worker over time (growth per
+1,000 requests, by least squares after a warm-up, and the RSS once idle
+after the load: the worker trims its heap then, so a rise there from run
+to run is what a leak looks like), p50/p99 latency and time to first
+token, tokens/s, and the requests by status as the client saw them and as
+the server's pad_requests_total counted them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import signal
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlparse
+
+import httpx
+import psutil
+
+FINISH_REASONS = {"stop", "length", "tool_calls"}
+GAUGES = ("pad_requests_in_flight", "pad_queue_depth", "pad_running_requests", "pad_running_rows")
+
+SHORT_PROMPTS = [
+    "How do I sleep better?",
+    "What is a good way to save money each month?",
+    "Explain how a rainbow forms.",
+    "Give me three tips for my first job interview.",
+    "How do I make a simple tomato sauce?",
+    "Why do cats purr?",
+    "What should I pack for a weekend hiking trip?",
+    "How can I stay focused while studying?",
+    "What is the difference between weather and climate?",
+    "How do I keep my houseplants alive?",
+    "Write a haiku about the sea.",
+    "Qu'est-ce qu'un arc-en-ciel ? Réponds en une phrase.",
+    "Translate 'good morning' into Spanish, German and Japanese.",
+    "List five fruits with an emoji for each.",
+    "What is 17 times 3?",
+    "Name the planets of the solar system.",
+]
+PARAGRAPH = (
+    "The city council met on Tuesday to discuss the new public library. Residents asked for longer opening "
+    "hours, a larger children's section and quiet rooms for studying. The architect presented two designs: "
+    "one with a glass roof and a garden, the other with solar panels and a café. Several speakers worried "
+    "about the cost, which the mayor estimated at twelve million euros, and about parking on market days. "
+)
+LONG_QUESTIONS = [
+    "Summarize the text above in one sentence.",
+    "What did the residents ask for?",
+    "Which design would you choose, and why?",
+]
+PREFERENCES = [
+    "I like short answers with a bit of humour",
+    "Please format your answers as a bulleted list",
+    "Always end your answer with a question for me",
+    "I prefer formal, precise language",
+]
+STOPS = ["\n\n", ".", "!", " and ", "2."]
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+# ---- what one request did ----------------------------------------------
+@dataclass
+class Outcome:
+    scenario: str
+    started: float  # seconds since the load began
+    ended: float = 0.0
+    status: int | None = None  # HTTP status; None: no response (transport error, cancelled)
+    answered: bool = False  # a complete answer came back
+    cancelled: bool = False  # we hung up on purpose
+    expected_4xx: bool = False  # an invalid request we sent on purpose
+    stream_error: dict | None = None  # an error event inside a 200 stream
+    transport_error: str | None = None
+    ttft: float | None = None
+    completion_tokens: int = 0
+    finish_reasons: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    replacement_chars: int = 0  # U+FFFD in the answers (invalid UTF-8 the model wrote)
+    request: dict = field(default_factory=dict)
+
+    @property
+    def latency(self) -> float:
+        return self.ended - self.started
+
+    def fail(self, message: str) -> None:
+        self.violations.append(message)
+
+
+@dataclass
+class Context:
+    client: httpx.AsyncClient
+    model: str
+    rng: random.Random
+    t0: float
+    max_tokens_cap: int = 64
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+
+# ---- request bodies ----------------------------------------------------
+def long_prompt(rng: random.Random) -> str:
+    return PARAGRAPH * rng.randint(4, 12) + "\n" + rng.choice(LONG_QUESTIONS)
+
+
+def a_prompt(rng: random.Random, long_share: float = 0.2) -> str:
+    return long_prompt(rng) if rng.random() < long_share else rng.choice(SHORT_PROMPTS)
+
+
+def personalise(body: dict, rng: random.Random) -> None:
+    """Adds a preference (one or two) and, sometimes, PAD settings."""
+    roll = rng.random()
+    if roll < 0.4:
+        return
+    if roll < 0.85:
+        body["preference"] = rng.choice(PREFERENCES)
+    else:
+        body["preference"] = [{"text": p, "weight": rng.choice([0.5, 1.0])} for p in rng.sample(PREFERENCES, 2)]
+    if rng.random() < 0.5:
+        body["pad"] = {"weight": rng.choice([0.0, 1.0, 2.0, 4.0]), "top_k": rng.choice([10, 40, 80]),
+                       "min_p": rng.choice([0.0, 0.1])}
+
+
+def sampling(body: dict, rng: random.Random) -> None:
+    roll = rng.random()
+    if roll < 0.3:
+        body["temperature"] = 0
+    elif roll < 0.8:
+        body["temperature"] = rng.choice([0.3, 0.7])
+        body["seed"] = rng.randint(0, 2**31)
+    # else: the default temperature (1.0)
+
+
+def chat_body(ctx: Context, stream: bool) -> dict:
+    rng = ctx.rng
+    body: dict = {"model": ctx.model, "max_tokens": rng.randint(1, ctx.max_tokens_cap),
+                  "messages": [{"role": "user", "content": a_prompt(rng)}]}
+    if rng.random() < 0.2:
+        body["messages"].insert(0, {"role": "system", "content": "You are a helpful assistant."})
+    personalise(body, rng)
+    sampling(body, rng)
+    if rng.random() < 0.15:
+        body["n"] = 2
+    if rng.random() < 0.2:
+        body["stop"] = rng.sample(STOPS, rng.randint(1, 2))
+    elif stream and rng.random() < 0.5:
+        body["logprobs"] = True  # one entry per token: counts the tokens of a stream
+        body["top_logprobs"] = rng.randint(0, 3)
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        if rng.random() < 0.3:
+            body["stream_options"]["continuous_usage_stats"] = True
+    return body
+
+
+# ---- checks ------------------------------------------------------------
+def check_text(out: Outcome, text: str, body: dict) -> None:
+    """No stop string in the answer. A U+FFFD is noted, not failed: the model
+    may sample a byte token that starts a character and then one that does
+    not finish it (the streams with logprobs check the bytes exactly)."""
+    if "\ufffd" in text:
+        out.replacement_chars += text.count("\ufffd")
+    stops = body.get("stop") or []
+    for stop in [stops] if isinstance(stops, str) else stops:
+        if stop in text:
+            out.fail(f"stop string {stop!r} in the answer")
+
+
+def check_bytes(out: Outcome, text: str, pieces: list[bytes], reason: str | None) -> None:
+    """The streamed text is its tokens' bytes decoded (invalid UTF-8 the
+    model wrote as U+FFFD, as a whole-answer decode gives it): no character
+    lost or doubled at a chunk boundary, none held back at the end (an
+    answer cut inside a character ends in U+FFFD, as its whole decode). An
+    answer that stopped on end-of-sequence has that token's bytes last, not
+    in the text."""
+    whole = b"".join(pieces).decode("utf-8", "replace")
+    before_eos = b"".join(pieces[:-1]).decode("utf-8", "replace")
+    if text != whole and not (reason == "stop" and text == before_eos):
+        out.fail(f"streamed text {text[-30:]!r} is not its tokens' bytes decoded {whole[-30:]!r}")
+
+
+def check_finish(out: Outcome, reasons: list[str | None], expected_choices: int) -> None:
+    if len(reasons) != expected_choices:
+        out.fail(f"{len(reasons)} finish reasons for {expected_choices} choices")
+    for reason in reasons:
+        if reason not in FINISH_REASONS:
+            out.fail(f"finish_reason {reason!r}")
+
+
+def check_usage(out: Outcome, usage: dict | None, reasons: list[str], max_tokens: int,
+                prompt_key: str = "prompt_tokens", completion_key: str = "completion_tokens") -> None:
+    """total = prompt + completion; a choice cut by length has max_tokens
+    tokens; none has more."""
+    if not usage:
+        out.fail("no usage")
+        return
+    prompt, completion = usage.get(prompt_key), usage.get(completion_key)
+    if not isinstance(prompt, int) or not isinstance(completion, int) or prompt < 1:
+        out.fail(f"usage malformed: {usage}")
+        return
+    if usage.get("total_tokens") != prompt + completion:
+        out.fail(f"usage total {usage.get('total_tokens')} != {prompt} + {completion}")
+    cut = sum(1 for r in reasons if r == "length")
+    if completion > max_tokens * len(reasons) or completion < max_tokens * cut:
+        out.fail(f"completion_tokens {completion} for {len(reasons)} choices ({cut} cut by length) "
+                 f"at max_tokens {max_tokens}")
+    if cut == len(reasons) and completion != max_tokens * cut:
+        out.fail(f"every choice cut by length but completion_tokens {completion} != {max_tokens} x {cut}")
+    out.completion_tokens = completion
+
+
+def check_error_body(out: Outcome, response: httpx.Response) -> dict | None:
+    try:
+        error = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        out.fail(f"{response.status_code} without an OpenAI error body: {response.text[:120]!r}")
+        return None
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str) or "type" not in error \
+            or "param" not in error or "code" not in error:
+        out.fail(f"{response.status_code} error body not OpenAI-shaped: {error!r}")
+    return error
+
+
+def record_status(out: Outcome, response: httpx.Response) -> bool:
+    """The status; True when it is a 200 to read on."""
+    out.status = response.status_code
+    if response.status_code != 200:
+        check_error_body(out, response)
+        return False
+    return True
+
+
+async def stream_status(out: Outcome, response: httpx.Response) -> bool:
+    """record_status for a streamed request (an error body is read first)."""
+    if response.status_code != 200:
+        await response.aread()
+    return record_status(out, response)
+
+
+# ---- streams -------------------------------------------------------------
+async def sse_events(response: httpx.Response):
+    """(event name or None, data) of each SSE event."""
+    name, data = None, []
+    async for line in response.aiter_lines():
+        if line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
+        elif not line and data:
+            yield name, "\n".join(data)
+            name, data = None, []
+    if data:
+        yield name, "\n".join(data)
+
+
+@dataclass
+class ChunkStream:
+    """The state of a chat / text completion stream, choice by choice."""
+
+    texts: dict[int, str] = field(default_factory=dict)
+    finish: dict[int, str] = field(default_factory=dict)
+    content_chunks: int = 0
+    logprob_entries: int = 0
+    token_bytes: dict[int, list[bytes]] = field(default_factory=dict)  # chat logprobs: each token's bytes
+    usage: dict | None = None
+    last_running_usage: int = -1
+    done: bool = False
+    error: dict | None = None
+
+    def feed(self, out: Outcome, data: dict, chat: bool) -> None:
+        if "error" in data:
+            self.error = data["error"]
+            return
+        usage = data.get("usage")
+        if usage:
+            if usage["completion_tokens"] < self.last_running_usage:
+                out.fail("continuous usage went back")
+            self.last_running_usage = usage["completion_tokens"]
+            if not data.get("choices"):
+                self.usage = usage
+        for choice in data.get("choices", []):
+            index = choice["index"]
+            if index in self.finish:
+                out.fail(f"choice {index} has a chunk after its finish_reason")
+            text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+            if text:
+                self.content_chunks += 1
+                self.texts[index] = self.texts.get(index, "") + text
+            logprobs = choice.get("logprobs")
+            if logprobs and chat:
+                entries = logprobs.get("content") or []
+                self.logprob_entries += len(entries)
+                self.token_bytes.setdefault(index, []).extend(bytes(e["bytes"]) for e in entries)
+            elif logprobs:
+                self.logprob_entries += len(logprobs.get("tokens") or [])
+            if choice.get("finish_reason"):
+                self.finish[index] = choice["finish_reason"]
+
+
+async def read_chunk_stream(ctx: Context, out: Outcome, response: httpx.Response, chat: bool,
+                            stop_after: int | None = None) -> ChunkStream | None:
+    """Reads a stream to its [DONE] (or `stop_after` chunks: a client that
+    hangs up). None when it was cut on purpose."""
+    state = ChunkStream()
+    chunks = 0
+    async for _, raw in sse_events(response):
+        if raw == "[DONE]":
+            state.done = True
+            break
+        if state.done:
+            out.fail("data after [DONE]")
+        if out.ttft is None:
+            out.ttft = ctx.now() - out.started
+        state.feed(out, json.loads(raw), chat)
+        chunks += 1
+        if stop_after is not None and chunks >= stop_after:
+            out.cancelled = True
+            return None
+    return state
+
+
+def check_chunk_stream(out: Outcome, state: ChunkStream, body: dict, choices: int) -> None:
+    if state.error is not None:
+        out.stream_error = state.error
+        if not isinstance(state.error.get("message"), str):
+            out.fail(f"stream error event not OpenAI-shaped: {state.error}")
+        return
+    if not state.done:
+        out.fail("stream ended without [DONE]")
+    reasons = [state.finish.get(i) for i in range(choices)]
+    check_finish(out, reasons, choices)
+    check_usage(out, state.usage, reasons, body["max_tokens"])
+    tokens = (state.usage or {}).get("completion_tokens", 0)
+    if state.content_chunks > tokens:
+        out.fail(f"{state.content_chunks} content chunks for {tokens} tokens")
+    if body.get("logprobs") and state.logprob_entries != tokens:
+        out.fail(f"{state.logprob_entries} logprob entries for {tokens} tokens")
+    if state.last_running_usage >= 0 and state.last_running_usage != tokens:
+        out.fail(f"continuous usage ended at {state.last_running_usage}, final usage says {tokens}")
+    out.texts = [state.texts.get(i, "") for i in range(choices)]
+    for text in out.texts:
+        check_text(out, text, body)
+    for index, pieces in state.token_bytes.items():
+        check_bytes(out, out.texts[index], pieces, reasons[index])
+    out.finish_reasons = [r or "?" for r in reasons]
+    out.answered = not out.violations
+
+
+# ---- scenarios -----------------------------------------------------------
+async def chat_plain(ctx: Context, out: Outcome) -> None:
+    body = out.request = chat_body(ctx, stream=False)
+    response = await ctx.client.post("/v1/chat/completions", json=body)
+    if not record_status(out, response):
+        return
+    data = response.json()
+    choices = data.get("choices", [])
+    reasons = [c.get("finish_reason") for c in choices]
+    check_finish(out, reasons, body.get("n", 1))
+    check_usage(out, data.get("usage"), reasons, body["max_tokens"])
+    out.texts = [c["message"]["content"] or "" for c in choices]
+    for text in out.texts:
+        check_text(out, text, body)
+    if body.get("preference") is not None and data.get("pad", {}).get("source") != "request":
+        out.fail(f"pad.source {data.get('pad')}")
+    out.finish_reasons = reasons
+    out.answered = not out.violations
+
+
+async def chat_stream(ctx: Context, out: Outcome) -> None:
+    body = out.request = chat_body(ctx, stream=True)
+    async with ctx.client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if not await stream_status(out, response):
+            return
+        state = await read_chunk_stream(ctx, out, response, chat=True)
+    check_chunk_stream(out, state, body, body.get("n", 1))
+
+
+async def text_completion(ctx: Context, out: Outcome) -> None:
+    rng = ctx.rng
+    stream = rng.random() < 0.5
+    body = out.request = {"model": ctx.model, "prompt": rng.choice(["The capital of France is", "Once upon a time,",
+                                                                    "A recipe for pancakes:\n1.", long_prompt(rng)]),
+                          "max_tokens": rng.randint(1, ctx.max_tokens_cap)}
+    personalise(body, rng)
+    sampling(body, rng)
+    if rng.random() < 0.3:
+        body["logprobs"] = rng.randint(0, 2)
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        async with ctx.client.stream("POST", "/v1/completions", json=body) as response:
+            if not await stream_status(out, response):
+                return
+            state = await read_chunk_stream(ctx, out, response, chat=False)
+        check_chunk_stream(out, state, body, 1)
+        return
+    response = await ctx.client.post("/v1/completions", json=body)
+    if not record_status(out, response):
+        return
+    data = response.json()
+    choices = data.get("choices", [])
+    reasons = [c.get("finish_reason") for c in choices]
+    check_finish(out, reasons, 1)
+    check_usage(out, data.get("usage"), reasons, body["max_tokens"])
+    out.texts = [c.get("text") or "" for c in choices]
+    for text in out.texts:
+        check_text(out, text, body)
+    if body.get("logprobs") is not None and choices:
+        tokens = len((choices[0].get("logprobs") or {}).get("tokens") or [])
+        if tokens != out.completion_tokens:
+            out.fail(f"{tokens} logprob tokens for {out.completion_tokens} completion tokens")
+    out.finish_reasons = reasons
+    out.answered = not out.violations
+
+
+async def responses_stream(ctx: Context, out: Outcome) -> None:
+    rng = ctx.rng
+    body = out.request = {"model": ctx.model, "input": a_prompt(rng), "stream": True,
+                          "max_output_tokens": rng.randint(1, ctx.max_tokens_cap)}
+    if rng.random() < 0.3:
+        body["instructions"] = "Answer briefly."
+    personalise(body, rng)
+    if rng.random() < 0.5:
+        body["temperature"] = rng.choice([0, 0.7])
+    async with ctx.client.stream("POST", "/v1/responses", json=body) as response:
+        if not await stream_status(out, response):
+            return
+        events = []
+        async for name, raw in sse_events(response):
+            if out.ttft is None:
+                out.ttft = ctx.now() - out.started
+            events.append((name, json.loads(raw)))
+    check_responses_events(out, events, body)
+
+
+def check_responses_events(out: Outcome, events: list[tuple[str | None, dict]], body: dict) -> None:
+    if not events:
+        out.fail("empty Responses stream")
+        return
+    for number, (name, data) in enumerate(events):
+        if data.get("sequence_number") != number or data.get("type") != name:
+            out.fail(f"event {number}: {name} / {data.get('type')} numbered {data.get('sequence_number')}")
+            return
+    names = [name for name, _ in events]
+    if names[-1] == "error":
+        out.stream_error = events[-1][1]
+        return
+    if names[0] != "response.created" or names[-1] not in ("response.completed", "response.incomplete"):
+        out.fail(f"Responses stream from {names[0]} to {names[-1]}")
+        return
+    final = events[-1][1]["response"]
+    deltas = "".join(d["delta"] for n, d in events if n == "response.output_text.delta")
+    done = [d["text"] for n, d in events if n == "response.output_text.done"]
+    if done and done[0] != deltas:
+        out.fail("output_text.done differs from the deltas")
+    texts = [part["text"] for item in final.get("output", []) if item.get("type") == "message"
+             for part in item.get("content", [])]
+    if texts != [deltas]:
+        out.fail("the final response's text differs from the deltas")
+    incomplete = names[-1] == "response.incomplete"
+    usage = final.get("usage") or {}
+    reason = "length" if incomplete else "stop"
+    check_usage(out, usage, [reason], body["max_output_tokens"], "input_tokens", "output_tokens")
+    check_text(out, deltas, body)
+    out.texts, out.finish_reasons = [deltas], [reason]
+    out.answered = not out.violations
+
+
+async def structured_output(ctx: Context, out: Outcome) -> None:
+    rng = ctx.rng
+    body = out.request = {"model": ctx.model, "max_tokens": 64, "temperature": rng.choice([0, 0.7]),
+                          "messages": [{"role": "user", "content": "Invent a person: give a name and an age as JSON."}],
+                          "response_format": {"type": "json_schema",
+                                              "json_schema": {"name": "person", "strict": True, "schema": PERSON_SCHEMA}}}
+    personalise(body, rng)
+    response = await ctx.client.post("/v1/chat/completions", json=body)
+    if not record_status(out, response):
+        return
+    data = response.json()
+    choice = data["choices"][0]
+    reasons = [choice.get("finish_reason")]
+    check_finish(out, reasons, 1)
+    check_usage(out, data.get("usage"), reasons, body["max_tokens"])
+    text = choice["message"]["content"] or ""
+    check_text(out, text, body)
+    if reasons[0] == "stop":
+        try:
+            value = json.loads(text)
+            if set(value) != {"name", "age"} or not isinstance(value["age"], int):
+                out.fail(f"json_schema answer off schema: {text!r}")
+        except ValueError:
+            out.fail(f"json_schema answer is not JSON: {text!r}")
+    out.texts, out.finish_reasons = [text], reasons
+    out.answered = not out.violations
+
+
+async def hang_up_mid_stream(ctx: Context, out: Outcome) -> None:
+    body = out.request = chat_body(ctx, stream=True)
+    body["max_tokens"] = 64
+    body.pop("n", None)
+    async with ctx.client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if not await stream_status(out, response):
+            return
+        state = await read_chunk_stream(ctx, out, response, chat=True, stop_after=ctx.rng.randint(1, 6))
+    if state is not None:  # the answer ended before we hung up
+        check_chunk_stream(out, state, body, 1)
+
+
+async def hang_up_mid_prefill(ctx: Context, out: Outcome) -> None:
+    """A long prompt, and the client gone before its first byte."""
+    rng = ctx.rng
+    body = out.request = {"model": ctx.model, "max_tokens": 32, "stream": rng.random() < 0.5,
+                          "messages": [{"role": "user", "content": long_prompt(rng)}]}
+    personalise(body, rng)
+    task = asyncio.ensure_future(ctx.client.post("/v1/chat/completions", json=body))
+    await asyncio.sleep(rng.uniform(0.02, 0.6))
+    if task.done():
+        response = task.result()
+        record_status(out, response)
+        out.answered = response.status_code == 200
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        out.cancelled = True
+
+
+def invalid_requests(model: str) -> list[tuple[str, str, dict | bytes]]:
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    return [
+        ("POST", "/v1/chat/completions", {**chat, "model": "no-such-model"}),
+        ("POST", "/v1/chat/completions", {**chat, "n": 1.5}),
+        ("POST", "/v1/chat/completions", {**chat, "foo": 1}),
+        ("POST", "/v1/chat/completions", {**chat, "temperature": -1}),
+        ("POST", "/v1/chat/completions", {**chat, "messages": []}),
+        ("POST", "/v1/chat/completions", {**chat, "max_tokens": 10**6}),
+        ("POST", "/v1/chat/completions", {**chat, "preference": "x", "pad": {"weight": 1000}}),
+        ("POST", "/v1/chat/completions", {**chat, "tools": [{"type": "function", "function": {"name": "f"}}],
+                                          "tool_choice": "auto"}),
+        ("POST", "/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}),
+        ("POST", "/v1/chat/completions", b'{"model": "' + model.encode() + b'", "messages": [{"role": "user", '
+                                                                           b'"content": "\\ud800"}]}'),
+        ("POST", "/v1/chat/completions", b'{"model": '),
+        ("POST", "/v1/completions", {"model": model, "prompt": "hi", "logprobs": 9}),
+        ("POST", "/v1/responses", {"model": model, "input": "hi", "previous_response_id": "resp_1"}),
+        ("GET", "/v1/no-such-endpoint", b""),
+    ]
+
+
+async def invalid_request(ctx: Context, out: Outcome) -> None:
+    out.expected_4xx = True
+    method, path, body = ctx.rng.choice(invalid_requests(ctx.model))
+    out.request = {"method": method, "path": path, "body": body if isinstance(body, dict) else body.decode()}
+    if isinstance(body, dict):
+        response = await ctx.client.request(method, path, json=body)
+    else:
+        response = await ctx.client.request(method, path, content=body or None,
+                                            headers={"Content-Type": "application/json"} if body else None)
+    out.status = response.status_code
+    if not 400 <= response.status_code < 500:
+        if response.status_code != 503:  # 503 only during a worker kill; judged there
+            out.fail(f"invalid request answered {response.status_code}")
+    check_error_body(out, response)
+
+
+Scenario = Callable[[Context, Outcome], Awaitable[None]]
+SCENARIOS: dict[str, tuple[Scenario, float]] = {
+    "chat": (chat_plain, 20),
+    "chat_stream": (chat_stream, 25),
+    "completions": (text_completion, 10),
+    "responses_stream": (responses_stream, 10),
+    "json_schema": (structured_output, 5),
+    "hang_up_mid_stream": (hang_up_mid_stream, 8),
+    "hang_up_mid_prefill": (hang_up_mid_prefill, 7),
+    "invalid": (invalid_request, 10),
+}
+
+
+async def run_one(ctx: Context, name: str, timeout: float) -> Outcome:
+    out = Outcome(name, started=ctx.now())
+    try:
+        await asyncio.wait_for(SCENARIOS[name][0](ctx, out), timeout)
+    except TimeoutError:
+        out.transport_error = f"no answer in {timeout:.0f} s (a hang)"
+    except httpx.HTTPError as exc:
+        out.transport_error = f"{type(exc).__name__}: {exc}"
+    except (ValueError, KeyError, TypeError) as exc:  # a body we could not read: the server's fault
+        out.fail(f"unreadable answer: {type(exc).__name__}: {exc}")
+    out.ended = ctx.now()
+    return out
+
+
+# ---- processes and metrics ---------------------------------------------
+def gateway_process(base_url: str, pid: int | None) -> psutil.Process | None:
+    """The given pid, else the process listening on the URL's port."""
+    if pid:
+        return psutil.Process(pid)
+    port = urlparse(base_url).port or 80
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            return psutil.Process(conn.pid)
+    return None
+
+
+def worker_process(gateway: psutil.Process | None, pid: int | None) -> psutil.Process | None:
+    """The given pid, else the gateway's child running pad_core.worker."""
+    if pid:
+        try:
+            return psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            return None
+    if gateway is None:
+        return None
+    try:
+        for child in gateway.children(recursive=True):
+            if "pad_core.worker" in " ".join(child.cmdline()):
+                return child
+    except psutil.Error:
+        pass
+    return None
+
+
+def rss_mib(process: psutil.Process | None) -> float | None:
+    try:
+        return process.memory_info().rss / 2**20 if process is not None else None
+    except psutil.Error:
+        return None
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                values[name] = float(value)
+            except ValueError:
+                pass
+    return values
+
+
+async def scrape(client: httpx.AsyncClient) -> dict[str, float]:
+    response = await client.get("/metrics")
+    response.raise_for_status()
+    return parse_metrics(response.text)
+
+
+@dataclass
+class Sample:
+    t: float
+    requests: int
+    gateway_pid: int | None
+    gateway_mib: float | None
+    worker_pid: int | None
+    worker_mib: float | None
+
+
+class Monitor:
+    """Samples the RSS of the gateway and the worker every `every` seconds."""
+
+    def __init__(self, ctx: Context, gateway: psutil.Process | None, worker_pid: int | None, every: float):
+        self.ctx, self.gateway, self.worker_pid, self.every = ctx, gateway, worker_pid, every
+        self.worker = worker_process(gateway, worker_pid)
+        self.samples: list[Sample] = []
+        self.completed = 0  # requests ended so far (the runner counts)
+
+    def sample(self) -> None:
+        if self.worker is None or not self.worker.is_running():
+            self.worker = worker_process(self.gateway, None)  # a restarted worker: the gateway's new child
+        self.samples.append(Sample(self.ctx.now(), self.completed,
+                                   self.gateway.pid if self.gateway else None, rss_mib(self.gateway),
+                                   self.worker.pid if self.worker else None, rss_mib(self.worker)))
+
+    async def run(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(self.every)
+
+
+def growth_per_1000(samples: list[Sample], which: str, warmup_share: float) -> tuple[float | None, int]:
+    """Least-squares slope of RSS (MiB) over requests completed, x 1000,
+    over the samples after the warm-up, of the last process seen (a
+    restarted worker starts its own line). (slope, samples used)."""
+    pid_of = f"{which}_pid"
+    mib_of = f"{which}_mib"
+    points = [s for s in samples if getattr(s, mib_of) is not None]
+    if not points:
+        return None, 0
+    last_pid = getattr(points[-1], pid_of)
+    points = [s for s in points if getattr(s, pid_of) == last_pid]
+    points = points[int(len(points) * warmup_share):]
+    xs = [s.requests for s in points]
+    ys = [getattr(s, mib_of) for s in points]
+    if len(points) < 3 or max(xs) == min(xs):
+        return None, len(points)
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return slope * 1000, len(points)
+
+
+# ---- the worker kill -----------------------------------------------------
+@dataclass
+class Kill:
+    at: float | None = None
+    pid: int | None = None
+    down_seen: float | None = None
+    recovered: float | None = None
+
+
+async def kill_worker(ctx: Context, monitor: Monitor, after: float, kill: Kill, health_client: httpx.AsyncClient,
+                      recovery_limit: float) -> None:
+    await asyncio.sleep(max(0.0, after - ctx.now()))
+    worker = worker_process(monitor.gateway, monitor.worker_pid)
+    if worker is None:
+        print("soak: no worker process found to kill", file=sys.stderr)
+        return
+    kill.pid = worker.pid
+    os.kill(worker.pid, signal.SIGKILL)
+    kill.at = ctx.now()
+    print(f"[{kill.at:7.1f}s] SIGKILL worker pid {worker.pid}", flush=True)
+    while ctx.now() - kill.at < recovery_limit:
+        try:
+            status = (await health_client.get("/health")).status_code
+        except httpx.HTTPError:
+            status = None
+        if status != 200 and kill.down_seen is None:
+            kill.down_seen = ctx.now()
+        elif status == 200 and kill.down_seen is not None:
+            kill.recovered = ctx.now()
+            print(f"[{kill.recovered:7.1f}s] /health is 200 again ({kill.recovered - kill.at:.1f} s after the kill)",
+                  flush=True)
+            return
+        await asyncio.sleep(0.1)
+    print(f"soak: /health not back to 200 in {recovery_limit:.0f} s", file=sys.stderr)
+
+
+def reached_by_kill(out: Outcome, kill: Kill, grace: float = 1.0) -> bool:
+    """In flight when the worker was killed, or sent while it was down."""
+    if kill.at is None:
+        return False
+    back = kill.recovered if kill.recovered is not None else math.inf
+    return out.started <= back + grace and out.ended >= kill.at
+
+
+# ---- the run -------------------------------------------------------------
+async def client_loop(ctx: Context, deadline: float, outcomes: list[Outcome], monitor: Monitor, timeout: float,
+                      names: list[str], weights: list[float]) -> None:
+    while ctx.now() < deadline:
+        name = ctx.rng.choices(names, weights)[0]
+        outcome = await run_one(ctx, name, timeout)
+        outcomes.append(outcome)
+        monitor.completed += 1
+        await asyncio.sleep(ctx.rng.uniform(0, 0.3))
+
+
+async def wait_idle_gauges(client: httpx.AsyncClient, limit: float) -> tuple[dict[str, float], float | None]:
+    """Polls /metrics until every gauge is 0; (last values, seconds it took or None)."""
+    start = time.monotonic()
+    values: dict[str, float] = {}
+    while time.monotonic() - start < limit:
+        values = {name: (await scrape(client)).get(name, math.nan) for name in GAUGES}
+        if all(v == 0 for v in values.values()):
+            return values, time.monotonic() - start
+        await asyncio.sleep(0.5)
+    return values, None
+
+
+async def soak(args: argparse.Namespace) -> int:
+    timeout = httpx.Timeout(args.request_timeout, connect=10.0)
+    limits = httpx.Limits(max_connections=args.concurrency * 2 + 4)
+    async with httpx.AsyncClient(base_url=args.base_url, timeout=timeout, limits=limits) as client, \
+            httpx.AsyncClient(base_url=args.base_url, timeout=5.0) as probe:
+        if (await probe.get("/health")).status_code != 200:
+            print("soak: the server is not healthy", file=sys.stderr)
+            return 2
+        model = args.model or (await probe.get("/v1/models")).json()["data"][0]["id"]
+        before = await scrape(probe)
+        ctx = Context(client, model, random.Random(args.seed), time.monotonic(), args.max_tokens)
+        gateway = gateway_process(args.base_url, args.gateway_pid)
+        monitor = Monitor(ctx, gateway, args.worker_pid, args.sample_every)
+        print(f"soak: {args.duration:.0f} s, {args.concurrency} clients, model {model}, gateway pid "
+              f"{gateway.pid if gateway else '?'}, worker pid {monitor.worker.pid if monitor.worker else '?'}",
+              flush=True)
+        names = [n for n in SCENARIOS if n not in args.skip]
+        weights = [SCENARIOS[n][1] for n in names]
+        outcomes: list[Outcome] = []
+        kill = Kill()
+        monitor_task = asyncio.create_task(monitor.run())
+        progress_task = asyncio.create_task(progress(ctx, outcomes, monitor, args.progress_every))
+        kill_task = None
+        if args.kill_worker_after is not None:
+            kill_task = asyncio.create_task(kill_worker(ctx, monitor, args.kill_worker_after, kill, probe,
+                                                        args.recovery_limit))
+        await asyncio.gather(*(client_loop(ctx, args.duration, outcomes, monitor, args.request_timeout + 30,
+                                           names, weights) for _ in range(args.concurrency)))
+        load_seconds = ctx.now()
+        if kill_task is not None:
+            await kill_task
+        progress_task.cancel()
+        await asyncio.sleep(args.idle_settle)  # the server idles; aborts and heartbeats settle
+        gauges, settled_in = await wait_idle_gauges(probe, args.idle_limit)
+        monitor.sample()
+        monitor_task.cancel()
+        after = await scrape(probe)
+        health = (await probe.get("/health")).status_code
+    report = Report(args, outcomes, monitor.samples, kill, gauges, settled_in, before, after, load_seconds, health)
+    ok = report.print()
+    if args.answers_out:
+        with open(args.answers_out, "w", encoding="utf-8") as f:
+            for out in outcomes:
+                f.write(json.dumps(asdict(out), ensure_ascii=False) + "\n")
+    if args.samples_out:
+        with open(args.samples_out, "w", encoding="utf-8") as f:
+            json.dump([asdict(s) for s in monitor.samples], f)
+    return 0 if ok else 1
+
+
+async def progress(ctx: Context, outcomes: list[Outcome], monitor: Monitor, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        last = monitor.samples[-1] if monitor.samples else None
+        bad = sum(1 for o in outcomes if o.violations or o.transport_error or (o.status or 0) >= 500)
+        print(f"[{ctx.now():7.1f}s] {len(outcomes)} requests, {bad} flagged; RSS gateway "
+              f"{fmt(last.gateway_mib if last else None)} MiB, worker {fmt(last.worker_mib if last else None)} MiB",
+              flush=True)
+
+
+def fmt(value: float | None, digits: int = 0) -> str:
+    return "?" if value is None else f"{value:.{digits}f}"
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+# ---- the report ----------------------------------------------------------
+@dataclass
+class Report:
+    args: argparse.Namespace
+    outcomes: list[Outcome]
+    samples: list[Sample]
+    kill: Kill
+    gauges: dict[str, float]
+    settled_in: float | None
+    before: dict[str, float]
+    after: dict[str, float]
+    load_seconds: float
+    health: int
+    failures: list[str] = field(default_factory=list)
+
+    def check(self, ok: bool, message: str) -> None:
+        print(f"  [{'ok' if ok else 'FAIL'}] {message}")
+        if not ok:
+            self.failures.append(message)
+
+    def print(self) -> bool:
+        outs = self.outcomes
+        print(f"\n=== soak report: {len(outs)} requests in {self.load_seconds:.0f} s ===")
+        kinds = Counter(o.scenario for o in outs)
+        print("requests: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+        statuses = Counter(str(o.status) if o.status is not None else ("cancelled" if o.cancelled else "none")
+                           for o in outs)
+        print("statuses seen by the client: " + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())))
+        self.print_server_counts()
+        print("\ninvariants:")
+        self.check_errors()
+        self.check_answers()
+        self.check_gauges()
+        if self.args.kill_worker_after is not None:
+            self.check_kill()
+        self.check(self.health == 200, f"/health at the end: {self.health}")
+        self.print_rss()
+        self.print_speed()
+        self.print_samples()
+        print(f"\nRESULT: {'PASS' if not self.failures else 'FAIL (' + str(len(self.failures)) + ')'}")
+        return not self.failures
+
+    def print_server_counts(self) -> None:
+        counts = {}
+        for name, value in self.after.items():
+            if name.startswith("pad_requests_total{"):
+                status = name.split('"')[1]
+                counts[status] = value - self.before.get(name, 0)
+        print("statuses counted by the server (pad_requests_total delta): "
+              + ", ".join(f"{k}: {v:.0f}" for k, v in sorted(counts.items())))
+        restarts = self.after.get("pad_worker_restarts_total", 0) - self.before.get("pad_worker_restarts_total", 0)
+        print(f"worker restarts: {restarts:.0f}")
+
+    def check_errors(self) -> None:
+        kill = self.kill
+        server_errors = [o for o in self.outcomes if (o.status or 0) >= 500 and not reached_by_kill(o, kill)]
+        transport = [o for o in self.outcomes if o.transport_error and not reached_by_kill(o, kill)]
+        stream_errors = [o for o in self.outcomes if o.stream_error and not reached_by_kill(o, kill)]
+        self.check(not server_errors, f"5xx outside a worker kill: {len(server_errors)}"
+                   + summary(server_errors, lambda o: f"{o.scenario} {o.status}"))
+        self.check(not transport, f"transport errors / hangs outside a worker kill: {len(transport)}"
+                   + summary(transport, lambda o: f"{o.scenario}: {o.transport_error}"))
+        self.check(not stream_errors, f"stream error events outside a worker kill: {len(stream_errors)}"
+                   + summary(stream_errors, lambda o: f"{o.scenario}: {o.stream_error}"))
+        invalid = [o for o in self.outcomes if o.expected_4xx and not reached_by_kill(o, kill)]
+        wrong = [o for o in invalid if not (o.status and 400 <= o.status < 500) or o.violations]
+        self.check(not wrong, f"invalid requests answered 4xx, OpenAI-shaped: {len(invalid) - len(wrong)} "
+                              f"of {len(invalid)}" + summary(wrong, lambda o: f"{o.request} -> {o.status}"))
+
+    def check_answers(self) -> None:
+        answered = [o for o in self.outcomes if o.answered]
+        bad = [o for o in self.outcomes if o.violations and not o.expected_4xx]
+        reasons = Counter(r for o in answered for r in o.finish_reasons)
+        self.check(not bad, f"answers with finish_reason, usage, text, events all consistent: {len(answered)} "
+                            f"({dict(reasons)}); violations: {len(bad)}"
+                   + summary(bad, lambda o: f"{o.scenario}: {o.violations[0]}", 8))
+        cancelled = sum(1 for o in self.outcomes if o.cancelled)
+        print(f"  [info] requests we hung up on: {cancelled}")
+        odd = [o for o in answered if o.replacement_chars]
+        print(f"  [info] answers holding U+FFFD (byte tokens that do not make a character): {len(odd)}"
+              + summary(odd, lambda o: repr(next(t for t in o.texts if "\ufffd" in t)[-50:])))
+
+    def check_gauges(self) -> None:
+        took = f"in {self.settled_in:.1f} s" if self.settled_in is not None else f"not within {self.args.idle_limit} s"
+        self.check(all(v == 0 for v in self.gauges.values()),
+                   "idle gauges back to 0 " + took + ": " + ", ".join(f"{k}={v:g}" for k, v in self.gauges.items()))
+
+    def check_kill(self) -> None:
+        kill = self.kill
+        if kill.at is None:
+            self.check(False, "the worker was killed")
+            return
+        self.check(kill.recovered is not None,
+                   f"/health back to 200 after the kill: {fmt(None if kill.recovered is None else kill.recovered - kill.at, 1)} s")
+        in_flight = [o for o in self.outcomes if o.started <= kill.at <= o.ended and not o.expected_4xx]
+        hung = [o for o in in_flight if o.ended - kill.at > self.args.hang_limit]
+        ends = Counter("200 answered" if o.answered else "cancelled" if o.cancelled else
+                       f"stream error {(o.stream_error or {}).get('code')}" if o.stream_error else
+                       f"transport: {o.transport_error}" if o.transport_error else str(o.status)
+                       for o in in_flight)
+        slowest = max((o.ended - kill.at for o in in_flight), default=0.0)
+        self.check(not hung and not any(o.transport_error for o in in_flight),
+                   f"requests in flight at the kill: {len(in_flight)}, ended as {dict(ends)}, "
+                   f"the last {slowest:.1f} s after the kill (limit {self.args.hang_limit:.0f} s)")
+        reached = [o for o in self.outcomes if reached_by_kill(o, kill)]
+        odd = [o for o in reached if (o.status or 0) >= 500 and o.status != 503]
+        self.check(not odd, f"requests reached by the kill failed only with 503: {len(reached)} reached"
+                   + summary(odd, lambda o: f"{o.scenario} {o.status}"))
+        after = [o for o in self.outcomes if kill.recovered is not None and o.started > kill.recovered and o.answered]
+        self.check(bool(after), f"answers after recovery: {len(after)}")
+
+    def print_rss(self) -> None:
+        samples = self.samples
+        if not samples:
+            return
+        print(f"\nRSS ({len(samples)} samples every {self.args.sample_every:.0f} s; growth by least squares over "
+              f"requests completed, after the first {self.args.warmup_share:.0%} of the samples):")
+        for which in ("gateway", "worker"):
+            values = [getattr(s, f"{which}_mib") for s in samples if getattr(s, f"{which}_mib") is not None]
+            if not values:
+                print(f"  {which}: not found")
+                continue
+            growth, used = growth_per_1000(samples, which, self.args.warmup_share)
+            pids = len({getattr(s, f"{which}_pid") for s in samples if getattr(s, f"{which}_mib") is not None})
+            restarted = f", {pids} processes: the fit is over the last" if pids > 1 else ""
+            print(f"  {which}: start {values[0]:.0f} MiB, idle after the load {values[-1]:.0f} MiB, "
+                  f"max {max(values):.0f} MiB; growth {fmt(growth, 1)} MiB per 1,000 requests ({used} samples"
+                  f"{restarted})")
+
+    def print_speed(self) -> None:
+        answered = [o for o in self.outcomes if o.answered]
+        tokens = sum(o.completion_tokens for o in answered)
+        print(f"\nspeed: {tokens} completion tokens in {self.load_seconds:.0f} s = "
+              f"{tokens / max(self.load_seconds, 1e-9):.1f} tok/s aggregate; "
+              f"{len(answered) / max(self.load_seconds, 1e-9):.2f} answers/s")
+        for label, values in (("latency (answered)", [o.latency for o in answered]),
+                              ("time to first event (streams)", [o.ttft for o in answered if o.ttft is not None])):
+            print(f"  {label}: p50 {fmt(pct(values, 0.5), 2)} s, p99 {fmt(pct(values, 0.99), 2)} s, "
+                  f"max {fmt(max(values, default=None), 2)} s (n={len(values)})")
+        rates = [(o.completion_tokens - 1) / (o.ended - o.started - o.ttft) for o in answered
+                 if o.ttft is not None and o.completion_tokens > 8 and o.ended - o.started - o.ttft > 0]
+        print(f"  per-stream decode rate after the first token: p50 {fmt(pct(rates, 0.5), 1)} tok/s (n={len(rates)})")
+
+    def print_samples(self) -> None:
+        answered = [o for o in self.outcomes if o.answered and any(o.texts)]
+        if not answered or not self.args.show:
+            return
+        print(f"\n{min(self.args.show, len(answered))} answers at random:")
+        for out in random.Random(1).sample(answered, min(self.args.show, len(answered))):
+            request = out.request
+            prompt = request.get("messages", [{}])[-1].get("content") if "messages" in request else \
+                request.get("prompt") or request.get("input")
+            extras = {k: request[k] for k in ("preference", "pad", "stop", "n", "temperature") if k in request}
+            print(f"--- {out.scenario} {extras} finish={out.finish_reasons} tokens={out.completion_tokens}")
+            print(f"    prompt: {str(prompt)[-90:]!r}")
+            for text in out.texts:
+                print(f"    answer: {text!r}")
+
+
+def summary(items: list[Outcome], describe: Callable[[Outcome], str], limit: int = 4) -> str:
+    if not items:
+        return ""
+    shown = "; ".join(describe(o) for o in items[:limit])
+    return f" (e.g. {shown}{' ...' if len(items) > limit else ''})"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
+    parser.add_argument("--model", help="the served model (default: the first of /v1/models)")
+    parser.add_argument("--duration", type=float, default=600, help="seconds of load")
+    parser.add_argument("--concurrency", type=int, default=5, help="clients sending at once")
+    parser.add_argument("--max-tokens", type=int, default=64, help="largest max_tokens drawn")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip", nargs="*", default=[], choices=list(SCENARIOS), help="scenarios left out")
+    parser.add_argument("--gateway-pid", type=int, help="default: the process listening on the URL's port")
+    parser.add_argument("--worker-pid", type=int, help="default: the gateway's pad_core.worker child")
+    parser.add_argument("--kill-worker-after", type=float, help="SIGKILL the worker this many seconds into the load")
+    parser.add_argument("--hang-limit", type=float, default=30.0,
+                        help="seconds after a kill by which the requests in flight must have ended")
+    parser.add_argument("--recovery-limit", type=float, default=120.0, help="seconds /health may take to recover")
+    parser.add_argument("--request-timeout", type=float, default=240.0, help="httpx timeout; more is a hang")
+    parser.add_argument("--sample-every", type=float, default=5.0, help="RSS sampling period (s)")
+    parser.add_argument("--warmup-share", type=float, default=0.2, help="RSS samples left out of the growth fit")
+    parser.add_argument("--progress-every", type=float, default=60.0)
+    parser.add_argument("--idle-settle", type=float, default=2.0, help="seconds of idle before reading the gauges")
+    parser.add_argument("--idle-limit", type=float, default=30.0, help="seconds the gauges may take to reach 0")
+    parser.add_argument("--show", type=int, default=5, help="answers printed at the end")
+    parser.add_argument("--answers-out", help="JSONL of every request's outcome (requests, answers, checks)")
+    parser.add_argument("--samples-out", help="JSON of the RSS samples")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return asyncio.run(soak(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

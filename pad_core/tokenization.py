@@ -1,0 +1,38 @@
+"""The worker's answers to /tokenize and /detokenize (server/routes/tokenize.py):
+a chat through the chat template (the prompt a chat request would give the
+base model), raw text, or token ids back to text. Runs in the worker's
+tokenizer thread; raises InvalidRequestError for a bad request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pad_core.errors import InvalidRequestError
+from pad_core.prompting import PromptBuilder, validate_messages
+
+
+def tokenize(prompts: PromptBuilder, request: dict[str, Any]) -> dict[str, Any]:
+    """`request["kind"]`: "chat" (messages, add_generation_prompt,
+    add_special_tokens), "text" (prompt, add_special_tokens) -> {"count",
+    "tokens", "token_strs" (with return_token_strs, else None)};
+    "detokenize" (tokens) -> {"prompt"}."""
+    tokenizer = prompts.tokenizer
+    kind = request.get("kind")
+    if kind == "detokenize":
+        tokens = request["tokens"]
+        if any(not 0 <= token < len(tokenizer) for token in tokens):
+            raise InvalidRequestError(f"tokens must be ids below the vocabulary size, {len(tokenizer)}", param="tokens")
+        return {"prompt": tokenizer.decode(tokens)}
+    if kind == "chat":
+        messages = request["messages"]
+        validate_messages(messages)
+        ids = prompts.encode(messages, add_generation_prompt=bool(request.get("add_generation_prompt", True)),
+                             add_special_tokens=bool(request.get("add_special_tokens", False)))
+    elif kind == "text":
+        if not isinstance(request.get("prompt"), str):
+            raise InvalidRequestError("prompt must be text", param="prompt")
+        ids = tokenizer(request["prompt"], add_special_tokens=bool(request.get("add_special_tokens", True)))["input_ids"]
+    else:
+        raise InvalidRequestError(f"unknown tokenize request kind {kind!r}", param=None)
+    strings = tokenizer.convert_ids_to_tokens(ids) if request.get("return_token_strs") else None
+    return {"count": len(ids), "tokens": list(ids), "token_strs": strings}

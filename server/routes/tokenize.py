@@ -1,0 +1,108 @@
+"""POST /tokenize and POST /detokenize, as vLLM serves them (TGI and the
+llama.cpp server have their own): the served model's tokenizer, so a
+client can count a prompt's tokens exactly as a request would be given to
+the model (chat messages flattened as /v1/chat/completions flattens them,
+through the chat template) and turn token ids back into text.
+
+The count is the base context's: a preference adds reward contexts of
+their own, which the context length check of a chat request covers. The
+worker tokenizes (the gateway holds no tokenizer), in its tokenizer thread,
+so a huge prompt never stalls the streams decoding."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field, model_validator
+
+from pad_core.validation import INT64_MAX
+from server.auth import key_scope
+from server.errors import invalid
+from server.generation import check_model, map_exception
+from server.messages import chat_messages
+from server.openai_models import ChatMessage, StrictRequest
+from server.openapi import errors
+from server.request_body import JSONRoute
+from server.worker_client import RequestRejected, WorkerUnavailable
+
+router = APIRouter(tags=["tokenize"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
+
+
+class TokenizeRequest(StrictRequest):
+    model: str | None = Field(None, description="the served model (optional)")
+    prompt: str | None = Field(None, description="raw text, as /v1/completions takes it (no chat template)")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, description="a chat, as /v1/chat/completions takes it")
+    add_generation_prompt: bool = Field(True, description="messages: end with the assistant's turn opening")
+    add_special_tokens: bool | None = Field(
+        None, description="the tokenizer's special tokens (BOS...); default true for a prompt, false for messages "
+                          "(the chat template writes its own)")
+    return_token_strs: bool = Field(False, description="also the tokens as the tokenizer's strings")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either 'prompt' or 'messages'")
+        if self.prompt is not None and "add_generation_prompt" in self.model_fields_set:
+            raise ValueError("'add_generation_prompt' applies to 'messages' only")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(StrictRequest):
+    model: str | None = None
+    # Bounded by the body limit (PAD_MAX_REQUEST_BYTES); ids past the vocabulary are a 400 in the route.
+    tokens: list[Annotated[int, Field(ge=0, le=INT64_MAX)]] = Field(description="token ids of the served model")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+def worker_payload(body: TokenizeRequest) -> dict:
+    """What the worker tokenizes: engine messages (flattened as a chat
+    request's are) or the raw prompt."""
+    if body.messages is not None:
+        return {"kind": "chat", "messages": chat_messages(body.messages),
+                "add_generation_prompt": body.add_generation_prompt,
+                "add_special_tokens": bool(body.add_special_tokens), "return_token_strs": body.return_token_strs}
+    return {"kind": "text", "prompt": body.prompt,
+            "add_special_tokens": body.add_special_tokens is not False, "return_token_strs": body.return_token_strs}
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=errors(400, 401, 404, 413, 503))
+async def tokenize(body: TokenizeRequest, request: Request):
+    state = request.app.state
+    if body.model is not None:
+        check_model(state, body.model)
+    result = await ask_worker(state, worker_payload(body))
+    result["max_model_len"] = state.worker.model_info.get("context_length", 0)
+    return result
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=errors(400, 401, 404, 413, 503))
+async def detokenize(body: DetokenizeRequest, request: Request):
+    state = request.app.state
+    if body.model is not None:
+        check_model(state, body.model)
+    vocab_size = state.worker.model_info.get("vocab_size")
+    for index, token in enumerate(body.tokens):
+        if vocab_size is not None and not 0 <= token < vocab_size:
+            raise invalid(f"tokens[{index}] = {token} is not a token id of this model (0 to {vocab_size - 1})",
+                          f"tokens[{index}]")
+    return await ask_worker(state, {"kind": "detokenize", "tokens": body.tokens})
+
+
+async def ask_worker(state, payload: dict) -> dict:
+    """The worker's answer; its refusal as a 400 naming the parameter, a
+    worker that is down or silent as a 503."""
+    try:
+        return await state.worker.tokenize(payload)
+    except (RequestRejected, WorkerUnavailable) as exc:
+        raise map_exception(exc) from None

@@ -1,0 +1,211 @@
+"""Lifecycle regressions found by the soak (benchmarks/soak.py) on the
+embedded model, checked here on the tiny engine: the worker gives freed heap
+memory back to the OS after work (its RSS ratcheted up by 1.7 GiB in 11
+minutes otherwise); a worker that dies takes its running requests out of
+the gauges; an answer that ends inside a character keeps the tokens held
+back for it (the text of its whole decode); and the soak script itself
+runs clean for a few seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import pytest
+import zmq
+from server_helpers import uvicorn_server, worker_thread
+
+from pad_core.ipc import pack, unpack
+from pad_core.memory import IDLE_TRIM_GAP_S, HeapTrimmer, malloc_trim
+from pad_core.types import ChatRequest, Preference, SamplingParams
+from server.metrics import Metrics
+from server.settings import ServerSettings
+from server.worker_client import WorkerClient, WorkerUnavailable
+
+MESSAGES = [{"role": "user", "content": "How do I sleep better?"}]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def counting_trimmer(interval_s: float = 30.0) -> tuple[HeapTrimmer, FakeClock, list[int]]:
+    clock, calls = FakeClock(), []
+    return HeapTrimmer(interval_s, trim=lambda: calls.append(1), clock=clock), clock, calls
+
+
+def test_the_heap_is_trimmed_once_when_the_worker_goes_idle_after_work():
+    trimmer, clock, calls = counting_trimmer()
+    for _ in range(50):  # idle from the start: nothing to give back
+        clock.now += 1
+        trimmer.after_iteration(worked=False, idle=True)
+    assert calls == []
+    trimmer.after_iteration(worked=True, idle=False)
+    trimmer.after_iteration(worked=True, idle=True)  # the last request finished in this step
+    assert len(calls) == 1
+    for _ in range(50):  # staying idle: no more trims
+        clock.now += 1
+        trimmer.after_iteration(worked=False, idle=True)
+    assert len(calls) == 1
+
+
+def test_requests_trickling_in_trim_at_most_once_per_gap():
+    trimmer, clock, calls = counting_trimmer()
+    clock.now += 10
+    for _ in range(10):  # a one-step request every 0.1 s
+        trimmer.after_iteration(worked=True, idle=True)
+        clock.now += 0.1
+    assert len(calls) == 1
+    clock.now += IDLE_TRIM_GAP_S
+    trimmer.after_iteration(worked=False, idle=True)  # the work since the last trim is trimmed on the next idle turn
+    assert len(calls) == 2
+
+
+def test_a_load_that_never_pauses_is_trimmed_every_interval():
+    clock, times = FakeClock(), []
+    trimmer = HeapTrimmer(30.0, trim=lambda: times.append(clock.now), clock=clock)
+    for _ in range(300):  # 5 minutes of 1 s steps, never idle
+        clock.now += 1
+        trimmer.after_iteration(worked=True, idle=False)
+    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+    assert len(times) >= 9 and all(30 <= gap <= 31 for gap in gaps)  # 30 s of work each (from its first step)
+
+
+def test_malloc_trim_runs_where_the_c_library_has_it():
+    trim = malloc_trim()
+    if trim is not None:  # glibc
+        trim()
+    HeapTrimmer(trim=None).after_iteration(worked=True, idle=True)  # never fails, whatever the C library
+
+
+def test_the_worker_loop_trims_after_its_requests_finish():
+    """Through the real worker loop: served requests, then one trim on idle."""
+    with worker_thread() as (address, worker):
+        calls = []
+        worker.trimmer.trim = lambda: calls.append(time.monotonic())
+        worker.trimmer.last = 0.0  # no gap to wait for
+        context = zmq.Context()
+        gateway = context.socket(zmq.DEALER)
+        gateway.setsockopt(zmq.LINGER, 0)
+        gateway.connect(address)
+        try:
+            for index in range(3):
+                chat = ChatRequest(f"trim-{index}", MESSAGES, sampling=SamplingParams(max_tokens=3, temperature=0.0))
+                gateway.send(pack({"type": "add", "request": chat.to_dict()}))
+            finished = set()
+            deadline = time.monotonic() + 30
+            while len(finished) < 3 and time.monotonic() < deadline:
+                if gateway.poll(100):
+                    message = unpack(gateway.recv())
+                    finished |= {o["request_id"] for o in message.get("outputs", []) if o["finish_reason"]}
+            assert len(finished) == 3
+            deadline = time.monotonic() + 5
+            while not calls and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.5)  # idle turns of the loop: no further trim
+            assert len(calls) == 1
+            assert not worker.engine.has_unfinished()
+        finally:
+            gateway.close(linger=0)
+            context.term()
+
+
+async def test_the_soak_script_passes_on_the_tiny_engine(tmp_path):
+    """benchmarks/soak.py end to end for a few seconds (every scenario, the
+    invariants, the idle gauges), over real HTTP to the gateway and a worker
+    loop on the tiny engine."""
+    from benchmarks import soak
+
+    from server.app import create_app
+    from server.settings import ServerSettings
+
+    with worker_thread() as (address, _), uvicorn_server(
+        create_app(ServerSettings(worker_address=address, data_dir=tmp_path))
+    ) as url:
+        args = soak.parse_args(["--base-url", url, "--duration", "4", "--concurrency", "3", "--max-tokens", "8",
+                                "--gateway-pid", str(os.getpid()), "--sample-every", "1", "--idle-settle", "0.2",
+                                "--show", "0", "--answers-out", str(tmp_path / "answers.jsonl")])
+        assert await soak.soak(args) == 0
+    outcomes = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert {o["scenario"] for o in outcomes} >= {"chat", "chat_stream", "invalid"}
+    assert any(o["answered"] for o in outcomes)
+
+
+def gauges(metrics: Metrics) -> dict[str, float]:
+    values = {}
+    for line in metrics.render().decode().splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("pad_queue_depth", "pad_running_requests", "pad_running_rows", "pad_worker_up"):
+            values[name] = float(value)
+    return values
+
+
+async def test_a_dead_worker_leaves_no_running_requests_in_the_gauges():
+    """The queue and batch gauges come from the worker's stats: when it dies
+    mid-request and no new one gets ready, they go to 0 with its requests
+    (they read the dead worker's last values forever before)."""
+    with worker_thread(step_delay=0.02) as (address, worker):
+        client = WorkerClient(ServerSettings(worker_address=address, worker_heartbeat_timeout=1.0), Metrics())
+        await client.start()
+        try:
+            deadline = time.monotonic() + 30
+            while not client.ready:
+                assert time.monotonic() < deadline, client.down_reason
+                await asyncio.sleep(0.05)
+            chat = ChatRequest("lost", MESSAGES, [Preference("short answers")],
+                               SamplingParams(max_tokens=400, temperature=0.0))
+            stream = client.generate(chat)
+            await stream.__anext__()
+            await stream.__anext__()  # a decode step's outputs carry the stats
+            assert gauges(client.metrics)["pad_running_requests"] == 1
+            assert gauges(client.metrics)["pad_running_rows"] == 2
+            worker.running = False  # the worker stops answering mid-request, for good
+            with pytest.raises(WorkerUnavailable):
+                async for _ in stream:
+                    pass
+            assert not client.ready
+            assert gauges(client.metrics) == {"pad_queue_depth": 0, "pad_running_requests": 0, "pad_running_rows": 0,
+                                              "pad_worker_up": 0}
+        finally:
+            await client.stop()
+
+
+# ---- an answer that ends inside a character ----------------------------
+def half_character_token(tokenizer) -> int:
+    """A token holding a space and the first byte of a 3-byte character."""
+    token_id = tokenizer.convert_tokens_to_ids("Ġâ")
+    assert tokenizer.decode([token_id]) == " \ufffd"
+    return token_id
+
+
+def test_an_answer_cut_inside_a_character_keeps_what_the_whole_decode_shows(engine, tokenizer):
+    """The soak saw "1. Banana:" streamed where the tokens decode to
+    "1. Banana: \\ufffd": the last token (a space and half an emoji) was held
+    back and dropped when max_tokens cut the answer. A run of such tokens
+    lost the whole answer; now the held tokens are flushed as it ends."""
+    token_id = half_character_token(tokenizer)
+    chat = ChatRequest("cut", MESSAGES, sampling=SamplingParams(max_tokens=3, temperature=0.0,
+                                                                logit_bias=((token_id, 100.0),)))
+    outputs = list(engine.generate([chat]))
+    tokens = [t for o in outputs for t in o.token_ids]
+    assert tokens == [token_id] * 3 and outputs[-1].finish_reason == "length"
+    assert "".join(o.text for o in outputs) == tokenizer.decode(tokens) == " \ufffd \ufffd \ufffd"
+
+
+def test_an_answer_ending_on_end_of_sequence_after_half_a_character_keeps_it(engine, tokenizer):
+    token_id = half_character_token(tokenizer)
+    chat = ChatRequest("eos", MESSAGES, sampling=SamplingParams(max_tokens=10, temperature=0.0, stop=["xyz"]))
+    engine.add_chat(chat)
+    state = engine.waiting[0]
+    banana = tokenizer(" Banana", add_special_tokens=False)["input_ids"]
+    outputs = [state.append_token(t) for t in (*banana, token_id, tokenizer.eos_token_id)]
+    assert [o.finish_reason for o in outputs] == [None] * (len(banana) + 1) + ["stop"]
+    assert "".join(o.text for o in outputs) == " Banana \ufffd"
+    engine.abort("eos")
+    engine.step()

@@ -1,0 +1,110 @@
+"""POST /tokenize and /detokenize (vLLM's shape) over real HTTP, the gateway
+in front of a worker on the tiny engine: the count is exactly the prompt a
+chat or completion request gives the model, token ids decode back, and bad
+input is an OpenAI-shaped 400, never a hang."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from server_helpers import uvicorn_server, worker_thread
+
+from pad_core.testing import tiny_engine
+from server.app import create_app
+from server.settings import ServerSettings
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I sleep better?"}]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return tiny_engine()
+
+
+@pytest.fixture(scope="module")
+def url(engine, tmp_path_factory):
+    with worker_thread(engine=engine) as (address, _):
+        settings = ServerSettings(worker_address=address, data_dir=tmp_path_factory.mktemp("tokenize"))
+        with uvicorn_server(create_app(settings)) as base:
+            yield base
+
+
+def post(url: str, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{url}{path}", json=body, timeout=30)
+
+
+def test_a_chat_counts_what_a_chat_completion_gives_the_model(url, engine):
+    answer = post(url, "/tokenize", {"model": "smollm2-135m-instruct", "messages": MESSAGES, "return_token_strs": True})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    expected = engine.prompts.encode(MESSAGES)
+    assert body["tokens"] == expected and body["count"] == len(expected)
+    assert body["max_model_len"] == engine.context_length
+    assert body["token_strs"] == engine.tokenizer.convert_ids_to_tokens(expected)
+    # the same count the chat route's usage reports for that prompt
+    usage = post(url, "/v1/chat/completions", {"model": "smollm2-135m-instruct", "messages": MESSAGES,
+                                               "max_tokens": 1}).json()["usage"]
+    assert usage["prompt_tokens"] == body["count"]
+
+
+def test_without_the_generation_prompt_the_assistant_turn_is_not_opened(url, engine):
+    opened = post(url, "/tokenize", {"messages": MESSAGES}).json()
+    closed = post(url, "/tokenize", {"messages": MESSAGES, "add_generation_prompt": False}).json()
+    assert closed["count"] < opened["count"] and opened["tokens"][:closed["count"]] == closed["tokens"]
+    assert opened["token_strs"] is None
+
+
+def test_a_raw_prompt_counts_what_a_completion_gives_the_model(url, engine):
+    body = post(url, "/tokenize", {"prompt": "A recipe for pancakes:\n1."}).json()
+    assert body["tokens"] == engine.tokenizer("A recipe for pancakes:\n1.")["input_ids"]
+    usage = post(url, "/v1/completions", {"model": "smollm2-135m-instruct", "prompt": "A recipe for pancakes:\n1.",
+                                          "max_tokens": 1}).json()["usage"]
+    assert usage["prompt_tokens"] == body["count"]
+
+
+def test_detokenize_is_the_inverse(url):
+    text = "Sleep well, and drink less coffee. ☕"
+    tokens = post(url, "/tokenize", {"prompt": text}).json()["tokens"]
+    answer = post(url, "/detokenize", {"model": "smollm2-135m-instruct", "tokens": tokens})
+    assert answer.status_code == 200 and answer.json() == {"prompt": text}
+    assert post(url, "/detokenize", {"tokens": []}).json() == {"prompt": ""}
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/tokenize", {}, None),  # neither prompt nor messages
+    ("/tokenize", {"prompt": "x", "messages": MESSAGES}, None),  # both
+    ("/tokenize", {"prompt": "x", "add_generation_prompt": True}, None),
+    ("/tokenize", {"prompt": 5}, "prompt"),
+    ("/tokenize", {"messages": []}, "messages"),
+    ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content[0]"),
+    ("/tokenize", {"prompt": "x", "temperature": 1}, "temperature"),
+    ("/detokenize", {"tokens": [1, 10**9]}, "tokens[1]"),
+    ("/detokenize", {"tokens": [-1]}, "tokens[0]"),
+    ("/detokenize", {"tokens": "12"}, "tokens"),
+])
+def test_bad_input_is_a_400_naming_the_parameter(url, path, body, param):
+    answer = post(url, path, body)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_another_model_is_a_404(url):
+    answer = post(url, "/tokenize", {"model": "gpt-4o", "prompt": "x"})
+    assert answer.status_code == 404 and answer.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_prompt_longer_than_the_context_is_counted(url):
+    """Counted all the same, as vLLM does: a client asks in order to cut it."""
+    body = post(url, "/tokenize", {"prompt": "word " * 20000}).json()
+    assert body["count"] > body["max_model_len"]
+
+
+async def test_a_worker_that_is_down_is_a_503(tmp_path):
+    app = create_app(ServerSettings(data_dir=tmp_path), start_worker=False)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        answer = await client.post("/tokenize", json={"prompt": "x"})
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "worker_unavailable"
