@@ -268,7 +268,12 @@ class ResponsesFormatter(Formatter):
         return [self.event(kind, response=self.envelope(generation, status, self.output(choice), usage))]
 
     def error(self, generation: Generation, error: APIError) -> list[str]:
-        return [self.event("error", code=error.code or error.type, message=error.message, param=error.param)]
+        """The error event, then the terminal response.failed (as OpenAI ends
+        a failed stream): a client waiting for a terminal event gets one."""
+        code = error.code or error.type
+        failed = {**self.envelope(generation, "failed", [], None), "error": {"code": code, "message": error.message}}
+        return [self.event("error", code=code, message=error.message, param=error.param),
+                self.event("response.failed", response=failed)]
 
     def done(self) -> list[str]:
         return []  # the Responses stream ends with its terminal event, no [DONE]
