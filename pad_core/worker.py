@@ -28,6 +28,7 @@ import uuid
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import jinja2
 import zmq
 
 from pad_core.engine import PadEngine
@@ -261,6 +262,9 @@ def refusal(exc: Exception, request_id: str) -> dict:
     or the engine's (500, logged)."""
     if isinstance(exc, InvalidRequestError):
         return {"message": exc.message, "param": exc.param, "code": exc.code}
+    if isinstance(exc, jinja2.TemplateError):  # the template's own checks (roles must alternate, ...)
+        return {"message": f"the model's chat template refused these messages: {exc}", "param": "messages",
+                "code": "invalid_messages"}
     if isinstance(exc, TypeError | KeyError | ValueError | AttributeError):
         return {"message": f"malformed request: {exc}", "param": None, "code": None}
     logger.error("could not take request %s", request_id, exc_info=exc)

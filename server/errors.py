@@ -200,12 +200,21 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 
 
+def is_generation_path(scope) -> bool:
+    """The matched route's path (FastAPI puts the route on the scope), else
+    the request's path below the app's root_path (before routing: the body
+    limit's 413)."""
+    route = scope.get("route")
+    path = getattr(route, "path", None) or scope.get("path", "").removeprefix(scope.get("root_path", ""))
+    return path in GENERATION_PATHS
+
+
 def count_request(request: Request, status: int | str) -> None:
     """Counts a generation request's status once: `serve` counts what the
     route answers; a request refused before the route ran (its key, its
     body's types, unknown parameters, bad JSON) is counted by the error
     handler that answers it."""
-    if request.url.path not in GENERATION_PATHS or getattr(request.state, "counted", False):
+    if not is_generation_path(request.scope) or getattr(request.state, "counted", False):
         return
     request.state.counted = True
     request.app.state.metrics.requests.labels(status=str(status)).inc()

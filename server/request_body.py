@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pad_core.validation import is_valid_unicode
-from server.errors import APIError, error_response, invalid
+from server.errors import APIError, error_response, invalid, is_generation_path
 
 # A chat request nests 5 deep (body > messages > [i] > content > [j]); 32
 # leaves room for any legitimate client and none for a stack-busting one.
@@ -96,6 +96,8 @@ class BodyLimitMiddleware:
         await self.app(scope, _replay(chunks, None, receive), send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if is_generation_path(scope):  # refused before any handler: counted here
+            scope["app"].state.metrics.requests.labels(status="413").inc()
         response = error_response(too_large(self.limit))
         response.headers["Connection"] = "close"  # the unread rest of the body must not be parsed as a request
         await response(scope, receive, send)

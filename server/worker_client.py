@@ -41,6 +41,7 @@ HELLO_EVERY_S = 0.5
 SUPERVISE_EVERY_S = 0.25
 # The worker's answers to an `_ask`, matched to it by their token.
 REPLIES = frozenset({"adapter_loaded", "adapter_failed", "tokenized", "tokenize_failed"})
+MAX_TOKENIZE_IN_FLIGHT = 4  # /tokenize asks at once (a 2 MiB prompt is ~1.5 s of tokenizer time)
 PING_AFTER_S = 2.0  # silence after which a ready worker is greeted again
 MAX_BACKOFF_S = 30.0
 
@@ -81,6 +82,7 @@ class WorkerClient:
         self.pending: dict[str, asyncio.Queue] = {}
         self.runtime_adapters: dict[str, str] = {}
         self._replies: dict[str, asyncio.Future] = {}  # token -> the worker's answer to an `_ask`
+        self._tokenizing = 0  # /tokenize and /detokenize asks in flight
         self.instance: str | None = None
         self._last_message = time.monotonic()
         self._last_hello = 0.0
@@ -330,7 +332,15 @@ class WorkerClient:
     async def tokenize(self, payload: dict, timeout: float = 60.0) -> dict:
         """The worker's tokenizer on `payload` (pad_core/tokenization.py):
         a chat, a raw prompt or token ids to decode."""
-        reply = await self._ask({"type": "tokenize", "request": payload}, timeout)
+        # Each ask is work for the worker's one tokenizer thread, which every
+        # chat's prompt also needs: a few at a time, the rest told to retry.
+        if self._tokenizing >= MAX_TOKENIZE_IN_FLIGHT:
+            raise QueueFull(f"{self._tokenizing} tokenize requests are in flight; retry later")
+        self._tokenizing += 1
+        try:
+            reply = await self._ask({"type": "tokenize", "request": payload}, timeout)
+        finally:
+            self._tokenizing -= 1
         if reply["type"] == "tokenize_failed":
             raise RequestRejected(reply["error"])
         return reply["result"]

@@ -83,10 +83,11 @@ async def test_every_refused_generation_request_is_counted_once(tmp_path):
     """pad_requests_total counts a generation request refused before its
     route ran (a wrong key, an unknown parameter, a body of the wrong type,
     bad JSON) as well as one the route refuses, each once; other paths are
-    not generation requests."""
+    not generation requests. A body over the limit (413, refused before
+    routing) counts too."""
     import re
 
-    app = create_app(ServerSettings(data_dir=tmp_path, api_keys=["sk-a"]), start_worker=False)
+    app = create_app(ServerSettings(data_dir=tmp_path, api_keys=["sk-a"], max_request_bytes=1024), start_worker=False)
     key = {"Authorization": "Bearer sk-a"}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
         sent = [
@@ -97,9 +98,12 @@ async def test_every_refused_generation_request_is_counted_once(tmp_path):
             await client.post("/v1/chat/completions", json={**BODY, "n": 0}, headers=key),  # 400 in the route
             await client.post("/v1/chat/completions", json=BODY, headers=key),  # 503: no worker
             await client.post("/v1/users/u/preferences", json={}, headers=key),  # not a generation request
+            await client.post("/v1/completions", content=b"x" * 4000, headers=key),  # 413, from the body limit
+            await client.post("/v1/users/u/preferences", content=b"x" * 4000, headers=key),  # 413, not counted
         ]
         metrics = (await client.get("/metrics")).text
     assert [r.status_code for r in sent[:6]] == [401, 400, 400, 400, 400, 503]
     counted = {status: float(value) for status, value in re.findall(r'^pad_requests_total\{status="(\d+)"\} (\S+)$',
                                                                    metrics, re.MULTILINE)}
-    assert counted == {"401": 1.0, "400": 4.0, "503": 1.0}
+    assert [r.status_code for r in sent[7:]] == [413, 413]
+    assert counted == {"401": 1.0, "400": 4.0, "503": 1.0, "413": 1.0}

@@ -108,3 +108,41 @@ async def test_a_worker_that_is_down_is_a_503(tmp_path):
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
         answer = await client.post("/tokenize", json={"prompt": "x"})
     assert answer.status_code == 503 and answer.json()["error"]["code"] == "worker_unavailable"
+
+
+async def test_tokenize_asks_beyond_the_cap_are_429s(tmp_path, monkeypatch):
+    """The worker's one tokenizer thread also tokenizes every chat: a few
+    /tokenize asks run at once, the next is told to retry (429)."""
+    import asyncio
+
+    from server.worker_client import MAX_TOKENIZE_IN_FLIGHT
+
+    app = create_app(ServerSettings(data_dir=tmp_path), start_worker=False)
+    release = asyncio.Event()
+
+    async def slow_ask(message, timeout):
+        await release.wait()
+        return {"type": "tokenized", "result": {"count": 1, "tokens": [5], "token_strs": None}}
+
+    monkeypatch.setattr(app.state.worker, "_ask", slow_ask)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        held = [asyncio.create_task(client.post("/tokenize", json={"prompt": "x"}))
+                for _ in range(MAX_TOKENIZE_IN_FLIGHT)]
+        await asyncio.sleep(0.2)
+        refused = await client.post("/tokenize", json={"prompt": "x"})
+        release.set()
+        answers = await asyncio.gather(*held)
+        after = await client.post("/tokenize", json={"prompt": "x"})
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
+    assert [a.status_code for a in answers] == [200] * MAX_TOKENIZE_IN_FLIGHT and after.status_code == 200
+
+
+def test_a_chat_template_that_refuses_the_messages_is_the_requests_fault():
+    """A template's own check (Mistral's "roles must alternate") is a 400
+    naming the messages, not an engine error."""
+    import jinja2
+
+    from pad_core.worker import refusal
+
+    error = refusal(jinja2.TemplateError("Conversation roles must alternate user/assistant"), "r")
+    assert error["param"] == "messages" and "alternate" in error["message"] and "status" not in error

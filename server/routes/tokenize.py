@@ -24,7 +24,7 @@ from server.messages import chat_messages
 from server.openai_models import ChatMessage, StrictRequest
 from server.openapi import errors
 from server.request_body import JSONRoute
-from server.worker_client import RequestRejected, WorkerUnavailable
+from server.worker_client import QueueFull, RequestRejected, WorkerUnavailable
 
 router = APIRouter(tags=["tokenize"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 
@@ -76,7 +76,7 @@ def worker_payload(body: TokenizeRequest) -> dict:
             "add_special_tokens": body.add_special_tokens is not False, "return_token_strs": body.return_token_strs}
 
 
-@router.post("/tokenize", response_model=TokenizeResponse, responses=errors(400, 401, 404, 413, 503))
+@router.post("/tokenize", response_model=TokenizeResponse, responses=errors(400, 401, 404, 413, 429, 503))
 async def tokenize(body: TokenizeRequest, request: Request):
     state = request.app.state
     if body.model is not None:
@@ -86,7 +86,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
     return result
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse, responses=errors(400, 401, 404, 413, 503))
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=errors(400, 401, 404, 413, 429, 503))
 async def detokenize(body: DetokenizeRequest, request: Request):
     state = request.app.state
     if body.model is not None:
@@ -100,9 +100,9 @@ async def detokenize(body: DetokenizeRequest, request: Request):
 
 
 async def ask_worker(state, payload: dict) -> dict:
-    """The worker's answer; its refusal as a 400 naming the parameter, a
-    worker that is down or silent as a 503."""
+    """The worker's answer; its refusal as a 400 naming the parameter, too
+    many asks at once as a 429, a worker that is down or silent as a 503."""
     try:
         return await state.worker.tokenize(payload)
-    except (RequestRejected, WorkerUnavailable) as exc:
+    except (RequestRejected, QueueFull, WorkerUnavailable) as exc:
         raise map_exception(exc) from None
