@@ -400,6 +400,20 @@ def check_chunk_stream(out: Outcome, state: ChunkStream, body: dict, choices: in
     out.answered = not out.violations
 
 
+def check_answer(out: Outcome, data: dict, body: dict, n: int, text_of) -> list[dict]:
+    """The checks every non-streamed answer gets (finish reasons, usage, the
+    text of each choice, read by `text_of`); returns its choices."""
+    choices = data.get("choices", [])
+    reasons = [c.get("finish_reason") for c in choices]
+    check_finish(out, reasons, n)
+    check_usage(out, data.get("usage"), reasons, body["max_tokens"])
+    out.texts = [text_of(c) or "" for c in choices]
+    for text in out.texts:
+        check_text(out, text, body)
+    out.finish_reasons = reasons
+    return choices
+
+
 # ---- scenarios -----------------------------------------------------------
 async def chat_plain(ctx: Context, out: Outcome) -> None:
     body = out.request = chat_body(ctx, stream=False)
@@ -407,16 +421,9 @@ async def chat_plain(ctx: Context, out: Outcome) -> None:
     if not record_status(out, response):
         return
     data = response.json()
-    choices = data.get("choices", [])
-    reasons = [c.get("finish_reason") for c in choices]
-    check_finish(out, reasons, body.get("n", 1))
-    check_usage(out, data.get("usage"), reasons, body["max_tokens"])
-    out.texts = [c["message"]["content"] or "" for c in choices]
-    for text in out.texts:
-        check_text(out, text, body)
+    check_answer(out, data, body, body.get("n", 1), lambda choice: choice["message"]["content"])
     if body.get("preference") is not None and data.get("pad", {}).get("source") != "request":
         out.fail(f"pad.source {data.get('pad')}")
-    out.finish_reasons = reasons
     out.answered = not out.violations
 
 
@@ -452,18 +459,11 @@ async def text_completion(ctx: Context, out: Outcome) -> None:
     if not record_status(out, response):
         return
     data = response.json()
-    choices = data.get("choices", [])
-    reasons = [c.get("finish_reason") for c in choices]
-    check_finish(out, reasons, 1)
-    check_usage(out, data.get("usage"), reasons, body["max_tokens"])
-    out.texts = [c.get("text") or "" for c in choices]
-    for text in out.texts:
-        check_text(out, text, body)
+    choices = check_answer(out, data, body, 1, lambda choice: choice.get("text"))
     if body.get("logprobs") is not None and choices:
         tokens = len((choices[0].get("logprobs") or {}).get("tokens") or [])
         if tokens != out.completion_tokens:
             out.fail(f"{tokens} logprob tokens for {out.completion_tokens} completion tokens")
-    out.finish_reasons = reasons
     out.answered = not out.violations
 
 

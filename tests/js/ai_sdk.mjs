@@ -7,7 +7,7 @@
 import { createOpenAI } from "@ai-sdk/openai";
 import { Output, generateObject, generateText, stepCountIs, streamObject, streamText, tool } from "ai";
 import { z } from "zod";
-import { API_KEY, MODEL, PREFERENCE, QUESTION, baseURL, runCases } from "./lib.mjs";
+import { API_KEY, MODEL, PREFERENCE, QUESTION, attempt, baseURL, runCases } from "./lib.mjs";
 
 // Adds `extra` to every JSON request body; records the bodies sent, so the
 // tests can check what the SDK asked for.
@@ -187,22 +187,16 @@ const cases = {
 
   // Errors as the SDK surfaces them: APICallError with the status and the body.
   async errors() {
-    const attempt = async (call) => {
-      try {
-        await call();
-        return { class: null };
-      } catch (error) {
-        return { class: error.constructor.name, status: error.statusCode, message: error.message,
-                 retryable: error.isRetryable, body: error.responseBody ? JSON.parse(error.responseBody) : null };
-      }
-    };
+    const refusal = (request) => attempt(request, (error) => ({
+      status: error.statusCode, message: error.message, retryable: error.isRetryable,
+      body: error.responseBody ? JSON.parse(error.responseBody) : null }));
     return {
-      chat_model_not_found: await attempt(() => generateText({ model: plain.chat("gpt-nope"), prompt: QUESTION,
+      chat_model_not_found: await refusal(() => generateText({ model: plain.chat("gpt-nope"), prompt: QUESTION,
                                                               maxRetries: 0 })),
-      responses_model_not_found: await attempt(() => generateText({ model: plain("gpt-nope"), prompt: QUESTION,
+      responses_model_not_found: await refusal(() => generateText({ model: plain("gpt-nope"), prompt: QUESTION,
                                                                    maxRetries: 0 })),
       // toolChoice "auto" (the SDK's default with tools): this model's template cannot offer tools
-      tool_choice_auto: await attempt(() => generateText({ model: plain.chat(MODEL), prompt: QUESTION, maxRetries: 0,
+      tool_choice_auto: await refusal(() => generateText({ model: plain.chat(MODEL), prompt: QUESTION, maxRetries: 0,
                                                           tools: { get_weather: weatherTool() } })),
     };
   },

@@ -34,6 +34,17 @@ export function describeError(error) {
   };
 }
 
+// A call expected to fail: {class: null} if it did not, else what
+// `describe` (each SDK exposes its errors differently) reads off the error.
+export async function attempt(call, describe) {
+  try {
+    await call();
+    return { class: null };
+  } catch (error) {
+    return { class: error.constructor.name, ...describe(error) };
+  }
+}
+
 export async function runCases(cases) {
   const asked = process.argv.slice(3);
   const names = asked.length ? asked : Object.keys(cases);

@@ -5,7 +5,7 @@
 import OpenAI from "openai";
 import { zodResponseFormat, zodTextFormat } from "openai/helpers/zod";
 import { z } from "zod";
-import { API_KEY, MODEL, PREFERENCE, QUESTION, baseURL, runCases } from "./lib.mjs";
+import { API_KEY, MODEL, PREFERENCE, QUESTION, attempt, baseURL, runCases } from "./lib.mjs";
 
 const client = new OpenAI({ baseURL: baseURL(), apiKey: API_KEY, maxRetries: 0 });
 const ask = [{ role: "user", content: QUESTION }];
@@ -288,26 +288,20 @@ const cases = {
 
   // Errors: each as the SDK surfaces it (class, status, and the OpenAI error body's fields).
   async errors() {
-    const attempt = async (call) => {
-      try {
-        await call();
-        return { class: null };
-      } catch (error) {
-        return { class: error.constructor.name, status: error.status, code: error.code, param: error.param,
-                 type: error.type, message: error.message, request_id: error.requestID ?? null };
-      }
-    };
+    const refusal = (request) => attempt(request, (error) => ({
+      status: error.status, code: error.code, param: error.param, type: error.type, message: error.message,
+      request_id: error.requestID ?? null }));
     return {
-      unknown_parameter: await attempt(() => client.chat.completions.create({ model: MODEL, messages: ask, bogus: 1 })),
-      tool_choice_auto: await attempt(() => client.chat.completions.create({
+      unknown_parameter: await refusal(() => client.chat.completions.create({ model: MODEL, messages: ask, bogus: 1 })),
+      tool_choice_auto: await refusal(() => client.chat.completions.create({
         model: MODEL, messages: ask, max_tokens: 2, tools: [weather] })),
-      stream_bad_request: await attempt(async () => {
+      stream_bad_request: await refusal(async () => {
         const stream = await client.chat.completions.create({ model: MODEL, messages: ask, stream: true, n: 0 });
         for await (const _ of stream);
       }),
-      model_not_found: await attempt(() => client.chat.completions.create({ model: "gpt-nope", messages: ask })),
-      retrieve_not_found: await attempt(() => client.models.retrieve("gpt-nope")),
-      responses_previous_id: await attempt(() => client.responses.create({
+      model_not_found: await refusal(() => client.chat.completions.create({ model: "gpt-nope", messages: ask })),
+      retrieve_not_found: await refusal(() => client.models.retrieve("gpt-nope")),
+      responses_previous_id: await refusal(() => client.responses.create({
         model: MODEL, input: QUESTION, previous_response_id: "resp_123" })),
     };
   },
