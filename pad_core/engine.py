@@ -106,6 +106,7 @@ class PadEngine:
             sees,
             tools=structured.tools if tool_call else (),
             tool_choice=structured.tool_choice if tool_call else None,
+            optional_tools=tool_call and structured.auto,
         )
         return GenerationRequest(
             request_id=chat.request_id,
@@ -159,7 +160,8 @@ class PadEngine:
             "context_length": self.context_length,
             "reward_models": sorted(self.reward_sources),
             # Structured outputs (pad_core/structured.py); tools are honoured
-            # as forced calls (tool_choice "required" or a named function).
+            # as forced calls (tool_choice "required" or a named function) or
+            # as a choice between calls and text (tool_choice "auto").
             "structured_outputs": ["json_object", "json_schema", "tool_calls"],
             # Whether the chat template renders `tools` itself; where it does
             # not, the engine describes them in the system message.

@@ -32,10 +32,11 @@ def text_with_preference(text: str, template: str, preference: str) -> str:
     return f"{template.format(preference=preference.strip())}\n\n{text}"
 
 
-def tool_instructions(tools: Sequence[ToolFunction], tool_choice: str | None) -> str:
+def tool_instructions(tools: Sequence[ToolFunction], tool_choice: str | None, optional: bool = False) -> str:
     """A system-message text that tells a model whose chat template knows no
     tools which functions exist and how a call is written (the grammar then
-    holds it to that form)."""
+    holds it to that form). `optional` (tool_choice "auto"): a call only if
+    it helps, else a plain answer."""
     described = "\n".join(
         json.dumps(
             {k: v for k, v in (("name", t.name), ("description", t.description), ("parameters", t.parameters)) if v},
@@ -43,18 +44,21 @@ def tool_instructions(tools: Sequence[ToolFunction], tool_choice: str | None) ->
         )
         for t in tools
     )
+    call_form = '[{"name": "<function name>", "arguments": {<the arguments>}}]'
+    if optional:
+        return (
+            f"You can call these functions:\n{described}\nIf calling one of them helps to answer, answer only "
+            f"with a JSON list of calls: {call_form}. Otherwise, answer the user in plain text."
+        )
     which = f"Call the function {tool_choice}." if tool_choice else "Call one or more of these functions."
-    return (
-        f"You can call these functions:\n{described}\n{which} Answer only with a JSON list of calls: "
-        '[{"name": "<function name>", "arguments": {<the arguments>}}]'
-    )
+    return f"You can call these functions:\n{described}\n{which} Answer only with a JSON list of calls: {call_form}"
 
 
 def with_tool_instructions(
-    messages: Sequence[dict[str, str]], tools: Sequence[ToolFunction], tool_choice: str | None
+    messages: Sequence[dict[str, str]], tools: Sequence[ToolFunction], tool_choice: str | None, optional: bool = False
 ) -> list[dict[str, str]]:
     """The conversation with the tool instructions in its (first) system message."""
-    text = tool_instructions(tools, tool_choice)
+    text = tool_instructions(tools, tool_choice, optional)
     messages = [dict(m) for m in messages]
     if messages and messages[0].get("role") == "system":
         messages[0]["content"] = f"{messages[0]['content']}\n\n{text}"
@@ -123,6 +127,7 @@ class PromptBuilder:
         base_sees_preference: bool,
         tools: Sequence[ToolFunction] = (),
         tool_choice: str | None = None,
+        optional_tools: bool = False,
     ) -> tuple[list[int], list[list[int]]]:
         """Base prompt ids, and one reward prompt per preference.
 
@@ -130,13 +135,16 @@ class PromptBuilder:
         (as the original PAD scripts give both models the same prefix). Tools
         (a tool-call request) go through the chat template where it knows
         them, else into the system message (with_tool_instructions); every
-        context sees them."""
+        context sees them. Optional tools (tool_choice "auto") always go into
+        the system message: the model must know the one form of a call the
+        grammar takes (a template's own form, such as <tool_call> tags, would
+        read as text) and that it may answer in text instead."""
         validate_messages(messages)
         template_tools = None
-        if tools and self.template_knows_tools:
+        if tools and self.template_knows_tools and not optional_tools:
             template_tools = openai_tools(tools)
         elif tools:
-            messages = with_tool_instructions(messages, tools, tool_choice)
+            messages = with_tool_instructions(messages, tools, tool_choice, optional_tools)
         rewards = [self.encode_with_preference(messages, p.text, template_tools) for p in preferences]
         if base_sees_preference and preferences:
             joined = "\n".join(p.text.strip() for p in preferences)

@@ -104,6 +104,8 @@ class RequestState:
                 self.finish_reason = "error"
                 return self.output([token_id], "", logprobs, error=f"structured output: {self.grammar.error}",
                                    error_param=self.grammar.spec.param)
+            if self.grammar.chose_text:  # tool_choice "auto" answers in text: the rest is plain decoding
+                self.grammar = None
         if token_id in self.stop_token_ids and not self.request.sampling.ignore_eos:
             self.finish_reason = "stop"
             return self.output([token_id], self._last_text(), logprobs)

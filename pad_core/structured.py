@@ -19,7 +19,10 @@ what small models have seen most, and no room for runaway whitespace.
 
 Tool calls (kind "tool_calls") come out as a JSON array of
 `{"name": ..., "arguments": {...}}` objects; `parse_tool_calls` turns the
-text into `ToolCall`s for the request's last StepOutput.
+text into `ToolCall`s for the request's last StepOutput. With `auto`
+(tool_choice "auto") the grammar is a choice made at the first character:
+that array, one call's object, or plain text that opens with neither "["
+nor "{" (a Lark grammar with the schemas embedded, `optional_calls_grammar`).
 
 Shapes: R constrained rows, V the model's vocabulary, W = ceil(V' / 32)
 words of llguidance's packed bitmask (V' its tokenizer's vocabulary).
@@ -38,7 +41,7 @@ import numpy as np
 import torch
 
 from pad_core.errors import InvalidRequestError
-from pad_core.types import StructuredOutput, ToolCall, ToolFunction
+from pad_core.types import CALLS_OPENERS, StructuredOutput, ToolCall, ToolFunction
 
 logger = logging.getLogger(__name__)
 
@@ -51,25 +54,62 @@ MAX_TOOLS = 128
 
 
 # ---- the grammar of a request (pure) -------------------------------------
+# Keywords whose values are data, not schemas (a "$ref" in them is not one),
+# and those whose values map names to schemas (any name, "const" included).
+DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+
+
+def relocated(schema: Any, base: str) -> Any:
+    """`schema` moved to the JSON pointer `base` inside a larger document:
+    its local references ("#", "#/$defs/Place", ...) rewritten to point
+    into it there. A tool's parameters made from nested pydantic models
+    refer to their own root's `$defs`; inside the calls' schema that root
+    is no longer the document's."""
+    if isinstance(schema, list):
+        return [relocated(item, base) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
+            out[key] = "#" + base + value[1:]
+        elif key in DATA_KEYWORDS:
+            out[key] = value
+        elif key in SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: relocated(sub, base) for name, sub in value.items()}
+        else:
+            out[key] = relocated(value, base)
+    return out
+
+
 def tool_call_schema(tools: Sequence[ToolFunction], tool_choice: str | None, parallel: bool) -> dict[str, Any]:
     """JSON Schema of the answer of a tool-call request: a list of calls
     `[{"name": ..., "arguments": {...}}]`, each naming one of `tools` with
     arguments matching that function's parameters. A named `tool_choice`
-    allows exactly one call of that function; `parallel=False` one call."""
+    allows exactly one call of that function; `parallel=False` one call.
+    Parameters with local references move to the root's `$defs` (one entry
+    per function, references rewritten), where those references resolve."""
     chosen = [t for t in tools if tool_choice is None or t.name == tool_choice]
-    calls = [
-        {
+    defs: dict[str, Any] = {}
+    calls = []
+    for t in chosen:
+        arguments, key = t.parameters or ANY_OBJECT, f"tool_{t.name}"
+        moved = relocated(arguments, f"/$defs/{key}")
+        if moved != arguments:  # it has local references
+            defs[key], arguments = moved, {"$ref": f"#/$defs/{key}"}
+        calls.append({
             "type": "object",
-            "properties": {"name": {"const": t.name}, "arguments": t.parameters or ANY_OBJECT},
+            "properties": {"name": {"const": t.name}, "arguments": arguments},
             "required": ["name", "arguments"],
             "additionalProperties": False,
-        }
-        for t in chosen
-    ]
+        })
     item = calls[0] if len(calls) == 1 else {"anyOf": calls}
     schema: dict[str, Any] = {"type": "array", "items": item, "minItems": 1}
     if tool_choice is not None or not parallel:
         schema["maxItems"] = 1
+    if defs:
+        schema["$defs"] = defs
     return schema
 
 
@@ -80,6 +120,25 @@ def json_schema_for(spec: StructuredOutput) -> dict[str, Any]:
     if spec.kind == "json_schema":
         return spec.json_schema  # type: ignore[return-value]  # checked by check_spec
     return tool_call_schema(spec.tools, spec.tool_choice, spec.parallel_tool_calls)
+
+
+def optional_calls_grammar(calls_schema: dict[str, Any], options: dict[str, Any]) -> str:
+    """Lark source of a tool_choice "auto" answer: the calls' JSON array
+    (`calls_schema`, compiled with `options`), one call's object (its
+    items' schema: what models trained on single JSON calls write), or plain
+    text, which is any text whose first character opens neither. The choice
+    is made by the first token, so a client streaming the answer knows at
+    once which it is; text then runs free until end-of-sequence (the TEXT
+    lexeme never completes, so the grammar never stops a text answer early)."""
+
+    def embedded(schema: dict[str, Any]) -> str:
+        return json.dumps({**schema, "x-guidance": options})  # ASCII: safe inside Lark
+
+    defs = {"$defs": calls_schema["$defs"]} if "$defs" in calls_schema else {}
+    call_schema = {**calls_schema["items"], **defs}  # the arguments' references resolve in its root too
+    openers = "".join("\\" + opener for opener in CALLS_OPENERS)
+    return (f"start: calls | call | TEXT\ncalls: %json {embedded(calls_schema)}\n"
+            f"call: %json {embedded(call_schema)}\nTEXT: /[^{openers}][\\s\\S]*/\n")
 
 
 def compile_options(spec: StructuredOutput) -> dict[str, Any]:
@@ -123,6 +182,8 @@ def check_spec(spec: StructuredOutput) -> None:
             )
     if len(set(names)) != len(names):
         raise InvalidRequestError("tools: function names must be unique", param="tools")
+    if spec.auto and spec.tool_choice is not None:
+        raise InvalidRequestError("tool_choice 'auto' cannot name a function", param="tool_choice")
     if spec.tool_choice is not None and spec.tool_choice not in names:
         raise InvalidRequestError(
             f"tool_choice names function {spec.tool_choice!r}, which is not in tools", param="tool_choice"
@@ -177,6 +238,8 @@ class GrammarMatcher:
         self._matcher = matcher
         self._decode = decode  # token ids -> text
         self.error: str | None = None
+        # tool_choice "auto": whether the first token chose text (None before it)
+        self.chose_text: bool | None = None
 
     @property
     def done(self) -> bool:
@@ -190,6 +253,8 @@ class GrammarMatcher:
             self.fail(f"the grammar refused token {token_id}: {parser_error(self._matcher)}")
         elif self.error is None and self._matcher.is_error():
             self.fail(parser_error(self._matcher))
+        if self.spec.auto and self.chose_text is None:
+            self.chose_text = not self._decode([token_id]).startswith(CALLS_OPENERS)
 
     def write_mask(self, address: int, size: int) -> bool:
         """Writes the packed mask of legal next tokens at `address` (size
@@ -213,7 +278,10 @@ class GrammarMatcher:
         """The parsed calls of a completed tool-call answer; None otherwise."""
         if self.spec.kind != "tool_calls" or self.error is not None:
             return None
-        return parse_tool_calls(self._decode(list(token_ids)))
+        text = self._decode(list(token_ids))
+        if self.spec.auto and not text.startswith(CALLS_OPENERS):
+            return None  # the model chose to answer in text
+        return parse_tool_calls(text)
 
 
 class StructuredOutputs:
@@ -247,7 +315,7 @@ class StructuredOutputs:
         check_spec(spec)
         schema, options = json_schema_for(spec), compile_options(spec)
         try:
-            key = json.dumps([schema, options], ensure_ascii=False)
+            key = json.dumps([schema, options, spec.auto], ensure_ascii=False)
         except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidRequestError(f"{spec.param}: the schema is not plain JSON: {exc}", param=spec.param) from None
         template = self._compiled.get(key)
@@ -262,7 +330,11 @@ class StructuredOutputs:
         return GrammarMatcher(spec, template.deep_copy(), ll_tokenizer.decode_str)
 
     def _compile(self, spec: StructuredOutput, schema: dict[str, Any], options: dict[str, Any]):
-        compiled = self._compile_schema(schema, options)
+        if spec.auto:
+            compiled = self._compile_grammar(lambda llg: llg.LLMatcher.grammar_from_lark(
+                optional_calls_grammar(schema, options)))
+        else:
+            compiled = self._compile_schema(schema, options)
         if isinstance(compiled, str):
             if spec.kind == "tool_calls":  # name the function whose parameters fail
                 for index, tool in enumerate(spec.tools):
@@ -275,9 +347,14 @@ class StructuredOutputs:
 
     def _compile_schema(self, schema: dict[str, Any], options: dict[str, Any]):
         """The compiled LLMatcher (in its start state), or the compile error (str)."""
+        return self._compile_grammar(lambda llg: llg.LLMatcher.grammar_from_json_schema(schema, defaults=options))
+
+    def _compile_grammar(self, make_grammar):
+        """make_grammar(llguidance) -> grammar text, compiled: the LLMatcher
+        (in its start state), or the compile error (str)."""
         llguidance = self._llg()
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
+            grammar = make_grammar(llguidance)
         except (ValueError, TypeError) as exc:
             return str(exc)
         limits = llguidance.LLParserLimits(verbose_errors=False)

@@ -4,13 +4,15 @@ detokenization, chat templates and stop tokens behave as in production."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from functools import lru_cache
 
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from pad_core.engine import PadEngine
+from pad_core.engine import BASE_RUNNER, PadEngine
 from pad_core.model_loading import engine_for_model, resolve_model_folder
 from pad_core.settings import EMBEDDED_MODEL, EngineSettings
 
@@ -51,3 +53,18 @@ def tiny_model(tokenizer=None, seed: int = 0, context_length: int = 512, num_lay
 def tiny_engine(settings: EngineSettings | None = None, seed: int = 0, **model_kwargs) -> PadEngine:
     tokenizer = embedded_tokenizer()
     return engine_for_model(tiny_model(tokenizer, seed=seed, **model_kwargs), tokenizer, settings)
+
+
+@contextlib.contextmanager
+def biased(engine: PadEngine, bias: torch.Tensor) -> Iterator[None]:
+    """The engine's base model with a fixed logit bias [V] on every row (base
+    and reward alike, so PAD's reward is unchanged by it): a random model made
+    to want some tokens, which no request field can do on every route."""
+    head = engine.runners[BASE_RUNNER].head
+    full, at = head.full, head.at
+    head.full = lambda hidden: full(hidden) + bias
+    head.at = lambda hidden, ids: at(hidden, ids) + bias[ids]
+    try:
+        yield
+    finally:
+        del head.full, head.at

@@ -200,6 +200,12 @@ class ToolFunction:
         return cls(**data)
 
 
+# How a tool-call answer opens: its JSON array of calls, or (tool_choice
+# "auto") one call's object, as models trained on single JSON calls write it.
+# With "auto", a text answer cannot open with either.
+CALLS_OPENERS = ("[", "{")
+
+
 @dataclass(frozen=True)
 class StructuredOutput:
     """A grammar the answer must follow (torch-free; pad_core/structured.py
@@ -216,7 +222,10 @@ class StructuredOutput:
       {...}}, ...]` of the functions in `tools` (OpenAI `tool_choice:
       "required"`); `tool_choice` names the one function to call (exactly one
       call); `parallel_tool_calls=False` allows one call only. The final
-      StepOutput carries them parsed in `tool_calls`.
+      StepOutput carries them parsed in `tool_calls`. With `auto` (OpenAI
+      `tool_choice: "auto"`) the model chooses: the answer is either that
+      array, or one call's object, or plain text (which cannot open with
+      "[" or "{"), never both.
     """
 
     kind: StructuredKind
@@ -226,6 +235,7 @@ class StructuredOutput:
     tools: tuple[ToolFunction, ...] = ()
     tool_choice: str | None = None
     parallel_tool_calls: bool = True
+    auto: bool = False
 
     @property
     def param(self) -> str:

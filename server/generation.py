@@ -8,7 +8,9 @@ by /v1/chat/completions, /v1/completions and /v1/responses.
   collected answers alike: text, finish reason, token counts, logprobs, and
   tool calls (their raw JSON is held back and handed out as one delta at the
   end, with finish_reason "tool_calls"; an answer that ran out of tokens
-  before its calls were complete is returned as text).
+  before its calls were complete is returned as text). With tool_choice
+  "auto" the first character tells: "[" or "{" opens calls, anything else
+  is text, streamed as it comes.
 - `Formatter`s (one per endpoint, in the routes) turn that bookkeeping into
   chunks / events and into the final object; `stream_events` drives a
   stream, `Generation.collect` a whole answer.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -32,7 +35,16 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pad_core.errors import InvalidRequestError
-from pad_core.types import ChatRequest, Preference, RequestLimits, StepOutput, TextRequest, TokenLogprob
+from pad_core.types import (
+    CALLS_OPENERS,
+    ChatRequest,
+    Preference,
+    RequestLimits,
+    StepOutput,
+    StructuredOutput,
+    TextRequest,
+    TokenLogprob,
+)
 from server.errors import APIError, count_request, invalid, unavailable
 from server.store.resolve import Resolution
 from server.worker_client import QueueFull, RequestRejected, WorkerUnavailable
@@ -125,6 +137,7 @@ class ChoiceState:
     index: int
     group: int = 0  # which prompt (legacy completions): usage counts each prompt once
     holds_calls: bool = False  # a forced tool call: the JSON text is not content
+    may_call: bool = False  # tool_choice "auto", undecided until the answer's first character
     text: str = ""
     finish_reason: str | None = None
     prompt_tokens: int = 0
@@ -132,6 +145,13 @@ class ChoiceState:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     tool_calls: list[dict] | None = None
     _held: str = ""
+    _held_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, index: int, structured: StructuredOutput | None) -> ChoiceState:
+        """A choice whose answer follows `structured` (None: free text)."""
+        calls = structured is not None and structured.kind == "tool_calls"
+        return cls(index, holds_calls=calls and not structured.auto, may_call=calls and structured.auto)
 
     def update(self, output: StepOutput) -> Delta:
         """Records one engine output; the delta to send (falsy: nothing).
@@ -141,6 +161,10 @@ class ChoiceState:
             raise failure
         self.prompt_tokens, self.completion_tokens = output.prompt_tokens, output.completion_tokens
         self.finish_reason = output.finish_reason
+        if self.may_call:
+            output = self.decide(output)
+            if output is None:
+                return Delta()
         if self.holds_calls:
             self._held += output.text
             if not output.finished:
@@ -158,6 +182,21 @@ class ChoiceState:
         logprobs = list(output.logprobs or ())
         self.logprobs += logprobs
         return Delta(output.text, logprobs, None, output.finish_reason)
+
+    def decide(self, output: StepOutput) -> StepOutput | None:
+        """tool_choice "auto": holds outputs until the answer has a first
+        character, then says whether it is calls (it opens with "[" or "{",
+        which the grammar lets no text answer do) or text; None while
+        undecided, else the held outputs as one."""
+        self._held += output.text
+        self._held_logprobs += output.logprobs or ()
+        if not self._held and not output.finished:
+            return None
+        self.may_call = False
+        self.holds_calls = self._held.startswith(CALLS_OPENERS)
+        held = dataclasses.replace(output, text=self._held, logprobs=self._held_logprobs or output.logprobs)
+        self._held, self._held_logprobs = "", []
+        return held
 
 
 def usage_of(choices: list[ChoiceState]) -> dict:

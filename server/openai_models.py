@@ -6,8 +6,7 @@ feedback routes; and the response shapes the OpenAPI document states.
 Every documented OpenAI field is accepted: honoured, or accepted and
 ignored where it has no effect here (`IGNORED`, each with the reason the
 README's table gives); a value this server cannot honour (an audio answer,
-web search, `tool_choice: "auto"` on a template without tools) is refused
-by name. A field no API documents is a 400 naming it. The request models
+web search, image parts) is refused by name. A field no API documents is a 400 naming it. The request models
 build the engine's parameters themselves (`to_sampling_params`,
 `to_guidance_params`, `to_structured`), as vLLM's protocol.py does.
 
@@ -327,16 +326,12 @@ def allowed_tool_name(tool: Any) -> str | None:
     return name if isinstance(name, str) else None
 
 
-TOOLS_AUTO = ("tool_choice '{choice}' with tools needs a chat template that can offer tools, and this model's "
-              "cannot{why}; use tool_choice 'required' or name a function ({{'type': 'function', 'function': "
-              "{{'name': ...}}}}), or 'none'")
-
-
-def tool_output(tools: list[ToolFunction], tool_choice: Any, parallel: bool | None, template_knows_tools: bool,
+def tool_output(tools: list[ToolFunction], tool_choice: Any, parallel: bool | None,
                 choice_param: str = "tool_choice") -> StructuredOutput | None:
-    """tools + tool_choice -> a forced tool-call grammar, or None (free text:
-    no tools, or tool_choice 'none'). 'auto' (the default with tools) is
-    refused: the engine forces calls or answers text, never both."""
+    """tools + tool_choice -> a tool-call grammar, or None (free text: no
+    tools, or tool_choice 'none'). 'required' or a named function forces
+    calls; 'auto' (the default with tools) lets the model answer with calls
+    or with text, its choice made at the answer's first character."""
     name = None
     if isinstance(tool_choice, dict):
         kind = tool_choice.get("type")
@@ -348,6 +343,8 @@ def tool_output(tools: list[ToolFunction], tool_choice: Any, parallel: bool | No
                        choice_param, "invalid_value")
         elif kind == "allowed_tools":
             mode = tool_choice.get("mode", "auto")
+            reject_if(mode not in ("auto", "required"), "tool_choice.mode must be 'auto' or 'required'",
+                       choice_param, "invalid_value")
             listed = tool_choice.get("tools") or []
             reject_if(not isinstance(listed, list), "tool_choice.tools must be a list of tools", choice_param,
                        "invalid_value")
@@ -367,11 +364,9 @@ def tool_output(tools: list[ToolFunction], tool_choice: Any, parallel: bool | No
         return None
     if tool_choice == "none":
         return None
-    if name is None and tool_choice != "required":
-        why = "" if not template_knows_tools else " (the engine forces calls or answers text, never both)"
-        raise invalid(TOOLS_AUTO.format(choice=tool_choice or "auto", why=why), choice_param, "unsupported_parameter")
     return StructuredOutput("tool_calls", tools=tuple(tools), tool_choice=name,
-                            parallel_tool_calls=parallel is not False)
+                            parallel_tool_calls=parallel is not False,
+                            auto=name is None and tool_choice != "required")
 
 
 # ---- POST /v1/chat/completions ---------------------------------------------
@@ -431,19 +426,18 @@ class ChatCompletionRequest(SamplingFields):
         """The deprecated functions API: a forced call answers `function_call`."""
         return bool(self.functions)
 
-    def to_structured(self, template_knows_tools: bool) -> StructuredOutput | None:
+    def to_structured(self) -> StructuredOutput | None:
         """tools / tool_choice (or the deprecated functions / function_call)
-        and response_format -> the grammar the answer must follow; a forced
-        tool call wins over response_format."""
+        and response_format -> the grammar the answer must follow; tools win
+        over response_format."""
         if self.functions:
             tools = [f.to_tool() for f in self.functions]
             choice = self.function_call
             if isinstance(choice, dict):
                 choice = {"type": "function", "function": choice}
-            forced = tool_output(tools, choice, False, template_knows_tools, "function_call")
+            forced = tool_output(tools, choice, False, "function_call")
         else:
-            forced = tool_output(function_tools(self.tools), self.tool_choice, self.parallel_tool_calls,
-                                 template_knows_tools)
+            forced = tool_output(function_tools(self.tools), self.tool_choice, self.parallel_tool_calls)
         return forced or response_format_output(self.response_format)
 
 

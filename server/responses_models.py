@@ -132,8 +132,8 @@ class ResponsesRequest(StrictRequest):
         raise invalid(f"text.format type {kind!r} is not supported (text, json_object, json_schema)",
                       "text.format", "unsupported_parameter")
 
-    def to_structured(self, template_knows_tools: bool) -> StructuredOutput | None:
-        forced = tool_output(self.function_tools(), self.tool_choice, self.parallel_tool_calls, template_knows_tools)
+    def to_structured(self) -> StructuredOutput | None:
+        forced = tool_output(self.function_tools(), self.tool_choice, self.parallel_tool_calls)
         return forced or self.text_format()
 
 

@@ -124,8 +124,8 @@ async def test_an_agent_on_the_responses_path_with_store_and_metadata(base_url):
 async def test_an_agent_with_a_function_tool(base_url):
     """A forced call (tool_choice "required" or the tool's name) runs the
     tool; stop_on_first_tool makes its result the final output. (Without it
-    the SDK resets tool_choice to its default, "auto", for the next turn,
-    which this model's template cannot honour: a 400.)"""
+    the SDK resets tool_choice to its default, "auto", for the next turn:
+    the tests below.)"""
     agents = agents_setup(base_url)
     cities = []
 
@@ -145,6 +145,64 @@ async def test_an_agent_with_a_function_tool(base_url):
         streamed = agents.Runner.run_streamed(agent, "Weather in Paris?")
         [event async for event in streamed.stream_events()]
         assert streamed.final_output == result.final_output
+
+
+# ---- tool_choice "auto": a model that wants to call ------------------------
+@pytest.fixture(scope="module")
+def calling_base_url(tmp_path_factory):
+    """The tiny engine made to want "[" most: with tool_choice "auto" (what
+    these libraries send by default) it answers with calls."""
+    import torch
+
+    from pad_core.testing import biased, embedded_tokenizer, tiny_engine
+
+    engine = tiny_engine()
+    bias = torch.zeros(len(embedded_tokenizer()))
+    bias[embedded_tokenizer().convert_tokens_to_ids("[")] = 30.0
+    with biased(engine, bias), worker_thread(engine=engine) as (address, _worker), uvicorn_server(
+        create_app(ServerSettings(worker_address=address, data_dir=tmp_path_factory.mktemp("calling")))
+    ) as url:
+        yield f"{url}/v1"
+
+
+def test_langchain_bind_tools_with_its_default_tool_choice(calling_base_url):
+    llm = langchain_model(calling_base_url, max_tokens=60, temperature=0, extra_body={"preference": PREFERENCE})
+
+    def get_weather(city: Literal["Paris", "Rome"]) -> str:
+        """The weather in a city."""
+        return "sunny"
+
+    # one call: the tiny model that loves "[" would fill its tokens with parallel calls
+    bound = llm.bind_tools([get_weather], strict=True, parallel_tool_calls=False)
+    message = bound.invoke("Weather in Paris?")
+    (call,) = message.tool_calls
+    assert call["name"] == "get_weather" and call["args"]["city"] in ("Paris", "Rome")
+    streamed = None
+    for chunk in bound.stream("Weather in Paris?"):
+        streamed = chunk if streamed is None else streamed + chunk
+    assert [(c["name"], c["args"]) for c in streamed.tool_calls] == [(call["name"], call["args"])]
+
+
+async def test_an_agent_with_its_default_tool_choice(calling_base_url):
+    agents = agents_setup(calling_base_url)
+    cities = []
+
+    @agents.function_tool
+    def get_weather(city: Literal["Paris", "Rome"]) -> str:
+        """The weather in a city."""
+        cities.append(city)
+        return f"sunny in {city}"
+
+    settings = agents.ModelSettings(store=False, max_tokens=60, temperature=0,  # tool_choice unset: "auto"
+                                    parallel_tool_calls=False)
+    agent = agents.Agent(name="weather", instructions="Use the tool when it helps.", model=MODEL,
+                         tools=[get_weather], model_settings=settings, tool_use_behavior="stop_on_first_tool")
+    result = await agents.Runner.run(agent, "Weather in Paris?")
+    assert result.final_output == f"sunny in {cities[-1]}"
+    streamed = agents.Runner.run_streamed(agent, "Weather in Paris?")
+    kinds = [event.data.type async for event in streamed.stream_events() if event.type == "raw_response_event"]
+    assert "response.function_call_arguments.done" in kinds and "response.output_text.delta" not in kinds
+    assert streamed.final_output == result.final_output
 
 
 # ---- the real model (integration) ----------------------------------------
@@ -194,6 +252,19 @@ def test_real_structured_outputs_and_tool_calls(real_server):
                                             tool_choice={"type": "function", "function": {"name": "get_weather"}})
     (call,) = called.choices[0].message.tool_calls
     assert isinstance(json.loads(call.function.arguments)["city"], str)
+    # tool_choice "auto": the model's choice, calls or text, each well formed. (Greedy, this one answers
+    # the question in text, and after a call in the history calls again, as the history shows it.)
+    history = [{"role": "user", "content": "Weather in Paris?"}, called.choices[0].message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "sunny and 24 degrees"}]
+    for messages in ([{"role": "user", "content": "What is the capital of France?"}], history):
+        choice = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=100, temperature=0,
+                                                tools=[tool]).choices[0]
+        if choice.message.tool_calls:
+            assert choice.finish_reason == "tool_calls" and choice.message.content is None
+            assert all(isinstance(json.loads(c.function.arguments)["city"], str) for c in choice.message.tool_calls)
+        else:
+            content = choice.message.content
+            assert choice.finish_reason == "stop" and content.strip() and content[:1] not in ("[", "{")
     completion = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0)
     assert completion.choices[0].text
 

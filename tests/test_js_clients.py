@@ -177,6 +177,11 @@ def test_openai_js_stream_helpers_and_run_tools(openai_js):
     assert ran["roles"] == ["assistant", "tool"] and ran["final_function_output"] == f"sunny in {arguments['city']}"
 
 
+def test_openai_js_tool_choice_auto(openai_js):
+    auto = case(openai_js, "chat_tool_choice_auto")  # the tiny model's greedy first token is not "["
+    assert auto["finish_reason"] == "length" and auto["content"] and auto["tool_calls"] is None
+
+
 # ---- the openai npm SDK: responses, completions, models ----------------------
 def test_openai_js_responses_create(openai_js):
     response = case(openai_js, "responses_create")
@@ -244,7 +249,6 @@ def test_openai_js_errors_are_the_sdks_classes(openai_js):
     errors = case(openai_js, "errors")
     expected = {
         "unknown_parameter": ("BadRequestError", 400, "unknown_parameter", "bogus"),
-        "tool_choice_auto": ("BadRequestError", 400, "unsupported_parameter", "tool_choice"),
         "stream_bad_request": ("BadRequestError", 400, None, "n"),  # refused before the stream starts
         "model_not_found": ("NotFoundError", 404, "model_not_found", "model"),
         "retrieve_not_found": ("NotFoundError", 404, "model_not_found", "model"),
@@ -323,6 +327,16 @@ def test_ai_sdk_responses_tool_round_trip(ai_sdk):
     assert second["finishReason"] == "length" and second["text"] and not second["toolCalls"]
 
 
+def test_ai_sdk_default_tool_choice(ai_sdk):
+    """The SDK's default toolChoice with tools is "auto" (a 400 before this
+    server honoured it): the model may answer text, as the tiny one does."""
+    answers = case(ai_sdk, "default_tool_choice")
+    for api in ("chat", "responses"):
+        answer = answers[api]
+        assert answer["sent"] in ("auto", None), answer  # None: left to the API's default, also "auto"
+        assert answer["finishReason"] == "length" and answer["text"] and answer["toolCalls"] == 0, answer
+
+
 def test_ai_sdk_responses_second_turn_by_item_reference(ai_sdk):
     """Regression: the AI SDK sends an earlier answer as an item_reference
     (store defaults to true), which was a 400; it resolves to the answer the
@@ -336,8 +350,7 @@ def test_ai_sdk_responses_second_turn_by_item_reference(ai_sdk):
 def test_ai_sdk_errors(ai_sdk):
     errors = case(ai_sdk, "errors")
     for name, status, code in (("chat_model_not_found", 404, "model_not_found"),
-                               ("responses_model_not_found", 404, "model_not_found"),
-                               ("tool_choice_auto", 400, "unsupported_parameter")):
+                               ("responses_model_not_found", 404, "model_not_found")):
         error = errors[name]
         assert error["class"] == "APICallError" and error["status"] == status and not error["retryable"], name
         assert error["body"]["error"]["code"] == code and error["message"] == error["body"]["error"]["message"], name

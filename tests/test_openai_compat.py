@@ -79,7 +79,8 @@ def test_unknown_and_unsupported_fields_are_refused_by_name(server):
         "audio": ({"audio": {"voice": "alloy", "format": "wav"}}, "unsupported_parameter"),
         "web_search_options": ({"web_search_options": {}}, "unsupported_parameter"),
         "modalities": ({"modalities": ["text", "audio"]}, "unsupported_parameter"),
-        "tool_choice": ({"tools": [WEATHER], "tool_choice": "auto"}, "unsupported_parameter"),
+        "tool_choice": ({"tools": [WEATHER], "tool_choice": {"type": "custom", "custom": {"name": "x"}}},
+                        "unsupported_parameter"),
         "tools[0].type": ({"tools": [{"type": "custom", "custom": {"name": "x"}}], "tool_choice": "required"},
                           "unsupported_parameter"),
         "stream_options": ({"stream_options": {"include_usage": True}}, "invalid_value"),
@@ -88,9 +89,6 @@ def test_unknown_and_unsupported_fields_are_refused_by_name(server):
         response = post(server, "/v1/chat/completions", {**base, **extra})
         assert response.status_code == 400, (param, response.text)
         assert response.json()["error"]["param"] == param and response.json()["error"]["code"] == code, response.text
-    # tools without tool_choice means "auto": refused, and says why
-    error = post(server, "/v1/chat/completions", {**base, "tools": [WEATHER]}).json()["error"]
-    assert error["param"] == "tool_choice" and "chat template" in error["message"]
     # a type mismatch is refused too (strict request models)
     assert post(server, "/v1/chat/completions", {**base, "store": "yes"}).status_code == 400
 
@@ -191,6 +189,66 @@ def test_a_tool_call_that_runs_out_of_tokens_is_text(client):
     choice = answer.choices[0]
     assert choice.finish_reason == "length" and choice.message.tool_calls is None
     assert choice.message.content.startswith("[")
+
+
+def token(tokenizer, text: str) -> str:
+    (token_id,) = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return str(token_id)
+
+
+def test_auto_tool_choice_answers_calls_or_streams_text(client, tokenizer):
+    """tools without tool_choice (or "auto"): the model's first token
+    chooses. The tiny model is steered with logit_bias: toward "[" it calls,
+    toward "Hello" it talks, and the text streams as it comes."""
+    calls = {token(tokenizer, "["): 50}
+    for extra in ({}, {"tool_choice": "auto"}, {"extra_body": {"preference": "short answers"}}):
+        answer = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=60, temperature=0,
+                                                tools=[WEATHER, TIME], logit_bias=calls, **extra)
+        choice = answer.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+        assert {c.function.name for c in choice.message.tool_calls} <= {"get_weather", "get_time"}
+        assert all(isinstance(json.loads(c.function.arguments), dict) for c in choice.message.tool_calls)
+    talk = {token(tokenizer, "Hello"): 50}
+    chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=6, temperature=0, stream=True,
+                                                 tools=[WEATHER], logit_bias=talk))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
+    contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(contents) >= 5 and contents[0].startswith("Hello")  # token by token, not one delta at the end
+    assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    # The SDK's stream helper refuses an answer cut by max_tokens: this one ends after "Hello" (end-of-sequence
+    # is what the model wants most, but an empty answer is neither text nor calls).
+    hello_then_end = {**talk, token(tokenizer, "<|im_end|>"): 60}
+    with client.chat.completions.stream(model=MODEL, messages=ASK, max_tokens=6, temperature=0, tools=[WEATHER],
+                                        logit_bias=hello_then_end) as stream:
+        final = stream.get_final_completion().choices[0]
+    assert final.message.content == "Hello" and not final.message.tool_calls and final.finish_reason == "stop"
+    with client.chat.completions.stream(model=MODEL, messages=ASK, max_tokens=60, temperature=0, tools=[WEATHER],
+                                        logit_bias=calls) as stream:
+        message = stream.get_final_completion().choices[0].message
+    assert message.tool_calls[0].function.name == "get_weather"
+    legacy = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=60, temperature=0,
+                                            functions=[WEATHER["function"]], logit_bias=calls)
+    assert legacy.choices[0].finish_reason == "function_call"
+    assert legacy.choices[0].message.function_call.name == "get_weather"
+    # The Responses API has no logit_bias: the tiny model's own first token chooses.
+    tool = {"type": "function", **WEATHER["function"]}
+    for prompt in ("Weather?", "How do I sleep better?", "Hi"):
+        answer = client.responses.create(model=MODEL, input=prompt, max_output_tokens=60, temperature=0, tools=[tool])
+        events = list(client.responses.create(model=MODEL, input=prompt, max_output_tokens=60, temperature=0,
+                                              tools=[tool], stream=True))
+        streamed = events[-1].response
+        assert answer.tool_choice == "auto" and streamed.output_text == answer.output_text
+        assert [(o.type, getattr(o, "arguments", None)) for o in streamed.output] == \
+            [(o.type, getattr(o, "arguments", None)) for o in answer.output]
+        kinds = {o.type for o in answer.output}
+        print(prompt, kinds, answer.output_text[:40])
+        assert kinds in ({"function_call"}, {"message"}), answer.output
+        if kinds == {"message"}:
+            assert not answer.output_text.startswith("[")
+            assert "response.output_text.delta" in [e.type for e in events]
+        else:
+            assert all(o.name == "get_weather" and "city" in json.loads(o.arguments) for o in answer.output)
 
 
 def test_bad_constraints_are_400s_naming_the_field(server):

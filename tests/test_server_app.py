@@ -51,8 +51,9 @@ async def test_health_and_chat_are_503_until_the_worker_is_ready(app):
         ({**BODY, "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
          "messages[0].content[0]"),
         ({**BODY, "tool_choice": "required"}, "tool_choice"),
-        ({**BODY, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),  # "auto"
-        ({**BODY, "functions": [{"name": "f"}]}, "function_call"),  # "auto"
+        ({**BODY, "tools": [{"type": "function", "function": {"name": "f"}}],
+          "tool_choice": {"type": "allowed_tools", "mode": "sometimes", "tools": []}}, "tool_choice"),
+        ({**BODY, "functions": [{"name": "f"}], "function_call": {"name": 3}}, "function_call"),
         ({**BODY, "audio": {"voice": "alloy", "format": "mp3"}}, "audio"),
         ({**BODY, "top_k": -2}, "top_k"),
         ({**BODY, "repetition_penalty": 0}, "repetition_penalty"),

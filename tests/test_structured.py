@@ -4,7 +4,6 @@ can make the output parse."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
@@ -15,7 +14,15 @@ from pad_core.engine import BASE_RUNNER, default_max_tokens
 from pad_core.errors import InvalidRequestError
 from pad_core.guidance import prescreen
 from pad_core.ipc import pack, unpack
-from pad_core.structured import check_spec, parse_tool_calls, tool_call_schema, unpack_bitmask
+from pad_core.structured import (
+    GrammarMatcher,
+    check_spec,
+    parse_tool_calls,
+    relocated,
+    tool_call_schema,
+    unpack_bitmask,
+)
+from pad_core.testing import biased
 from pad_core.types import (
     ChatRequest,
     GuidanceParams,
@@ -236,20 +243,6 @@ def engine(shared_engine):
     return shared_engine
 
 
-@contextlib.contextmanager
-def biased(engine, bias: torch.Tensor):
-    """The tiny model with a fixed logit bias [V] on every row (base and
-    reward alike, so PAD's reward is unchanged by it)."""
-    head = engine.runners[BASE_RUNNER].head
-    full, at = head.full, head.at
-    head.full = lambda hidden: full(hidden) + bias
-    head.at = lambda hidden, ids: at(hidden, ids) + bias[ids]
-    try:
-        yield
-    finally:
-        del head.full, head.at
-
-
 def test_json_schema_batched_beside_plain_and_guided_requests(engine, make_engine):
     plain = chat("plain", content="How do I sleep better at night?", max_tokens=16)
     alone = text_of(run(make_engine(), plain)["plain"])
@@ -341,6 +334,107 @@ def test_required_tool_call_picks_one_of_the_tools_and_the_prompt_lists_them(eng
     assert info["chat_template_tools"] is False and "tool_calls" in info["structured_outputs"]
 
 
+def test_auto_tool_choice_opens_calls_with_a_bracket_or_answers_text(engine):
+    spec = StructuredOutput("tool_calls", tools=(WEATHER, TIME), auto=True)
+    vocab = engine.tokenizer.get_vocab()
+    # At the first token "[" and "{" open calls, and nothing else may open with them: "[[", "['" or "{'"
+    # could open neither the calls' JSON nor a text answer.
+    first = engine.structured.start(spec).allowed(engine.runners[BASE_RUNNER].head.vocab_size)
+    openers = {token: bool(first[i]) for token, i in vocab.items() if token.startswith(("[", "{"))}
+    assert openers.pop("[") and openers.pop("{") and openers.pop('{"')
+    assert not any(openers.values()), {token for token, allowed in openers.items() if allowed}
+    assert first[vocab["Hello"]] and first[vocab["The"]]  # text opens with anything else
+    assert not first[list(engine.stop_token_ids)].any()  # an empty answer is neither
+    bias = torch.zeros(engine.runners[BASE_RUNNER].head.vocab_size)
+    bias[vocab["["]] = 30.0  # a model that wants to call
+    with biased(engine, bias):
+        outputs = run(engine, chat("call", spec, max_tokens=64),
+                      chat("call-pad", spec, preferences=[PREF], weight=4.0, temperature=1.0, seed=1, max_tokens=64))
+    bias[vocab["["]], bias[vocab['{"']] = 0.0, 30.0  # a model that writes one call as an object
+    with biased(engine, bias):
+        outputs |= run(engine, chat("object", spec, max_tokens=64))
+    for rid, outs in outputs.items():
+        last = outs[-1]
+        assert last.finish_reason == "stop" and last.tool_calls, text_of(outs)
+        assert all(call.name in ("get_weather", "get_time") for call in last.tool_calls)
+        calls = [{"name": c.name, "arguments": json.loads(c.arguments)} for c in last.tool_calls]
+        assert json.loads(text_of(outs)) == (calls[0] if rid == "object" else calls)
+    bias[vocab['{"']], bias[vocab["Hello"]] = 0.0, 30.0  # a model that wants to talk
+    with biased(engine, bias):
+        outputs = run(engine, chat("text", spec, max_tokens=8), chat("text-pad", spec, preferences=[PREF], weight=4.0,
+                                                                       max_tokens=8))
+    for outs in outputs.values():
+        assert outs[-1].finish_reason == "length" and outs[-1].tool_calls is None
+        assert text_of(outs).startswith("Hello") and len(outs) == 8  # text runs free to the end, token by token
+    # Once the first token chose text, the request drops its grammar: the rest is plain decoding, at its cost.
+    with biased(engine, bias):
+        engine.add_chat(chat("dropped", spec, max_tokens=4))
+        engine.step()
+        (state,) = engine.running
+        assert state.grammar is None and state.generated
+        while engine.has_unfinished():
+            engine.step()
+    # The prompt offers the calls and the plain answer both.
+    prompt, _ = engine.prompts.encode_request([{"role": "user", "content": "hi"}], [], False, tools=spec.tools,
+                                              optional_tools=True)
+    shown = engine.tokenizer.decode(prompt)
+    assert "get_weather" in shown and "Otherwise, answer the user in plain text." in shown
+
+
+def test_relocated_rewrites_local_references_only():
+    schema = {"$defs": {"Place": {"properties": {"city": {"const": {"$ref": "#/data"}}}}},
+              "properties": {"place": {"$ref": "#/$defs/Place"}, "self": {"$ref": "#"}, "const": {"$ref": "#/$defs/P"},
+                             "other": {"$ref": "https://example.com/s.json"}, "named": {"$ref": "#anchor"}},
+              "enum": [{"$ref": "#/kept"}]}
+    moved = relocated(schema, "/$defs/tool_f")
+    assert moved["properties"]["place"] == {"$ref": "#/$defs/tool_f/$defs/Place"}
+    assert moved["properties"]["self"] == {"$ref": "#/$defs/tool_f"}
+    assert moved["properties"]["const"] == {"$ref": "#/$defs/tool_f/$defs/P"}  # a property named like a keyword
+    assert moved["properties"]["other"] == schema["properties"]["other"]  # not local
+    assert moved["properties"]["named"] == schema["properties"]["named"]  # a plain-name fragment
+    assert moved["enum"] == schema["enum"] and moved["$defs"]["Place"] == schema["$defs"]["Place"]  # data
+    assert relocated(WEATHER.parameters, "/x") == WEATHER.parameters  # nothing to move: left in place
+
+
+def test_tools_whose_parameters_refer_to_their_own_defs(engine):
+    """Regression: parameters made from nested pydantic models (`$defs` and
+    "#/$defs/..." references, as openai-agents, LangChain and the openai SDK's
+    pydantic_function_tool send them) were refused as invalid schemas: inside
+    the calls' schema their references pointed at its root."""
+    place = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+             "additionalProperties": False}
+    nested = ToolFunction("plan_trip", None, {
+        "$defs": {"Place": place}, "type": "object", "properties": {
+            "start": {"$ref": "#/$defs/Place"}, "end": {"$ref": "#/$defs/Place"}},
+        "required": ["start", "end"], "additionalProperties": False})
+    tree = ToolFunction("tree", None, {"type": "object", "properties": {"child": {"$ref": "#"}}})  # recursive
+    for spec in (StructuredOutput("tool_calls", tools=(nested, tree), tool_choice="plan_trip"),
+                 StructuredOutput("tool_calls", tools=(nested, tree), auto=True),
+                 StructuredOutput("tool_calls", tools=(nested, TIME))):
+        engine.structured.start(spec)  # compiles
+    spec = StructuredOutput("tool_calls", tools=(nested, TIME), tool_choice="plan_trip")
+    last = run(engine, chat("trip", spec, max_tokens=64))["trip"][-1]
+    (call,) = last.tool_calls
+    arguments = json.loads(call.arguments)
+    assert call.name == "plan_trip" and {arguments["start"]["city"], arguments["end"]["city"]} <= {"Paris", "Rome"}
+
+
+def test_auto_text_that_reads_like_a_call_is_text():
+    calls = '[{"name": "get_time", "arguments": {}}]'
+
+    class Matcher(GrammarMatcher):
+        def __init__(self, spec, text):
+            super().__init__(spec, matcher=None, decode=lambda ids: text)
+
+    auto = StructuredOutput("tool_calls", tools=(TIME,), auto=True)
+    for text in (calls, calls[1:-1]):  # a list of calls, or one call's object
+        assert Matcher(auto, text).tool_calls([1]) == [ToolCall("get_time", "{}")]
+    for text in (f" {calls}", f"Sure: {calls}", '"[]"'):
+        assert Matcher(auto, text).tool_calls([1]) is None  # anything else first: the model chose text
+    forced = StructuredOutput("tool_calls", tools=(TIME,))
+    assert Matcher(forced, calls[1:-1]).tool_calls([1]) == [ToolCall("get_time", "{}")]  # as before
+
+
 @pytest.mark.parametrize(
     ("spec", "param"),
     [
@@ -349,6 +443,9 @@ def test_required_tool_call_picks_one_of_the_tools_and_the_prompt_lists_them(eng
         (StructuredOutput("tool_calls", tools=(TIME, ToolFunction("f", parameters={"type": 3}))),
          "tools[1].function.parameters"),
         (StructuredOutput("tool_calls", tools=(TIME,), tool_choice="get_weather"), "tool_choice"),
+        (StructuredOutput("tool_calls", tools=(TIME,), tool_choice="get_time", auto=True), "tool_choice"),
+        (StructuredOutput("tool_calls", tools=(TIME, ToolFunction("f", parameters={"type": 3})), auto=True),
+         "tools[1].function.parameters"),
         # compiles, but the parser cannot take a first step: refused up front, not answered "" with "stop"
         (StructuredOutput("json_schema", json_schema={"$ref": "#"}), "response_format"),
         (StructuredOutput("json_schema", json_schema={"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}),

@@ -58,7 +58,7 @@ async def _chat(body: ChatCompletionRequest, request: Request, scope):
     served = check_model(state, body.model)
     check_fan_out(state, body.n)
     body.refuse_unsupported()
-    structured = body.to_structured(bool(state.worker.model_info.get("chat_template_tools")))
+    structured = body.to_structured()
     messages = chat_messages(body.messages)
     user = chat_user(scope, body.user)
     resolution = await resolve_preferences(state, body, user)
@@ -66,9 +66,8 @@ async def _chat(body: ChatCompletionRequest, request: Request, scope):
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     requests = [ChatRequest(f"{completion_id}-{i}", messages, resolution.preferences, body.to_sampling_params(i),
                             guidance, structured) for i in range(body.n)]
-    holds_calls = structured is not None and structured.kind == "tool_calls"
     generation = Generation(state, completion_id, served, requests,
-                            [ChoiceState(i, holds_calls=holds_calls) for i in range(body.n)], resolution)
+                            [ChoiceState.of(i, structured) for i in range(body.n)], resolution)
     rename = preference_rename(body)
     if body.max_completion_tokens is not None:
         rename["max_tokens"] = "max_completion_tokens"

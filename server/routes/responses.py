@@ -64,7 +64,7 @@ async def _respond(body: ResponsesRequest, request: Request, scope):
     state = request.app.state
     served = check_model(state, body.model)
     body.refuse_unsupported()
-    structured = body.to_structured(bool(state.worker.model_info.get("chat_template_tools")))
+    structured = body.to_structured()
     user = chat_user(scope, body.user)
     items = await resolve_item_references(getattr(state, "store", None), scope, body.input)
     messages = response_input_messages(items, body.instructions)
@@ -72,8 +72,7 @@ async def _respond(body: ResponsesRequest, request: Request, scope):
     response_id = f"resp_{uuid.uuid4().hex}"
     chat = ChatRequest(f"{response_id}-0", messages, resolution.preferences, body.to_sampling_params(),
                        body.to_guidance_params(), structured)
-    holds_calls = structured is not None and structured.kind == "tool_calls"
-    generation = Generation(state, response_id, served, [chat], [ChoiceState(0, holds_calls=holds_calls)], resolution)
+    generation = Generation(state, response_id, served, [chat], [ChoiceState.of(0, structured)], resolution)
     rename = {**preference_rename(body), "max_tokens": "max_output_tokens"}
     verify_request(chat, state.settings, resolution, user, rename)
     generation.rename = {**rename, "messages": "input", "response_format": "text.format"}
