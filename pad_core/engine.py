@@ -148,10 +148,16 @@ class PadEngine:
         return [*self.waiting, *self.prefilling, *self.running]
 
     def stats(self) -> dict[str, int]:
+        caches = [cache for runner in self.runners.values()
+                  if (cache := getattr(runner, "prefix_cache", None)) is not None]
         return {
             "running_requests": len(self.running) + len(self.prefilling),
             "running_rows": sum(runner.num_rows for runner in self.runners.values()),
             "waiting_requests": len(self.waiting),
+            # totals since the engine started (the gateway's counters add what is new)
+            "prefix_cache_queried_tokens": sum(cache.queried_tokens for cache in caches),
+            "prefix_cache_hit_tokens": sum(cache.hit_tokens for cache in caches),
+            "prefix_cache_bytes": sum(cache.bytes for cache in caches),
         }
 
     def model_info(self) -> dict:
@@ -486,9 +492,22 @@ class PadEngine:
         finished = [state for state in (*self.prefilling, *self.running) if state.finish_reason is not None]
         if not finished:
             return
+        self._retain_rows([state for state in finished if state.finish_reason != "error"])
         keys = {key for state in finished for key in state.row_keys}
         for runner in self.runners.values():
             runner.remove(keys)
+
+    def _retain_rows(self, states: list[RequestState]) -> None:
+        """Offers the leaving rows' KV to their runners' prefix caches, each
+        with its tokens (its prompt, then the answer every row of a request
+        was fed). A request that failed keeps nothing: its cache may be the
+        fault."""
+        offered: dict[str, dict] = {}
+        for state in states:
+            for (runner, key), prompt in zip(state.row_locations, state.prompts, strict=True):
+                offered.setdefault(runner, {})[key] = [*prompt, *state.generated]
+        for name, rows in offered.items():
+            self.runners[name].retain(rows)
         self.prefilling = [state for state in self.prefilling if state.finish_reason is None]
         self.running = [state for state in self.running if state.finish_reason is None]
 

@@ -31,6 +31,7 @@ from pad_core.adapters import base_model_fingerprint
 from pad_core.cuda_graphs import decode_steps, graph_batch_buckets
 from pad_core.engine import PadEngine
 from pad_core.errors import ModelLoadError
+from pad_core.prefix_cache import PrefixCache
 from pad_core.runner import BASE_RUNNER, RewardSource, Runner, TransformersRunner
 from pad_core.settings import EMBEDDED_MODEL, EngineSettings
 from pad_core.slot_runner import SlotRunner, kv_bytes_per_token, model_kv_geometry, slot_tokens_for_budget
@@ -292,7 +293,8 @@ def build_runner(model, tokenizer, settings: EngineSettings, fingerprint: Callab
         return SlotRunner(model, slots, slot_tokens, pad_token_id=pad_id, fingerprint=fingerprint,
                           batch_buckets=graph_batch_buckets(slots) if graphed else None,
                           steps=decode_steps(device, enabled=graphed))
-    return TransformersRunner(model, pad_token_id=pad_id, fingerprint=fingerprint)
+    prefix_cache = PrefixCache(int(settings.prefix_cache_gib * 2**30)) if settings.prefix_cache_gib > 0 else None
+    return TransformersRunner(model, pad_token_id=pad_id, fingerprint=fingerprint, prefix_cache=prefix_cache)
 
 
 def runner_token_limit(runner: Runner) -> int | None:

@@ -28,9 +28,12 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from transformers.cache_utils import Cache
+
 from pad_core.kv_cache import GrowableKVLayer, concat_caches, new_cache, pad_mask_left
 from pad_core.lora import NO_ADAPTER, MultiLora
 from pad_core.output_head import OutputHead
+from pad_core.prefix_cache import PrefixCache
 from pad_core.transfer import to_device
 
 RowKey = Hashable
@@ -118,6 +121,11 @@ class Runner(Protocol):
         """Loads a LoRA reward adapter folder onto these weights, for rows
         that name it (`NewRow.adapter`). Raises ModelLoadError."""
 
+    def retain(self, rows: Mapping[RowKey, Sequence[int]]) -> None:
+        """Offers the KV of rows about to leave to the runner's prefix cache,
+        with each row's tokens (prompt, then answer); a runner without one
+        ignores it."""
+
 
 def cache_keyword(decoder: torch.nn.Module) -> str:
     """The name a transformers decoder takes its KV cache under: `cache` in
@@ -169,16 +177,25 @@ class ModelRows:
 
         self.lora.add(name, load_adapter(name, folder, self.fingerprint))
 
+    def retain(self, rows: Mapping[RowKey, Sequence[int]]) -> None:
+        """No prefix cache here (the transformers runner overrides it)."""
+
 
 class TransformersRunner(ModelRows):
     """Decodes rows of one Hugging Face causal LM with a left-padded KV cache
     (`pad_core.kv_cache`): joining rows are concatenated to the batch,
-    leaving rows selected out. The reference runner, and the CPU path."""
+    leaving rows selected out. The reference runner, and the CPU path.
 
-    def __init__(self, model: torch.nn.Module, pad_token_id: int = 0, fingerprint: Callable[[], str] | None = None):
+    With a `prefix_cache` (pad_core.prefix_cache), rows that leave offer
+    their KV to it (`retain`), and a new row whose prompt begins with a
+    cached prefix starts from a copy of it and prefills only the rest."""
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int = 0, fingerprint: Callable[[], str] | None = None,
+                 prefix_cache: PrefixCache | None = None):
         super().__init__(model, pad_token_id, fingerprint)
         self.device = next(model.parameters()).device
         self.num_layers = model.config.get_text_config().num_hidden_layers
+        self.prefix_cache = prefix_cache
         self._reset()
 
     def _reset(self) -> None:
@@ -204,9 +221,45 @@ class TransformersRunner(ModelRows):
     @torch.inference_mode()
     def prefill(self, rows: Sequence[NewRow]) -> torch.Tensor:
         """Runs the prompts of new rows and appends them to the batch.
-        Returns their last hidden states [len(rows), H]."""
+        Returns their last hidden states [len(rows), H]. Rows without a
+        cached prefix run together; each row with one runs alone, from a
+        copy of its prefix, on the rest of its prompt."""
         if any(row.start or not row.last for row in rows):
             raise ValueError("the transformers runner takes whole prompts (no chunked prefill)")
+        cached = {}
+        if self.prefix_cache is not None:
+            for index, row in enumerate(rows):
+                length, kv = self.prefix_cache.longest(row.adapter, row.prompt_ids)
+                if length:
+                    cached[index] = (length, kv)
+        uncached = [index for index in range(len(rows)) if index not in cached]
+        hidden: list[torch.Tensor | None] = [None] * len(rows)
+        if uncached:
+            for index, state in zip(uncached, self._prefill_together([rows[i] for i in uncached]), strict=True):
+                hidden[index] = state
+        for index, (length, kv) in cached.items():
+            hidden[index] = self._prefill_after(rows[index], length, kv)
+        return torch.stack(hidden)  # type: ignore[arg-type]
+
+    def _prefill_after(self, row: NewRow, length: int, kv: torch.Tensor) -> torch.Tensor:
+        """One row whose first `length` tokens' KV is cached ([layers, 2,
+        kv_heads, length, head_dim]): the rest of its prompt runs over a cache
+        holding that prefix. Returns the last hidden state [H]."""
+        total = len(row.prompt_ids)
+        # The layers' buffers are views of the cached entry, exactly `length`
+        # long: the first write past them allocates new buffers, so the entry
+        # itself is never written.
+        cache = Cache(layers=[GrowableKVLayer(kv[layer, 0][None], kv[layer, 1][None], length)
+                              for layer in range(self.num_layers)])
+        input_ids = torch.tensor([row.prompt_ids[length:]], dtype=torch.long, device=self.device)
+        mask = torch.ones((1, total), dtype=torch.long, device=self.device)
+        positions = torch.arange(length, total, device=self.device)[None]
+        hidden = self._forward(input_ids, mask, positions, cache, [row.adapter])
+        self._append(cache, mask, torch.tensor([total], device=self.device), [row.key], [row.adapter])
+        return hidden[0]
+
+    def _prefill_together(self, rows: Sequence[NewRow]) -> torch.Tensor:
+        """Whole prompts, left padded into one forward. [len(rows), H]."""
         lengths = [len(row.prompt_ids) for row in rows]
         width = max(lengths)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
@@ -235,6 +288,35 @@ class TransformersRunner(ModelRows):
         self.attention_mask = mask
         self.next_positions = self.next_positions + 1
         return logits
+
+    def add_adapter(self, name: str, folder: Path) -> None:
+        super().add_adapter(name, folder)
+        if self.prefix_cache is not None:
+            self.prefix_cache.drop_adapter(name)  # KV computed with weights of that name that are gone
+
+    def retain(self, rows: Mapping[RowKey, Sequence[int]]) -> None:
+        """Copies the KV of live rows into the prefix cache. A row holds the
+        KV of its last `held` tokens (its attention mask's ones: right-aligned
+        and contiguous in the left-padded cache); `rows` gives its tokens,
+        of which the first `held` are the ones it holds (an answer's last
+        token was chosen, never fed)."""
+        if self.prefix_cache is None or self.cache is None:
+            return
+        block = self.prefix_cache.block
+        end = self.cache_columns
+        for key, tokens in rows.items():
+            index = self._index.get(key)
+            if index is None:
+                continue
+            held = int(self.attention_mask[index].sum())
+            length = min(held, len(tokens)) // block * block
+            if length == 0:
+                continue
+            start = end - held
+            kv = torch.stack([torch.stack((layer.keys[index, :, start : start + length],
+                                           layer.values[index, :, start : start + length]))
+                              for layer in self.cache.layers])
+            self.prefix_cache.store(self.adapters[index], tokens[:length], kv)
 
     def remove(self, keys: Collection[RowKey]) -> None:
         """Frees the rows of finished or aborted requests (the others' caches

@@ -57,6 +57,11 @@ class EngineSettings(BaseSettings):
         description="slots backend: size of the KV pool in GiB (default: gpu_memory_utilization of the GPU "
         "minus the weights on CUDA, 2 GiB on CPU); it sets the tokens a row may hold, up to the context length",
     )
+    prefix_cache_gib: float = Field(
+        1.0, ge=0, allow_inf_nan=False,
+        description="transformers backend: GiB of finished rows' KV kept for new prompts that begin with the "
+        "same tokens (a chat's next turn, a shared system prompt), which then prefill only the rest; 0: off",
+    )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, allow_inf_nan=False,
         description="slots backend on CUDA: share of the GPU's memory the weights and the KV pool may use",

@@ -26,11 +26,30 @@ class Metrics:
         self.running_rows = Gauge("pad_running_rows", "Model rows (base + reward) in the running batch", registry=r)
         self.worker_up = Gauge("pad_worker_up", "1 when the worker is loaded and answering", registry=r)
         self.worker_restarts = Counter("pad_worker_restarts", "Times a local worker was restarted", registry=r)
+        # Prefix cache (vLLM's prefix_cache_queries / _hits): prompt tokens of
+        # new rows looked up, and those found cached (their prefill skipped).
+        self.prefix_cache_queries = Counter(
+            "pad_prefix_cache_queries", "Prompt tokens of new rows looked up in the prefix cache", registry=r)
+        self.prefix_cache_hits = Counter(
+            "pad_prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled again)", registry=r)
+        self.prefix_cache_bytes = Gauge("pad_prefix_cache_bytes", "Bytes of KV the prefix cache holds", registry=r)
+        self._worker_totals: dict[str, int] = {}
 
     def update_worker_stats(self, stats: dict) -> None:
         self.queue_depth.set(stats.get("waiting_requests", 0))
         self.running_requests.set(stats.get("running_requests", 0))
         self.running_rows.set(stats.get("running_rows", 0))
+        self.prefix_cache_bytes.set(stats.get("prefix_cache_bytes", 0))
+        for name, counter in (("prefix_cache_queried_tokens", self.prefix_cache_queries),
+                              ("prefix_cache_hit_tokens", self.prefix_cache_hits)):
+            self._count_worker_total(name, counter, stats.get(name, 0))
+
+    def _count_worker_total(self, name: str, counter: Counter, total: int) -> None:
+        """The worker reports totals since it started; the counter grows by
+        what is new (all of it after a worker restart, when totals fall)."""
+        last = self._worker_totals.get(name, 0)
+        counter.inc(total - last if total >= last else total)
+        self._worker_totals[name] = total
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

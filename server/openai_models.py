@@ -45,14 +45,14 @@ Weight = Annotated[float, Field(strict=True, ge=-MAX_WEIGHT, le=MAX_WEIGHT)]
 Metadata = Annotated[dict[str, str], Field(max_length=16, description="up to 16 string pairs; accepted and ignored")]
 
 # Accepted and ignored: they change nothing here (no server-side storage, no
-# tiers, no prompt cache keyed by clients, no reasoning, one verbosity).
+# tiers, a prompt cache that needs no key, no reasoning, one verbosity).
 IGNORED: dict[str, str] = {
     "store": "no server-side storage of answers (the feedback memory keeps them for PAD_FEEDBACK_RETENTION_DAYS anyway)",
     "metadata": "no stored completions to tag",
     "service_tier": "one tier; answers say service_tier 'default'",
-    "prompt_cache_key": "KV caches live per request",
-    "prompt_cache_retention": "KV caches live per request",
-    "prompt_cache_options": "KV caches live per request",
+    "prompt_cache_key": "the prefix cache is automatic: every prompt is looked up, no key needed",
+    "prompt_cache_retention": "the prefix cache is automatic: every prompt is looked up, no key needed",
+    "prompt_cache_options": "the prefix cache is automatic: every prompt is looked up, no key needed",
     "safety_identifier": "no abuse monitoring here (`user` keys the preference memory)",
     "verbosity": "the model has one verbosity; a preference steers length",
     "reasoning_effort": "the model does not reason before answering",

@@ -59,7 +59,7 @@ def test_tokens_equal_whole_prompt_prefill_at_any_piece_size(make_engine, chunke
     expected = tokens_by_request(make_engine(), *copy.deepcopy(requests))
     engine = chunked(max_prefill_tokens=budget)
     assert tokens_by_request(engine, *requests) == expected
-    assert engine.stats() == {"running_requests": 0, "running_rows": 0, "waiting_requests": 0}
+    assert engine.stats().items() >= {"running_requests": 0, "running_rows": 0, "waiting_requests": 0}.items()
 
 
 def test_a_long_prompt_does_not_stall_the_running_streams(chunked):

@@ -346,7 +346,7 @@ def test_max_tokens_finishes_with_length(engine):
     result = run_one(engine, chat("r", sampling=SamplingParams(temperature=0.0, max_tokens=3)))
     assert result.finish_reason == "length"
     assert len(result.tokens) == 3 == result.last.completion_tokens
-    assert engine.stats() == {"running_requests": 0, "running_rows": 0, "waiting_requests": 0}
+    assert engine.stats().items() >= {"running_requests": 0, "running_rows": 0, "waiting_requests": 0}.items()
 
 
 def test_stop_string_finishes_with_stop_and_is_excluded(engine, tokenizer):
@@ -513,7 +513,7 @@ def test_a_failing_prefill_ends_only_its_request_and_the_engine_recovers(make_en
     assert sum(o.finished for o in outputs) == 3
     for rid, request in (("running", chat("running")), ("neighbour", chat("neighbour", "short", [PREF]))):
         assert Result([o for o in outputs if o.request_id == rid]).tokens == run_one(make_engine(), request).tokens
-    assert engine.stats() == {"running_requests": 0, "running_rows": 0, "waiting_requests": 0}
+    assert engine.stats().items() >= {"running_requests": 0, "running_rows": 0, "waiting_requests": 0}.items()
     after = run_one(engine, chat("after", preferences=[PREF]))
     assert after.tokens == run_one(make_engine(), chat("after", preferences=[PREF])).tokens
 
@@ -537,7 +537,7 @@ def test_a_failing_decode_forward_ends_the_running_requests_and_the_engine_recov
     outputs += engine.step()
     finals = {o.request_id: o for o in outputs if o.finished}
     assert {rid: o.finish_reason for rid, o in finals.items()} == {"a": "error", "b": "error"}
-    assert engine.stats() == {"running_requests": 0, "running_rows": 0, "waiting_requests": 0}
+    assert engine.stats().items() >= {"running_requests": 0, "running_rows": 0, "waiting_requests": 0}.items()
     assert run_one(engine, chat("after")).tokens == run_one(make_engine(), chat("after")).tokens
 
 
@@ -573,7 +573,7 @@ def test_abort_a_waiting_request(engine):
     assert engine.step() == [
         StepOutput("w", [], "", "abort", len(engine.prompts.encode(messages("mid"))), 0),
     ]
-    assert engine.stats() == {"running_requests": 0, "running_rows": 0, "waiting_requests": 0}
+    assert engine.stats().items() >= {"running_requests": 0, "running_rows": 0, "waiting_requests": 0}.items()
     assert not engine.has_unfinished()
 
 

@@ -246,7 +246,7 @@ def test_a_request_whose_scores_turn_nan_ends_alone(make_engine, engine_alone, m
     assert broken.finish_reason == "error" and "not finite" in broken.error
     assert outputs_of(outputs, "healthy")[0] == engine_alone[0]
     assert outputs_of(outputs, "sampled")[0] == reference[0]
-    assert engine.stats() == {"running_requests": 0, "running_rows": 0, "waiting_requests": 0}
+    assert engine.stats().items() >= {"running_requests": 0, "running_rows": 0, "waiting_requests": 0}.items()
 
 
 def test_an_exception_while_choosing_ends_only_its_request(make_engine, engine_alone, monkeypatch):

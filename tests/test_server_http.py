@@ -166,5 +166,5 @@ async def test_the_pool_backend_with_chunked_prefill_serves_the_reference_answer
                 deadline = time.monotonic() + 10
                 while worker.engine.stats()["running_rows"] and time.monotonic() < deadline:
                     await asyncio.sleep(0.02)
-                assert worker.engine.stats() == {"running_requests": 0, "running_rows": 0, "waiting_requests": 0}
+                assert worker.engine.stats().items() >= {"running_requests": 0, "running_rows": 0, "waiting_requests": 0}.items()
     assert results[1] == results[0] and all(results[0])

@@ -1,0 +1,162 @@
+"""Prefix caching (pad_core/prefix_cache.py): the store as pure data, then
+the transformers runner and the engine on the tiny model, where a row that
+starts from a cached prefix must compute what a full prefill computes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pad_core.lora import NO_ADAPTER
+from pad_core.prefix_cache import PrefixCache
+from pad_core.runner import NewRow, TransformersRunner
+from pad_core.settings import EngineSettings
+from pad_core.types import ChatRequest, GuidanceParams, Preference, SamplingParams
+
+BLOCK = 4
+
+
+def kv_of(tokens, layers=2, heads=1, dim=2) -> torch.Tensor:
+    """A recognisable KV: every value is its token id ([layers, 2, heads, len, dim])."""
+    values = torch.tensor(tokens, dtype=torch.float32)[None, None, None, :, None]
+    return values.expand(layers, 2, heads, len(tokens), dim).clone()
+
+
+# ---- the store ---------------------------------------------------------------
+def test_the_longest_whole_block_prefix_leaving_a_token_to_prefill():
+    cache = PrefixCache(budget_bytes=1 << 20, block=BLOCK)
+    stored = list(range(100, 111))  # 11 tokens: two whole blocks kept
+    cache.store("base", stored, kv_of(stored))
+    length, kv = cache.longest("base", stored[:8] + [1, 2, 3])
+    assert length == 8 and kv[0, 0, 0, :, 0].tolist() == stored[:8]
+    assert cache.longest("base", stored[:8])[0] == 4  # one token must be left to prefill
+    assert cache.longest("base", stored[:6] + [9, 9, 9])[0] == 4  # shares one whole block
+    assert cache.longest("base", [7, *stored])[0] == 0  # a prefix, not any substring
+    assert cache.longest("lora", stored[:8] + [1])[0] == 0  # another adapter's KV is another
+    assert cache.hit_tokens == 16 and cache.queried_tokens == 11 + 8 + 9 + 12 + 9
+
+
+def test_a_hash_collision_is_a_miss():
+    cache = PrefixCache(budget_bytes=1 << 20, block=BLOCK)
+    cache.store("base", [1, 2, 3, 4], kv_of([1, 2, 3, 4]))
+    (entry,) = cache._entries.values()
+    entry.tokens = (1, 2, 3, 5)  # as if other tokens had hashed the same
+    assert cache.longest("base", [1, 2, 3, 4, 9]) == (0, None)
+
+
+def test_least_recently_used_entries_leave_first_within_the_budget():
+    one = kv_of(range(8)).numel() * 4  # bytes of an 8-token entry
+    cache = PrefixCache(budget_bytes=2 * one, block=BLOCK)
+    a, b, c = ([n] * 8 for n in (1, 2, 3))
+    cache.store("base", a, kv_of(a))
+    cache.store("base", b, kv_of(b))
+    assert cache.longest("base", a + [0])[0] == 8  # a is now the most recently used
+    cache.store("base", c, kv_of(c))
+    assert cache.longest("base", b + [0])[0] == 0 and cache.longest("base", a + [0])[0] == 8
+    assert len(cache) == 2 and cache.bytes == 2 * one
+    cache.store("base", list(range(40)), kv_of(range(40)))  # larger than the whole budget: not kept
+    assert len(cache) == 2
+    cache.store("base", a, kv_of(a))  # held already: no second copy
+    assert len(cache) == 2 and cache.bytes == 2 * one
+
+
+def test_a_shared_prefix_stays_found_when_the_entry_indexing_it_leaves():
+    one = kv_of(range(8)).numel() * 4
+    cache = PrefixCache(budget_bytes=3 * one, block=BLOCK)
+    system = [5, 5, 5, 5]
+    first, second = system + [1, 1, 1, 1], system + [2, 2, 2, 2]
+    cache.store("base", first, kv_of(first))
+    cache.store("base", second, kv_of(second))  # now answers for the shared block
+    cache.longest("base", first + [0])  # first is the most recently used: second leaves next
+    cache.store("base", [7] * 8, kv_of([7] * 8))
+    cache.store("base", [8] * 8, kv_of([8] * 8))
+    length, kv = cache.longest("base", system + [3, 3])
+    assert length == 4 and kv[0, 0, 0, :, 0].tolist() == system  # from the first conversation's entry
+
+
+def test_an_adapters_entries_go_when_its_weights_change():
+    cache = PrefixCache(budget_bytes=1 << 20, block=BLOCK)
+    cache.store("base", [1] * 4, kv_of([1] * 4))
+    cache.store("lora", [1] * 4, kv_of([1] * 4))
+    cache.drop_adapter("lora")
+    assert cache.longest("lora", [1] * 5)[0] == 0 and cache.longest("base", [1] * 5)[0] == 4
+
+
+# ---- the transformers runner -------------------------------------------------
+def test_a_row_from_a_cached_prefix_computes_what_a_full_prefill_computes(tiny_model):
+    cached = TransformersRunner(tiny_model, prefix_cache=PrefixCache(1 << 30, block=BLOCK))
+    plain = TransformersRunner(tiny_model)
+    first = list(range(300, 323))
+    for runner in (cached, plain):
+        runner.prefill([NewRow("a", first), NewRow("other", [7, 8, 9])])
+        for token in (11, 12, 13):
+            runner.decode(torch.tensor([token, token]))
+    cached.retain({"a": [*first, 11, 12, 13, 14]})  # 14 was chosen last, never fed: not held
+    cached.remove(["a"])
+    plain.remove(["a"])
+    assert cached.prefix_cache.bytes and cached.prefix_cache.longest(NO_ADAPTER, [*first, 11, 12, 13, 14])[0] == 24
+    follow_up = [*first, 11, 12, 13, 14, 15, 16]
+    rows = [NewRow("b", follow_up), NewRow("c", [1, 2, 3, 4, 5])]  # a hit beside a miss, order kept
+    hidden = cached.prefill(rows)
+    assert torch.allclose(hidden, plain.prefill(rows), atol=1e-5)
+    assert cached.prefix_cache.hit_tokens == 24 + 24
+    assert set(cached.row_index()) == set(plain.row_index()) == {"other", "b", "c"}
+    for token in (20, 21, 22):  # and the row decodes on as if it had been prefilled whole
+        step = torch.tensor([token] * cached.batch_size)
+        ours, theirs = cached.decode(step), plain.decode(step)
+        for key in ("other", "b", "c"):  # the rows may sit in another order
+            assert torch.allclose(ours[cached.row_index()[key]], theirs[plain.row_index()[key]], atol=1e-5), key
+
+
+# ---- the engine ----------------------------------------------------------------
+@pytest.mark.parametrize("preference", [None, "I like short answers with a bit of humour"])
+def test_a_chats_next_turns_prefill_only_their_new_tokens_and_answer_the_same(make_engine, preference):
+    """Each turn sends the conversation so far with the model's own answers,
+    as a chat client does: every row finds at least the whole earlier
+    prompt cached (in whole 32-token blocks), and greedy answers are the
+    tokens of an engine without a cache."""
+    prefs = [Preference(preference)] if preference else []
+    rows = 2 if preference else 1
+    off, on = make_engine(prefix_cache_gib=0), make_engine()
+    messages = [{"role": "system", "content": "You are a helpful assistant who answers at length."}]
+    earlier_prompt = 0
+    for turn in range(3):
+        messages = [*messages, {"role": "user", "content": f"Tell me about topic {turn} in detail."}]
+        request = ChatRequest(f"t{turn}", list(messages), prefs, SamplingParams(temperature=0.0, max_tokens=12),
+                              GuidanceParams())
+        expected = [t for o in off.generate([copy.deepcopy(request)]) for t in o.token_ids]
+        before = on.stats()["prefix_cache_hit_tokens"]
+        outputs = list(on.generate([request]))
+        assert [t for o in outputs for t in o.token_ids] == expected, turn
+        hits = on.stats()["prefix_cache_hit_tokens"] - before
+        assert hits >= earlier_prompt // 32 * 32 * rows, (turn, hits, earlier_prompt)
+        earlier_prompt = outputs[-1].prompt_tokens
+        messages = [*messages, {"role": "assistant", "content": "".join(o.text for o in outputs)}]
+    assert off.stats()["prefix_cache_hit_tokens"] == 0 and on.stats()["prefix_cache_bytes"] > 0
+
+
+def test_prefix_cache_settings(make_engine):
+    assert make_engine(prefix_cache_gib=0).runners["base"].prefix_cache is None
+    assert make_engine(prefix_cache_gib=0.5).runners["base"].prefix_cache.budget_bytes == 2**29
+    assert make_engine(backend="slots").stats()["prefix_cache_bytes"] == 0  # the pool runner has none (yet)
+    with pytest.raises(ValueError):
+        EngineSettings(prefix_cache_gib=-1)
+
+
+def test_the_gateways_counters_add_what_is_new_across_worker_restarts():
+    from server.metrics import Metrics
+
+    metrics = Metrics()
+
+    def hits() -> float:
+        return metrics.registry.get_sample_value("pad_prefix_cache_hits_total")
+
+    metrics.update_worker_stats({"prefix_cache_hit_tokens": 64, "prefix_cache_queried_tokens": 100,
+                                 "prefix_cache_bytes": 4096})
+    metrics.update_worker_stats({"prefix_cache_hit_tokens": 96, "prefix_cache_queried_tokens": 150})
+    assert hits() == 96 and metrics.registry.get_sample_value("pad_prefix_cache_queries_total") == 150
+    metrics.update_worker_stats({})  # the worker died: its totals are gone, the counters are not
+    metrics.update_worker_stats({"prefix_cache_hit_tokens": 32})  # a new worker's first hits
+    assert hits() == 128 and metrics.registry.get_sample_value("pad_prefix_cache_bytes") == 0
