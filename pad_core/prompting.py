@@ -48,7 +48,7 @@ def tool_instructions(tools: Sequence[ToolFunction], tool_choice: str | None, op
     if optional:
         return (
             f"You can call these functions:\n{described}\nIf calling one of them helps to answer, answer only "
-            f"with a JSON list of calls: {call_form}. Otherwise, answer the user in plain text."
+            f"with a JSON list of calls: {call_form}. Otherwise, answer the user directly."
         )
     which = f"Call the function {tool_choice}." if tool_choice else "Call one or more of these functions."
     return f"You can call these functions:\n{described}\n{which} Answer only with a JSON list of calls: {call_form}"

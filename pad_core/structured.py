@@ -20,9 +20,11 @@ what small models have seen most, and no room for runaway whitespace.
 Tool calls (kind "tool_calls") come out as a JSON array of
 `{"name": ..., "arguments": {...}}` objects; `parse_tool_calls` turns the
 text into `ToolCall`s for the request's last StepOutput. With `auto`
-(tool_choice "auto") the grammar is a choice made at the first character:
-that array, one call's object, or plain text that opens with neither "["
-nor "{" (a Lark grammar with the schemas embedded, `optional_calls_grammar`).
+(tool_choice "auto") the grammar is a choice made at the first character
+after any leading whitespace: that array, one call's object, or plain text
+that opens with neither "[" nor "{" (a Lark grammar with the schemas
+embedded, `optional_calls_grammar`); with a response_format too, the array
+or the response's JSON.
 
 Shapes: R constrained rows, V the model's vocabulary, W = ceil(V' / 32)
 words of llguidance's packed bitmask (V' its tokenizer's vocabulary).
@@ -41,7 +43,7 @@ import numpy as np
 import torch
 
 from pad_core.errors import InvalidRequestError
-from pad_core.types import CALLS_OPENERS, StructuredOutput, ToolCall, ToolFunction
+from pad_core.types import LEADING_SPACE, StructuredOutput, ToolCall, ToolFunction
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +70,8 @@ def relocated(schema: Any, base: str) -> Any:
     is no longer the document's."""
     if isinstance(schema, list):
         return [relocated(item, base) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
+    if not isinstance(schema, dict) or "$id" in schema:
+        return schema  # a resource of its own ($id): its references resolve against it, wherever it is
     out: dict[str, Any] = {}
     for key, value in schema.items():
         if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
@@ -122,23 +124,38 @@ def json_schema_for(spec: StructuredOutput) -> dict[str, Any]:
     return tool_call_schema(spec.tools, spec.tool_choice, spec.parallel_tool_calls)
 
 
-def optional_calls_grammar(calls_schema: dict[str, Any], options: dict[str, Any]) -> str:
-    """Lark source of a tool_choice "auto" answer: the calls' JSON array
-    (`calls_schema`, compiled with `options`), one call's object (its
-    items' schema: what models trained on single JSON calls write), or plain
-    text, which is any text whose first character opens neither. The choice
-    is made by the first token, so a client streaming the answer knows at
-    once which it is; text then runs free until end-of-sequence (the TEXT
-    lexeme never completes, so the grammar never stops a text answer early)."""
+MAX_LEAD = 3  # whitespace characters allowed before the calls (a model constrained there could run on with them)
+
+
+def optional_calls_grammar(calls_schema: dict[str, Any], options: dict[str, Any],
+                           answer_schema: dict[str, Any] | None = None) -> str:
+    """Lark source of a tool_choice "auto" answer. The calls' JSON array
+    (`calls_schema`'s items, compiled with `options`, joined as json.dumps
+    joins them), after up to MAX_LEAD whitespace characters (a tokenizer
+    may start the answer with a space-prefixed "["); or one call's object (what models
+    trained on single JSON calls write); or plain text whose first character
+    after whitespace opens neither. With an `answer_schema` (a
+    response_format), the array or JSON matching it instead.
+
+    The choice is made by the answer's first characters, so a client
+    streaming it knows at once which it is; free text then runs on until
+    end-of-sequence (the TEXT lexeme never completes, so the grammar never
+    ends a text answer)."""
 
     def embedded(schema: dict[str, Any]) -> str:
         return json.dumps({**schema, "x-guidance": options})  # ASCII: safe inside Lark
 
     defs = {"$defs": calls_schema["$defs"]} if "$defs" in calls_schema else {}
-    call_schema = {**calls_schema["items"], **defs}  # the arguments' references resolve in its root too
-    openers = "".join("\\" + opener for opener in CALLS_OPENERS)
-    return (f"start: calls | call | TEXT\ncalls: %json {embedded(calls_schema)}\n"
-            f"call: %json {embedded(call_schema)}\nTEXT: /[^{openers}][\\s\\S]*/\n")
+    more = "" if calls_schema.get("maxItems") == 1 else f' ({json.dumps(options["item_separator"])} call)*'
+    space = "".join(f"\\x{ord(c):02x}" for c in LEADING_SPACE)
+    rules = [f'calls: "[" call{more} "]"', f"call: %json {embedded({**calls_schema['items'], **defs})}",
+             f"LEAD: /[{space}]{{1,{MAX_LEAD}}}/"]
+    if answer_schema is None:
+        rules = ["start: LEAD? calls | LEAD? call | TEXT", *rules,
+                 f"TEXT: /[{space}]*[^{space}\\[\\{{][\\s\\S]*/"]
+    else:
+        rules = ["start: LEAD? calls | answer", *rules, f"answer: %json {embedded(answer_schema)}"]
+    return "\n".join(rules) + "\n"
 
 
 def compile_options(spec: StructuredOutput) -> dict[str, Any]:
@@ -184,6 +201,9 @@ def check_spec(spec: StructuredOutput) -> None:
         raise InvalidRequestError("tools: function names must be unique", param="tools")
     if spec.auto and spec.tool_choice is not None:
         raise InvalidRequestError("tool_choice 'auto' cannot name a function", param="tool_choice")
+    if spec.json_schema is not None and (not spec.auto or not isinstance(spec.json_schema, dict)):
+        raise InvalidRequestError("response_format with tools: a JSON Schema object, with tool_choice 'auto'",
+                                  param="response_format")
     if spec.tool_choice is not None and spec.tool_choice not in names:
         raise InvalidRequestError(
             f"tool_choice names function {spec.tool_choice!r}, which is not in tools", param="tool_choice"
@@ -224,6 +244,12 @@ def parse_tool_calls(text: str) -> list[ToolCall] | None:
     return result
 
 
+def first_lines(message: str, limit: int = 500) -> str:
+    """An error message cut to `limit` characters (a compile error may quote
+    a whole grammar)."""
+    return message if len(message) <= limit else message[:limit] + "..."
+
+
 # ---- matchers (llguidance) ------------------------------------------------
 def parser_error(matcher) -> str:
     """An llguidance matcher's error, without its "<non-verbose/>" marker."""
@@ -238,8 +264,10 @@ class GrammarMatcher:
         self._matcher = matcher
         self._decode = decode  # token ids -> text
         self.error: str | None = None
-        # tool_choice "auto": whether the first token chose text (None before it)
+        # tool_choice "auto" with free text: whether the answer chose text
+        # (None until its first character after whitespace), and its text so far
         self.chose_text: bool | None = None
+        self._opening = ""
 
     @property
     def done(self) -> bool:
@@ -253,8 +281,11 @@ class GrammarMatcher:
             self.fail(f"the grammar refused token {token_id}: {parser_error(self._matcher)}")
         elif self.error is None and self._matcher.is_error():
             self.fail(parser_error(self._matcher))
-        if self.spec.auto and self.chose_text is None:
-            self.chose_text = not self._decode([token_id]).startswith(CALLS_OPENERS)
+        if self.spec.free_text and self.chose_text is None:
+            self._opening += self._decode([token_id])
+            first = self._opening.lstrip(LEADING_SPACE)
+            if first:
+                self.chose_text = not first.startswith(self.spec.call_openers)
 
     def write_mask(self, address: int, size: int) -> bool:
         """Writes the packed mask of legal next tokens at `address` (size
@@ -278,9 +309,9 @@ class GrammarMatcher:
         """The parsed calls of a completed tool-call answer; None otherwise."""
         if self.spec.kind != "tool_calls" or self.error is not None:
             return None
-        text = self._decode(list(token_ids))
-        if self.spec.auto and not text.startswith(CALLS_OPENERS):
-            return None  # the model chose to answer in text
+        text = self._decode(list(token_ids)).lstrip(LEADING_SPACE)
+        if self.spec.auto and not text.startswith(self.spec.call_openers):
+            return None  # the model chose to answer in text (or in the response_format's JSON)
         return parse_tool_calls(text)
 
 
@@ -313,9 +344,11 @@ class StructuredOutputs:
         """A fresh matcher for the request. InvalidRequestError (naming
         response_format, tools or tool_choice) for a schema that does not compile."""
         check_spec(spec)
-        schema, options = json_schema_for(spec), compile_options(spec)
+        options = compile_options(spec)
         try:
-            key = json.dumps([schema, options, spec.auto], ensure_ascii=False)
+            schema = json_schema_for(spec)
+            key = json.dumps([schema, options, spec.auto, spec.json_schema if spec.auto else None],
+                             ensure_ascii=False)
         except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidRequestError(f"{spec.param}: the schema is not plain JSON: {exc}", param=spec.param) from None
         template = self._compiled.get(key)
@@ -331,19 +364,34 @@ class StructuredOutputs:
 
     def _compile(self, spec: StructuredOutput, schema: dict[str, Any], options: dict[str, Any]):
         if spec.auto:
+            answer = spec.json_schema
             compiled = self._compile_grammar(lambda llg: llg.LLMatcher.grammar_from_lark(
-                optional_calls_grammar(schema, options)))
+                optional_calls_grammar(schema, options, answer)))
         else:
             compiled = self._compile_schema(schema, options)
         if isinstance(compiled, str):
-            if spec.kind == "tool_calls":  # name the function whose parameters fail
-                for index, tool in enumerate(spec.tools):
-                    if tool.parameters and isinstance(self._compile_schema(tool.parameters, options), str):
-                        param = f"tools[{index}].function.parameters"
-                        raise InvalidRequestError(f"{param}: invalid JSON Schema: {compiled}", param=param)
-            raise InvalidRequestError(f"{spec.param}: invalid JSON Schema: {compiled}", param=spec.param)
+            raise self._compile_error(spec, schema, options, compiled)
         logger.debug("compiled a %s grammar", spec.kind)
         return compiled
+
+    def _compile_error(self, spec: StructuredOutput, schema: dict[str, Any], options: dict[str, Any],
+                       error: str) -> InvalidRequestError:
+        """The 400 for a grammar that does not compile, naming the client's
+        own schema where one fails alone (and quoting that error, in the
+        client's own terms: not the tool-call schema or grammar it was put in)."""
+        parts: list[tuple[str, dict[str, Any] | None]] = []
+        if spec.kind == "tool_calls":
+            parts = [(f"tools[{index}].function.parameters", tool.parameters) for index, tool in enumerate(spec.tools)]
+            if spec.auto and spec.json_schema is not None:
+                parts.append(("response_format", spec.json_schema))
+        for param, part in parts:
+            alone = self._compile_schema(part, options) if part else None
+            if isinstance(alone, str):
+                return InvalidRequestError(f"{param}: invalid JSON Schema: {first_lines(alone)}", param=param)
+        if spec.auto:  # the calls alone, as JSON Schema: its error, not the grammar's
+            alone = self._compile_schema(schema, options)
+            error = alone if isinstance(alone, str) else error
+        return InvalidRequestError(f"{spec.param}: invalid JSON Schema: {first_lines(error)}", param=spec.param)
 
     def _compile_schema(self, schema: dict[str, Any], options: dict[str, Any]):
         """The compiled LLMatcher (in its start state), or the compile error (str)."""

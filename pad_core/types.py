@@ -200,10 +200,12 @@ class ToolFunction:
         return cls(**data)
 
 
-# How a tool-call answer opens: its JSON array of calls, or (tool_choice
-# "auto") one call's object, as models trained on single JSON calls write it.
-# With "auto", a text answer cannot open with either.
+# How a tool-call answer opens, after any LEADING_SPACE: its JSON array of
+# calls, or (tool_choice "auto", free text) one call's object, as models
+# trained on single JSON calls write it. With "auto", a text answer cannot
+# open with either (StructuredOutput.call_openers).
 CALLS_OPENERS = ("[", "{")
+LEADING_SPACE = " \t\r\n"
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,9 @@ class StructuredOutput:
       StepOutput carries them parsed in `tool_calls`. With `auto` (OpenAI
       `tool_choice: "auto"`) the model chooses: the answer is either that
       array, or one call's object, or plain text (which cannot open with
-      "[" or "{"), never both.
+      "[" or "{"), never both. With `auto` and a `json_schema` (a
+      `response_format` given with the tools), the answer is the array of
+      calls or JSON matching that schema.
     """
 
     kind: StructuredKind
@@ -241,6 +245,18 @@ class StructuredOutput:
     def param(self) -> str:
         """The OpenAI request field an error about this constraint names."""
         return "tools" if self.kind == "tool_calls" else "response_format"
+
+    @property
+    def call_openers(self) -> tuple[str, ...]:
+        """tool_choice "auto": the first characters (after LEADING_SPACE) of
+        an answer that is calls. Only the array where the other answer is
+        JSON (a response_format), which opens with "{" itself."""
+        return CALLS_OPENERS[:1] if self.json_schema is not None else CALLS_OPENERS
+
+    @property
+    def free_text(self) -> bool:
+        """tool_choice "auto" whose other answer is free text."""
+        return self.auto and self.json_schema is None
 
     def verify(self) -> None:
         """Plain JSON that crosses the IPC (pad_core.validation.check_json);

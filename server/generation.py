@@ -9,8 +9,9 @@ by /v1/chat/completions, /v1/completions and /v1/responses.
   tool calls (their raw JSON is held back and handed out as one delta at the
   end, with finish_reason "tool_calls"; an answer that ran out of tokens
   before its calls were complete is returned as text). With tool_choice
-  "auto" the first character tells: "[" or "{" opens calls, anything else
-  is text, streamed as it comes.
+  "auto" the first character after any whitespace tells: "[" or "{" opens
+  calls ("[" only when a response_format makes the other answer JSON),
+  anything else is the answer, streamed as it comes.
 - `Formatter`s (one per endpoint, in the routes) turn that bookkeeping into
   chunks / events and into the final object; `stream_events` drives a
   stream, `Generation.collect` a whole answer.
@@ -37,6 +38,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pad_core.errors import InvalidRequestError
 from pad_core.types import (
     CALLS_OPENERS,
+    LEADING_SPACE,
     ChatRequest,
     Preference,
     RequestLimits,
@@ -138,6 +140,7 @@ class ChoiceState:
     group: int = 0  # which prompt (legacy completions): usage counts each prompt once
     holds_calls: bool = False  # a forced tool call: the JSON text is not content
     may_call: bool = False  # tool_choice "auto", undecided until the answer's first character
+    call_openers: tuple[str, ...] = CALLS_OPENERS  # what that first character is when the answer is calls
     text: str = ""
     finish_reason: str | None = None
     prompt_tokens: int = 0
@@ -150,8 +153,10 @@ class ChoiceState:
     @classmethod
     def of(cls, index: int, structured: StructuredOutput | None) -> ChoiceState:
         """A choice whose answer follows `structured` (None: free text)."""
-        calls = structured is not None and structured.kind == "tool_calls"
-        return cls(index, holds_calls=calls and not structured.auto, may_call=calls and structured.auto)
+        if structured is None or structured.kind != "tool_calls":
+            return cls(index)
+        return cls(index, holds_calls=not structured.auto, may_call=structured.auto,
+                   call_openers=structured.call_openers)
 
     def update(self, output: StepOutput) -> Delta:
         """Records one engine output; the delta to send (falsy: nothing).
@@ -167,6 +172,7 @@ class ChoiceState:
                 return Delta()
         if self.holds_calls:
             self._held += output.text
+            self._held_logprobs += output.logprobs or ()
             if not output.finished:
                 return Delta()
             if output.tool_calls is not None:
@@ -177,7 +183,8 @@ class ChoiceState:
                 self.finish_reason = "tool_calls"
                 return Delta(tool_calls=self.tool_calls, finish_reason="tool_calls")
             self.text = self._held  # ran out before the calls were complete: the text, as it is
-            return Delta(text=self._held, finish_reason=output.finish_reason)
+            self.logprobs = list(self._held_logprobs)
+            return Delta(text=self._held, logprobs=self.logprobs, finish_reason=output.finish_reason)
         self.text += output.text
         logprobs = list(output.logprobs or ())
         self.logprobs += logprobs
@@ -185,16 +192,18 @@ class ChoiceState:
 
     def decide(self, output: StepOutput) -> StepOutput | None:
         """tool_choice "auto": holds outputs until the answer has a first
-        character, then says whether it is calls (it opens with "[" or "{",
-        which the grammar lets no text answer do) or text; None while
-        undecided, else the held outputs as one."""
+        character after whitespace, then says whether it is calls (it opens
+        with one of `call_openers`, which the grammar lets no other answer
+        do) or the answer; None while undecided, else the held outputs as one."""
         self._held += output.text
         self._held_logprobs += output.logprobs or ()
-        if not self._held and not output.finished:
+        first = self._held.lstrip(LEADING_SPACE)
+        if not first and not output.finished:
             return None
         self.may_call = False
-        self.holds_calls = self._held.startswith(CALLS_OPENERS)
-        held = dataclasses.replace(output, text=self._held, logprobs=self._held_logprobs or output.logprobs)
+        self.holds_calls = first.startswith(self.call_openers)
+        held = dataclasses.replace(output, text=self._held,
+                                   logprobs=list(self._held_logprobs) if output.logprobs is not None else None)
         self._held, self._held_logprobs = "", []
         return held
 

@@ -18,6 +18,7 @@ Schema says."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationInfo, field_validator
@@ -304,6 +305,18 @@ def response_format_output(fmt: ResponseFormat | None) -> StructuredOutput | Non
                             schema_name=spec.name, strict=bool(spec.strict))
 
 
+def with_answer_format(calls: StructuredOutput | None, answer: StructuredOutput | None) -> StructuredOutput | None:
+    """Tools and a response format together. Forced calls win (the answer
+    is calls, the format has nothing to shape); with tool_choice "auto" an
+    answer that is not calls follows the format (openai-agents sends both
+    for an agent with tools and an `output_type`)."""
+    if calls is None or answer is None or not calls.auto:
+        return calls or answer
+    schema = answer.json_schema if answer.kind == "json_schema" else {"type": "object"}
+    return dataclasses.replace(calls, json_schema=schema, schema_name=answer.schema_name,
+                               strict=calls.strict or answer.strict)
+
+
 def function_tools(tools: list[ToolDefinition] | None, param: str = "tools") -> list[ToolFunction]:
     out = []
     for index, tool in enumerate(tools or ()):
@@ -428,8 +441,8 @@ class ChatCompletionRequest(SamplingFields):
 
     def to_structured(self) -> StructuredOutput | None:
         """tools / tool_choice (or the deprecated functions / function_call)
-        and response_format -> the grammar the answer must follow; tools win
-        over response_format."""
+        and response_format -> the grammar the answer must follow
+        (`with_answer_format`: forced calls, or calls or the format)."""
         if self.functions:
             tools = [f.to_tool() for f in self.functions]
             choice = self.function_call
@@ -438,7 +451,7 @@ class ChatCompletionRequest(SamplingFields):
             forced = tool_output(tools, choice, False, "function_call")
         else:
             forced = tool_output(function_tools(self.tools), self.tool_choice, self.parallel_tool_calls)
-        return forced or response_format_output(self.response_format)
+        return with_answer_format(forced, response_format_output(self.response_format))
 
 
 # ---- POST /v1/completions (legacy) -----------------------------------------

@@ -21,6 +21,7 @@ from server.openai_models import (
     reject_if,
     guidance_of,
     tool_output,
+    with_answer_format,
 )
 
 
@@ -133,8 +134,8 @@ class ResponsesRequest(StrictRequest):
                       "text.format", "unsupported_parameter")
 
     def to_structured(self) -> StructuredOutput | None:
-        forced = tool_output(self.function_tools(), self.tool_choice, self.parallel_tool_calls)
-        return forced or self.text_format()
+        calls = tool_output(self.function_tools(), self.tool_choice, self.parallel_tool_calls)
+        return with_answer_format(calls, self.text_format())
 
 
 class ResponseObject(BaseModel):

@@ -55,3 +55,23 @@ def test_free_text_streams_as_it_comes():
     choice = ChoiceState.of(0, None)
     assert choice.update(output("a")).text == "a" and choice.update(output("b", "length")).finish_reason == "length"
     assert choice.text == "ab"
+
+
+def test_auto_decides_on_the_first_character_after_whitespace():
+    spaced = ChoiceState.of(0, AUTO)
+    assert not spaced.update(output(" \n"))  # whitespace alone decides nothing
+    assert not spaced.update(output("[{"))  # then calls: held
+    assert spaced.holds_calls
+    talk = ChoiceState.of(0, AUTO)
+    assert not talk.update(output("\n"))
+    assert talk.update(output("Hi")).text == "\nHi"  # then text: everything held is sent
+    formatted = ChoiceState.of(0, StructuredOutput("tool_calls", tools=(ToolFunction("f"),), auto=True,
+                                                   json_schema={"type": "object"}))
+    assert formatted.update(output('{"ok')).text == '{"ok'  # "{" opens the response_format's JSON, not a call
+
+
+def test_calls_that_ran_out_keep_their_logprobs_as_text():
+    choice = ChoiceState.of(0, FORCED)
+    assert not choice.update(output("[", logprob="["))
+    last = choice.update(output("{", "length", logprob="{"))
+    assert last.text == "[{" and [lp.token for lp in last.logprobs] == ["[", "{"] == [lp.token for lp in choice.logprobs]

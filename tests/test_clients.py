@@ -147,6 +147,24 @@ async def test_an_agent_with_a_function_tool(base_url):
         assert streamed.final_output == result.final_output
 
 
+async def test_an_agent_with_tools_and_an_output_type(base_url):
+    """openai-agents sends the tools (tool_choice "auto") and the output
+    type's schema together: the answer is a call or the output type, never
+    free text, so the run ends with the typed output (or a tool's)."""
+    agents = agents_setup(base_url)
+
+    @agents.function_tool
+    def get_weather(city: Literal["Paris", "Rome"]) -> str:
+        """The weather in a city."""
+        return f"sunny in {city}"
+
+    settings = agents.ModelSettings(store=False, max_tokens=60, temperature=0, parallel_tool_calls=False)
+    agent = agents.Agent(name="judge", instructions="Answer with a verdict.", model=MODEL, output_type=Verdict,
+                         tools=[get_weather], model_settings=settings, tool_use_behavior="stop_on_first_tool")
+    result = await agents.Runner.run(agent, QUESTION)
+    assert isinstance(result.final_output, Verdict) or result.final_output.startswith("sunny in ")
+
+
 # ---- tool_choice "auto": a model that wants to call ------------------------
 @pytest.fixture(scope="module")
 def calling_base_url(tmp_path_factory):

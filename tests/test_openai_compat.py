@@ -200,7 +200,7 @@ def test_auto_tool_choice_answers_calls_or_streams_text(client, tokenizer):
     """tools without tool_choice (or "auto"): the model's first token
     chooses. The tiny model is steered with logit_bias: toward "[" it calls,
     toward "Hello" it talks, and the text streams as it comes."""
-    calls = {token(tokenizer, "["): 50}
+    calls = {token(tokenizer, "["): 50, token(tokenizer, "]"): 20, token(tokenizer, "}]"): 20}  # and close the list
     for extra in ({}, {"tool_choice": "auto"}, {"extra_body": {"preference": "short answers"}}):
         answer = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=60, temperature=0,
                                                 tools=[WEATHER, TIME], logit_bias=calls, **extra)
@@ -227,6 +227,15 @@ def test_auto_tool_choice_answers_calls_or_streams_text(client, tokenizer):
                                         logit_bias=calls) as stream:
         message = stream.get_final_completion().choices[0].message
     assert message.tool_calls[0].function.name == "get_weather"
+    # with a response_format too, the answer that is not calls is the format's JSON (a bias toward "Hello"
+    # cannot make it text)
+    verdict = {"type": "json_schema", "json_schema": {"name": "verdict", "strict": True, "schema": {
+        **Verdict.model_json_schema(), "additionalProperties": False}}}
+    formatted = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=60, temperature=0,
+                                               tools=[WEATHER], response_format=verdict,
+                                               logit_bias={**talk, token(tokenizer, '{"'): 20})
+    message = formatted.choices[0].message
+    assert not message.tool_calls and Verdict.model_validate_json(message.content)
     legacy = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=60, temperature=0,
                                             functions=[WEATHER["function"]], logit_bias=calls)
     assert legacy.choices[0].finish_reason == "function_call"

@@ -346,20 +346,26 @@ def test_auto_tool_choice_opens_calls_with_a_bracket_or_answers_text(engine):
     assert first[vocab["Hello"]] and first[vocab["The"]]  # text opens with anything else
     assert not first[list(engine.stop_token_ids)].any()  # an empty answer is neither
     bias = torch.zeros(engine.runners[BASE_RUNNER].head.vocab_size)
-    bias[vocab["["]] = 30.0  # a model that wants to call
-    with biased(engine, bias):
-        outputs = run(engine, chat("call", spec, max_tokens=64),
-                      chat("call-pad", spec, preferences=[PREF], weight=4.0, temperature=1.0, seed=1, max_tokens=64))
-    bias[vocab["["]], bias[vocab['{"']] = 0.0, 30.0  # a model that writes one call as an object
-    with biased(engine, bias):
-        outputs |= run(engine, chat("object", spec, max_tokens=64))
+    bias[[vocab["]"], vocab["}]"]]] = 20.0  # a model that closes its list of calls (where the grammar lets it)
+    outputs = {}
+    for rid, opener in (("list", "["), ("spaced", "Ġ["), ("object", '{"')):  # a list, " [" (a space first), an object
+        bias[vocab[opener]] = 30.0
+        with biased(engine, bias):
+            outputs |= run(engine, chat(rid, spec, max_tokens=64), chat(f"{rid}-pad", spec, preferences=[PREF],
+                                                                         weight=4.0, temperature=1.0, seed=1, max_tokens=64))
+        bias[vocab[opener]] = 0.0
     for rid, outs in outputs.items():
         last = outs[-1]
-        assert last.finish_reason == "stop" and last.tool_calls, text_of(outs)
+        assert last.finish_reason == "stop" and last.tool_calls, (rid, text_of(outs))
         assert all(call.name in ("get_weather", "get_time") for call in last.tool_calls)
         calls = [{"name": c.name, "arguments": json.loads(c.arguments)} for c in last.tool_calls]
-        assert json.loads(text_of(outs)) == (calls[0] if rid == "object" else calls)
-    bias[vocab['{"']], bias[vocab["Hello"]] = 0.0, 30.0  # a model that wants to talk
+        assert json.loads(text_of(outs)) == (calls[0] if rid.startswith("object") else calls)
+    two = '[{"name": "get_time", "arguments": {}}, {"name": "get_time", "arguments": {}}]'
+    matcher = engine.structured.start(spec)
+    for token in engine.tokenizer(two, add_special_tokens=False)["input_ids"]:
+        matcher.consume(token)
+    assert matcher.done and matcher.error is None  # parallel calls, joined as json.dumps joins them
+    bias[vocab["Hello"]] = 30.0  # a model that wants to talk
     with biased(engine, bias):
         outputs = run(engine, chat("text", spec, max_tokens=8), chat("text-pad", spec, preferences=[PREF], weight=4.0,
                                                                        max_tokens=8))
@@ -378,7 +384,7 @@ def test_auto_tool_choice_opens_calls_with_a_bracket_or_answers_text(engine):
     prompt, _ = engine.prompts.encode_request([{"role": "user", "content": "hi"}], [], False, tools=spec.tools,
                                               optional_tools=True)
     shown = engine.tokenizer.decode(prompt)
-    assert "get_weather" in shown and "Otherwise, answer the user in plain text." in shown
+    assert "get_weather" in shown and "Otherwise, answer the user directly." in shown
 
 
 def test_relocated_rewrites_local_references_only():
@@ -394,6 +400,9 @@ def test_relocated_rewrites_local_references_only():
     assert moved["properties"]["named"] == schema["properties"]["named"]  # a plain-name fragment
     assert moved["enum"] == schema["enum"] and moved["$defs"]["Place"] == schema["$defs"]["Place"]  # data
     assert relocated(WEATHER.parameters, "/x") == WEATHER.parameters  # nothing to move: left in place
+    own = {"$id": "https://example.com/s.json", "$defs": {"X": {}}, "properties": {"a": {"$ref": "#/$defs/X"}}}
+    assert relocated(own, "/x") == own  # a resource of its own: its references resolve against its $id
+    assert relocated({"properties": {"b": own}}, "/x") == {"properties": {"b": own}}
 
 
 def test_tools_whose_parameters_refer_to_their_own_defs(engine):
@@ -419,6 +428,42 @@ def test_tools_whose_parameters_refer_to_their_own_defs(engine):
     assert call.name == "plan_trip" and {arguments["start"]["city"], arguments["end"]["city"]} <= {"Paris", "Rome"}
 
 
+def test_auto_with_a_response_format_answers_calls_or_that_json(engine):
+    """tool_choice "auto" with a response_format (an agent with tools and an
+    output type): the answer is the calls or the format's JSON, never free
+    text; one call's object is no option, since the JSON opens with "{"."""
+    spec = StructuredOutput("tool_calls", tools=(WEATHER, TIME), auto=True, json_schema=SCHEMA)
+    vocab = engine.tokenizer.get_vocab()
+    first = engine.structured.start(spec).allowed(engine.runners[BASE_RUNNER].head.vocab_size)
+    assert first[vocab["["]] and first[vocab["{"]] and not first[vocab["Hello"]]
+    bias = torch.zeros(engine.runners[BASE_RUNNER].head.vocab_size)
+    bias[[vocab['"'], vocab["}"], vocab['"}'], vocab["]"], vocab["}]"]]] = 20.0  # closes what it opens
+    bias[vocab['{"']] = 30.0  # an object: the format's answer (a call would open with "[")
+    with biased(engine, bias):
+        outs = run(engine, chat("answer", spec, max_tokens=64))["answer"]
+    assert outs[-1].finish_reason == "stop" and outs[-1].tool_calls is None
+    assert matches_schema(json.loads(text_of(outs)))
+    bias[vocab["["]] = 40.0  # a model that wants to call
+    with biased(engine, bias):
+        last = run(engine, chat("call", spec, max_tokens=64))["call"][-1]
+    assert last.finish_reason == "stop" and last.tool_calls
+
+
+def test_a_broken_schema_under_auto_is_named_in_the_clients_terms(engine):
+    broken = ToolFunction("f", None, {"type": "object", "properties": {"a": {"$ref": "#/$defs/Missing"}}})
+    for auto in (False, True):
+        spec = StructuredOutput("tool_calls", tools=(TIME, broken), auto=auto)
+        with pytest.raises(InvalidRequestError) as refused:
+            engine.structured.start(spec)
+        assert refused.value.param == "tools[1].function.parameters"
+        assert "/$defs/Missing" in str(refused.value) and "tool_f" not in str(refused.value)  # its own pointer
+        assert "start:" not in str(refused.value) and len(str(refused.value)) < 700  # no grammar source
+    bad_answer = StructuredOutput("tool_calls", tools=(TIME,), auto=True, json_schema={"type": "nonsense"}, strict=True)
+    with pytest.raises(InvalidRequestError) as refused:
+        engine.structured.start(bad_answer)
+    assert refused.value.param == "response_format"
+
+
 def test_auto_text_that_reads_like_a_call_is_text():
     calls = '[{"name": "get_time", "arguments": {}}]'
 
@@ -427,10 +472,13 @@ def test_auto_text_that_reads_like_a_call_is_text():
             super().__init__(spec, matcher=None, decode=lambda ids: text)
 
     auto = StructuredOutput("tool_calls", tools=(TIME,), auto=True)
-    for text in (calls, calls[1:-1]):  # a list of calls, or one call's object
+    for text in (calls, calls[1:-1], f" {calls}", f"\n{calls[1:-1]}"):  # a list or one object, spaces first or not
         assert Matcher(auto, text).tool_calls([1]) == [ToolCall("get_time", "{}")]
-    for text in (f" {calls}", f"Sure: {calls}", '"[]"'):
+    for text in (f"Sure: {calls}", '"[]"'):
         assert Matcher(auto, text).tool_calls([1]) is None  # anything else first: the model chose text
+    formatted = StructuredOutput("tool_calls", tools=(TIME,), auto=True, json_schema={"type": "object"})
+    assert Matcher(formatted, calls).tool_calls([1]) == [ToolCall("get_time", "{}")]
+    assert Matcher(formatted, calls[1:-1]).tool_calls([1]) is None  # an object is the response_format's answer
     forced = StructuredOutput("tool_calls", tools=(TIME,))
     assert Matcher(forced, calls[1:-1]).tool_calls([1]) == [ToolCall("get_time", "{}")]  # as before
 
