@@ -11,7 +11,9 @@ turn, plain and with one preference (PAD: a base row and a reward row).
 Each turn's time to first token is the engine's prefill of that turn's
 prompt(s) plus its first step. Prints a row per turn, then for the turns
 after the first: the median TTFT without / with the cache, and the share of
-prompt tokens the cache served. In float32 (`--dtype float32`) greedy
+prompt tokens the cache served. Then (`--join`) the step in which 16
+requests sharing a cached system prompt join 16 running ones with long
+prompts, with and without the cache. In float32 (`--dtype float32`) greedy
 answers must be the same tokens with and without the cache (the script
 fails otherwise); in bfloat16 (the default on CPUs with native bf16) a
 cached prefix's KV was rounded in another batch than a fresh prefill's, as
@@ -29,7 +31,7 @@ import time
 import torch
 
 from pad_core.engine import PadEngine
-from pad_core.model_loading import load_engine
+from pad_core.model_loading import engine_for_model, load_engine
 from pad_core.settings import EngineSettings
 from pad_core.types import ChatRequest, Preference, SamplingParams
 
@@ -93,6 +95,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="conversations per mode (the first warms up)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--join", type=int, default=16,
+                        help="then: requests sharing a cached system prompt that join as many running ones (0: skip)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -119,6 +123,41 @@ def main() -> None:
         print(f"turns 2-{args.turns}: median TTFT {off:.3f} s without, {on:.3f} s with the cache: "
               f"{off / on:.1f}x faster; the cache served {served:.0%} of their prompt tokens; "
               f"greedy answers the same in {same} of {len(rows)} turns")
+    if args.join:
+        base = engines["off"].runners["base"]
+        steps = {gib: join_step(base.model, engines["off"].tokenizer, args.dtype, gib, args.join, 600)
+                 for gib in (0, 1.0)}
+        print(f"\n{args.join} requests sharing a cached system prompt join {args.join} running requests of "
+              f"~1.2k tokens: that step takes {steps[0]:.2f} s without the cache, {steps[1.0]:.2f} s with it "
+              f"({steps[0] / steps[1.0]:.1f}x)")
+
+
+def join_step(model, tokenizer, dtype_name: str, gib: float, joining: int, long_words: int) -> float:
+    """Seconds of the step in which `joining` new requests that share a
+    cached system prompt join as many running requests with long prompts:
+    the pause every running stream sees while they are prefilled."""
+    engine = engine_for_model(model, tokenizer, EngineSettings(prefix_cache_gib=gib, max_prefill_tokens=10**6,
+                                                               dtype=dtype_name))
+    system = {"role": "system", "content": SYSTEM * 8}
+
+    def short(tag: str) -> ChatRequest:
+        return ChatRequest(tag, [system, {"role": "user", "content": f"Question {tag}?"}], [],
+                           SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+
+    list(engine.generate([short("warm")]))  # the system prompt is cached (with the cache on)
+    for i in range(joining):
+        engine.add_chat(ChatRequest(f"long{i}", [{"role": "user", "content": f"Document {i}: " + "lorem ipsum " *
+                                                  long_words}], [], SamplingParams(max_tokens=12, temperature=0.0,
+                                                                                    ignore_eos=True)))
+    engine.step()
+    for i in range(joining):
+        engine.add_chat(short(f"s{i}"))
+    started = time.perf_counter()
+    engine.step()
+    seconds = time.perf_counter() - started
+    while engine.has_unfinished():
+        engine.step()
+    return seconds
 
 
 if __name__ == "__main__":

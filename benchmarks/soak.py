@@ -12,7 +12,10 @@ random (seeded) by --concurrency clients:
   settings), `n: 2`, stop strings, logprobs, short and long prompts (some
   not ASCII), `max_tokens` 1..64; `/v1/completions` (streamed and not);
   `/v1/responses` streamed; a json_schema structured output now and then;
-  clients that hang up mid-stream and mid-prefill; invalid requests.
+  a tool with tool_choice "auto" (calls or text, each well-formed);
+  conversations of 2-4 turns sending the model's own answers back (the
+  prefix cache's load); clients that hang up mid-stream and mid-prefill;
+  invalid requests.
 
 Checked and printed at the end (exit status 1 if any fails):
 
@@ -591,7 +594,7 @@ def invalid_requests(model: str) -> list[tuple[str, str, dict | bytes]]:
         ("POST", "/v1/chat/completions", {**chat, "max_tokens": 10**6}),
         ("POST", "/v1/chat/completions", {**chat, "preference": "x", "pad": {"weight": 1000}}),
         ("POST", "/v1/chat/completions", {**chat, "tools": [{"type": "function", "function": {"name": "f"}}],
-                                          "tool_choice": "auto"}),
+                                          "tool_choice": {"type": "function", "function": {"name": "g"}}}),
         ("POST", "/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}),
         ("POST", "/v1/chat/completions", b'{"model": "' + model.encode() + b'", "messages": [{"role": "user", '
@@ -619,6 +622,69 @@ async def invalid_request(ctx: Context, out: Outcome) -> None:
     check_error_body(out, response)
 
 
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                   "required": ["city"], "additionalProperties": False}}}
+
+
+async def tools_auto(ctx: Context, out: Outcome) -> None:
+    """tools with tool_choice left at "auto": the answer is well-formed calls
+    (finish_reason "tool_calls", no content) or text, never a mix."""
+    rng = ctx.rng
+    question = rng.choice(["What's the weather in Paris?", "Is it raining in Rome?", a_prompt(rng)])
+    body = out.request = {"model": ctx.model, "max_tokens": rng.randint(8, ctx.max_tokens_cap),
+                          "messages": [{"role": "user", "content": question}], "tools": [WEATHER_TOOL]}
+    personalise(body, rng)
+    sampling(body, rng)
+    response = await ctx.client.post("/v1/chat/completions", json=body)
+    if not record_status(out, response):
+        return
+    data = response.json()
+    choice = data["choices"][0]
+    reasons = [choice.get("finish_reason")]
+    check_finish(out, [r if r != "tool_calls" else "stop" for r in reasons], 1)
+    check_usage(out, data.get("usage"), [r if r != "tool_calls" else "stop" for r in reasons], body["max_tokens"])
+    message = choice["message"]
+    calls = message.get("tool_calls")
+    if calls:
+        if reasons[0] != "tool_calls" or message.get("content") is not None:
+            out.fail(f"calls with finish_reason {reasons[0]} and content {message.get('content')!r}")
+        for call in calls:
+            try:
+                arguments = json.loads(call["function"]["arguments"])
+                if call["function"]["name"] != "get_weather" or set(arguments) != {"city"}:
+                    out.fail(f"a call off its schema: {call}")
+            except ValueError:
+                out.fail(f"call arguments are not JSON: {call}")
+    else:
+        text = message.get("content") or ""
+        if reasons[0] == "tool_calls" or (reasons[0] == "stop" and text.lstrip()[:1] in ("[", "{")):
+            out.fail(f"finish_reason {reasons[0]} with text {text[:80]!r}")
+        check_text(out, text, body)
+    out.texts, out.finish_reasons = [message.get("content") or json.dumps(calls)], reasons
+    out.answered = not out.violations
+
+
+async def multi_turn(ctx: Context, out: Outcome) -> None:
+    """A conversation of 2-4 turns, each sending the model's own earlier
+    answers back (what the prefix cache serves)."""
+    rng = ctx.rng
+    messages = [{"role": "system", "content": "You are a helpful assistant."}]
+    extra = {}
+    personalise(extra, rng)
+    for _ in range(rng.randint(2, 4)):
+        messages = [*messages, {"role": "user", "content": a_prompt(rng, long_share=0.1)}]
+        body = out.request = {"model": ctx.model, "max_tokens": rng.randint(1, ctx.max_tokens_cap),
+                              "messages": messages, "temperature": 0, **extra}
+        response = await ctx.client.post("/v1/chat/completions", json=body)
+        if not record_status(out, response):
+            return
+        (choice,) = check_answer(out, response.json(), body, 1, lambda c: c["message"]["content"])
+        messages = [*messages, {"role": "assistant", "content": choice["message"]["content"] or ""}]
+    out.answered = not out.violations
+
+
 Scenario = Callable[[Context, Outcome], Awaitable[None]]
 SCENARIOS: dict[str, tuple[Scenario, float]] = {
     "chat": (chat_plain, 20),
@@ -626,6 +692,8 @@ SCENARIOS: dict[str, tuple[Scenario, float]] = {
     "completions": (text_completion, 10),
     "responses_stream": (responses_stream, 10),
     "json_schema": (structured_output, 5),
+    "tools_auto": (tools_auto, 5),
+    "multi_turn": (multi_turn, 5),
     "hang_up_mid_stream": (hang_up_mid_stream, 8),
     "hang_up_mid_prefill": (hang_up_mid_prefill, 7),
     "invalid": (invalid_request, 10),

@@ -496,20 +496,24 @@ class PadEngine:
         keys = {key for state in finished for key in state.row_keys}
         for runner in self.runners.values():
             runner.remove(keys)
+        self.prefilling = [state for state in self.prefilling if state.finish_reason is None]
+        self.running = [state for state in self.running if state.finish_reason is None]
 
     def _retain_rows(self, states: list[RequestState]) -> None:
         """Offers the leaving rows' KV to their runners' prefix caches, each
         with its tokens (its prompt, then the answer every row of a request
         was fed). A request that failed keeps nothing: its cache may be the
-        fault."""
+        fault. The cache only saves time: a failure to keep is logged, and
+        the rows leave as they would without it."""
         offered: dict[str, dict] = {}
         for state in states:
             for (runner, key), prompt in zip(state.row_locations, state.prompts, strict=True):
                 offered.setdefault(runner, {})[key] = [*prompt, *state.generated]
         for name, rows in offered.items():
-            self.runners[name].retain(rows)
-        self.prefilling = [state for state in self.prefilling if state.finish_reason is None]
-        self.running = [state for state in self.running if state.finish_reason is None]
+            try:
+                self.runners[name].retain(rows)
+            except Exception:  # noqa: BLE001 - an optimisation must not fail the step
+                logger.exception("keeping %d rows in the prefix cache failed", len(rows))
 
     # ---- validation ---------------------------------------------------
     def _reward_source(self, name: str) -> RewardSource:

@@ -15,7 +15,8 @@ When a row leaves, the runner hands its KV here with the tokens it holds
 still reuses that part; a hit is checked token by token, so a hash
 collision costs a miss, never a wrong answer. Entries are per adapter (a
 LoRA reward row's KV differs from the base row's) and evicted least
-recently used first, within a byte budget.
+recently used first, within a byte budget; an entry that a newer one
+contains (a chat's earlier turn) leaves when that one is stored.
 
 Shapes: an entry's KV is [layers, 2, kv_heads, length, head_dim] (2: keys,
 values), one contiguous tensor per entry.
@@ -97,24 +98,42 @@ class PrefixCache:
         self.hit_tokens += length
         return length, entry.kv[:, :, :, :length]
 
+    def kept_length(self, adapter: Hashable, token_ids: Sequence[int], bytes_per_token: int) -> int:
+        """How many of `token_ids` `store` would keep (its whole blocks), 0
+        if none: the sequence is held already (alone or inside a longer
+        one), or it is larger than the whole budget. Asked before the KV is
+        copied out of the batch, so nothing is copied to be thrown away; the
+        least recently used entries leave to make room for what will be kept."""
+        length = len(token_ids) // self.block * self.block
+        if length == 0 or length * bytes_per_token > self.budget_bytes:
+            return 0
+        *_, last = block_hashes(token_ids[:length], self.block)
+        known = self._index.get((adapter, last))
+        if known is not None and self._entries[known].tokens[:length] == tuple(token_ids[:length]):
+            self._entries.move_to_end(known)
+            return 0
+        while self._entries and self.bytes + length * bytes_per_token > self.budget_bytes:
+            self._evict(next(iter(self._entries)))
+        return length
+
     def store(self, adapter: Hashable, token_ids: Sequence[int], kv: torch.Tensor) -> None:
         """Keeps the KV of `token_ids` ([layers, 2, kv_heads, len(token_ids),
-        head_dim]; its whole blocks are kept: the cache owns `kv` from here,
-        copied only when longer than that). A sequence the cache already
-        holds, or one too large for the budget, is not stored."""
-        length = len(token_ids) // self.block * self.block
+        head_dim]; its whole blocks, `kept_length`: the cache owns `kv` from
+        here, copied only when longer than that). Entries this one contains
+        (an earlier turn of the same chat, which every lookup now finds in
+        this one) leave."""
+        length = self.kept_length(adapter, token_ids, kv[:, :, :, :1].numel() * kv.element_size())
         if length == 0:
             return
         tokens = tuple(token_ids[:length])
         hashes = tuple(block_hashes(tokens, self.block))
-        known = self._index.get((adapter, hashes[-1]))
-        if known is not None and self._entries[known].tokens[:length] == tokens:
-            self._entries.move_to_end(known)  # held already (as it is or inside a longer one)
-            return
+        contained = {entry_id for chain in hashes if (entry_id := self._index.get((adapter, chain))) is not None
+                     and len(self._entries[entry_id].tokens) <= length
+                     and self._entries[entry_id].tokens == tokens[: len(self._entries[entry_id].tokens)]}
+        for entry_id in contained:
+            self._evict(entry_id)
         kept = kv if kv.shape[3] == length else kv[:, :, :, :length].clone()
         entry = Entry(adapter, tokens, kept, hashes)
-        if entry.bytes > self.budget_bytes:
-            return
         while self._entries and self.bytes + entry.bytes > self.budget_bytes:
             self._evict(next(iter(self._entries)))
         entry_id, self._next_id = self._next_id, self._next_id + 1
@@ -128,11 +147,6 @@ class PrefixCache:
         self._entries.clear()
         self._index.clear()
         self.bytes = 0
-
-    def drop_adapter(self, adapter: Hashable) -> None:
-        """Forgets an adapter's entries (its weights changed)."""
-        for entry_id in [i for i, entry in self._entries.items() if entry.adapter == adapter]:
-            self._evict(entry_id)
 
     def _evict(self, entry_id: int) -> None:
         entry = self._entries.pop(entry_id)

@@ -220,61 +220,57 @@ class TransformersRunner(ModelRows):
 
     @torch.inference_mode()
     def prefill(self, rows: Sequence[NewRow]) -> torch.Tensor:
-        """Runs the prompts of new rows and appends them to the batch.
-        Returns their last hidden states [len(rows), H]. Rows without a
-        cached prefix run together; each row with one runs alone, from a
-        copy of its prefix, on the rest of its prompt."""
+        """Runs the prompts of new rows, in one forward, and appends them to
+        the batch. Returns their last hidden states [len(rows), H].
+
+        A row whose prompt begins with a cached prefix (`prefix_cache`) runs
+        only the rest, over a copy of that prefix. Layout of the new rows'
+        cache, R rows, P the longest cached prefix, S the longest rest:
+        [R, heads, P + S, head_dim], each row's prefix right-aligned in the
+        first P columns and its rest right-aligned in the last S (the
+        attention mask marks the real columns; a row may have a gap of
+        padding between the two)."""
         if any(row.start or not row.last for row in rows):
             raise ValueError("the transformers runner takes whole prompts (no chunked prefill)")
-        cached = {}
-        if self.prefix_cache is not None:
-            for index, row in enumerate(rows):
-                length, kv = self.prefix_cache.longest(row.adapter, row.prompt_ids)
-                if length:
-                    cached[index] = (length, kv)
-        uncached = [index for index in range(len(rows)) if index not in cached]
-        hidden: list[torch.Tensor | None] = [None] * len(rows)
-        if uncached:
-            for index, state in zip(uncached, self._prefill_together([rows[i] for i in uncached]), strict=True):
-                hidden[index] = state
-        for index, (length, kv) in cached.items():
-            hidden[index] = self._prefill_after(rows[index], length, kv)
-        return torch.stack(hidden)  # type: ignore[arg-type]
-
-    def _prefill_after(self, row: NewRow, length: int, kv: torch.Tensor) -> torch.Tensor:
-        """One row whose first `length` tokens' KV is cached ([layers, 2,
-        kv_heads, length, head_dim]): the rest of its prompt runs over a cache
-        holding that prefix. Returns the last hidden state [H]."""
-        total = len(row.prompt_ids)
-        # The layers' buffers are views of the cached entry, exactly `length`
-        # long: the first write past them allocates new buffers, so the entry
-        # itself is never written.
-        cache = Cache(layers=[GrowableKVLayer(kv[layer, 0][None], kv[layer, 1][None], length)
-                              for layer in range(self.num_layers)])
-        input_ids = torch.tensor([row.prompt_ids[length:]], dtype=torch.long, device=self.device)
-        mask = torch.ones((1, total), dtype=torch.long, device=self.device)
-        positions = torch.arange(length, total, device=self.device)[None]
-        hidden = self._forward(input_ids, mask, positions, cache, [row.adapter])
-        self._append(cache, mask, torch.tensor([total], device=self.device), [row.key], [row.adapter])
-        return hidden[0]
-
-    def _prefill_together(self, rows: Sequence[NewRow]) -> torch.Tensor:
-        """Whole prompts, left padded into one forward. [len(rows), H]."""
-        lengths = [len(row.prompt_ids) for row in rows]
-        width = max(lengths)
+        prefixes = [self._cached_prefix(row) for row in rows]
+        prefix_width = max(length for length, _ in prefixes)
+        rests = [len(row.prompt_ids) - length for row, (length, _) in zip(rows, prefixes, strict=True)]
+        width = max(rests)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for index, row in enumerate(rows):
-            input_ids[index, width - lengths[index] :] = torch.tensor(row.prompt_ids, dtype=torch.long)
-            mask[index, width - lengths[index] :] = 1
+        mask = torch.zeros((len(rows), prefix_width + width), dtype=torch.long)
+        for index, (row, (length, _)) in enumerate(zip(rows, prefixes, strict=True)):
+            input_ids[index, width - rests[index] :] = torch.tensor(row.prompt_ids[length:], dtype=torch.long)
+            mask[index, prefix_width - length : prefix_width] = 1
+            mask[index, prefix_width + width - rests[index] :] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = new_cache(self.num_layers)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, prefix_width:]
+        cache = self._prefix_batch(prefixes, prefix_width)
         adapters = [row.adapter for row in rows]
-        logits = self._forward(input_ids, mask, positions, cache, adapters)
+        hidden = self._forward(input_ids, mask, positions, cache, adapters)
         _zero_padding(cache, mask)
-        self._append(cache, mask, torch.tensor(lengths, device=self.device), [row.key for row in rows], adapters)
-        return logits
+        lengths = torch.tensor([len(row.prompt_ids) for row in rows], device=self.device)
+        self._append(cache, mask, lengths, [row.key for row in rows], adapters)
+        return hidden
+
+    def _cached_prefix(self, row: NewRow) -> tuple[int, torch.Tensor | None]:
+        if self.prefix_cache is None:
+            return 0, None
+        return self.prefix_cache.longest(row.adapter, row.prompt_ids)
+
+    def _prefix_batch(self, prefixes: Sequence[tuple[int, torch.Tensor | None]], width: int) -> Cache:
+        """A cache holding each row's cached prefix ([layers, 2, heads,
+        length, head_dim]) right-aligned in `width` columns (empty when no
+        row has one). Its buffers are exactly `width` long, so the forward's
+        first write allocates new ones (the copy here is the only one)."""
+        if width == 0:
+            return new_cache(self.num_layers)
+        sample = next(kv for _, kv in prefixes if kv is not None)
+        _, _, heads, _, head_dim = sample.shape
+        both = sample.new_zeros((self.num_layers, 2, len(prefixes), heads, width, head_dim))
+        for index, (length, kv) in enumerate(prefixes):
+            if length:
+                both[:, :, index, :, width - length :] = kv
+        return Cache(layers=[GrowableKVLayer(both[layer, 0], both[layer, 1], width) for layer in range(self.num_layers)])
 
     @torch.inference_mode()
     def decode(self, next_tokens: torch.Tensor) -> torch.Tensor:
@@ -289,34 +285,30 @@ class TransformersRunner(ModelRows):
         self.next_positions = self.next_positions + 1
         return logits
 
-    def add_adapter(self, name: str, folder: Path) -> None:
-        super().add_adapter(name, folder)
-        if self.prefix_cache is not None:
-            self.prefix_cache.drop_adapter(name)  # KV computed with weights of that name that are gone
-
     def retain(self, rows: Mapping[RowKey, Sequence[int]]) -> None:
         """Copies the KV of live rows into the prefix cache. A row holds the
-        KV of its last `held` tokens (its attention mask's ones: right-aligned
-        and contiguous in the left-padded cache); `rows` gives its tokens,
-        of which the first `held` are the ones it holds (an answer's last
-        token was chosen, never fed)."""
+        KV of `held` tokens, at the columns its attention mask marks (in
+        order; padding may sit between a cached prefix and the rest);
+        `rows` gives its tokens, of which the first `held` are the ones it
+        holds (an answer's last token was chosen, never fed). Only what the
+        cache will keep is copied."""
         if self.prefix_cache is None or self.cache is None:
             return
-        block = self.prefix_cache.block
-        end = self.cache_columns
+        first = self.cache.layers[0]
+        bytes_per_token = 2 * first.keys.shape[1] * first.keys.shape[3] * first.keys.element_size() * self.num_layers
         for key, tokens in rows.items():
             index = self._index.get(key)
             if index is None:
                 continue
-            held = int(self.attention_mask[index].sum())
-            length = min(held, len(tokens)) // block * block
+            columns = self.attention_mask[index].nonzero().flatten()
+            held = tokens[: len(columns)]
+            length = self.prefix_cache.kept_length(self.adapters[index], held, bytes_per_token)
             if length == 0:
                 continue
-            start = end - held
-            kv = torch.stack([torch.stack((layer.keys[index, :, start : start + length],
-                                           layer.values[index, :, start : start + length]))
+            columns = columns[:length]
+            kv = torch.stack([torch.stack((layer.keys[index][:, columns], layer.values[index][:, columns]))
                               for layer in self.cache.layers])
-            self.prefix_cache.store(self.adapters[index], tokens[:length], kv)
+            self.prefix_cache.store(self.adapters[index], held[:length], kv)
 
     def remove(self, keys: Collection[RowKey]) -> None:
         """Frees the rows of finished or aborted requests (the others' caches

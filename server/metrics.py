@@ -33,23 +33,26 @@ class Metrics:
         self.prefix_cache_hits = Counter(
             "pad_prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled again)", registry=r)
         self.prefix_cache_bytes = Gauge("pad_prefix_cache_bytes", "Bytes of KV the prefix cache holds", registry=r)
-        self._worker_totals: dict[str, int] = {}
+        self._worker_totals: dict[str, int] = {}  # the last totals of...
+        self._totals_instance: str | None = None  # ...this worker instance
 
-    def update_worker_stats(self, stats: dict) -> None:
+    def update_worker_stats(self, stats: dict, instance: str | None = None) -> None:
+        """The worker's stats: gauges as they are; totals since the worker
+        `instance` started, of which the counters add what is new (all of it
+        from a new instance). Empty stats (the worker is gone) zero the
+        gauges and leave the counters."""
         self.queue_depth.set(stats.get("waiting_requests", 0))
         self.running_requests.set(stats.get("running_requests", 0))
         self.running_rows.set(stats.get("running_rows", 0))
         self.prefix_cache_bytes.set(stats.get("prefix_cache_bytes", 0))
+        if instance != self._totals_instance and stats:
+            self._worker_totals, self._totals_instance = {}, instance
         for name, counter in (("prefix_cache_queried_tokens", self.prefix_cache_queries),
                               ("prefix_cache_hit_tokens", self.prefix_cache_hits)):
-            self._count_worker_total(name, counter, stats.get(name, 0))
-
-    def _count_worker_total(self, name: str, counter: Counter, total: int) -> None:
-        """The worker reports totals since it started; the counter grows by
-        what is new (all of it after a worker restart, when totals fall)."""
-        last = self._worker_totals.get(name, 0)
-        counter.inc(total - last if total >= last else total)
-        self._worker_totals[name] = total
+            if name in stats:
+                total = stats[name]
+                counter.inc(max(total - self._worker_totals.get(name, 0), 0))
+                self._worker_totals[name] = total
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -218,7 +218,7 @@ class WorkerClient:
             self.instance = instance
         if "stats" in message:
             self.stats = message["stats"]
-            self.metrics.update_worker_stats(self.stats)
+            self.metrics.update_worker_stats(self.stats, self.instance)
         if kind == "ready":
             if self.state != "ready":
                 logger.info("worker ready: %s", message["info"])

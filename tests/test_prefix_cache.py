@@ -76,12 +76,27 @@ def test_a_shared_prefix_stays_found_when_the_entry_indexing_it_leaves():
     assert length == 4 and kv[0, 0, 0, :, 0].tolist() == system  # from the first conversation's entry
 
 
-def test_an_adapters_entries_go_when_its_weights_change():
+def test_a_chats_earlier_turn_leaves_when_the_next_one_is_stored():
     cache = PrefixCache(budget_bytes=1 << 20, block=BLOCK)
-    cache.store("base", [1] * 4, kv_of([1] * 4))
-    cache.store("lora", [1] * 4, kv_of([1] * 4))
-    cache.drop_adapter("lora")
-    assert cache.longest("lora", [1] * 5)[0] == 0 and cache.longest("base", [1] * 5)[0] == 4
+    turn1 = list(range(8))
+    turn2 = [*turn1, *range(50, 58)]
+    cache.store("base", turn1, kv_of(turn1))
+    cache.store("base", turn2, kv_of(turn2))  # contains turn 1: one entry answers for both
+    assert len(cache) == 1 and cache.bytes == kv_of(turn2).numel() * 4
+    assert cache.longest("base", [*turn1, 9])[0] == 8 and cache.longest("base", [*turn2, 9])[0] == 16
+    other = [*range(4), 99, 99, 99, 99]  # shares a block only: both stay
+    cache.store("base", other, kv_of(other))
+    assert len(cache) == 2
+
+
+def test_nothing_is_copied_for_what_the_cache_would_not_keep():
+    cache = PrefixCache(budget_bytes=1 << 20, block=BLOCK)
+    per_token = kv_of([0]).numel() * 4
+    assert cache.kept_length("base", list(range(10)), per_token) == 8  # whole blocks
+    cache.store("base", list(range(10)), kv_of(range(10)))
+    assert cache.kept_length("base", list(range(8)), per_token) == 0  # held already
+    assert cache.kept_length("base", list(range(3)), per_token) == 0  # no whole block
+    assert PrefixCache(budget_bytes=per_token * 4, block=BLOCK).kept_length("base", list(range(8)), per_token) == 0
 
 
 # ---- the transformers runner -------------------------------------------------
@@ -97,17 +112,29 @@ def test_a_row_from_a_cached_prefix_computes_what_a_full_prefill_computes(tiny_m
     cached.remove(["a"])
     plain.remove(["a"])
     assert cached.prefix_cache.bytes and cached.prefix_cache.longest(NO_ADAPTER, [*first, 11, 12, 13, 14])[0] == 24
-    follow_up = [*first, 11, 12, 13, 14, 15, 16]
-    rows = [NewRow("b", follow_up), NewRow("c", [1, 2, 3, 4, 5])]  # a hit beside a miss, order kept
+    cached.prefix_cache.clear()
+    cached.prefill([NewRow("warm", [*first[:8], 99])])  # a row whose first 8 tokens are kept as it leaves
+    cached.retain({"warm": [*first[:8], 99], "gone": [1, 2, 3, 4, 5]})  # a key not live is ignored
+    cached.remove(["warm"])
+    kept = cached.prefix_cache.hit_tokens
+    # In one forward: two hits of different lengths (8 and 4 tokens cached; different rests, so a
+    # gap of padding between prefix and rest in one row) beside a miss, order kept.
+    rows = [NewRow("b", [*first[:8], 40, 41, 42, 43, 44, 45]), NewRow("c", [1, 2, 3, 4, 5]),
+            NewRow("d", [*first[:4], 50, 51])]
     hidden = cached.prefill(rows)
     assert torch.allclose(hidden, plain.prefill(rows), atol=1e-5)
-    assert cached.prefix_cache.hit_tokens == 24 + 24
-    assert set(cached.row_index()) == set(plain.row_index()) == {"other", "b", "c"}
-    for token in (20, 21, 22):  # and the row decodes on as if it had been prefilled whole
+    assert cached.prefix_cache.hit_tokens - kept == 8 + 4
+    assert set(cached.row_index()) == set(plain.row_index()) == {"other", "b", "c", "d"}
+    for token in (20, 21, 22):  # and the rows decode on as if they had been prefilled whole
         step = torch.tensor([token] * cached.batch_size)
         ours, theirs = cached.decode(step), plain.decode(step)
-        for key in ("other", "b", "c"):  # the rows may sit in another order
+        for key in ("other", "b", "c", "d"):  # the rows may sit in another order
             assert torch.allclose(ours[cached.row_index()[key]], theirs[plain.row_index()[key]], atol=1e-5), key
+    # "d" holds a gap between its cached prefix and the rest: what it keeps is its own tokens' KV.
+    cached.retain({"d": [*first[:4], 50, 51, 20, 21, 22, 23]})  # 9 held: 8 kept
+    hidden = cached.prefill([NewRow("e", [*first[:4], 50, 51, 20, 21, 60])])
+    assert cached.prefix_cache.longest(NO_ADAPTER, [*first[:4], 50, 51, 20, 21, 60])[0] == 8
+    assert torch.allclose(hidden, plain.prefill([NewRow("e", [*first[:4], 50, 51, 20, 21, 60])]), atol=1e-5)
 
 
 # ---- the engine ----------------------------------------------------------------
@@ -154,9 +181,12 @@ def test_the_gateways_counters_add_what_is_new_across_worker_restarts():
         return metrics.registry.get_sample_value("pad_prefix_cache_hits_total")
 
     metrics.update_worker_stats({"prefix_cache_hit_tokens": 64, "prefix_cache_queried_tokens": 100,
-                                 "prefix_cache_bytes": 4096})
-    metrics.update_worker_stats({"prefix_cache_hit_tokens": 96, "prefix_cache_queried_tokens": 150})
+                                 "prefix_cache_bytes": 4096}, "w1")
+    metrics.update_worker_stats({"prefix_cache_hit_tokens": 96, "prefix_cache_queried_tokens": 150}, "w1")
     assert hits() == 96 and metrics.registry.get_sample_value("pad_prefix_cache_queries_total") == 150
-    metrics.update_worker_stats({})  # the worker died: its totals are gone, the counters are not
-    metrics.update_worker_stats({"prefix_cache_hit_tokens": 32})  # a new worker's first hits
-    assert hits() == 128 and metrics.registry.get_sample_value("pad_prefix_cache_bytes") == 0
+    metrics.update_worker_stats({})  # the worker went quiet (a long step, say): gauges zeroed...
+    assert metrics.registry.get_sample_value("pad_prefix_cache_bytes") == 0
+    metrics.update_worker_stats({"prefix_cache_hit_tokens": 110}, "w1")  # ...and back: only what is new counts
+    assert hits() == 110
+    metrics.update_worker_stats({"prefix_cache_hit_tokens": 32}, "w2")  # a new worker's first hits: all new
+    assert hits() == 142
