@@ -142,7 +142,8 @@ def test_n_seed_stop_logprobs(client):
     ("body", "status", "param", "code"),
     [
         ({"model": "nope"}, 404, "model", "model_not_found"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool_choice", "unsupported_parameter"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "custom"}}, 400,
+         "tool_choice", "unsupported_parameter"),
         ({"frobnicate": 1}, 400, "frobnicate", "unknown_parameter"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
          "messages[0].content[0]", "unsupported_content"),
