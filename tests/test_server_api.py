@@ -103,6 +103,27 @@ def test_preference_through_extra_body_changes_the_answer_and_w0_is_plain(client
     assert weighted.model_extra["pad"]["preferences"] == [{"text": PREFERENCE, "weight": 2.0}]
 
 
+def test_a_chats_later_turns_come_from_the_prefix_cache(server, client):
+    """A 3-turn conversation with a preference, each turn sending the
+    model's own answers back: the cache serves at least each earlier
+    turn's prompt to both rows (base and reward), and a turn asked again
+    (served almost whole from the cache) answers the same tokens (float32)."""
+    messages = [{"role": "system", "content": "You are a helpful assistant."}]
+    earlier = 0
+    for turn in ("How do I sleep better?", "And what about naps?", "Thanks. One more tip?"):
+        messages = [*messages, {"role": "user", "content": turn}]
+        before = server.metric("pad_prefix_cache_hits_total")
+        answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0,
+                                                extra_body={"preference": PREFERENCE})
+        assert server.metric("pad_prefix_cache_hits_total") - before >= earlier // 32 * 32 * 2
+        again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0,
+                                               extra_body={"preference": PREFERENCE})
+        assert again.choices[0].message.content == answer.choices[0].message.content
+        earlier = answer.usage.prompt_tokens
+        messages = [*messages, {"role": "assistant", "content": answer.choices[0].message.content}]
+    assert server.metric("pad_prefix_cache_bytes") > 0
+
+
 def test_streaming_equals_non_streaming_and_reports_usage(client):
     answer = ask(client, extra_body={"preference": PREFERENCE})
     expected = answer.choices[0].message.content
