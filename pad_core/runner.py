@@ -229,9 +229,23 @@ class TransformersRunner(ModelRows):
         [R, heads, P + S, head_dim], each row's prefix right-aligned in the
         first P columns and its rest right-aligned in the last S (the
         attention mask marks the real columns; a row may have a gap of
-        padding between the two)."""
+        padding between the two).
+
+        Rows with the same prompt and adapter (the `n` choices of one
+        request) run once; the others get copies of that row's cache."""
         if any(row.start or not row.last for row in rows):
             raise ValueError("the transformers runner takes whole prompts (no chunked prefill)")
+        firsts: dict[tuple, int] = {}  # (adapter, prompt) -> index among the rows that run
+        copy_of = [firsts.setdefault((row.adapter, tuple(row.prompt_ids)), len(firsts)) for row in rows]
+        if len(firsts) < len(rows):
+            unique = {index: row for row, index in zip(rows, copy_of, strict=True)}
+            return self._prefill_rows([unique[index] for index in range(len(firsts))], rows, copy_of)
+        return self._prefill_rows(rows, rows, None)
+
+    def _prefill_rows(self, rows: Sequence[NewRow], joining: Sequence[NewRow],
+                      copy_of: list[int] | None) -> torch.Tensor:
+        """Runs `rows` and appends `joining` (row i of which is a copy of
+        rows[copy_of[i]]; None: `joining` is `rows`). [len(joining), H]."""
         prefixes = [self._cached_prefix(row) for row in rows]
         prefix_width = max(length for length, _ in prefixes)
         rests = [len(row.prompt_ids) - length for row, (length, _) in zip(rows, prefixes, strict=True)]
@@ -248,8 +262,13 @@ class TransformersRunner(ModelRows):
         adapters = [row.adapter for row in rows]
         hidden = self._forward(input_ids, mask, positions, cache, adapters)
         _zero_padding(cache, mask)
-        lengths = torch.tensor([len(row.prompt_ids) for row in rows], device=self.device)
-        self._append(cache, mask, lengths, [row.key for row in rows], adapters)
+        if copy_of is not None:
+            expand = torch.tensor(copy_of, device=self.device)
+            for layer in cache.layers:
+                layer.batch_select_indices(expand)
+            hidden, mask = hidden[expand], mask[expand]
+        lengths = torch.tensor([len(row.prompt_ids) for row in joining], device=self.device)
+        self._append(cache, mask, lengths, [row.key for row in joining], [row.adapter for row in joining])
         return hidden
 
     def _cached_prefix(self, row: NewRow) -> tuple[int, torch.Tensor | None]:

@@ -190,3 +190,21 @@ def test_the_gateways_counters_add_what_is_new_across_worker_restarts():
     assert hits() == 110
     metrics.update_worker_stats({"prefix_cache_hit_tokens": 32}, "w2")  # a new worker's first hits: all new
     assert hits() == 142
+
+
+def test_rows_with_the_same_prompt_run_once_and_each_gets_its_own_copy(tiny_model):
+    """The n choices of one request join with the same prompts: one forward
+    row each, copies for the rest, and every copy decodes on its own."""
+    shared = TransformersRunner(tiny_model)
+    plain = TransformersRunner(tiny_model)
+    widths = []
+    forward = shared._forward
+    shared._forward = lambda ids, *args: widths.append(ids.shape[0]) or forward(ids, *args)
+    prompt = list(range(200, 230))
+    rows = [NewRow("a", prompt), NewRow("b", prompt), NewRow("c", [5, 6, 7]), NewRow("d", prompt)]
+    hidden = shared.prefill(rows)
+    expected = torch.cat([plain.prefill([row]) for row in rows])
+    assert widths == [2] and torch.allclose(hidden, expected, atol=1e-5)
+    assert dict(shared.row_index()) == dict(plain.row_index()) == {"a": 0, "b": 1, "c": 2, "d": 3}
+    for step in ([1, 2, 3, 4], [9, 8, 7, 6]):  # different tokens per copy: their caches are their own
+        assert torch.allclose(shared.decode(torch.tensor(step)), plain.decode(torch.tensor(step)), atol=1e-5)
