@@ -95,15 +95,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="conversations per mode (the first warms up)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--backend", default="transformers", choices=["transformers", "slots"])
     parser.add_argument("--join", type=int, default=16,
                         help="then: requests sharing a cached system prompt that join as many running ones (0: skip)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    engines = {"off": load_engine(EngineSettings(prefix_cache_gib=0, dtype=args.dtype)),
-               "on": load_engine(EngineSettings(dtype=args.dtype))}
+    engines = {"off": load_engine(EngineSettings(prefix_cache_gib=0, dtype=args.dtype, backend=args.backend)),
+               "on": load_engine(EngineSettings(dtype=args.dtype, backend=args.backend))}
     dtype = engines["on"].runners["base"].model.dtype
-    print(f"embedded model, {dtype}, {args.threads} threads")
+    print(f"embedded model, {dtype}, {args.threads} threads, {args.backend} backend")
     for mode, preferences in (("plain", []), ("PAD, one preference", [PREFERENCE])):
         rows = []
         for _ in range(args.rounds):

@@ -290,11 +290,18 @@ def build_runner(model, tokenizer, settings: EngineSettings, fingerprint: Callab
             context_length(model),
         )
         graphed = backend == "cuda"
+        # On a GPU the pool takes PAD_GPU_MEMORY_UTILIZATION of it; a prefix
+        # cache there would sit outside that budget (and is unmeasured): CPU only.
         return SlotRunner(model, slots, slot_tokens, pad_token_id=pad_id, fingerprint=fingerprint,
                           batch_buckets=graph_batch_buckets(slots) if graphed else None,
-                          steps=decode_steps(device, enabled=graphed))
-    prefix_cache = PrefixCache(int(settings.prefix_cache_gib * 2**30)) if settings.prefix_cache_gib > 0 else None
-    return TransformersRunner(model, pad_token_id=pad_id, fingerprint=fingerprint, prefix_cache=prefix_cache)
+                          steps=decode_steps(device, enabled=graphed),
+                          prefix_cache=prefix_cache_for(settings) if device.type == "cpu" else None)
+    return TransformersRunner(model, pad_token_id=pad_id, fingerprint=fingerprint,
+                              prefix_cache=prefix_cache_for(settings))
+
+
+def prefix_cache_for(settings: EngineSettings) -> PrefixCache | None:
+    return PrefixCache(int(settings.prefix_cache_gib * 2**30)) if settings.prefix_cache_gib > 0 else None
 
 
 def runner_token_limit(runner: Runner) -> int | None:

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +57,7 @@ from pad_core.attention import GROUPED_DECODE, use_grouped_decode_attention
 from pad_core.cuda_graphs import EagerSteps, GraphedSteps, read_length_bucket, read_length_buckets
 from pad_core.errors import ModelLoadError
 from pad_core.lora import NO_ADAPTER
+from pad_core.prefix_cache import PrefixCache
 from pad_core.runner import ModelRows, NewRow, RowKey
 from pad_core.transfer import copy_to
 
@@ -207,7 +208,7 @@ class SlotRunner(ModelRows):
 
     def __init__(self, model: torch.nn.Module, slots: int, slot_tokens: int, pad_token_id: int = 0,
                  fingerprint: Callable[[], str] | None = None, batch_buckets: Sequence[int] | None = None,
-                 steps: EagerSteps | GraphedSteps | None = None):
+                 steps: EagerSteps | GraphedSteps | None = None, prefix_cache: PrefixCache | None = None):
         implementation = model.config.get_text_config()._attn_implementation
         if implementation not in SUPPORTED_ATTENTION:
             raise ModelLoadError(f"the slots backend supports attention {SUPPORTED_ATTENTION}, not {implementation!r}")
@@ -243,6 +244,7 @@ class SlotRunner(ModelRows):
         self._joined_at: dict[int, int] = {}
         self._longest = 0  # tokens of the longest live row
         self._high_water = 0  # 1 + highest live slot
+        self.prefix_cache = prefix_cache  # finished rows' KV, copied into a new row's slot (pad_core.prefix_cache)
         logger.info("KV pool: %d slots x %d tokens, %.2f GiB", slots, slot_tokens, self.shape.bytes / 2**30)
 
     # ---- the Runner protocol ---------------------------------------------
@@ -283,13 +285,51 @@ class SlotRunner(ModelRows):
         fresh = iter(taken)
         slots = [next(fresh) if row.start == 0 else self._index[row.key] for row in rows]
         try:
-            hidden = self._prefill_forward(rows, slots)
+            hidden = self._prefill_forward(self._from_cached_prefixes(rows, slots), slots)
         except BaseException:
             for slot in taken:
                 heapq.heappush(self._free, slot)
             raise
         self._record_prefill(rows, slots)
         return hidden
+
+    def _from_cached_prefixes(self, rows: Sequence[NewRow], slots: list[int]) -> list[NewRow]:
+        """Copies the longest cached prefix of each new row's tokens into its
+        slot; such a row then continues from there (as a chunked prefill's
+        next piece does), the others are as given."""
+        if self.prefix_cache is None:
+            return list(rows)
+        given = []
+        for row, slot in zip(rows, slots, strict=True):
+            length, kv = self.prefix_cache.longest(row.adapter, row.prompt_ids) if row.start == 0 else (0, None)
+            if length:
+                for layer, layer_kv in zip(self.cache.layers, kv, strict=True):  # kv [layers, 2, heads, length, D]
+                    layer.key_pool[slot, :, :length] = layer_kv[0]
+                    layer.value_pool[slot, :, :length] = layer_kv[1]
+                row = NewRow(row.key, row.prompt_ids[length:], row.adapter, start=length, last=row.last)
+            given.append(row)
+        return given
+
+    def retain(self, rows: Mapping[RowKey, Sequence[int]]) -> None:
+        """Copies the KV of live rows (their slot's first tokens) into the
+        prefix cache, with each row's tokens, of which a slot holds the first
+        `_row_length` (an answer's last token was chosen, never fed); only
+        what the cache will keep is copied. Rows still being prefilled are
+        left out."""
+        if self.prefix_cache is None:
+            return
+        shape = self.shape
+        bytes_per_token = 2 * shape.num_layers * shape.kv_heads * shape.head_dim * self.cache.layers[0].key_pool.element_size()
+        for key, tokens in rows.items():
+            slot = self._index.get(key)
+            if slot is None or slot in self._pending:
+                continue
+            held = tokens[: self._row_length(slot)]
+            length = self.prefix_cache.kept_length(self._adapters[slot], held, bytes_per_token)
+            if length:
+                kv = torch.stack([torch.stack((layer.key_pool[slot, :, :length], layer.value_pool[slot, :, :length]))
+                                  for layer in self.cache.layers])
+                self.prefix_cache.store(self._adapters[slot], held[:length], kv)
 
     def _record_prefill(self, rows: Sequence[NewRow], slots: list[int]) -> None:
         ends = [row.start + len(row.prompt_ids) for row in rows]

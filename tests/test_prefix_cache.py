@@ -12,6 +12,7 @@ import torch
 from pad_core.lora import NO_ADAPTER
 from pad_core.prefix_cache import PrefixCache
 from pad_core.runner import NewRow, TransformersRunner
+from pad_core.slot_runner import SlotRunner
 from pad_core.settings import EngineSettings
 from pad_core.types import ChatRequest, GuidanceParams, Preference, SamplingParams
 
@@ -138,15 +139,16 @@ def test_a_row_from_a_cached_prefix_computes_what_a_full_prefill_computes(tiny_m
 
 
 # ---- the engine ----------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["transformers", "slots"])
 @pytest.mark.parametrize("preference", [None, "I like short answers with a bit of humour"])
-def test_a_chats_next_turns_prefill_only_their_new_tokens_and_answer_the_same(make_engine, preference):
+def test_a_chats_next_turns_prefill_only_their_new_tokens_and_answer_the_same(make_engine, preference, backend):
     """Each turn sends the conversation so far with the model's own answers,
     as a chat client does: every row finds at least the whole earlier
     prompt cached (in whole 32-token blocks), and greedy answers are the
     tokens of an engine without a cache."""
     prefs = [Preference(preference)] if preference else []
     rows = 2 if preference else 1
-    off, on = make_engine(prefix_cache_gib=0), make_engine()
+    off, on = make_engine(prefix_cache_gib=0, backend=backend), make_engine(backend=backend)
     messages = [{"role": "system", "content": "You are a helpful assistant who answers at length."}]
     earlier_prompt = 0
     for turn in range(3):
@@ -167,7 +169,7 @@ def test_a_chats_next_turns_prefill_only_their_new_tokens_and_answer_the_same(ma
 def test_prefix_cache_settings(make_engine):
     assert make_engine(prefix_cache_gib=0).runners["base"].prefix_cache is None
     assert make_engine(prefix_cache_gib=0.5).runners["base"].prefix_cache.budget_bytes == 2**29
-    assert make_engine(backend="slots").stats()["prefix_cache_bytes"] == 0  # the pool runner has none (yet)
+    assert make_engine(backend="slots").runners["base"].prefix_cache is not None  # the pool, on CPU
     with pytest.raises(ValueError):
         EngineSettings(prefix_cache_gib=-1)
 
@@ -208,3 +210,27 @@ def test_rows_with_the_same_prompt_run_once_and_each_gets_its_own_copy(tiny_mode
     assert dict(shared.row_index()) == dict(plain.row_index()) == {"a": 0, "b": 1, "c": 2, "d": 3}
     for step in ([1, 2, 3, 4], [9, 8, 7, 6]):  # different tokens per copy: their caches are their own
         assert torch.allclose(shared.decode(torch.tensor(step)), plain.decode(torch.tensor(step)), atol=1e-5)
+
+
+def test_the_pool_runner_copies_a_cached_prefix_into_the_slot(tiny_model):
+    cached = SlotRunner(tiny_model, slots=4, slot_tokens=96, prefix_cache=PrefixCache(1 << 30, block=BLOCK))
+    plain = SlotRunner(tiny_model, slots=4, slot_tokens=96)
+    first = list(range(300, 323))
+    for runner in (cached, plain):
+        runner.prefill([NewRow("a", first), NewRow("other", [7, 8, 9])])
+        for token in (11, 12, 13):
+            runner.decode(torch.tensor([token] * runner.batch_size))
+    cached.retain({"a": [*first, 11, 12, 13, 14], "other": [7, 8, 9, 11, 12, 13, 14]})  # 26 and 6 held
+    assert cached.prefix_cache.longest(NO_ADAPTER, [*first, 11, 12, 13, 14])[0] == 24
+    for runner in (cached, plain):
+        runner.remove(["a"])
+    rows = [NewRow("b", [*first, 11, 12, 13, 14, 15, 16]), NewRow("c", [1, 2, 3, 4, 5]),
+            NewRow("d", [7, 8, 9, 11, 50])]  # a 24-token hit, a miss, a 4-token hit, in one call
+    hits = cached.prefix_cache.hit_tokens
+    assert torch.allclose(cached.prefill(rows), plain.prefill(rows), atol=1e-5)
+    assert cached.prefix_cache.hit_tokens - hits == 24 + 4
+    for token in (20, 21):
+        step = torch.tensor([token] * cached.batch_size)
+        ours, theirs = cached.decode(step), plain.decode(step)
+        for key in ("other", "b", "c", "d"):
+            assert torch.allclose(ours[cached.row_index()[key]], theirs[plain.row_index()[key]], atol=1e-5), key
