@@ -671,8 +671,9 @@ async def multi_turn(ctx: Context, out: Outcome) -> None:
     answers back (what the prefix cache serves)."""
     rng = ctx.rng
     messages = [{"role": "system", "content": "You are a helpful assistant."}]
-    extra = {}
+    extra: dict = {}
     personalise(extra, rng)
+    texts: list[str] = []
     for _ in range(rng.randint(2, 4)):
         messages = [*messages, {"role": "user", "content": a_prompt(rng, long_share=0.1)}]
         body = out.request = {"model": ctx.model, "max_tokens": rng.randint(1, ctx.max_tokens_cap),
@@ -681,6 +682,8 @@ async def multi_turn(ctx: Context, out: Outcome) -> None:
         if not record_status(out, response):
             return
         (choice,) = check_answer(out, response.json(), body, 1, lambda c: c["message"]["content"])
+        texts += out.texts
+        out.texts = list(texts)  # every turn's answer (the checks count U+FFFD over all of them)
         messages = [*messages, {"role": "assistant", "content": choice["message"]["content"] or ""}]
     out.answered = not out.violations
 
