@@ -523,6 +523,22 @@ def check_responses_events(out: Outcome, events: list[tuple[str | None, dict]], 
     out.answered = not out.violations
 
 
+async def post_one_choice(ctx: Context, out: Outcome, body: dict) -> tuple[dict, list[str | None]] | None:
+    """A non-streamed chat of one choice, its status recorded and its finish
+    reason and usage checked (a "tool_calls" finish counts as "stop"):
+    (the choice, its finish reasons), or None when it was refused."""
+    response = await ctx.client.post("/v1/chat/completions", json=body)
+    if not record_status(out, response):
+        return None
+    data = response.json()
+    choice = data["choices"][0]
+    reasons = [choice.get("finish_reason")]
+    ended = ["stop" if reason == "tool_calls" else reason for reason in reasons]
+    check_finish(out, ended, 1)
+    check_usage(out, data.get("usage"), ended, body["max_tokens"])
+    return choice, reasons
+
+
 async def structured_output(ctx: Context, out: Outcome) -> None:
     rng = ctx.rng
     body = out.request = {"model": ctx.model, "max_tokens": 64, "temperature": rng.choice([0, 0.7]),
@@ -530,14 +546,10 @@ async def structured_output(ctx: Context, out: Outcome) -> None:
                           "response_format": {"type": "json_schema",
                                               "json_schema": {"name": "person", "strict": True, "schema": PERSON_SCHEMA}}}
     personalise(body, rng)
-    response = await ctx.client.post("/v1/chat/completions", json=body)
-    if not record_status(out, response):
+    answered = await post_one_choice(ctx, out, body)
+    if answered is None:
         return
-    data = response.json()
-    choice = data["choices"][0]
-    reasons = [choice.get("finish_reason")]
-    check_finish(out, reasons, 1)
-    check_usage(out, data.get("usage"), reasons, body["max_tokens"])
+    choice, reasons = answered
     text = choice["message"]["content"] or ""
     check_text(out, text, body)
     if reasons[0] == "stop":
@@ -637,14 +649,10 @@ async def tools_auto(ctx: Context, out: Outcome) -> None:
                           "messages": [{"role": "user", "content": question}], "tools": [WEATHER_TOOL]}
     personalise(body, rng)
     sampling(body, rng)
-    response = await ctx.client.post("/v1/chat/completions", json=body)
-    if not record_status(out, response):
+    answered = await post_one_choice(ctx, out, body)
+    if answered is None:
         return
-    data = response.json()
-    choice = data["choices"][0]
-    reasons = [choice.get("finish_reason")]
-    check_finish(out, [r if r != "tool_calls" else "stop" for r in reasons], 1)
-    check_usage(out, data.get("usage"), [r if r != "tool_calls" else "stop" for r in reasons], body["max_tokens"])
+    choice, reasons = answered
     message = choice["message"]
     calls = message.get("tool_calls")
     if calls:

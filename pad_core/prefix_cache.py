@@ -105,28 +105,24 @@ class PrefixCache:
         copied out of the batch, so nothing is copied to be thrown away; the
         least recently used entries leave to make room for what will be kept."""
         length = len(token_ids) // self.block * self.block
-        if length == 0 or length * bytes_per_token > self.budget_bytes:
+        if length == 0:
             return 0
-        *_, last = block_hashes(token_ids[:length], self.block)
-        known = self._index.get((adapter, last))
-        if known is not None and self._entries[known].tokens[:length] == tuple(token_ids[:length]):
-            self._entries.move_to_end(known)
-            return 0
-        while self._entries and self.bytes + length * bytes_per_token > self.budget_bytes:
-            self._evict(next(iter(self._entries)))
-        return length
+        tokens = tuple(token_ids[:length])
+        return length if self._admit(adapter, tokens, tuple(block_hashes(tokens, self.block)), bytes_per_token) else 0
 
     def store(self, adapter: Hashable, token_ids: Sequence[int], kv: torch.Tensor) -> None:
         """Keeps the KV of `token_ids` ([layers, 2, kv_heads, len(token_ids),
-        head_dim]; its whole blocks, `kept_length`: the cache owns `kv` from
-        here, copied only when longer than that). Entries this one contains
-        (an earlier turn of the same chat, which every lookup now finds in
-        this one) leave."""
-        length = self.kept_length(adapter, token_ids, kv[:, :, :, :1].numel() * kv.element_size())
+        head_dim]; its whole blocks, as `kept_length` says: the cache owns
+        `kv` from here, copied only when longer than that). Entries this one
+        contains (an earlier turn of the same chat, which every lookup now
+        finds in this one) leave."""
+        length = len(token_ids) // self.block * self.block
         if length == 0:
             return
         tokens = tuple(token_ids[:length])
         hashes = tuple(block_hashes(tokens, self.block))
+        if not self._admit(adapter, tokens, hashes, kv[:, :, :, :1].numel() * kv.element_size()):
+            return
         contained = {entry_id for chain in hashes if (entry_id := self._index.get((adapter, chain))) is not None
                      and len(self._entries[entry_id].tokens) <= length
                      and self._entries[entry_id].tokens == tokens[: len(self._entries[entry_id].tokens)]}
@@ -141,6 +137,21 @@ class PrefixCache:
         self.bytes += entry.bytes
         for chain in hashes:  # a newer entry answers for a shared prefix: it is the one more likely kept
             self._index[(adapter, chain)] = entry_id
+
+    def _admit(self, adapter: Hashable, tokens: tuple[int, ...], hashes: tuple[int, ...],
+               bytes_per_token: int) -> bool:
+        """Whether whole-block `tokens` (their chain `hashes`) are worth
+        keeping (not held already, within the budget); makes room for them
+        (least recently used first) if so."""
+        if len(tokens) * bytes_per_token > self.budget_bytes:
+            return False
+        known = self._index.get((adapter, hashes[-1]))
+        if known is not None and self._entries[known].tokens[: len(tokens)] == tokens:
+            self._entries.move_to_end(known)
+            return False
+        while self._entries and self.bytes + len(tokens) * bytes_per_token > self.budget_bytes:
+            self._evict(next(iter(self._entries)))
+        return True
 
     def clear(self) -> None:
         """Forgets every entry (the counters stay)."""

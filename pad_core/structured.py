@@ -244,7 +244,7 @@ def parse_tool_calls(text: str) -> list[ToolCall] | None:
     return result
 
 
-def first_lines(message: str, limit: int = 500) -> str:
+def shortened(message: str, limit: int = 500) -> str:
     """An error message cut to `limit` characters (a compile error may quote
     a whole grammar)."""
     return message if len(message) <= limit else message[:limit] + "..."
@@ -387,11 +387,11 @@ class StructuredOutputs:
         for param, part in parts:
             alone = self._compile_schema(part, options) if part else None
             if isinstance(alone, str):
-                return InvalidRequestError(f"{param}: invalid JSON Schema: {first_lines(alone)}", param=param)
+                return InvalidRequestError(f"{param}: invalid JSON Schema: {shortened(alone)}", param=param)
         if spec.auto:  # the calls alone, as JSON Schema: its error, not the grammar's
             alone = self._compile_schema(schema, options)
             error = alone if isinstance(alone, str) else error
-        return InvalidRequestError(f"{spec.param}: invalid JSON Schema: {first_lines(error)}", param=spec.param)
+        return InvalidRequestError(f"{spec.param}: invalid JSON Schema: {shortened(error)}", param=spec.param)
 
     def _compile_schema(self, schema: dict[str, Any], options: dict[str, Any]):
         """The compiled LLMatcher (in its start state), or the compile error (str)."""

@@ -104,6 +104,19 @@ def agents_setup(base_url: str):
     return agents
 
 
+def agent_weather_tool(agents, cities: list[str] | None = None):
+    """openai-agents' function tool `get_weather`, recording the cities it is called with."""
+
+    @agents.function_tool
+    def get_weather(city: Literal["Paris", "Rome"]) -> str:
+        """The weather in a city."""
+        if cities is not None:
+            cities.append(city)
+        return f"sunny in {city}"
+
+    return get_weather
+
+
 async def test_an_agent_on_the_responses_path_with_store_and_metadata(base_url):
     agents = agents_setup(base_url)
     settings = agents.ModelSettings(store=True, metadata={"team": "docs"}, max_tokens=60, temperature=0,
@@ -127,13 +140,8 @@ async def test_an_agent_with_a_function_tool(base_url):
     the SDK resets tool_choice to its default, "auto", for the next turn:
     the tests below.)"""
     agents = agents_setup(base_url)
-    cities = []
-
-    @agents.function_tool
-    def get_weather(city: Literal["Paris", "Rome"]) -> str:
-        """The weather in a city."""
-        cities.append(city)
-        return f"sunny in {city}"
+    cities: list[str] = []
+    get_weather = agent_weather_tool(agents, cities)
 
     for choice in ("required", "get_weather"):
         settings = agents.ModelSettings(tool_choice=choice, store=False, metadata={"team": "docs"}, max_tokens=60,
@@ -153,10 +161,7 @@ async def test_an_agent_with_tools_and_an_output_type(base_url):
     free text, so the run ends with the typed output (or a tool's)."""
     agents = agents_setup(base_url)
 
-    @agents.function_tool
-    def get_weather(city: Literal["Paris", "Rome"]) -> str:
-        """The weather in a city."""
-        return f"sunny in {city}"
+    get_weather = agent_weather_tool(agents)
 
     settings = agents.ModelSettings(store=False, max_tokens=60, temperature=0, parallel_tool_calls=False)
     agent = agents.Agent(name="judge", instructions="Answer with a verdict.", model=MODEL, output_type=Verdict,
@@ -203,13 +208,8 @@ def test_langchain_bind_tools_with_its_default_tool_choice(calling_base_url):
 
 async def test_an_agent_with_its_default_tool_choice(calling_base_url):
     agents = agents_setup(calling_base_url)
-    cities = []
-
-    @agents.function_tool
-    def get_weather(city: Literal["Paris", "Rome"]) -> str:
-        """The weather in a city."""
-        cities.append(city)
-        return f"sunny in {city}"
+    cities: list[str] = []
+    get_weather = agent_weather_tool(agents, cities)
 
     settings = agents.ModelSettings(store=False, max_tokens=60, temperature=0,  # tool_choice unset: "auto"
                                     parallel_tool_calls=False)
