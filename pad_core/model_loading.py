@@ -254,15 +254,16 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def kv_pool_budget(settings: EngineSettings, device: torch.device) -> int:
+def kv_pool_budget(settings: EngineSettings, device: torch.device, reserved_bytes: int = 0) -> int:
     """Bytes a slots-backend runner's KV pool may take: `kv_pool_gib` if set;
     on CUDA, `gpu_memory_utilization` of the device minus what is already in
-    use (the weights, earlier pools); on CPU, 2 GiB."""
+    use (the weights, earlier pools) and minus `reserved_bytes` (prefix
+    caches, which fill up only later); on CPU, 2 GiB."""
     if settings.kv_pool_gib is not None:
         return int(settings.kv_pool_gib * 2**30)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        return int(total * settings.gpu_memory_utilization) - (total - free)
+        return int(total * settings.gpu_memory_utilization) - (total - free) - reserved_bytes
     return 2 * 2**30
 
 
@@ -272,8 +273,11 @@ def pool_slots(settings: EngineSettings) -> int:
     return max(settings.max_batch_rows, settings.max_preferences + 1)
 
 
-def build_runner(model, tokenizer, settings: EngineSettings, fingerprint: Callable[[], str] | None = None) -> Runner:
-    """The runner of the configured backend over one model."""
+def build_runner(model, tokenizer, settings: EngineSettings, fingerprint: Callable[[], str] | None = None,
+                 earlier_runners: int = 0) -> Runner:
+    """The runner of the configured backend over one model, after
+    `earlier_runners` others on the same device (whose prefix caches, empty
+    now, will take their share of it)."""
     pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     backend = settings.resolved_backend(device.type)
@@ -283,25 +287,31 @@ def build_runner(model, tokenizer, settings: EngineSettings, fingerprint: Callab
         layers, kv_heads, head_dim = model_kv_geometry(model)
         dtype = next(model.parameters()).dtype
         slots = pool_slots(settings)
+        # On a GPU the pool and every runner's prefix cache share
+        # PAD_GPU_MEMORY_UTILIZATION: the caches fill up later, so their bytes
+        # are set aside now.
+        reserved = prefix_cache_bytes(settings) * (earlier_runners + 1)
         slot_tokens = slot_tokens_for_budget(
-            kv_pool_budget(settings, device),
+            kv_pool_budget(settings, device, reserved),
             slots,
             kv_bytes_per_token(layers, kv_heads, head_dim, dtype),
             context_length(model),
         )
         graphed = backend == "cuda"
-        # On a GPU the pool takes PAD_GPU_MEMORY_UTILIZATION of it; a prefix
-        # cache there would sit outside that budget (and is unmeasured): CPU only.
         return SlotRunner(model, slots, slot_tokens, pad_token_id=pad_id, fingerprint=fingerprint,
                           batch_buckets=graph_batch_buckets(slots) if graphed else None,
                           steps=decode_steps(device, enabled=graphed),
-                          prefix_cache=prefix_cache_for(settings) if device.type == "cpu" else None)
+                          prefix_cache=prefix_cache_for(settings))
     return TransformersRunner(model, pad_token_id=pad_id, fingerprint=fingerprint,
                               prefix_cache=prefix_cache_for(settings))
 
 
+def prefix_cache_bytes(settings: EngineSettings) -> int:
+    return int(settings.prefix_cache_gib * 2**30)
+
+
 def prefix_cache_for(settings: EngineSettings) -> PrefixCache | None:
-    return PrefixCache(int(settings.prefix_cache_gib * 2**30)) if settings.prefix_cache_gib > 0 else None
+    return PrefixCache(prefix_cache_bytes(settings)) if settings.prefix_cache_gib > 0 else None
 
 
 def runner_token_limit(runner: Runner) -> int | None:
@@ -361,7 +371,7 @@ def load_engine(settings: EngineSettings) -> PadEngine:
             raise ModelLoadError(f"reward model name {name!r} is used twice")
         reward_model, reward_tokenizer = load_causal_lm(source, settings)
         check_same_tokenizer(tokenizer, reward_tokenizer, name)
-        runner = build_runner(reward_model, tokenizer, settings)
+        runner = build_runner(reward_model, tokenizer, settings, earlier_runners=len(parts["runners"]))
         parts["runners"][name] = runner
         parts["reward_sources"][name] = RewardSource(name)
         parts["context_length"] = min(parts["context_length"], runner_token_limit(runner) or parts["context_length"])

@@ -59,9 +59,9 @@ class EngineSettings(BaseSettings):
     )
     prefix_cache_gib: float = Field(
         1.0, ge=0, allow_inf_nan=False,
-        description="transformers backend, and slots on CPU: GiB of finished rows' KV kept for new prompts that "
-        "begin with the same tokens (a chat's next turn, a shared system prompt), which then prefill only the rest; "
-        "0: off",
+        description="GiB of finished rows' KV kept, per model, for new prompts that begin with the same tokens "
+        "(a chat's next turn, a shared system prompt), which then prefill only the rest; on CUDA it comes out of "
+        "gpu_memory_utilization's share; 0: off",
     )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, allow_inf_nan=False,

@@ -100,7 +100,7 @@ def slot_tokens_for_budget(budget_bytes: int, slots: int, bytes_per_token: int, 
     if tokens < MIN_SLOT_TOKENS:
         raise ModelLoadError(
             f"the KV pool budget ({budget_bytes / 2**30:.2f} GiB) gives {slots} slots only {tokens} tokens each; "
-            "raise kv_pool_gib / gpu_memory_utilization or lower max_batch_rows"
+            "raise kv_pool_gib / gpu_memory_utilization, or lower prefix_cache_gib or max_batch_rows"
         )
     return int(tokens)
 

@@ -130,6 +130,28 @@ def test_cuda_lora_rows_in_graphs_match_the_transformers_runner(tokenizer, tmp_p
     assert engines[1].runners["base"].steps.graphs > 0
 
 
+@pytest.mark.parametrize("backend", ["transformers", "cuda"])
+def test_cuda_prefix_cache_next_turns_answer_as_without_it(tokenizer, backend):
+    """A chat's next turns start from the cached KV of the earlier ones (in
+    the pool's slots on the cuda backend) and choose the tokens of an engine
+    without the cache, in float32 on the device, with a PAD reward row."""
+    model = tiny_model(tokenizer).to("cuda")
+    settings = {"device": "cuda", "dtype": "float32", "backend": backend, "kv_pool_gib": 0.05}
+    off = engine_for_model(model, tokenizer, EngineSettings(prefix_cache_gib=0, **settings))
+    on = engine_for_model(model, tokenizer, EngineSettings(prefix_cache_gib=0.05, **settings))
+    messages = [{"role": "system", "content": "You are a helpful assistant who answers at length."}]
+    for turn in range(3):
+        messages = [*messages, {"role": "user", "content": f"Tell me about topic {turn} in detail."}]
+        request = ChatRequest(f"t{turn}", list(messages), [Preference("humour")],
+                              SamplingParams(max_tokens=12, temperature=0.0))
+        expected = [t for o in off.generate([copy.deepcopy(request)]) for t in o.token_ids]
+        outputs = list(on.generate([request]))
+        assert [t for o in outputs for t in o.token_ids] == expected, turn
+        messages = [*messages, {"role": "assistant", "content": "".join(o.text for o in outputs)}]
+    assert on.stats()["prefix_cache_hit_tokens"] > 0
+    assert on.runners["base"].prefix_cache.bytes > 0
+
+
 @pytest.mark.parametrize("backend", ["slots", "cuda"])
 def test_cuda_pool_backends_bfloat16_run_and_seeded_sampling_is_reproducible(tokenizer, backend):
     model = tiny_model(tokenizer).to("cuda", torch.bfloat16)

@@ -234,3 +234,19 @@ def test_the_pool_runner_copies_a_cached_prefix_into_the_slot(tiny_model):
         ours, theirs = cached.decode(step), plain.decode(step)
         for key in ("other", "b", "c", "d"):
             assert torch.allclose(ours[cached.row_index()[key]], theirs[plain.row_index()[key]], atol=1e-5), key
+
+
+def test_on_cuda_the_prefix_caches_come_out_of_the_pools_share(monkeypatch):
+    """PAD_GPU_MEMORY_UTILIZATION covers the weights, the pools and the
+    prefix caches: a pool is sized with every runner's cache so far set aside
+    (they are empty at start-up and fill up later)."""
+    from pad_core import model_loading
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 * gib, 80 * gib))  # 10 GiB in use
+    settings = EngineSettings(gpu_memory_utilization=0.5, prefix_cache_gib=2)
+    cuda = torch.device("cuda")
+    assert model_loading.prefix_cache_bytes(settings) == 2 * gib
+    assert model_loading.kv_pool_budget(settings, cuda, reserved_bytes=2 * gib) == (40 - 10 - 2) * gib
+    assert model_loading.kv_pool_budget(settings.model_copy(update={"kv_pool_gib": 3.0}), cuda, 2 * gib) == 3 * gib
+    assert model_loading.kv_pool_budget(settings, torch.device("cpu"), 2 * gib) == 2 * gib  # CPU: 2 GiB, no carve-out
