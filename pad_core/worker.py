@@ -90,12 +90,19 @@ class Worker:
         elif kind == "add":
             self.add(identity, message["request"])
         elif kind == "abort":
-            if self.preparing.pop(message["request_id"], None) is None:  # still tokenizing: just forget it
+            preparing = self.preparing.pop(message["request_id"], None)
+            if preparing is None:
                 self.engine.abort(message["request_id"])
+            else:  # still tokenizing: forget it (and skip the work if it has not started)
+                preparing[1].cancel()
         elif kind == "load_adapter":
             self.load_adapter(identity, message)
         elif kind == "tokenize":
             self.tokenize(identity, message)
+        elif kind == "forget":  # a tokenize ask nobody waits for any more
+            asked = self.tokenizing.pop(message["token"], None)
+            if asked is not None:
+                asked[1].cancel()
         else:
             logger.warning("ignoring unknown message type %r", kind)
 

@@ -312,10 +312,12 @@ class WorkerClient:
             if not finished and self.ready:
                 await self._send({"type": "abort", "request_id": chat.request_id})
 
-    async def _ask(self, message: dict, timeout: float) -> dict:
+    async def _ask(self, message: dict, timeout: float, forgettable: bool = False) -> dict:
         """Sends `message` with a fresh token and waits for the worker's reply
         carrying it (WorkerUnavailable if the worker goes down meanwhile or
-        stays silent past `timeout`)."""
+        stays silent past `timeout`). A `forgettable` ask that nobody waits
+        for any more (timed out, or its client left) is withdrawn, so the
+        worker does not spend its tokenizer thread on it."""
         if not self.ready:
             raise WorkerUnavailable(self.down_reason)
         token = uuid.uuid4().hex
@@ -328,6 +330,9 @@ class WorkerClient:
             raise WorkerUnavailable(f"the worker did not answer a {message['type']!r} in {timeout:g} s") from None
         finally:
             self._replies.pop(token, None)
+            unanswered = not waiter.done() or waiter.cancelled()  # wait_for cancels it on a timeout
+            if forgettable and unanswered and self.ready:
+                await self._send({"type": "forget", "token": token})
 
     async def tokenize(self, payload: dict, timeout: float = 60.0) -> dict:
         """The worker's tokenizer on `payload` (pad_core/tokenization.py):
@@ -338,7 +343,7 @@ class WorkerClient:
             raise QueueFull(f"{self._tokenizing} tokenize requests are in flight; retry later")
         self._tokenizing += 1
         try:
-            reply = await self._ask({"type": "tokenize", "request": payload}, timeout)
+            reply = await self._ask({"type": "tokenize", "request": payload}, timeout, forgettable=True)
         finally:
             self._tokenizing -= 1
         if reply["type"] == "tokenize_failed":

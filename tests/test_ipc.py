@@ -248,3 +248,40 @@ def test_a_client_leaving_a_non_streaming_request_aborts_it(worker, tmp_path):
         assert worker[1].engine.stats()["running_rows"] == 0
         answer = httpx.post(f"{url}/v1/chat/completions", json={**body, "max_tokens": 3}, timeout=30)
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
+
+
+async def test_work_nobody_waits_for_is_withdrawn_from_the_tokenizer_thread(worker):
+    """A /tokenize ask that timed out, and a chat aborted while it waited to
+    be tokenized, are dropped from the worker's one tokenizer thread instead
+    of running after everyone has left."""
+    import threading
+
+    address, served = worker
+    gate = threading.Event()
+    served._tokenizer_thread.submit(gate.wait, 30)  # the thread is busy (a huge prompt, say)
+    prepared = []
+    prepare = served.prepare
+    served.prepare = lambda chat: prepared.append(chat.request_id) or prepare(chat)
+    client = await attached_client(address)
+    try:
+        with pytest.raises(WorkerUnavailable):
+            await client.tokenize({"kind": "text", "prompt": "hello"}, timeout=0.2)
+        stream = client.generate(ChatRequest.from_dict(request("queued")))
+        waiting = asyncio.ensure_future(stream.__anext__())
+        deadline = time.monotonic() + 10
+        while "queued" not in served.preparing:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await stream.aclose()  # the client left: an abort
+        while served.tokenizing or served.preparing:
+            assert time.monotonic() < deadline, (served.tokenizing, served.preparing)
+            await asyncio.sleep(0.01)
+        gate.set()
+        assert (await client.tokenize({"kind": "text", "prompt": "hello"}))["count"] > 0  # still serving
+        assert prepared == []  # the aborted chat was never tokenized
+    finally:
+        gate.set()
+        await client.stop()

@@ -120,7 +120,7 @@ async def test_tokenize_asks_beyond_the_cap_are_429s(tmp_path, monkeypatch):
     app = create_app(ServerSettings(data_dir=tmp_path), start_worker=False)
     release = asyncio.Event()
 
-    async def slow_ask(message, timeout):
+    async def slow_ask(message, timeout, forgettable=False):
         await release.wait()
         return {"type": "tokenized", "result": {"count": 1, "tokens": [5], "token_strs": None}}
 
