@@ -60,6 +60,7 @@ MAX_TOOLS = 128
 # and those whose values map names to schemas (any name, "const" included).
 DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
 SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+CONDITIONS = frozenset({"not", "if", "then", "else", "dependentSchemas"})  # left open by closed_objects
 
 
 def relocated(schema: Any, base: str) -> Any:
@@ -85,6 +86,38 @@ def relocated(schema: Any, base: str) -> Any:
     return out
 
 
+def closed_objects(schema: Any, in_all_of: bool = False) -> Any:
+    """`schema` with `"additionalProperties": false` on every object schema
+    that lists its properties and says nothing about others. JSON Schema
+    allows unlisted keys by default, and a small model constrained by such a
+    schema keeps inventing keys until it runs out of tokens (instructor's,
+    pydantic-ai's and LangChain's schemas leave the keyword out). xgrammar
+    and outlines (vLLM's defaults) read a missing keyword this way too; a
+    client that wants other keys says `"additionalProperties": true` (or
+    gives their schema). Members of an `allOf` stay open (each lists only
+    its share of the object's properties), and so do conditions (`not`,
+    `if`/`then`/`else`, `dependentSchemas`), whose meaning closing would change."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in DATA_KEYWORDS or key in CONDITIONS:
+            out[key] = value
+        elif key in SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: closed_objects(sub) for name, sub in value.items()}
+        elif key == "allOf" and isinstance(value, list):
+            out[key] = [closed_objects(sub, in_all_of=True) for sub in value]
+        else:
+            out[key] = closed_objects(value)
+    listed = "properties" in out or "patternProperties" in out
+    said = "additionalProperties" in out or "unevaluatedProperties" in out
+    if listed and not said and not in_all_of:
+        out["additionalProperties"] = False
+    return out
+
+
 def tool_call_schema(tools: Sequence[ToolFunction], tool_choice: str | None, parallel: bool) -> dict[str, Any]:
     """JSON Schema of the answer of a tool-call request: a list of calls
     `[{"name": ..., "arguments": {...}}]`, each naming one of `tools` with
@@ -96,7 +129,7 @@ def tool_call_schema(tools: Sequence[ToolFunction], tool_choice: str | None, par
     defs: dict[str, Any] = {}
     calls = []
     for t in chosen:
-        arguments, key = t.parameters or ANY_OBJECT, f"tool_{t.name}"
+        arguments, key = closed_objects(t.parameters or ANY_OBJECT), f"tool_{t.name}"
         moved = relocated(arguments, f"/$defs/{key}")
         if moved != arguments:  # it has local references
             defs[key], arguments = moved, {"$ref": f"#/$defs/{key}"}
@@ -120,7 +153,7 @@ def json_schema_for(spec: StructuredOutput) -> dict[str, Any]:
     if spec.kind == "json_object":
         return ANY_OBJECT
     if spec.kind == "json_schema":
-        return spec.json_schema  # type: ignore[return-value]  # checked by check_spec
+        return closed_objects(spec.json_schema)
     return tool_call_schema(spec.tools, spec.tool_choice, spec.parallel_tool_calls)
 
 
@@ -364,7 +397,7 @@ class StructuredOutputs:
 
     def _compile(self, spec: StructuredOutput, schema: dict[str, Any], options: dict[str, Any]):
         if spec.auto:
-            answer = spec.json_schema
+            answer = closed_objects(spec.json_schema) if spec.json_schema is not None else None
             compiled = self._compile_grammar(lambda llg: llg.LLMatcher.grammar_from_lark(
                 optional_calls_grammar(schema, options, answer)))
         else:

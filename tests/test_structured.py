@@ -17,6 +17,7 @@ from pad_core.ipc import pack, unpack
 from pad_core.structured import (
     GrammarMatcher,
     check_spec,
+    closed_objects,
     parse_tool_calls,
     relocated,
     tool_call_schema,
@@ -403,6 +404,61 @@ def test_relocated_rewrites_local_references_only():
     own = {"$id": "https://example.com/s.json", "$defs": {"X": {}}, "properties": {"a": {"$ref": "#/$defs/X"}}}
     assert relocated(own, "/x") == own  # a resource of its own: its references resolve against its $id
     assert relocated({"properties": {"b": own}}, "/x") == {"properties": {"b": own}}
+
+
+def test_closed_objects_refuses_unlisted_keys_unless_the_schema_allows_them():
+    """instructor's and pydantic's schemas leave additionalProperties out:
+    read as false (xgrammar's and outlines' reading), every object that
+    lists properties is closed, nested, in $defs, in unions and arrays;
+    what says otherwise, data, allOf members and conditions are kept."""
+    schema = {
+        "type": "object",
+        "properties": {"place": {"$ref": "#/$defs/Place"}, "tags": {"type": "array", "items": {"properties": {"t": {}}}},
+                       "properties": {"type": "string"},  # a property named like the keyword
+                       "either": {"anyOf": [{"properties": {"a": {}}}, {"type": "null"}]},
+                       "free": {"type": "object", "properties": {"x": {}}, "additionalProperties": True},
+                       "scores": {"type": "object", "additionalProperties": {"type": "integer"}}},
+        "$defs": {"Place": {"type": "object", "properties": {"city": {"type": "string"}}}},
+        "default": {"properties": {"kept": "as data"}},
+        "allOf": [{"properties": {"b": {}}}],
+        "not": {"properties": {"c": {}}},
+    }
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["$defs"]["Place"]["additionalProperties"] is False
+    assert closed["properties"]["tags"]["items"]["additionalProperties"] is False
+    assert closed["properties"]["either"]["anyOf"][0]["additionalProperties"] is False
+    assert closed["properties"]["properties"] == {"type": "string"}
+    assert closed["properties"]["free"]["additionalProperties"] is True
+    assert closed["properties"]["scores"] == schema["properties"]["scores"]
+    assert closed["default"] == schema["default"] and closed["not"] == schema["not"]
+    assert closed["allOf"] == schema["allOf"]
+    assert "additionalProperties" not in schema  # the client's schema is not changed
+    assert closed_objects({"type": "object"}) == {"type": "object"}  # json_object: any object
+
+
+def test_a_key_the_schema_does_not_list_is_not_legal(engine):
+    """Regression (instructor's default tool mode): a schema without
+    additionalProperties let the model add keys until max_tokens."""
+    listed = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    for spec in (StructuredOutput("json_schema", json_schema=listed),
+                 StructuredOutput("tool_calls", tools=(ToolFunction("f", None, listed),), tool_choice="f")):
+        prefix = '{"city": "Paris"' if spec.kind == "json_schema" else '[{"name": "f", "arguments": {"city": "Paris"'
+        matcher = engine.structured.start(spec)
+        for token in engine.tokenizer.encode(prefix, add_special_tokens=False):
+            matcher.consume(token)
+        assert next_pieces(engine, matcher) == {"}"}, spec.kind  # "}" or "}}": the object closes, nothing else
+    opened = {**listed, "additionalProperties": True}
+    matcher = engine.structured.start(StructuredOutput("json_schema", json_schema=opened))
+    for token in engine.tokenizer.encode('{"city": "Paris"', add_special_tokens=False):
+        matcher.consume(token)
+    assert next_pieces(engine, matcher) == {"}", ","}
+
+
+def next_pieces(engine, matcher) -> set[str]:
+    """The first characters of the tokens the matcher allows next."""
+    allowed = matcher.allowed(len(engine.tokenizer)).nonzero().flatten().tolist()
+    return {engine.tokenizer.decode([token])[:1] for token in allowed}
 
 
 def test_tools_whose_parameters_refer_to_their_own_defs(engine):
