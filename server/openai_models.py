@@ -355,6 +355,9 @@ def tool_output(tools: list[ToolFunction], tool_choice: Any, parallel: bool | No
             reject_if(not isinstance(name, str), "tool_choice: a named function needs function.name",
                        choice_param, "invalid_value")
         elif kind == "allowed_tools":
+            # Chat Completions nests mode and tools under "allowed_tools"; Responses has them beside "type".
+            nested = tool_choice.get("allowed_tools")
+            tool_choice = nested if isinstance(nested, dict) else tool_choice
             mode = tool_choice.get("mode", "auto")
             reject_if(mode not in ("auto", "required"), "tool_choice.mode must be 'auto' or 'required'",
                        choice_param, "invalid_value")

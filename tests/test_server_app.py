@@ -108,3 +108,23 @@ async def test_every_refused_generation_request_is_counted_once(tmp_path):
                                                                    metrics, re.MULTILINE)}
     assert [r.status_code for r in sent[7:]] == [413, 413]
     assert counted == {"401": 1.0, "400": 4.0, "503": 1.0, "413": 1.0}
+
+
+@pytest.mark.parametrize("choice", [
+    {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [{"type": "function",
+                                                                               "function": {"name": "b"}}]}},  # Chat
+    {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "b"}]},  # Responses
+])
+def test_allowed_tools_in_both_apis_shapes_narrow_the_tools(choice):
+    """The SDK's ChatCompletionAllowedToolChoiceParam nests mode and tools
+    under "allowed_tools" (regression: it was a 400); Responses puts them
+    beside "type"."""
+    from pad_core.types import ToolFunction
+    from server.openai_models import tool_output
+
+    tools = [ToolFunction("a", None, None), ToolFunction("b", None, None)]
+    spec = tool_output(tools, choice, None)
+    assert [t.name for t in spec.tools] == ["b"] and not spec.auto
+    auto = tool_output(tools, {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [
+        {"type": "function", "function": {"name": "a"}}]}}, None)
+    assert [t.name for t in auto.tools] == ["a"] and auto.auto
