@@ -21,7 +21,7 @@ import logging
 import math
 import random
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 # What OpenAI reports for a token the model finds impossible: logprobs stay
 # finite numbers (JSON has no -Infinity).
 MIN_LOGPROB = -9999.0
+PROMPT_LOGPROBS_CHUNK = 512  # prompt positions per vocabulary-wide log-softmax ([chunk, V] float32: 100 MB at 49k)
 
 
 __all__ = ["BASE_RUNNER", "PadEngine", "RewardSource", "default_max_tokens", "finite_logprob", "max_token_chars"]
@@ -200,7 +201,10 @@ class PadEngine:
             except Exception as exc:  # the shared forward failed: its KV caches are not trustworthy
                 logger.exception("decode step failed; failing the running requests")
                 outputs += self._fail_all(f"engine error: {exc}")
-        self.prefilling += self._admit()
+        admitted = self._admit()
+        outputs += self._read_prompt_logprobs([state for state in admitted
+                                               if state.request.sampling.prompt_logprobs is not None])
+        self.prefilling += [state for state in admitted if state.finish_reason is None]
         if self.prefilling:
             outputs += self._prefill(self._prefill_plan())
         self._release_finished()
@@ -422,21 +426,63 @@ class PadEngine:
         wanted = [s.request.sampling.logprobs for s in states]
         if not any(wanted):
             return None
-        count = max(s.request.sampling.top_logprobs for s in states)
-        chosen, values, ids = top_logprobs(base.log_softmax(dim=-1), tokens, count)
+        rows = [row for row, want in enumerate(wanted) if want]
+        count = max(states[row].request.sampling.top_logprobs for row in rows)
+        index = torch.tensor(rows, device=base.device)
+        entries = iter(self._logprob_entries(base[index].log_softmax(dim=-1), tokens[index], count))
+        return [self._cut(next(entries), s.request.sampling.top_logprobs) if want else None
+                for want, s in zip(wanted, states, strict=True)]
+
+    def _logprob_entries(self, log_probs: torch.Tensor, tokens: torch.Tensor, count: int) -> list[TokenLogprob]:
+        """log_probs [N, V], tokens [N] -> each token's entry with the `count`
+        most likely tokens of its row."""
+        chosen, values, ids = top_logprobs(log_probs, tokens, count)
+        chosen, values, ids = chosen.tolist(), values.tolist(), ids.tolist()
         result = []
-        for row, state in enumerate(states):
-            if not wanted[row]:
-                result.append(None)
-                continue
-            n = state.request.sampling.top_logprobs
-            top = [
-                self._token_entry(i, finite_logprob(v)) for i, v in zip(ids[row, :n].tolist(), values[row, :n].tolist())
-            ]
-            token, _, raw = self._token_entry(int(tokens[row]), 0.0)
-            logprob = finite_logprob(float(chosen[row]))
-            result.append(TokenLogprob(token=token, logprob=logprob, bytes=raw, top_logprobs=top))
+        for row, token_id in enumerate(tokens.tolist()):
+            top = [self._token_entry(i, finite_logprob(v)) for i, v in zip(ids[row], values[row], strict=True)]
+            token, _, raw = self._token_entry(token_id, 0.0)
+            result.append(TokenLogprob(token=token, logprob=finite_logprob(chosen[row]), bytes=raw, top_logprobs=top))
         return result
+
+    @staticmethod
+    def _cut(entry: TokenLogprob, count: int) -> TokenLogprob:
+        return entry if len(entry.top_logprobs) == count else dataclasses.replace(entry, top_logprobs=entry.top_logprobs[:count])
+
+    def _read_prompt_logprobs(self, states: list[RequestState]) -> list[StepOutput]:
+        """Reads the prompt logprobs of newly admitted requests that ask for
+        them (kept for their first output). A request that only scores its
+        prompt (max_tokens 0) ends here, "length", without taking rows; one
+        whose reading fails ends alone ("error")."""
+        outputs = []
+        for state in states:
+            try:
+                state.prompt_logprobs = self._prompt_logprobs(state.request.prompt_ids,
+                                                              state.request.sampling.prompt_logprobs)
+            except Exception as exc:
+                logger.exception("prompt logprobs of request %s failed", state.request_id)
+                outputs.append(state.finish("error", error=f"engine error: {exc}"))
+                continue
+            if state.max_tokens == 0:
+                outputs.append(state.finish("length"))
+        return outputs
+
+    @torch.inference_mode()
+    def _prompt_logprobs(self, prompt_ids: Sequence[int], count: int) -> list[TokenLogprob]:
+        """Each prompt token's logprob under the plain model given the tokens
+        before it, with the `count` most likely tokens there; the first
+        token's is None. The vocabulary-wide log-softmax runs over
+        PROMPT_LOGPROBS_CHUNK positions at a time ([chunk, V] float32)."""
+        runner = self.runners[BASE_RUNNER]
+        hidden = runner.prompt_hidden(prompt_ids)  # [T, H]
+        targets = torch.tensor(list(prompt_ids[1:]), dtype=torch.long, device=hidden.device)
+        token, _, raw = self._token_entry(prompt_ids[0], 0.0)
+        entries = [TokenLogprob(token=token, logprob=None, bytes=raw)]
+        for start in range(0, len(targets), PROMPT_LOGPROBS_CHUNK):
+            end = min(start + PROMPT_LOGPROBS_CHUNK, len(targets))
+            log_probs = runner.logits(hidden[start:end]).log_softmax(dim=-1)
+            entries += self._logprob_entries(log_probs, targets[start:end], count)
+        return entries
 
     def _token_entry(self, token_id: int, logprob: float) -> tuple[str, float, list[int]]:
         return self.tokenizer.decode([token_id]), logprob, token_bytes(self.tokenizer, token_id)
@@ -585,7 +631,8 @@ class PadEngine:
             generator = torch.Generator(device=self.runners[BASE_RUNNER].device).manual_seed(seed)
         return RequestState(
             request=request,
-            max_tokens=sampling.max_tokens or default_max_tokens(self.settings.default_max_tokens, room),
+            max_tokens=(sampling.max_tokens if sampling.max_tokens is not None
+                        else default_max_tokens(self.settings.default_max_tokens, room)),
             guidance_weight=weight,
             top_k=top_k,
             min_p=min_p,

@@ -42,6 +42,7 @@ class RequestState:
     # the longest (the rows are right-aligned: pad_core.engine.prompt_spans).
     prefilled: int = 0
     grammar: GrammarMatcher | None = None  # structured output: the answer's grammar
+    prompt_logprobs: list[TokenLogprob] | None = None  # when asked: sent with the first output, then dropped
 
     def __post_init__(self) -> None:
         self.stop_matcher = StopStringMatcher(self.request.sampling.stop)
@@ -75,6 +76,7 @@ class RequestState:
 
     def output(self, token_ids: list[int], text: str, logprobs: list[TokenLogprob] | None = None,
                error: str | None = None, error_param: str | None = None) -> StepOutput:
+        prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
         return StepOutput(
             request_id=self.request_id,
             token_ids=token_ids,
@@ -86,6 +88,7 @@ class RequestState:
             error=error,
             tool_calls=self._tool_calls(),
             error_param=error_param,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _tool_calls(self) -> list[ToolCall] | None:

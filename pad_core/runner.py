@@ -126,6 +126,11 @@ class Runner(Protocol):
         with each row's tokens (prompt, then answer); a runner without one
         ignores it."""
 
+    def prompt_hidden(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """The plain weights' hidden states at every position of `token_ids`
+        [len(token_ids), H], outside the batch (no row joins, no cache is
+        kept): what prompt logprobs are read from."""
+
 
 def cache_keyword(decoder: torch.nn.Module) -> str:
     """The name a transformers decoder takes its KV cache under: `cache` in
@@ -179,6 +184,18 @@ class ModelRows:
 
     def retain(self, rows: Mapping[RowKey, Sequence[int]]) -> None:
         """No prefix cache here (the transformers runner overrides it)."""
+
+    @torch.inference_mode()
+    def prompt_hidden(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """One causal forward of the plain weights over `token_ids`, without a
+        cache: [len(token_ids), H]. A second pass over a prompt the batch
+        also prefills, asked only for prompt logprobs (a scoring request);
+        the batch's caches and prefill stay as they are for everyone else."""
+        device = next(self.model.parameters()).device
+        self.lora.select([NO_ADAPTER])
+        output = self.decoder(input_ids=torch.tensor([list(token_ids)], dtype=torch.long, device=device),
+                              use_cache=False)
+        return output.last_hidden_state[0]
 
 
 class TransformersRunner(ModelRows):

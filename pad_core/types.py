@@ -109,6 +109,11 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the answer (CTRL / vLLM); 1: off
     min_tokens: int = 0  # end-of-sequence and stop_token_ids are impossible before this many tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), OpenAI's logit_bias
+    # Log-probabilities of the prompt's own tokens under the plain model, with
+    # this many most likely alternatives each (vLLM's prompt_logprobs; the
+    # legacy Completions' echo + logprobs); None: not asked. With max_tokens
+    # 0 the request only scores its prompt.
+    prompt_logprobs: int | None = None
 
     @property
     def processes_logits(self) -> bool:
@@ -118,8 +123,10 @@ class SamplingParams:
     def verify(self) -> None:
         """Every field within its legal range (vLLM's _verify_args); raises
         InvalidRequestError naming the OpenAI parameter."""
-        if self.max_tokens is not None:
-            check_int(self.max_tokens, "max_tokens", 1, INT64_MAX)
+        if self.prompt_logprobs is not None:
+            check_int(self.prompt_logprobs, "prompt_logprobs", 0, MAX_TOP_LOGPROBS)
+        if self.max_tokens is not None:  # 0: score the prompt only
+            check_int(self.max_tokens, "max_tokens", 0 if self.prompt_logprobs is not None else 1, INT64_MAX)
         check_float(self.temperature, "temperature", 0.0, MAX_TEMPERATURE)
         check_float(self.top_p, "top_p", 0.0, 1.0, low_open=True)
         if self.seed is not None:
@@ -422,10 +429,12 @@ class GenerationRequest:
 @dataclass
 class TokenLogprob:
     """Log-probability of a generated token under the base model (raw logits,
-    after presence/frequency penalties), as OpenAI reports it."""
+    after presence/frequency penalties), as OpenAI reports it; of a prompt
+    token, under the plain model (None for the prompt's first token, which
+    nothing precedes)."""
 
     token: str
-    logprob: float
+    logprob: float | None
     bytes: list[int]
     top_logprobs: list[tuple[str, float, list[int]]] = field(default_factory=list)
 
@@ -458,6 +467,7 @@ class StepOutput:
     tool_calls: list[ToolCall] | None = None
     guidance: dict[str, Any] | None = None
     error_param: str | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the first output, when asked (SamplingParams)
 
     @property
     def finished(self) -> bool:
@@ -480,22 +490,21 @@ class StepOutput:
             "tool_calls": None if self.tool_calls is None else [dataclasses.asdict(call) for call in self.tool_calls],
             "guidance": self.guidance,
             "error_param": self.error_param,
+            "prompt_logprobs": None if self.prompt_logprobs is None else [
+                dataclasses.asdict(lp) for lp in self.prompt_logprobs],
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepOutput:
-        logprobs = data.get("logprobs")
-        if logprobs is not None:
-            logprobs = [
-                TokenLogprob(
-                    token=lp["token"],
-                    logprob=lp["logprob"],
-                    bytes=list(lp["bytes"]),
-                    top_logprobs=[tuple(t) for t in lp.get("top_logprobs") or []],
-                )
-                for lp in logprobs
-            ]
         tool_calls = data.get("tool_calls")
         if tool_calls is not None:
             tool_calls = [ToolCall(**call) for call in tool_calls]
-        return cls(**{**data, "logprobs": logprobs, "tool_calls": tool_calls})
+        return cls(**{**data, "logprobs": _logprobs_from(data.get("logprobs")), "tool_calls": tool_calls,
+                      "prompt_logprobs": _logprobs_from(data.get("prompt_logprobs"))})
+
+
+def _logprobs_from(entries: list[dict[str, Any]] | None) -> list[TokenLogprob] | None:
+    if entries is None:
+        return None
+    return [TokenLogprob(token=lp["token"], logprob=lp["logprob"], bytes=list(lp["bytes"]),
+                         top_logprobs=[tuple(t) for t in lp.get("top_logprobs") or []]) for lp in entries]

@@ -147,6 +147,7 @@ class ChoiceState:
     completion_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     tool_calls: list[dict] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's tokens, when asked (legacy echo)
     _held: str = ""
     _held_logprobs: list[TokenLogprob] = field(default_factory=list)
 
@@ -286,7 +287,7 @@ class Generation:
             raise map_exception(failure).renamed(self.rename) from None
         self._firsts = list(firsts)
         for choice, first in zip(self.choices, self._firsts, strict=True):
-            choice.prompt_tokens = first.prompt_tokens
+            choice.prompt_tokens, choice.prompt_logprobs = first.prompt_tokens, first.prompt_logprobs
         self.guidance = next((f.guidance for f in self._firsts if f.guidance is not None), None)
 
     async def close(self) -> None:

@@ -464,9 +464,10 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=INT64_MAX)]], Field(min_
 class CompletionRequest(SamplingFields):
     model: str
     prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
-    max_tokens: int | None = Field(16, ge=1, le=INT64_MAX, description="OpenAI's default, 16; null: "
-                                   "PAD_DEFAULT_MAX_TOKENS")
-    logprobs: int | None = Field(None, ge=0, le=5, description="the most likely tokens per position (0-5)")
+    max_tokens: int | None = Field(16, ge=0, le=INT64_MAX, description="OpenAI's default, 16; null: "
+                                   "PAD_DEFAULT_MAX_TOKENS; 0 with echo: score the prompt only")
+    logprobs: int | None = Field(None, ge=0, le=5, description="the most likely tokens per position (0-5); with "
+                                 "echo, the prompt's tokens too (the first one's logprob is null)")
     echo: bool | None = False
     suffix: str | None = Field(None, description="refused unless null: no insertion here")
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description="at most n (no ranking of extra samples)")
@@ -487,8 +488,8 @@ class CompletionRequest(SamplingFields):
         reject_if(self.suffix is not None, "'suffix' is not supported (no insertion)", "suffix")
         reject_if(self.best_of is not None and self.best_of > self.n,
                    "best_of larger than n is not supported (no ranking of extra samples)", "best_of")
-        reject_if(self.echo and any(not isinstance(p, str) for p in self.prompts()),
-                   "echo needs text prompts, not token ids", "echo")
+        reject_if(self.max_tokens == 0 and not self.echo,
+                   "max_tokens 0 generates nothing: it needs echo (to score the prompt)", "max_tokens")
         for index, prompt in enumerate(self.prompts()):
             reject_if(prompt == "", f"prompt[{index}] is empty" if not isinstance(self.prompt, str) else "prompt is empty",
                        "prompt", "invalid_value")
@@ -496,7 +497,18 @@ class CompletionRequest(SamplingFields):
 
     def to_sampling_params(self, choice: int = 0) -> SamplingParams:
         return SamplingParams(**self.sampling_kwargs(choice), logprobs=self.logprobs is not None,
-                              top_logprobs=self.logprobs or 0)
+                              top_logprobs=self.logprobs or 0, prompt_logprobs=self.prompt_logprobs_asked())
+
+    def prompt_logprobs_asked(self) -> int | None:
+        """echo with logprobs reports the prompt's tokens too; echo of token
+        ids needs their text, which comes with them (the tokenizer is the
+        worker's), and so does a request that only scores (max_tokens 0);
+        otherwise none."""
+        if not self.echo:
+            return None
+        if self.logprobs is not None:
+            return self.logprobs
+        return 0 if self.max_tokens == 0 or any(not isinstance(p, str) for p in self.prompts()) else None
 
 
 # ---- preference memory and feedback (server/routes/users.py, feedback.py) --

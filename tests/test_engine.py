@@ -732,3 +732,41 @@ def test_requests_and_outputs_survive_the_ipc_round_trip(engine):
     called = StepOutput("t", [1], "x", "tool_calls", 3, 1, tool_calls=[ToolCall("f", "{}")], guidance={"weight": 1.0})
     assert called.to_dict() == dataclasses.asdict(called) and StepOutput.from_dict(called.to_dict()) == called
 
+
+
+@pytest.mark.parametrize("backend", ["transformers", "slots"])
+def test_prompt_logprobs_are_the_plain_models_and_max_tokens_0_only_scores(make_engine, tiny_model, backend):
+    """Each prompt token's logprob given the ones before it (a full forward
+    of the model), the first None; with max_tokens 0 the request ends
+    "length" at once, holding no rows; beside a running request, whose
+    tokens do not change."""
+    engine, alone = make_engine(backend=backend), make_engine(backend=backend)
+    prompt = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog", add_special_tokens=False)
+    with torch.no_grad():
+        expected = tiny_model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    running = GenerationRequest("run", engine.tokenizer.encode("Hi there", add_special_tokens=False), [], GREEDY)
+    baseline = [t for o in alone.generate([copy.deepcopy(running)]) for t in o.token_ids]
+    engine.add_request(running)
+    first = engine.step()
+    for max_tokens in (0, 2):
+        sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, prompt_logprobs=3)
+        engine.add_request(GenerationRequest(f"s{max_tokens}", prompt, [], sampling))
+    outputs = {}
+    while engine.has_unfinished():
+        for output in engine.step():
+            outputs.setdefault(output.request_id, []).append(output)
+        if "s0" in outputs:
+            assert engine.runners["base"].row_index().keys().isdisjoint({("s0", 0)})
+    assert [t for o in first + outputs["run"] for t in o.token_ids] == baseline
+    only = outputs["s0"]
+    assert len(only) == 1 and only[0].finish_reason == "length" and only[0].completion_tokens == 0
+    for scored in (only[0].prompt_logprobs, outputs["s2"][0].prompt_logprobs):
+        assert len(scored) == len(prompt) and scored[0].logprob is None
+        assert scored[0].token == engine.tokenizer.decode(prompt[:1])
+        for position, entry in enumerate(scored[1:], start=1):
+            assert entry.logprob == pytest.approx(expected[position - 1, prompt[position]].item(), abs=1e-4)
+            assert [t[1] for t in entry.top_logprobs] == pytest.approx(expected[position - 1].topk(3).values.tolist(),
+                                                                       abs=1e-4)
+    assert outputs["s2"][-1].completion_tokens == 2 and all(o.prompt_logprobs is None for o in outputs["s2"][1:])
+    with pytest.raises(InvalidRequestError):
+        SamplingParams(max_tokens=0).verify()  # 0 only to score a prompt

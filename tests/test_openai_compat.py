@@ -312,6 +312,37 @@ def test_completions(client):
     assert streamed[0].model_extra["pad"]["preferences"] == [{"text": "short answers", "weight": 1.0}]
 
 
+def test_completions_echo_with_logprobs_scores_the_prompt(client, server):
+    """lm-evaluation-harness's loglikelihood request (token-id prompts,
+    echo, logprobs 1, max_tokens 1; or 0: score only): the prompt's tokens
+    come first in the logprobs, the first with null, each the plain
+    model's logprob of that token after the ones before it."""
+    ids = [[9038, 2402, 253, 655], [504, 3181]]
+    scored = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True,
+                                       seed=1234)
+    for choice, prompt in zip(scored.choices, ids, strict=True):
+        logprobs = choice.logprobs
+        assert len(logprobs.tokens) == len(prompt) + 1 and logprobs.token_logprobs[0] is None
+        assert logprobs.top_logprobs[0] is None and all(v <= 0 for v in logprobs.token_logprobs[1:])
+        assert all(len(top) == 1 for top in logprobs.top_logprobs[1:])
+        assert choice.text == "".join(logprobs.tokens) and logprobs.text_offset[0] == 0
+    only = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, logprobs=1, echo=True)
+    assert only.usage.completion_tokens == 0 and [c.finish_reason for c in only.choices] == ["length", "length"]
+    for choice, full in zip(only.choices, scored.choices, strict=True):  # the same numbers, without the answer
+        assert choice.logprobs.token_logprobs == full.logprobs.token_logprobs[:-1]
+        assert choice.text == "".join(full.logprobs.tokens[:-1])
+    text = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=2, temperature=0, logprobs=0,
+                                     echo=True)
+    assert text.choices[0].text.startswith("Once upon a time") and len(text.choices[0].logprobs.tokens) == 4 + 2
+    chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=2, temperature=0,
+                                            logprobs=0, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == text.choices[0].text
+    assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs] == \
+        text.choices[0].logprobs.token_logprobs
+    refused = post(server, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 0})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+
+
 def test_responses(client):
     response = client.responses.create(model=MODEL, input="How do I sleep better?", instructions="Be brief.",
                                        max_output_tokens=4, store=True, metadata={"team": "docs"},

@@ -76,15 +76,24 @@ async def _complete(body: CompletionRequest, request: Request, scope):
 
 def legacy_logprobs(entries: list[TokenLogprob], offset: int) -> dict:
     """OpenAI's legacy logprobs: tokens, token_logprobs, top_logprobs (token
-    -> logprob), text_offset."""
+    -> logprob), text_offset. An echoed prompt's first token has null for
+    both (nothing precedes it)."""
     tokens, values, tops, offsets = [], [], [], []
     for lp in entries:
         tokens.append(lp.token)
         values.append(lp.logprob)
-        tops.append({token: value for token, value, _ in lp.top_logprobs})
+        tops.append(None if lp.logprob is None else {token: value for token, value, _ in lp.top_logprobs})
         offsets.append(offset)
         offset += len(lp.token)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def prompt_text(prompt: str | list[int], entries: list[TokenLogprob] | None) -> str:
+    """The text an echo repeats: the prompt as given, or the text of its
+    token ids (their bytes, from the worker's prompt logprobs)."""
+    if isinstance(prompt, str):
+        return prompt
+    return b"".join(bytes(lp.bytes) for lp in entries or ()).decode("utf-8", errors="replace")
 
 
 class CompletionFormatter(ChunkFormatter):
@@ -99,17 +108,21 @@ class CompletionFormatter(ChunkFormatter):
         self.pad_sent = False
 
     def echo(self, choice: ChoiceState) -> str:
-        return self.prompts[choice.group] if self.body.echo else ""
+        return prompt_text(self.prompts[choice.group], choice.prompt_logprobs) if self.body.echo else ""
+
+    def echoed_logprobs(self, choice: ChoiceState) -> list[TokenLogprob]:
+        """With echo, the prompt's tokens open the logprobs (OpenAI, vLLM)."""
+        return list(choice.prompt_logprobs or ()) if self.body.echo else []
 
     def delta(self, generation: Generation, choice: ChoiceState, delta: Delta) -> list[str]:
-        text = delta.text
+        text, entries = delta.text, delta.logprobs
         first = choice.index not in self.echoed
         if first:
             self.echoed.add(choice.index)
-            text = self.echo(choice) + text
-        offset = self.offsets.get(choice.index, len(self.echo(choice)))
-        logprobs = legacy_logprobs(delta.logprobs, offset) if self.body.logprobs is not None else None
-        self.offsets[choice.index] = offset + len(delta.text)
+            text, entries = self.echo(choice) + text, self.echoed_logprobs(choice) + entries
+        offset = self.offsets.get(choice.index, 0)
+        logprobs = legacy_logprobs(entries, offset) if self.body.logprobs is not None else None
+        self.offsets[choice.index] = offset + len(text)
         extra = {} if self.pad_sent else {"pad": generation.pad_info()}  # on the first chunk
         self.pad_sent = True
         return [self.chunk(generation, [{"index": choice.index, "text": text, "logprobs": logprobs,
@@ -119,7 +132,8 @@ class CompletionFormatter(ChunkFormatter):
         out = []
         for choice in choices:
             echo = self.echo(choice)
-            logprobs = legacy_logprobs(choice.logprobs, len(echo)) if self.body.logprobs is not None else None
+            entries = self.echoed_logprobs(choice) + choice.logprobs
+            logprobs = legacy_logprobs(entries, 0) if self.body.logprobs is not None else None
             out.append({"index": choice.index, "text": echo + choice.text, "logprobs": logprobs,
                         "finish_reason": choice.finish_reason})
         return {"id": generation.id, "object": "text_completion", "created": generation.created,
