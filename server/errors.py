@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -89,13 +90,28 @@ def _is_union_tag(part) -> bool:
     )
 
 
-def _location(loc: tuple, keep_last: bool = False) -> str | None:
+def _location(loc: tuple, keep_last: bool = False, body: Any = None) -> str | None:
     """The parameter an error is about, in the client's terms
     (messages[0].content), without pydantic's union tags; keep_last: the
-    last element is a key the client sent (an unknown field), never a tag."""
+    last element is a key the client sent (an unknown field), never a tag.
+    With the client's `body`, a tagged union's tag (the "type" the client
+    sent: response_format's "json_schema") is told from a field of the same
+    name (response_format.json_schema.schema) by walking the body."""
     last = [str(loc[-1])] if keep_last and loc else []
-    loc = loc[:-1] if keep_last else loc
-    parts = [str(p) for p in loc if p not in ("body", "query", "path") and not _is_union_tag(p)] + last
+    whole, loc = loc, (loc[:-1] if keep_last else loc)
+    parts, node, tagged = [], body, None
+    for index, part in enumerate(loc):
+        if part in ("body", "query", "path"):
+            continue
+        if node is not tagged and _is_tag(node, part, whole[index + 1] if index + 1 < len(whole) else None):
+            tagged = node
+            continue
+        held = (isinstance(node, dict) and part in node) or (isinstance(node, list) and isinstance(part, int))
+        if not held and _is_union_tag(part):
+            continue  # the union member pydantic tried, not a key the client sent
+        parts.append(str(part))
+        node = _child(node, part) if held else None
+    parts += last
     if not parts:
         return None
     text = parts[0]
@@ -104,11 +120,38 @@ def _location(loc: tuple, keep_last: bool = False) -> str | None:
     return text
 
 
-def _unknown_argument(error: dict, errors: list[dict]) -> APIError:
+def _is_tag(node: Any, part: Any, following: Any) -> bool:
+    """Whether `part` is the tag pydantic puts before a tagged union
+    member's fields (the "type" or "role" the client sent) rather than a
+    field of that name: a field is followed by its own keys, or by nothing."""
+    if not isinstance(node, dict) or part not in (node.get("type"), node.get("role")):
+        return False
+    if part not in node:
+        return True
+    child = node[part]
+    is_field = following is None or (isinstance(child, dict) and following in child) or (
+        isinstance(child, list) and isinstance(following, int))
+    return not is_field
+
+
+def _child(node: Any, part: Any) -> Any:
+    if isinstance(node, dict):
+        return node.get(part)
+    return node[part] if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node) else None
+
+
+def _specificity(error: dict) -> tuple[int, bool]:
+    """For unions, the member that got furthest: the longest location, and
+    of those one that took the value's type and failed a constraint (a list
+    of 17 stop strings is "too long", not "not a string")."""
+    return len(error.get("loc", ())), not str(error.get("type", "")).endswith("_type")
+
+
+def _unknown_argument(error: dict, errors: list[dict], body: Any = None) -> APIError:
     """An unknown field, with a hint when a required one differs only in case
     ({"Model": 1} -> did you mean 'model'?)."""
     loc = tuple(error.get("loc", ()))
-    param = _location(loc, keep_last=True)
+    param = _location(loc, keep_last=True, body=body)
     sent = str(loc[-1]) if loc else ""
     missing = [str(e["loc"][-1]) for e in errors
                if e.get("type") == "missing" and tuple(e.get("loc", ()))[:-1] == loc[:-1] and e.get("loc")]
@@ -120,10 +163,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     errors = list(exc.errors())
     unknown = next((e for e in errors if e.get("type") == "extra_forbidden"), None)
     if unknown is not None:  # as OpenAI: an unknown argument is named first
-        return error_response(_unknown_argument(unknown, errors))
+        return error_response(_unknown_argument(unknown, errors, exc.body))
     # The most specific error: for unions, the member that got furthest.
-    first = max(errors, key=lambda e: len(e.get("loc", ())), default={})
-    param = _location(tuple(first.get("loc", ())))
+    first = max(errors, key=_specificity, default={})
+    param = _location(tuple(first.get("loc", ())), body=exc.body)
     if first.get("type") == "json_invalid":
         return error_response(invalid("The request body is not valid JSON.", None, "invalid_json"))
     if first.get("type") == "missing" and param is None:
@@ -153,10 +196,22 @@ def _allowed_methods(request: Request) -> str:
     """Every method of the request's path (Starlette's 405 names only the
     first route's, and each method here is a route of its own)."""
     methods = set()
-    for route in request.app.router.routes:
+    for route in _leaf_routes(request.app.router.routes):
         if route.matches(request.scope)[0] != Match.NONE:
             methods |= set(getattr(route, "methods", None) or ())
     return ", ".join(sorted(methods))
+
+
+def _leaf_routes(routes):
+    """The routes themselves: FastAPI (0.16x) keeps an included router as one
+    entry (`original_router`) that matches for all of its routes, with no
+    methods of its own. The routers are included without a prefix."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _leaf_routes(inner.routes)
+        else:
+            yield route
 
 
 def served_routes(request: Request) -> list[str]:

@@ -29,8 +29,11 @@ def part_text(part: Any, param: str) -> str:
     `output_text`, an assistant's `refusal`)."""
     kind = part.get("type") if isinstance(part, dict) else None
     text = part.get("refusal" if kind == "refusal" else "text") if isinstance(part, dict) else None
-    if kind not in TEXT_PARTS or not isinstance(text, str):
+    if kind not in TEXT_PARTS:
         raise invalid(f"{param}: '{kind}' parts are not supported (text only)", param, "unsupported_content")
+    if not isinstance(text, str):
+        field = "refusal" if kind == "refusal" else "text"
+        raise invalid(f"{param}: a '{kind}' part needs '{field}' (a string)", f"{param}.{field}")
     return text
 
 

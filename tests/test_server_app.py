@@ -58,6 +58,14 @@ async def test_health_and_chat_are_503_until_the_worker_is_ready(app):
         ({**BODY, "top_k": -2}, "top_k"),
         ({**BODY, "repetition_penalty": 0}, "repetition_penalty"),
         ({**BODY, "store": 1}, "store"),
+        # a tagged union's tag is not a field: the client's own path (regression: json_schema.json_schema)
+        ({**BODY, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": True}}},
+         "response_format.json_schema.schema"),
+        ({**BODY, "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        ({**BODY, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}, "x": 1}}, "response_format.x"),
+        ({**BODY, "tools": [{"type": "function", "function": {"name": "f", "parameters": 5}}]},
+         "tools[0].function.parameters"),
+        ({**BODY, "messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text"),
     ],
 )
 async def test_invalid_requests_are_400_naming_the_parameter(app, body, param):
@@ -128,3 +136,21 @@ def test_allowed_tools_in_both_apis_shapes_narrow_the_tools(choice):
     auto = tool_output(tools, {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [
         {"type": "function", "function": {"name": "a"}}]}}, None)
     assert [t.name for t in auto.tools] == ["a"] and auto.auto
+
+
+async def test_a_405_lists_the_methods_of_its_path(app):
+    """RFC 9110: a 405 names what the path allows (regression: FastAPI's
+    included routers hid their routes' methods, and Allow was empty)."""
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        chat = await client.get("/v1/chat/completions")
+        models = await client.post("/v1/models")
+    assert chat.status_code == 405 and chat.headers["allow"] == "POST"
+    assert models.status_code == 405 and models.headers["allow"] == "GET"
+    assert chat.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_a_too_long_stop_list_says_so(app):
+    """Of a union's members, the one that took the value's type names the
+    fault (regression: 17 stop strings were "not a valid string")."""
+    error = (await post(app, {**BODY, "stop": ["s"] * 17})).json()["error"]
+    assert error["param"] == "stop" and "at most 16" in error["message"]
