@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 # Compact JSON in json.dumps' default style; no free whitespace.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
+# A function without parameters (none given, or {}) takes none: OpenAI's
+# reading ("omitting parameters defines a function with an empty parameter list").
+NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # OpenAI's rule for function names (plus dots)
 GRAMMAR_CACHE_SIZE = 64  # compiled grammars kept per engine (LRU)
 MAX_TOOLS = 128
@@ -129,7 +132,7 @@ def tool_call_schema(tools: Sequence[ToolFunction], tool_choice: str | None, par
     defs: dict[str, Any] = {}
     calls = []
     for t in chosen:
-        arguments, key = closed_objects(t.parameters or ANY_OBJECT), f"tool_{t.name}"
+        arguments, key = closed_objects(t.parameters or NO_ARGUMENTS), f"tool_{t.name}"
         moved = relocated(arguments, f"/$defs/{key}")
         if moved != arguments:  # it has local references
             defs[key], arguments = moved, {"$ref": f"#/$defs/{key}"}

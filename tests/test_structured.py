@@ -190,6 +190,9 @@ def test_tool_call_schema_and_parse():
     assert calls == [ToolCall("get_weather", '{"city": "Paris", "unit": "c"}'), ToolCall("get_time", "{}")]
     assert parse_tool_calls('[{"name": "get_weather", "argu') is None
     assert parse_tool_calls("[]") is None
+    for given in (None, {}):  # no parameters: no arguments (OpenAI), not any object the model makes up
+        arguments = tool_call_schema([ToolFunction("now", None, given)], None, parallel=True)["items"]["properties"]
+        assert arguments["arguments"] == {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 @pytest.mark.parametrize(
