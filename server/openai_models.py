@@ -106,6 +106,8 @@ class ToolCallFunction(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: str
     arguments: str
+    parsed_arguments: Any = Field(None, description="ignored: the openai SDK's parse() helpers set it, and their "
+                                  "documented loops send the message back")
 
 
 class MessageToolCall(BaseModel):
@@ -115,6 +117,7 @@ class MessageToolCall(BaseModel):
     id: str
     type: str = "function"
     function: ToolCallFunction
+    index: int | None = Field(None, description="ignored: a streamed call's position, kept by SDK accumulators")
 
 
 class ChatMessage(BaseModel):
@@ -127,6 +130,18 @@ class ChatMessage(BaseModel):
     function_call: ToolCallFunction | None = None  # assistant (deprecated functions API)
     refusal: str | None = None  # assistant
     audio: dict[str, Any] | None = None  # assistant: an earlier audio answer (refused: no audio here)
+    # An earlier answer sent back as the client library holds it (the openai
+    # SDK's `messages.append(completion.choices[0].message)`, LiteLLM's
+    # message objects): what the libraries add to the message is accepted and
+    # ignored (a reasoning model's thoughts are not history, as in vLLM).
+    annotations: list[Any] | None = None
+    parsed: Any = None
+    reasoning_content: str | None = None
+    reasoning: Any = None
+    thinking_blocks: list[Any] | None = None
+    reasoning_items: list[Any] | None = None
+    provider_specific_fields: dict[str, Any] | None = None
+    images: list[Any] | None = None
 
 
 class WeightedPreference(Strict):

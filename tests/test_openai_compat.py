@@ -183,6 +183,40 @@ def test_a_streamed_tool_call_is_one_delta_at_the_end(client):
     assert message.content is None and message.tool_calls[0].function.name == "get_weather"  # as when not streamed
 
 
+def test_the_sdks_own_message_objects_go_back_as_history(client):
+    """The SDK's documented loops append `completion.choices[0].message` (or
+    its model_dump()) to the history; what the SDK and LiteLLM add there
+    (parsed, parsed_arguments, a streamed call's index, annotations,
+    reasoning_content...) is accepted and ignored, not a 400."""
+    import pydantic
+
+    class GetWeather(pydantic.BaseModel):
+        city: Literal["Paris", "Rome"]
+
+    tools = [openai.pydantic_function_tool(GetWeather)]
+    named = {"type": "function", "function": {"name": "GetWeather"}}
+    parsed = client.chat.completions.parse(model=MODEL, messages=ASK, tools=tools, tool_choice=named, max_tokens=40,
+                                           temperature=0).choices[0].message
+    assert parsed.tool_calls[0].function.parsed_arguments.city in ("Paris", "Rome")
+    with client.chat.completions.stream(model=MODEL, messages=ASK, tools=tools, tool_choice=named, max_tokens=40,
+                                        temperature=0) as stream:
+        streamed = stream.get_final_completion().choices[0].message
+    plain = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=3).choices[0].message
+    litellm_like = {**plain.model_dump(), "reasoning_content": None, "thinking_blocks": None,
+                    "provider_specific_fields": None, "annotations": []}
+    for message in (parsed, streamed, parsed.model_dump(), streamed.model_dump()):
+        history = [*ASK, message, {"role": "tool", "tool_call_id": message_call_id(message), "content": "sunny"}]
+        assert client.chat.completions.create(model=MODEL, messages=history, max_tokens=2).choices
+    for message in (plain, plain.model_dump(), litellm_like):
+        assert client.chat.completions.create(model=MODEL, messages=[*ASK, message, *ASK], max_tokens=2).choices
+
+
+def message_call_id(message) -> str:
+    calls = message["tool_calls"] if isinstance(message, dict) else message.tool_calls
+    first = calls[0]
+    return first["id"] if isinstance(first, dict) else first.id
+
+
 def test_a_tool_call_that_runs_out_of_tokens_is_text(client):
     answer = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=3, temperature=0, tools=[WEATHER],
                                             tool_choice="required")
