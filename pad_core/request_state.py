@@ -115,7 +115,8 @@ class RequestState:
         text = self.stop_matcher.feed(self.detokenizer.step(token_id))
         if self.stop_matcher.matched is not None:
             self.finish_reason = "stop"
-        elif self.grammar is not None and self.grammar.done:  # complete: only end-of-sequence could follow
+        elif self.grammar is not None and (self.grammar.done or self.grammar.repeated):
+            # complete (only end-of-sequence could follow), or a tool call repeated (the calls before it)
             self.finish_reason = "stop"
             text += self._last_text()
         elif len(self.generated) >= self.max_tokens:

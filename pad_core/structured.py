@@ -280,6 +280,56 @@ def parse_tool_calls(text: str) -> list[ToolCall] | None:
     return result
 
 
+class CallListScanner:
+    """Follows a tool-call answer's JSON character by character and says when
+    a call in the list repeats an earlier one exactly. A small model forced
+    into an open-ended list of calls (tool_choice "required" with parallel
+    calls, OpenAI's default) tends to write the same call again and again
+    until max_tokens, and the client then gets text, not calls; the
+    grammar cannot forbid a repeat, so the request ends at the first one
+    with the calls before it (`calls`)."""
+
+    def __init__(self):
+        self.text = ""
+        self.depth = 0  # brackets and braces open outside strings
+        self.in_string = False
+        self.escaped = False
+        self.calls: list[ToolCall] | None = None  # set once a call repeats: the list without the repeat
+
+    def feed(self, text: str) -> bool:
+        """Takes the answer's next text; whether a call has just repeated."""
+        for char in text:
+            self.text += char
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif char == "\\":
+                    self.escaped = True
+                elif char == '"':
+                    self.in_string = False
+                continue
+            if char == '"':
+                self.in_string, self.escaped = True, False
+            elif char in "[{":
+                self.depth += 1
+            elif char in "]}":
+                self.depth -= 1
+                if char == "}" and self.depth == 1 and self.text.lstrip(LEADING_SPACE).startswith("["):
+                    if self._repeated():
+                        return True
+        return False
+
+    def _repeated(self) -> bool:
+        try:
+            calls = json.loads(self.text.lstrip(LEADING_SPACE) + "]")
+        except ValueError:
+            return False
+        if not isinstance(calls, list) or len(calls) < 2 or calls[-1] not in calls[:-1]:
+            return False
+        self.calls = parse_tool_calls(json.dumps(calls[:-1], ensure_ascii=False))
+        return self.calls is not None
+
+
 def shortened(message: str, limit: int = 500) -> str:
     """An error message cut to `limit` characters (a compile error may quote
     a whole grammar)."""
@@ -304,6 +354,10 @@ class GrammarMatcher:
         # (None until its first character after whitespace), and its text so far
         self.chose_text: bool | None = None
         self._opening = ""
+        # An open-ended list of calls: watched for a call that repeats (CallListScanner).
+        many = spec.kind == "tool_calls" and spec.tool_choice is None and spec.parallel_tool_calls
+        self._calls = CallListScanner() if many else None
+        self.repeated = False  # a call repeated: the answer ends with the calls before it
 
     @property
     def done(self) -> bool:
@@ -322,6 +376,9 @@ class GrammarMatcher:
             first = self._opening.lstrip(LEADING_SPACE)
             if first:
                 self.chose_text = not first.startswith(self.spec.call_openers)
+        if self._calls is not None and self.error is None and not self.chose_text:
+            # JSON's structure is ASCII: a token decoded alone never splits it
+            self.repeated = self._calls.feed(self._decode([token_id]))
 
     def write_mask(self, address: int, size: int) -> bool:
         """Writes the packed mask of legal next tokens at `address` (size
@@ -345,6 +402,8 @@ class GrammarMatcher:
         """The parsed calls of a completed tool-call answer; None otherwise."""
         if self.spec.kind != "tool_calls" or self.error is not None:
             return None
+        if self.repeated:
+            return self._calls.calls
         text = self._decode(list(token_ids)).lstrip(LEADING_SPACE)
         if self.spec.auto and not text.startswith(self.spec.call_openers):
             return None  # the model chose to answer in text (or in the response_format's JSON)

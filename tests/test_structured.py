@@ -15,6 +15,7 @@ from pad_core.errors import InvalidRequestError
 from pad_core.guidance import prescreen
 from pad_core.ipc import pack, unpack
 from pad_core.structured import (
+    CallListScanner,
     GrammarMatcher,
     check_spec,
     closed_objects,
@@ -521,6 +522,39 @@ def test_a_broken_schema_under_auto_is_named_in_the_clients_terms(engine):
     with pytest.raises(InvalidRequestError) as refused:
         engine.structured.start(bad_answer)
     assert refused.value.param == "response_format"
+
+
+def test_a_call_list_scanner_stops_at_the_first_exact_repeat():
+    first = '{"name": "f", "arguments": {"a": "}\\"]"}}'  # braces, brackets and an escaped quote in a string
+    other = '{"name": "f", "arguments": {"a": "b"}}'
+    text = f"[{first}, {other}, {first}, {other}]"
+    scanner, repeats = CallListScanner(), []
+    for start in range(0, len(text), 3):  # in pieces, as tokens come
+        if scanner.feed(text[start:start + 3]):
+            repeats.append(len(scanner.text))
+    end = len(f"[{first}, {other}, {first}")
+    assert repeats[0] in range(end, end + 3)  # at the repeat's closing brace, not inside its string
+    assert scanner.calls == [ToolCall("f", '{"a": "}\\"]"}'), ToolCall("f", '{"a": "b"}')]
+    different = CallListScanner()
+    assert not different.feed(f"[{first}, {other}]") and different.calls is None
+    assert not CallListScanner().feed(first)  # one call's object, not a list: nothing to repeat
+
+
+def test_a_model_that_keeps_repeating_a_call_gets_the_calls_before_the_repeat(engine):
+    """Regression: tool_choice "required" with parallel calls (OpenAI's
+    default; pydantic-ai, smolagents) and a model that always writes ", "
+    after a call ran to max_tokens and the client got text, not calls."""
+    vocab = engine.tokenizer.get_vocab()
+    bias = torch.zeros(engine.runners[BASE_RUNNER].head.vocab_size)
+    bias[[vocab[","], vocab["},"]]] = 40.0  # always another call
+    required = StructuredOutput("tool_calls", tools=(TIME,))
+    named = StructuredOutput("tool_calls", tools=(TIME,), tool_choice="get_time")
+    with biased(engine, bias):
+        outputs = run(engine, chat("req", required, max_tokens=120), chat("named", named, max_tokens=120))
+    last = outputs["req"][-1]
+    assert last.finish_reason == "stop" and last.tool_calls == [ToolCall("get_time", "{}")]
+    assert last.completion_tokens < 60  # it ended at the repeat, not at max_tokens
+    assert outputs["named"][-1].tool_calls == [ToolCall("get_time", "{}")]  # one call allowed: no scanner needed
 
 
 def test_auto_text_that_reads_like_a_call_is_text():
