@@ -56,6 +56,8 @@ NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalP
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # OpenAI's rule for function names (plus dots)
 GRAMMAR_CACHE_SIZE = 64  # compiled grammars kept per engine (LRU)
 MAX_TOOLS = 128
+MAX_INTEGER_DIGITS = 18  # an unbounded integer's digits (llguidance cannot compile int64's own range)
+LARGEST_INTEGER = 10**MAX_INTEGER_DIGITS - 1
 
 
 # ---- the grammar of a request (pure) -------------------------------------
@@ -63,7 +65,7 @@ MAX_TOOLS = 128
 # and those whose values map names to schemas (any name, "const" included).
 DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
 SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
-CONDITIONS = frozenset({"not", "if", "then", "else", "dependentSchemas"})  # left open by closed_objects
+CONDITIONS = frozenset({"not", "if", "then", "else", "dependentSchemas"})  # left open by tightened
 
 
 def relocated(schema: Any, base: str) -> Any:
@@ -89,19 +91,25 @@ def relocated(schema: Any, base: str) -> Any:
     return out
 
 
-def closed_objects(schema: Any, in_all_of: bool = False) -> Any:
-    """`schema` with `"additionalProperties": false` on every object schema
-    that lists its properties and says nothing about others. JSON Schema
-    allows unlisted keys by default, and a small model constrained by such a
-    schema keeps inventing keys until it runs out of tokens (instructor's,
-    pydantic-ai's and LangChain's schemas leave the keyword out). xgrammar
-    and outlines (vLLM's defaults) read a missing keyword this way too; a
-    client that wants other keys says `"additionalProperties": true` (or
-    gives their schema). Members of an `allOf` stay open (each lists only
-    its share of the object's properties), and so do conditions (`not`,
-    `if`/`then`/`else`, `dependentSchemas`), whose meaning closing would change."""
+def tightened(schema: Any, in_all_of: bool = False) -> Any:
+    """`schema` as the grammar enforces it, with two gaps a small model falls
+    into closed (it writes until max_tokens through either):
+
+    - `"additionalProperties": false` on every object schema that lists its
+      properties and says nothing about others. JSON Schema allows unlisted
+      keys by default, and the model keeps inventing keys (instructor's,
+      pydantic-ai's and LangChain's schemas leave the keyword out).
+      xgrammar and outlines (vLLM's defaults) read a missing keyword this
+      way too; a client that wants other keys says
+      `"additionalProperties": true` (or gives their schema). Members of an
+      `allOf` stay open (each lists only its share of the object's
+      properties), and so do conditions (`not`, `if`/`then`/`else`,
+      `dependentSchemas`), whose meaning closing would change.
+    - An integer with no bound on a side gets MAX_INTEGER_DIGITS digits at
+      most there (the model wrote 30-60 digit numbers; no JSON parser
+      client-side wants one, and int64 ends at 19 digits)."""
     if isinstance(schema, list):
-        return [closed_objects(item) for item in schema]
+        return [tightened(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
     out: dict[str, Any] = {}
@@ -109,15 +117,20 @@ def closed_objects(schema: Any, in_all_of: bool = False) -> Any:
         if key in DATA_KEYWORDS or key in CONDITIONS:
             out[key] = value
         elif key in SCHEMA_MAPS and isinstance(value, dict):
-            out[key] = {name: closed_objects(sub) for name, sub in value.items()}
+            out[key] = {name: tightened(sub) for name, sub in value.items()}
         elif key == "allOf" and isinstance(value, list):
-            out[key] = [closed_objects(sub, in_all_of=True) for sub in value]
+            out[key] = [tightened(sub, in_all_of=True) for sub in value]
         else:
-            out[key] = closed_objects(value)
+            out[key] = tightened(value)
     listed = "properties" in out or "patternProperties" in out
     said = "additionalProperties" in out or "unevaluatedProperties" in out
     if listed and not said and not in_all_of:
         out["additionalProperties"] = False
+    if out.get("type") == "integer" and not in_all_of:
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -LARGEST_INTEGER
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = LARGEST_INTEGER
     return out
 
 
@@ -132,7 +145,7 @@ def tool_call_schema(tools: Sequence[ToolFunction], tool_choice: str | None, par
     defs: dict[str, Any] = {}
     calls = []
     for t in chosen:
-        arguments, key = closed_objects(t.parameters or NO_ARGUMENTS), f"tool_{t.name}"
+        arguments, key = tightened(t.parameters or NO_ARGUMENTS), f"tool_{t.name}"
         moved = relocated(arguments, f"/$defs/{key}")
         if moved != arguments:  # it has local references
             defs[key], arguments = moved, {"$ref": f"#/$defs/{key}"}
@@ -156,7 +169,7 @@ def json_schema_for(spec: StructuredOutput) -> dict[str, Any]:
     if spec.kind == "json_object":
         return ANY_OBJECT
     if spec.kind == "json_schema":
-        return closed_objects(spec.json_schema)
+        return tightened(spec.json_schema)
     return tool_call_schema(spec.tools, spec.tool_choice, spec.parallel_tool_calls)
 
 
@@ -459,7 +472,7 @@ class StructuredOutputs:
 
     def _compile(self, spec: StructuredOutput, schema: dict[str, Any], options: dict[str, Any]):
         if spec.auto:
-            answer = closed_objects(spec.json_schema) if spec.json_schema is not None else None
+            answer = tightened(spec.json_schema) if spec.json_schema is not None else None
             compiled = self._compile_grammar(lambda llg: llg.LLMatcher.grammar_from_lark(
                 optional_calls_grammar(schema, options, answer)))
         else:

@@ -18,7 +18,7 @@ from pad_core.structured import (
     CallListScanner,
     GrammarMatcher,
     check_spec,
-    closed_objects,
+    tightened,
     parse_tool_calls,
     relocated,
     tool_call_schema,
@@ -410,7 +410,7 @@ def test_relocated_rewrites_local_references_only():
     assert relocated({"properties": {"b": own}}, "/x") == {"properties": {"b": own}}
 
 
-def test_closed_objects_refuses_unlisted_keys_unless_the_schema_allows_them():
+def test_tightened_refuses_unlisted_keys_unless_the_schema_allows_them():
     """instructor's and pydantic's schemas leave additionalProperties out:
     read as false (xgrammar's and outlines' reading), every object that
     lists properties is closed, nested, in $defs, in unions and arrays;
@@ -427,18 +427,27 @@ def test_closed_objects_refuses_unlisted_keys_unless_the_schema_allows_them():
         "allOf": [{"properties": {"b": {}}}],
         "not": {"properties": {"c": {}}},
     }
-    closed = closed_objects(schema)
+    closed = tightened(schema)
     assert closed["additionalProperties"] is False
     assert closed["$defs"]["Place"]["additionalProperties"] is False
     assert closed["properties"]["tags"]["items"]["additionalProperties"] is False
     assert closed["properties"]["either"]["anyOf"][0]["additionalProperties"] is False
     assert closed["properties"]["properties"] == {"type": "string"}
     assert closed["properties"]["free"]["additionalProperties"] is True
-    assert closed["properties"]["scores"] == schema["properties"]["scores"]
+    assert closed["properties"]["scores"]["additionalProperties"]["type"] == "integer"  # a map: kept open
     assert closed["default"] == schema["default"] and closed["not"] == schema["not"]
     assert closed["allOf"] == schema["allOf"]
     assert "additionalProperties" not in schema  # the client's schema is not changed
-    assert closed_objects({"type": "object"}) == {"type": "object"}  # json_object: any object
+    assert tightened({"type": "object"}) == {"type": "object"}  # json_object: any object
+
+
+def test_an_unbounded_integer_gets_at_most_18_digits():
+    """Regression: small models wrote 30-60 digit numbers until max_tokens."""
+    assert tightened({"type": "integer"}) == {"type": "integer", "minimum": -(10**18 - 1), "maximum": 10**18 - 1}
+    assert tightened({"type": "integer", "minimum": 0}) == {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}
+    assert tightened({"type": "integer", "exclusiveMaximum": 5})["minimum"] == -(10**18 - 1)
+    assert "maximum" not in tightened({"type": "integer", "exclusiveMaximum": 5})
+    assert tightened({"type": "number"}) == {"type": "number"}
 
 
 def test_a_key_the_schema_does_not_list_is_not_legal(engine):
@@ -457,6 +466,11 @@ def test_a_key_the_schema_does_not_list_is_not_legal(engine):
     for token in engine.tokenizer.encode('{"city": "Paris"', add_special_tokens=False):
         matcher.consume(token)
     assert next_pieces(engine, matcher) == {"}", ","}
+    count = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    matcher = engine.structured.start(StructuredOutput("json_schema", json_schema=count))
+    for token in engine.tokenizer.encode('{"n": 123456789012345678', add_special_tokens=False):
+        matcher.consume(token)
+    assert matcher.error is None and next_pieces(engine, matcher) == {"}"}  # no 19th digit
 
 
 def next_pieces(engine, matcher) -> set[str]:
