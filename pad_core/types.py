@@ -128,7 +128,7 @@ class SamplingParams:
         if self.max_tokens is not None:  # 0: score the prompt only
             check_int(self.max_tokens, "max_tokens", 0 if self.prompt_logprobs is not None else 1, INT64_MAX)
         check_float(self.temperature, "temperature", 0.0, MAX_TEMPERATURE)
-        check_float(self.top_p, "top_p", 0.0, 1.0, low_open=True)
+        check_float(self.top_p, "top_p", 0.0, 1.0)  # 0: the most likely token alone (top_p_filter keeps it)
         if self.seed is not None:
             check_int(self.seed, "seed")
         if not isinstance(self.stop, tuple | list) or len(self.stop) > MAX_STOP_STRINGS:

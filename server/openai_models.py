@@ -181,7 +181,7 @@ class SamplingFields(StrictRequest):
     sampling settings, vLLM's extensions, and PAD's."""
 
     temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1, description="0 keeps only the most likely token (OpenAI accepts 0)")
     n: int | None = Field(1, ge=1, le=MAX_CHOICES)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: Int64 | None = None

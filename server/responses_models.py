@@ -41,7 +41,7 @@ class ResponsesRequest(StrictRequest):
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool | None = False
     stream_options: ResponsesStreamOptions | None = None

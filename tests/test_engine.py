@@ -433,7 +433,7 @@ def _bad_requests(tokenizer):
         (chat("bad", "mid", [PREF], top_k=0), InvalidRequestError, "pad.top_k"),
         (chat("bad", "mid", [PREF], top_k=-3), InvalidRequestError, "pad.top_k"),
         (chat("bad", sampling=SamplingParams(temperature=-0.5)), InvalidRequestError, "temperature"),
-        (chat("bad", sampling=SamplingParams(top_p=0.0)), InvalidRequestError, "top_p"),
+        (chat("bad", sampling=SamplingParams(top_p=-0.1)), InvalidRequestError, "top_p"),
         (chat("bad", "mid", [PREF], reward_model="no-such-model"), UnknownRewardModelError, "pad.reward_model"),
         (GenerationRequest("bad", [1, 2, 3], guidance=GuidanceParams(reward_model="nope")), UnknownRewardModelError,
          "pad.reward_model"),

@@ -37,6 +37,7 @@ def nested(depth: int) -> bytes:
 # (what is sent, expected status, the parameter a 400 names)
 CHAT_CASES = [
     ({"temperature": 1e-40}, 200, None),
+    ({"top_p": 0}, 200, None),  # the most likely token alone (OpenAI accepts 0)
     ({"top_p": 1e-50}, 200, None),
     ({"top_p": 5e-324}, 200, None),
     ({"temperature": 1e-40, "top_p": 5e-324, "preference": "short answers"}, 200, None),
