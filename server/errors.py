@@ -177,7 +177,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         return error_response(invalid(f"The request body must be a JSON object sent as Content-Type "
                                       f"application/json, not {sent}.", None, "invalid_json"))
     message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
-    return error_response(invalid(message, param))
+    kind = str(first.get("type", ""))
+    code = "invalid_type" if kind.endswith(("_type", "_parsing")) else "missing_required_parameter" \
+        if kind == "missing" else "invalid_value"  # OpenAI's codes for these
+    return error_response(invalid(message, param, code))
 
 
 async def _api_error(_: Request, exc: APIError) -> JSONResponse:

@@ -154,3 +154,12 @@ async def test_a_too_long_stop_list_says_so(app):
     fault (regression: 17 stop strings were "not a valid string")."""
     error = (await post(app, {**BODY, "stop": ["s"] * 17})).json()["error"]
     assert error["param"] == "stop" and "at most 16" in error["message"]
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    ({**BODY, "temperature": "hot"}, "invalid_type"),
+    ({**BODY, "n": 0}, "invalid_value"),
+    ({"messages": BODY["messages"]}, "missing_required_parameter"),
+])
+async def test_validation_errors_carry_openais_codes(app, body, code):
+    assert (await post(app, body)).json()["error"]["code"] == code
