@@ -213,6 +213,10 @@ class TransformersRunner(ModelRows):
         self.device = next(model.parameters()).device
         self.num_layers = model.config.get_text_config().num_hidden_layers
         self.prefix_cache = prefix_cache
+        # Rows whose prompt is being written in pieces (chunked prefill), outside
+        # the batch until complete: key -> (tokens written, their KV
+        # [layers, 2, kv_heads, tokens, head_dim]), continued like a cached prefix.
+        self._partial: dict[RowKey, tuple[int, torch.Tensor]] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -229,7 +233,7 @@ class TransformersRunner(ModelRows):
 
     @property
     def chunked_prefill(self) -> bool:
-        return False  # a row joins the left-padded batch whole
+        return True  # a row mid-prompt waits outside the batch (`_partial`) and joins it complete
 
     @property
     def cache_columns(self) -> int:
@@ -249,9 +253,14 @@ class TransformersRunner(ModelRows):
         padding between the two).
 
         Rows with the same prompt and adapter (the `n` choices of one
-        request) run once; the others get copies of that row's cache."""
+        request) run once; the others get copies of that row's cache.
+
+        A prompt given in pieces (chunked prefill: `NewRow.start` / `last`)
+        waits outside the batch between them, its KV kept as a prefix the
+        next piece continues (as a cached one); it joins the batch with its
+        last piece."""
         if any(row.start or not row.last for row in rows):
-            raise ValueError("the transformers runner takes whole prompts (no chunked prefill)")
+            return self._prefill_rows(rows, rows, None)
         firsts: dict[tuple, int] = {}  # (adapter, prompt) -> index among the rows that run
         copy_of = [firsts.setdefault((row.adapter, tuple(row.prompt_ids)), len(firsts)) for row in rows]
         if len(firsts) < len(rows):
@@ -263,14 +272,16 @@ class TransformersRunner(ModelRows):
                       copy_of: list[int] | None) -> torch.Tensor:
         """Runs `rows` and appends `joining` (row i of which is a copy of
         rows[copy_of[i]]; None: `joining` is `rows`). [len(joining), H]."""
-        prefixes = [self._cached_prefix(row) for row in rows]
+        prefixes = [self._prefix_of(row) for row in rows]
         prefix_width = max(length for length, _ in prefixes)
-        rests = [len(row.prompt_ids) - length for row, (length, _) in zip(rows, prefixes, strict=True)]
+        ends = [row.start + len(row.prompt_ids) for row in rows]  # tokens each row holds after this
+        rests = [end - length for end, (length, _) in zip(ends, prefixes, strict=True)]
         width = max(rests)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), prefix_width + width), dtype=torch.long)
         for index, (row, (length, _)) in enumerate(zip(rows, prefixes, strict=True)):
-            input_ids[index, width - rests[index] :] = torch.tensor(row.prompt_ids[length:], dtype=torch.long)
+            input_ids[index, width - rests[index] :] = torch.tensor(row.prompt_ids[length - row.start :],
+                                                                    dtype=torch.long)
             mask[index, prefix_width - length : prefix_width] = 1
             mask[index, prefix_width + width - rests[index] :] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
@@ -284,14 +295,43 @@ class TransformersRunner(ModelRows):
             for layer in cache.layers:
                 layer.batch_select_indices(expand)
             hidden, mask = hidden[expand], mask[expand]
-        lengths = torch.tensor([len(row.prompt_ids) for row in joining], device=self.device)
-        self._append(cache, mask, lengths, [row.key for row in joining], [row.adapter for row in joining])
+            ends = [ends[index] for index in copy_of]
+        complete = [index for index, row in enumerate(joining) if row.last]
+        if len(complete) < len(joining):  # pieces of longer prompts wait outside the batch
+            for index, row in enumerate(joining):
+                if not row.last:
+                    self._partial[row.key] = (ends[index], self._row_kv(cache, mask, index))
+            if not complete:
+                return hidden
+            keep = torch.tensor(complete, device=self.device)
+            for layer in cache.layers:
+                layer.batch_select_indices(keep)
+            mask = mask[keep]
+        lengths = torch.tensor([ends[index] for index in complete], device=self.device)
+        self._append(cache, mask, lengths, [joining[index].key for index in complete],
+                     [joining[index].adapter for index in complete])
         return hidden
 
-    def _cached_prefix(self, row: NewRow) -> tuple[int, torch.Tensor | None]:
+    def _prefix_of(self, row: NewRow) -> tuple[int, torch.Tensor | None]:
+        """What a row starts from: its own earlier pieces (chunked prefill),
+        else the longest cached prefix of its tokens, else nothing."""
+        if row.start:
+            held, kv = self._partial.pop(row.key, (0, None))
+            if held != row.start:
+                raise ValueError(f"row {row.key!r} does not hold {row.start} tokens of an unfinished prompt")
+            return held, kv
+        if row.key in self._index or row.key in self._partial:
+            raise ValueError(f"row {row.key!r} is already here")
         if self.prefix_cache is None:
             return 0, None
         return self.prefix_cache.longest(row.adapter, row.prompt_ids)
+
+    @staticmethod
+    def _row_kv(cache, mask: torch.Tensor, index: int) -> torch.Tensor:
+        """Row `index`'s KV at its real columns, in order: [layers, 2, kv_heads, tokens, head_dim]."""
+        columns = mask[index].nonzero().flatten()
+        return torch.stack([torch.stack((layer.keys[index][:, columns], layer.values[index][:, columns]))
+                            for layer in cache.layers])
 
     def _prefix_batch(self, prefixes: Sequence[tuple[int, torch.Tensor | None]], width: int) -> Cache:
         """A cache holding each row's cached prefix ([layers, 2, heads,
@@ -349,6 +389,8 @@ class TransformersRunner(ModelRows):
     def remove(self, keys: Collection[RowKey]) -> None:
         """Frees the rows of finished or aborted requests (the others' caches
         are selected into new buffers: the reason for a pool-based runner)."""
+        for key in keys:
+            self._partial.pop(key, None)
         leaving = {self._index[key] for key in keys if key in self._index}
         if not leaving:
             return

@@ -102,7 +102,7 @@ class EngineSettings(BaseSettings):
     chunked_prefill: bool = Field(
         True,
         description="write prompts in pieces of at most max_prefill_tokens per step, between decode steps "
-        "(backends slots and cuda; the transformers runner takes whole prompts)",
+        "(every backend)",
     )
     default_max_tokens: int = Field(
         1024, ge=0,

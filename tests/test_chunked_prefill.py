@@ -1,5 +1,5 @@
 """Chunked prefill (issue 15: "prefill separate from decode, chunked, so a
-long prompt does not stall running streams"): with a pool backend the
+long prompt does not stall running streams"): on either runner the
 engine writes prompts in pieces of at most max_prefill_tokens per step,
 between decode steps. The tokens are the whole-prompt reference's, running
 requests get a token every step while a long prompt is written, and aborts
@@ -37,15 +37,21 @@ def test_prompt_spans_right_align_the_rows_so_they_complete_together():
             assert all(end == n for (_, end), n in zip(spans, [41, 12, 33], strict=True)) == (progress >= 41)
 
 
-@pytest.fixture
-def chunked(make_engine):
-    return lambda **settings: make_engine(**{"backend": "slots", "kv_pool_gib": 0.03, **settings})
+@pytest.fixture(params=["slots", "transformers"])
+def chunked(make_engine, request):
+    """An engine on either runner: the pool writes a piece into the row's
+    slot; the transformers runner keeps it outside its batch until complete."""
+    return lambda **settings: make_engine(**{"backend": request.param, "kv_pool_gib": 0.03, **settings})
 
 
-def test_the_engine_chunks_only_over_pool_runners(make_engine, chunked):
+def mid_prompt(runner) -> dict:
+    """The runner's rows whose prompt is not complete."""
+    return runner._pending if hasattr(runner, "_pending") else runner._partial
+
+
+def test_the_engine_chunks_unless_told_not_to(chunked):
     assert chunked().chunked_prefill
     assert not chunked(chunked_prefill=False).chunked_prefill
-    assert not make_engine().chunked_prefill  # the transformers runner takes whole prompts
 
 
 @pytest.mark.parametrize("budget", [7, 16, 64])
@@ -104,11 +110,11 @@ def test_an_abort_mid_prompt_frees_its_rows(chunked, make_engine):
     outputs = engine.step() + engine.step()
     assert [s.request_id for s in engine.running] == ["keep"] and [s.request_id for s in engine.prefilling] == ["gone"]
     runner = engine.runners[BASE_RUNNER]
-    assert runner.num_rows >= 3 and runner._pending  # "gone" holds slots with part of its prompts
+    assert mid_prompt(runner) and runner.num_rows + len(mid_prompt(runner)) >= 3  # "gone" holds part of its prompts
     engine.abort("gone")
     outputs += engine.step()
     assert [o.finish_reason for o in outputs if o.request_id == "gone"] == ["abort"]
-    assert not engine.prefilling and runner.num_rows == 1 and not runner._pending
+    assert not engine.prefilling and runner.num_rows == 1 and not mid_prompt(runner)
     outputs += [o for o in engine.generate([])]
     keep = [t for o in outputs if o.request_id == "keep" for t in o.token_ids]
     assert keep == tokens_by_request(make_engine(), chat("keep", "short", sampling=GREEDY))["keep"]
@@ -134,4 +140,4 @@ def test_a_failing_piece_ends_only_its_request(chunked, make_engine, monkeypatch
     assert results["bad"].finish_reason == "error" and "injected" in results["bad"].last.error
     expected = tokens_by_request(make_engine(), *requests[1:])
     assert {rid: results[rid].tokens for rid in ("good", "small")} == expected
-    assert runner.num_rows == 0 and not runner._pending and engine.stats()["running_requests"] == 0
+    assert runner.num_rows == 0 and not mid_prompt(runner) and engine.stats()["running_requests"] == 0
