@@ -66,6 +66,10 @@ LARGEST_INTEGER = 10**MAX_INTEGER_DIGITS - 1
 DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
 SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 CONDITIONS = frozenset({"not", "if", "then", "else", "dependentSchemas"})  # left open by tightened
+COMPOSITIONS = frozenset({"allOf", "anyOf", "oneOf"})
+# Beside these an object's keys are more than its listed properties (tightened leaves it open).
+OPEN_ENDED = frozenset({"additionalProperties", "unevaluatedProperties", "patternProperties", "allOf", "anyOf",
+                        "oneOf", "$ref", "if", "then", "else", "dependentSchemas", "dependentRequired"})
 
 
 def relocated(schema: Any, base: str) -> Any:
@@ -91,20 +95,23 @@ def relocated(schema: Any, base: str) -> Any:
     return out
 
 
-def tightened(schema: Any, in_all_of: bool = False) -> Any:
+def tightened(schema: Any, in_composition: bool = False) -> Any:
     """`schema` as the grammar enforces it, with two gaps a small model falls
     into closed (it writes until max_tokens through either):
 
-    - `"additionalProperties": false` on every object schema that lists its
+    - `"additionalProperties": false` on an object schema that lists its
       properties and says nothing about others. JSON Schema allows unlisted
       keys by default, and the model keeps inventing keys (instructor's,
       pydantic-ai's and LangChain's schemas leave the keyword out).
       xgrammar and outlines (vLLM's defaults) read a missing keyword this
       way too; a client that wants other keys says
-      `"additionalProperties": true` (or gives their schema). Members of an
-      `allOf` stay open (each lists only its share of the object's
-      properties), and so do conditions (`not`, `if`/`then`/`else`,
-      `dependentSchemas`), whose meaning closing would change.
+      `"additionalProperties": true` (or gives their schema). Only where
+      the listed properties are all the keys: not beside an applicator that
+      may add some (`allOf`, `anyOf`, `oneOf`, `$ref`, `if`/`then`/`else`,
+      `dependentSchemas`, `dependentRequired`), not in a member of a
+      composition whose object lists keys of its own, not where `required`
+      names a key the object does not list; conditions (`not`, `if`...) are
+      left as they are, since closing would change their meaning.
     - An integer with no bound on a side gets MAX_INTEGER_DIGITS digits at
       most there (the model wrote 30-60 digit numbers; no JSON parser
       client-side wants one, and int64 ends at 19 digits)."""
@@ -112,26 +119,46 @@ def tightened(schema: Any, in_all_of: bool = False) -> Any:
         return [tightened(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
+    owns_keys = any(key in schema for key in ("properties", "patternProperties", "required"))
     out: dict[str, Any] = {}
     for key, value in schema.items():
         if key in DATA_KEYWORDS or key in CONDITIONS:
             out[key] = value
         elif key in SCHEMA_MAPS and isinstance(value, dict):
             out[key] = {name: tightened(sub) for name, sub in value.items()}
-        elif key == "allOf" and isinstance(value, list):
-            out[key] = [tightened(sub, in_all_of=True) for sub in value]
+        elif key in COMPOSITIONS and isinstance(value, list):
+            out[key] = [tightened(sub, in_composition=owns_keys or key == "allOf") for sub in value]
         else:
             out[key] = tightened(value)
-    listed = "properties" in out or "patternProperties" in out
-    said = "additionalProperties" in out or "unevaluatedProperties" in out
-    if listed and not said and not in_all_of:
+    if _closable(out) and not in_composition:
         out["additionalProperties"] = False
-    if out.get("type") == "integer" and not in_all_of:
-        if "minimum" not in out and "exclusiveMinimum" not in out:
+    types = out.get("type")
+    if types == "integer" or (isinstance(types, list) and "integer" in types):
+        low, high = _bound(out, "minimum", "exclusiveMinimum"), _bound(out, "maximum", "exclusiveMaximum")
+        if low is None and (high is None or high > -LARGEST_INTEGER):
             out["minimum"] = -LARGEST_INTEGER
-        if "maximum" not in out and "exclusiveMaximum" not in out:
+        if high is None and (low is None or low < LARGEST_INTEGER):  # never below the schema's own minimum
             out["maximum"] = LARGEST_INTEGER
     return out
+
+
+def _bound(schema: dict[str, Any], inclusive: str, exclusive: str) -> float | None:
+    """The schema's bound on a side (a number), if it has one; None if not.
+    Present but not a number: an infinite one (left to the schema)."""
+    for key in (inclusive, exclusive):
+        if key in schema:
+            value = schema[key]
+            return value if isinstance(value, int | float) and not isinstance(value, bool) else float("inf")
+    return None
+
+
+def _closable(schema: dict[str, Any]) -> bool:
+    """Whether the object's listed properties are all its keys (see tightened)."""
+    listed = schema.get("properties")
+    if not isinstance(listed, dict) or any(key in schema for key in OPEN_ENDED):
+        return False
+    required = schema.get("required")
+    return not isinstance(required, list) or all(name in listed for name in required)
 
 
 def tool_call_schema(tools: Sequence[ToolFunction], tool_choice: str | None, parallel: bool) -> dict[str, Any]:

@@ -36,3 +36,20 @@ def tokenize(prompts: PromptBuilder, request: dict[str, Any]) -> dict[str, Any]:
         raise InvalidRequestError(f"unknown tokenize request kind {kind!r}", param=None)
     strings = tokenizer.convert_ids_to_tokens(ids) if request.get("return_token_strs") else None
     return {"count": len(ids), "tokens": list(ids), "token_strs": strings}
+
+
+def tokenizer_info(tokenizer, context_length: int) -> dict[str, Any]:
+    """What GET /tokenizer_info serves (vLLM's endpoint): what a client needs
+    to tokenize as the server does, with /tokenize and /detokenize
+    (lm-evaluation-harness's remote tokenizer reads eos_token and
+    chat_template from it)."""
+    return {
+        "tokenizer_class": type(tokenizer).__name__,
+        "eos_token": tokenizer.eos_token,
+        "bos_token": tokenizer.bos_token,
+        "pad_token": tokenizer.pad_token,
+        "unk_token": tokenizer.unk_token,
+        "chat_template": tokenizer.chat_template,
+        "model_max_length": context_length,
+        "vocab_size": len(tokenizer),
+    }

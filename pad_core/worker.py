@@ -38,7 +38,7 @@ from pad_core.ipc import HEARTBEAT_S, pack, unpack
 from pad_core.memory import HeapTrimmer
 from pad_core.model_loading import load_engine
 from pad_core.settings import EngineSettings
-from pad_core.tokenization import tokenize
+from pad_core.tokenization import tokenize, tokenizer_info
 from pad_core.types import ChatRequest, GenerationRequest, GuidanceParams, RewardPrompt, TextRequest
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,9 @@ class Worker:
 
     def model_info(self) -> dict:
         """The engine's model info, plus what the gateway checks requests against."""
-        return {**self.engine.model_info(), "vocab_size": len(self.engine.tokenizer)}
+        info = self.engine.model_info()
+        return {**info, "vocab_size": len(self.engine.tokenizer),
+                "tokenizer": tokenizer_info(self.engine.tokenizer, info["context_length"])}
 
     def add(self, identity: bytes, payload: dict) -> None:
         """Starts tokenizing a chat (or a raw-text prompt, "kind": "text") in

@@ -414,7 +414,7 @@ def test_tightened_refuses_unlisted_keys_unless_the_schema_allows_them():
     """instructor's and pydantic's schemas leave additionalProperties out:
     read as false (xgrammar's and outlines' reading), every object that
     lists properties is closed, nested, in $defs, in unions and arrays;
-    what says otherwise, data, allOf members and conditions are kept."""
+    what says otherwise, and data, are kept."""
     schema = {
         "type": "object",
         "properties": {"place": {"$ref": "#/$defs/Place"}, "tags": {"type": "array", "items": {"properties": {"t": {}}}},
@@ -424,7 +424,6 @@ def test_tightened_refuses_unlisted_keys_unless_the_schema_allows_them():
                        "scores": {"type": "object", "additionalProperties": {"type": "integer"}}},
         "$defs": {"Place": {"type": "object", "properties": {"city": {"type": "string"}}}},
         "default": {"properties": {"kept": "as data"}},
-        "allOf": [{"properties": {"b": {}}}],
         "not": {"properties": {"c": {}}},
     }
     closed = tightened(schema)
@@ -436,9 +435,27 @@ def test_tightened_refuses_unlisted_keys_unless_the_schema_allows_them():
     assert closed["properties"]["free"]["additionalProperties"] is True
     assert closed["properties"]["scores"]["additionalProperties"]["type"] == "integer"  # a map: kept open
     assert closed["default"] == schema["default"] and closed["not"] == schema["not"]
-    assert closed["allOf"] == schema["allOf"]
     assert "additionalProperties" not in schema  # the client's schema is not changed
     assert tightened({"type": "object"}) == {"type": "object"}  # json_object: any object
+
+
+@pytest.mark.parametrize("schema", [
+    # keys that come from beside the listed properties (regression: these became unsatisfiable)
+    {"properties": {"a": {}}, "allOf": [{"properties": {"b": {}}, "required": ["b"]}]},
+    {"properties": {"kind": {}}, "required": ["kind"], "oneOf": [{"properties": {"x": {}}}, {"properties": {"y": {}}}]},
+    {"properties": {"kind": {}}, "anyOf": [{"properties": {"x": {}}, "required": ["x"]}]},
+    {"properties": {"a": {}}, "required": ["a", "b"]},
+    {"properties": {"kind": {}}, "if": {"properties": {"kind": {"const": "k"}}}, "then": {"properties": {"x": {}}}},
+    {"properties": {"a": {}}, "$ref": "#/$defs/B", "$defs": {"B": {"properties": {"b": {}}}}},
+])
+def test_tightened_leaves_open_an_object_whose_keys_come_from_elsewhere_too(schema, engine):
+    closed = tightened(schema)
+    assert "additionalProperties" not in closed
+    for member in closed.get("allOf", []) + closed.get("anyOf", []) + closed.get("oneOf", []):
+        assert "additionalProperties" not in member
+    for spec in (StructuredOutput("json_schema", json_schema=schema),
+                 StructuredOutput("tool_calls", tools=(ToolFunction("f", None, schema),))):
+        engine.structured.start(spec)  # compiles (was a 400: "Unsatisfiable schema")
 
 
 def test_an_unbounded_integer_gets_at_most_18_digits():
@@ -448,6 +465,8 @@ def test_an_unbounded_integer_gets_at_most_18_digits():
     assert tightened({"type": "integer", "exclusiveMaximum": 5})["minimum"] == -(10**18 - 1)
     assert "maximum" not in tightened({"type": "integer", "exclusiveMaximum": 5})
     assert tightened({"type": "number"}) == {"type": "number"}
+    assert tightened({"type": ["integer", "null"]})["maximum"] == 10**18 - 1
+    assert tightened({"type": "integer", "minimum": 10**20}) == {"type": "integer", "minimum": 10**20}  # not below it
 
 
 def test_a_key_the_schema_does_not_list_is_not_legal(engine):

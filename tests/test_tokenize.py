@@ -103,11 +103,23 @@ def test_a_prompt_longer_than_the_context_is_counted(url):
     assert body["count"] > body["max_model_len"]
 
 
+def test_tokenizer_info_is_what_lm_eval_harness_remote_tokenizer_reads(url, engine):
+    """vLLM's GET /tokenizer_info: lm-evaluation-harness checks it (an
+    eos_token) and /tokenize, and then tokenizes through the server."""
+    info = httpx.get(f"{url}/tokenizer_info", timeout=30).json()
+    assert info["eos_token"] == engine.tokenizer.eos_token and info["chat_template"] == engine.tokenizer.chat_template
+    assert info["model_max_length"] == engine.context_length and info["vocab_size"] == len(engine.tokenizer)
+    eos = post(url, "/tokenize", {"prompt": info["eos_token"], "add_special_tokens": False}).json()["tokens"]
+    assert eos == [engine.tokenizer.eos_token_id]
+
+
 async def test_a_worker_that_is_down_is_a_503(tmp_path):
     app = create_app(ServerSettings(data_dir=tmp_path), start_worker=False)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
         answer = await client.post("/tokenize", json={"prompt": "x"})
+        info = await client.get("/tokenizer_info")
     assert answer.status_code == 503 and answer.json()["error"]["code"] == "worker_unavailable"
+    assert info.status_code == 503
 
 
 async def test_tokenize_asks_beyond_the_cap_are_429s(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from pad_core.validation import INT64_MAX
 from server.auth import key_scope
-from server.errors import invalid
+from server.errors import invalid, unavailable
 from server.generation import check_model, map_exception
 from server.messages import chat_messages
 from server.openai_models import ChatMessage, StrictRequest
@@ -97,6 +97,17 @@ async def detokenize(body: DetokenizeRequest, request: Request):
             raise invalid(f"tokens[{index}] = {token} is not a token id of this model (0 to {vocab_size - 1})",
                           f"tokens[{index}]")
     return await ask_worker(state, {"kind": "detokenize", "tokens": body.tokens})
+
+
+@router.get("/tokenizer_info", responses=errors(401, 503))
+async def get_tokenizer_info(request: Request) -> dict:
+    """vLLM's tokenizer info: the special tokens, the chat template and the
+    context length (what lm-evaluation-harness's `tokenizer_backend=remote`,
+    its default where a server has it, needs besides /tokenize)."""
+    info = request.app.state.worker.model_info.get("tokenizer")
+    if info is None:
+        raise unavailable("the worker is not ready yet")
+    return info
 
 
 async def ask_worker(state, payload: dict) -> dict:
