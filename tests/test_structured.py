@@ -573,6 +573,29 @@ def test_a_call_list_scanner_stops_at_the_first_exact_repeat():
     assert not CallListScanner().feed(first)  # one call's object, not a list: nothing to repeat
 
 
+def test_calls_in_characters_split_over_tokens_are_compared_and_returned_exactly(engine):
+    """Regression: each token decoded alone turned an emoji into U+FFFD, so
+    two different calls compared equal and the arguments came back corrupted."""
+    say = ToolFunction("say", None, {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]})
+    spec = StructuredOutput("tool_calls", tools=(say,))
+    calls = ['{"name": "say", "arguments": {"text": "🎉"}}', '{"name": "say", "arguments": {"text": "🚀"}}',
+             '{"name": "say", "arguments": {"text": "東京"}}']
+
+    def feed(text):
+        matcher = engine.structured.start(spec)
+        for token in engine.tokenizer.encode(text, add_special_tokens=False):
+            matcher.consume(token)
+            if matcher.repeated:
+                break
+        return matcher
+
+    different = feed("[" + ", ".join(calls) + "]")
+    assert not different.repeated and different.error is None
+    repeat = feed("[" + ", ".join([*calls, calls[1]]) + "]")
+    assert repeat.repeated and repeat.tool_calls([]) == [
+        ToolCall("say", '{"text": "🎉"}'), ToolCall("say", '{"text": "🚀"}'), ToolCall("say", '{"text": "東京"}')]
+
+
 def test_a_model_that_keeps_repeating_a_call_gets_the_calls_before_the_repeat(engine):
     """Regression: tool_choice "required" with parallel calls (OpenAI's
     default; pydantic-ai, smolagents) and a model that always writes ", "
