@@ -79,6 +79,7 @@ class PadEngine:
         self.running: list[RequestState] = []
         self._aborted: set[str] = set()
         self._seed_source = random.Random()
+        self._token_texts: dict[int, tuple[str, list[int]]] = {}  # token id -> its text and bytes (logprobs)
 
     # ---- requests -----------------------------------------------------
     def add_chat(self, chat: ChatRequest) -> None:
@@ -455,10 +456,13 @@ class PadEngine:
         prompt (max_tokens 0) ends here, "length", without taking rows; one
         whose reading fails ends alone ("error")."""
         outputs = []
+        read: dict[tuple, list[TokenLogprob]] = {}  # the n choices of a request share their prompt's
         for state in states:
+            key = (tuple(state.request.prompt_ids), state.request.sampling.prompt_logprobs)
             try:
-                state.prompt_logprobs = self._prompt_logprobs(state.request.prompt_ids,
-                                                              state.request.sampling.prompt_logprobs)
+                if key not in read:
+                    read[key] = self._prompt_logprobs(*key)
+                state.prompt_logprobs = read[key]
             except Exception as exc:
                 logger.exception("prompt logprobs of request %s failed", state.request_id)
                 outputs.append(state.finish("error", error=f"engine error: {exc}"))
@@ -485,7 +489,10 @@ class PadEngine:
         return entries
 
     def _token_entry(self, token_id: int, logprob: float) -> tuple[str, float, list[int]]:
-        return self.tokenizer.decode([token_id]), logprob, token_bytes(self.tokenizer, token_id)
+        text = self._token_texts.get(token_id)
+        if text is None:  # decoding is most of a logprobs entry's cost: once per token id
+            text = self._token_texts[token_id] = (self.tokenizer.decode([token_id]), token_bytes(self.tokenizer, token_id))
+        return text[0], logprob, text[1]
 
     # ---- scheduling ---------------------------------------------------
     def _admit(self) -> list[RequestState]:
@@ -495,12 +502,19 @@ class PadEngine:
         admitted: list[RequestState] = []
         in_batch = [*self.prefilling, *self.running]
         rows = sum(len(state.row_keys) for state in in_batch)
-        prefill_tokens = 0
+        prefill_tokens = scored_tokens = 0
         token_budget = None if self.chunked_prefill else self.settings.max_prefill_tokens
         while self.waiting:
             state = self.waiting[0]
-            state_rows = len(state.row_keys)
-            state_tokens = sum(len(prompt) for prompt in state.prompts)
+            scores_only = state.max_tokens == 0  # takes no rows (_read_prompt_logprobs)
+            state_rows = 0 if scores_only else len(state.row_keys)
+            state_tokens = 0 if scores_only else sum(len(prompt) for prompt in state.prompts)
+            # Reading prompt logprobs is a forward of its own, at admission: at
+            # most max_prefill_tokens of it a step (the first always), so
+            # scoring requests never stall the running streams for longer.
+            state_scored = len(state.request.prompt_ids) if state.request.sampling.prompt_logprobs is not None else 0
+            if state_scored and scored_tokens and scored_tokens + state_scored > self.settings.max_prefill_tokens:
+                break
             fits = (
                 len(in_batch) + len(admitted) < self.settings.max_running_requests
                 and rows + state_rows <= self.settings.max_batch_rows
@@ -512,6 +526,7 @@ class PadEngine:
             admitted.append(self.waiting.popleft())
             rows += state_rows
             prefill_tokens += state_tokens
+            scored_tokens += state_scored
         return admitted
 
     def _finish_aborted(self) -> list[StepOutput]:
@@ -609,9 +624,11 @@ class PadEngine:
         top_k = self.settings.default_top_k if guidance.top_k is None else guidance.top_k
         min_p = self.settings.default_min_p if guidance.min_p is None else guidance.min_p
         source = self._reward_source(guidance.reward_model)
-        longest_prompt = max([len(request.prompt_ids), *(len(p.prompt_ids) for p in request.reward_prompts)])
+        scores_only = sampling.max_tokens == 0  # reads the prompt's logprobs: no rows, no room for an answer
+        longest_prompt = max([len(request.prompt_ids),
+                              *(() if scores_only else (len(p.prompt_ids) for p in request.reward_prompts))])
         room = self.context_length - longest_prompt
-        if room < 1:
+        if room < (0 if scores_only else 1):
             raise ContextLengthExceededError(
                 f"the prompt has {longest_prompt} tokens (with the preference), "
                 f"the model's context length is {self.context_length}"

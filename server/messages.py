@@ -33,7 +33,8 @@ def part_text(part: Any, param: str) -> str:
         raise invalid(f"{param}: '{kind}' parts are not supported (text only)", param, "unsupported_content")
     if not isinstance(text, str):
         field = "refusal" if kind == "refusal" else "text"
-        raise invalid(f"{param}: a '{kind}' part needs '{field}' (a string)", f"{param}.{field}")
+        raise invalid(f"{param}: a '{kind}' part needs '{field}' (a string)", f"{param}.{field}",
+                      "missing_required_parameter" if field not in part else "invalid_type")
     return text
 
 

@@ -770,3 +770,6 @@ def test_prompt_logprobs_are_the_plain_models_and_max_tokens_0_only_scores(make_
     assert outputs["s2"][-1].completion_tokens == 2 and all(o.prompt_logprobs is None for o in outputs["s2"][1:])
     with pytest.raises(InvalidRequestError):
         SamplingParams(max_tokens=0).verify()  # 0 only to score a prompt
+    full = [prompt[0]] * engine.context_length  # a prompt that fills the context: scored, no room needed
+    scored = list(engine.generate([GenerationRequest("full", full, [], SamplingParams(max_tokens=0, prompt_logprobs=0))]))
+    assert scored[-1].finish_reason == "length" and len(scored[0].prompt_logprobs) == engine.context_length

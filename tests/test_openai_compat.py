@@ -373,6 +373,10 @@ def test_completions_echo_with_logprobs_scores_the_prompt(client, server):
     assert "".join(c.choices[0].text for c in chunks) == text.choices[0].text
     assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs] == \
         text.choices[0].logprobs.token_logprobs
+    emoji = client.completions.create(model=MODEL, prompt="Party 🎉 time", max_tokens=2, temperature=0, logprobs=0,
+                                      echo=True).choices[0]
+    offsets = emoji.logprobs.text_offset
+    assert offsets[-2] == len("Party 🎉 time")  # the answer starts where the echo ends, whatever the pieces
     refused = post(server, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 0})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
 

@@ -110,18 +110,28 @@ class CompletionFormatter(ChunkFormatter):
     def echo(self, choice: ChoiceState) -> str:
         return prompt_text(self.prompts[choice.group], choice.prompt_logprobs) if self.body.echo else ""
 
-    def echoed_logprobs(self, choice: ChoiceState) -> list[TokenLogprob]:
-        """With echo, the prompt's tokens open the logprobs (OpenAI, vLLM)."""
-        return list(choice.prompt_logprobs or ()) if self.body.echo else []
+    def logprobs(self, choice: ChoiceState, entries: list[TokenLogprob], offset: int, echo: str | None) -> dict | None:
+        """Legacy logprobs of answer tokens at `offset`; with the `echo` text
+        (the first piece of an echoed choice), the prompt's tokens open them
+        (OpenAI, vLLM), at offsets from 0, and the answer's start exactly
+        where the echoed text ends (a prompt token's text may be a piece of
+        a character, which would shift every offset after it)."""
+        if self.body.logprobs is None:
+            return None
+        answer = legacy_logprobs(entries, offset + len(echo or ""))
+        if echo is None or not choice.prompt_logprobs:
+            return answer
+        prompt = legacy_logprobs(choice.prompt_logprobs, offset)
+        return {key: prompt[key] + answer[key] for key in answer}
 
     def delta(self, generation: Generation, choice: ChoiceState, delta: Delta) -> list[str]:
-        text, entries = delta.text, delta.logprobs
-        first = choice.index not in self.echoed
-        if first:
+        echo = None
+        if choice.index not in self.echoed:
             self.echoed.add(choice.index)
-            text, entries = self.echo(choice) + text, self.echoed_logprobs(choice) + entries
+            echo = self.echo(choice)
         offset = self.offsets.get(choice.index, 0)
-        logprobs = legacy_logprobs(entries, offset) if self.body.logprobs is not None else None
+        logprobs = self.logprobs(choice, delta.logprobs, offset, echo)
+        text = (echo or "") + delta.text
         self.offsets[choice.index] = offset + len(text)
         extra = {} if self.pad_sent else {"pad": generation.pad_info()}  # on the first chunk
         self.pad_sent = True
@@ -132,8 +142,7 @@ class CompletionFormatter(ChunkFormatter):
         out = []
         for choice in choices:
             echo = self.echo(choice)
-            entries = self.echoed_logprobs(choice) + choice.logprobs
-            logprobs = legacy_logprobs(entries, 0) if self.body.logprobs is not None else None
+            logprobs = self.logprobs(choice, choice.logprobs, 0, echo if self.body.echo else None)
             out.append({"index": choice.index, "text": echo + choice.text, "logprobs": logprobs,
                         "finish_reason": choice.finish_reason})
         return {"id": generation.id, "object": "text_completion", "created": generation.created,
