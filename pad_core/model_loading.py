@@ -254,16 +254,17 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def kv_pool_budget(settings: EngineSettings, device: torch.device, reserved_bytes: int = 0) -> int:
+def kv_pool_budget(settings: EngineSettings, device: torch.device, reserved_bytes: int = 0, share: int = 1) -> int:
     """Bytes a slots-backend runner's KV pool may take: `kv_pool_gib` if set;
     on CUDA, `gpu_memory_utilization` of the device minus what is already in
-    use (the weights, earlier pools) and minus `reserved_bytes` (prefix
-    caches, which fill up only later); on CPU, 2 GiB."""
+    use (every model's weights, earlier pools) and minus `reserved_bytes`
+    (prefix caches, which fill up only later), split evenly between this
+    pool and the `share - 1` pools still to come; on CPU, 2 GiB."""
     if settings.kv_pool_gib is not None:
         return int(settings.kv_pool_gib * 2**30)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        return int(total * settings.gpu_memory_utilization) - (total - free) - reserved_bytes
+        return (int(total * settings.gpu_memory_utilization) - (total - free) - reserved_bytes) // share
     return 2 * 2**30
 
 
@@ -274,10 +275,10 @@ def pool_slots(settings: EngineSettings) -> int:
 
 
 def build_runner(model, tokenizer, settings: EngineSettings, fingerprint: Callable[[], str] | None = None,
-                 earlier_runners: int = 0) -> Runner:
-    """The runner of the configured backend over one model, after
-    `earlier_runners` others on the same device (whose prefix caches, empty
-    now, will take their share of it)."""
+                 earlier_runners: int = 0, runners: int = 1) -> Runner:
+    """The runner of the configured backend over one model: the
+    `earlier_runners + 1`-th of `runners` (one per model, every model
+    loaded already) on the same device."""
     pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     backend = settings.resolved_backend(device.type)
@@ -287,12 +288,13 @@ def build_runner(model, tokenizer, settings: EngineSettings, fingerprint: Callab
         layers, kv_heads, head_dim = model_kv_geometry(model)
         dtype = next(model.parameters()).dtype
         slots = pool_slots(settings)
-        # On a GPU the pool and every runner's prefix cache share
-        # PAD_GPU_MEMORY_UTILIZATION: the caches fill up later, so their bytes
-        # are set aside now.
-        reserved = prefix_cache_bytes(settings) * (earlier_runners + 1)
+        # On a GPU every model's pool and prefix cache share what
+        # PAD_GPU_MEMORY_UTILIZATION leaves after the weights: the caches
+        # fill up later, so their bytes are set aside now, and the pools
+        # split the rest evenly (the earlier pools are in use already).
+        reserved = prefix_cache_bytes(settings) * runners
         slot_tokens = slot_tokens_for_budget(
-            kv_pool_budget(settings, device, reserved),
+            kv_pool_budget(settings, device, reserved, share=runners - earlier_runners),
             slots,
             kv_bytes_per_token(layers, kv_heads, head_dim, dtype),
             context_length(model),
@@ -320,13 +322,14 @@ def runner_token_limit(runner: Runner) -> int | None:
     return runner.slot_tokens if isinstance(runner, SlotRunner) else None
 
 
-def _engine_parts(model, tokenizer, settings: EngineSettings) -> dict:
-    """PadEngine arguments for one base model: its runner, the `self` reward
-    and every LoRA reward adapter of the settings (same runner, one forward)."""
+def _engine_parts(model, tokenizer, settings: EngineSettings, runners: int = 1) -> dict:
+    """PadEngine arguments for one base model: its runner (the first of
+    `runners`), the `self` reward and every LoRA reward adapter of the
+    settings (same runner, one forward)."""
     if "self" in settings.reward_adapters:
         raise ModelLoadError("reward adapter name 'self' is taken by the built-in reward; choose another name")
     fingerprint = functools.cache(functools.partial(base_model_fingerprint, model, tokenizer))
-    runner = build_runner(model, tokenizer, settings, fingerprint)
+    runner = build_runner(model, tokenizer, settings, fingerprint, runners=runners)
     attach_adapters(runner, settings.reward_adapters)
     sources = {"self": RewardSource(BASE_RUNNER, base_sees_preference=False)}
     for name in settings.reward_adapters:
@@ -365,13 +368,19 @@ def load_engine(settings: EngineSettings) -> PadEngine:
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
     model, tokenizer = load_causal_lm(settings.model, settings)
-    parts = _engine_parts(model, tokenizer, settings)
+    # Every model is loaded before any KV pool is sized: on a GPU the pools
+    # share what the weights leave of PAD_GPU_MEMORY_UTILIZATION.
+    reward_models = {}
     for name, source in settings.reward_models.items():
-        if name in parts["reward_sources"]:
+        if name == "self" or name in settings.reward_adapters:
             raise ModelLoadError(f"reward model name {name!r} is used twice")
         reward_model, reward_tokenizer = load_causal_lm(source, settings)
         check_same_tokenizer(tokenizer, reward_tokenizer, name)
-        runner = build_runner(reward_model, tokenizer, settings, earlier_runners=len(parts["runners"]))
+        reward_models[name] = reward_model
+    parts = _engine_parts(model, tokenizer, settings, runners=1 + len(reward_models))
+    for name, reward_model in reward_models.items():
+        runner = build_runner(reward_model, tokenizer, settings, earlier_runners=len(parts["runners"]),
+                              runners=1 + len(reward_models))
         parts["runners"][name] = runner
         parts["reward_sources"][name] = RewardSource(name)
         parts["context_length"] = min(parts["context_length"], runner_token_limit(runner) or parts["context_length"])

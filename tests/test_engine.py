@@ -773,3 +773,28 @@ def test_prompt_logprobs_are_the_plain_models_and_max_tokens_0_only_scores(make_
     full = [prompt[0]] * engine.context_length  # a prompt that fills the context: scored, no room needed
     scored = list(engine.generate([GenerationRequest("full", full, [], SamplingParams(max_tokens=0, prompt_logprobs=0))]))
     assert scored[-1].finish_reason == "length" and len(scored[0].prompt_logprobs) == engine.context_length
+
+
+@pytest.mark.parametrize("backend", ["transformers", "slots"])
+def test_a_separate_reward_model_is_loaded_beside_the_base_and_guides(tokenizer, tmp_path, backend):
+    """load_engine with PAD_REWARD_MODELS: every model is loaded, then each
+    gets its runner (on a GPU the pools split the memory left after all
+    the weights); a request naming the reward model decodes with its rows
+    there, and differs from `self`."""
+    from pad_core.model_loading import load_engine
+    from pad_core.settings import EngineSettings
+    from pad_core.testing import tiny_model as build
+
+    for name, seed in (("base", 0), ("rm", 1)):
+        build(tokenizer, seed=seed).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    engine = load_engine(EngineSettings(model=str(tmp_path / "base"), reward_models={"rm": str(tmp_path / "rm")},
+                                        backend=backend, dtype="float32"))
+    assert sorted(engine.runners) == ["base", "rm"] and "rm" in engine.model_info()["reward_models"]
+    answers = {}
+    for reward in ("rm", "self"):
+        request = ChatRequest(reward, [{"role": "user", "content": "Hi"}], [PREF],
+                              SamplingParams(max_tokens=12, temperature=0.0), GuidanceParams(weight=8.0, reward_model=reward))
+        answers[reward] = [t for o in engine.generate([request]) for t in o.token_ids]
+    assert len(answers["rm"]) == 12 and answers["rm"] != answers["self"]
+    assert engine.runners["rm"].num_rows == 0

@@ -250,3 +250,10 @@ def test_on_cuda_the_prefix_caches_come_out_of_the_pools_share(monkeypatch):
     assert model_loading.kv_pool_budget(settings, cuda, reserved_bytes=2 * gib) == (40 - 10 - 2) * gib
     assert model_loading.kv_pool_budget(settings.model_copy(update={"kv_pool_gib": 3.0}), cuda, 2 * gib) == 3 * gib
     assert model_loading.kv_pool_budget(settings, torch.device("cpu"), 2 * gib) == 2 * gib  # CPU: 2 GiB, no carve-out
+    # A separate reward model: both models loaded, the two pools split what
+    # is left after the weights and both caches (regression: the first pool
+    # took it all and the reward model's could not start).
+    first = model_loading.kv_pool_budget(settings, cuda, reserved_bytes=4 * gib, share=2)
+    assert first == (40 - 10 - 4) * gib // 2
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 * gib - first, 80 * gib))
+    assert model_loading.kv_pool_budget(settings, cuda, reserved_bytes=4 * gib, share=1) == first
