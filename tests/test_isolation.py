@@ -4,7 +4,7 @@ beside healthy ones, numeric and injected failures ending one request alone
 in the engine, and the worker tokenizing off its decode loop.
 
 The legal range is pad_core.validation's: temperature [0, 2] (below 1e-5
-greedy), top_p (0, 1] (5e-324 included), |w| and |preference weight| <= 100,
+greedy), top_p [0, 1] (0 and 5e-324 included), |w| and |preference weight| <= 100,
 top_k [1, max_top_k], min_p [0, 1], penalties [-2, 2]."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pad_core.validation import MAX_WEIGHT, TEMPERATURE_FLOOR
 V = 24  # vocabulary of the pure tests
 temperatures = st.one_of(st.sampled_from([0.0, 5e-324, 1e-40, 1e-6, TEMPERATURE_FLOOR, 1e-3, 2.0]),
                          st.floats(0.0, 2.0))
-top_ps = st.one_of(st.sampled_from([5e-324, 1e-50, 1e-6, 1.0]), st.floats(0.0, 1.0, exclude_min=True))
+top_ps = st.one_of(st.sampled_from([0.0, 5e-324, 1e-50, 1e-6, 1.0]), st.floats(0.0, 1.0))
 weights = st.one_of(st.sampled_from([-MAX_WEIGHT, MAX_WEIGHT, 0.0]), st.floats(-MAX_WEIGHT, MAX_WEIGHT))
 logits = st.floats(-1e4, 1e4, width=32)
 
@@ -165,7 +165,7 @@ def test_a_row_with_broken_logits_fails_alone(batch, poison, where):
         (ChatRequest("r", [{"role": "user", "content": "x"}], sampling=SamplingParams(seed=-(2**63) - 1)), "seed"),
         (ChatRequest("r", [{"role": "user", "content": "x"}], sampling=SamplingParams(temperature=float("nan"))),
          "temperature"),
-        (ChatRequest("r", [{"role": "user", "content": "x"}], sampling=SamplingParams(top_p=0.0)), "top_p"),
+        (ChatRequest("r", [{"role": "user", "content": "x"}], sampling=SamplingParams(top_p=-0.5)), "top_p"),
         (ChatRequest("r", [{"role": "user", "content": "x"}], sampling=SamplingParams(stop=("\ud800",))), "stop"),
         (ChatRequest("r", [{"role": "user", "content": "x"}], guidance=GuidanceParams(weight=1e308)), "pad.weight"),
         (ChatRequest("r", [{"role": "user", "content": "x"}], guidance=GuidanceParams(top_k=10**30)), "pad.top_k"),
