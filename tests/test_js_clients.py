@@ -249,7 +249,7 @@ def test_openai_js_errors_are_the_sdks_classes(openai_js):
     errors = case(openai_js, "errors")
     expected = {
         "unknown_parameter": ("BadRequestError", 400, "unknown_parameter", "bogus"),
-        "stream_bad_request": ("BadRequestError", 400, None, "n"),  # refused before the stream starts
+        "stream_bad_request": ("BadRequestError", 400, "invalid_value", "n"),  # refused before the stream starts
         "model_not_found": ("NotFoundError", 404, "model_not_found", "model"),
         "retrieve_not_found": ("NotFoundError", 404, "model_not_found", "model"),
         "responses_previous_id": ("BadRequestError", 400, "unsupported_parameter", "previous_response_id"),
