@@ -241,16 +241,31 @@ class PadEngine:
         plan = []
         for state in self.prefilling:
             lengths = [len(prompt) for prompt in state.prompts]
-            advance = min(state.prefill_length - state.prefilled, budget // len(lengths))
+            cached = self._cached_lengths(state) if state.prefilled == 0 else [0] * len(lengths)
+            # A first piece reaches past what every row's prefix cache holds
+            # (those tokens cost nothing), so a chat's next turn reuses its
+            # whole history whatever the piece size.
+            skip = min(state.prefill_length - n + c for n, c in zip(lengths, cached, strict=True))
+            advance = min(state.prefill_length - state.prefilled, skip + budget // len(lengths))
             if advance < 1:
                 if plan:
                     break
                 advance = 1  # the first request always moves, whatever the budget
             plan.append((state, advance))
-            budget -= sum(end - start for start, end in prompt_spans(lengths, state.prefilled, advance))
+            spans = prompt_spans(lengths, state.prefilled, advance)
+            budget -= sum(end - start - min(c, end - start) for (start, end), c in zip(spans, cached, strict=True))
             if budget <= 0:
                 break
         return plan
+
+    def _cached_lengths(self, state: RequestState) -> list[int]:
+        """Tokens at the start of each of the request's prompts (`row_keys`
+        order) that its runner's prefix cache holds now."""
+        adapter = self.reward_sources[state.request.guidance.reward_model].adapter
+        runner_names = [BASE_RUNNER, *(ref.runner for ref in state.reward_rows)]
+        adapters = [NO_ADAPTER, *([adapter] * len(state.reward_rows))]
+        return [self.runners[name].cached_length(row_adapter, prompt)
+                for name, row_adapter, prompt in zip(runner_names, adapters, state.prompts, strict=True)]
 
     def _prefill(self, plan: list[tuple[RequestState, int]]) -> list[StepOutput]:
         """Writes the planned pieces of the requests' prompts; a request whose

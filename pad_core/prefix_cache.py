@@ -81,22 +81,34 @@ class PrefixCache:
         token to prefill (the row's first hidden state comes from it):
         (its length, its KV [layers, 2, kv_heads, length, head_dim], a view
         to copy from), or (0, None)."""
-        usable = prompt_ids[: max(len(prompt_ids) - 1, 0)]
         self.queried_tokens += len(prompt_ids)
+        found = self._find(adapter, prompt_ids)
+        if found is None:
+            return 0, None
+        entry_id, entry, length = found
+        self._entries.move_to_end(entry_id)
+        self.hit_tokens += length
+        return length, entry.kv[:, :, :, :length]
+
+    def peek(self, adapter: Hashable, prompt_ids: Sequence[int]) -> int:
+        """The length `longest` would find now, without counting or touching
+        anything (a scheduler sizing a prompt's first piece)."""
+        found = self._find(adapter, prompt_ids)
+        return 0 if found is None else found[2]
+
+    def _find(self, adapter: Hashable, prompt_ids: Sequence[int]) -> tuple[int, Entry, int] | None:
+        """(entry id, entry, length) of the longest cached prefix that leaves
+        a token of `prompt_ids` to prefill, checked token by token."""
+        usable = prompt_ids[: max(len(prompt_ids) - 1, 0)]
         found: tuple[int, Entry, int] | None = None
         for blocks, chain in enumerate(block_hashes(usable, self.block), start=1):
             entry_id = self._index.get((adapter, chain))
             if entry_id is None:
                 break
             found = (entry_id, self._entries[entry_id], blocks * self.block)
-        if found is None:
-            return 0, None
-        entry_id, entry, length = found
-        if tuple(prompt_ids[:length]) != entry.tokens[:length]:  # a hash collision: no hit
-            return 0, None
-        self._entries.move_to_end(entry_id)
-        self.hit_tokens += length
-        return length, entry.kv[:, :, :, :length]
+        if found is None or tuple(prompt_ids[: found[2]]) != found[1].tokens[: found[2]]:
+            return None  # none, or a hash collision: no hit
+        return found
 
     def kept_length(self, adapter: Hashable, token_ids: Sequence[int], bytes_per_token: int) -> int:
         """How many of `token_ids` `store` would keep (its whole blocks), 0

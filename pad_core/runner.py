@@ -131,6 +131,11 @@ class Runner(Protocol):
         [len(token_ids), H], outside the batch (no row joins, no cache is
         kept): what prompt logprobs are read from."""
 
+    def cached_length(self, adapter: str, prompt_ids: Sequence[int]) -> int:
+        """Tokens at the start of a new row's prompt its prefix cache holds
+        now (0 without one): what `prefill` will not compute, so a scheduler
+        can size the row's first piece past them."""
+
 
 def cache_keyword(decoder: torch.nn.Module) -> str:
     """The name a transformers decoder takes its KV cache under: `cache` in
@@ -148,6 +153,8 @@ class ModelRows:
     (`pad_core.adapters.base_model_fingerprint`, ~0.1 s: asked only when an
     adapter is loaded), to refuse adapters trained on another model; None
     skips that check."""
+
+    prefix_cache: PrefixCache | None = None  # finished rows' KV (pad_core.prefix_cache), where a runner keeps one
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int, fingerprint: Callable[[], str] | None):
         self.pad_token_id = pad_token_id
@@ -184,6 +191,9 @@ class ModelRows:
 
     def retain(self, rows: Mapping[RowKey, Sequence[int]]) -> None:
         """No prefix cache here (the transformers runner overrides it)."""
+
+    def cached_length(self, adapter: str, prompt_ids: Sequence[int]) -> int:
+        return 0 if self.prefix_cache is None else self.prefix_cache.peek(adapter, prompt_ids)
 
     @torch.inference_mode()
     def prompt_hidden(self, token_ids: Sequence[int]) -> torch.Tensor:

@@ -139,16 +139,20 @@ def test_a_row_from_a_cached_prefix_computes_what_a_full_prefill_computes(tiny_m
 
 
 # ---- the engine ----------------------------------------------------------------
+@pytest.mark.parametrize("budget", [4096, 24])
 @pytest.mark.parametrize("backend", ["transformers", "slots"])
 @pytest.mark.parametrize("preference", [None, "I like short answers with a bit of humour"])
-def test_a_chats_next_turns_prefill_only_their_new_tokens_and_answer_the_same(make_engine, preference, backend):
+def test_a_chats_next_turns_prefill_only_their_new_tokens_and_answer_the_same(make_engine, preference, backend,
+                                                                              budget):
     """Each turn sends the conversation so far with the model's own answers,
     as a chat client does: every row finds at least the whole earlier
     prompt cached (in whole 32-token blocks), and greedy answers are the
-    tokens of an engine without a cache."""
+    tokens of an engine without a cache. With small prefill pieces too
+    (24 tokens a step): a first piece reaches past the cached part."""
     prefs = [Preference(preference)] if preference else []
     rows = 2 if preference else 1
-    off, on = make_engine(prefix_cache_gib=0, backend=backend), make_engine(backend=backend)
+    off = make_engine(prefix_cache_gib=0, backend=backend, max_prefill_tokens=budget)
+    on = make_engine(backend=backend, max_prefill_tokens=budget)
     messages = [{"role": "system", "content": "You are a helpful assistant who answers at length."}]
     earlier_prompt = 0
     for turn in range(3):
