@@ -80,6 +80,7 @@ class PadEngine:
         self._aborted: set[str] = set()
         self._seed_source = random.Random()
         self._token_texts: dict[int, tuple[str, list[int]]] = {}  # token id -> its text and bytes (logprobs)
+        self.max_prefill_tokens = settings.resolved_max_prefill_tokens(self.runners[BASE_RUNNER].device.type)
 
     # ---- requests -----------------------------------------------------
     def add_chat(self, chat: ChatRequest) -> None:
@@ -202,6 +203,7 @@ class PadEngine:
             except Exception as exc:  # the shared forward failed: its KV caches are not trustworthy
                 logger.exception("decode step failed; failing the running requests")
                 outputs += self._fail_all(f"engine error: {exc}")
+                self._release_finished()  # the failed requests mid-prompt too: none is written on
         admitted = self._admit()
         outputs += self._read_prompt_logprobs([state for state in admitted
                                                if state.request.sampling.prompt_logprobs is not None])
@@ -237,7 +239,7 @@ class PadEngine:
         admitted request is written whole (admission kept to the budget)."""
         if not self.chunked_prefill:
             return [(state, state.prefill_length - state.prefilled) for state in self.prefilling]
-        budget = self.settings.max_prefill_tokens
+        budget = self.max_prefill_tokens
         plan = []
         for state in self.prefilling:
             lengths = [len(prompt) for prompt in state.prompts]
@@ -518,7 +520,8 @@ class PadEngine:
         in_batch = [*self.prefilling, *self.running]
         rows = sum(len(state.row_keys) for state in in_batch)
         prefill_tokens = scored_tokens = 0
-        token_budget = None if self.chunked_prefill else self.settings.max_prefill_tokens
+        scored: set[tuple] = set()  # prompts whose logprobs this step reads already (a request's n choices)
+        token_budget = None if self.chunked_prefill else self.max_prefill_tokens
         while self.waiting:
             state = self.waiting[0]
             scores_only = state.max_tokens == 0  # takes no rows (_read_prompt_logprobs)
@@ -527,8 +530,9 @@ class PadEngine:
             # Reading prompt logprobs is a forward of its own, at admission: at
             # most max_prefill_tokens of it a step (the first always), so
             # scoring requests never stall the running streams for longer.
-            state_scored = len(state.request.prompt_ids) if state.request.sampling.prompt_logprobs is not None else 0
-            if state_scored and scored_tokens and scored_tokens + state_scored > self.settings.max_prefill_tokens:
+            scoring = (tuple(state.request.prompt_ids), state.request.sampling.prompt_logprobs)
+            state_scored = len(scoring[0]) if scoring[1] is not None and scoring not in scored else 0
+            if state_scored and scored_tokens and scored_tokens + state_scored > self.max_prefill_tokens:
                 break
             fits = (
                 len(in_batch) + len(admitted) < self.settings.max_running_requests
@@ -542,6 +546,8 @@ class PadEngine:
             rows += state_rows
             prefill_tokens += state_tokens
             scored_tokens += state_scored
+            if scoring[1] is not None:
+                scored.add(scoring)
         return admitted
 
     def _finish_aborted(self) -> list[StepOutput]:

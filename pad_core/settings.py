@@ -13,6 +13,10 @@ from pad_core.validation import MAX_WEIGHT
 
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
+# Prompt tokens prefilled a step by default: a piece of this size takes
+# milliseconds on a GPU, ~0.5 s on 2 CPU cores (benchmarks/bench_prefill_stall.py).
+DEFAULT_PREFILL_TOKENS_CUDA = 4096
+DEFAULT_PREFILL_TOKENS_CPU = 512
 
 # The system message of a reward context (PAD's prompt layout). An existing
 # system message of the conversation is appended after it.
@@ -94,10 +98,11 @@ class EngineSettings(BaseSettings):
 
     max_running_requests: int = Field(32, ge=1, description="requests decoded together")
     max_batch_rows: int = Field(96, ge=1, description="model rows decoded together (base + reward rows)")
-    max_prefill_tokens: int = Field(
-        4096, ge=1,
+    max_prefill_tokens: int | None = Field(
+        None, ge=1,
         description="prompt tokens prefilled in one step (with chunked prefill a longer prompt is "
-        "written over several steps, so a long prompt never stalls the running requests for longer than this)",
+        "written over several steps, so a long prompt never stalls the running requests for longer than this); "
+        "default: 4096 on CUDA (milliseconds there), 512 on CPU (~0.5 s of the embedded model on 2 cores)",
     )
     chunked_prefill: bool = Field(
         True,
@@ -121,6 +126,12 @@ class EngineSettings(BaseSettings):
         if self.backend == "auto":
             return "cuda" if device_type == "cuda" else "transformers"
         return self.backend
+
+    def resolved_max_prefill_tokens(self, device_type: str) -> int:
+        """max_prefill_tokens, its default resolved for a device of this type."""
+        if self.max_prefill_tokens is not None:
+            return self.max_prefill_tokens
+        return DEFAULT_PREFILL_TOKENS_CUDA if device_type == "cuda" else DEFAULT_PREFILL_TOKENS_CPU
 
     def resolved_served_name(self) -> str:
         if self.served_model_name:

@@ -95,7 +95,7 @@ def relocated(schema: Any, base: str) -> Any:
     return out
 
 
-def tightened(schema: Any, in_composition: bool = False) -> Any:
+def tightened(schema: Any) -> Any:
     """`schema` as the grammar enforces it, with two gaps a small model falls
     into closed (it writes until max_tokens through either):
 
@@ -109,37 +109,79 @@ def tightened(schema: Any, in_composition: bool = False) -> Any:
       the listed properties are all the keys: not beside an applicator that
       may add some (`allOf`, `anyOf`, `oneOf`, `$ref`, `if`/`then`/`else`,
       `dependentSchemas`, `dependentRequired`), not in a member of a
-      composition whose object lists keys of its own, not where `required`
-      names a key the object does not list; conditions (`not`, `if`...) are
+      composition whose object lists keys of its own (nor anything nested
+      in such a member's compositions), not a `$defs` entry that a `$ref`
+      uses that way (an `allOf` member, or beside properties: OpenAPI's
+      inheritance), not where `required` names a key the object does not
+      list; conditions (`not`, `if`...) are
       left as they are, since closing would change their meaning.
     - An integer with no bound on a side gets MAX_INTEGER_DIGITS digits at
       most there (the model wrote 30-60 digit numbers; no JSON parser
-      client-side wants one, and int64 ends at 19 digits)."""
+      client-side wants one, and int64 ends at 19 digits), unless an `enum`
+      or `const` already says which."""
+    return _tightened(schema, False, _shared_refs(schema))
+
+
+def _tightened(schema: Any, in_composition: bool, shared: frozenset[str], pointer: str | None = "#") -> Any:
+    """tightened, at JSON pointer `pointer` (None: one no `$ref` here names);
+    `shared`: the `$ref` targets left open (_shared_refs)."""
     if isinstance(schema, list):
-        return [tightened(item) for item in schema]
+        return [_tightened(item, in_composition, shared, None) for item in schema]
     if not isinstance(schema, dict):
         return schema
+    in_composition = in_composition or (pointer is not None and pointer in shared)
     owns_keys = any(key in schema for key in ("properties", "patternProperties", "required"))
     out: dict[str, Any] = {}
     for key, value in schema.items():
         if key in DATA_KEYWORDS or key in CONDITIONS:
             out[key] = value
         elif key in SCHEMA_MAPS and isinstance(value, dict):
-            out[key] = {name: tightened(sub) for name, sub in value.items()}
+            where = f"{pointer}/{key}/" if pointer is not None else None
+            out[key] = {name: _tightened(sub, False, shared, where and where + name) for name, sub in value.items()}
         elif key in COMPOSITIONS and isinstance(value, list):
-            out[key] = [tightened(sub, in_composition=owns_keys or key == "allOf") for sub in value]
+            member_open = in_composition or owns_keys or key == "allOf"
+            out[key] = [_tightened(sub, member_open, shared, None) for sub in value]
         else:
-            out[key] = tightened(value)
+            out[key] = _tightened(value, False, shared, None)
     if _closable(out) and not in_composition:
         out["additionalProperties"] = False
     types = out.get("type")
-    if types == "integer" or (isinstance(types, list) and "integer" in types):
+    integer = types == "integer" or (isinstance(types, list) and "integer" in types)
+    if integer and "enum" not in out and "const" not in out:
         low, high = _bound(out, "minimum", "exclusiveMinimum"), _bound(out, "maximum", "exclusiveMaximum")
         if low is None and (high is None or high > -LARGEST_INTEGER):
             out["minimum"] = -LARGEST_INTEGER
         if high is None and (low is None or low < LARGEST_INTEGER):  # never below the schema's own minimum
             out["maximum"] = LARGEST_INTEGER
     return out
+
+
+def _shared_refs(schema: Any) -> frozenset[str]:
+    """Local `$ref` targets whose keys are a share of another object's: an
+    `allOf` member's reference, or a reference beside keys of its own."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+            return
+        if not isinstance(node, dict):
+            return
+        ref = node.get("$ref")
+        if isinstance(ref, str) and any(key in node for key in ("properties", "patternProperties", "required",
+                                                                 *COMPOSITIONS)):
+            found.add(ref)
+        members = node.get("allOf")
+        for member in members if isinstance(members, list) else ():
+            if isinstance(member, dict) and isinstance(member.get("$ref"), str):
+                found.add(member["$ref"])
+        for key, value in node.items():
+            if key not in DATA_KEYWORDS:
+                walk(value)
+
+    walk(schema)
+    return frozenset(found)
 
 
 def _bound(schema: dict[str, Any], inclusive: str, exclusive: str) -> float | None:
@@ -335,6 +377,8 @@ class CallListScanner:
         self.in_string = False
         self.escaped = False
         self.calls: list[ToolCall] | None = None  # set once a call repeats: the list without the repeat
+        self._ends: list[int] = []  # where each complete call of the list ends in `text`
+        self._seen: set[str] = set()  # each call so far, in a canonical form (true is not 1, key order aside)
 
     def feed(self, text: str) -> bool:
         """Takes the answer's next text; whether a call has just repeated."""
@@ -364,9 +408,15 @@ class CallListScanner:
             calls = json.loads(self.text.lstrip(LEADING_SPACE) + "]")
         except ValueError:
             return False
-        if not isinstance(calls, list) or len(calls) < 2 or calls[-1] not in calls[:-1]:
+        if not isinstance(calls, list) or not calls:
             return False
-        self.calls = parse_tool_calls(json.dumps(calls[:-1], ensure_ascii=False))
+        self._ends.append(len(self.text))
+        call = json.dumps(calls[-1], sort_keys=True)
+        if call not in self._seen:
+            self._seen.add(call)
+            return False
+        before = self.text[: self._ends[-2]].lstrip(LEADING_SPACE) + "]"  # the calls before it, as written
+        self.calls = parse_tool_calls(before)
         return self.calls is not None
 
 

@@ -692,3 +692,28 @@ def test_a_grammar_that_fails_while_decoding_ends_its_request_alone_as_the_clien
     assert outputs["free"][-1].finish_reason == "stop" and outputs["free"][-1].error is None
     (sent,) = unpack(pack({"type": "outputs", "outputs": [broken.to_dict()]}))["outputs"]
     assert StepOutput.from_dict(sent) == broken  # error_param crosses the IPC
+
+
+def test_tightened_leaves_open_what_a_reference_shares_and_never_contradicts_an_enum():
+    """Review regressions: a $defs entry used through allOf (OpenAPI
+    inheritance) or beside properties stays open, and so does anything in a
+    composition nested in an allOf member; an integer enum or const keeps
+    its values, past 18 digits too."""
+    inherited = tightened({"$defs": {"Base": {"type": "object", "properties": {"id": {"type": "integer"}}}},
+                           "allOf": [{"$ref": "#/$defs/Base"}], "properties": {"id": {}, "name": {}}})
+    assert "additionalProperties" not in inherited["$defs"]["Base"]
+    beside = tightened({"$defs": {"B": {"properties": {"b": {}}}}, "$ref": "#/$defs/B", "properties": {"a": {}}})
+    assert "additionalProperties" not in beside["$defs"]["B"]
+    alone = tightened({"$defs": {"B": {"properties": {"b": {}}}}, "properties": {"x": {"$ref": "#/$defs/B"}}})
+    assert alone["$defs"]["B"]["additionalProperties"] is False  # a plain reference: closed as before
+    nested = tightened({"properties": {"a": {}}, "allOf": [{"anyOf": [{"properties": {"b": {}}}]}]})
+    assert "additionalProperties" not in nested["allOf"][0]["anyOf"][0]
+    assert tightened({"type": "integer", "enum": [10**19]}) == {"type": "integer", "enum": [10**19]}
+    assert tightened({"type": "integer", "const": -(10**19)}) == {"type": "integer", "const": -(10**19)}
+
+
+def test_the_repeat_check_tells_true_from_1_and_returns_the_calls_as_written():
+    scanner = CallListScanner()
+    assert not scanner.feed('[{"name": "f", "arguments": {"a": true}}, {"name": "f", "arguments": {"a": 1}}')
+    assert scanner.feed(', {"name": "f", "arguments": {"a": 1}}')
+    assert scanner.calls == [ToolCall("f", '{"a": true}'), ToolCall("f", '{"a": 1}')]
