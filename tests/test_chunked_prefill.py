@@ -141,3 +141,26 @@ def test_a_failing_piece_ends_only_its_request(chunked, make_engine, monkeypatch
     expected = tokens_by_request(make_engine(), *requests[1:])
     assert {rid: results[rid].tokens for rid in ("good", "small")} == expected
     assert runner.num_rows == 0 and not mid_prompt(runner) and engine.stats()["running_requests"] == 0
+
+
+def test_a_failed_decode_ends_the_requests_mid_prompt_once(chunked, monkeypatch):
+    """A decode forward that fails ends every request with rows, those whose
+    prompt is half written included: each ends once ("error"), and none is
+    written on in the same step (regression: it joined the batch and sent a
+    token after its error)."""
+    engine = chunked(max_prefill_tokens=16)
+    engine.add_chat(chat("running", "short", sampling=GREEDY))
+    while not engine.running:
+        engine.step()
+    engine.add_chat(chat("half", "xlong", [PREF], GREEDY))
+    engine.step()
+    assert [s.request_id for s in engine.prefilling] == ["half"]
+    runner = engine.runners[BASE_RUNNER]
+
+    def broken(tokens):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(runner, "decode", broken)
+    outputs = engine.step()
+    assert sorted((o.request_id, o.finish_reason) for o in outputs) == [("half", "error"), ("running", "error")]
+    assert not engine.prefilling and not engine.running and runner.num_rows == 0 and not mid_prompt(runner)
