@@ -241,7 +241,20 @@ class PadEngine:
             return [(state, state.prefill_length - state.prefilled) for state in self.prefilling]
         budget = self.max_prefill_tokens
         plan = []
+        # Requests whose rows are identical (the n choices of one) move together
+        # where the runners run identical rows once: the copies cost nothing.
+        shared = all(runner.runs_identical_rows_once for runner in self.runners.values())
+        planned: dict[tuple, int] = {}  # (prompts, progress) -> advance planned this step
+        full = False  # the budget is spent: only such copies still join
         for state in self.prefilling:
+            key = (state.prompts_key, state.prefilled) if shared else None
+            if key is not None and key in planned:
+                plan.append((state, planned[key]))
+                continue
+            if full:
+                if shared:
+                    continue
+                break
             lengths = [len(prompt) for prompt in state.prompts]
             cached = self._cached_lengths(state) if state.prefilled == 0 else [0] * len(lengths)
             # A first piece reaches past what every row's prefix cache holds
@@ -251,13 +264,15 @@ class PadEngine:
             advance = min(state.prefill_length - state.prefilled, skip + budget // len(lengths))
             if advance < 1:
                 if plan:
-                    break
+                    full = True
+                    continue
                 advance = 1  # the first request always moves, whatever the budget
             plan.append((state, advance))
+            if key is not None:
+                planned[key] = advance
             spans = prompt_spans(lengths, state.prefilled, advance)
             budget -= sum(end - start - min(c, end - start) for (start, end), c in zip(spans, cached, strict=True))
-            if budget <= 0:
-                break
+            full = budget <= 0
         return plan
 
     def _cached_lengths(self, state: RequestState) -> list[int]:

@@ -43,6 +43,7 @@ class RequestState:
     prefilled: int = 0
     grammar: GrammarMatcher | None = None  # structured output: the answer's grammar
     prompt_logprobs: list[TokenLogprob] | None = None  # when asked: sent with the first output, then dropped
+    _prompts_key: tuple | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.stop_matcher = StopStringMatcher(self.request.sampling.stop)
@@ -64,6 +65,17 @@ class RequestState:
     def prompts(self) -> list[tuple[int, ...] | list[int]]:
         """The prompt of each row, in `row_keys` order."""
         return [self.request.prompt_ids, *(prompt.prompt_ids for prompt in self.request.reward_prompts)]
+
+    @property
+    def prompts_key(self) -> tuple:
+        """What makes two requests' rows identical to prefill: every prompt
+        and the reward rows' runners and weights (the `n` choices of one
+        request share it). Computed once."""
+        if self._prompts_key is None:
+            self._prompts_key = (tuple(tuple(prompt) for prompt in self.prompts), tuple(self.reward_rows and
+                                 [(row.runner, row.weight) for row in self.reward_rows]),
+                                 self.request.guidance.reward_model)
+        return self._prompts_key
 
     @property
     def prefill_length(self) -> int:

@@ -96,6 +96,11 @@ class Runner(Protocol):
         """Whether `prefill` takes a prompt in pieces (`NewRow.start` / `last`);
         if not, every row is given whole (start 0, last)."""
 
+    @property
+    def runs_identical_rows_once(self) -> bool:
+        """Whether rows given in one `prefill` that hold the same tokens and
+        get the same ones cost one row's compute (the others get copies)."""
+
     def row_index(self) -> Mapping[RowKey, int]:
         """Live row key -> its index in `decode`'s batch (a live view)."""
 
@@ -227,6 +232,7 @@ class TransformersRunner(ModelRows):
         # the batch until complete: key -> (tokens written, their KV
         # [layers, 2, kv_heads, tokens, head_dim]), continued like a cached prefix.
         self._partial: dict[RowKey, tuple[int, torch.Tensor]] = {}
+        self._partial_tokens: dict[RowKey, tuple[int, ...]] = {}  # the tokens each of them holds
         self._reset()
 
     def _reset(self) -> None:
@@ -244,6 +250,10 @@ class TransformersRunner(ModelRows):
     @property
     def chunked_prefill(self) -> bool:
         return True  # a row mid-prompt waits outside the batch (`_partial`) and joins it complete
+
+    @property
+    def runs_identical_rows_once(self) -> bool:
+        return True
 
     @property
     def cache_columns(self) -> int:
@@ -268,11 +278,11 @@ class TransformersRunner(ModelRows):
         A prompt given in pieces (chunked prefill: `NewRow.start` / `last`)
         waits outside the batch between them, its KV kept as a prefix the
         next piece continues (as a cached one); it joins the batch with its
-        last piece."""
-        if any(row.start or not row.last for row in rows):
-            return self._prefill_rows(rows, rows, None)
-        firsts: dict[tuple, int] = {}  # (adapter, prompt) -> index among the rows that run
-        copy_of = [firsts.setdefault((row.adapter, tuple(row.prompt_ids)), len(firsts)) for row in rows]
+        last piece. Rows holding the same tokens so far, given the same
+        piece, run once too."""
+        firsts: dict[tuple, int] = {}  # (adapter, tokens so far) -> index among the rows that run
+        copy_of = [firsts.setdefault((row.adapter, self._partial_tokens.get(row.key, ()) + tuple(row.prompt_ids)),
+                                     len(firsts)) for row in rows]
         if len(firsts) < len(rows):
             unique = {index: row for row, index in zip(rows, copy_of, strict=True)}
             return self._prefill_rows([unique[index] for index in range(len(firsts))], rows, copy_of)
@@ -282,6 +292,11 @@ class TransformersRunner(ModelRows):
                       copy_of: list[int] | None) -> torch.Tensor:
         """Runs `rows` and appends `joining` (row i of which is a copy of
         rows[copy_of[i]]; None: `joining` is `rows`). [len(joining), H]."""
+        held = {row.key: self._partial_tokens.pop(row.key, ()) for row in joining}  # tokens before these pieces
+        running = {id(row) for row in rows}
+        for row in joining:
+            if id(row) not in running:  # a copy: the row that runs holds the same earlier pieces
+                self._partial.pop(row.key, None)
         prefixes = [self._prefix_of(row) for row in rows]
         prefix_width = max(length for length, _ in prefixes)
         ends = [row.start + len(row.prompt_ids) for row in rows]  # tokens each row holds after this
@@ -311,6 +326,7 @@ class TransformersRunner(ModelRows):
             for index, row in enumerate(joining):
                 if not row.last:
                     self._partial[row.key] = (ends[index], self._row_kv(cache, mask, index))
+                    self._partial_tokens[row.key] = held[row.key] + tuple(row.prompt_ids)
             if not complete:
                 return hidden
             keep = torch.tensor(complete, device=self.device)
@@ -401,6 +417,7 @@ class TransformersRunner(ModelRows):
         are selected into new buffers: the reason for a pool-based runner)."""
         for key in keys:
             self._partial.pop(key, None)
+            self._partial_tokens.pop(key, None)
         leaving = {self._index[key] for key in keys if key in self._index}
         if not leaving:
             return

@@ -260,6 +260,10 @@ class SlotRunner(ModelRows):
     def chunked_prefill(self) -> bool:
         return True
 
+    @property
+    def runs_identical_rows_once(self) -> bool:
+        return False  # each row writes its own slot
+
     @torch.inference_mode()
     def prefill(self, rows: Sequence[NewRow]) -> torch.Tensor:
         """Writes prompt tokens into slots: a row with start 0 takes the lowest

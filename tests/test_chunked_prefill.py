@@ -164,3 +164,26 @@ def test_a_failed_decode_ends_the_requests_mid_prompt_once(chunked, monkeypatch)
     outputs = engine.step()
     assert sorted((o.request_id, o.finish_reason) for o in outputs) == [("half", "error"), ("running", "error")]
     assert not engine.prefilling and not engine.running and runner.num_rows == 0 and not mid_prompt(runner)
+
+
+def test_the_n_choices_of_a_prompt_written_in_pieces_run_once(make_engine):
+    """The transformers runner runs rows that hold the same tokens and get
+    the same piece once and copies the result (the n choices of a request,
+    whose prompts are written in lockstep): each piece is one row of the
+    forward, and the answers are whole-prompt prefill's."""
+    requests = [chat(f"c{i}", "long", [PREF], GREEDY) for i in range(4)]
+    expected = tokens_by_request(make_engine(), *copy.deepcopy(requests))
+    engine = make_engine(backend="transformers", max_prefill_tokens=32)
+    runner = engine.runners[BASE_RUNNER]
+    widths = []
+    forward = runner._forward
+
+    def counting(input_ids, *args):
+        if input_ids.shape[1] > 1:  # a prefill, not a decode step
+            widths.append(input_ids.shape[0])
+        return forward(input_ids, *args)
+
+    runner._forward = counting
+    assert tokens_by_request(engine, *requests) == expected
+    assert len(widths) > 3 and max(widths) == 2  # each piece: the base row and the reward row, once
+    assert not runner._partial and not runner._partial_tokens
