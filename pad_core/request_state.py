@@ -124,7 +124,10 @@ class RequestState:
         if token_id in self.stop_token_ids and not self.request.sampling.ignore_eos:
             self.finish_reason = "stop"
             return self.output([token_id], self._last_text(), logprobs)
-        text = self.stop_matcher.feed(self.detokenizer.step(token_id))
+        piece = self.detokenizer.step(token_id)
+        if self.grammar is not None:
+            self.grammar.scan(piece)
+        text = self.stop_matcher.feed(piece)
         if self.stop_matcher.matched is not None:
             self.finish_reason = "stop"
         elif self.grammar is not None and (self.grammar.done or self.grammar.repeated):

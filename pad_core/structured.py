@@ -447,7 +447,6 @@ class GrammarMatcher:
         # An open-ended list of calls: watched for a call that repeats (CallListScanner).
         many = spec.kind == "tool_calls" and spec.tool_choice is None and spec.parallel_tool_calls
         self._calls = CallListScanner() if many else None
-        self._call_ids: list[int] = []  # the answer's tokens, for the scanner
         self.repeated = False  # a call repeated: the answer ends with the calls before it
 
     @property
@@ -467,13 +466,13 @@ class GrammarMatcher:
             first = self._opening.lstrip(LEADING_SPACE)
             if first:
                 self.chose_text = not first.startswith(self.spec.call_openers)
-        if self._calls is not None and self.error is None and not self.chose_text:
-            self._call_ids.append(token_id)
-            text = self._decode(self._call_ids)
-            # A character split over tokens waits for its last one: the scanner
-            # compares and returns the calls' own text, exactly.
-            if not text.endswith("\ufffd"):
-                self.repeated = self._calls.feed(text[len(self._calls.text):])
+
+    def scan(self, text: str) -> None:
+        """Takes the answer's next text, whole characters (the request's
+        incremental detokenizer: the scanner compares and returns the calls'
+        own text, exactly), for an open-ended list of calls' repeat check."""
+        if self._calls is not None and self.error is None and not self.chose_text and text:
+            self.repeated = self._calls.feed(text)
 
     def write_mask(self, address: int, size: int) -> bool:
         """Writes the packed mask of legal next tokens at `address` (size

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pad_core.decoding import StepInputs, TokenMask, apply_token_mask, next_tokens
+from pad_core.detokenize import IncrementalDetokenizer
 from pad_core.engine import BASE_RUNNER, default_max_tokens
 from pad_core.errors import InvalidRequestError
 from pad_core.guidance import prescreen
@@ -582,9 +583,10 @@ def test_calls_in_characters_split_over_tokens_are_compared_and_returned_exactly
              '{"name": "say", "arguments": {"text": "東京"}}']
 
     def feed(text):
-        matcher = engine.structured.start(spec)
+        matcher, detokenizer = engine.structured.start(spec), IncrementalDetokenizer(engine.tokenizer.backend_tokenizer)
         for token in engine.tokenizer.encode(text, add_special_tokens=False):
             matcher.consume(token)
+            matcher.scan(detokenizer.step(token))  # as RequestState feeds it
             if matcher.repeated:
                 break
         return matcher
