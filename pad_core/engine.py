@@ -278,11 +278,15 @@ class PadEngine:
     def _cached_lengths(self, state: RequestState) -> list[int]:
         """Tokens at the start of each of the request's prompts (`row_keys`
         order) that its runner's prefix cache holds now."""
+        return [self.runners[runner].cached_length(adapter, prompt)
+                for (runner, _), adapter, prompt in zip(state.row_locations, self._row_adapters(state), state.prompts,
+                                                         strict=True)]
+
+    def _row_adapters(self, state: RequestState) -> list[str]:
+        """The LoRA adapter of each of the request's rows (`row_keys` order):
+        none for the base row, the reward model's for its reward rows."""
         adapter = self.reward_sources[state.request.guidance.reward_model].adapter
-        runner_names = [BASE_RUNNER, *(ref.runner for ref in state.reward_rows)]
-        adapters = [NO_ADAPTER, *([adapter] * len(state.reward_rows))]
-        return [self.runners[name].cached_length(row_adapter, prompt)
-                for name, row_adapter, prompt in zip(runner_names, adapters, state.prompts, strict=True)]
+        return [NO_ADAPTER, *([adapter] * len(state.reward_rows))]
 
     def _prefill(self, plan: list[tuple[RequestState, int]]) -> list[StepOutput]:
         """Writes the planned pieces of the requests' prompts; a request whose
@@ -319,13 +323,10 @@ class PadEngine:
         Returns runner name -> (hidden states [rows, H], row key -> index)."""
         new_rows: dict[str, list[NewRow]] = {}
         for state, advance in plan:
-            adapter = self.reward_sources[state.request.guidance.reward_model].adapter
-            runner_names = [BASE_RUNNER, *(ref.runner for ref in state.reward_rows)]
-            adapters = [NO_ADAPTER, *([adapter] * len(state.reward_rows))]
             lengths = [len(prompt) for prompt in state.prompts]
             spans = prompt_spans(lengths, state.prefilled, advance)
-            for name, key, prompt, row_adapter, (start, end) in zip(
-                runner_names, state.row_keys, state.prompts, adapters, spans, strict=True
+            for (name, key), prompt, row_adapter, (start, end) in zip(
+                state.row_locations, state.prompts, self._row_adapters(state), spans, strict=True
             ):
                 if start < end:
                     new_rows.setdefault(name, []).append(
@@ -545,8 +546,9 @@ class PadEngine:
             # Reading prompt logprobs is a forward of its own, at admission: at
             # most max_prefill_tokens of it a step (the first always), so
             # scoring requests never stall the running streams for longer.
-            scoring = (tuple(state.request.prompt_ids), state.request.sampling.prompt_logprobs)
-            state_scored = len(scoring[0]) if scoring[1] is not None and scoring not in scored else 0
+            count = state.request.sampling.prompt_logprobs
+            scoring = (tuple(state.request.prompt_ids), count) if count is not None else None
+            state_scored = len(scoring[0]) if scoring is not None and scoring not in scored else 0
             if state_scored and scored_tokens and scored_tokens + state_scored > self.max_prefill_tokens:
                 break
             fits = (
@@ -561,7 +563,7 @@ class PadEngine:
             rows += state_rows
             prefill_tokens += state_tokens
             scored_tokens += state_scored
-            if scoring[1] is not None:
+            if scoring is not None:
                 scored.add(scoring)
         return admitted
 

@@ -325,7 +325,7 @@ class TransformersRunner(ModelRows):
         if len(complete) < len(joining):  # pieces of longer prompts wait outside the batch
             for index, row in enumerate(joining):
                 if not row.last:
-                    self._partial[row.key] = (ends[index], self._row_kv(cache, mask, index))
+                    self._partial[row.key] = (ends[index], self._row_kv(cache, index, mask[index].nonzero().flatten()))
                     self._partial_tokens[row.key] = held[row.key] + tuple(row.prompt_ids)
             if not complete:
                 return hidden
@@ -353,9 +353,8 @@ class TransformersRunner(ModelRows):
         return self.prefix_cache.longest(row.adapter, row.prompt_ids)
 
     @staticmethod
-    def _row_kv(cache, mask: torch.Tensor, index: int) -> torch.Tensor:
-        """Row `index`'s KV at its real columns, in order: [layers, 2, kv_heads, tokens, head_dim]."""
-        columns = mask[index].nonzero().flatten()
+    def _row_kv(cache, index: int, columns: torch.Tensor) -> torch.Tensor:
+        """Row `index`'s KV at `columns` (its real ones, in order): [layers, 2, kv_heads, tokens, head_dim]."""
         return torch.stack([torch.stack((layer.keys[index][:, columns], layer.values[index][:, columns]))
                             for layer in cache.layers])
 
@@ -407,10 +406,8 @@ class TransformersRunner(ModelRows):
             length = self.prefix_cache.kept_length(self.adapters[index], held, bytes_per_token)
             if length == 0:
                 continue
-            columns = columns[:length]
-            kv = torch.stack([torch.stack((layer.keys[index][:, columns], layer.values[index][:, columns]))
-                              for layer in self.cache.layers])
-            self.prefix_cache.store(self.adapters[index], held[:length], kv)
+            self.prefix_cache.store(self.adapters[index], held[:length],
+                                    self._row_kv(self.cache, index, columns[:length]))
 
     def remove(self, keys: Collection[RowKey]) -> None:
         """Frees the rows of finished or aborted requests (the others' caches

@@ -112,7 +112,7 @@ class CompletionFormatter(ChunkFormatter):
 
     def logprobs(self, choice: ChoiceState, entries: list[TokenLogprob], offset: int, echo: str | None) -> dict | None:
         """Legacy logprobs of answer tokens at `offset`; with the `echo` text
-        (the first piece of an echoed choice), the prompt's tokens open them
+        (the first piece of a choice; "" without echo), the prompt's tokens open them
         (OpenAI, vLLM), at offsets from 0, and the answer's start exactly
         where the echoed text ends (a prompt token's text may be a piece of
         a character, which would shift every offset after it)."""
@@ -142,7 +142,7 @@ class CompletionFormatter(ChunkFormatter):
         out = []
         for choice in choices:
             echo = self.echo(choice)
-            logprobs = self.logprobs(choice, choice.logprobs, 0, echo if self.body.echo else None)
+            logprobs = self.logprobs(choice, choice.logprobs, 0, echo)
             out.append({"index": choice.index, "text": echo + choice.text, "logprobs": logprobs,
                         "finish_reason": choice.finish_reason})
         return {"id": generation.id, "object": "text_completion", "created": generation.created,
