@@ -6,7 +6,7 @@ invariants checked, the way one checks a server before production.
 
 It talks to the server over HTTP only (httpx, asyncio) and reads its
 processes with psutil; it imports nothing of the server. The load, drawn at
-random (seeded) by --concurrency clients:
+random (seeded, after one round of every scenario) by --concurrency clients:
 
   chat completions, streamed and not, plain and with `preference` (and `pad`
   settings), `n: 2`, stop strings, logprobs, short and long prompts (some
@@ -879,9 +879,11 @@ def reached_by_kill(out: Outcome, kill: Kill, grace: float = 1.0) -> bool:
 
 # ---- the run -------------------------------------------------------------
 async def client_loop(ctx: Context, deadline: float, outcomes: list[Outcome], monitor: Monitor, timeout: float,
-                      names: list[str], weights: list[float]) -> None:
+                      names: list[str], weights: list[float], first_round: list[str]) -> None:
     while ctx.now() < deadline:
-        name = ctx.rng.choices(names, weights)[0]
+        # Every scenario runs once before the weighted draw takes over, so a short soak
+        # (CI's few seconds) still covers the rare ones instead of depending on luck.
+        name = first_round.pop() if first_round else ctx.rng.choices(names, weights)[0]
         outcome = await run_one(ctx, name, timeout)
         outcomes.append(outcome)
         monitor.completed += 1
@@ -918,6 +920,7 @@ async def soak(args: argparse.Namespace) -> int:
               flush=True)
         names = [n for n in SCENARIOS if n not in args.skip]
         weights = [SCENARIOS[n][1] for n in names]
+        first_round = ctx.rng.sample(names, len(names))
         outcomes: list[Outcome] = []
         kill = Kill()
         monitor_task = asyncio.create_task(monitor.run())
@@ -927,7 +930,7 @@ async def soak(args: argparse.Namespace) -> int:
             kill_task = asyncio.create_task(kill_worker(ctx, monitor, args.kill_worker_after, kill, probe,
                                                         args.recovery_limit))
         await asyncio.gather(*(client_loop(ctx, args.duration, outcomes, monitor, args.request_timeout + 30,
-                                           names, weights) for _ in range(args.concurrency)))
+                                           names, weights, first_round) for _ in range(args.concurrency)))
         load_seconds = ctx.now()
         if kill_task is not None:
             await kill_task
