@@ -171,7 +171,7 @@ class PadEngine:
             # Structured outputs (pad_core/structured.py); tools are honoured
             # as forced calls (tool_choice "required" or a named function) or
             # as a choice between calls and text (tool_choice "auto").
-            "structured_outputs": ["json_object", "json_schema", "tool_calls"],
+            "structured_outputs": ["json_object", "json_schema", "tool_calls", "regex", "choice", "grammar"],
             # Whether the chat template renders `tools` itself; where it does
             # not, the engine describes them in the system message.
             "chat_template_tools": self.prompts.template_knows_tools,

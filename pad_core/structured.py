@@ -1,4 +1,5 @@
-"""Structured outputs: JSON, JSON Schema and tool calls, enforced by a grammar.
+"""Structured outputs: JSON, JSON Schema and tool calls, and vLLM's regex,
+choice and context-free grammar (Lark or GBNF), enforced by a grammar.
 
 The grammar engine is llguidance (the Rust core behind Guidance; a backend of
 vLLM, SGLang and llama.cpp): an Earley parser over a lexer that computes the
@@ -56,6 +57,8 @@ NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalP
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # OpenAI's rule for function names (plus dots)
 GRAMMAR_CACHE_SIZE = 64  # compiled grammars kept per engine (LRU)
 MAX_TOOLS = 128
+MAX_CHOICES = 1024  # a `choice` constraint's options
+MAX_GRAMMAR_CHARS = 100_000  # a regex's, a grammar's or the choices' text (a JSON Schema is bounded by the body)
 MAX_INTEGER_DIGITS = 18  # an unbounded integer's digits (llguidance cannot compile int64's own range)
 LARGEST_INTEGER = 10**MAX_INTEGER_DIGITS - 1
 
@@ -276,6 +279,21 @@ def optional_calls_grammar(calls_schema: dict[str, Any], options: dict[str, Any]
     return "\n".join(rules) + "\n"
 
 
+TEXT_KINDS = frozenset({"regex", "choice", "grammar"})
+
+
+def text_grammar(llguidance, spec: StructuredOutput) -> str:
+    """The llguidance grammar of a regex, choice or grammar constraint (the
+    three vLLM's structured outputs add to JSON). A grammar may be Lark or
+    GBNF (llguidance converts GBNF, as vLLM's guidance backend does); a
+    choice is a Lark alternation of its strings, JSON-quoted."""
+    if spec.kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(spec.regex)
+    if spec.kind == "choice":
+        return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in spec.choices))
+    return llguidance.grammar_from("grammar", spec.grammar)
+
+
 def compile_options(spec: StructuredOutput) -> dict[str, Any]:
     """llguidance JSON options: strict schemas refuse keywords the grammar
     engine does not implement; non-strict ones ignore them (`lenient`)."""
@@ -288,6 +306,22 @@ def check_spec(spec: StructuredOutput) -> None:
     the OpenAI field otherwise."""
     if spec.kind == "json_object":
         return
+    if spec.kind in ("regex", "grammar"):
+        text = spec.regex if spec.kind == "regex" else spec.grammar
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidRequestError(f"{spec.param} must be a non-empty {spec.kind}", param=spec.param)
+        if len(text) > MAX_GRAMMAR_CHARS:
+            raise InvalidRequestError(f"{spec.param}: at most {MAX_GRAMMAR_CHARS} characters", param=spec.param)
+        return
+    if spec.kind == "choice":
+        if not spec.choices or len(spec.choices) > MAX_CHOICES:
+            raise InvalidRequestError(f"{spec.param} must list 1 to {MAX_CHOICES} strings", param=spec.param)
+        if any(not isinstance(c, str) or not c for c in spec.choices):
+            raise InvalidRequestError(f"{spec.param}: every choice must be a non-empty string", param=spec.param)
+        if sum(len(c) for c in spec.choices) > MAX_GRAMMAR_CHARS:
+            raise InvalidRequestError(f"{spec.param}: at most {MAX_GRAMMAR_CHARS} characters in all",
+                                      param=spec.param)
+        return
     if spec.kind == "json_schema":
         if not isinstance(spec.json_schema, dict):
             raise InvalidRequestError(
@@ -296,7 +330,8 @@ def check_spec(spec: StructuredOutput) -> None:
         return
     if spec.kind != "tool_calls":
         raise InvalidRequestError(
-            f"unknown structured output kind {spec.kind!r} (json_object, json_schema, tool_calls)",
+            f"unknown structured output kind {spec.kind!r} (json_object, json_schema, tool_calls, regex, choice, "
+            "grammar)",
             param="response_format",
         )
     if not spec.tools:
@@ -533,13 +568,18 @@ class StructuredOutputs:
         """A fresh matcher for the request. InvalidRequestError (naming
         response_format, tools or tool_choice) for a schema that does not compile."""
         check_spec(spec)
-        options = compile_options(spec)
-        try:
-            schema = json_schema_for(spec)
-            key = json.dumps([schema, options, spec.auto, spec.json_schema if spec.auto else None],
-                             ensure_ascii=False)
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise InvalidRequestError(f"{spec.param}: the schema is not plain JSON: {exc}", param=spec.param) from None
+        if spec.kind in TEXT_KINDS:
+            schema, options = None, {}
+            key = json.dumps([spec.kind, spec.regex, list(spec.choices), spec.grammar], ensure_ascii=False)
+        else:
+            options = compile_options(spec)
+            try:
+                schema = json_schema_for(spec)
+                key = json.dumps([schema, options, spec.auto, spec.json_schema if spec.auto else None],
+                                 ensure_ascii=False)
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise InvalidRequestError(f"{spec.param}: the schema is not plain JSON: {exc}",
+                                          param=spec.param) from None
         template = self._compiled.get(key)
         if template is None:
             template = self._compile(spec, schema, options)
@@ -551,7 +591,13 @@ class StructuredOutputs:
         ll_tokenizer = self._ll_tokenizer
         return GrammarMatcher(spec, template.deep_copy(), ll_tokenizer.decode_str)
 
-    def _compile(self, spec: StructuredOutput, schema: dict[str, Any], options: dict[str, Any]):
+    def _compile(self, spec: StructuredOutput, schema: dict[str, Any] | None, options: dict[str, Any]):
+        if spec.kind in TEXT_KINDS:
+            compiled = self._compile_grammar(lambda llg: text_grammar(llg, spec))
+            if isinstance(compiled, str):
+                raise InvalidRequestError(f"{spec.param}: invalid {spec.kind}: {shortened(compiled)}",
+                                          param=spec.param)
+            return compiled
         if spec.auto:
             answer = tightened(spec.json_schema) if spec.json_schema is not None else None
             compiled = self._compile_grammar(lambda llg: llg.LLMatcher.grammar_from_lark(

@@ -28,7 +28,7 @@ from pad_core.validation import (
 )
 
 FinishReason = Literal["stop", "length", "abort", "error"]
-StructuredKind = Literal["json_object", "json_schema", "tool_calls"]
+StructuredKind = Literal["json_object", "json_schema", "tool_calls", "regex", "choice", "grammar"]
 
 
 @dataclass(frozen=True)
@@ -237,6 +237,14 @@ class StructuredOutput:
       "[" or "{"), never both. With `auto` and a `json_schema` (a
       `response_format` given with the tools), the answer is the array of
       calls or JSON matching that schema.
+    - "regex": text matching `regex` (Rust regex syntax, anchored at both
+      ends; vLLM's `structured_outputs.regex` / `guided_regex`).
+    - "choice": exactly one of `choices` (vLLM's `choice` / `guided_choice`).
+    - "grammar": text of the context-free `grammar`, in Lark (llguidance's
+      dialect) or llama.cpp's GBNF (vLLM's `grammar` / `guided_grammar`).
+
+    `source` names the request field the constraint came from, when it is not
+    the kind's usual one (an error then names the field the client sent).
     """
 
     kind: StructuredKind
@@ -247,10 +255,16 @@ class StructuredOutput:
     tool_choice: str | None = None
     parallel_tool_calls: bool = True
     auto: bool = False
+    regex: str | None = None
+    choices: tuple[str, ...] = ()
+    grammar: str | None = None
+    source: str | None = None
 
     @property
     def param(self) -> str:
-        """The OpenAI request field an error about this constraint names."""
+        """The request field an error about this constraint names."""
+        if self.source is not None:
+            return self.source
         return "tools" if self.kind == "tool_calls" else "response_format"
 
     @property
@@ -272,7 +286,8 @@ class StructuredOutput:
         for index, tool in enumerate(self.tools):
             check_json([tool.name, tool.description], f"tools[{index}].function")
             check_json(tool.parameters, f"tools[{index}].function.parameters")
-        check_json([self.schema_name, self.tool_choice], self.param)
+        check_json([self.schema_name, self.tool_choice, self.regex, self.grammar, self.source], self.param)
+        check_json(list(self.choices), self.param)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -280,7 +295,7 @@ class StructuredOutput:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StructuredOutput:
         tools = tuple(ToolFunction.from_dict(t) for t in data.get("tools") or ())
-        return cls(**{**data, "tools": tools})
+        return cls(**{**data, "tools": tools, "choices": tuple(data.get("choices") or ())})
 
 
 @dataclass(frozen=True)
@@ -357,6 +372,7 @@ class TextRequest:
     preferences: list[Preference] = field(default_factory=list)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     guidance: GuidanceParams = field(default_factory=GuidanceParams)
+    structured: StructuredOutput | None = None  # None: free text
     kind: Literal["text"] = "text"  # tells the worker it is not a ChatRequest
 
     def verify(self, limits: RequestLimits) -> None:
@@ -375,6 +391,8 @@ class TextRequest:
         verify_preferences(self.preferences, limits)
         self.sampling.verify()
         self.guidance.verify(limits)
+        if self.structured is not None:
+            self.structured.verify()
 
     def text_length(self) -> int:
         prompt = len(self.prompt) if isinstance(self.prompt, str) else 0
@@ -392,6 +410,7 @@ class TextRequest:
             preferences=[Preference(**p) for p in data.get("preferences") or []],
             sampling=SamplingParams.from_dict(data.get("sampling")),
             guidance=GuidanceParams(**(data.get("guidance") or {})),
+            structured=StructuredOutput.from_dict(data["structured"]) if data.get("structured") else None,
         )
 
 

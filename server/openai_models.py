@@ -19,6 +19,7 @@ Schema says."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationInfo, field_validator
@@ -204,6 +205,18 @@ class SamplingFields(StrictRequest):
     min_tokens: int | None = Field(None, ge=0, le=INT64_MAX, description="vLLM: no end-of-sequence before this many tokens")
     stop_token_ids: list[Annotated[int, Field(ge=0, le=INT64_MAX)]] | None = Field(
         None, max_length=MAX_STOP_STRINGS, description="vLLM: token ids that end the answer")
+    # Structured outputs: OpenAI's response_format, and vLLM's (structured_outputs, or its older guided_* fields)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = Field(
+        None, description="vLLM: exactly one of json, regex, choice, grammar (Lark or GBNF), json_object")
+    guided_json: str | dict[str, Any] | None = Field(None, description="vLLM (older): a JSON Schema")
+    guided_regex: str | None = Field(None, description="vLLM (older): a regex the answer matches")
+    guided_choice: list[str] | None = Field(None, description="vLLM (older): the answer is one of these")
+    guided_grammar: str | None = Field(None, description="vLLM (older): a Lark or GBNF grammar")
+    guided_decoding_backend: str | None = Field(None, description="accepted and ignored: one grammar engine "
+                                                "here (llguidance)")
+    guided_whitespace_pattern: str | None = Field(None, description="refused unless null: JSON comes out in "
+                                                  "json.dumps style")
     # PAD extensions (from the openai SDK: extra_body={...}).
     preference: Preferences = None
     pad: PadOptions | None = None
@@ -243,6 +256,26 @@ class SamplingFields(StrictRequest):
 
     def to_guidance_params(self) -> GuidanceParams:
         return guidance_of(self.pad)
+
+    def vllm_constraint(self) -> StructuredOutput | None:
+        """vLLM's structured outputs (`structured_outputs` or the guided_*
+        fields): at most one constraint, and not beside a response_format."""
+        given = [name for name in GUIDED_FIELDS if getattr(self, name) is not None]
+        if self.structured_outputs is not None:
+            given.append("structured_outputs")
+        reject_if(len(given) > 1, f"give one structured outputs constraint, not {' and '.join(given)}", given[-1]
+                  if given else "", "invalid_value")
+        reject_if(self.guided_whitespace_pattern is not None, "guided_whitespace_pattern is not supported: JSON "
+                  "comes out in json.dumps style", "guided_whitespace_pattern")
+        if self.structured_outputs is not None:
+            constraint = self.structured_outputs.to_structured()
+        elif given:
+            constraint = guided_output(given[0], getattr(self, given[0]))
+        else:
+            return None
+        reject_if(self.response_format is not None and self.response_format.type != "text",
+                  f"give response_format or {given[0]}, not both", given[0], "invalid_value")
+        return constraint
 
     @property
     def include_usage(self) -> bool:
@@ -307,6 +340,75 @@ class ResponseFormatJSONSchema(StrictRequest):
 
 ResponseFormat = Annotated[ResponseFormatText | ResponseFormatJSONObject | ResponseFormatJSONSchema,
                            Field(discriminator="type")]
+
+
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+
+def json_schema_value(value: str | dict[str, Any], param: str) -> dict[str, Any]:
+    """vLLM's `json`: a JSON Schema object, or its JSON text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise invalid(f"{param} is not valid JSON: {exc}", param, "invalid_value") from None
+    reject_if(not isinstance(value, dict), f"{param} must be a JSON Schema object", param, "invalid_value")
+    return value
+
+
+def guided_output(name: str, value: Any) -> StructuredOutput:
+    """One of vLLM's older guided_* fields -> the engine's StructuredOutput."""
+    if name == "guided_json":
+        return StructuredOutput("json_schema", json_schema=json_schema_value(value, name), source=name)
+    if name == "guided_regex":
+        return StructuredOutput("regex", regex=value, source=name)
+    if name == "guided_choice":
+        return StructuredOutput("choice", choices=tuple(value), source=name)
+    return StructuredOutput("grammar", grammar=value, source=name)
+
+
+class StructuredOutputsParams(StrictRequest):
+    """vLLM's `structured_outputs` (its StructuredOutputsParams): exactly one
+    constraint. JSON comes out compact (`disable_any_whitespace` is how it
+    always is here); the grammar engine is llguidance whatever is asked."""
+
+    json_: str | dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = Field(None, description="refused unless null: no structural tags here")
+    whitespace_pattern: str | None = Field(None, description="refused unless null: JSON comes out in json.dumps style")
+    disable_any_whitespace: bool | None = Field(None, description="accepted: JSON has no free whitespace here anyway")
+    disable_additional_properties: bool | None = Field(
+        None, description="accepted and ignored: an object that lists its keys allows only those unless it says so")
+    disable_fallback: bool | None = Field(None, description="accepted and ignored: one grammar engine here")
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True, populate_by_name=True)
+
+    def to_structured(self) -> StructuredOutput:
+        param = "structured_outputs"
+        reject_if(self.structural_tag is not None, "structured_outputs.structural_tag is not supported",
+                  f"{param}.structural_tag")
+        reject_if(self.whitespace_pattern is not None, "structured_outputs.whitespace_pattern is not supported: "
+                  "JSON comes out in json.dumps style", f"{param}.whitespace_pattern")
+        given = [name for name, value in (("json", self.json_), ("regex", self.regex), ("choice", self.choice),
+                                          ("grammar", self.grammar), ("json_object", self.json_object or None))
+                 if value is not None]
+        reject_if(not given, "structured_outputs needs one of json, regex, choice, grammar or json_object", param,
+                  "missing_required_parameter")
+        reject_if(len(given) > 1, f"structured_outputs takes one constraint, not {' and '.join(given)}",
+                  f"{param}.{given[-1]}", "invalid_value")
+        source = f"{param}.{given[0]}"
+        if given[0] == "json":
+            return StructuredOutput("json_schema", json_schema=json_schema_value(self.json_, source), source=source)
+        if given[0] == "regex":
+            return StructuredOutput("regex", regex=self.regex, source=source)
+        if given[0] == "choice":
+            return StructuredOutput("choice", choices=tuple(self.choice), source=source)
+        if given[0] == "grammar":
+            return StructuredOutput("grammar", grammar=self.grammar, source=source)
+        return StructuredOutput("json_object", source=source)
 
 
 def response_format_output(fmt: ResponseFormat | None) -> StructuredOutput | None:
@@ -408,7 +510,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: ResponseFormat | None = None
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -469,6 +570,11 @@ class ChatCompletionRequest(SamplingFields):
             forced = tool_output(tools, choice, False, "function_call")
         else:
             forced = tool_output(function_tools(self.tools), self.tool_choice, self.parallel_tool_calls)
+        constraint = self.vllm_constraint()
+        if constraint is not None:
+            reject_if(forced is not None, f"give tools or {constraint.source.split('.')[0]}, not both "
+                      "(tool_choice 'none' leaves the tools out)", constraint.source.split(".")[0], "invalid_value")
+            return constraint
         return with_answer_format(forced, response_format_output(self.response_format))
 
 
@@ -513,6 +619,10 @@ class CompletionRequest(SamplingFields):
     def to_sampling_params(self, choice: int = 0) -> SamplingParams:
         return SamplingParams(**self.sampling_kwargs(choice), logprobs=self.logprobs is not None,
                               top_logprobs=self.logprobs or 0, prompt_logprobs=self.prompt_logprobs_asked())
+
+    def to_structured(self) -> StructuredOutput | None:
+        """vLLM's structured outputs or a response_format (as vLLM takes it here too)."""
+        return self.vllm_constraint() or response_format_output(self.response_format)
 
     def prompt_logprobs_asked(self) -> int | None:
         """echo with logprobs reports the prompt's tokens too; echo of token

@@ -306,6 +306,77 @@ def test_bad_constraints_are_400s_naming_the_field(server):
     assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
 
 
+# vLLM's structured outputs, as its clients send them (extra_body)
+VLLM_CONSTRAINTS = [
+    ({"structured_outputs": {"choice": ["positive", "negative"]}}, lambda t: t in ("positive", "negative")),
+    ({"guided_choice": ["yes", "no"]}, lambda t: t in ("yes", "no")),
+    ({"structured_outputs": {"regex": r"[0-9]{3}-[0-9]{4}"}}, lambda t: len(t) == 8 and t[3] == "-"),
+    ({"guided_regex": r"(red|blue)!"}, lambda t: t in ("red!", "blue!")),
+    ({"structured_outputs": {"grammar": 'root ::= "a" | "b" "c"'}}, lambda t: t in ("a", "bc")),
+    ({"guided_grammar": 'start: "x" "y"?'}, lambda t: t in ("x", "xy")),
+    ({"structured_outputs": {"json": {"type": "object", "properties": {"ok": {"type": "boolean"}},
+                                      "required": ["ok"]}}}, lambda t: isinstance(json.loads(t)["ok"], bool)),
+    ({"guided_json": json.dumps({"type": "object", "properties": {"n": {"type": "integer", "maximum": 9,
+                                                                        "minimum": 0}}, "required": ["n"]}),
+      "guided_decoding_backend": "xgrammar"}, lambda t: json.loads(t)["n"] in range(10)),
+]
+
+
+@pytest.mark.parametrize("extra, matches", VLLM_CONSTRAINTS)
+def test_vllm_structured_outputs_on_chat_and_completions(client, extra, matches):
+    chat = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=40, temperature=0, n=2,
+                                          extra_body={**extra, "preference": "short answers"})
+    for choice in chat.choices:
+        assert choice.finish_reason == "stop" and matches(choice.message.content), choice.message.content
+    text = client.completions.create(model=MODEL, prompt="Q: How do I sleep better?\nA:", max_tokens=40,
+                                     temperature=1.0, seed=3, extra_body=extra)
+    assert text.choices[0].finish_reason == "stop" and matches(text.choices[0].text), text.choices[0].text
+
+
+def test_response_format_on_completions(client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    text = client.completions.create(model=MODEL, prompt="Is the sky blue? JSON:", max_tokens=40, temperature=0,
+                                     extra_body={"response_format": {"type": "json_schema", "json_schema": {
+                                         "name": "x", "schema": schema}}})
+    assert isinstance(json.loads(text.choices[0].text)["ok"], bool)
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"guided_regex": "(unclosed"}, "guided_regex"),
+        ({"structured_outputs": {"grammar": 'root ::= "open'}}, "structured_outputs.grammar"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
+        ({"structured_outputs": {}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs.choice"),
+        ({"structured_outputs": {"json": "{not json"}}, "structured_outputs.json"),
+        ({"structured_outputs": {"json": "[1]"}}, "structured_outputs.json"),
+        ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "structured_outputs.whitespace_pattern"),
+        ({"structured_outputs": {"regex": "a", "bogus": 1}}, "structured_outputs.bogus"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+        ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "guided_choice"),
+        ({"guided_choice": ["a"], "tools": [WEATHER]}, "guided_choice"),
+        ({"guided_choice": "a"}, "guided_choice"),
+        ({"guided_whitespace_pattern": " ", "guided_json": {}}, "guided_whitespace_pattern"),
+    ],
+)
+def test_bad_vllm_constraints_are_400s_naming_the_field(server, extra, param):
+    for path, body in (("/v1/chat/completions", {"messages": ASK}), ("/v1/completions", {"prompt": "Hi"})):
+        if "tools" in extra and path == "/v1/completions":
+            continue
+        response = post(server, path, {"model": MODEL, "max_tokens": 4, **body, **extra})
+        assert response.status_code == 400, (path, response.text)
+        error = response.json()["error"]
+        assert error["param"] == param and error["type"] == "invalid_request_error", (path, error)
+
+
+def test_tool_choice_none_leaves_the_tools_out_of_a_vllm_constraint(client):
+    answer = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=10, temperature=0,
+                                            tools=[WEATHER], tool_choice="none",
+                                            extra_body={"guided_choice": ["yes", "no"]})
+    assert answer.choices[0].message.content in ("yes", "no")
+
+
 def test_legacy_functions(client):
     answer = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=60, temperature=0,
                                             functions=[WEATHER["function"]], function_call={"name": "get_weather"})

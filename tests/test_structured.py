@@ -5,6 +5,7 @@ can make the output parse."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -33,6 +34,7 @@ from pad_core.types import (
     SamplingParams,
     StepOutput,
     StructuredOutput,
+    TextRequest,
     ToolCall,
     ToolFunction,
 )
@@ -719,3 +721,57 @@ def test_the_repeat_check_tells_true_from_1_and_returns_the_calls_as_written():
     assert not scanner.feed('[{"name": "f", "arguments": {"a": true}}, {"name": "f", "arguments": {"a": 1}}')
     assert scanner.feed(', {"name": "f", "arguments": {"a": 1}}')
     assert scanner.calls == [ToolCall("f", '{"a": true}'), ToolCall("f", '{"a": 1}')]
+
+
+# ---- vLLM's text constraints: regex, choice, grammar ----------------------------------
+TEXT_SPECS = {
+    "regex": (StructuredOutput("regex", regex=r"(yes|no), [a-z]{1,6}\.", source="structured_outputs.regex"),
+              lambda text: re.fullmatch(r"(yes|no), [a-z]{1,6}\.", text)),
+    "choice": (StructuredOutput("choice", choices=("positive", "negative", "neutral 😐")),
+               lambda text: text in ("positive", "negative", "neutral 😐")),
+    "gbnf": (StructuredOutput("grammar", grammar='root ::= "The answer is " num "."\nnum ::= [0-9] | [1-9] [0-9]'),
+             lambda text: re.fullmatch(r"The answer is (\d|[1-9]\d)\.", text)),
+    "lark": (StructuredOutput("grammar", grammar='start: ("ok" | "fine") ("!" | "?")'),
+             lambda text: text in ("ok!", "ok?", "fine!", "fine?")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_SPECS))
+def test_regex_choice_and_grammar_answers_match_greedy_sampled_and_guided(engine, name):
+    spec, matches = TEXT_SPECS[name]
+    outputs = run(engine, chat("greedy", spec), chat("sampled", spec, temperature=1.0, seed=4),
+                  chat("pad", spec, preferences=[PREF], weight=4.0, top_k=20),
+                  chat("free", max_tokens=8))
+    for rid in ("greedy", "sampled", "pad"):
+        outs = outputs[rid]
+        assert outs[-1].finish_reason == "stop", (name, rid)
+        assert matches(text_of(outs)), (name, rid, text_of(outs))
+    assert outputs["free"][-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "spec, param",
+    [
+        (StructuredOutput("regex", regex="(unclosed", source="guided_regex"), "guided_regex"),
+        (StructuredOutput("regex", regex="", source="structured_outputs.regex"), "structured_outputs.regex"),
+        (StructuredOutput("choice", choices=(), source="guided_choice"), "guided_choice"),
+        (StructuredOutput("choice", choices=("a", ""), source="guided_choice"), "guided_choice"),
+        (StructuredOutput("grammar", grammar='root ::= "yes | "no"', source="guided_grammar"), "guided_grammar"),
+        (StructuredOutput("grammar", grammar="start: undefined_rule", source="structured_outputs.grammar"),
+         "structured_outputs.grammar"),
+    ],
+)
+def test_an_invalid_regex_choice_or_grammar_is_an_invalid_request_naming_its_field(engine, spec, param):
+    with pytest.raises(InvalidRequestError) as error:
+        engine.add_chat(chat("bad", spec))
+    assert error.value.param == param
+    assert not engine.has_unfinished()
+
+
+def test_text_constraints_round_trip_through_ipc():
+    for spec, _ in TEXT_SPECS.values():
+        message = unpack(pack({"type": "add", "request": chat("r", spec).to_dict()}))
+        assert ChatRequest.from_dict(message["request"]).structured == spec
+    text = TextRequest("t", "Q: yes or no?", structured=TEXT_SPECS["choice"][0])
+    message = unpack(pack({"type": "add", "request": text.to_dict()}))
+    assert TextRequest.from_dict(message["request"]) == text

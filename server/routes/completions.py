@@ -53,13 +53,14 @@ async def _complete(body: CompletionRequest, request: Request, scope):
     user = chat_user(scope, body.user)
     resolution = await resolve_preferences(state, body, user)
     guidance = body.to_guidance_params()
+    structured = body.to_structured()
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     requests, choices = [], []
     for group, prompt in enumerate(prompts):
         for i in range(body.n):
             index = group * body.n + i
             requests.append(TextRequest(f"{completion_id}-{index}", prompt, resolution.preferences,
-                                        body.to_sampling_params(i), guidance))
+                                        body.to_sampling_params(i), guidance, structured))
             choices.append(ChoiceState(index, group=group))
     generation = Generation(state, completion_id, served, requests, choices, resolution)
     rename = preference_rename(body)
