@@ -110,6 +110,7 @@ class PadEngine:
             tools=structured.tools if tool_call else (),
             tool_choice=structured.tool_choice if tool_call else None,
             optional_tools=tool_call and structured.auto,
+            template=chat.template,
         )
         return GenerationRequest(
             request_id=chat.request_id,

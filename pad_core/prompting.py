@@ -7,8 +7,12 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from jinja2 import TemplateError
+
 from pad_core.errors import InvalidRequestError
-from pad_core.types import Preference, ToolFunction
+from pad_core.types import Preference, TemplateOptions, ToolFunction
+
+DEFAULT_TEMPLATE = TemplateOptions()
 
 ROLES = ("system", "user", "assistant")
 
@@ -106,19 +110,26 @@ class PromptBuilder:
         return "tools" in (getattr(self.tokenizer, "chat_template", None) or "")
 
     def encode(self, messages: Sequence[dict[str, str]], tools: list[dict[str, Any]] | None = None,
-               add_generation_prompt: bool = True, add_special_tokens: bool = False) -> list[int]:
+               template: TemplateOptions = DEFAULT_TEMPLATE, add_special_tokens: bool = False) -> list[int]:
         """The chat through the template (ending with the assistant's turn
-        opening, unless add_generation_prompt is false); the template writes
-        its own special tokens, so the tokenizer adds none by default."""
+        opening, unless `template` says otherwise); the template writes its
+        own special tokens, so the tokenizer adds none by default."""
         extra = {"tools": tools} if tools else {}
-        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                                  tokenize=False, **extra)
+        try:
+            text = self.tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=template.add_generation_prompt,
+                continue_final_message=template.continue_final_message, tokenize=False, **template.kwargs, **extra)
+        except (ValueError, TypeError, TemplateError) as exc:
+            # continue_final_message on a message the template rewrites, a template that
+            # raises on the chat, or chat_template_kwargs of a type the template cannot use
+            raise InvalidRequestError(f"the chat template cannot render this chat: {exc}", param="messages") from None
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def encode_with_preference(
-        self, messages: Sequence[dict[str, str]], preference: str, tools: list[dict[str, Any]] | None = None
+        self, messages: Sequence[dict[str, str]], preference: str, tools: list[dict[str, Any]] | None = None,
+        template: TemplateOptions = DEFAULT_TEMPLATE,
     ) -> list[int]:
-        return self.encode(with_preference(messages, self.preference_template, preference), tools)
+        return self.encode(with_preference(messages, self.preference_template, preference), tools, template)
 
     def encode_request(
         self,
@@ -128,6 +139,7 @@ class PromptBuilder:
         tools: Sequence[ToolFunction] = (),
         tool_choice: str | None = None,
         optional_tools: bool = False,
+        template: TemplateOptions = DEFAULT_TEMPLATE,
     ) -> tuple[list[int], list[list[int]]]:
         """Base prompt ids, and one reward prompt per preference.
 
@@ -145,11 +157,11 @@ class PromptBuilder:
             template_tools = openai_tools(tools)
         elif tools:
             messages = with_tool_instructions(messages, tools, tool_choice, optional_tools)
-        rewards = [self.encode_with_preference(messages, p.text, template_tools) for p in preferences]
+        rewards = [self.encode_with_preference(messages, p.text, template_tools, template) for p in preferences]
         if base_sees_preference and preferences:
             joined = "\n".join(p.text.strip() for p in preferences)
-            return self.encode_with_preference(messages, joined, template_tools), rewards
-        return self.encode(messages, template_tools), rewards
+            return self.encode_with_preference(messages, joined, template_tools, template), rewards
+        return self.encode(messages, template_tools, template), rewards
 
     def encode_text(
         self, prompt: str | Sequence[int], preferences: Sequence[Preference], base_sees_preference: bool

@@ -9,11 +9,12 @@ from typing import Any
 
 from pad_core.errors import InvalidRequestError
 from pad_core.prompting import PromptBuilder, validate_messages
+from pad_core.types import TemplateOptions
 
 
 def tokenize(prompts: PromptBuilder, request: dict[str, Any]) -> dict[str, Any]:
     """`request["kind"]`: "chat" (messages, add_generation_prompt,
-    add_special_tokens), "text" (prompt, add_special_tokens) -> {"count",
+    continue_final_message, chat_template_kwargs, add_special_tokens), "text" (prompt, add_special_tokens) -> {"count",
     "tokens", "token_strs" (with return_token_strs, else None)};
     "detokenize" (tokens) -> {"prompt"}."""
     tokenizer = prompts.tokenizer
@@ -26,7 +27,11 @@ def tokenize(prompts: PromptBuilder, request: dict[str, Any]) -> dict[str, Any]:
     if kind == "chat":
         messages = request["messages"]
         validate_messages(messages)
-        ids = prompts.encode(messages, add_generation_prompt=bool(request.get("add_generation_prompt", True)),
+        template = TemplateOptions(bool(request.get("add_generation_prompt", True)),
+                                   bool(request.get("continue_final_message", False)),
+                                   request.get("chat_template_kwargs") or {})
+        template.verify(messages)
+        ids = prompts.encode(messages, template=template,
                              add_special_tokens=bool(request.get("add_special_tokens", False)))
     elif kind == "text":
         if not isinstance(request.get("prompt"), str):

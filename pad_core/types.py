@@ -307,6 +307,50 @@ class ToolCall:
     arguments: str
 
 
+# apply_chat_template's own arguments (and what the template is given by the
+# renderer): a request's chat_template_kwargs cannot set them.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs",
+})
+
+
+@dataclass(frozen=True)
+class TemplateOptions:
+    """How a chat goes through the chat template (vLLM's chat fields):
+    `add_generation_prompt` opens the assistant's turn (the default);
+    `continue_final_message` leaves the last message open instead, so the
+    answer continues it (a prefilled answer); `kwargs` are more variables for
+    the template (vLLM's `chat_template_kwargs`, such as `enable_thinking`)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def verify(self, messages: Sequence[dict[str, Any]]) -> None:
+        check_bool(self.add_generation_prompt, "add_generation_prompt")
+        check_bool(self.continue_final_message, "continue_final_message")
+        if self.add_generation_prompt and self.continue_final_message:
+            raise InvalidRequestError("continue_final_message and add_generation_prompt cannot both be true "
+                                      "(set add_generation_prompt to false)", param="continue_final_message")
+        if not isinstance(self.kwargs, dict):
+            raise InvalidRequestError("chat_template_kwargs must be an object", param="chat_template_kwargs")
+        check_json(self.kwargs, "chat_template_kwargs")
+        for key in self.kwargs:
+            if not key.isidentifier() or key in RESERVED_TEMPLATE_KWARGS:
+                raise InvalidRequestError(f"chat_template_kwargs cannot set {key!r}", param="chat_template_kwargs")
+        # The template's renderer finds the open message by its text: with none
+        # it would leave the turn closed and the answer would not continue it.
+        if self.continue_final_message and not str(messages[-1].get("content") or "").strip():
+            raise InvalidRequestError("continue_final_message needs a last message with text to continue",
+                                      param="continue_final_message")
+
+    @property
+    def is_default(self) -> bool:
+        return self == TemplateOptions()
+
+
 @dataclass
 class ChatRequest:
     """What a gateway sends: chat messages plus settings. The engine renders
@@ -318,6 +362,7 @@ class ChatRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     guidance: GuidanceParams = field(default_factory=GuidanceParams)
     structured: StructuredOutput | None = None  # None: free text
+    template: TemplateOptions = field(default_factory=TemplateOptions)
 
     def verify(self, limits: RequestLimits) -> None:
         """The request's own bounds (the engine adds what needs the model:
@@ -339,6 +384,7 @@ class ChatRequest:
         self.guidance.verify(limits)
         if self.structured is not None:
             self.structured.verify()
+        self.template.verify(self.messages)
 
     def text_length(self) -> int:
         """Characters of every message and preference: a cheap bound on the
@@ -358,6 +404,7 @@ class ChatRequest:
             sampling=SamplingParams.from_dict(data.get("sampling")),
             guidance=GuidanceParams(**(data.get("guidance") or {})),
             structured=StructuredOutput.from_dict(data["structured"]) if data.get("structured") else None,
+            template=TemplateOptions(**(data.get("template") or {})),
         )
 
 

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationInfo, field_validator
 
-from pad_core.types import GuidanceParams, SamplingParams, StructuredOutput, ToolFunction
+from pad_core.types import GuidanceParams, SamplingParams, StructuredOutput, TemplateOptions, ToolFunction
 from pad_core.validation import (
     INT32_MAX,
     INT64_MAX,
@@ -515,6 +515,12 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     functions: list[FunctionDefinition] | None = Field(None, description="deprecated: use tools")
     function_call: Literal["none", "auto"] | dict[str, Any] | None = Field(None, description="deprecated: use tool_choice")
+    # vLLM's chat-template fields
+    add_generation_prompt: bool = Field(True, description="vLLM: open the assistant's turn after the messages")
+    continue_final_message: bool = Field(False, description="vLLM: the answer continues the last message (a "
+                                         "prefilled answer; needs add_generation_prompt false)")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="vLLM: more variables for the chat "
+                                                         "template (enable_thinking, say)")
     # Honoured when they ask for nothing this server lacks: refused by name otherwise.
     audio: dict[str, Any] | None = Field(None, description="refused unless null: no audio here")
     modalities: list[str] | None = Field(None, description="['text'] only")
@@ -552,6 +558,10 @@ class ChatCompletionRequest(SamplingFields):
     def to_sampling_params(self, choice: int = 0) -> SamplingParams:
         return SamplingParams(**self.sampling_kwargs(choice), logprobs=self.logprobs,
                               top_logprobs=self.top_logprobs or 0)
+
+    def to_template(self) -> TemplateOptions:
+        return TemplateOptions(self.add_generation_prompt, self.continue_final_message,
+                               dict(self.chat_template_kwargs or {}))
 
     @property
     def legacy_functions(self) -> bool:

@@ -798,3 +798,24 @@ def test_a_separate_reward_model_is_loaded_beside_the_base_and_guides(tokenizer,
         answers[reward] = [t for o in engine.generate([request]) for t in o.token_ids]
     assert len(answers["rm"]) == 12 and answers["rm"] != answers["self"]
     assert engine.runners["rm"].num_rows == 0
+
+
+def test_template_options_reach_every_context(tokenizer):
+    """continue_final_message leaves the last message open in the base and
+    every reward context alike; chat_template_kwargs reach the template."""
+    import copy
+
+    from pad_core.prompting import PromptBuilder
+    from pad_core.types import TemplateOptions
+
+    prompts = PromptBuilder(tokenizer, "Preference: {preference}")
+    chat = [{"role": "user", "content": "Tips?"}, {"role": "assistant", "content": "Sure: 1."}]
+    prefill = TemplateOptions(add_generation_prompt=False, continue_final_message=True)
+    base, rewards = prompts.encode_request(chat, [PREF, Preference("Formal")], False, template=prefill)
+    for ids in (base, *rewards):
+        assert tokenizer.decode(ids).endswith("<|im_start|>assistant\nSure: 1.")
+    shouting = copy.deepcopy(tokenizer)
+    shouting.chat_template = "{% for m in messages %}{{ m.content }}{% if shout %}!!{% endif %}\n{% endfor %}"
+    loud = PromptBuilder(shouting, "{preference}")
+    assert tokenizer.decode(loud.encode(chat[:1], template=TemplateOptions(kwargs={"shout": True}))) == "Tips?!!"
+    assert tokenizer.decode(loud.encode(chat[:1])) == "Tips?"

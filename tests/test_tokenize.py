@@ -54,6 +54,53 @@ def test_without_the_generation_prompt_the_assistant_turn_is_not_opened(url, eng
     assert opened["token_strs"] is None
 
 
+PREFILLED = [*MESSAGES, {"role": "assistant", "content": "Three tips:\n1."}]
+
+
+def test_continue_final_message_leaves_the_answer_open_to_continue(url, engine):
+    """vLLM's prefilled answer: the prompt ends inside the assistant's
+    message (no end-of-turn), and the chat route gives the model exactly that."""
+    body = {"messages": PREFILLED, "add_generation_prompt": False, "continue_final_message": True}
+    tokens = post(url, "/tokenize", body).json()["tokens"]
+    assert engine.tokenizer.decode(tokens).endswith("<|im_start|>assistant\nThree tips:\n1.")
+    closed = post(url, "/tokenize", {"messages": PREFILLED, "add_generation_prompt": False}).json()["tokens"]
+    assert closed[:len(tokens)] == tokens and len(closed) > len(tokens)  # the same, then <|im_end|>
+    chat = post(url, "/v1/chat/completions", {"model": "smollm2-135m-instruct", "max_tokens": 3, **body,
+                                              "preference": "short answers"})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["usage"]["prompt_tokens"] == len(tokens)
+
+
+def test_chat_template_kwargs_reach_the_template(url, engine):
+    """SmolLM2's template reads no such variable, so the prompt is the same
+    (clients send enable_thinking to every server); a template that reads one
+    changes with it (tests/test_engine.py has that on the prompt builder)."""
+    plain = post(url, "/tokenize", {"messages": MESSAGES}).json()["tokens"]
+    with_kwargs = post(url, "/tokenize", {"messages": MESSAGES, "chat_template_kwargs": {"enable_thinking": False}})
+    assert with_kwargs.json()["tokens"] == plain
+    chat = post(url, "/v1/chat/completions", {"model": "smollm2-135m-instruct", "messages": MESSAGES, "max_tokens": 1,
+                                              "chat_template_kwargs": {"enable_thinking": False}})
+    assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == len(plain)
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"messages": PREFILLED, "continue_final_message": True}, "continue_final_message"),  # and the generation prompt
+    ({"messages": [*MESSAGES, {"role": "assistant", "content": " "}], "add_generation_prompt": False,
+      "continue_final_message": True}, "continue_final_message"),
+    ({"messages": MESSAGES, "chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
+    ({"messages": MESSAGES, "chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+    ({"messages": MESSAGES, "chat_template_kwargs": {"not an identifier": 1}}, "chat_template_kwargs"),
+    ({"messages": MESSAGES, "chat_template_kwargs": []}, "chat_template_kwargs"),
+    ({"messages": MESSAGES, "continue_final_message": "yes"}, "continue_final_message"),
+])
+def test_bad_template_options_are_400s_on_chat_and_tokenize(url, body, param):
+    for path, extra in (("/tokenize", {}), ("/v1/chat/completions", {"model": "smollm2-135m-instruct",
+                                                                       "max_tokens": 1})):
+        answer = post(url, path, {**body, **extra})
+        assert answer.status_code == 400, (path, answer.text)
+        assert answer.json()["error"]["param"] == param, (path, answer.json())
+
+
 def test_a_raw_prompt_counts_what_a_completion_gives_the_model(url, engine):
     body = post(url, "/tokenize", {"prompt": "A recipe for pancakes:\n1."}).json()
     assert body["tokens"] == engine.tokenizer("A recipe for pancakes:\n1.")["input_ids"]
@@ -74,6 +121,8 @@ def test_detokenize_is_the_inverse(url):
     ("/tokenize", {}, None),  # neither prompt nor messages
     ("/tokenize", {"prompt": "x", "messages": MESSAGES}, None),  # both
     ("/tokenize", {"prompt": "x", "add_generation_prompt": True}, None),
+    ("/tokenize", {"prompt": "x", "continue_final_message": True}, None),
+    ("/tokenize", {"prompt": "x", "chat_template_kwargs": {}}, None),
     ("/tokenize", {"prompt": 5}, "prompt"),
     ("/tokenize", {"messages": []}, "messages"),
     ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},

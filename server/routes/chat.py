@@ -64,8 +64,9 @@ async def _chat(body: ChatCompletionRequest, request: Request, scope):
     resolution = await resolve_preferences(state, body, user)
     guidance = body.to_guidance_params()
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    template = body.to_template()
     requests = [ChatRequest(f"{completion_id}-{i}", messages, resolution.preferences, body.to_sampling_params(i),
-                            guidance, structured) for i in range(body.n)]
+                            guidance, structured, template) for i in range(body.n)]
     generation = Generation(state, completion_id, served, requests,
                             [ChoiceState.of(i, structured) for i in range(body.n)], resolution)
     rename = preference_rename(body)

@@ -11,7 +11,7 @@ so a huge prompt never stalls the streams decoding."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field, model_validator
@@ -34,6 +34,10 @@ class TokenizeRequest(StrictRequest):
     prompt: str | None = Field(None, description="raw text, as /v1/completions takes it (no chat template)")
     messages: list[ChatMessage] | None = Field(None, min_length=1, description="a chat, as /v1/chat/completions takes it")
     add_generation_prompt: bool = Field(True, description="messages: end with the assistant's turn opening")
+    continue_final_message: bool = Field(False, description="messages: leave the last message open (as a chat "
+                                         "request with continue_final_message renders it)")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="messages: more variables for the "
+                                                         "chat template")
     add_special_tokens: bool | None = Field(
         None, description="the tokenizer's special tokens (BOS...); default true for a prompt, false for messages "
                           "(the chat template writes its own)")
@@ -43,8 +47,9 @@ class TokenizeRequest(StrictRequest):
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give either 'prompt' or 'messages'")
-        if self.prompt is not None and "add_generation_prompt" in self.model_fields_set:
-            raise ValueError("'add_generation_prompt' applies to 'messages' only")
+        for name in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs"):
+            if self.prompt is not None and name in self.model_fields_set:
+                raise ValueError(f"'{name}' applies to 'messages' only")
         return self
 
 
@@ -71,6 +76,8 @@ def worker_payload(body: TokenizeRequest) -> dict:
     if body.messages is not None:
         return {"kind": "chat", "messages": chat_messages(body.messages),
                 "add_generation_prompt": body.add_generation_prompt,
+                "continue_final_message": body.continue_final_message,
+                "chat_template_kwargs": body.chat_template_kwargs or {},
                 "add_special_tokens": bool(body.add_special_tokens), "return_token_strs": body.return_token_strs}
     return {"kind": "text", "prompt": body.prompt,
             "add_special_tokens": body.add_special_tokens is not False, "return_token_strs": body.return_token_strs}
