@@ -18,12 +18,13 @@ CONTEXT_TOKENS = 4  # tokens before a piece decoded with it, for the spacing rul
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
         # Seeding with the prompt's tail gives the right leading space for
         # tokenizers whose decoding depends on the previous token.
         context = list(prompt_ids[-CONTEXT_TOKENS:]) if prompt_ids else []
-        self._stream = DecodeStream(ids=context or None, skip_special_tokens=True)
+        self._stream = DecodeStream(ids=context or None, skip_special_tokens=skip_special_tokens)
         self._ids = context  # the context, then every token fed
         self._shown = len(context)  # tokens whose text has been given out
 
@@ -44,8 +45,8 @@ class IncrementalDetokenizer:
         if self._shown == len(self._ids):
             return ""
         start = max(0, self._shown - CONTEXT_TOKENS)
-        before = self._tokenizer.decode(self._ids[start:self._shown], skip_special_tokens=True)
-        whole = self._tokenizer.decode(self._ids[start:], skip_special_tokens=True)
+        before = self._tokenizer.decode(self._ids[start:self._shown], skip_special_tokens=self._skip_special)
+        whole = self._tokenizer.decode(self._ids[start:], skip_special_tokens=self._skip_special)
         self._shown = len(self._ids)
         return whole[len(before):] if whole.startswith(before) else whole
 

@@ -46,7 +46,8 @@ class RequestState:
     _prompts_key: tuple | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.stop_matcher = StopStringMatcher(self.request.sampling.stop)
+        sampling = self.request.sampling
+        self.stop_matcher = StopStringMatcher(sampling.stop, sampling.include_stop_str_in_output)
         self.row_locations = ((BASE_RUNNER, self.base_key), *((row.runner, row.key) for row in self.reward_rows))
 
     @property
@@ -121,9 +122,13 @@ class RequestState:
                                    error_param=self.grammar.spec.param)
             if self.grammar.chose_text:  # tool_choice "auto" answers in text: the rest is plain decoding
                 self.grammar = None
-        if token_id in self.stop_token_ids and not self.request.sampling.ignore_eos:
+        sampling = self.request.sampling
+        if token_id in self.stop_token_ids and not sampling.ignore_eos:
             self.finish_reason = "stop"
-            return self.output([token_id], self._last_text(), logprobs)
+            text = self._last_text()
+            if sampling.include_stop_str_in_output and not sampling.skip_special_tokens:
+                text += self.detokenizer.step(token_id) + self.detokenizer.flush()  # the stop token's own text
+            return self.output([token_id], text, logprobs)
         piece = self.detokenizer.step(token_id)
         if self.grammar is not None:
             self.grammar.scan(piece)

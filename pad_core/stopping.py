@@ -23,14 +23,16 @@ def longest_partial_stop(text: str, stops: Sequence[str]) -> int:
 class StopStringMatcher:
     """Feed text deltas; get back the text that is safe to emit."""
 
-    def __init__(self, stops: Sequence[str]):
+    def __init__(self, stops: Sequence[str], include_stop: bool = False):
         self.stops = [s for s in stops if s]
+        self.include_stop = include_stop
         self.pending = ""
         self.matched: str | None = None
 
     def feed(self, delta: str) -> str:
         """Returns the text to emit now. After a match, `matched` is set and the
-        returned text ends right before the stop string."""
+        returned text ends right before the stop string (right after it, with
+        `include_stop`: vLLM's include_stop_str_in_output)."""
         if not self.stops:
             return delta
         text = self.pending + delta
@@ -39,9 +41,9 @@ class StopStringMatcher:
         # result does not depend on how the text was split into deltas.
         hits = [(pos + len(stop), pos, stop) for pos, stop in hits if pos >= 0]
         if hits:
-            _, pos, self.matched = min(hits)
+            end, pos, self.matched = min(hits)
             self.pending = ""
-            return text[:pos]
+            return text[:end] if self.include_stop else text[:pos]
         held = longest_partial_stop(text, self.stops)
         self.pending = text[len(text) - held :] if held else ""
         return text[: len(text) - held]

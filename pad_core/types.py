@@ -114,6 +114,8 @@ class SamplingParams:
     # legacy Completions' echo + logprobs); None: not asked. With max_tokens
     # 0 the request only scores its prompt.
     prompt_logprobs: int | None = None
+    include_stop_str_in_output: bool = False  # vLLM: a matched stop string (or stop token's text) stays in the answer
+    skip_special_tokens: bool = True  # vLLM: special tokens' text is left out of the answer
 
     @property
     def processes_logits(self) -> bool:
@@ -140,6 +142,8 @@ class SamplingParams:
         for token in self.stop_token_ids:
             check_int(token, "stop_token_ids", 0)
         check_bool(self.ignore_eos, "ignore_eos")
+        check_bool(self.include_stop_str_in_output, "include_stop_str_in_output")
+        check_bool(self.skip_special_tokens, "skip_special_tokens")
         check_float(self.presence_penalty, "presence_penalty", -MAX_PENALTY, MAX_PENALTY)
         check_float(self.frequency_penalty, "frequency_penalty", -MAX_PENALTY, MAX_PENALTY)
         check_bool(self.logprobs, "logprobs")

@@ -205,6 +205,10 @@ class SamplingFields(StrictRequest):
     min_tokens: int | None = Field(None, ge=0, le=INT64_MAX, description="vLLM: no end-of-sequence before this many tokens")
     stop_token_ids: list[Annotated[int, Field(ge=0, le=INT64_MAX)]] | None = Field(
         None, max_length=MAX_STOP_STRINGS, description="vLLM: token ids that end the answer")
+    include_stop_str_in_output: bool | None = Field(None, description="vLLM: a matched stop string stays in the "
+                                                    "answer")
+    skip_special_tokens: bool | None = Field(None, description="vLLM: leave special tokens' text out (default "
+                                             "true)")
     # Structured outputs: OpenAI's response_format, and vLLM's (structured_outputs, or its older guided_* fields)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsParams | None = Field(
@@ -252,6 +256,8 @@ class SamplingFields(StrictRequest):
             "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
             "min_tokens": self.min_tokens or 0,
             "logit_bias": self.logit_bias_pairs(),
+            "include_stop_str_in_output": bool(self.include_stop_str_in_output),
+            "skip_special_tokens": self.skip_special_tokens is not False,
         }
 
     def to_guidance_params(self) -> GuidanceParams:

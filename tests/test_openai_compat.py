@@ -10,6 +10,7 @@ integration in test_clients.py.)"""
 from __future__ import annotations
 
 import json
+import re
 from typing import Literal
 
 import httpx
@@ -70,6 +71,29 @@ def test_documented_fields_are_accepted_and_vllm_extensions_honoured(client):
     assert answer.usage.completion_tokens == 8
     assert set(IGNORED) >= {"store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier",
                             "verbosity", "stream_options.include_obfuscation"}
+
+
+def test_include_stop_str_in_output_and_skip_special_tokens(client):
+    """vLLM's: the matched stop string stays in the answer; with special
+    tokens kept, an answer that may pass end-of-sequence (ignore_eos) shows
+    them, and a stop token's own text comes with include_stop_str_in_output."""
+    ask = dict(model=MODEL, messages=ASK, max_tokens=30, temperature=0)
+    free = client.chat.completions.create(**ask).choices[0].message.content
+    stop = free[5:8]
+    cut = client.chat.completions.create(**ask, stop=[stop]).choices[0]
+    kept = client.chat.completions.create(**ask, stop=[stop], extra_body={"include_stop_str_in_output": True}).choices[0]
+    assert cut.finish_reason == kept.finish_reason == "stop"
+    assert kept.message.content == cut.message.content + stop and free.startswith(kept.message.content)
+    # a bias toward the special tokens: the answer is their text, or nothing
+    special = {str(i): 100 for i in (0, 1, 2)}  # <|endoftext|>, <|im_start|>, <|im_end|>
+    shown = client.chat.completions.create(**ask, logit_bias=special, extra_body={
+        "skip_special_tokens": False, "include_stop_str_in_output": True}).choices[0]
+    hidden = client.chat.completions.create(**ask, logit_bias=special).choices[0]
+    assert shown.finish_reason == hidden.finish_reason == "stop"
+    assert hidden.message.content == ""
+    # specials before end-of-turn (<|im_end|>, the stop token), which comes last, with include_stop_str_in_output
+    text = shown.message.content
+    assert text.endswith("<|im_end|>") and not re.sub(r"<\|(endoftext|im_start|im_end)\|>", "", text), text
 
 
 def test_unknown_and_unsupported_fields_are_refused_by_name(server):

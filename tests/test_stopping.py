@@ -123,3 +123,10 @@ def test_property_emitted_text_is_text_up_to_first_stop_for_any_split(text, stop
     for piece in emitted:
         so_far += piece
         assert want.startswith(so_far)
+
+
+def test_include_stop_keeps_the_stop_string_and_nothing_after_it():
+    matcher = StopStringMatcher(["END", "\n\n"], include_stop=True)
+    assert matcher.feed("one E") == "one "  # "E" may begin "END": held back as without include_stop
+    assert matcher.feed("ND two") == "END"
+    assert matcher.matched == "END"
