@@ -880,9 +880,9 @@ def reached_by_kill(out: Outcome, kill: Kill, grace: float = 1.0) -> bool:
 # ---- the run -------------------------------------------------------------
 async def client_loop(ctx: Context, deadline: float, outcomes: list[Outcome], monitor: Monitor, timeout: float,
                       names: list[str], weights: list[float], first_round: list[str]) -> None:
-    while ctx.now() < deadline:
-        # Every scenario runs once before the weighted draw takes over, so a short soak
-        # (CI's few seconds) still covers the rare ones instead of depending on luck.
+    while first_round or ctx.now() < deadline:
+        # Every scenario runs once (past the deadline if need be) before the weighted draw
+        # takes over, so a short soak (CI's few seconds) covers the rare ones whatever the luck.
         name = first_round.pop() if first_round else ctx.rng.choices(names, weights)[0]
         outcome = await run_one(ctx, name, timeout)
         outcomes.append(outcome)

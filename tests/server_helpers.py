@@ -15,14 +15,12 @@ import zmq
 
 from pad_core.testing import tiny_engine
 from pad_core.worker import Worker
-from server.worker_client import free_local_address
 
 
 @contextlib.contextmanager
 def worker_thread(address: str | None = None, engine=None, step_delay: float = 0.0) -> Iterator[tuple[str, Worker]]:
     """A Worker serving `engine` (a fresh tiny one by default) on `address`;
     `step_delay` seconds are added to every step (a slow model)."""
-    address = address or free_local_address()
     engine = engine or tiny_engine()
     if step_delay:
         step = engine.step
@@ -35,7 +33,11 @@ def worker_thread(address: str | None = None, engine=None, step_delay: float = 0
     context = zmq.Context()
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.bind(address)
+    if address is None:  # a port the OS picks as it binds (a probed free port could be taken before the bind)
+        sock.bind("tcp://127.0.0.1:*")
+        address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    else:
+        sock.bind(address)
     worker = Worker(engine, sock)
     thread = threading.Thread(target=worker.serve_forever, daemon=True)
     thread.start()
@@ -54,11 +56,13 @@ def uvicorn_server(app, healthy: bool = True) -> Iterator[str]:
     answers 200 when `healthy`)."""
     import uvicorn
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    # Bound here and handed to uvicorn: a probed free port could be taken before uvicorn bound it.
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
@@ -70,3 +74,4 @@ def uvicorn_server(app, healthy: bool = True) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+        listener.close()

@@ -136,12 +136,15 @@ def test_hostile_chats_get_4xx_or_answers_and_the_stream_beside_them_is_untouche
               "temperature": 0, "preference": "short answers"}
     alone = stream_text(url, steady)
     beside: list = []
-    thread = threading.Thread(target=lambda: beside.append(stream_text(url, steady)))
+    ended: list[float] = []
+    thread = threading.Thread(target=lambda: (beside.append(stream_text(url, steady)), ended.append(time.monotonic())))
     thread.start()
+    answered: list[float] = []
     with httpx.Client(base_url=url, timeout=120) as client:
         for overrides, status, param in CHAT_CASES:
             response = client.post("/v1/chat/completions", content=raw({**BASE, **overrides}),
                                    headers={"content-type": "application/json"})
+            answered.append(time.monotonic())
             assert response.status_code == status, (overrides if len(str(overrides)) < 300 else "...", response.text)
             if status == 200:
                 choices = response.json()["choices"]
@@ -151,9 +154,10 @@ def test_hostile_chats_get_4xx_or_answers_and_the_stream_beside_them_is_untouche
         for body, param in RAW_CHAT_CASES:
             response = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
             assert_error(response, 400, param)
-        assert thread.is_alive(), "the steady stream should still be decoding"  # it ran beside them
     thread.join(120)
     assert beside == [alone] and alone[1] == "length"
+    # It ran beside them: still decoding when the first hostile answers came back.
+    assert ended[0] > answered[len(answered) // 4], "the steady stream ended before the hostile requests"
 
 
 def test_hostile_responses_inputs(target):

@@ -84,12 +84,15 @@ def test_malloc_trim_runs_where_the_c_library_has_it():
     HeapTrimmer(trim=None).after_iteration(worked=True, idle=True)  # never fails, whatever the C library
 
 
-def test_the_worker_loop_trims_after_its_requests_finish():
+def test_the_worker_loop_trims_after_its_requests_finish(monkeypatch):
     """Through the real worker loop: served requests, then one trim on idle."""
+    # One idle trim a minute at most: should the loop go idle between the requests
+    # (a slow machine), a second idle trim cannot fall inside the wait below.
+    monkeypatch.setattr("pad_core.memory.IDLE_TRIM_GAP_S", 60.0)
     with worker_thread() as (address, worker):
         calls = []
         worker.trimmer.trim = lambda: calls.append(time.monotonic())
-        worker.trimmer.last = 0.0  # no gap to wait for
+        worker.trimmer.last = time.monotonic() - 120  # no gap to wait for
         context = zmq.Context()
         gateway = context.socket(zmq.DEALER)
         gateway.setsockopt(zmq.LINGER, 0)

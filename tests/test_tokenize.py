@@ -179,9 +179,12 @@ async def test_tokenize_asks_beyond_the_cap_are_429s(tmp_path, monkeypatch):
     from server.worker_client import MAX_TOKENIZE_IN_FLIGHT
 
     app = create_app(ServerSettings(data_dir=tmp_path), start_worker=False)
-    release = asyncio.Event()
+    release, all_in, arrived = asyncio.Event(), asyncio.Event(), []
 
     async def slow_ask(message, timeout, forgettable=False):
+        arrived.append(message)
+        if len(arrived) == MAX_TOKENIZE_IN_FLIGHT:
+            all_in.set()
         await release.wait()
         return {"type": "tokenized", "result": {"count": 1, "tokens": [5], "token_strs": None}}
 
@@ -189,9 +192,11 @@ async def test_tokenize_asks_beyond_the_cap_are_429s(tmp_path, monkeypatch):
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
         held = [asyncio.create_task(client.post("/tokenize", json={"prompt": "x"}))
                 for _ in range(MAX_TOKENIZE_IN_FLIGHT)]
-        await asyncio.sleep(0.2)
-        refused = await client.post("/tokenize", json={"prompt": "x"})
-        release.set()
+        await asyncio.wait_for(all_in.wait(), 60)  # every held ask is in, however slow the machine
+        try:
+            refused = await asyncio.wait_for(client.post("/tokenize", json={"prompt": "x"}), 60)
+        finally:
+            release.set()
         answers = await asyncio.gather(*held)
         after = await client.post("/tokenize", json={"prompt": "x"})
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
