@@ -521,7 +521,9 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     functions: list[FunctionDefinition] | None = Field(None, description="deprecated: use tools")
     function_call: Literal["none", "auto"] | dict[str, Any] | None = Field(None, description="deprecated: use tool_choice")
-    # vLLM's chat-template fields
+    # vLLM's chat-template fields, and its echo
+    echo: bool = Field(False, description="vLLM: the answer opens with the last message when it is the "
+                       "assistant's (with continue_final_message: the whole message)")
     add_generation_prompt: bool = Field(True, description="vLLM: open the assistant's turn after the messages")
     continue_final_message: bool = Field(False, description="vLLM: the answer continues the last message (a "
                                          "prefilled answer; needs add_generation_prompt false)")

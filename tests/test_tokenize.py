@@ -5,6 +5,8 @@ input is an OpenAI-shaped 400, never a hang."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from server_helpers import uvicorn_server, worker_thread
@@ -69,6 +71,25 @@ def test_continue_final_message_leaves_the_answer_open_to_continue(url, engine):
                                               "preference": "short answers"})
     assert chat.status_code == 200, chat.text
     assert chat.json()["usage"]["prompt_tokens"] == len(tokens)
+
+
+def test_echo_opens_the_answer_with_the_prefilled_message_whole_and_streamed(url):
+    body = {"model": "smollm2-135m-instruct", "messages": PREFILLED, "add_generation_prompt": False,
+            "continue_final_message": True, "max_tokens": 6, "temperature": 0}
+    plain = post(url, "/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
+    echoed = post(url, "/v1/chat/completions", {**body, "echo": True}).json()["choices"][0]["message"]["content"]
+    assert echoed == "Three tips:\n1." + plain
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "echo": True, "stream": True},
+                      timeout=30) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": "Three tips:\n1."}
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]) == echoed
+    # the last message is the user's: nothing to echo
+    asked = post(url, "/v1/chat/completions", {"model": "smollm2-135m-instruct", "messages": MESSAGES, "max_tokens": 3,
+                                               "temperature": 0, "echo": True}).json()
+    alone = post(url, "/v1/chat/completions", {"model": "smollm2-135m-instruct", "messages": MESSAGES, "max_tokens": 3,
+                                               "temperature": 0}).json()
+    assert asked["choices"][0]["message"] == alone["choices"][0]["message"]
 
 
 def test_chat_template_kwargs_reach_the_template(url, engine):

@@ -76,7 +76,7 @@ async def _chat(body: ChatCompletionRequest, request: Request, scope):
     generation.rename = rename
     await generation.start()
     record = recorder(state, generation, messages, user)
-    formatter = ChatFormatter(body)
+    formatter = ChatFormatter(body, echoed(body, messages))
     if body.stream:
         return streaming_response(stream_events(generation, formatter, record))
     choices = await generation.collect()
@@ -84,15 +84,27 @@ async def _chat(body: ChatCompletionRequest, request: Request, scope):
     return JSONResponse(formatter.response(generation, choices))
 
 
+def echoed(body: ChatCompletionRequest, messages: list[dict[str, str]]) -> str:
+    """vLLM's chat `echo`: the answer opens with the last message when it is
+    the assistant's own (a prefilled answer, with continue_final_message)."""
+    if not body.echo or messages[-1].get("role") != "assistant":
+        return ""
+    return messages[-1].get("content") or ""
+
+
 class ChatFormatter(ChunkFormatter):
     chunk_object = "chat.completion.chunk"
     body: ChatCompletionRequest
 
+    def __init__(self, body: ChatCompletionRequest, echo: str = ""):
+        super().__init__(body)
+        self.echo = echo
+
     def opening(self, generation: Generation) -> list[str]:
-        """The role of every choice (content null before tool calls, as OpenAI's),
-        and `pad` (what personalized the answer)."""
+        """The role of every choice (content null before tool calls, as OpenAI's;
+        the echoed message where asked), and `pad` (what personalized the answer)."""
         return [self.chunk(generation, [{"index": c.index, "delta": {"role": "assistant",
-                                                                  "content": None if c.holds_calls else ""},
+                                                                  "content": None if c.holds_calls else self.echo},
                                          "logprobs": None, "finish_reason": None} for c in generation.choices],
                            pad=generation.pad_info())]
 
@@ -118,7 +130,7 @@ class ChatFormatter(ChunkFormatter):
 
     def message(self, choice: ChoiceState) -> tuple[dict, str | None]:
         if choice.tool_calls is None:
-            return {"role": "assistant", "content": choice.text, "refusal": None}, choice.finish_reason
+            return {"role": "assistant", "content": self.echo + choice.text, "refusal": None}, choice.finish_reason
         if self.body.legacy_functions:
             call = choice.tool_calls[0]["function"]
             return {"role": "assistant", "content": None, "refusal": None,
