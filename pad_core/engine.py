@@ -35,7 +35,7 @@ from pad_core.request_state import RequestState, RewardRowRef
 from pad_core.runner import BASE_RUNNER, NewRow, RewardSource, Runner
 from pad_core.sampling import INVALID_TOKEN, apply_penalties, apply_sampling_controls, top_logprobs
 from pad_core.settings import EngineSettings
-from pad_core.structured import StructuredOutputs, check_spec
+from pad_core.structured import StructuredOutputs
 from pad_core.transfer import select_rows, to_device
 from pad_core.types import ChatRequest, GenerationRequest, RequestLimits, RewardPrompt, StepOutput, TokenLogprob
 from pad_core.validation import TEMPERATURE_FLOOR
@@ -101,7 +101,7 @@ class PadEngine:
             sees = source.base_sees_preference
         structured = chat.structured
         if structured is not None:
-            check_spec(structured)
+            self.structured.compile(structured)  # here, off the decode loop (a grammar may take a while)
         tool_call = structured is not None and structured.kind == "tool_calls"
         prompt_ids, reward_ids = self.prompts.encode_request(
             chat.messages,

@@ -3,6 +3,7 @@ per preference (the preference as a system message, PAD's template)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -103,6 +104,7 @@ class PromptBuilder:
     def __init__(self, tokenizer, preference_template: str):
         self.tokenizer = tokenizer
         self.preference_template = preference_template
+        self._own_arguments: frozenset[str] | None = None
 
     @property
     def template_knows_tools(self) -> bool:
@@ -115,15 +117,26 @@ class PromptBuilder:
         opening, unless `template` says otherwise); the template writes its
         own special tokens, so the tokenizer adds none by default."""
         extra = {"tools": tools} if tools else {}
+        if template.kwargs:
+            own = self._template_arguments()
+            for key in template.kwargs:
+                if key in own:
+                    raise InvalidRequestError(f"chat_template_kwargs cannot set {key!r}", param="chat_template_kwargs")
         try:
             text = self.tokenizer.apply_chat_template(
                 list(messages), add_generation_prompt=template.add_generation_prompt,
                 continue_final_message=template.continue_final_message, tokenize=False, **template.kwargs, **extra)
-        except (ValueError, TypeError, TemplateError) as exc:
+        except (ValueError, TypeError, ArithmeticError, LookupError, TemplateError) as exc:
             # continue_final_message on a message the template rewrites, a template that
             # raises on the chat, or chat_template_kwargs of a type the template cannot use
             raise InvalidRequestError(f"the chat template cannot render this chat: {exc}", param="messages") from None
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def _template_arguments(self) -> frozenset[str]:
+        """apply_chat_template's own parameters (chat_template_kwargs cannot set them)."""
+        if self._own_arguments is None:
+            self._own_arguments = frozenset(inspect.signature(self.tokenizer.apply_chat_template).parameters)
+        return self._own_arguments
 
     def encode_with_preference(
         self, messages: Sequence[dict[str, str]], preference: str, tools: list[dict[str, Any]] | None = None,

@@ -126,8 +126,9 @@ class RequestState:
         if token_id in self.stop_token_ids and not sampling.ignore_eos:
             self.finish_reason = "stop"
             text = self._last_text()
-            if sampling.include_stop_str_in_output and not sampling.skip_special_tokens:
-                text += self.detokenizer.step(token_id) + self.detokenizer.flush()  # the stop token's own text
+            if sampling.include_stop_str_in_output and self.stop_matcher.matched is None:
+                # The stop token's own text (vLLM's; a special token's is "" unless skip_special_tokens is false).
+                text += self.detokenizer.step(token_id) + self.detokenizer.flush()
             return self.output([token_id], text, logprobs)
         piece = self.detokenizer.step(token_id)
         if self.grammar is not None:

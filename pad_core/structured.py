@@ -36,6 +36,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -59,6 +61,14 @@ GRAMMAR_CACHE_SIZE = 64  # compiled grammars kept per engine (LRU)
 MAX_TOOLS = 128
 MAX_CHOICES = 1024  # a `choice` constraint's options
 MAX_GRAMMAR_CHARS = 100_000  # a regex's, a grammar's or the choices' text (a JSON Schema is bounded by the body)
+# Grammar cost. Short text can be costly to follow: "(a{700}){700}" (15
+# characters) compiles, then takes ~0.2 s a step for every row, and the decode
+# loop computes the masks of all rows in turn, so every stream waits. A tenth
+# of llguidance's default lexer fuel refuses that one at its second step in
+# ~40 ms (realistic regexes and schemas stay far below it); and a step whose
+# mask still takes over MAX_MASK_SECONDS fails its request alone.
+INITIAL_LEXER_FUEL = 100_000
+MAX_MASK_SECONDS = 0.25
 MAX_INTEGER_DIGITS = 18  # an unbounded integer's digits (llguidance cannot compile int64's own range)
 LARGEST_INTEGER = 10**MAX_INTEGER_DIGITS - 1
 
@@ -552,12 +562,20 @@ class StructuredOutputs:
         self.cache_size = cache_size
         self._compiled: OrderedDict[str, Any] = OrderedDict()
         self._ll_tokenizer = None
+        # The worker's tokenizer thread compiles a request's grammar (`compile`,
+        # from prepare_chat) while the decode loop reads the cache: a lock over
+        # the tokenizer's build and the cache (not the compiles themselves).
+        self._lock = threading.RLock()
 
     def _llg(self):
         """The llguidance module, with the tokenizer built on first use."""
         import llguidance
         import llguidance.hf
 
+        with self._lock:
+            return self._llg_locked(llguidance)
+
+    def _llg_locked(self, llguidance):
         if self._ll_tokenizer is None:
             self._ll_tokenizer = llguidance.hf.from_tokenizer(
                 self.tokenizer, n_vocab=max(self.vocab_size, len(self.tokenizer)), eos_token=self.stop_token_ids
@@ -580,16 +598,24 @@ class StructuredOutputs:
             except (TypeError, ValueError, RecursionError) as exc:
                 raise InvalidRequestError(f"{spec.param}: the schema is not plain JSON: {exc}",
                                           param=spec.param) from None
-        template = self._compiled.get(key)
+        with self._lock:
+            template = self._compiled.get(key)
+            if template is not None:
+                self._compiled.move_to_end(key)
         if template is None:
+            # Outside the lock: a long compile in the tokenizer thread must not hold up the decode loop's lookups.
             template = self._compile(spec, schema, options)
-            self._compiled[key] = template
-            while len(self._compiled) > self.cache_size:
-                self._compiled.popitem(last=False)
-        else:
-            self._compiled.move_to_end(key)
-        ll_tokenizer = self._ll_tokenizer
-        return GrammarMatcher(spec, template.deep_copy(), ll_tokenizer.decode_str)
+            with self._lock:
+                self._compiled[key] = template
+                while len(self._compiled) > self.cache_size:
+                    self._compiled.popitem(last=False)
+        return GrammarMatcher(spec, template.deep_copy(), self._ll_tokenizer.decode_str)
+
+    def compile(self, spec: StructuredOutput) -> None:
+        """Compiles `spec` into the cache (the worker's tokenizer thread does,
+        as it prepares the request, so the decode loop only copies it).
+        InvalidRequestError as `start`."""
+        self.start(spec)
 
     def _compile(self, spec: StructuredOutput, schema: dict[str, Any] | None, options: dict[str, Any]):
         if spec.kind in TEXT_KINDS:
@@ -640,7 +666,7 @@ class StructuredOutputs:
             grammar = make_grammar(llguidance)
         except (ValueError, TypeError) as exc:
             return str(exc)
-        limits = llguidance.LLParserLimits(verbose_errors=False)
+        limits = llguidance.LLParserLimits(verbose_errors=False, initial_lexer_fuel=INITIAL_LEXER_FUEL)
         matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0, limits=limits)
         if matcher.is_error():
             return parser_error(matcher) or "the grammar does not compile"
@@ -666,9 +692,15 @@ class StructuredOutputs:
         # these sizes and its threads would compete with torch's for the cores.
         failed = []
         for row, matcher in enumerate(matchers):
+            started = time.perf_counter()
             if not matcher.write_mask(bitmask.data_ptr() + row * words * 4, words * 4):
                 # The parser failed (a schema it cannot follow); its row holds whatever it left.
                 matcher.fail(parser_error(matcher._matcher) or "the grammar failed")
+                failed.append(row)
+            elif (took := time.perf_counter() - started) > MAX_MASK_SECONDS:
+                # Every stream waits for it: the request ends rather than stall them all step after step.
+                matcher.fail(f"the constraint is too costly to follow: one token's choice took {took:.2f} s "
+                             f"(at most {MAX_MASK_SECONDS} s); simplify it (large counted repetitions, say)")
                 failed.append(row)
         allowed = unpack_bitmask(bitmask, self.vocab_size)
         empty = ~allowed.any(dim=1)

@@ -312,11 +312,13 @@ class ToolCall:
 
 
 # apply_chat_template's own arguments (and what the template is given by the
-# renderer): a request's chat_template_kwargs cannot set them.
+# renderer): a request's chat_template_kwargs cannot set them. Where the
+# worker renders, the installed transformers' own signature is checked too
+# (PromptBuilder.encode): an argument a later version adds is refused as well.
 RESERVED_TEMPLATE_KWARGS = frozenset({
     "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
     "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
-    "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs", "sanitize_control_tokens",
 })
 
 

@@ -38,7 +38,6 @@ from pad_core.ipc import HEARTBEAT_S, pack, unpack
 from pad_core.memory import HeapTrimmer
 from pad_core.model_loading import load_engine
 from pad_core.settings import EngineSettings
-from pad_core.structured import check_spec
 from pad_core.tokenization import tokenize, tokenizer_info
 from pad_core.types import ChatRequest, GenerationRequest, GuidanceParams, RewardPrompt, TextRequest
 
@@ -318,7 +317,7 @@ def prepare_text(engine: PadEngine, request: TextRequest) -> GenerationRequest:
     if sees is None:
         sees = sources[name].base_sees_preference
     if request.structured is not None:
-        check_spec(request.structured)
+        engine.structured.compile(request.structured)  # off the decode loop, as prepare_chat does
     prompt_ids, reward_ids = engine.prompts.encode_text(request.prompt, request.preferences, sees)
     return GenerationRequest(
         request_id=request.request_id,

@@ -84,6 +84,14 @@ def test_include_stop_str_in_output_and_skip_special_tokens(client):
     kept = client.chat.completions.create(**ask, stop=[stop], extra_body={"include_stop_str_in_output": True}).choices[0]
     assert cut.finish_reason == kept.finish_reason == "stop"
     assert kept.message.content == cut.message.content + stop and free.startswith(kept.message.content)
+    # a stop token that is not special: its text stays too (vLLM's), and only with the field
+    token = client.completions.create(model=MODEL, prompt="x", max_tokens=1, temperature=0, logprobs=0,
+                                      extra_body={"logit_bias": {"905": 100}}).choices[0].logprobs.tokens[0]
+    ended = dict(**ask, logit_bias={"905": 100}, extra_body={"stop_token_ids": [905]})
+    assert client.chat.completions.create(**ended).choices[0].message.content == ""
+    with_token = client.chat.completions.create(**{**ended, "extra_body": {"stop_token_ids": [905],
+                                                                           "include_stop_str_in_output": True}})
+    assert with_token.choices[0].message.content == token and token.strip()
     # a bias toward the special tokens: the answer is their text, or nothing
     special = {str(i): 100 for i in (0, 1, 2)}  # <|endoftext|>, <|im_start|>, <|im_end|>
     shown = client.chat.completions.create(**ask, logit_bias=special, extra_body={

@@ -775,3 +775,36 @@ def test_text_constraints_round_trip_through_ipc():
     text = TextRequest("t", "Q: yes or no?", structured=TEXT_SPECS["choice"][0])
     message = unpack(pack({"type": "add", "request": text.to_dict()}))
     assert TextRequest.from_dict(message["request"]) == text
+
+
+def test_a_costly_constraint_fails_alone_and_early(engine):
+    """'(a{700}){700}' is 15 characters that took ~0.2 s a step for every row
+    (every stream waited): the lexer fuel refuses it at its second step."""
+    spec = StructuredOutput("regex", regex="(a{700}){700}", source="guided_regex")
+    outputs = run(engine, chat("costly", spec, max_tokens=40), chat("plain", max_tokens=8))
+    last = outputs["costly"][-1]
+    assert last.finish_reason == "error" and last.error_param == "guided_regex", last
+    assert len(outputs["costly"]) <= 3
+    assert outputs["plain"][-1].finish_reason == "length"
+
+
+def test_a_step_over_the_mask_budget_ends_its_request(engine, monkeypatch):
+    import pad_core.structured as structured
+
+    monkeypatch.setattr(structured, "MAX_MASK_SECONDS", 0.0)  # every mask is over it
+    outputs = run(engine, chat("slow", TEXT_SPECS["choice"][0]), chat("plain", max_tokens=4))
+    last = outputs["slow"][-1]
+    assert last.finish_reason == "error" and "too costly" in last.error and last.error_param == "response_format"
+    assert outputs["plain"][-1].finish_reason == "length"
+
+
+def test_the_grammar_is_compiled_as_the_request_is_prepared_not_on_the_decode_loop(engine, monkeypatch):
+    compiled = []
+    original = engine.structured._compile
+    monkeypatch.setattr(engine.structured, "_compile", lambda *a: compiled.append(1) or original(*a))
+    spec = StructuredOutput("regex", regex="(yes|no|maybe) [0-9]{1,9}")
+    request = engine.prepare_chat(chat("r", spec))  # the worker's tokenizer thread
+    assert compiled == [1]
+    engine.add_request(request)
+    outs = run(engine)["r"]
+    assert compiled == [1] and outs[-1].finish_reason == "stop"

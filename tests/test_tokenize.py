@@ -113,6 +113,8 @@ def test_chat_template_kwargs_reach_the_template(url, engine):
     ({"messages": MESSAGES, "chat_template_kwargs": {"not an identifier": 1}}, "chat_template_kwargs"),
     ({"messages": MESSAGES, "chat_template_kwargs": []}, "chat_template_kwargs"),
     ({"messages": MESSAGES, "continue_final_message": "yes"}, "continue_final_message"),
+    ({"messages": MESSAGES, "chat_template_kwargs": {"x": {"y": [1, -(2**64)]}}}, "chat_template_kwargs"),  # no IPC
+    ({"messages": MESSAGES, "chat_template_kwargs": {"sanitize_control_tokens": True}}, "chat_template_kwargs"),
 ])
 def test_bad_template_options_are_400s_on_chat_and_tokenize(url, body, param):
     for path, extra in (("/tokenize", {}), ("/v1/chat/completions", {"model": "smollm2-135m-instruct",

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field, model_validator
 
+from pad_core.types import TemplateOptions
 from pad_core.validation import INT64_MAX
 from server.auth import key_scope
 from server.errors import invalid, unavailable
@@ -74,7 +75,12 @@ def worker_payload(body: TokenizeRequest) -> dict:
     """What the worker tokenizes: engine messages (flattened as a chat
     request's are) or the raw prompt."""
     if body.messages is not None:
-        return {"kind": "chat", "messages": chat_messages(body.messages),
+        messages = chat_messages(body.messages)
+        # Checked here too (the worker checks again): what cannot cross the IPC
+        # (an integer beyond int64, say) must be a 400, not a failed send.
+        TemplateOptions(body.add_generation_prompt, body.continue_final_message,
+                        body.chat_template_kwargs or {}).verify(messages)
+        return {"kind": "chat", "messages": messages,
                 "add_generation_prompt": body.add_generation_prompt,
                 "continue_final_message": body.continue_final_message,
                 "chat_template_kwargs": body.chat_template_kwargs or {},
