@@ -81,6 +81,8 @@ def test_models_list(client):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
     assert models.data[0].model_extra["reward_models"] == ["self"]
+    extra = models.data[0].model_extra  # vLLM's card too: clients size prompts by max_model_len
+    assert extra["max_model_len"] == extra["context_length"] > 0 and extra["root"] == MODEL
 
 
 def test_completion_parses_and_usage_adds_up(client):

@@ -59,6 +59,9 @@ def model_card(request: Request) -> dict:
         "created": request.app.state.started,
         "owned_by": "pad-server",
         "context_length": info.get("context_length"),
+        "max_model_len": info.get("context_length"),  # vLLM's name for it (clients size their prompts by it)
+        "root": info.get("served_model_name") or settings.resolved_served_name(),
+        "parent": None,
         "reward_models": info.get("reward_models", ["self"]),
     }
 
