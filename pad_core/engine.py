@@ -556,6 +556,7 @@ class PadEngine:
                 len(in_batch) + len(admitted) < self.settings.max_running_requests
                 and rows + state_rows <= self.settings.max_batch_rows
                 and (token_budget is None or prefill_tokens + state_tokens <= token_budget)
+                and (scores_only or self._kv_fits([*in_batch, *admitted, state]))
             )
             # A request bigger than a budget still runs, alone.
             if not fits and (admitted or in_batch):
@@ -567,6 +568,25 @@ class PadEngine:
             if scoring is not None:
                 scored.add(scoring)
         return admitted
+
+    def _kv_fits(self, batch: Sequence[RequestState]) -> bool:
+        """Whether `batch` fits every runner's KV budget (`Runner.kv_token_budget`:
+        rows x the widest row, a left-padded cache's size), each request
+        reserving its longest prompt plus its max_tokens. Kept to at
+        admission, so a batch of long answers cannot grow the worker past
+        its memory (it was killed for it, with every request in flight)."""
+        for name, runner in self.runners.items():
+            if runner.kv_token_budget is None:
+                continue
+            rows, width = 0, 0
+            for state in batch:
+                held = sum(1 for runner_name, _ in state.row_locations if runner_name == name)
+                if held and state.max_tokens:  # a request that only scores its prompt holds no rows
+                    rows += held
+                    width = max(width, state.prefill_length + state.max_tokens)
+            if rows * width > runner.kv_token_budget:
+                return False
+        return True
 
     def _finish_aborted(self) -> list[StepOutput]:
         if not self._aborted:

@@ -1,4 +1,5 @@
-"""Gives the worker's freed heap memory back to the operating system.
+"""Gives the worker's freed heap memory back to the operating system (and
+says how much memory the process may use).
 
 Why: a step allocates and frees tensors of every size (a long prompt's
 prefill activations are tens of MiB; the transformers runner's KV caches are
@@ -23,14 +24,30 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 TRIM_EVERY_S = 30.0  # under a load that never pauses
 IDLE_TRIM_GAP_S = 1.0  # at most one idle trim a second, however often requests trickle in
+
+
+def memory_limit_bytes() -> int:
+    """The memory this process may use: the machine's, or a container's
+    cgroup limit where that is lower (docker --memory)."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v2, v1
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limit = min(limit, int(text))
+    return limit
 
 
 def malloc_trim() -> Callable[[], object] | None:

@@ -31,6 +31,7 @@ from pad_core.adapters import base_model_fingerprint
 from pad_core.cuda_graphs import decode_steps, graph_batch_buckets
 from pad_core.engine import PadEngine
 from pad_core.errors import ModelLoadError
+from pad_core.memory import memory_limit_bytes
 from pad_core.prefix_cache import PrefixCache
 from pad_core.runner import BASE_RUNNER, RewardSource, Runner, TransformersRunner
 from pad_core.settings import EMBEDDED_MODEL, EngineSettings
@@ -304,8 +305,21 @@ def build_runner(model, tokenizer, settings: EngineSettings, fingerprint: Callab
                           batch_buckets=graph_batch_buckets(slots) if graphed else None,
                           steps=decode_steps(device, enabled=graphed),
                           prefix_cache=prefix_cache_for(settings))
+    bytes_per_token = kv_bytes_per_token(*model_kv_geometry(model), next(model.parameters()).dtype)
+    budget = padded_kv_budget(settings, device, prefix_cache_bytes(settings) * runners, runners - earlier_runners)
     return TransformersRunner(model, pad_token_id=pad_id, fingerprint=fingerprint,
-                              prefix_cache=prefix_cache_for(settings))
+                              prefix_cache=prefix_cache_for(settings),
+                              kv_token_budget=max(1, budget // bytes_per_token))
+
+
+def padded_kv_budget(settings: EngineSettings, device: torch.device, reserved_bytes: int = 0, share: int = 1) -> int:
+    """Bytes the transformers runner's left-padded batch cache may take:
+    `kv_pool_gib` if set; on CUDA as a pool's (`kv_pool_budget`); on CPU a
+    quarter of the memory the process may use (the batch cache is copied
+    as rows join, and the weights, activations and prefix cache need room)."""
+    if settings.kv_pool_gib is not None or device.type == "cuda":
+        return kv_pool_budget(settings, device, reserved_bytes, share)
+    return memory_limit_bytes() // 4 // share
 
 
 def prefix_cache_bytes(settings: EngineSettings) -> int:

@@ -101,6 +101,13 @@ class Runner(Protocol):
         """Whether rows given in one `prefill` that hold the same tokens and
         get the same ones cost one row's compute (the others get copies)."""
 
+    @property
+    def kv_token_budget(self) -> int | None:
+        """KV tokens the batch may hold, counted as rows x the widest row's
+        length (a left-padded cache holds every row as wide as the widest);
+        the scheduler admits requests within it. None: the runner bounds
+        its memory itself (a pool's slots)."""
+
     def row_index(self) -> Mapping[RowKey, int]:
         """Live row key -> its index in `decode`'s batch (a live view)."""
 
@@ -160,6 +167,7 @@ class ModelRows:
     skips that check."""
 
     prefix_cache: PrefixCache | None = None  # finished rows' KV (pad_core.prefix_cache), where a runner keeps one
+    kv_token_budget: int | None = None  # see Runner.kv_token_budget
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int, fingerprint: Callable[[], str] | None):
         self.pad_token_id = pad_token_id
@@ -220,11 +228,15 @@ class TransformersRunner(ModelRows):
 
     With a `prefix_cache` (pad_core.prefix_cache), rows that leave offer
     their KV to it (`retain`), and a new row whose prompt begins with a
-    cached prefix starts from a copy of it and prefills only the rest."""
+    cached prefix starts from a copy of it and prefills only the rest.
+
+    Its memory grows with the batch: `kv_token_budget` (rows x the widest
+    row, in tokens) is what the scheduler keeps it to."""
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int = 0, fingerprint: Callable[[], str] | None = None,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, kv_token_budget: int | None = None):
         super().__init__(model, pad_token_id, fingerprint)
+        self.kv_token_budget = kv_token_budget
         self.device = next(model.parameters()).device
         self.num_layers = model.config.get_text_config().num_hidden_layers
         self.prefix_cache = prefix_cache

@@ -22,6 +22,8 @@ import torch
 
 from pad_core.detokenize import IncrementalDetokenizer
 from pad_core.errors import ContextLengthExceededError, InvalidRequestError, UnknownRewardModelError
+from pad_core.runner import BASE_RUNNER
+from pad_core.settings import EngineSettings
 from pad_core.types import (
     ChatRequest,
     GenerationRequest,
@@ -337,6 +339,53 @@ def test_scheduler_budgets_queue_requests_without_changing_their_output(make_eng
     assert waited
     for rid, tokens in alone.items():
         assert [t for o in outputs if o.request_id == rid for t in o.token_ids] == tokens
+
+
+def test_the_kv_budget_holds_requests_back_without_changing_their_output(make_engine, tokenizer):
+    """The transformers runner's batch cache is rows x the widest row: with
+    a budget (PAD_KV_POOL_GIB), requests wait until it can hold their longest
+    prompt plus max_tokens in every row; a request bigger than it runs alone;
+    answers are unchanged."""
+    requests = [
+        chat("a", "short", sampling=SamplingParams(temperature=0.0, max_tokens=8)),
+        chat("b", "mid", [PREF], sampling=SamplingParams(temperature=0.0, max_tokens=9)),
+        chat("c", "long", sampling=SamplingParams(temperature=0.0, max_tokens=6)),
+        chat("d", "xlong", [PREF, PREF2], sampling=SamplingParams(temperature=0.0, max_tokens=5)),
+    ]
+    alone = {r.request_id: run_one(make_engine(), r).tokens for r in requests}
+    engine = make_engine()
+    runner = engine.runners[BASE_RUNNER]
+    widths = {r.request_id: max(len(p) for p in [engine.prepare_chat(r).prompt_ids,
+                                                  *(q.prompt_ids for q in engine.prepare_chat(r).reward_prompts)])
+              + r.sampling.max_tokens for r in requests}
+    runner.kv_token_budget = 2 * max(widths.values())  # two rows at the widest: "d" (3 rows) runs alone
+    for request in requests:
+        engine.add_chat(request)
+    outputs, waited, alone_seen = [], False, False
+    while engine.has_unfinished():
+        outputs += engine.step()
+        running = [*engine.prefilling, *engine.running]
+        held = sum(len(state.row_keys) for state in running)
+        width = max((state.prefill_length + state.max_tokens for state in running), default=0)
+        assert held * width <= runner.kv_token_budget or len(running) == 1
+        alone_seen |= len(running) == 1 and running[0].request_id == "d"
+        waited |= bool(engine.waiting)
+    assert waited and alone_seen
+    for rid, tokens in alone.items():
+        assert [t for o in outputs if o.request_id == rid for t in o.token_ids] == tokens
+
+
+def test_the_transformers_runner_gets_its_kv_budget_from_the_settings(tiny_model, tokenizer):
+    from pad_core.model_loading import build_runner
+    from pad_core.slot_runner import kv_bytes_per_token, model_kv_geometry
+
+    per_token = kv_bytes_per_token(*model_kv_geometry(tiny_model), torch.float32)
+    runner = build_runner(tiny_model, tokenizer, EngineSettings(backend="transformers", kv_pool_gib=0.01))
+    assert runner.kv_token_budget == int(0.01 * 2**30) // per_token
+    from pad_core.memory import memory_limit_bytes
+
+    default = build_runner(tiny_model, tokenizer, EngineSettings(backend="transformers"))
+    assert default.kv_token_budget == memory_limit_bytes() // 4 // per_token
 
 
 # ---- finishing ------------------------------------------------------------------
