@@ -574,7 +574,7 @@ class PadEngine:
         rows x the widest row, a left-padded cache's size), each request
         reserving its longest prompt plus its max_tokens. Kept to at
         admission, so a batch of long answers cannot grow the worker past
-        its memory (it was killed for it, with every request in flight)."""
+        its memory (the kernel would kill it, with every request in flight)."""
         for name, runner in self.runners.items():
             if runner.kv_token_budget is None:
                 continue
