@@ -11,7 +11,9 @@ random (seeded, after one round of every scenario) by --concurrency clients:
   chat completions, streamed and not, plain and with `preference` (and `pad`
   settings), `n: 2`, stop strings, logprobs, short and long prompts (some
   not ASCII), `max_tokens` 1..64; `/v1/completions` (streamed and not);
-  `/v1/responses` streamed; a json_schema structured output now and then;
+  `/v1/responses` streamed; a json_schema structured output now and then,
+  and vLLM's constraints (choice, regex, GBNF grammar; chat and completions)
+  and prefilled answers (continue_final_message with echo);
   a tool with tool_choice "auto" (calls or text, each well-formed);
   conversations of 2-4 turns sending the model's own answers back (the
   prefix cache's load); clients that hang up mid-stream and mid-prefill;
@@ -55,6 +57,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import statistics
 import sys
@@ -563,6 +566,67 @@ async def structured_output(ctx: Context, out: Outcome) -> None:
     out.answered = not out.violations
 
 
+# vLLM's constraints as its clients send them: (request fields, a check of a complete answer)
+VLLM_CONSTRAINTS = [
+    ({"structured_outputs": {"choice": ["positive", "negative", "neutral"]}},
+     lambda text: text in ("positive", "negative", "neutral")),
+    ({"guided_regex": r"[A-Z][a-z]{2,9}, [0-9]{1,2}"}, lambda text: re.fullmatch(r"[A-Z][a-z]{2,9}, [0-9]{1,2}", text)),
+    ({"structured_outputs": {"grammar": 'root ::= ("yes" | "no") ", because " [a-z ]{1,40} "."'}},
+     lambda text: re.fullmatch(r"(yes|no), because [a-z ]{1,40}\.", text)),
+]
+
+
+async def vllm_constraint(ctx: Context, out: Outcome) -> None:
+    """vLLM's structured outputs (a choice, a regex, a GBNF grammar) on chat
+    or legacy completions, or a prefilled answer (continue_final_message and
+    echo): a complete answer follows its constraint, an echoed one opens
+    with the prefill."""
+    rng = ctx.rng
+    if rng.random() < 0.25:
+        prefill = "Here are three tips:\n1."
+        body = out.request = {"model": ctx.model, "max_tokens": 24, "temperature": rng.choice([0, 0.7]),
+                              "messages": [{"role": "user", "content": "How do I sleep better?"},
+                                           {"role": "assistant", "content": prefill}],
+                              "add_generation_prompt": False, "continue_final_message": True, "echo": True}
+        personalise(body, rng)
+        answered = await post_one_choice(ctx, out, body)
+        if answered is None:
+            return
+        choice, reasons = answered
+        text = choice["message"]["content"] or ""
+        if not text.startswith(prefill):
+            out.fail(f"echoed answer does not open with the prefill: {text[:60]!r}")
+        out.texts, out.finish_reasons = [text], reasons
+        out.answered = not out.violations
+        return
+    fields, follows = rng.choice(VLLM_CONSTRAINTS)
+    body = out.request = {"model": ctx.model, "max_tokens": 48, "temperature": rng.choice([0, 0.7]), **fields}
+    personalise(body, rng)
+    if rng.random() < 0.5:
+        body["messages"] = [{"role": "user", "content": "Is this review happy? 'Great food, slow service.'"}]
+        answered = await post_one_choice(ctx, out, body)
+        if answered is None:
+            return
+        choice, reasons = answered
+        text = choice["message"]["content"] or ""
+    else:
+        body["prompt"] = "Review: 'Great food, slow service.'\nVerdict:"
+        response = await ctx.client.post("/v1/completions", json=body)
+        if not record_status(out, response):
+            return
+        data = response.json()
+        choice = data["choices"][0]
+        reasons = [choice.get("finish_reason")]
+        check_finish(out, reasons, 1)
+        check_usage(out, data.get("usage"), reasons, body["max_tokens"])
+        text = choice["text"]
+    check_text(out, text, body)
+    if reasons[0] == "stop" and not follows(text):
+        out.fail(f"answer off its constraint {fields}: {text!r}")
+    out.texts, out.finish_reasons = [text], reasons
+    out.answered = not out.violations
+
+
 async def hang_up_mid_stream(ctx: Context, out: Outcome) -> None:
     body = out.request = chat_body(ctx, stream=True)
     body["max_tokens"] = 64
@@ -703,6 +767,7 @@ SCENARIOS: dict[str, tuple[Scenario, float]] = {
     "completions": (text_completion, 10),
     "responses_stream": (responses_stream, 10),
     "json_schema": (structured_output, 5),
+    "vllm_constraint": (vllm_constraint, 5),
     "tools_auto": (tools_auto, 5),
     "multi_turn": (multi_turn, 5),
     "hang_up_mid_stream": (hang_up_mid_stream, 8),
