@@ -121,10 +121,18 @@ class PadEngine:
             sampling=chat.sampling,
             guidance=chat.guidance,
             structured=structured,
+            priority=chat.priority,
         )
 
     def add_request(self, request: GenerationRequest) -> None:
-        self.waiting.append(self._new_state(request))
+        state = self._new_state(request)
+        if self.settings.scheduling_policy == "priority":
+            # Behind every waiting request of the same or a lower priority value (first come among equals).
+            place = next((i for i, other in enumerate(self.waiting)
+                          if other.request.priority > request.priority), len(self.waiting))
+            self.waiting.insert(place, state)
+        else:
+            self.waiting.append(state)
 
     def abort(self, request_id: str) -> None:
         """The request ends (finish_reason "abort") at the next step and its rows are freed."""
@@ -665,6 +673,10 @@ class PadEngine:
     def _new_state(self, request: GenerationRequest) -> RequestState:
         """Validates a request and resolves its defaults."""
         request.verify(self.limits)
+        if request.priority and self.settings.scheduling_policy != "priority":
+            raise InvalidRequestError("priority needs the priority scheduling policy (PAD_SCHEDULING_POLICY="
+                                      "priority); this server admits requests first come, first served",
+                                      param="priority")
         sampling, guidance = request.sampling, request.guidance
         live = {s.request_id for s in self._in_flight()}
         if request.request_id in live:

@@ -99,6 +99,12 @@ class EngineSettings(BaseSettings):
     max_preference_chars: int = Field(2000, ge=1, description="characters per preference text")
 
     max_running_requests: int = Field(32, ge=1, description="requests decoded together")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "fcfs",
+        description="the order waiting requests are admitted in: 'fcfs' (first come, first served; a request's "
+        "priority must be 0) or 'priority' (lower priority first, then first come; running requests are not "
+        "preempted)",
+    )
     max_batch_rows: int = Field(96, ge=1, description="model rows decoded together (base + reward rows)")
     max_prefill_tokens: int | None = Field(
         None, ge=1,

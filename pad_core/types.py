@@ -369,6 +369,7 @@ class ChatRequest:
     guidance: GuidanceParams = field(default_factory=GuidanceParams)
     structured: StructuredOutput | None = None  # None: free text
     template: TemplateOptions = field(default_factory=TemplateOptions)
+    priority: int = 0  # lower is admitted first, under the priority scheduling policy
 
     def verify(self, limits: RequestLimits) -> None:
         """The request's own bounds (the engine adds what needs the model:
@@ -391,6 +392,7 @@ class ChatRequest:
         if self.structured is not None:
             self.structured.verify()
         self.template.verify(self.messages)
+        check_int(self.priority, "priority")
 
     def text_length(self) -> int:
         """Characters of every message and preference: a cheap bound on the
@@ -411,6 +413,7 @@ class ChatRequest:
             guidance=GuidanceParams(**(data.get("guidance") or {})),
             structured=StructuredOutput.from_dict(data["structured"]) if data.get("structured") else None,
             template=TemplateOptions(**(data.get("template") or {})),
+            priority=data.get("priority", 0),
         )
 
 
@@ -426,6 +429,7 @@ class TextRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     guidance: GuidanceParams = field(default_factory=GuidanceParams)
     structured: StructuredOutput | None = None  # None: free text
+    priority: int = 0  # as ChatRequest's
     kind: Literal["text"] = "text"  # tells the worker it is not a ChatRequest
 
     def verify(self, limits: RequestLimits) -> None:
@@ -446,6 +450,7 @@ class TextRequest:
         self.guidance.verify(limits)
         if self.structured is not None:
             self.structured.verify()
+        check_int(self.priority, "priority")
 
     def text_length(self) -> int:
         prompt = len(self.prompt) if isinstance(self.prompt, str) else 0
@@ -464,6 +469,7 @@ class TextRequest:
             sampling=SamplingParams.from_dict(data.get("sampling")),
             guidance=GuidanceParams(**(data.get("guidance") or {})),
             structured=StructuredOutput.from_dict(data["structured"]) if data.get("structured") else None,
+            priority=data.get("priority", 0),
         )
 
 
@@ -486,6 +492,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     guidance: GuidanceParams = field(default_factory=GuidanceParams)
     structured: StructuredOutput | None = None
+    priority: int = 0  # lower is admitted first, under the priority scheduling policy (vLLM's)
 
     def verify(self, limits: RequestLimits) -> None:
         """The settings' bounds (the engine checks the token ids against its vocabulary)."""
@@ -496,6 +503,7 @@ class GenerationRequest:
         self.guidance.verify(limits)
         if self.structured is not None:
             self.structured.verify()
+        check_int(self.priority, "priority")
 
 
 @dataclass

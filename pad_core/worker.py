@@ -326,6 +326,7 @@ def prepare_text(engine: PadEngine, request: TextRequest) -> GenerationRequest:
         sampling=request.sampling,
         guidance=request.guidance,
         structured=request.structured,
+        priority=request.priority,
     )
 
 

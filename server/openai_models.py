@@ -205,6 +205,8 @@ class SamplingFields(StrictRequest):
     min_tokens: int | None = Field(None, ge=0, le=INT64_MAX, description="vLLM: no end-of-sequence before this many tokens")
     stop_token_ids: list[Annotated[int, Field(ge=0, le=INT64_MAX)]] | None = Field(
         None, max_length=MAX_STOP_STRINGS, description="vLLM: token ids that end the answer")
+    priority: Int64 = Field(0, description="vLLM: with PAD_SCHEDULING_POLICY=priority, waiting requests are "
+                            "admitted lowest value first; otherwise it must be 0")
     include_stop_str_in_output: bool | None = Field(None, description="vLLM: a matched stop string stays in the "
                                                     "answer")
     skip_special_tokens: bool | None = Field(None, description="vLLM: leave special tokens' text out (default "

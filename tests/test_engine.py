@@ -375,6 +375,31 @@ def test_the_kv_budget_holds_requests_back_without_changing_their_output(make_en
         assert [t for o in outputs if o.request_id == rid for t in o.token_ids] == tokens
 
 
+def test_priority_scheduling_admits_lower_values_first_and_fcfs_refuses_priorities(make_engine):
+    engine = make_engine(max_running_requests=1, scheduling_policy="priority")
+    order = [("first", 5), ("late", 9), ("urgent", -3), ("also-late", 9), ("normal", 0)]
+    admitted = []
+
+    def add(rid, priority):
+        request = engine.prepare_chat(chat(rid, sampling=SamplingParams(temperature=0.0, max_tokens=2)))
+        engine.add_request(dataclasses.replace(request, priority=priority))
+
+    add(*order[0])
+    engine.step()  # "first" runs: the others wait behind it, whatever their priority (no preemption)
+    admitted.append("first")
+    for rid, priority in order[1:]:
+        add(rid, priority)
+    while engine.has_unfinished():
+        for output in engine.step():
+            if output.request_id not in admitted:
+                admitted.append(output.request_id)
+    assert admitted == ["first", "urgent", "normal", "late", "also-late"]  # first come among equals
+    fcfs = make_engine()
+    with pytest.raises(InvalidRequestError) as error:
+        fcfs.add_request(dataclasses.replace(fcfs.prepare_chat(chat("p")), priority=1))
+    assert error.value.param == "priority" and not fcfs.has_unfinished()
+
+
 def test_the_transformers_runner_gets_its_kv_budget_from_the_settings(tiny_model, tokenizer):
     from pad_core.model_loading import build_runner
     from pad_core.slot_runner import kv_bytes_per_token, model_kv_geometry

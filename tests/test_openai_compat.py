@@ -402,6 +402,15 @@ def test_bad_vllm_constraints_are_400s_naming_the_field(server, extra, param):
         assert error["param"] == param and error["type"] == "invalid_request_error", (path, error)
 
 
+def test_priority_needs_the_priority_policy(server):
+    """vLLM's: a priority other than 0 is a 400 on a first-come server (the
+    engine test covers the priority policy itself)."""
+    for path, body in (("/v1/chat/completions", {"messages": ASK}), ("/v1/completions", {"prompt": "Hi"})):
+        refused = post(server, path, {"model": MODEL, "max_tokens": 2, "priority": 3, **body})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "priority", refused.text
+        assert post(server, path, {"model": MODEL, "max_tokens": 2, "priority": 0, **body}).status_code == 200
+
+
 def test_tool_choice_none_leaves_the_tools_out_of_a_vllm_constraint(client):
     answer = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=10, temperature=0,
                                             tools=[WEATHER], tool_choice="none",

@@ -66,7 +66,7 @@ async def _chat(body: ChatCompletionRequest, request: Request, scope):
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     template = body.to_template()
     requests = [ChatRequest(f"{completion_id}-{i}", messages, resolution.preferences, body.to_sampling_params(i),
-                            guidance, structured, template) for i in range(body.n)]
+                            guidance, structured, template, body.priority) for i in range(body.n)]
     generation = Generation(state, completion_id, served, requests,
                             [ChoiceState.of(i, structured) for i in range(body.n)], resolution)
     rename = preference_rename(body)

@@ -60,7 +60,7 @@ async def _complete(body: CompletionRequest, request: Request, scope):
         for i in range(body.n):
             index = group * body.n + i
             requests.append(TextRequest(f"{completion_id}-{index}", prompt, resolution.preferences,
-                                        body.to_sampling_params(i), guidance, structured))
+                                        body.to_sampling_params(i), guidance, structured, body.priority))
             choices.append(ChoiceState(index, group=group))
     generation = Generation(state, completion_id, served, requests, choices, resolution)
     rename = preference_rename(body)
