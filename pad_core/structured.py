@@ -301,19 +301,35 @@ def text_grammar(llguidance, spec: StructuredOutput) -> str:
         return llguidance.LLMatcher.grammar_from_regex(spec.regex)
     if spec.kind == "choice":
         return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in spec.choices))
-    return llguidance.grammar_from("grammar", spec.grammar)
+    if is_gbnf(spec.grammar):
+        return llguidance.grammar_from("gbnf", spec.grammar)
+    return llguidance.LLMatcher.grammar_from_lark(spec.grammar)
+
+
+def is_gbnf(grammar: str) -> bool:
+    """GBNF rules are written `name ::= ...`, Lark's `name: ...` (vLLM's own
+    test; llguidance's `grammar_from` takes only a grammar with a `start:`
+    line for Lark, and read outlines' `?start:` as broken GBNF)."""
+    return "::=" in grammar
 
 
 def compile_options(spec: StructuredOutput) -> dict[str, Any]:
     """llguidance JSON options: strict schemas refuse keywords the grammar
     engine does not implement; non-strict ones ignore them (`lenient`)."""
     strict = spec.strict or any(t.strict for t in spec.tools)
+    if spec.whitespace_pattern is not None:  # vLLM's whitespace_pattern: that whitespace between JSON's tokens
+        return {**JSON_OPTIONS, "item_separator": ",", "key_separator": ":", "whitespace_flexible": True,
+                "whitespace_pattern": spec.whitespace_pattern, "lenient": not strict}
     return {**JSON_OPTIONS, "lenient": not strict}
 
 
 def check_spec(spec: StructuredOutput) -> None:
     """Shape checks that need no grammar engine; InvalidRequestError naming
     the OpenAI field otherwise."""
+    if spec.whitespace_pattern is not None and (spec.kind not in ("json_object", "json_schema")
+                                                or not isinstance(spec.whitespace_pattern, str)):
+        raise InvalidRequestError(f"{spec.param}: a whitespace pattern (a regex) applies to JSON only",
+                                  param=spec.param)
     if spec.kind == "json_object":
         return
     if spec.kind in ("regex", "grammar"):

@@ -247,6 +247,9 @@ class StructuredOutput:
     - "grammar": text of the context-free `grammar`, in Lark (llguidance's
       dialect) or llama.cpp's GBNF (vLLM's `grammar` / `guided_grammar`).
 
+    JSON comes out in json.dumps style, unless `whitespace_pattern` (a
+    regex) says what whitespace may stand between its tokens.
+
     `source` names the request field the constraint came from, when it is not
     the kind's usual one (an error then names the field the client sent).
     """
@@ -263,6 +266,7 @@ class StructuredOutput:
     choices: tuple[str, ...] = ()
     grammar: str | None = None
     source: str | None = None
+    whitespace_pattern: str | None = None  # JSON kinds: a regex of the whitespace allowed between tokens (vLLM's)
 
     @property
     def param(self) -> str:
@@ -290,7 +294,8 @@ class StructuredOutput:
         for index, tool in enumerate(self.tools):
             check_json([tool.name, tool.description], f"tools[{index}].function")
             check_json(tool.parameters, f"tools[{index}].function.parameters")
-        check_json([self.schema_name, self.tool_choice, self.regex, self.grammar, self.source], self.param)
+        check_json([self.schema_name, self.tool_choice, self.regex, self.grammar, self.source,
+                    self.whitespace_pattern], self.param)
         check_json(list(self.choices), self.param)
 
     def to_dict(self) -> dict[str, Any]:

@@ -221,8 +221,8 @@ class SamplingFields(StrictRequest):
     guided_grammar: str | None = Field(None, description="vLLM (older): a Lark or GBNF grammar")
     guided_decoding_backend: str | None = Field(None, description="accepted and ignored: one grammar engine "
                                                 "here (llguidance)")
-    guided_whitespace_pattern: str | None = Field(None, description="refused unless null: JSON comes out in "
-                                                  "json.dumps style")
+    guided_whitespace_pattern: str | None = Field(None, description="vLLM (older): with guided_json, a regex "
+                                                  "of the whitespace allowed between JSON's tokens")
     # PAD extensions (from the openai SDK: extra_body={...}).
     preference: Preferences = None
     pad: PadOptions | None = None
@@ -267,19 +267,28 @@ class SamplingFields(StrictRequest):
 
     def vllm_constraint(self) -> StructuredOutput | None:
         """vLLM's structured outputs (`structured_outputs` or the guided_*
-        fields): at most one constraint, and not beside a response_format."""
-        given = [name for name in GUIDED_FIELDS if getattr(self, name) is not None]
-        if self.structured_outputs is not None:
+        fields): at most one constraint, and not beside a response_format.
+        A guided_* field that repeats structured_outputs' own constraint is
+        no second one (guidance's vLLM client sends both, for either vLLM)."""
+        outputs = self.structured_outputs
+        given = [name for name in GUIDED_FIELDS if (value := getattr(self, name)) is not None
+                 and not (outputs is not None and outputs.repeats(name, value))]
+        if outputs is not None:
             given.append("structured_outputs")
         reject_if(len(given) > 1, f"give one structured outputs constraint, not {' and '.join(given)}", given[-1]
                   if given else "", "invalid_value")
-        reject_if(self.guided_whitespace_pattern is not None, "guided_whitespace_pattern is not supported: JSON "
-                  "comes out in json.dumps style", "guided_whitespace_pattern")
-        if self.structured_outputs is not None:
-            constraint = self.structured_outputs.to_structured()
+        if outputs is not None:
+            constraint = outputs.to_structured()
         elif given:
             constraint = guided_output(given[0], getattr(self, given[0]))
         else:
+            constraint = None
+        if self.guided_whitespace_pattern is not None:
+            reject_if(constraint is None or constraint.kind not in ("json_schema", "json_object"),
+                      "guided_whitespace_pattern applies to a JSON constraint (guided_json)",
+                      "guided_whitespace_pattern", "invalid_value")
+            constraint = dataclasses.replace(constraint, whitespace_pattern=self.guided_whitespace_pattern)
+        if constraint is None:
             return None
         reject_if(self.response_format is not None and self.response_format.type != "text",
                   f"give response_format or {given[0]}, not both", given[0], "invalid_value")
@@ -386,7 +395,8 @@ class StructuredOutputsParams(StrictRequest):
     grammar: str | None = None
     json_object: bool | None = None
     structural_tag: str | None = Field(None, description="refused unless null: no structural tags here")
-    whitespace_pattern: str | None = Field(None, description="refused unless null: JSON comes out in json.dumps style")
+    whitespace_pattern: str | None = Field(None, description="with json or json_object: a regex of the whitespace "
+                                           "allowed between JSON's tokens (default: json.dumps style)")
     disable_any_whitespace: bool | None = Field(None, description="accepted: JSON has no free whitespace here anyway")
     disable_additional_properties: bool | None = Field(
         None, description="accepted and ignored: an object that lists its keys allows only those unless it says so")
@@ -398,8 +408,6 @@ class StructuredOutputsParams(StrictRequest):
         param = "structured_outputs"
         reject_if(self.structural_tag is not None, "structured_outputs.structural_tag is not supported",
                   f"{param}.structural_tag")
-        reject_if(self.whitespace_pattern is not None, "structured_outputs.whitespace_pattern is not supported: "
-                  "JSON comes out in json.dumps style", f"{param}.whitespace_pattern")
         given = [name for name, value in (("json", self.json_), ("regex", self.regex), ("choice", self.choice),
                                           ("grammar", self.grammar), ("json_object", self.json_object or None))
                  if value is not None]
@@ -408,15 +416,32 @@ class StructuredOutputsParams(StrictRequest):
         reject_if(len(given) > 1, f"structured_outputs takes one constraint, not {' and '.join(given)}",
                   f"{param}.{given[-1]}", "invalid_value")
         source = f"{param}.{given[0]}"
+        reject_if(self.whitespace_pattern is not None and given[0] not in ("json", "json_object"),
+                  "structured_outputs.whitespace_pattern applies to json and json_object",
+                  f"{param}.whitespace_pattern", "invalid_value")
         if given[0] == "json":
-            return StructuredOutput("json_schema", json_schema=json_schema_value(self.json_, source), source=source)
+            return StructuredOutput("json_schema", json_schema=json_schema_value(self.json_, source), source=source,
+                                    whitespace_pattern=self.whitespace_pattern)
         if given[0] == "regex":
             return StructuredOutput("regex", regex=self.regex, source=source)
         if given[0] == "choice":
             return StructuredOutput("choice", choices=tuple(self.choice), source=source)
         if given[0] == "grammar":
             return StructuredOutput("grammar", grammar=self.grammar, source=source)
-        return StructuredOutput("json_object", source=source)
+        return StructuredOutput("json_object", source=source, whitespace_pattern=self.whitespace_pattern)
+
+    def repeats(self, guided: str, value: Any) -> bool:
+        """Whether one of the older guided_* fields holds this constraint again."""
+        mine = {"guided_json": self.json_, "guided_regex": self.regex, "guided_choice": self.choice,
+                "guided_grammar": self.grammar}[guided]
+        if guided == "guided_json" and isinstance(mine, str) != isinstance(value, str):
+            # the same schema, as an object in one field and as JSON text in the other
+            text, schema = (mine, value) if isinstance(mine, str) else (value, mine)
+            try:
+                return json.loads(text) == schema
+            except ValueError:
+                return False
+        return mine == value
 
 
 def response_format_output(fmt: ResponseFormat | None) -> StructuredOutput | None:

@@ -346,6 +346,12 @@ VLLM_CONSTRAINTS = [
     ({"guided_regex": r"(red|blue)!"}, lambda t: t in ("red!", "blue!")),
     ({"structured_outputs": {"grammar": 'root ::= "a" | "b" "c"'}}, lambda t: t in ("a", "bc")),
     ({"guided_grammar": 'start: "x" "y"?'}, lambda t: t in ("x", "xy")),
+    # outlines' Lark (a "?start:" rule), and guidance's both fields at once, the same grammar
+    ({"structured_outputs": {"grammar": '?start: expr\n?expr: "ab" | "cd"'}}, lambda t: t in ("ab", "cd")),
+    ({"guided_grammar": 'start: "p" | "q"', "structured_outputs": {"grammar": 'start: "p" | "q"'},
+      "guided_decoding_backend": "guidance"}, lambda t: t in ("p", "q")),
+    ({"guided_json": {"type": "object", "properties": {"k": {"enum": [1, 2]}}, "required": ["k"]},
+      "guided_whitespace_pattern": "[ ]?"}, lambda t: json.loads(t)["k"] in (1, 2)),
     ({"structured_outputs": {"json": {"type": "object", "properties": {"ok": {"type": "boolean"}},
                                       "required": ["ok"]}}}, lambda t: isinstance(json.loads(t)["ok"], bool)),
     ({"guided_json": json.dumps({"type": "object", "properties": {"n": {"type": "integer", "maximum": 9,
@@ -384,12 +390,14 @@ def test_response_format_on_completions(client):
         ({"structured_outputs": {"json": "{not json"}}, "structured_outputs.json"),
         ({"structured_outputs": {"json": "[1]"}}, "structured_outputs.json"),
         ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "structured_outputs.whitespace_pattern"),
+        ({"structured_outputs": {"json": {}, "whitespace_pattern": "(("}}, "structured_outputs.json"),
+        ({"guided_choice": ["a"], "structured_outputs": {"choice": ["b"]}}, "structured_outputs"),  # not the same
         ({"structured_outputs": {"regex": "a", "bogus": 1}}, "structured_outputs.bogus"),
         ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
         ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "guided_choice"),
         ({"guided_choice": ["a"], "tools": [WEATHER]}, "guided_choice"),
         ({"guided_choice": "a"}, "guided_choice"),
-        ({"guided_whitespace_pattern": " ", "guided_json": {}}, "guided_whitespace_pattern"),
+        ({"guided_whitespace_pattern": " ", "guided_regex": "a"}, "guided_whitespace_pattern"),
     ],
 )
 def test_bad_vllm_constraints_are_400s_naming_the_field(server, extra, param):

@@ -808,3 +808,17 @@ def test_the_grammar_is_compiled_as_the_request_is_prepared_not_on_the_decode_lo
     engine.add_request(request)
     outs = run(engine)["r"]
     assert compiled == [1] and outs[-1].finish_reason == "stop"
+
+
+def test_lark_and_gbnf_are_told_apart_and_a_whitespace_pattern_is_for_json_only(engine):
+    from pad_core.structured import is_gbnf
+
+    assert is_gbnf('root ::= "a"') and not is_gbnf('?start: x\nx: "a"') and not is_gbnf('start: "a"')
+    spaced = StructuredOutput("json_schema", json_schema={"type": "object", "properties": {"k": {"enum": [1]}},
+                                                          "required": ["k"]}, whitespace_pattern="[ ]{2}")
+    matcher = engine.structured.start(spaced)
+    for token in engine.tokenizer('{  "k"  :  1  }', add_special_tokens=False)["input_ids"]:
+        matcher.consume(token)
+    assert matcher.error is None and matcher.done
+    with pytest.raises(InvalidRequestError):
+        check_spec(StructuredOutput("regex", regex="a", whitespace_pattern=" "))
