@@ -110,16 +110,20 @@ def _stack_left_padded(first: torch.Tensor, first_length: int, second: torch.Ten
 
 
 def concat_caches(first: Cache, second: Cache) -> Cache:
-    """Rows of `first` then rows of `second`, both left padded to the longer."""
+    """Rows of `first` then rows of `second`, both left padded to the longer.
+    Consumes both: each layer's old buffers are let go as soon as its merged
+    one is built, so a join holds one layer twice at most, not the whole
+    cache (the batch cache is the worker's largest allocation)."""
     target = max(first.layers[0].length, second.layers[0].length)
-    layers = [
-        GrowableKVLayer(
+    layers = []
+    for a, b in zip(first.layers, second.layers, strict=True):
+        layers.append(GrowableKVLayer(
             _stack_left_padded(a.key_buffer, a.length, b.key_buffer, b.length),
             _stack_left_padded(a.value_buffer, a.length, b.value_buffer, b.length),
             target,
-        )
-        for a, b in zip(first.layers, second.layers, strict=True)
-    ]
+        ))
+        for layer in (a, b):
+            layer.key_buffer = layer.value_buffer = layer.keys = layer.values = None
     return Cache(layers=layers)
 
 

@@ -306,20 +306,31 @@ def build_runner(model, tokenizer, settings: EngineSettings, fingerprint: Callab
                           steps=decode_steps(device, enabled=graphed),
                           prefix_cache=prefix_cache_for(settings))
     bytes_per_token = kv_bytes_per_token(*model_kv_geometry(model), next(model.parameters()).dtype)
-    budget = padded_kv_budget(settings, device, prefix_cache_bytes(settings) * runners, runners - earlier_runners)
+    budget = padded_kv_budget(settings, device, prefix_cache_bytes(settings) * runners, runners, earlier_runners)
     return TransformersRunner(model, pad_token_id=pad_id, fingerprint=fingerprint,
                               prefix_cache=prefix_cache_for(settings),
-                              kv_token_budget=max(1, budget // bytes_per_token))
+                              kv_token_budget=max(1, budget // (bytes_per_token * PADDED_KV_OVERHEAD)))
 
 
-def padded_kv_budget(settings: EngineSettings, device: torch.device, reserved_bytes: int = 0, share: int = 1) -> int:
-    """Bytes the transformers runner's left-padded batch cache may take:
-    `kv_pool_gib` if set; on CUDA as a pool's (`kv_pool_budget`); on CPU a
-    quarter of the memory the process may use (the batch cache is copied
-    as rows join, and the weights, activations and prefix cache need room)."""
-    if settings.kv_pool_gib is not None or device.type == "cuda":
-        return kv_pool_budget(settings, device, reserved_bytes, share)
-    return memory_limit_bytes() // 4 // share
+# What the transformers runner's batch cache may take, per token the scheduler
+# reserves (rows x the widest row): its buffers grow by doubling, so up to 2x
+# (a join builds the merged cache layer by layer, letting each old layer go,
+# so it adds one layer's worth at most).
+PADDED_KV_OVERHEAD = 2
+
+
+def padded_kv_budget(settings: EngineSettings, device: torch.device, reserved_bytes: int = 0, runners: int = 1,
+                     earlier_runners: int = 0) -> int:
+    """Bytes the transformers runner's left-padded batch cache may take, at
+    its peak: `kv_pool_gib` split evenly between the runners if set; on CUDA
+    as a pool's (`kv_pool_budget`); on CPU half the memory the process may
+    use (the container's limit where lower), split evenly, the other half
+    left to the weights, the prefix caches and the activations."""
+    if settings.kv_pool_gib is not None:
+        return int(settings.kv_pool_gib * 2**30) // runners
+    if device.type == "cuda":
+        return kv_pool_budget(settings, device, reserved_bytes, runners - earlier_runners)
+    return memory_limit_bytes() // 2 // runners
 
 
 def prefix_cache_bytes(settings: EngineSettings) -> int:

@@ -345,10 +345,28 @@ class TransformersRunner(ModelRows):
             for layer in cache.layers:
                 layer.batch_select_indices(keep)
             mask = mask[keep]
+        cache, mask = self._packed(cache, mask)
         lengths = torch.tensor([ends[index] for index in complete], device=self.device)
         self._append(cache, mask, lengths, [joining[index].key for index in complete],
                      [joining[index].adapter for index in complete])
         return hidden
+
+    def _packed(self, cache, mask: torch.Tensor) -> tuple[Cache, torch.Tensor]:
+        """Joining rows written beside a longer prefix (a cached one, an
+        earlier piece) or a longer rest hold their real columns in two runs
+        with padding between: `prefix_width + width` columns where the
+        widest row holds fewer. Packed right-aligned to the widest row's
+        length, so the batch carries no column no row needs (the scheduler's
+        KV budget counts rows x the widest row). A copy of the joining rows
+        only, and only then."""
+        real = mask.sum(dim=1)  # [R] tokens each row holds
+        width = int(real.max())
+        if width == mask.shape[1]:
+            return cache, mask
+        rows = [(int(real[index]), self._row_kv(cache, index, mask[index].nonzero().flatten()))
+                for index in range(mask.shape[0])]
+        packed = torch.arange(width, device=mask.device)[None, :] >= (width - real)[:, None]
+        return self._prefix_batch(rows, width), packed.to(mask.dtype)
 
     def _prefix_of(self, row: NewRow) -> tuple[int, torch.Tensor | None]:
         """What a row starts from: its own earlier pieces (chunked prefill),

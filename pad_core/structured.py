@@ -63,12 +63,15 @@ MAX_CHOICES = 1024  # a `choice` constraint's options
 MAX_GRAMMAR_CHARS = 100_000  # a regex's, a grammar's or the choices' text (a JSON Schema is bounded by the body)
 # Grammar cost. Short text can be costly to follow: "(a{700}){700}" (15
 # characters) compiles, then takes ~0.2 s a step for every row, and the decode
-# loop computes the masks of all rows in turn, so every stream waits. A tenth
-# of llguidance's default lexer fuel refuses that one at its second step in
-# ~40 ms (realistic regexes and schemas stay far below it); and a step whose
-# mask still takes over MAX_MASK_SECONDS fails its request alone.
-INITIAL_LEXER_FUEL = 100_000
+# loop computes the masks of all rows in turn, so every stream waits. For a
+# regex, a choice or a grammar, a tenth of llguidance's default lexer fuel
+# refuses that one at its second step in ~40 ms; JSON Schemas and tool sets
+# keep the default (a set of 64 tools needs more than that tenth). A request
+# whose mask takes over MAX_MASK_SECONDS at MASK_STRIKES steps fails alone
+# (more than one, so a pause of the machine fails nobody).
+TEXT_LEXER_FUEL = 100_000
 MAX_MASK_SECONDS = 0.25
+MASK_STRIKES = 2
 MAX_INTEGER_DIGITS = 18  # an unbounded integer's digits (llguidance cannot compile int64's own range)
 LARGEST_INTEGER = 10**MAX_INTEGER_DIGITS - 1
 
@@ -509,6 +512,7 @@ class GrammarMatcher:
         many = spec.kind == "tool_calls" and spec.tool_choice is None and spec.parallel_tool_calls
         self._calls = CallListScanner() if many else None
         self.repeated = False  # a call repeated: the answer ends with the calls before it
+        self.slow_steps = 0  # steps whose mask took over MAX_MASK_SECONDS (StructuredOutputs.allowed_tokens)
 
     @property
     def done(self) -> bool:
@@ -635,7 +639,7 @@ class StructuredOutputs:
 
     def _compile(self, spec: StructuredOutput, schema: dict[str, Any] | None, options: dict[str, Any]):
         if spec.kind in TEXT_KINDS:
-            compiled = self._compile_grammar(lambda llg: text_grammar(llg, spec))
+            compiled = self._compile_grammar(lambda llg: text_grammar(llg, spec), TEXT_LEXER_FUEL)
             if isinstance(compiled, str):
                 raise InvalidRequestError(f"{spec.param}: invalid {spec.kind}: {shortened(compiled)}",
                                           param=spec.param)
@@ -674,7 +678,7 @@ class StructuredOutputs:
         """The compiled LLMatcher (in its start state), or the compile error (str)."""
         return self._compile_grammar(lambda llg: llg.LLMatcher.grammar_from_json_schema(schema, defaults=options))
 
-    def _compile_grammar(self, make_grammar):
+    def _compile_grammar(self, make_grammar, lexer_fuel: int | None = None):
         """make_grammar(llguidance) -> grammar text, compiled: the LLMatcher
         (in its start state), or the compile error (str)."""
         llguidance = self._llg()
@@ -682,7 +686,7 @@ class StructuredOutputs:
             grammar = make_grammar(llguidance)
         except (ValueError, TypeError) as exc:
             return str(exc)
-        limits = llguidance.LLParserLimits(verbose_errors=False, initial_lexer_fuel=INITIAL_LEXER_FUEL)
+        limits = llguidance.LLParserLimits(verbose_errors=False, initial_lexer_fuel=lexer_fuel)
         matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0, limits=limits)
         if matcher.is_error():
             return parser_error(matcher) or "the grammar does not compile"
@@ -714,10 +718,12 @@ class StructuredOutputs:
                 matcher.fail(parser_error(matcher._matcher) or "the grammar failed")
                 failed.append(row)
             elif (took := time.perf_counter() - started) > MAX_MASK_SECONDS:
-                # Every stream waits for it: the request ends rather than stall them all step after step.
-                matcher.fail(f"the constraint is too costly to follow: one token's choice took {took:.2f} s "
-                             f"(at most {MAX_MASK_SECONDS} s); simplify it (large counted repetitions, say)")
-                failed.append(row)
+                matcher.slow_steps += 1
+                if matcher.slow_steps >= MASK_STRIKES:
+                    # Every stream waits for it: the request ends rather than stall them all step after step.
+                    matcher.fail(f"the constraint is too costly to follow: choosing a token took {took:.2f} s "
+                                 f"(at most {MAX_MASK_SECONDS} s); simplify it (large counted repetitions, say)")
+                    failed.append(row)
         allowed = unpack_bitmask(bitmask, self.vocab_size)
         empty = ~allowed.any(dim=1)
         if failed:

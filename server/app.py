@@ -9,6 +9,7 @@ the API key (server/auth.py, a dependency) and parse JSON bodies strictly
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import logging
 import time
 
@@ -29,6 +30,14 @@ from server.worker_client import WorkerClient
 logger = logging.getLogger(__name__)
 
 
+def package_version() -> str:
+    """The installed pad-server's version (pyproject.toml's)."""
+    try:
+        return importlib.metadata.version("pad-server")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "0.0.0+unknown"
+
+
 def create_app(settings: ServerSettings | None = None, start_worker: bool = True) -> FastAPI:
     settings = settings or ServerSettings()
 
@@ -43,7 +52,7 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
             await app.state.worker.stop()
             await app.state.store.close()
 
-    app = FastAPI(title="PAD server", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="PAD server", version=package_version(), lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.key_table = KeyTable.from_settings(settings)

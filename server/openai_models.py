@@ -367,7 +367,7 @@ def json_schema_value(value: str | dict[str, Any], param: str) -> dict[str, Any]
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python parses
             raise invalid(f"{param} is not valid JSON: {exc}", param, "invalid_value") from None
     reject_if(not isinstance(value, dict), f"{param} must be a JSON Schema object", param, "invalid_value")
     return value
@@ -439,7 +439,7 @@ class StructuredOutputsParams(StrictRequest):
             text, schema = (mine, value) if isinstance(mine, str) else (value, mine)
             try:
                 return json.loads(text) == schema
-            except ValueError:
+            except (ValueError, RecursionError):
                 return False
         return mine == value
 

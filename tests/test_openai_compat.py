@@ -389,6 +389,8 @@ def test_response_format_on_completions(client):
         ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs.choice"),
         ({"structured_outputs": {"json": "{not json"}}, "structured_outputs.json"),
         ({"structured_outputs": {"json": "[1]"}}, "structured_outputs.json"),
+        ({"structured_outputs": {"json": "[" * 50000 + "]" * 50000}}, "structured_outputs.json"),  # too deep
+        ({"guided_json": "[" * 50000 + "]" * 50000, "structured_outputs": {"json": {}}}, "structured_outputs"),
         ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "structured_outputs.whitespace_pattern"),
         ({"structured_outputs": {"json": {}, "whitespace_pattern": "(("}}, "structured_outputs.json"),
         ({"guided_choice": ["a"], "structured_outputs": {"choice": ["b"]}}, "structured_outputs"),  # not the same

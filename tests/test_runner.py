@@ -110,3 +110,18 @@ def test_output_head_at_candidates_equals_full_logits_gathered(runner, tiny_mode
     torch.testing.assert_close(full, tiny_model.lm_head(hidden), atol=1e-5, rtol=0)
     candidates = torch.tensor([[5, 17, 40_000], [1, 2, 3]])
     torch.testing.assert_close(runner.head.at(hidden, candidates), full.gather(1, candidates), atol=1e-5, rtol=0)
+
+
+def test_rows_joining_beside_an_earlier_piece_are_packed_to_the_widest_row(runner, tiny_model):
+    """A prompt finishing its second piece (60 tokens held, 14 more) joins
+    beside a new 100-token prompt: written 60 + 100 columns wide, packed to
+    100 (the widest row), each row's hidden states unchanged."""
+    first, second = ids(74, 1), ids(100, 2)
+    runner.prefill([NewRow("a", first[:60], last=False)])
+    hidden = runner.prefill([NewRow("a", first[60:], start=60), NewRow("b", second)])
+    assert runner.cache_columns == 100 and runner.attention_mask.shape == (2, 100)
+    torch.testing.assert_close(hidden[0], recomputed(tiny_model, first), atol=ATOL, rtol=0)
+    torch.testing.assert_close(hidden[1], recomputed(tiny_model, second), atol=ATOL, rtol=0)
+    contexts = {"a": list(first), "b": list(second)}
+    for step in range(3):
+        check(runner, decode_step(runner, contexts, 10 + step), contexts, tiny_model)

@@ -32,6 +32,15 @@ async def test_health_and_chat_are_503_until_the_worker_is_ready(app):
     assert response.headers["retry-after"] == "5" and health.headers["retry-after"] == "5"
 
 
+async def test_version_is_the_installed_packages_and_needs_no_key(tmp_path):
+    import importlib.metadata
+
+    app = create_app(ServerSettings(data_dir=tmp_path, api_keys=["k"]), start_worker=False)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        answer = await client.get("/version")
+    assert answer.status_code == 200 and answer.json() == {"version": importlib.metadata.version("pad-server")}
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [

@@ -792,10 +792,18 @@ def test_a_step_over_the_mask_budget_ends_its_request(engine, monkeypatch):
     import pad_core.structured as structured
 
     monkeypatch.setattr(structured, "MAX_MASK_SECONDS", 0.0)  # every mask is over it
-    outputs = run(engine, chat("slow", TEXT_SPECS["choice"][0]), chat("plain", max_tokens=4))
-    last = outputs["slow"][-1]
-    assert last.finish_reason == "error" and "too costly" in last.error and last.error_param == "response_format"
+    outputs = run(engine, chat("slow", TEXT_SPECS["regex"][0]), chat("plain", max_tokens=4))
+    slow = outputs["slow"]
+    assert slow[-1].finish_reason == "error" and "too costly" in slow[-1].error
+    assert slow[-1].error_param == "structured_outputs.regex"
+    assert len(slow) == structured.MASK_STRIKES  # one slow step is forgiven (a pause of the machine)
     assert outputs["plain"][-1].finish_reason == "length"
+
+
+def test_a_large_tool_set_compiles_with_the_default_lexer_fuel(engine):
+    tools = tuple(ToolFunction(f"tool_{i}", None, {"type": "object", "properties": {
+        f"p{j}": {"type": "string"} for j in range(4)}, "required": ["p0"]}) for i in range(64))
+    engine.structured.start(StructuredOutput("tool_calls", tools=tools, auto=True))  # refused with a tenth of it
 
 
 def test_the_grammar_is_compiled_as_the_request_is_prepared_not_on_the_decode_loop(engine, monkeypatch):

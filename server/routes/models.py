@@ -1,4 +1,4 @@
-"""GET /v1/models, GET /v1/models/{model}, GET /health, GET /metrics, POST /v1/reward_models."""
+"""GET /v1/models, GET /v1/models/{model}, GET /health, GET /version, GET /metrics, POST /v1/reward_models."""
 
 from __future__ import annotations
 
@@ -39,6 +39,11 @@ async def health(request: Request):
         return {"status": "ok", "model": client.model_info.get("served_model_name")}
     return JSONResponse({"status": client.state, "reason": client.down_reason}, status_code=503,
                         headers={"Retry-After": str(RETRY_AFTER_S[503])})
+
+
+@probes.get("/version", responses={200: {"description": "the server's version (vLLM's probe)"}})
+async def version(request: Request) -> dict:
+    return {"version": request.app.version}
 
 
 @probes.get(
