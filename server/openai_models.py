@@ -287,6 +287,9 @@ class SamplingFields(StrictRequest):
             reject_if(constraint is None or constraint.kind not in ("json_schema", "json_object"),
                       "guided_whitespace_pattern applies to a JSON constraint (guided_json)",
                       "guided_whitespace_pattern", "invalid_value")
+            reject_if(constraint.whitespace_pattern not in (None, self.guided_whitespace_pattern),
+                      "give guided_whitespace_pattern or structured_outputs.whitespace_pattern, not both",
+                      "guided_whitespace_pattern", "invalid_value")
             constraint = dataclasses.replace(constraint, whitespace_pattern=self.guided_whitespace_pattern)
         if constraint is None:
             return None

@@ -400,6 +400,8 @@ def test_response_format_on_completions(client):
         ({"guided_choice": ["a"], "tools": [WEATHER]}, "guided_choice"),
         ({"guided_choice": "a"}, "guided_choice"),
         ({"guided_whitespace_pattern": " ", "guided_regex": "a"}, "guided_whitespace_pattern"),
+        ({"guided_whitespace_pattern": " ", "structured_outputs": {"json": {}, "whitespace_pattern": "\n"}},
+         "guided_whitespace_pattern"),
     ],
 )
 def test_bad_vllm_constraints_are_400s_naming_the_field(server, extra, param):
