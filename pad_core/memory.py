@@ -36,18 +36,48 @@ TRIM_EVERY_S = 30.0  # under a load that never pauses
 IDLE_TRIM_GAP_S = 1.0  # at most one idle trim a second, however often requests trickle in
 
 
-def memory_limit_bytes() -> int:
-    """The memory this process may use: the machine's, or a container's
-    cgroup limit where that is lower (docker --memory)."""
+def memory_limit_bytes(cgroup_root: Path = Path("/sys/fs/cgroup"), own: Path = Path("/proc/self/cgroup")) -> int:
+    """The memory this process may use: the machine's, or the lowest memory
+    limit of its cgroup and the cgroups above it where lower (docker
+    --memory, a systemd unit's MemoryMax, a Kubernetes limit), cgroup v2
+    or v1."""
     limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v2, v1
+    for path in _cgroup_limit_files(cgroup_root, own):
         try:
-            text = Path(path).read_text().strip()
+            text = path.read_text().strip()
         except OSError:
             continue
-        if text.isdigit():
+        if text.isdigit():  # "max" (v2) means none; v1 writes a huge number for none
             limit = min(limit, int(text))
     return limit
+
+
+def _cgroup_limit_files(root: Path, own: Path) -> list[Path]:
+    """The memory-limit files of this process's cgroup and its ancestors,
+    from /proc/self/cgroup ("0::/path" in v2, "N:memory:/path" in v1)."""
+    try:
+        lines = own.read_text().splitlines()
+    except OSError:
+        lines = []
+    files = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            base, name = root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = root / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        folder = base / path.strip("/")
+        while True:
+            files.append(folder / name)
+            if folder == base:
+                break
+            folder = folder.parent
+    return files
 
 
 def malloc_trim() -> Callable[[], object] | None:

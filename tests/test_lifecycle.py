@@ -212,3 +212,22 @@ def test_an_answer_ending_on_end_of_sequence_after_half_a_character_keeps_it(eng
     assert "".join(o.text for o in outputs) == " Banana \ufffd"
     engine.abort("eos")
     engine.step()
+
+
+def test_the_memory_limit_is_the_lowest_of_the_machine_and_the_cgroups_above_the_process(tmp_path):
+    from pad_core.memory import memory_limit_bytes
+
+    machine = memory_limit_bytes(tmp_path / "none", tmp_path / "none")
+    v2 = tmp_path / "v2"
+    (v2 / "system.slice" / "pad.service").mkdir(parents=True)
+    (v2 / "system.slice" / "pad.service" / "memory.max").write_text("max\n")  # none on the unit itself
+    (v2 / "system.slice" / "memory.max").write_text(f"{2**30}\n")  # 1 GiB on the slice above it
+    own = tmp_path / "cgroup-v2"
+    own.write_text("0::/system.slice/pad.service\n")
+    assert memory_limit_bytes(v2, own) == min(machine, 2**30)
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "docker" / "abc").mkdir(parents=True)
+    (v1 / "memory" / "docker" / "abc" / "memory.limit_in_bytes").write_text(f"{3 * 2**30}\n")
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    own.write_text("12:pids:/docker/abc\n4:memory:/docker/abc\nnot a cgroup line\n")
+    assert memory_limit_bytes(v1, own) == min(machine, 3 * 2**30)
