@@ -111,19 +111,20 @@ def _stack_left_padded(first: torch.Tensor, first_length: int, second: torch.Ten
 
 def concat_caches(first: Cache, second: Cache) -> Cache:
     """Rows of `first` then rows of `second`, both left padded to the longer.
-    Consumes both: each layer's old buffers are let go as soon as its merged
-    one is built, so a join holds one layer twice at most, not the whole
-    cache (the batch cache is the worker's largest allocation)."""
+    Both are left whole until the merged cache is built: a join that fails
+    (out of memory) leaves the running rows' cache as it was, so only the
+    joining requests fail (the engine's prefill retry relies on it). The
+    price is both at once at the join's peak (the scheduler's KV budget
+    counts it)."""
     target = max(first.layers[0].length, second.layers[0].length)
-    layers = []
-    for a, b in zip(first.layers, second.layers, strict=True):
-        layers.append(GrowableKVLayer(
+    layers = [
+        GrowableKVLayer(
             _stack_left_padded(a.key_buffer, a.length, b.key_buffer, b.length),
             _stack_left_padded(a.value_buffer, a.length, b.value_buffer, b.length),
             target,
-        ))
-        for layer in (a, b):
-            layer.key_buffer = layer.value_buffer = layer.keys = layer.values = None
+        )
+        for a, b in zip(first.layers, second.layers, strict=True)
+    ]
     return Cache(layers=layers)
 
 

@@ -313,10 +313,10 @@ def build_runner(model, tokenizer, settings: EngineSettings, fingerprint: Callab
 
 
 # What the transformers runner's batch cache may take, per token the scheduler
-# reserves (rows x the widest row): its buffers grow by doubling, so up to 2x
-# (a join builds the merged cache layer by layer, letting each old layer go,
-# so it adds one layer's worth at most).
-PADDED_KV_OVERHEAD = 2
+# reserves (rows x the widest row): its buffers grow by doubling (up to 2x),
+# and a join builds the merged cache beside the old one (as much again at its
+# peak; kept whole so a failed join fails only the joining requests).
+PADDED_KV_OVERHEAD = 4
 
 
 def padded_kv_budget(settings: EngineSettings, device: torch.device, reserved_bytes: int = 0, runners: int = 1,

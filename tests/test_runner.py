@@ -125,3 +125,28 @@ def test_rows_joining_beside_an_earlier_piece_are_packed_to_the_widest_row(runne
     contexts = {"a": list(first), "b": list(second)}
     for step in range(3):
         check(runner, decode_step(runner, contexts, 10 + step), contexts, tiny_model)
+
+
+def test_a_join_that_fails_leaves_the_running_rows_as_they_were(runner, tiny_model, monkeypatch):
+    """Out of memory halfway through merging the caches: the joining row
+    fails, the running rows decode on (the engine retries the joining
+    requests on their own, so the cache must not be half let go)."""
+    import pad_core.kv_cache as kv_cache
+
+    contexts = {"a": ids(20, 3), "b": ids(35, 4)}
+    runner.prefill([NewRow(key, context) for key, context in contexts.items()])
+    stack, calls = kv_cache._stack_left_padded, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 3:  # the second layer: the first is merged already
+            raise torch.OutOfMemoryError("no memory left")
+        return stack(*args)
+
+    monkeypatch.setattr(kv_cache, "_stack_left_padded", failing)
+    with pytest.raises(torch.OutOfMemoryError):
+        runner.prefill([NewRow("c", ids(50, 5))])
+    monkeypatch.setattr(kv_cache, "_stack_left_padded", stack)
+    assert list(runner.row_index()) == ["a", "b"]
+    for step in range(2):
+        check(runner, decode_step(runner, contexts, 20 + step), contexts, tiny_model)
