@@ -6,6 +6,7 @@ decoding beside them finishes exactly as it would alone."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -240,17 +241,47 @@ def test_a_misspelt_field_is_named(target):
     assert error["code"] == "unknown_parameter" and "did you mean 'model'?" in error["message"]
 
 
+def refusal_of_announced_body(url: str, length: int) -> tuple[int, dict]:
+    """Sends only the headers of a request announcing `length` body bytes,
+    and reads the answer: the server must refuse from the Content-Length
+    alone, without waiting for a byte of the body."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {length}\r\n\r\n".encode())
+        data = b""
+        while not whole_response(data) and (chunk := sock.recv(65536)):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def whole_response(data: bytes) -> bool:
+    head, separator, body = data.partition(b"\r\n\r\n")
+    length = head.lower().partition(b"content-length: ")[2].split(b"\r\n")[0]
+    return bool(separator) and len(body) >= int(length or 0)
+
+
 def test_bodies_over_the_limit_are_refused_before_reading(target):
     url = target[0]
+    status, body = refusal_of_announced_body(url, 20 * 2**20)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    # Sent whole, a refused body races the refusal: the server answers and closes while the
+    # client still writes, and a TCP reset may drop the answer before the client reads it
+    # (any server that refuses before reading; nginx's lingering close only narrows it).
+    # Either way it is refused fast and the server is unharmed.
     big = b'{"model": "x", "messages": [{"role": "user", "content": "' + b"a" * (20 * 2**20) + b'"}]}'
-    started = time.perf_counter()
-    response = httpx.post(f"{url}/v1/chat/completions", content=big, headers={"content-type": "application/json"})
-    refused_in = time.perf_counter() - started
-    error = assert_error(response, 413)
-    assert error["code"] == "request_too_large" and refused_in < 5
     many = b'{"model": "x", "messages": [' + b",".join([b'{"role": "user", "content": "Hi"}'] * 1_000_000) + b"]}"
-    response = httpx.post(f"{url}/v1/chat/completions", content=many, headers={"content-type": "application/json"})
-    assert_error(response, 413)
+    for content in (big, many):
+        started = time.perf_counter()
+        try:
+            response = httpx.post(f"{url}/v1/chat/completions", content=content,
+                                  headers={"content-type": "application/json"})
+        except (httpx.RemoteProtocolError, httpx.WriteError, httpx.ReadError):
+            pass  # the reset won the race
+        else:
+            assert assert_error(response, 413)["code"] == "request_too_large"
+        assert time.perf_counter() - started < 5
     started = time.perf_counter()
     assert httpx.get(f"{url}/health").status_code == 200 and time.perf_counter() - started < 1
 
