@@ -576,54 +576,39 @@ VLLM_CONSTRAINTS = [
 ]
 
 
+PREFILL = "Here are three tips:\n1."
+
+
 async def vllm_constraint(ctx: Context, out: Outcome) -> None:
     """vLLM's structured outputs (a choice, a regex, a GBNF grammar) on chat
     or legacy completions, or a prefilled answer (continue_final_message and
     echo): a complete answer follows its constraint, an echoed one opens
     with the prefill."""
     rng = ctx.rng
-    if rng.random() < 0.25:
-        prefill = "Here are three tips:\n1."
-        body = out.request = {"model": ctx.model, "max_tokens": 24, "temperature": rng.choice([0, 0.7]),
-                              "messages": [{"role": "user", "content": "How do I sleep better?"},
-                                           {"role": "assistant", "content": prefill}],
-                              "add_generation_prompt": False, "continue_final_message": True, "echo": True}
-        personalise(body, rng)
-        answered = await post_one_choice(ctx, out, body)
-        if answered is None:
-            return
-        choice, reasons = answered
-        text = choice["message"]["content"] or ""
-        if not text.startswith(prefill):
-            out.fail(f"echoed answer does not open with the prefill: {text[:60]!r}")
-        out.texts, out.finish_reasons = [text], reasons
-        out.answered = not out.violations
-        return
+    body = out.request = {"model": ctx.model, "temperature": rng.choice([0, 0.7])}
     fields, follows = rng.choice(VLLM_CONSTRAINTS)
-    body = out.request = {"model": ctx.model, "max_tokens": 48, "temperature": rng.choice([0, 0.7]), **fields}
-    personalise(body, rng)
-    if rng.random() < 0.5:
-        body["messages"] = [{"role": "user", "content": "Is this review happy? 'Great food, slow service.'"}]
-        answered = await post_one_choice(ctx, out, body)
-        if answered is None:
-            return
-        choice, reasons = answered
-        text = choice["message"]["content"] or ""
+    if rng.random() < 0.25:
+        body.update(max_tokens=24, add_generation_prompt=False, continue_final_message=True, echo=True,
+                    messages=[{"role": "user", "content": "How do I sleep better?"},
+                              {"role": "assistant", "content": PREFILL}])
+    elif rng.random() < 0.5:
+        body.update(max_tokens=48, **fields,
+                    messages=[{"role": "user", "content": "Is this review happy? 'Great food, slow service.'"}])
     else:
-        body["prompt"] = "Review: 'Great food, slow service.'\nVerdict:"
-        response = await ctx.client.post("/v1/completions", json=body)
-        if not record_status(out, response):
-            return
-        data = response.json()
-        choice = data["choices"][0]
-        reasons = [choice.get("finish_reason")]
-        check_finish(out, reasons, 1)
-        check_usage(out, data.get("usage"), reasons, body["max_tokens"])
-        text = choice["text"]
-    check_text(out, text, body)
-    if reasons[0] == "stop" and not follows(text):
+        body.update(max_tokens=48, **fields, prompt="Review: 'Great food, slow service.'\nVerdict:")
+    personalise(body, rng)
+    chat = "messages" in body
+    response = await ctx.client.post("/v1/chat/completions" if chat else "/v1/completions", json=body)
+    if not record_status(out, response):
+        return
+    check_answer(out, response.json(), body, 1,
+                 (lambda choice: choice["message"]["content"]) if chat else (lambda choice: choice.get("text")))
+    text = out.texts[0] if out.texts else ""
+    if body.get("echo"):
+        if not text.startswith(PREFILL):
+            out.fail(f"echoed answer does not open with the prefill: {text[:60]!r}")
+    elif out.finish_reasons[:1] == ["stop"] and not follows(text):
         out.fail(f"answer off its constraint {fields}: {text!r}")
-    out.texts, out.finish_reasons = [text], reasons
     out.answered = not out.violations
 
 

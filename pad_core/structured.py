@@ -593,13 +593,10 @@ class StructuredOutputs:
         import llguidance.hf
 
         with self._lock:
-            return self._llg_locked(llguidance)
-
-    def _llg_locked(self, llguidance):
-        if self._ll_tokenizer is None:
-            self._ll_tokenizer = llguidance.hf.from_tokenizer(
-                self.tokenizer, n_vocab=max(self.vocab_size, len(self.tokenizer)), eos_token=self.stop_token_ids
-            )
+            if self._ll_tokenizer is None:
+                self._ll_tokenizer = llguidance.hf.from_tokenizer(
+                    self.tokenizer, n_vocab=max(self.vocab_size, len(self.tokenizer)), eos_token=self.stop_token_ids
+                )
         return llguidance
 
     def start(self, spec: StructuredOutput) -> GrammarMatcher:

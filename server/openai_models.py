@@ -280,7 +280,7 @@ class SamplingFields(StrictRequest):
         if outputs is not None:
             constraint = outputs.to_structured()
         elif given:
-            constraint = guided_output(given[0], getattr(self, given[0]))
+            constraint = vllm_output(given[0].removeprefix("guided_"), getattr(self, given[0]), given[0])
         else:
             constraint = None
         if self.guided_whitespace_pattern is not None:
@@ -376,15 +376,20 @@ def json_schema_value(value: str | dict[str, Any], param: str) -> dict[str, Any]
     return value
 
 
-def guided_output(name: str, value: Any) -> StructuredOutput:
-    """One of vLLM's older guided_* fields -> the engine's StructuredOutput."""
-    if name == "guided_json":
-        return StructuredOutput("json_schema", json_schema=json_schema_value(value, name), source=name)
-    if name == "guided_regex":
-        return StructuredOutput("regex", regex=value, source=name)
-    if name == "guided_choice":
-        return StructuredOutput("choice", choices=tuple(value), source=name)
-    return StructuredOutput("grammar", grammar=value, source=name)
+def vllm_output(kind: str, value: Any, source: str, whitespace_pattern: str | None = None) -> StructuredOutput:
+    """One vLLM constraint (`kind`: json, regex, choice, grammar or
+    json_object; from `structured_outputs` or an older guided_* field, named
+    by `source`) -> the engine's StructuredOutput."""
+    if kind == "json":
+        return StructuredOutput("json_schema", json_schema=json_schema_value(value, source), source=source,
+                                whitespace_pattern=whitespace_pattern)
+    if kind == "regex":
+        return StructuredOutput("regex", regex=value, source=source)
+    if kind == "choice":
+        return StructuredOutput("choice", choices=tuple(value), source=source)
+    if kind == "grammar":
+        return StructuredOutput("grammar", grammar=value, source=source)
+    return StructuredOutput("json_object", source=source, whitespace_pattern=whitespace_pattern)
 
 
 class StructuredOutputsParams(StrictRequest):
@@ -411,9 +416,9 @@ class StructuredOutputsParams(StrictRequest):
         param = "structured_outputs"
         reject_if(self.structural_tag is not None, "structured_outputs.structural_tag is not supported",
                   f"{param}.structural_tag")
-        given = [name for name, value in (("json", self.json_), ("regex", self.regex), ("choice", self.choice),
-                                          ("grammar", self.grammar), ("json_object", self.json_object or None))
-                 if value is not None]
+        values = {"json": self.json_, "regex": self.regex, "choice": self.choice, "grammar": self.grammar,
+                  "json_object": self.json_object or None}
+        given = [name for name, value in values.items() if value is not None]
         reject_if(not given, "structured_outputs needs one of json, regex, choice, grammar or json_object", param,
                   "missing_required_parameter")
         reject_if(len(given) > 1, f"structured_outputs takes one constraint, not {' and '.join(given)}",
@@ -422,16 +427,7 @@ class StructuredOutputsParams(StrictRequest):
         reject_if(self.whitespace_pattern is not None and given[0] not in ("json", "json_object"),
                   "structured_outputs.whitespace_pattern applies to json and json_object",
                   f"{param}.whitespace_pattern", "invalid_value")
-        if given[0] == "json":
-            return StructuredOutput("json_schema", json_schema=json_schema_value(self.json_, source), source=source,
-                                    whitespace_pattern=self.whitespace_pattern)
-        if given[0] == "regex":
-            return StructuredOutput("regex", regex=self.regex, source=source)
-        if given[0] == "choice":
-            return StructuredOutput("choice", choices=tuple(self.choice), source=source)
-        if given[0] == "grammar":
-            return StructuredOutput("grammar", grammar=self.grammar, source=source)
-        return StructuredOutput("json_object", source=source, whitespace_pattern=self.whitespace_pattern)
+        return vllm_output(given[0], values[given[0]], source, self.whitespace_pattern)
 
     def repeats(self, guided: str, value: Any) -> bool:
         """Whether one of the older guided_* fields holds this constraint again."""
