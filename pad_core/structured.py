@@ -409,7 +409,15 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def parse_tool_calls(text: str) -> list[ToolCall] | None:
     """The calls in a completed tool-call answer (see tool_call_schema); None
-    when the text is not such a list (a stop string cut it, say)."""
+    when the text is not such a list (a stop string cut it, say).
+
+    Each call's `arguments` is the model's own text of its arguments value,
+    exactly as written in `text` (validated: the whole text parses), not a
+    re-serialization: a streamed answer sends that text in fragments as it is
+    generated, and the fragments must add up to the arguments of the whole
+    answer. Under the grammar the two differ only where JSON lets the same
+    value be written several ways (`1.00`, `"\\u0009"`, an open object's
+    key order or repeated key); a client's JSON parser reads both the same."""
     try:
         calls = json.loads(text)
     except ValueError:
@@ -418,12 +426,47 @@ def parse_tool_calls(text: str) -> list[ToolCall] | None:
         calls = [calls]
     if not isinstance(calls, list) or not calls:
         return None
-    result = []
-    for call in calls:
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            return None
-        result.append(ToolCall(call["name"], json.dumps(call.get("arguments", {}), ensure_ascii=False)))
-    return result
+    if not all(isinstance(call, dict) and isinstance(call.get("name"), str) for call in calls):
+        return None
+    return [ToolCall(call["name"], written.get("arguments", "{}"))
+            for call, written in zip(calls, written_calls(text), strict=True)]
+
+
+JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def written_calls(text: str) -> list[dict[str, str]]:
+    """The members of each call object in `text` (valid JSON: one call's
+    object or a list of them) as written: key -> the value's own text. A key
+    written twice keeps its last value, as json.loads reads it."""
+    index = JSON_SPACE.match(text).end()
+    if text[index] == "{":
+        return [_written_members(text, index)[0]]
+    calls, index = [], JSON_SPACE.match(text, index + 1).end()
+    while text[index] != "]":
+        members, index = _written_members(text, index)
+        calls.append(members)
+        index = JSON_SPACE.match(text, index).end()
+        if text[index] == ",":
+            index = JSON_SPACE.match(text, index + 1).end()
+    return calls
+
+
+def _written_members(text: str, index: int) -> tuple[dict[str, str], int]:
+    """The object at text[index] ("{"): its members as written, and where it ends."""
+    members: dict[str, str] = {}
+    index = JSON_SPACE.match(text, index + 1).end()
+    while text[index] != "}":
+        key, index = json.decoder.scanstring(text, index + 1)
+        index = JSON_SPACE.match(text, index).end() + 1  # past ":"
+        start = JSON_SPACE.match(text, index).end()
+        _, index = _DECODER.raw_decode(text, start)
+        members[key] = text[start:index]
+        index = JSON_SPACE.match(text, index).end()
+        if text[index] == ",":
+            index = JSON_SPACE.match(text, index + 1).end()
+    return members, index + 1
 
 
 class CallListScanner:
@@ -433,7 +476,19 @@ class CallListScanner:
     calls, OpenAI's default) tends to write the same call again and again
     until max_tokens, and the client then gets text, not calls; the
     grammar cannot forbid a repeat, so the request ends at the first one
-    with the calls before it (`calls`)."""
+    with the calls before it (`calls`).
+
+    A repeat is a call whose text, from its "{" to its "}", is exactly an
+    earlier call's: the gateway streams a call's arguments as they are
+    written and holds back only a call that is still a prefix of an earlier
+    call's text (server.generation.CallStream), so the two must agree on
+    what a repeat is, character for character. A comparison of parsed values
+    would not: the grammar lets one value be written several ways (`1.0` and
+    `1.00`, `"\\t"` and `"\\u0009"`, an open object's keys in any order),
+    and such a call, already streamed, would then be dropped. A model caught
+    in a loop writes the same text each time (greedy decoding does), so the
+    loop still ends at its first repeat; two calls written differently are
+    both kept, as different calls."""
 
     def __init__(self):
         self.text = ""
@@ -441,11 +496,15 @@ class CallListScanner:
         self.in_string = False
         self.escaped = False
         self.calls: list[ToolCall] | None = None  # set once a call repeats: the list without the repeat
+        self._start = 0  # where the call being written opens in `text`
         self._ends: list[int] = []  # where each complete call of the list ends in `text`
-        self._seen: set[str] = set()  # each call so far, in a canonical form (true is not 1, key order aside)
+        self._seen: set[str] = set()  # each call so far, as written
 
     def feed(self, text: str) -> bool:
-        """Takes the answer's next text; whether a call has just repeated."""
+        """Takes the answer's next text; whether a call has just repeated.
+        The first repeat ends the answer: later text changes nothing."""
+        if self.calls is not None:
+            return False
         for char in text:
             self.text += char
             if self.in_string:
@@ -460,6 +519,8 @@ class CallListScanner:
                 self.in_string, self.escaped = True, False
             elif char in "[{":
                 self.depth += 1
+                if char == "{" and self.depth == 2:
+                    self._start = len(self.text) - 1
             elif char in "]}":
                 self.depth -= 1
                 if char == "}" and self.depth == 1 and self.text.lstrip(LEADING_SPACE).startswith("["):
@@ -468,14 +529,8 @@ class CallListScanner:
         return False
 
     def _repeated(self) -> bool:
-        try:
-            calls = json.loads(self.text.lstrip(LEADING_SPACE) + "]")
-        except ValueError:
-            return False
-        if not isinstance(calls, list) or not calls:
-            return False
         self._ends.append(len(self.text))
-        call = json.dumps(calls[-1], sort_keys=True)
+        call = self.text[self._start:]
         if call not in self._seen:
             self._seen.add(call)
             return False

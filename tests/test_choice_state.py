@@ -1,7 +1,7 @@
 """server.generation.ChoiceState, the one bookkeeping of a choice, as pure
 data: what a client is sent for each engine output, for free text, forced
 tool calls and tool_choice "auto" (held until its first character says
-calls or text)."""
+calls or text). The streaming of calls themselves: test_tool_call_streaming.py."""
 
 from __future__ import annotations
 
@@ -26,19 +26,23 @@ def test_auto_text_is_held_only_until_its_first_character():
     assert first.text == "Hé" and [lp.token for lp in first.logprobs] == ["\xe2", "llo"]  # nothing lost
     assert not choice.may_call and not choice.holds_calls
     second = choice.update(output(" there", "stop", n=3))
-    assert second.text == " there" and second.finish_reason == "stop" and second.tool_calls is None
+    assert second.text == " there" and second.finish_reason == "stop" and not second.calls
     assert choice.text == "Hé there" and choice.tool_calls is None and choice.completion_tokens == 3
 
 
-def test_auto_calls_are_held_to_the_end_like_forced_ones():
+def test_auto_calls_stream_like_forced_ones():
     calls = [ToolCall("f", "{}")]
     for structured in (AUTO, FORCED):
         choice = ChoiceState.of(0, structured)
-        assert not choice.update(output("[{"))
-        assert not choice.update(output('"name": "f", "arguments": {}}'))
+        assert not choice.update(output("[{"))  # no name yet: nothing to announce
+        announced, fragment, done = choice.update(output('"name": "f", "arguments": {}}')).calls
+        assert announced.name == "f" and announced.id.startswith("call_") and announced.arguments == ""
+        assert (fragment.index, fragment.id, fragment.name, fragment.arguments) == (0, announced.id, None, "{}")
+        assert done.done and not done.on_the_wire
         last = choice.update(output("]", "stop", calls))
-        assert last.finish_reason == "tool_calls" and [c["function"]["name"] for c in last.tool_calls] == ["f"]
-        assert last.tool_calls[0]["id"].startswith("call_") and not last.text and choice.text == ""
+        assert last.finish_reason == "tool_calls" and not last.calls and not last.text and choice.text == ""
+        assert choice.tool_calls == [{"id": announced.id, "type": "function",
+                                      "function": {"name": "f", "arguments": "{}"}}]
 
 
 def test_auto_calls_cut_by_max_tokens_are_text_and_an_empty_end_is_text():

@@ -4,10 +4,15 @@ answer, as a `response` object or as OpenAI's stream of typed events
 response.content_part.added, response.output_text.delta ...,
 response.output_text.done, response.content_part.done,
 response.output_item.done, then response.completed, or
-response.incomplete when max_output_tokens ran out). Forced function calls
-come as function_call items (with response.function_call_arguments.delta
-and .done). `pad` is on the response object, hence on response.created and
-on the terminal event too.
+response.incomplete when max_output_tokens ran out). Function calls come
+as function_call items, streamed as OpenAI streams them: a call's
+response.output_item.added once its name is written, then
+response.function_call_arguments.delta per fragment of its arguments as
+the model writes them, then .done and response.output_item.done (see
+server/generation.py's CallStream; a call cut by max_output_tokens ends
+with response.output_item.done, status "incomplete", and no .done).
+`pad` is on the response object, hence on response.created and on the
+terminal event too.
 
 Nothing is stored for the Responses API itself, but the feedback memory
 keeps every answer (PAD_FEEDBACK_RETENTION_DAYS): a message item's id is
@@ -31,6 +36,7 @@ from server.auth_scopes import KeyScope, chat_user
 from server.errors import APIError, invalid
 from server.generation import (
     ChoiceState,
+    CallDelta,
     Delta,
     Formatter,
     Generation,
@@ -160,6 +166,7 @@ class ResponsesFormatter(Formatter):
         self.sequence = 0
         self.message_id = message_item_id(response_id)
         self.message_open = False
+        self.calls_done = 0  # the streamed calls whose items are done (in order)
 
     # ---- the objects ----------------------------------------------------
     def envelope(self, generation: Generation, status: str, output: list[dict], usage: dict | None) -> dict:
@@ -192,10 +199,13 @@ class ResponsesFormatter(Formatter):
         return {"id": self.message_id, "type": "message", "status": status, "role": "assistant", "content": content}
 
     @staticmethod
-    def call_items(choice: ChoiceState) -> list[dict]:
-        return [{"id": f"fc_{call['id'].removeprefix('call_')}", "type": "function_call", "status": "completed",
-                 "call_id": call["id"], "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
-                for call in choice.tool_calls or ()]
+    def call_item(call: dict, status: str = "completed") -> dict:
+        """A function_call item of an OpenAI-shaped call."""
+        return {"id": f"fc_{call['id'].removeprefix('call_')}", "type": "function_call", "status": status,
+                "call_id": call["id"], "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+
+    def call_items(self, choice: ChoiceState) -> list[dict]:
+        return [self.call_item(call) for call in choice.tool_calls or ()]
 
     @staticmethod
     def status(choice: ChoiceState) -> str:
@@ -229,20 +239,30 @@ class ResponsesFormatter(Formatter):
                        part=self.text_part("")),
         ]
 
+    def call_events(self, choice: ChoiceState, call: CallDelta) -> list[str]:
+        """One call delta's events: the item added (its announcement), an
+        arguments fragment, or its arguments and item done."""
+        item = self.call_item(choice.streamed_calls[call.index], "in_progress")
+        if call.name is not None:  # its arguments follow in deltas (the record may hold some already)
+            return [self.event("response.output_item.added", output_index=call.index, item={**item, "arguments": ""})]
+        if not call.done:
+            return [self.event("response.function_call_arguments.delta", item_id=item["id"],
+                               output_index=call.index, delta=call.arguments)]
+        self.calls_done += 1
+        return [self.event("response.function_call_arguments.done", item_id=item["id"], output_index=call.index,
+                           name=item["name"], arguments=item["arguments"]),
+                self.event("response.output_item.done", output_index=call.index, item={**item, "status": "completed"})]
+
+    def unfinished_calls(self, choice: ChoiceState) -> list[str]:
+        """The calls an answer cut short left open: each item done, "incomplete"
+        (no arguments .done: they are not)."""
+        return [self.event("response.output_item.done", output_index=index, item=self.call_item(call, "incomplete"))
+                for index, call in enumerate(choice.streamed_calls) if index >= self.calls_done]
+
     def delta(self, generation: Generation, choice: ChoiceState, delta: Delta) -> list[str]:
-        if delta.tool_calls is not None:
-            events = []
-            for index, item in enumerate(self.call_items(choice)):
-                added = {**item, "status": "in_progress", "arguments": ""}
-                events += [
-                    self.event("response.output_item.added", output_index=index, item=added),
-                    self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                               delta=item["arguments"]),
-                    self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                               name=item["name"], arguments=item["arguments"]),
-                    self.event("response.output_item.done", output_index=index, item=item),
-                ]
-            return events
+        if choice.streamed_calls:  # the answer is calls: no message item
+            events = [event for call in delta.calls for event in self.call_events(choice, call)]
+            return events + (self.unfinished_calls(choice) if delta.finish_reason is not None else [])
         events = self.open_message(choice)
         if delta.text:
             events.append(self.event("response.output_text.delta", item_id=self.message_id, output_index=0,
@@ -264,7 +284,11 @@ class ResponsesFormatter(Formatter):
         choice = generation.choices[0]
         status = self.status(choice) if choice.tool_calls is None else "completed"
         kind = "response.incomplete" if status == "incomplete" else "response.completed"
-        return [self.event(kind, response=self.envelope(generation, status, self.output(choice), usage))]
+        output = self.output(choice)
+        if choice.tool_calls is None and choice.streamed_calls:  # calls cut short: the items the client got
+            output = [self.call_item(call, "completed" if index < self.calls_done else "incomplete")
+                      for index, call in enumerate(choice.streamed_calls)]
+        return [self.event(kind, response=self.envelope(generation, status, output, usage))]
 
     def error(self, generation: Generation, error: APIError) -> list[str]:
         """The error event, then the terminal response.failed (as OpenAI ends
