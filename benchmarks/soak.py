@@ -612,6 +612,53 @@ async def vllm_constraint(ctx: Context, out: Outcome) -> None:
     out.answered = not out.violations
 
 
+async def vllm_tokens(ctx: Context, out: Outcome) -> None:
+    """vLLM's token-level fields: allowed_token_ids (the answer uses only
+    " yes" and " no", bad_words taking " no" away half the time),
+    truncate_prompt_tokens (the prompt counts exactly that many tokens), and
+    prompt_logprobs on a completion that only scores (one entry per prompt
+    token, the first null)."""
+    rng = ctx.rng
+    kind = rng.choice(["allowed", "truncate", "score"])
+    body = out.request = {"model": ctx.model, "temperature": rng.choice([0, 1.0]), "max_tokens": 8}
+    personalise(body, rng)
+    if kind == "score":
+        body.update(prompt=a_prompt(rng), max_tokens=0, prompt_logprobs=rng.randint(0, 3))
+        response = await ctx.client.post("/v1/completions", json=body)
+        if not record_status(out, response):
+            return
+        data = response.json()
+        scored = (data.get("choices") or [{}])[0].get("prompt_logprobs") or []
+        if len(scored) != data["usage"]["prompt_tokens"] or scored[0] is not None:
+            out.fail(f"{len(scored)} prompt_logprobs entries for {data['usage']['prompt_tokens']} prompt tokens")
+        out.finish_reasons = [(data.get("choices") or [{}])[0].get("finish_reason")]
+        out.answered = not out.violations
+        return
+    messages = [{"role": "user", "content": a_prompt(rng) if kind == "truncate" else "Yes or no: is tea hot?"}]
+    body["messages"] = messages
+    if kind == "truncate":
+        body["truncate_prompt_tokens"] = keep = rng.randint(4, 64)
+    else:
+        tokenized = await ctx.client.post("/tokenize", json={"model": ctx.model, "prompt": " yes no",
+                                                             "add_special_tokens": False})
+        if not record_status(out, tokenized):
+            return
+        body.update(allowed_token_ids=tokenized.json()["tokens"], ignore_eos=True)
+        if rng.random() < 0.5:
+            body["bad_words"] = ["no"]
+    response = await ctx.client.post("/v1/chat/completions", json=body)
+    if not record_status(out, response):
+        return
+    data = response.json()
+    check_answer(out, data, body, 1, lambda choice: choice["message"]["content"])
+    words = set((out.texts[0] if out.texts else "").split())
+    if kind == "truncate" and data["usage"]["prompt_tokens"] > keep:
+        out.fail(f"truncate_prompt_tokens {keep}, but {data['usage']['prompt_tokens']} prompt tokens")
+    if kind == "allowed" and not words <= ({"yes"} if body.get("bad_words") else {"yes", "no"}):
+        out.fail(f"answer outside allowed_token_ids / bad_words: {out.texts[0]!r}")
+    out.answered = not out.violations
+
+
 async def hang_up_mid_stream(ctx: Context, out: Outcome) -> None:
     body = out.request = chat_body(ctx, stream=True)
     body["max_tokens"] = 64
@@ -753,6 +800,7 @@ SCENARIOS: dict[str, tuple[Scenario, float]] = {
     "responses_stream": (responses_stream, 10),
     "json_schema": (structured_output, 5),
     "vllm_constraint": (vllm_constraint, 5),
+    "vllm_tokens": (vllm_tokens, 3),
     "tools_auto": (tools_auto, 5),
     "multi_turn": (multi_turn, 5),
     "hang_up_mid_stream": (hang_up_mid_stream, 8),

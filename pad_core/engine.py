@@ -33,11 +33,21 @@ from pad_core.lora import NO_ADAPTER
 from pad_core.prompting import PromptBuilder
 from pad_core.request_state import RequestState, RewardRowRef
 from pad_core.runner import BASE_RUNNER, NewRow, RewardSource, Runner
-from pad_core.sampling import INVALID_TOKEN, apply_penalties, apply_sampling_controls, top_logprobs
+from pad_core.sampling import INVALID_TOKEN, apply_penalties, apply_sampling_controls, token_ranks, top_logprobs
 from pad_core.settings import EngineSettings
 from pad_core.structured import StructuredOutputs
+from pad_core.token_controls import bad_words_ids, truncate_contexts, truncation_length
 from pad_core.transfer import select_rows, to_device
-from pad_core.types import ChatRequest, GenerationRequest, RequestLimits, RewardPrompt, StepOutput, TokenLogprob
+from pad_core.types import (
+    ChatRequest,
+    GenerationRequest,
+    RequestLimits,
+    RewardPrompt,
+    StepOutput,
+    StructuredOutput,
+    TextRequest,
+    TokenLogprob,
+)
 from pad_core.validation import TEMPERATURE_FLOOR
 
 logger = logging.getLogger(__name__)
@@ -94,7 +104,8 @@ class PadEngine:
         runs it off its decode loop, in another thread; `add_request` then
         queues the result. Raises InvalidRequestError subclasses."""
         chat.verify(self.limits)
-        self._check_prompt_chars(chat)
+        if chat.sampling.truncate_prompt_tokens is None:  # a truncated prompt fits whatever its length
+            self._check_prompt_chars(chat)
         source = self._reward_source(chat.guidance.reward_model)
         sees = chat.guidance.base_sees_preference
         if sees is None:
@@ -112,16 +123,27 @@ class PadEngine:
             optional_tools=tool_call and structured.auto,
             template=chat.template,
         )
+        return self.generation_request(chat, prompt_ids, reward_ids, structured)
+
+    def generation_request(self, request: ChatRequest | TextRequest, prompt_ids: list[int],
+                           reward_ids: list[list[int]], structured: StructuredOutput | None) -> GenerationRequest:
+        """A tokenized chat or raw-text request as the engine runs it, with
+        vLLM's token-level fields applied (truncate_prompt_tokens, bad_words)."""
+        sampling = request.sampling
+        if sampling.truncate_prompt_tokens is not None:
+            keep = truncation_length(sampling.truncate_prompt_tokens, self.context_length, sampling.max_tokens)
+            prompt_ids, reward_ids = truncate_contexts(prompt_ids, reward_ids, keep, sampling.truncation_side)
         return GenerationRequest(
-            request_id=chat.request_id,
+            request_id=request.request_id,
             prompt_ids=prompt_ids,
             reward_prompts=[
-                RewardPrompt(tuple(ids), p.weight) for ids, p in zip(reward_ids, chat.preferences, strict=True)
+                RewardPrompt(tuple(ids), p.weight) for ids, p in zip(reward_ids, request.preferences, strict=True)
             ],
-            sampling=chat.sampling,
-            guidance=chat.guidance,
+            sampling=sampling,
+            guidance=request.guidance,
             structured=structured,
-            priority=chat.priority,
+            priority=request.priority,
+            bad_words_ids=bad_words_ids(self.tokenizer, sampling.bad_words) if sampling.bad_words else (),
         )
 
     def add_request(self, request: GenerationRequest) -> None:
@@ -370,9 +392,11 @@ class PadEngine:
         outputs = []
         for index, state in enumerate(states):
             token = tokens[index]
-            if isinstance(token, Exception) or token == INVALID_TOKEN:
-                reason = "the scores are not finite numbers (NaN or infinite logits)" if token == INVALID_TOKEN else token
-                outputs.append(state.finish("error", error=f"engine error on this request: {reason}"))
+            if token == INVALID_TOKEN:
+                outputs.append(state.no_token_left())
+                continue
+            if isinstance(token, Exception):
+                outputs.append(state.finish("error", error=f"engine error on this request: {token}"))
                 continue
             try:
                 outputs.append(state.append_token(token, logprobs[index] if logprobs else None))
@@ -480,12 +504,14 @@ class PadEngine:
         """log_probs [N, V], tokens [N] -> each token's entry with the `count`
         most likely tokens of its row."""
         chosen, values, ids = top_logprobs(log_probs, tokens, count)
+        ranks = token_ranks(log_probs, chosen).tolist()
         chosen, values, ids = chosen.tolist(), values.tolist(), ids.tolist()
         result = []
         for row, token_id in enumerate(tokens.tolist()):
             top = [self._token_entry(i, finite_logprob(v)) for i, v in zip(ids[row], values[row], strict=True)]
             token, _, raw = self._token_entry(token_id, 0.0)
-            result.append(TokenLogprob(token=token, logprob=finite_logprob(chosen[row]), bytes=raw, top_logprobs=top))
+            result.append(TokenLogprob(token=token, logprob=finite_logprob(chosen[row]), bytes=raw, top_logprobs=top,
+                                       token_id=token_id, rank=ranks[row], top_ids=ids[row]))
         return result
 
     @staticmethod
@@ -523,7 +549,7 @@ class PadEngine:
         hidden = runner.prompt_hidden(prompt_ids)  # [T, H]
         targets = torch.tensor(list(prompt_ids[1:]), dtype=torch.long, device=hidden.device)
         token, _, raw = self._token_entry(prompt_ids[0], 0.0)
-        entries = [TokenLogprob(token=token, logprob=None, bytes=raw)]
+        entries = [TokenLogprob(token=token, logprob=None, bytes=raw, token_id=prompt_ids[0])]
         for start in range(0, len(targets), PROMPT_LOGPROBS_CHUNK):
             end = min(start + PROMPT_LOGPROBS_CHUNK, len(targets))
             log_probs = runner.logits(hidden[start:end]).log_softmax(dim=-1)
@@ -678,6 +704,8 @@ class PadEngine:
                                       "priority); this server admits requests first come, first served",
                                       param="priority")
         sampling, guidance = request.sampling, request.guidance
+        if sampling.bad_words and not request.bad_words_ids:  # a GenerationRequest made without prepare_chat
+            request.bad_words_ids = bad_words_ids(self.tokenizer, sampling.bad_words)
         live = {s.request_id for s in self._in_flight()}
         if request.request_id in live:
             raise InvalidRequestError(f"request id {request.request_id!r} is already running", param="request_id")

@@ -43,11 +43,16 @@ class RequestState:
     prefilled: int = 0
     grammar: GrammarMatcher | None = None  # structured output: the answer's grammar
     prompt_logprobs: list[TokenLogprob] | None = None  # when asked: sent with the first output, then dropped
+    # sampling.allowed_token_ids as a tensor, made once ([K] long; None: any
+    # token), not from a list of up to a vocabulary's ids at every step.
+    allowed_ids: torch.Tensor | None = field(init=False, default=None)
     _prompts_key: tuple | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         sampling = self.request.sampling
         self.stop_matcher = StopStringMatcher(sampling.stop, sampling.include_stop_str_in_output)
+        if sampling.allowed_token_ids:
+            self.allowed_ids = torch.tensor(sorted(set(sampling.allowed_token_ids)), dtype=torch.long)
         self.row_locations = ((BASE_RUNNER, self.base_key), *((row.runner, row.key) for row in self.reward_rows))
 
     @property
@@ -155,6 +160,17 @@ class RequestState:
             return text
         return text + self.stop_matcher.flush()
 
-    def finish(self, reason: FinishReason, error: str | None = None) -> StepOutput:
+    def finish(self, reason: FinishReason, error: str | None = None, error_param: str | None = None) -> StepOutput:
         self.finish_reason = reason
-        return self.output([], "", error=error)
+        return self.output([], "", error=error, error_param=error_param)
+
+    def no_token_left(self) -> StepOutput:
+        """The end of a request whose scores left no token to choose: the
+        client's own allowed_token_ids (beside its answer's format,
+        min_tokens or bad_words) when it gave them, a 400; else the engine's
+        fault (NaN or infinite logits)."""
+        if self.request.sampling.allowed_token_ids:
+            return self.finish("error", "none of allowed_token_ids can be chosen here (the answer's format, "
+                               "min_tokens or bad_words rule them all out)", "allowed_token_ids")
+        return self.finish("error", "engine error on this request: the scores are not finite numbers "
+                           "(NaN or infinite logits)")

@@ -128,6 +128,36 @@ def top_logprobs(log_probs: torch.Tensor, token_ids: torch.Tensor, count: int):
     return chosen, values, ids
 
 
+def token_ranks(log_probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Each chosen token's rank in its row, as vLLM reports it: 1 + how many
+    tokens are strictly more likely. log_probs [N, V], chosen [N] (their
+    log-probabilities) -> [N] long."""
+    return (log_probs > chosen[:, None]).sum(dim=-1) + 1
+
+
+def banned_by_bad_words(words: Sequence[Sequence[int]], generated: Sequence[int]) -> list[int]:
+    """The tokens that would finish one of the bad `words` (token ids) next:
+    a one-token word always, a longer one where the answer so far ends with
+    all of it but its last token (vLLM's bad_words; like vLLM, the prompt's
+    tokens do not count)."""
+    banned = []
+    for word in words:
+        before = word[:-1]
+        if not before or (len(generated) >= len(before) and list(generated[len(generated) - len(before):]) == list(before)):
+            banned.append(word[-1])
+    return banned
+
+
+def keep_only(logits: torch.Tensor, row: int, token_ids: torch.Tensor) -> None:
+    """In place: every token of `row` but `token_ids` ([K] long, those
+    within the vocabulary) goes to -inf (vLLM's allowed_token_ids)."""
+    vocab = logits.shape[1]
+    allowed = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+    token_ids = token_ids.to(logits.device)
+    allowed[token_ids[(token_ids >= 0) & (token_ids < vocab)]] = True
+    logits[row] = logits[row].masked_fill(~allowed, float("-inf"))
+
+
 # ---- vLLM's sampling extensions and OpenAI's logit_bias --------------------
 def apply_logit_bias(logits: torch.Tensor, rows: Sequence[int], token_ids: Sequence[int],
                      biases: Sequence[float]) -> torch.Tensor:
@@ -180,12 +210,13 @@ def filter_top_k_min_p(logits: torch.Tensor, top_k: torch.Tensor, min_p: torch.T
 
 
 def apply_sampling_controls(logits: torch.Tensor, states: Sequence) -> torch.Tensor:
-    """The vLLM extensions (top_k, min_p, repetition_penalty, min_tokens)
-    and OpenAI's logit_bias of each request, applied to its base row's
-    logits [N, V], after the presence / frequency penalties: what plain
-    decoding samples from, and what PAD's prescreen and score see. States
-    give `request.sampling` (SamplingParams), `request.prompt_ids`,
-    `generated` and `stop_token_ids`. The logits themselves (no copy) when
+    """The vLLM extensions (top_k, min_p, repetition_penalty, min_tokens,
+    bad_words, allowed_token_ids) and OpenAI's logit_bias of each request,
+    applied to its base row's logits [N, V], after the presence / frequency
+    penalties: what plain decoding samples from, and what PAD's prescreen
+    and score see. States give `request.sampling` (SamplingParams),
+    `request.prompt_ids`, `request.bad_words_ids`, `generated`,
+    `stop_token_ids` and `allowed_ids` (allowed_token_ids as a tensor, or None). The logits themselves (no copy) when
     no request uses any of them."""
     samplings = [state.request.sampling for state in states]
     if not any(sampling.processes_logits for sampling in samplings):
@@ -207,6 +238,16 @@ def apply_sampling_controls(logits: torch.Tensor, states: Sequence) -> torch.Ten
         for row, stops in blocked:
             stops = [token for token in stops if 0 <= token < vocab]
             logits[row, stops] = float("-inf")
+    banned = [(row, banned_by_bad_words(state.request.bad_words_ids, state.generated))
+              for row, state in enumerate(states) if state.request.bad_words_ids]
+    allowed = [(row, state.allowed_ids) for row, state in enumerate(states) if state.allowed_ids is not None]
+    if any(tokens for _, tokens in banned) or allowed:
+        logits = logits.clone()
+        vocab = logits.shape[1]
+        for row, tokens in banned:
+            logits[row, [token for token in tokens if 0 <= token < vocab]] = float("-inf")
+        for row, tokens in allowed:
+            keep_only(logits, row, tokens)
     penalised = [row for row, sampling in enumerate(samplings) if sampling.repetition_penalty != 1.0]
     if penalised:
         seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)

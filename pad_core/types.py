@@ -11,6 +11,9 @@ from typing import Any, Literal
 from pad_core.errors import InvalidRequestError
 from pad_core.validation import (
     INT64_MAX,
+    MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORD_CHARS,
+    MAX_BAD_WORDS,
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_VALUE,
     MAX_PENALTY,
@@ -116,11 +119,21 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False  # vLLM: a matched stop string (or stop token's text) stays in the answer
     skip_special_tokens: bool = True  # vLLM: special tokens' text is left out of the answer
+    # vLLM: words the answer never writes (their last token is banned where
+    # the answer so far ends with the rest; GenerationRequest.bad_words_ids).
+    bad_words: tuple[str, ...] = ()
+    allowed_token_ids: tuple[int, ...] = ()  # vLLM: only these tokens may be chosen; empty: any
+    # vLLM: keep only this many of the prompt's tokens (-1: as many as fit),
+    # dropping from the start ("left", vLLM's default) or the end ("right").
+    # Not sampling, but where vLLM carries it too.
+    truncate_prompt_tokens: int | None = None
+    truncation_side: str = "left"
 
     @property
     def processes_logits(self) -> bool:
         """Whether any of the vLLM extensions or logit_bias is on."""
-        return bool(self.top_k or self.min_p or self.repetition_penalty != 1.0 or self.min_tokens or self.logit_bias)
+        return bool(self.top_k or self.min_p or self.repetition_penalty != 1.0 or self.min_tokens or self.logit_bias
+                    or self.bad_words or self.allowed_token_ids)
 
     def verify(self) -> None:
         """Every field within its legal range (vLLM's _verify_args); raises
@@ -161,12 +174,30 @@ class SamplingParams:
                 raise InvalidRequestError("logit_bias must map token ids to biases", param="logit_bias")
             check_int(entry[0], "logit_bias", 0, INT64_MAX)
             check_float(entry[1], "logit_bias", -MAX_LOGIT_BIAS_VALUE, MAX_LOGIT_BIAS_VALUE)
+        if not isinstance(self.bad_words, tuple | list) or len(self.bad_words) > MAX_BAD_WORDS:
+            raise InvalidRequestError(f"bad_words must be at most {MAX_BAD_WORDS} strings", param="bad_words")
+        for word in self.bad_words:
+            check_text(word, "bad_words", max_chars=MAX_BAD_WORD_CHARS)
+            if not word.strip():
+                raise InvalidRequestError("bad_words: a word must have a non-space character", param="bad_words")
+        if not isinstance(self.allowed_token_ids, tuple | list) or len(self.allowed_token_ids) > MAX_ALLOWED_TOKEN_IDS:
+            raise InvalidRequestError(f"allowed_token_ids must be at most {MAX_ALLOWED_TOKEN_IDS} token ids",
+                                      param="allowed_token_ids")
+        for token in self.allowed_token_ids:
+            check_int(token, "allowed_token_ids", 0)
+        if self.truncate_prompt_tokens is not None:
+            check_int(self.truncate_prompt_tokens, "truncate_prompt_tokens", -1)
+            if self.truncate_prompt_tokens == 0:
+                raise InvalidRequestError("truncate_prompt_tokens must be at least 1 (or -1: as many as fit)",
+                                          param="truncate_prompt_tokens")
+        if self.truncation_side not in ("left", "right"):
+            raise InvalidRequestError("truncation_side must be 'left' or 'right'", param="truncation_side")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> SamplingParams:
         """From to_dict / msgpack, where tuples arrive as lists."""
         sampling = dict(data or {})
-        for key in ("stop", "stop_token_ids"):
+        for key in ("stop", "stop_token_ids", "bad_words", "allowed_token_ids"):
             if key in sampling:
                 sampling[key] = tuple(sampling[key])
         if "logit_bias" in sampling:
@@ -498,6 +529,12 @@ class GenerationRequest:
     guidance: GuidanceParams = field(default_factory=GuidanceParams)
     structured: StructuredOutput | None = None
     priority: int = 0  # lower is admitted first, under the priority scheduling policy (vLLM's)
+    # sampling.bad_words as token ids (pad_core.token_controls.bad_words_ids):
+    # each word alone and after a space, as the tokenizer writes it (made
+    # when the engine admits a request that lacks them). truncate_prompt_tokens
+    # acts where the engine tokenizes (prepare_chat, prepare_text): ids given
+    # here are taken as they are.
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
 
     def verify(self, limits: RequestLimits) -> None:
         """The settings' bounds (the engine checks the token ids against its vocabulary)."""
@@ -522,6 +559,11 @@ class TokenLogprob:
     logprob: float | None
     bytes: list[int]
     top_logprobs: list[tuple[str, float, list[int]]] = field(default_factory=list)
+    # What vLLM's prompt_logprobs report besides: the token's id and its rank
+    # in its row (1: the most likely), and the ids of top_logprobs' tokens.
+    token_id: int | None = None
+    rank: int | None = None
+    top_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -592,4 +634,6 @@ def _logprobs_from(entries: list[dict[str, Any]] | None) -> list[TokenLogprob] |
     if entries is None:
         return None
     return [TokenLogprob(token=lp["token"], logprob=lp["logprob"], bytes=list(lp["bytes"]),
-                         top_logprobs=[tuple(t) for t in lp.get("top_logprobs") or []]) for lp in entries]
+                         top_logprobs=[tuple(t) for t in lp.get("top_logprobs") or []],
+                         token_id=lp.get("token_id"), rank=lp.get("rank"), top_ids=list(lp.get("top_ids") or ()))
+            for lp in entries]

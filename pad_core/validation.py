@@ -34,6 +34,9 @@ MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's limit)
 MAX_LOGIT_BIAS_VALUE = 100.0  # |bias| (OpenAI's range)
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+MAX_BAD_WORDS = 256  # vLLM's bad_words (it sets no limit; each costs a check per step)
+MAX_BAD_WORD_CHARS = 1000
+MAX_ALLOWED_TOKEN_IDS = 2**20  # vLLM's allowed_token_ids: more than any vocabulary
 MAX_CHOICES = 16  # n
 # |pad.weight| and |preference weight|. PAD's grid tops out at w = 8; far
 # larger weights only saturate the choice, and 1e308 overflows float32.

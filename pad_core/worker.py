@@ -39,7 +39,7 @@ from pad_core.memory import HeapTrimmer
 from pad_core.model_loading import load_engine
 from pad_core.settings import EngineSettings
 from pad_core.tokenization import tokenize, tokenizer_info
-from pad_core.types import ChatRequest, GenerationRequest, GuidanceParams, RewardPrompt, TextRequest
+from pad_core.types import ChatRequest, GenerationRequest, GuidanceParams, TextRequest
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Worker:
             generation = prepare_text(self.engine, request)
         else:
             generation = self.engine.prepare_chat(request)
-        check_logit_bias(generation, len(self.engine.tokenizer))
+        check_token_ids(generation, len(self.engine.tokenizer))
         return generation
 
     def _wake(self, _future: Future) -> None:
@@ -292,10 +292,15 @@ def resolved_guidance(guidance: GuidanceParams, settings: EngineSettings) -> dic
     }
 
 
-def check_logit_bias(request: GenerationRequest, vocab_size: int) -> None:
+def check_token_ids(request: GenerationRequest, vocab_size: int) -> None:
+    """logit_bias and allowed_token_ids name tokens of the vocabulary."""
     for token, _ in request.sampling.logit_bias:
         if not 0 <= token < vocab_size:
             raise InvalidRequestError(f"logit_bias: token id {token} is not in [0, {vocab_size})", param="logit_bias")
+    for token in request.sampling.allowed_token_ids:
+        if not 0 <= token < vocab_size:
+            raise InvalidRequestError(f"allowed_token_ids: token id {token} is not in [0, {vocab_size})",
+                                      param="allowed_token_ids")
 
 
 def prepare_text(engine: PadEngine, request: TextRequest) -> GenerationRequest:
@@ -309,7 +314,7 @@ def prepare_text(engine: PadEngine, request: TextRequest) -> GenerationRequest:
     # The cheap bound before tokenizing (as prepare_chat): a token covers at most max_token_chars.
     longest = request.text_length()
     at_least = -(-longest // engine.max_token_chars)
-    if at_least >= engine.context_length:
+    if at_least >= engine.context_length and request.sampling.truncate_prompt_tokens is None:
         raise ContextLengthExceededError(
             f"the prompt has {longest} characters, at least {at_least} tokens; "
             f"the model's context length is {engine.context_length}", param="prompt")
@@ -319,15 +324,7 @@ def prepare_text(engine: PadEngine, request: TextRequest) -> GenerationRequest:
     if request.structured is not None:
         engine.structured.compile(request.structured)  # off the decode loop, as prepare_chat does
     prompt_ids, reward_ids = engine.prompts.encode_text(request.prompt, request.preferences, sees)
-    return GenerationRequest(
-        request_id=request.request_id,
-        prompt_ids=prompt_ids,
-        reward_prompts=[RewardPrompt(tuple(ids), p.weight) for ids, p in zip(reward_ids, request.preferences, strict=True)],
-        sampling=request.sampling,
-        guidance=request.guidance,
-        structured=request.structured,
-        priority=request.priority,
-    )
+    return engine.generation_request(request, prompt_ids, reward_ids, request.structured)
 
 
 def main(argv: list[str] | None = None) -> int:

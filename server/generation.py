@@ -6,12 +6,27 @@ by /v1/chat/completions, /v1/completions and /v1/responses.
   before a byte is sent, so a request the engine refuses is a proper 400.
 - `ChoiceState.update` is the one bookkeeping of a choice, for streamed and
   collected answers alike: text, finish reason, token counts, logprobs, and
-  tool calls (their raw JSON is held back and handed out as one delta at the
-  end, with finish_reason "tool_calls"; an answer that ran out of tokens
-  before its calls were complete is returned as text). With tool_choice
-  "auto" the first character after any whitespace tells: "[" or "{" opens
-  calls ("[" only when a response_format makes the other answer JSON),
-  anything else is the answer, streamed as it comes.
+  tool calls. With tool_choice "auto" the first character after any
+  whitespace tells: "[" or "{" opens calls ("[" only when a response_format
+  makes the other answer JSON), anything else is the answer, streamed as it
+  comes.
+- Tool calls stream as OpenAI streams them (`CallStream`): a call is
+  announced (index, its `call_...` id, name, arguments "") once its name is
+  written, then its arguments follow in fragments, exactly the model's text
+  of its arguments value; the last delta has finish_reason "tool_calls".
+  The fragments of a call add up to the `arguments` of the whole answer
+  (pad_core.structured.parse_tool_calls returns that text, not a
+  re-serialization). A call is held back while its text is still a prefix
+  of an earlier call's in the same answer: the engine ends a list at a call
+  that repeats an earlier one exactly (CallListScanner, comparing text) and
+  drops it, so a repeat is never sent, not even its name. An answer that
+  ends before its calls are complete (max_tokens: "length", or a stop
+  string) is, whole, its text as today; streamed, what was already sent as
+  calls stays (every fragment a prefix of the text, so the accumulated
+  arguments are consistent, if unfinished) and the stream ends with that
+  finish_reason and no content; if no call had been announced yet, the text
+  is sent as content, as a whole answer would have it. Calls carry no
+  logprobs (content does; the text of an unfinished answer keeps its own).
 - `Formatter`s (one per endpoint, in the routes) turn that bookkeeping into
   chunks / events and into the final object; `stream_events` drives a
   stream, `Generation.collect` a whole answer.
@@ -46,6 +61,7 @@ from pad_core.types import (
     StructuredOutput,
     TextRequest,
     TokenLogprob,
+    ToolCall,
 )
 from server.errors import APIError, count_request, invalid, unavailable
 from server.store.resolve import Resolution
@@ -122,16 +138,247 @@ def call_id() -> str:
 
 
 @dataclass
+class CallDelta:
+    """One step of one streamed tool call, in the order the client gets them:
+    its announcement (`name` set, arguments ""), fragments of its arguments,
+    then `done` (its arguments are complete: the Responses API's
+    function_call_arguments.done; the chat stream has no such chunk)."""
+
+    index: int  # the call's place in the answer's list
+    id: str
+    name: str | None = None
+    arguments: str = ""
+    done: bool = False
+
+    @property
+    def on_the_wire(self) -> bool:
+        """Whether a chat chunk carries it (an announcement or a fragment)."""
+        return self.name is not None or bool(self.arguments)
+
+
+@dataclass
 class Delta:
     """What one engine output adds to a choice, as the client sees it."""
 
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    tool_calls: list[dict] | None = None  # OpenAI-shaped, with ids
+    calls: list[CallDelta] = field(default_factory=list)
     finish_reason: str | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.text or self.logprobs or self.tool_calls or self.finish_reason)
+        return bool(self.text or self.logprobs or self.calls or self.finish_reason)
+
+
+# ---- tool calls as they are written -----------------------------------
+@dataclass
+class WrittenCall:
+    """Where one call object of a calls answer lies in its text."""
+
+    start: int  # its "{"
+    end: int | None = None  # past its "}", once written
+    name: str | None = None  # once its "name" string is complete
+    arguments_start: int | None = None  # the first character of its "arguments" value
+    arguments_end: int | None = None  # past that value, once complete
+
+
+class CallTextScanner:
+    """Follows the JSON text of a calls answer (a list of call objects, or
+    one call's object, after any whitespace) character by character and
+    finds each call, its name and its arguments' value as written. Only the
+    call objects' own members are parsed; a value's inside only counts
+    brackets and strings. Linear in the text: each character is seen once."""
+
+    def __init__(self):
+        self.text = ""
+        self.calls: list[WrittenCall] = []
+        self._call_depth = 0  # depth inside a call object: 2 in a list, 1 alone; 0 before the first character
+        self._depth = 0  # brackets and braces open outside strings
+        self._in_string = False
+        self._escaped = False
+        self._open: WrittenCall | None = None  # the call being written
+        self._phase = "key"  # in the open call: key, colon, value, scalar (a number or literal), after
+        self._key: str | None = None
+        self._key_start = 0
+        self._value_start = 0
+
+    def feed(self, text: str) -> None:
+        start = len(self.text)
+        self.text += text
+        for offset, char in enumerate(text):
+            self._step(start + offset, char)
+
+    def written(self, call: WrittenCall) -> str:
+        """The call's text so far (whole, once it ends)."""
+        return self.text[call.start:call.end if call.end is not None else len(self.text)]
+
+    def arguments(self, call: WrittenCall) -> str:
+        """The call's arguments as written so far: a prefix of their final text."""
+        if call.arguments_start is None:
+            return ""
+        end = call.arguments_end if call.arguments_end is not None else len(self.text)
+        return self.text[call.arguments_start:end]
+
+    def _step(self, index: int, char: str) -> None:
+        if self._in_string:
+            self._string_char(index, char)
+        elif not self._call_depth:
+            if char not in LEADING_SPACE:
+                self._call_depth = 2 if char == "[" else 1
+                self._structure(index, char)
+        elif self._open is not None and self._depth == self._call_depth:
+            self._member_char(index, char)
+        else:
+            self._structure(index, char)
+
+    def _string_char(self, index: int, char: str) -> None:
+        if self._escaped:
+            self._escaped = False
+        elif char == "\\":
+            self._escaped = True
+        elif char == '"':
+            self._in_string = False
+            if self._open is not None and self._depth == self._call_depth:
+                if self._phase == "key":
+                    self._key, self._phase = json_string(self.text[self._key_start:index + 1]), "colon"
+                else:
+                    self._value_done(index + 1)
+
+    def _structure(self, index: int, char: str) -> None:
+        """Outside the call objects' members: the list, or inside a value."""
+        if char == '"':
+            self._in_string, self._escaped = True, False
+        elif char in "[{":
+            self._depth += 1
+            if self._open is None and char == "{" and self._depth == self._call_depth:
+                self._open, self._phase = WrittenCall(index), "key"
+                self.calls.append(self._open)
+        elif char in "]}":
+            self._depth -= 1
+            if self._open is not None and self._depth == self._call_depth:  # the value's container closed
+                self._value_done(index + 1)
+
+    def _member_char(self, index: int, char: str) -> None:
+        """A character directly inside the open call object, outside strings."""
+        if self._phase == "scalar":
+            if char not in LEADING_SPACE and char not in ",}":
+                return
+            self._value_done(index)  # a number or literal ends at the character after it
+        if char in LEADING_SPACE:
+            return
+        if self._phase == "colon":
+            if char == ":":
+                self._phase = "value"
+        elif self._phase == "value":
+            self._value_start = index
+            if self._key == "arguments":
+                self._open.arguments_start, self._open.arguments_end = index, None
+            if char == '"':
+                self._in_string, self._escaped = True, False
+            elif char in "[{":
+                self._depth += 1
+            else:
+                self._phase = "scalar"
+        elif char == '"':  # a key (phase "key")
+            self._in_string, self._escaped, self._key_start = True, False, index
+        elif char == ",":
+            self._phase = "key"
+        elif char == "}":
+            self._depth -= 1
+            self._open.end, self._open = index + 1, None
+
+    def _value_done(self, end: int) -> None:
+        if self._key == "name" and self.text[self._value_start] == '"':
+            self._open.name = json_string(self.text[self._value_start:end])
+        elif self._key == "arguments":
+            self._open.arguments_end = end
+        self._phase = "after"
+
+
+def json_string(text: str) -> str | None:
+    """A JSON string's value; None if it is none (never under the grammar,
+    but a stream must not fail on a text it only reads along)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
+
+
+class CallStream:
+    """A calls answer as OpenAI streams it: each call announced once its name
+    is written, then its arguments in fragments as written, then done; the
+    one bookkeeping of the calls of a choice (streamed or not: a whole
+    answer just keeps the calls at the end).
+
+    A call is held back, announcement included, while its text is still a
+    prefix of an earlier call's in the answer: the engine drops a call that
+    repeats an earlier one exactly (pad_core.structured.CallListScanner, by
+    text as well) and ends the list there, so a call that may yet become a
+    repeat is not sent; one that has diverged never can, and goes out at
+    once. Calls go out in order: one still held (or still without its name)
+    holds back those after it (a repeat is the last call the engine writes)."""
+
+    def __init__(self):
+        self.scanner = CallTextScanner()
+        self.sent: list[dict] = []  # the calls as streamed so far, OpenAI-shaped, with their ids
+        self._released = 0  # the calls known to be no repeat: calls[:_released]
+        self._done = 0  # the calls whose `done` went out: sent[:_done]
+
+    def feed(self, text: str) -> list[CallDelta]:
+        """Takes the answer's next text; what of its calls can go out now."""
+        self.scanner.feed(text)
+        deltas: list[CallDelta] = []
+        for index in range(self._done, len(self.scanner.calls)):  # the calls done have nothing more to send
+            call = self.scanner.calls[index]
+            if call.name is None or not self._release(index, call):
+                break
+            deltas += self._advance(index, call.name, self.scanner.arguments(call), call.end is not None)
+        return deltas
+
+    def finish(self, calls: list[ToolCall]) -> list[CallDelta]:
+        """The engine's final calls (the answer completed): whatever of them
+        has not gone out yet. They are the calls streamed, by construction;
+        a disagreement (never seen) is logged and no fragment is sent that
+        would not extend what the client holds."""
+        if len(self.sent) > len(calls):
+            logger.warning("%d calls were streamed, but the answer has %d", len(self.sent), len(calls))
+        deltas: list[CallDelta] = []
+        for index, call in enumerate(calls):
+            deltas += self._advance(index, call.name, call.arguments, True)
+        return deltas
+
+    def final(self, calls: list[ToolCall]) -> list[dict]:
+        """The answer's calls, OpenAI-shaped, each with the id it was announced with."""
+        return [{"id": sent["id"], "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+                for sent, call in zip(self.sent, calls, strict=False)]
+
+    def _release(self, index: int, call: WrittenCall) -> bool:
+        if index < self._released:
+            return True
+        written = self.scanner.written(call)
+        if any(self.scanner.written(earlier).startswith(written) for earlier in self.scanner.calls[:index]):
+            return False  # it may still turn out a repeat, which the engine drops
+        self._released = index + 1
+        return True
+
+    def _advance(self, index: int, name: str, arguments: str, complete: bool) -> list[CallDelta]:
+        """The call's deltas to go out, given its name and its arguments so far."""
+        deltas = []
+        if index == len(self.sent):
+            self.sent.append({"id": call_id(), "type": "function", "function": {"name": name, "arguments": ""}})
+            deltas.append(CallDelta(index, self.sent[index]["id"], name=name))
+        ident, function = self.sent[index]["id"], self.sent[index]["function"]
+        if function["name"] != name or not arguments.startswith(function["arguments"]):
+            logger.warning("call %d was streamed as %s(%s), not %s(%s): nothing more of it is sent",
+                           index, function["name"], function["arguments"][:80], name, arguments[:80])
+        elif len(arguments) > len(function["arguments"]):
+            fragment = arguments[len(function["arguments"]):]
+            function["arguments"] = arguments
+            deltas.append(CallDelta(index, ident, arguments=fragment))
+        if complete and index == self._done:
+            self._done += 1
+            deltas.append(CallDelta(index, ident, done=True))
+        return deltas
 
 
 @dataclass
@@ -150,6 +397,7 @@ class ChoiceState:
     prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's tokens, when asked (legacy echo)
     _held: str = ""
     _held_logprobs: list[TokenLogprob] = field(default_factory=list)
+    _calls: CallStream = field(default_factory=CallStream)
 
     @classmethod
     def of(cls, index: int, structured: StructuredOutput | None) -> ChoiceState:
@@ -172,24 +420,36 @@ class ChoiceState:
             if output is None:
                 return Delta()
         if self.holds_calls:
-            self._held += output.text
-            self._held_logprobs += output.logprobs or ()
-            if not output.finished:
-                return Delta()
-            if output.tool_calls is not None:
-                self.tool_calls = [
-                    {"id": call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                    for c in output.tool_calls
-                ]
-                self.finish_reason = "tool_calls"
-                return Delta(tool_calls=self.tool_calls, finish_reason="tool_calls")
-            self.text = self._held  # ran out before the calls were complete: the text, as it is
-            self.logprobs = list(self._held_logprobs)
-            return Delta(text=self._held, logprobs=self.logprobs, finish_reason=output.finish_reason)
+            return self.update_calls(output)
         self.text += output.text
         logprobs = list(output.logprobs or ())
         self.logprobs += logprobs
-        return Delta(output.text, logprobs, None, output.finish_reason)
+        return Delta(output.text, logprobs, finish_reason=output.finish_reason)
+
+    @property
+    def streamed_calls(self) -> list[dict]:
+        """The calls sent so far (OpenAI-shaped, arguments as accumulated)."""
+        return self._calls.sent
+
+    def update_calls(self, output: StepOutput) -> Delta:
+        """A calls answer: its calls as they are written (CallStream), and at
+        the end the engine's calls, or, if it ended before they were
+        complete, its text (see the module's docstring)."""
+        self._held += output.text
+        self._held_logprobs += output.logprobs or ()
+        calls = self._calls.feed(output.text)
+        if not output.finished:
+            return Delta(calls=calls)
+        if output.tool_calls is not None:
+            calls += self._calls.finish(output.tool_calls)
+            self.tool_calls = self._calls.final(output.tool_calls)
+            self.finish_reason = "tool_calls"
+            return Delta(calls=calls, finish_reason="tool_calls")
+        self.text = self._held  # ran out before the calls were complete: the text, as it is
+        self.logprobs = list(self._held_logprobs)
+        if self._calls.sent:  # the client holds calls: they stay, unfinished, and the stream ends
+            return Delta(calls=calls, finish_reason=output.finish_reason)
+        return Delta(text=self._held, logprobs=self.logprobs, finish_reason=output.finish_reason)
 
     def decide(self, output: StepOutput) -> StepOutput | None:
         """tool_choice "auto": holds outputs until the answer has a first
@@ -511,3 +771,22 @@ def recorder(state, generation: Generation, messages, user: str | None):
 def logprob_entry(lp: TokenLogprob) -> dict:
     return {"token": lp.token, "logprob": lp.logprob, "bytes": lp.bytes,
             "top_logprobs": [{"token": t, "logprob": v, "bytes": b} for t, v, b in lp.top_logprobs]}
+
+
+def vllm_prompt_logprobs(entries: list[TokenLogprob] | None, count: int) -> list[dict | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt token, None for the first (nothing
+    precedes it), else {token id: {"logprob", "rank", "decoded_token"}} for
+    the token itself and the `count` most likely there (ranks 1..count)."""
+    if entries is None:
+        return None
+    out: list[dict | None] = []
+    for lp in entries:
+        if lp.logprob is None:
+            out.append(None)
+            continue
+        position = {str(token_id): {"logprob": value, "rank": rank, "decoded_token": text}
+                    for rank, (token_id, (text, value, _)) in enumerate(zip(lp.top_ids[:count], lp.top_logprobs[:count],
+                                                                             strict=True), start=1)}
+        position[str(lp.token_id)] = {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.token}
+        out.append(position)
+    return out

@@ -29,6 +29,9 @@ from pad_core.validation import (
     INT32_MAX,
     INT64_MAX,
     INT64_MIN,
+    MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORD_CHARS,
+    MAX_BAD_WORDS,
     MAX_CHOICES,
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_VALUE,
@@ -211,6 +214,19 @@ class SamplingFields(StrictRequest):
                                                     "answer")
     skip_special_tokens: bool | None = Field(None, description="vLLM: leave special tokens' text out (default "
                                              "true)")
+    bad_words: Annotated[list[Annotated[str, Field(max_length=MAX_BAD_WORD_CHARS)]],
+                         Field(max_length=MAX_BAD_WORDS)] | None = Field(
+        None, description="vLLM: words the answer never writes (alone or after a space)")
+    allowed_token_ids: Annotated[list[Annotated[int, Field(ge=0, le=INT64_MAX)]],
+                                 Field(min_length=1, max_length=MAX_ALLOWED_TOKEN_IDS)] | None = Field(
+        None, description="vLLM: the only token ids the answer may use")
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX, description="vLLM: keep only this many "
+                                               "prompt tokens (-1: as many as fit); a preference's reward prompt "
+                                               "keeps its preference")
+    truncation_side: Literal["left", "right"] | None = Field(None, description="vLLM: drop the prompt's first "
+                                                             "tokens (left, the default) or its last (right)")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="vLLM: the prompt's tokens' "
+                                        "logprobs, with this many most likely tokens each (not with stream)")
     # Structured outputs: OpenAI's response_format, and vLLM's (structured_outputs, or its older guided_* fields)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsParams | None = Field(
@@ -260,7 +276,23 @@ class SamplingFields(StrictRequest):
             "logit_bias": self.logit_bias_pairs(),
             "include_stop_str_in_output": bool(self.include_stop_str_in_output),
             "skip_special_tokens": self.skip_special_tokens is not False,
+            "bad_words": tuple(self.bad_words or ()),
+            "allowed_token_ids": tuple(self.allowed_token_ids or ()),
+            "truncate_prompt_tokens": self.truncate_prompt_tokens,
+            "truncation_side": self.truncation_side or "left",
         }
+
+    def check_vllm_fields(self) -> None:
+        """vLLM's own refusals of its token-level fields."""
+        reject_if(self.truncate_prompt_tokens == 0, "truncate_prompt_tokens must be at least 1 (or -1: as many "
+                  "as fit)", "truncate_prompt_tokens", "invalid_value")
+        reject_if(self.truncation_side is not None and self.truncate_prompt_tokens is None,
+                  "truncation_side needs truncate_prompt_tokens", "truncation_side", "invalid_value")
+        reject_if(self.prompt_logprobs is not None and bool(self.stream),
+                  "prompt_logprobs are not available when stream is true (as in vLLM)", "prompt_logprobs",
+                  "invalid_value")
+        reject_if(any(not word.strip() for word in self.bad_words or ()),
+                  "bad_words: a word must have a non-space character", "bad_words", "invalid_value")
 
     def to_guidance_params(self) -> GuidanceParams:
         return guidance_of(self.pad)
@@ -308,6 +340,7 @@ class SamplingFields(StrictRequest):
     def check_stream_options(self) -> None:
         reject_if(self.stream_options is not None and not self.stream,
                    "stream_options is only allowed when stream is true", "stream_options", "invalid_value")
+        self.check_vllm_fields()
 
 
 def choice_seed(seed: int, choice: int) -> int:
@@ -591,7 +624,7 @@ class ChatCompletionRequest(SamplingFields):
 
     def to_sampling_params(self, choice: int = 0) -> SamplingParams:
         return SamplingParams(**self.sampling_kwargs(choice), logprobs=self.logprobs,
-                              top_logprobs=self.top_logprobs or 0)
+                              top_logprobs=self.top_logprobs or 0, prompt_logprobs=self.prompt_logprobs)
 
     def to_template(self) -> TemplateOptions:
         return TemplateOptions(self.add_generation_prompt, self.continue_final_message,
@@ -653,8 +686,9 @@ class CompletionRequest(SamplingFields):
         reject_if(self.suffix is not None, "'suffix' is not supported (no insertion)", "suffix")
         reject_if(self.best_of is not None and self.best_of > self.n,
                    "best_of larger than n is not supported (no ranking of extra samples)", "best_of")
-        reject_if(self.max_tokens == 0 and not self.echo,
-                   "max_tokens 0 generates nothing: it needs echo (to score the prompt)", "max_tokens")
+        reject_if(self.max_tokens == 0 and not self.echo and self.prompt_logprobs is None,
+                   "max_tokens 0 generates nothing: it needs echo or prompt_logprobs (to score the prompt)",
+                   "max_tokens")
         for index, prompt in enumerate(self.prompts()):
             reject_if(prompt == "", f"prompt[{index}] is empty" if not isinstance(self.prompt, str) else "prompt is empty",
                        "prompt", "invalid_value")
@@ -673,11 +707,22 @@ class CompletionRequest(SamplingFields):
         ids needs their text, which comes with them (the tokenizer is the
         worker's), and so does a request that only scores (max_tokens 0);
         otherwise none."""
+        return max_or_none(self.prompt_logprobs, self.echo_logprobs())
+
+    def echo_logprobs(self) -> int | None:
+        """What an echo needs of the prompt's logprobs: with logprobs, the
+        prompt's tokens open them; the text of token ids, and a request that
+        only scores (max_tokens 0), need the entries."""
         if not self.echo:
             return None
         if self.logprobs is not None:
             return self.logprobs
         return 0 if self.max_tokens == 0 or any(not isinstance(p, str) for p in self.prompts()) else None
+
+
+def max_or_none(*counts: int | None) -> int | None:
+    given = [count for count in counts if count is not None]
+    return max(given) if given else None
 
 
 # ---- preference memory and feedback (server/routes/users.py, feedback.py) --

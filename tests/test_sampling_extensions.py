@@ -51,6 +51,7 @@ def test_logit_bias_adds_and_ignores_ids_outside_the_vocabulary():
 class _Request:
     sampling: SamplingParams
     prompt_ids: list[int]
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclasses.dataclass
@@ -58,6 +59,7 @@ class _State:
     request: _Request
     generated: list[int]
     stop_token_ids: frozenset[int]
+    allowed_ids: torch.Tensor | None = None
 
 
 def test_controls_are_free_when_unused_and_min_tokens_masks_stop_tokens():

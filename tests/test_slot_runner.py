@@ -146,7 +146,10 @@ def test_bucketed_batches_decode_the_same_hidden_states(tiny_model, tokenizer):
         tokens = ids(3, 50 + step)
         a = exact.decode(torch.tensor(tokens))
         b = bucketed.decode(torch.tensor([*tokens, 0]))
-        torch.testing.assert_close(b[:3], a, atol=1e-6, rtol=0)
+        # A batch of 4 and one of 3 run differently blocked float32 matmuls
+        # (2.4e-6 apart with transformers 5.24); a padding row leaking into
+        # the others would be off by far more than ATOL.
+        torch.testing.assert_close(b[:3], a, atol=ATOL, rtol=0)
 
 
 def test_a_prompt_written_in_pieces_while_others_decode_matches_full_recompute(runner, tiny_model):

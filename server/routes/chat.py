@@ -13,6 +13,7 @@ from pad_core.types import ChatRequest
 from server.auth import Scope, key_scope
 from server.auth_scopes import chat_user
 from server.generation import (
+    CallDelta,
     ChoiceState,
     ChunkFormatter,
     Delta,
@@ -26,6 +27,7 @@ from server.generation import (
     streaming_response,
     usage_of,
     verify_request,
+    vllm_prompt_logprobs,
 )
 from server.messages import chat_messages
 from server.openai_models import ChatCompletion, ChatCompletionRequest
@@ -109,24 +111,38 @@ class ChatFormatter(ChunkFormatter):
                            pad=generation.pad_info())]
 
     def delta(self, generation: Generation, choice: ChoiceState, delta: Delta) -> list[str]:
-        if delta.tool_calls is not None:  # one delta with every call, then the finish
-            if self.body.legacy_functions:
-                call = delta.tool_calls[0]["function"]
-                first, reason = {"function_call": {"name": call["name"], "arguments": call["arguments"]}}, "function_call"
-            else:
-                first = {"tool_calls": [{"index": i, **call} for i, call in enumerate(delta.tool_calls)]}
-                reason = "tool_calls"
-            return [
-                self.chunk(generation, [{"index": choice.index, "delta": first, "logprobs": None, "finish_reason": None}]),
-                self.chunk(generation, [{"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": reason}]),
-            ]
+        """A chunk per call delta (as OpenAI's: a call's announcement, then its
+        arguments' fragments), then the text, logprobs and finish reason."""
+        call_deltas = [self.call_delta(call) for call in delta.calls if call.on_the_wire]
+        chunks = [self.chunk(generation, [{"index": choice.index, "delta": call_delta, "logprobs": None,
+                                           "finish_reason": None}]) for call_delta in call_deltas if call_delta]
+        if not (delta.text or delta.logprobs or delta.finish_reason):
+            return chunks
         logprobs = [logprob_entry(lp) for lp in delta.logprobs]
-        return [self.chunk(generation, [{
+        reason = delta.finish_reason
+        if reason == "tool_calls" and self.body.legacy_functions:
+            reason = "function_call"
+        return [*chunks, self.chunk(generation, [{
             "index": choice.index,
             "delta": {"content": delta.text} if delta.text else {},
             "logprobs": {"content": logprobs} if logprobs else None,
-            "finish_reason": delta.finish_reason,
+            "finish_reason": reason,
         }])]  # fmt: skip
+
+    def call_delta(self, call: CallDelta) -> dict:
+        """A call delta as a chunk's delta: `tool_calls` (the id, type and name
+        once, in the announcement, since stream accumulators concatenate
+        every string they are sent again), or the deprecated functions API's
+        `function_call` (one call: the answer allows no second)."""
+        if self.body.legacy_functions:
+            if call.index:
+                return {}
+            named = {"name": call.name} if call.name is not None else {}
+            return {"function_call": {**named, "arguments": call.arguments}}
+        if call.name is None:
+            return {"tool_calls": [{"index": call.index, "function": {"arguments": call.arguments}}]}
+        return {"tool_calls": [{"index": call.index, "id": call.id, "type": "function",
+                                "function": {"name": call.name, "arguments": call.arguments}}]}
 
     def message(self, choice: ChoiceState) -> tuple[dict, str | None]:
         if choice.tool_calls is None:
@@ -144,5 +160,9 @@ class ChatFormatter(ChunkFormatter):
             logprobs = {"content": [logprob_entry(lp) for lp in choice.logprobs]} if self.body.logprobs else None
             out.append({"index": choice.index, "message": message, "logprobs": logprobs,
                         "finish_reason": finish_reason})
+        extra = {}
+        if self.body.prompt_logprobs is not None:  # vLLM's: the prompt's, once (the n choices share it)
+            extra["prompt_logprobs"] = vllm_prompt_logprobs(choices[0].prompt_logprobs, self.body.prompt_logprobs)
         return {"id": generation.id, "object": "chat.completion", "created": generation.created,
-                "model": generation.model, "choices": out, "usage": usage_of(choices), "pad": generation.pad_info()}
+                "model": generation.model, "choices": out, "usage": usage_of(choices), "pad": generation.pad_info(),
+                **extra}

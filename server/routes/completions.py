@@ -7,6 +7,7 @@ preference template (pad_core.prompting.PromptBuilder.encode_text)."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 from fastapi import APIRouter, Depends, Request
@@ -27,6 +28,7 @@ from server.generation import (
     streaming_response,
     usage_of,
     verify_request,
+    vllm_prompt_logprobs,
 )
 from server.openai_models import CompletionRequest, TextCompletion
 from server.openapi import generation_responses
@@ -120,9 +122,11 @@ class CompletionFormatter(ChunkFormatter):
         if self.body.logprobs is None:
             return None
         answer = legacy_logprobs(entries, offset + len(echo or ""))
-        if echo is None or not choice.prompt_logprobs:
+        if echo is None or not self.body.echo or not choice.prompt_logprobs:
             return answer
-        prompt = legacy_logprobs(choice.prompt_logprobs, offset)
+        count = self.body.logprobs  # prompt_logprobs may have asked the worker for more
+        prompt = legacy_logprobs([dataclasses.replace(lp, top_logprobs=lp.top_logprobs[:count])
+                                  for lp in choice.prompt_logprobs], offset)
         return {key: prompt[key] + answer[key] for key in answer}
 
     def delta(self, generation: Generation, choice: ChoiceState, delta: Delta) -> list[str]:
@@ -139,12 +143,18 @@ class CompletionFormatter(ChunkFormatter):
         return [self.chunk(generation, [{"index": choice.index, "text": text, "logprobs": logprobs,
                                          "finish_reason": delta.finish_reason}], **extra)]
 
+    def vllm_fields(self, choice: ChoiceState) -> dict:
+        """vLLM's additions to a choice, when asked: prompt_logprobs."""
+        if self.body.prompt_logprobs is None:
+            return {}
+        return {"prompt_logprobs": vllm_prompt_logprobs(choice.prompt_logprobs, self.body.prompt_logprobs)}
+
     def response(self, generation: Generation, choices: list[ChoiceState]) -> dict:
         out = []
         for choice in choices:
             echo = self.echo(choice)
             logprobs = self.logprobs(choice, choice.logprobs, 0, echo)
             out.append({"index": choice.index, "text": echo + choice.text, "logprobs": logprobs,
-                        "finish_reason": choice.finish_reason})
+                        "finish_reason": choice.finish_reason, **self.vllm_fields(choice)})
         return {"id": generation.id, "object": "text_completion", "created": generation.created,
                 "model": generation.model, "choices": out, "usage": usage_of(choices), "pad": generation.pad_info()}

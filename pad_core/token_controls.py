@@ -1,0 +1,84 @@
+"""vLLM's request fields that work on token ids before decoding starts:
+`bad_words` turned into token sequences (with the tokenizer), and
+`truncate_prompt_tokens` applied to a request's contexts (the base prompt and
+each preference's reward prompt). Pure functions but for the tokenizer call;
+the worker runs them in its tokenizer thread (`prepare_chat`, `prepare_text`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pad_core.errors import ContextLengthExceededError
+
+
+def bad_words_ids(tokenizer, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """Each word as the token ids the answer would write it with: alone (at
+    the answer's start, or glued to a word before it) and after a space,
+    where that is a different first token of the same length (vLLM's rule:
+    "hello" and " hello" are both banned; a word whose spaced form splits
+    differently keeps only its bare form). Words are stripped on the left
+    first, as vLLM does."""
+    sequences: list[tuple[int, ...]] = []
+    for word in words:
+        bare = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+        spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        for ids in (bare, spaced):
+            if ids and ids not in sequences and (ids is bare or (len(ids) == len(bare) and ids[0] != bare[0])):
+                sequences.append(ids)
+    return tuple(sequences)
+
+
+def truncation_length(truncate: int, context_length: int, max_tokens: int | None) -> int:
+    """How many prompt tokens `truncate_prompt_tokens` keeps: the number
+    asked, or with -1 as many as leave room for max_tokens (at least one
+    token when max_tokens is not given). More than the context can ever
+    hold is the client's error, as in vLLM."""
+    room = context_length - (max_tokens if max_tokens else 1)
+    if truncate == -1:
+        if room < 1:
+            raise ContextLengthExceededError(
+                f"max_tokens {max_tokens} leaves no room for the prompt in the context length {context_length}",
+                param="max_tokens")
+        return room
+    if truncate > context_length:
+        raise ContextLengthExceededError(
+            f"truncate_prompt_tokens {truncate} is more than the model's context length, {context_length}",
+            param="truncate_prompt_tokens")
+    return truncate
+
+
+def shared_tail(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many tokens a and b end with alike."""
+    count = 0
+    for x, y in zip(reversed(a), reversed(b)):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
+def truncate_contexts(base: list[int], rewards: list[list[int]], keep: int,
+                      side: str) -> tuple[list[int], list[list[int]]]:
+    """The base prompt cut to its first ("right") or last ("left") `keep`
+    tokens, and each reward prompt cut alike without losing its preference.
+
+    A reward prompt is the base conversation with the preference written in
+    near its start (a system message, or a prefix of a raw prompt): it is
+    `head + tail`, where `tail` is what it shares with the end of the base
+    prompt. The tokens the base loses from its conversation are taken from
+    that tail; the head (with the preference) stays, else the truncation
+    would silently turn PAD off. A cut into the base's own head (its chat
+    template's opening, say) leaves the reward prompts whole."""
+    cut = len(base) - keep
+    if cut <= 0:
+        return base, rewards
+    if side == "right":
+        return base[:keep], [reward[:max(1, len(reward) - cut)] for reward in rewards]
+    truncated = []
+    for reward in rewards:
+        tail = shared_tail(base, reward)
+        from_tail = min(tail, max(0, cut - (len(base) - tail)))  # what the base lost past its own head
+        head = len(reward) - tail
+        truncated.append(reward[:head] + reward[head + from_tail:])
+    return base[cut:], truncated
