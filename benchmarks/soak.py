@@ -615,9 +615,9 @@ async def vllm_constraint(ctx: Context, out: Outcome) -> None:
 async def vllm_tokens(ctx: Context, out: Outcome) -> None:
     """vLLM's token-level fields: allowed_token_ids (the answer uses only
     " yes" and " no", bad_words taking " no" away half the time),
-    truncate_prompt_tokens (the prompt counts exactly that many tokens), and
-    prompt_logprobs on a completion that only scores (one entry per prompt
-    token, the first null)."""
+    truncate_prompt_tokens (the prompt counts exactly that many tokens),
+    return_token_ids on both (check_token_ids), and prompt_logprobs on a
+    completion that only scores (one entry per prompt token, the first null)."""
     rng = ctx.rng
     kind = rng.choice(["allowed", "truncate", "score"])
     body = out.request = {"model": ctx.model, "temperature": rng.choice([0, 1.0]), "max_tokens": 8}
@@ -635,7 +635,7 @@ async def vllm_tokens(ctx: Context, out: Outcome) -> None:
         out.answered = not out.violations
         return
     messages = [{"role": "user", "content": a_prompt(rng) if kind == "truncate" else "Yes or no: is tea hot?"}]
-    body["messages"] = messages
+    body.update(messages=messages, return_token_ids=True)
     if kind == "truncate":
         body["truncate_prompt_tokens"] = keep = rng.randint(4, 64)
     else:
@@ -656,7 +656,18 @@ async def vllm_tokens(ctx: Context, out: Outcome) -> None:
         out.fail(f"truncate_prompt_tokens {keep}, but {data['usage']['prompt_tokens']} prompt tokens")
     if kind == "allowed" and not words <= ({"yes"} if body.get("bad_words") else {"yes", "no"}):
         out.fail(f"answer outside allowed_token_ids / bad_words: {out.texts[0]!r}")
+    check_token_ids(out, data, body)
     out.answered = not out.violations
+
+
+def check_token_ids(out: Outcome, data: dict, body: dict) -> None:
+    """return_token_ids: the prompt's ids are as many as it counts, the
+    answer's as many as its tokens, and within allowed_token_ids."""
+    prompt, answer = data.get("prompt_token_ids") or [], (data.get("choices") or [{}])[0].get("token_ids") or []
+    if len(prompt) != data["usage"]["prompt_tokens"] or len(answer) != data["usage"]["completion_tokens"]:
+        out.fail(f"return_token_ids: {len(prompt)} / {len(answer)} ids for usage {data['usage']}")
+    if not set(answer) <= set(body.get("allowed_token_ids") or answer):
+        out.fail(f"token_ids outside allowed_token_ids: {answer}")
 
 
 async def hang_up_mid_stream(ctx: Context, out: Outcome) -> None:

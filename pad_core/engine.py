@@ -516,7 +516,9 @@ class PadEngine:
 
     @staticmethod
     def _cut(entry: TokenLogprob, count: int) -> TokenLogprob:
-        return entry if len(entry.top_logprobs) == count else dataclasses.replace(entry, top_logprobs=entry.top_logprobs[:count])
+        if len(entry.top_logprobs) == count:
+            return entry
+        return dataclasses.replace(entry, top_logprobs=entry.top_logprobs[:count], top_ids=entry.top_ids[:count])
 
     def _read_prompt_logprobs(self, states: list[RequestState]) -> list[StepOutput]:
         """Reads the prompt logprobs of newly admitted requests that ask for

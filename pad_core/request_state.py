@@ -43,6 +43,7 @@ class RequestState:
     prefilled: int = 0
     grammar: GrammarMatcher | None = None  # structured output: the answer's grammar
     prompt_logprobs: list[TokenLogprob] | None = None  # when asked: sent with the first output, then dropped
+    prompt_ids_due: bool = field(init=False, default=False)  # return_token_ids: the first output has the prompt's
     # sampling.allowed_token_ids as a tensor, made once ([K] long; None: any
     # token), not from a list of up to a vocabulary's ids at every step.
     allowed_ids: torch.Tensor | None = field(init=False, default=None)
@@ -51,6 +52,7 @@ class RequestState:
     def __post_init__(self) -> None:
         sampling = self.request.sampling
         self.stop_matcher = StopStringMatcher(sampling.stop, sampling.include_stop_str_in_output)
+        self.prompt_ids_due = sampling.return_token_ids
         if sampling.allowed_token_ids:
             self.allowed_ids = torch.tensor(sorted(set(sampling.allowed_token_ids)), dtype=torch.long)
         self.row_locations = ((BASE_RUNNER, self.base_key), *((row.runner, row.key) for row in self.reward_rows))
@@ -95,6 +97,7 @@ class RequestState:
     def output(self, token_ids: list[int], text: str, logprobs: list[TokenLogprob] | None = None,
                error: str | None = None, error_param: str | None = None) -> StepOutput:
         prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
+        prompt_ids_due, self.prompt_ids_due = self.prompt_ids_due, False
         return StepOutput(
             request_id=self.request_id,
             token_ids=token_ids,
@@ -107,6 +110,7 @@ class RequestState:
             tool_calls=self._tool_calls(),
             error_param=error_param,
             prompt_logprobs=prompt_logprobs,
+            prompt_token_ids=list(self.request.prompt_ids) if prompt_ids_due else None,
         )
 
     def _tool_calls(self) -> list[ToolCall] | None:

@@ -128,6 +128,10 @@ class SamplingParams:
     # Not sampling, but where vLLM carries it too.
     truncate_prompt_tokens: int | None = None
     truncation_side: str = "left"
+    # vLLM's return_token_ids: the first output carries the prompt's token
+    # ids (StepOutput.prompt_token_ids). Not sampling either; the answer's
+    # ids come with every output anyway.
+    return_token_ids: bool = False
 
     @property
     def processes_logits(self) -> bool:
@@ -157,6 +161,7 @@ class SamplingParams:
         check_bool(self.ignore_eos, "ignore_eos")
         check_bool(self.include_stop_str_in_output, "include_stop_str_in_output")
         check_bool(self.skip_special_tokens, "skip_special_tokens")
+        check_bool(self.return_token_ids, "return_token_ids")
         check_float(self.presence_penalty, "presence_penalty", -MAX_PENALTY, MAX_PENALTY)
         check_float(self.frequency_penalty, "frequency_penalty", -MAX_PENALTY, MAX_PENALTY)
         check_bool(self.logprobs, "logprobs")
@@ -595,6 +600,7 @@ class StepOutput:
     guidance: dict[str, Any] | None = None
     error_param: str | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # on the first output, when asked (SamplingParams)
+    prompt_token_ids: list[int] | None = None  # on the first output, with SamplingParams.return_token_ids
 
     @property
     def finished(self) -> bool:
@@ -619,6 +625,7 @@ class StepOutput:
             "error_param": self.error_param,
             "prompt_logprobs": None if self.prompt_logprobs is None else [
                 dataclasses.asdict(lp) for lp in self.prompt_logprobs],
+            "prompt_token_ids": self.prompt_token_ids,
         }
 
     @classmethod

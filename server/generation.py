@@ -164,6 +164,10 @@ class Delta:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     calls: list[CallDelta] = field(default_factory=list)
     finish_reason: str | None = None
+    # The answer's token ids since the last delta sent (vLLM's return_token_ids):
+    # ids alone make no delta; they wait for the next one (the last has a
+    # finish_reason, so none is lost).
+    token_ids: list[int] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.text or self.logprobs or self.calls or self.finish_reason)
@@ -395,6 +399,9 @@ class ChoiceState:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     tool_calls: list[dict] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's tokens, when asked (legacy echo)
+    prompt_token_ids: list[int] | None = None  # when asked (return_token_ids)
+    token_ids: list[int] = field(default_factory=list)  # the answer's, every token the engine chose
+    _unsent_ids: list[int] = field(default_factory=list)  # token_ids not yet in a delta
     _held: str = ""
     _held_logprobs: list[TokenLogprob] = field(default_factory=list)
     _calls: CallStream = field(default_factory=CallStream)
@@ -415,6 +422,18 @@ class ChoiceState:
             raise failure
         self.prompt_tokens, self.completion_tokens = output.prompt_tokens, output.completion_tokens
         self.finish_reason = output.finish_reason
+        self.token_ids += output.token_ids
+        self._unsent_ids += output.token_ids
+        delta = self._delta(output)
+        if delta:
+            delta.token_ids, self._unsent_ids = self._unsent_ids, []
+        return delta
+
+    def defer_ids(self, token_ids: list[int]) -> None:
+        """Token ids of a delta that sent nothing: they go with the next."""
+        self._unsent_ids[:0] = token_ids
+
+    def _delta(self, output: StepOutput) -> Delta:
         if self.may_call:
             output = self.decide(output)
             if output is None:
@@ -548,6 +567,7 @@ class Generation:
         self._firsts = list(firsts)
         for choice, first in zip(self.choices, self._firsts, strict=True):
             choice.prompt_tokens, choice.prompt_logprobs = first.prompt_tokens, first.prompt_logprobs
+            choice.prompt_token_ids = first.prompt_token_ids
         self.guidance = next((f.guidance for f in self._firsts if f.guidance is not None), None)
 
     async def close(self) -> None:
@@ -768,9 +788,20 @@ def recorder(state, generation: Generation, messages, user: str | None):
     return record
 
 
-def logprob_entry(lp: TokenLogprob) -> dict:
+def logprob_entry(lp: TokenLogprob, as_ids: bool = False) -> dict:
+    """A chat logprobs entry; `as_ids` (vLLM's return_tokens_as_token_ids)
+    names each token "token_id:{id}" (its bytes stay its own)."""
+    if as_ids:
+        return {"token": token_id_name(lp.token_id), "logprob": lp.logprob, "bytes": lp.bytes,
+                "top_logprobs": [{"token": token_id_name(i), "logprob": v, "bytes": b}
+                                 for i, (_, v, b) in zip(lp.top_ids, lp.top_logprobs, strict=False)]}
     return {"token": lp.token, "logprob": lp.logprob, "bytes": lp.bytes,
             "top_logprobs": [{"token": t, "logprob": v, "bytes": b} for t, v, b in lp.top_logprobs]}
+
+
+def token_id_name(token_id: int | None) -> str:
+    """vLLM's name of a token by its id, for tokens whose text is not valid JSON text."""
+    return f"token_id:{token_id}"
 
 
 def vllm_prompt_logprobs(entries: list[TokenLogprob] | None, count: int) -> list[dict | None] | None:

@@ -227,6 +227,11 @@ class SamplingFields(StrictRequest):
                                                              "tokens (left, the default) or its last (right)")
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="vLLM: the prompt's tokens' "
                                         "logprobs, with this many most likely tokens each (not with stream)")
+    return_token_ids: bool | None = Field(None, description="vLLM: the prompt's and the answer's token ids "
+                                          "(prompt_token_ids, token_ids; streamed: the prompt's on the first "
+                                          "chunk, each chunk's own)")
+    return_tokens_as_token_ids: bool | None = Field(None, description="vLLM: logprobs name tokens as "
+                                                    "'token_id:{id}' (bytes stay the token's own)")
     # Structured outputs: OpenAI's response_format, and vLLM's (structured_outputs, or its older guided_* fields)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsParams | None = Field(
@@ -280,6 +285,7 @@ class SamplingFields(StrictRequest):
             "allowed_token_ids": tuple(self.allowed_token_ids or ()),
             "truncate_prompt_tokens": self.truncate_prompt_tokens,
             "truncation_side": self.truncation_side or "left",
+            "return_token_ids": bool(self.return_token_ids),
         }
 
     def check_vllm_fields(self) -> None:

@@ -104,30 +104,35 @@ class ChatFormatter(ChunkFormatter):
 
     def opening(self, generation: Generation) -> list[str]:
         """The role of every choice (content null before tool calls, as OpenAI's;
-        the echoed message where asked), and `pad` (what personalized the answer)."""
+        the echoed message where asked), `pad` (what personalized the answer),
+        and with return_token_ids the prompt's token ids (vLLM's, once)."""
         return [self.chunk(generation, [{"index": c.index, "delta": {"role": "assistant",
                                                                   "content": None if c.holds_calls else self.echo},
                                          "logprobs": None, "finish_reason": None} for c in generation.choices],
-                           pad=generation.pad_info())]
+                           pad=generation.pad_info(), **self.prompt_ids(generation.choices))]
+
+    def prompt_ids(self, choices: list[ChoiceState]) -> dict:
+        """vLLM's top-level prompt_token_ids, when asked (the n choices share the prompt)."""
+        return {"prompt_token_ids": choices[0].prompt_token_ids} if self.body.return_token_ids else {}
 
     def delta(self, generation: Generation, choice: ChoiceState, delta: Delta) -> list[str]:
         """A chunk per call delta (as OpenAI's: a call's announcement, then its
-        arguments' fragments), then the text, logprobs and finish reason."""
-        call_deltas = [self.call_delta(call) for call in delta.calls if call.on_the_wire]
-        chunks = [self.chunk(generation, [{"index": choice.index, "delta": call_delta, "logprobs": None,
-                                           "finish_reason": None}]) for call_delta in call_deltas if call_delta]
-        if not (delta.text or delta.logprobs or delta.finish_reason):
-            return chunks
-        logprobs = [logprob_entry(lp) for lp in delta.logprobs]
-        reason = delta.finish_reason
-        if reason == "tool_calls" and self.body.legacy_functions:
-            reason = "function_call"
-        return [*chunks, self.chunk(generation, [{
-            "index": choice.index,
-            "delta": {"content": delta.text} if delta.text else {},
-            "logprobs": {"content": logprobs} if logprobs else None,
-            "finish_reason": reason,
-        }])]  # fmt: skip
+        arguments' fragments), then the text, logprobs and finish reason;
+        the token ids since the last chunk on the last (return_token_ids)."""
+        parts = [{"index": choice.index, "delta": call_delta, "logprobs": None, "finish_reason": None}
+                 for call in delta.calls if call.on_the_wire and (call_delta := self.call_delta(call))]
+        if delta.text or delta.logprobs or delta.finish_reason:
+            logprobs = [logprob_entry(lp, bool(self.body.return_tokens_as_token_ids)) for lp in delta.logprobs]
+            reason = delta.finish_reason
+            if reason == "tool_calls" and self.body.legacy_functions:
+                reason = "function_call"
+            parts.append({"index": choice.index, "delta": {"content": delta.text} if delta.text else {},
+                          "logprobs": {"content": logprobs} if logprobs else None, "finish_reason": reason})
+        if not parts:  # a call's end alone (Responses' .done): its ids go with the next chunk
+            choice.defer_ids(delta.token_ids)
+        elif self.body.return_token_ids:
+            parts[-1]["token_ids"] = delta.token_ids
+        return [self.chunk(generation, [part]) for part in parts]
 
     def call_delta(self, call: CallDelta) -> dict:
         """A call delta as a chunk's delta: `tool_calls` (the id, type and name
@@ -157,10 +162,12 @@ class ChatFormatter(ChunkFormatter):
         out = []
         for choice in choices:
             message, finish_reason = self.message(choice)
-            logprobs = {"content": [logprob_entry(lp) for lp in choice.logprobs]} if self.body.logprobs else None
+            as_ids = bool(self.body.return_tokens_as_token_ids)
+            logprobs = {"content": [logprob_entry(lp, as_ids) for lp in choice.logprobs]} if self.body.logprobs else None
             out.append({"index": choice.index, "message": message, "logprobs": logprobs,
-                        "finish_reason": finish_reason})
-        extra = {}
+                        "finish_reason": finish_reason,
+                        **({"token_ids": choice.token_ids} if self.body.return_token_ids else {})})
+        extra = self.prompt_ids(choices)
         if self.body.prompt_logprobs is not None:  # vLLM's: the prompt's, once (the n choices share it)
             extra["prompt_logprobs"] = vllm_prompt_logprobs(choices[0].prompt_logprobs, self.body.prompt_logprobs)
         return {"id": generation.id, "object": "chat.completion", "created": generation.created,

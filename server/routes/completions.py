@@ -26,6 +26,7 @@ from server.generation import (
     serve,
     stream_events,
     streaming_response,
+    token_id_name,
     usage_of,
     verify_request,
     vllm_prompt_logprobs,
@@ -77,15 +78,21 @@ async def _complete(body: CompletionRequest, request: Request, scope):
     return JSONResponse(formatter.response(generation, choices))
 
 
-def legacy_logprobs(entries: list[TokenLogprob], offset: int) -> dict:
+def legacy_logprobs(entries: list[TokenLogprob], offset: int, as_ids: bool = False) -> dict:
     """OpenAI's legacy logprobs: tokens, token_logprobs, top_logprobs (token
     -> logprob), text_offset. An echoed prompt's first token has null for
-    both (nothing precedes it)."""
+    both (nothing precedes it). `as_ids` (vLLM's return_tokens_as_token_ids)
+    names tokens "token_id:{id}"; offsets stay those of their text."""
     tokens, values, tops, offsets = [], [], [], []
     for lp in entries:
-        tokens.append(lp.token)
+        tokens.append(token_id_name(lp.token_id) if as_ids else lp.token)
         values.append(lp.logprob)
-        tops.append(None if lp.logprob is None else {token: value for token, value, _ in lp.top_logprobs})
+        if lp.logprob is None:
+            tops.append(None)
+        elif as_ids:
+            tops.append({token_id_name(i): value for i, (_, value, _) in zip(lp.top_ids, lp.top_logprobs, strict=False)})
+        else:
+            tops.append({token: value for token, value, _ in lp.top_logprobs})
         offsets.append(offset)
         offset += len(lp.token)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
@@ -121,19 +128,24 @@ class CompletionFormatter(ChunkFormatter):
         a character, which would shift every offset after it)."""
         if self.body.logprobs is None:
             return None
-        answer = legacy_logprobs(entries, offset + len(echo or ""))
+        as_ids = bool(self.body.return_tokens_as_token_ids)
+        answer = legacy_logprobs(entries, offset + len(echo or ""), as_ids)
         if echo is None or not self.body.echo or not choice.prompt_logprobs:
             return answer
         count = self.body.logprobs  # prompt_logprobs may have asked the worker for more
-        prompt = legacy_logprobs([dataclasses.replace(lp, top_logprobs=lp.top_logprobs[:count])
-                                  for lp in choice.prompt_logprobs], offset)
+        prompt = legacy_logprobs([dataclasses.replace(lp, top_logprobs=lp.top_logprobs[:count], top_ids=lp.top_ids[:count])
+                                  for lp in choice.prompt_logprobs], offset, as_ids)
         return {key: prompt[key] + answer[key] for key in answer}
 
     def delta(self, generation: Generation, choice: ChoiceState, delta: Delta) -> list[str]:
         echo = None
-        if choice.index not in self.echoed:
+        ids = {}
+        if choice.index not in self.echoed:  # the choice's first chunk
             self.echoed.add(choice.index)
             echo = self.echo(choice)
+            ids = self.prompt_ids(choice)
+        if self.body.return_token_ids:
+            ids["token_ids"] = delta.token_ids
         offset = self.offsets.get(choice.index, 0)
         logprobs = self.logprobs(choice, delta.logprobs, offset, echo)
         text = (echo or "") + delta.text
@@ -141,13 +153,21 @@ class CompletionFormatter(ChunkFormatter):
         extra = {} if self.pad_sent else {"pad": generation.pad_info()}  # on the first chunk
         self.pad_sent = True
         return [self.chunk(generation, [{"index": choice.index, "text": text, "logprobs": logprobs,
-                                         "finish_reason": delta.finish_reason}], **extra)]
+                                         "finish_reason": delta.finish_reason, **ids}], **extra)]
+
+    def prompt_ids(self, choice: ChoiceState) -> dict:
+        """vLLM's prompt_token_ids of a choice, when asked (return_token_ids)."""
+        return {"prompt_token_ids": choice.prompt_token_ids} if self.body.return_token_ids else {}
 
     def vllm_fields(self, choice: ChoiceState) -> dict:
-        """vLLM's additions to a choice, when asked: prompt_logprobs."""
-        if self.body.prompt_logprobs is None:
-            return {}
-        return {"prompt_logprobs": vllm_prompt_logprobs(choice.prompt_logprobs, self.body.prompt_logprobs)}
+        """vLLM's additions to a choice, when asked: prompt_logprobs, and the
+        prompt's and answer's token ids."""
+        fields = {}
+        if self.body.prompt_logprobs is not None:
+            fields["prompt_logprobs"] = vllm_prompt_logprobs(choice.prompt_logprobs, self.body.prompt_logprobs)
+        if self.body.return_token_ids:
+            fields |= {**self.prompt_ids(choice), "token_ids": choice.token_ids}
+        return fields
 
     def response(self, generation: Generation, choices: list[ChoiceState]) -> dict:
         out = []
