@@ -26,17 +26,17 @@ from pathlib import Path
 
 import torch
 
-from pad_core.decoding import StepInputs, TokenMask, next_tokens
+from pad_core.decoding import StepInputs, TokenMask, apply_token_mask, next_tokens
 from pad_core.detokenize import IncrementalDetokenizer, token_bytes
 from pad_core.errors import ContextLengthExceededError, InvalidRequestError, UnknownRewardModelError
 from pad_core.lora import NO_ADAPTER
 from pad_core.prompting import PromptBuilder
 from pad_core.request_state import RequestState, RewardRowRef
 from pad_core.runner import BASE_RUNNER, NewRow, RewardSource, Runner
-from pad_core.sampling import INVALID_TOKEN, apply_penalties, apply_sampling_controls, token_ranks, top_logprobs
+from pad_core.sampling import INVALID_TOKEN, NO_LEGAL_TOKEN, apply_penalties, apply_sampling_controls, token_ranks, top_logprobs
 from pad_core.settings import EngineSettings
 from pad_core.structured import StructuredOutputs
-from pad_core.token_controls import bad_words_ids, truncate_contexts, truncation_length
+from pad_core.token_controls import bad_words_ids, truncate_request
 from pad_core.transfer import select_rows, to_device
 from pad_core.types import (
     ChatRequest,
@@ -131,8 +131,9 @@ class PadEngine:
         vLLM's token-level fields applied (truncate_prompt_tokens, bad_words)."""
         sampling = request.sampling
         if sampling.truncate_prompt_tokens is not None:
-            keep = truncation_length(sampling.truncate_prompt_tokens, self.context_length, sampling.max_tokens)
-            prompt_ids, reward_ids = truncate_contexts(prompt_ids, reward_ids, keep, sampling.truncation_side)
+            prompt_ids, reward_ids = truncate_request(prompt_ids, reward_ids, sampling.truncate_prompt_tokens,
+                                                      self.context_length, sampling.max_tokens,
+                                                      sampling.truncation_side)
         return GenerationRequest(
             request_id=request.request_id,
             prompt_ids=prompt_ids,
@@ -392,8 +393,12 @@ class PadEngine:
         outputs = []
         for index, state in enumerate(states):
             token = tokens[index]
-            if token == INVALID_TOKEN:
+            if token == NO_LEGAL_TOKEN:
                 outputs.append(state.no_token_left())
+                continue
+            if token == INVALID_TOKEN:
+                outputs.append(state.finish("error", error="engine error on this request: the scores are not "
+                                            "finite numbers (NaN or infinite logits)"))
                 continue
             if isinstance(token, Exception):
                 outputs.append(state.finish("error", error=f"engine error on this request: {token}"))
@@ -442,11 +447,14 @@ class PadEngine:
                 top_p=[s.request.sampling.top_p for s in states],
                 generators=[s.generator for s in states],
                 unpenalised_base_logits=None if base is raw_base else raw_base,
-                token_mask=self._token_mask(states, base.device),
+                token_mask=(token_mask := self._token_mask(states, base.device)),
             )
         )
         logprobs = self._logprobs(states, base, tokens.clamp(min=0))
-        return tokens.tolist(), logprobs
+        tokens = tokens.tolist()
+        if INVALID_TOKEN in tokens:  # rare: worth a look at whose fault it is
+            blame_no_legal_token(tokens, raw_base, base, token_mask)
+        return tokens, logprobs
 
     def _token_mask(self, states: list[RequestState], device: torch.device) -> TokenMask | None:
         """The legal next tokens of the requests with a grammar (structured outputs)."""
@@ -791,3 +799,18 @@ def default_max_tokens(default: int, room: int) -> int:
     """max_tokens of a request that gives none (vLLM-like): the configured
     default, capped by the room left in the context; default 0: the room."""
     return min(default, room) if default > 0 else room
+
+
+def blame_no_legal_token(tokens: list[int], raw_base: torch.Tensor, base: torch.Tensor,
+                         token_mask: TokenMask | None) -> None:
+    """In place: an INVALID_TOKEN whose row the model scored with finite
+    logits, but whose request's own rules (allowed_token_ids, bad_words,
+    min_tokens, its grammar) left no token, becomes NO_LEGAL_TOKEN: the
+    client's doing, not the engine's (NaN or infinite logits, or a reward
+    row's). raw_base [N, V] the model's logits, base [N, V] after the
+    request's sampling controls."""
+    masked = apply_token_mask(base, token_mask)
+    for row, token in enumerate(tokens):
+        if token == INVALID_TOKEN and bool(torch.isfinite(raw_base[row]).all()) \
+                and bool((masked[row] == float("-inf")).all()):  # every token ruled out, none broken (NaN)
+            tokens[row] = NO_LEGAL_TOKEN

@@ -9,6 +9,7 @@ import torch
 
 from pad_core.detokenize import IncrementalDetokenizer
 from pad_core.runner import BASE_RUNNER
+from pad_core.sampling import allowed_mask
 from pad_core.stopping import StopStringMatcher
 from pad_core.structured import GrammarMatcher
 from pad_core.types import FinishReason, GenerationRequest, StepOutput, TokenLogprob, ToolCall
@@ -44,18 +45,23 @@ class RequestState:
     grammar: GrammarMatcher | None = None  # structured output: the answer's grammar
     prompt_logprobs: list[TokenLogprob] | None = None  # when asked: sent with the first output, then dropped
     prompt_ids_due: bool = field(init=False, default=False)  # return_token_ids: the first output has the prompt's
-    # sampling.allowed_token_ids as a tensor, made once ([K] long; None: any
-    # token), not from a list of up to a vocabulary's ids at every step.
-    allowed_ids: torch.Tensor | None = field(init=False, default=None)
+    # sampling.allowed_token_ids as a [V] bool mask on the logits' device,
+    # made at the first step that needs it (allowed_mask), not from a list
+    # of up to a vocabulary's ids, with a host-to-device copy, at every step.
+    _allowed_mask: torch.Tensor | None = field(init=False, default=None, repr=False)
     _prompts_key: tuple | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         sampling = self.request.sampling
         self.stop_matcher = StopStringMatcher(sampling.stop, sampling.include_stop_str_in_output)
         self.prompt_ids_due = sampling.return_token_ids
-        if sampling.allowed_token_ids:
-            self.allowed_ids = torch.tensor(sorted(set(sampling.allowed_token_ids)), dtype=torch.long)
         self.row_locations = ((BASE_RUNNER, self.base_key), *((row.runner, row.key) for row in self.reward_rows))
+
+    def allowed_mask(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """allowed_token_ids as a [V] bool tensor on `device` (made once)."""
+        if self._allowed_mask is None:
+            self._allowed_mask = allowed_mask(self.request.sampling.allowed_token_ids, vocab, device)
+        return self._allowed_mask
 
     @property
     def request_id(self) -> str:
@@ -169,12 +175,14 @@ class RequestState:
         return self.output([], "", error=error, error_param=error_param)
 
     def no_token_left(self) -> StepOutput:
-        """The end of a request whose scores left no token to choose: the
-        client's own allowed_token_ids (beside its answer's format,
-        min_tokens or bad_words) when it gave them, a 400; else the engine's
-        fault (NaN or infinite logits)."""
-        if self.request.sampling.allowed_token_ids:
-            return self.finish("error", "none of allowed_token_ids can be chosen here (the answer's format, "
-                               "min_tokens or bad_words rule them all out)", "allowed_token_ids")
-        return self.finish("error", "engine error on this request: the scores are not finite numbers "
-                           "(NaN or infinite logits)")
+        """The end of a request whose own rules left no token to choose (the
+        engine checked the model's scores were fine): a 400 naming the
+        client's field that narrows the choice most (allowed_token_ids, then
+        bad_words, then min_tokens), else its answer's format."""
+        sampling = self.request.sampling
+        fields = [name for name, given in (("allowed_token_ids", sampling.allowed_token_ids),
+                                           ("bad_words", self.request.bad_words_ids),
+                                           ("min_tokens", len(self.generated) < sampling.min_tokens)) if given]
+        param = fields[0] if fields else (self.grammar.spec.param if self.grammar is not None else None)
+        return self.finish("error", "no token can be chosen here: the answer's format, allowed_token_ids, "
+                           "bad_words and min_tokens rule them all out", param)

@@ -13,6 +13,9 @@ from pad_core.validation import TEMPERATURE_FLOOR
 
 # The column/token of a row that has no distribution to choose from.
 INVALID_TOKEN = -1
+# The engine's: the model scored the row, but the request's own rules
+# (allowed_token_ids, bad_words, min_tokens, a grammar) left no token.
+NO_LEGAL_TOKEN = -2
 
 
 def apply_penalties(
@@ -148,14 +151,20 @@ def banned_by_bad_words(words: Sequence[Sequence[int]], generated: Sequence[int]
     return banned
 
 
-def keep_only(logits: torch.Tensor, row: int, token_ids: torch.Tensor) -> None:
-    """In place: every token of `row` but `token_ids` ([K] long, those
-    within the vocabulary) goes to -inf (vLLM's allowed_token_ids)."""
-    vocab = logits.shape[1]
-    allowed = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
-    token_ids = token_ids.to(logits.device)
-    allowed[token_ids[(token_ids >= 0) & (token_ids < vocab)]] = True
-    logits[row] = logits[row].masked_fill(~allowed, float("-inf"))
+def allowed_mask(token_ids: Sequence[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """[V] bool: True at `token_ids` (those within the vocabulary), the
+    tokens vLLM's allowed_token_ids leave. Made once per request
+    (RequestState.allowed_mask), not at every step."""
+    allowed = torch.zeros(vocab, dtype=torch.bool)
+    kept = [token for token in token_ids if 0 <= token < vocab]
+    allowed[torch.tensor(kept, dtype=torch.long)] = True
+    return allowed.to(device)
+
+
+def keep_only(logits: torch.Tensor, row: int, allowed: torch.Tensor) -> None:
+    """In place: every token of `row` but the `allowed` ones ([V] bool,
+    `allowed_mask`) goes to -inf."""
+    logits[row].masked_fill_(~allowed, float("-inf"))
 
 
 # ---- vLLM's sampling extensions and OpenAI's logit_bias --------------------
@@ -216,8 +225,9 @@ def apply_sampling_controls(logits: torch.Tensor, states: Sequence) -> torch.Ten
     penalties: what plain decoding samples from, and what PAD's prescreen
     and score see. States give `request.sampling` (SamplingParams),
     `request.prompt_ids`, `request.bad_words_ids`, `generated`,
-    `stop_token_ids` and `allowed_ids` (allowed_token_ids as a tensor, or None). The logits themselves (no copy) when
-    no request uses any of them."""
+    `stop_token_ids` and `allowed_mask(vocab, device)` (allowed_token_ids as
+    a [V] bool tensor). The logits themselves (no copy) when no request uses
+    any of them."""
     samplings = [state.request.sampling for state in states]
     if not any(sampling.processes_logits for sampling in samplings):
         return logits
@@ -240,14 +250,14 @@ def apply_sampling_controls(logits: torch.Tensor, states: Sequence) -> torch.Ten
             logits[row, stops] = float("-inf")
     banned = [(row, banned_by_bad_words(state.request.bad_words_ids, state.generated))
               for row, state in enumerate(states) if state.request.bad_words_ids]
-    allowed = [(row, state.allowed_ids) for row, state in enumerate(states) if state.allowed_ids is not None]
+    allowed = [row for row, state in enumerate(states) if state.request.sampling.allowed_token_ids]
     if any(tokens for _, tokens in banned) or allowed:
         logits = logits.clone()
         vocab = logits.shape[1]
         for row, tokens in banned:
             logits[row, [token for token in tokens if 0 <= token < vocab]] = float("-inf")
-        for row, tokens in allowed:
-            keep_only(logits, row, tokens)
+        for row in allowed:
+            keep_only(logits, row, states[row].allowed_mask(vocab, logits.device))
     penalised = [row for row, sampling in enumerate(samplings) if sampling.repetition_penalty != 1.0]
     if penalised:
         seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)

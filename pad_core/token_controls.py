@@ -82,3 +82,30 @@ def truncate_contexts(base: list[int], rewards: list[list[int]], keep: int,
         head = len(reward) - tail
         truncated.append(reward[:head] + reward[head + from_tail:])
     return base[cut:], truncated
+
+
+def truncate_request(base: list[int], rewards: list[list[int]], truncate: int, context_length: int,
+                     max_tokens: int | None, side: str) -> tuple[list[int], list[list[int]]]:
+    """truncate_prompt_tokens applied to a request's contexts. With -1 ("as
+    many as fit") every context must leave room for max_tokens, the reward
+    prompts too, which keep their preference and so run longer than the
+    base: the base keeps the most tokens with which the longest context
+    fits (a binary search: keeping fewer never lengthens a context)."""
+    room = truncation_length(truncate, context_length, max_tokens)
+    kept = truncate_contexts(base, rewards, room, side)
+    if truncate != -1 or longest(kept) <= room:
+        return kept
+    low, high = 0, room  # kept(low) fits (0: no prompt left), kept(high) does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if longest(truncate_contexts(base, rewards, middle, side)) <= room else (low, middle)
+    if low < 1:
+        raise ContextLengthExceededError(
+            f"a preference's reward prompt leaves no room for max_tokens {max_tokens} in the context length "
+            f"{context_length}, however much of the conversation is cut", param="max_tokens")
+    return truncate_contexts(base, rewards, low, side)
+
+
+def longest(contexts: tuple[list[int], list[list[int]]]) -> int:
+    base, rewards = contexts
+    return max(len(context) for context in (base, *rewards))

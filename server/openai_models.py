@@ -223,8 +223,9 @@ class SamplingFields(StrictRequest):
     truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX, description="vLLM: keep only this many "
                                                "prompt tokens (-1: as many as fit); a preference's reward prompt "
                                                "keeps its preference")
-    truncation_side: Literal["left", "right"] | None = Field(None, description="vLLM: drop the prompt's first "
-                                                             "tokens (left, the default) or its last (right)")
+    truncation_side: Literal["left", "right"] | None = Field(None, description="vLLM: with truncate_prompt_tokens, "
+                                                             "drop the prompt's first tokens (left, the default) "
+                                                             "or its last (right); alone, nothing")
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="vLLM: the prompt's tokens' "
                                         "logprobs, with this many most likely tokens each (not with stream)")
     return_token_ids: bool | None = Field(None, description="vLLM: the prompt's and the answer's token ids "
@@ -292,8 +293,6 @@ class SamplingFields(StrictRequest):
         """vLLM's own refusals of its token-level fields."""
         reject_if(self.truncate_prompt_tokens == 0, "truncate_prompt_tokens must be at least 1 (or -1: as many "
                   "as fit)", "truncate_prompt_tokens", "invalid_value")
-        reject_if(self.truncation_side is not None and self.truncate_prompt_tokens is None,
-                  "truncation_side needs truncate_prompt_tokens", "truncation_side", "invalid_value")
         reject_if(self.prompt_logprobs is not None and bool(self.stream),
                   "prompt_logprobs are not available when stream is true (as in vLLM)", "prompt_logprobs",
                   "invalid_value")
@@ -717,13 +716,15 @@ class CompletionRequest(SamplingFields):
 
     def echo_logprobs(self) -> int | None:
         """What an echo needs of the prompt's logprobs: with logprobs, the
-        prompt's tokens open them; the text of token ids, and a request that
-        only scores (max_tokens 0), need the entries."""
+        prompt's tokens open them; the text of token ids or of a truncated
+        prompt (what the model read), and a request that only scores
+        (max_tokens 0), need the entries."""
         if not self.echo:
             return None
         if self.logprobs is not None:
             return self.logprobs
-        return 0 if self.max_tokens == 0 or any(not isinstance(p, str) for p in self.prompts()) else None
+        needs_text = self.truncate_prompt_tokens is not None or any(not isinstance(p, str) for p in self.prompts())
+        return 0 if self.max_tokens == 0 or needs_text else None
 
 
 def max_or_none(*counts: int | None) -> int | None:

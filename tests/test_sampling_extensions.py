@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pad_core.sampling import (
+    allowed_mask,
     apply_logit_bias,
     apply_repetition_penalty,
     apply_sampling_controls,
@@ -59,7 +60,9 @@ class _State:
     request: _Request
     generated: list[int]
     stop_token_ids: frozenset[int]
-    allowed_ids: torch.Tensor | None = None
+
+    def allowed_mask(self, vocab: int, device: torch.device) -> torch.Tensor:
+        return allowed_mask(self.request.sampling.allowed_token_ids, vocab, device)
 
 
 def test_controls_are_free_when_unused_and_min_tokens_masks_stop_tokens():

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from server_helpers import uvicorn_server, worker_thread
 
 from pad_core.errors import ContextLengthExceededError
-from pad_core.sampling import banned_by_bad_words, keep_only, token_ranks
-from pad_core.token_controls import bad_words_ids, shared_tail, truncate_contexts, truncation_length
+from pad_core.sampling import allowed_mask, banned_by_bad_words, keep_only, token_ranks
+from pad_core.token_controls import bad_words_ids, longest, shared_tail, truncate_contexts, truncate_request, truncation_length
 from pad_core.types import ChatRequest, GuidanceParams, Preference, SamplingParams, TextRequest
 from pad_core.worker import prepare_text
 from server.app import create_app
@@ -46,7 +46,7 @@ def test_ranks_count_the_strictly_more_likely_tokens():
 
 def test_keep_only_leaves_the_allowed_tokens_and_ignores_ids_outside_the_vocabulary():
     logits = torch.zeros(2, 5)
-    keep_only(logits, 1, torch.tensor([0, 3, 99]))
+    keep_only(logits, 1, allowed_mask([0, 3, 99, 3], 5, logits.device))
     assert logits[0].tolist() == [0.0] * 5
     assert [math.isfinite(v) for v in logits[1].tolist()] == [True, False, False, True, False]
 
@@ -85,6 +85,22 @@ def test_truncation_properties(base, reward_head, keep, side):
         assert kept_reward[len(kept_reward) - min(len(kept_base), shared_tail(base, reward)):] == \
             kept_base[len(kept_base) - min(len(kept_base), shared_tail(base, reward)):]
         assert kept_reward[:len(reward) - shared_tail(base, reward)] == reward[:len(reward) - shared_tail(base, reward)]
+
+
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=40), st.lists(st.integers(6, 9), max_size=12),
+       st.integers(1, 30), st.integers(20, 60), st.sampled_from(["left", "right"]))
+def test_as_many_as_fit_fits_every_context_and_keeps_the_most(base, reward_head, max_tokens, context, side):
+    """-1: the longest context (a reward prompt, with its preference) leaves
+    room for max_tokens, and the base keeps as much as allows that."""
+    reward = reward_head + base
+    try:
+        kept = truncate_request(base, [reward], -1, context, max_tokens, side)
+    except ContextLengthExceededError:  # not even one base token fits beside the reward prompt's head
+        assert longest(truncate_contexts(base, [reward], 1, side)) > context - max_tokens
+        return
+    assert longest(kept) <= context - max_tokens and kept[0]
+    if len(kept[0]) < len(base):
+        assert longest(truncate_contexts(base, [reward], len(kept[0]) + 1, side)) > context - max_tokens
 
 
 def test_truncation_length():
@@ -167,6 +183,19 @@ def test_a_truncated_prompt_fits_where_the_whole_one_does_not(make_engine):
         engine.add_request(engine.prepare_chat(ChatRequest("whole", long, [], SamplingParams(max_tokens=4))))
 
 
+def test_as_many_as_fit_with_a_preference_fits_the_reward_prompt_too(make_engine, tokenizer):
+    engine = make_engine()
+    long = [{"role": "user", "content": "sleep " * (engine.context_length + 10)}]
+    request = ChatRequest("long", long, PREF, SamplingParams(max_tokens=4, temperature=0.0, truncate_prompt_tokens=-1),
+                          GuidanceParams(weight=2.0))
+    generation = engine.prepare_chat(request)
+    (reward,) = [prompt.prompt_ids for prompt in generation.reward_prompts]
+    assert len(reward) == engine.context_length - 4 > len(generation.prompt_ids)
+    assert "short answers" in tokenizer.decode(reward)
+    tokens, outputs = run(engine, request)
+    assert outputs["long"][-1].finish_reason == "length" and len(tokens["long"]) == 4
+
+
 def test_prompt_logprobs_carry_ids_and_ranks(make_engine):
     engine = make_engine()
     _, outputs = run(engine, chat("scored", prompt_logprobs=3, max_tokens=1))
@@ -221,6 +250,22 @@ def test_completions_prompt_logprobs_alone_and_beside_echo(server):
     assert scored["text"] == "" and scored["prompt_logprobs"] == alone["prompt_logprobs"]
 
 
+def test_an_echoed_truncated_prompt_is_the_text_the_model_read(server, tokenizer):
+    prompt = "Once upon a time there was a"
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0, "echo": True,
+            "truncate_prompt_tokens": 3}
+    kept = tokenizer.decode(tokenizer(prompt)["input_ids"][-3:])
+    for logprobs in (None, 0):
+        choice = httpx.post(f"{server}/v1/completions", json={**body, "logprobs": logprobs},
+                            timeout=60).json()["choices"][0]
+        assert choice["text"].startswith(kept) and not choice["text"].startswith(prompt)
+    offsets, tokens = choice["logprobs"]["text_offset"], choice["logprobs"]["tokens"]
+    assert all(choice["text"][at:at + len(token)] == token for at, token in zip(offsets, tokens, strict=True))
+    untouched = httpx.post(f"{server}/v1/completions", json={**body, "truncate_prompt_tokens": 100},
+                           timeout=60).json()["choices"][0]
+    assert untouched["text"].startswith(prompt)
+
+
 def test_token_fields_over_http(client, server, tokenizer):
     allowed = tokenizer.encode(" yes no", add_special_tokens=False)
     completion = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, temperature=1,
@@ -235,12 +280,14 @@ def test_token_fields_over_http(client, server, tokenizer):
 @pytest.mark.parametrize("extra, param", [
     ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
-    ({"truncation_side": "left"}, "truncation_side"),
+    ({"truncation_side": "middle"}, "truncation_side"),
     ({"truncate_prompt_tokens": 10**9}, "truncate_prompt_tokens"),
     ({"allowed_token_ids": [10**9]}, "allowed_token_ids"),
     ({"allowed_token_ids": []}, "allowed_token_ids"),
     ({"bad_words": [" "]}, "bad_words"),
     ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"structured_outputs": {"choice": ["yes"]}, "bad_words": ["yes"]}, "bad_words"),
+    ({"structured_outputs": {"choice": ["yes"]}, "bad_words": ["yes"], "stream": True}, "bad_words"),
 ])
 def test_bad_token_fields_are_clear_400s(server, extra, param):
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, **extra}
@@ -248,6 +295,29 @@ def test_bad_token_fields_are_clear_400s(server, extra, param):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("preferences", [(), PREF], ids=["plain", "pad"])
+@pytest.mark.parametrize("rule, param", [({"bad_words": ("yes",)}, "bad_words"),
+                                         ({"bad_words": ("yes",), "allowed_token_ids": ("yes",)}, "allowed_token_ids")])
+def test_rules_that_rule_out_a_grammars_every_token_are_the_clients_400(make_engine, tokenizer, preferences, rule,
+                                                                         param):
+    """A choice of "yes" alone with "yes" a bad word: no token is legal. The
+    request ends naming the field (allowed_token_ids first when both are
+    given), its neighbour untouched."""
+    from pad_core.types import StructuredOutput
+
+    engine = make_engine()
+    if "allowed_token_ids" in rule:
+        rule = {**rule, "allowed_token_ids": tuple(tokenizer.encode("yes", add_special_tokens=False))}
+    choice = StructuredOutput("choice", choices=("yes",), source="structured_outputs.choice")
+    stuck = dataclasses.replace(chat("stuck", preferences, **rule), structured=choice)
+    outputs: dict[str, list] = {}
+    for output in engine.generate([stuck, chat("fine", preferences, max_tokens=4)]):
+        outputs.setdefault(output.request_id, []).append(output)
+    last = outputs["stuck"][-1]
+    assert last.finish_reason == "error" and last.error_param == param, last
+    assert outputs["fine"][-1].finish_reason == "length"
 
 
 @pytest.mark.parametrize("preferences", [(), PREF], ids=["plain", "pad"])

@@ -98,10 +98,11 @@ def legacy_logprobs(entries: list[TokenLogprob], offset: int, as_ids: bool = Fal
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
-def prompt_text(prompt: str | list[int], entries: list[TokenLogprob] | None) -> str:
-    """The text an echo repeats: the prompt as given, or the text of its
-    token ids (their bytes, from the worker's prompt logprobs)."""
-    if isinstance(prompt, str):
+def prompt_text(prompt: str | list[int], entries: list[TokenLogprob] | None, truncated: bool = False) -> str:
+    """The text an echo repeats: the prompt as given, or the text of the
+    tokens the model read (their bytes, from the worker's prompt logprobs):
+    of token ids, or of a prompt truncate_prompt_tokens cut."""
+    if isinstance(prompt, str) and not truncated:
         return prompt
     return b"".join(bytes(lp.bytes) for lp in entries or ()).decode("utf-8", errors="replace")
 
@@ -118,7 +119,9 @@ class CompletionFormatter(ChunkFormatter):
         self.pad_sent = False
 
     def echo(self, choice: ChoiceState) -> str:
-        return prompt_text(self.prompts[choice.group], choice.prompt_logprobs) if self.body.echo else ""
+        if not self.body.echo:
+            return ""
+        return prompt_text(self.prompts[choice.group], choice.prompt_logprobs, self.body.truncate_prompt_tokens is not None)
 
     def logprobs(self, choice: ChoiceState, entries: list[TokenLogprob], offset: int, echo: str | None) -> dict | None:
         """Legacy logprobs of answer tokens at `offset`; with the `echo` text
