@@ -32,7 +32,7 @@ from pad_core.errors import ContextLengthExceededError, InvalidRequestError, Unk
 from pad_core.lora import NO_ADAPTER
 from pad_core.prompting import PromptBuilder
 from pad_core.request_state import RequestState, RewardRowRef
-from pad_core.runner import BASE_RUNNER, NewRow, RewardSource, Runner
+from pad_core.runner import BASE_RUNNER, NewRow, RewardSource, Runner, prefix_key
 from pad_core.sampling import INVALID_TOKEN, NO_LEGAL_TOKEN, apply_penalties, apply_sampling_controls, token_ranks, top_logprobs
 from pad_core.settings import EngineSettings
 from pad_core.structured import StructuredOutputs
@@ -310,7 +310,8 @@ class PadEngine:
     def _cached_lengths(self, state: RequestState) -> list[int]:
         """Tokens at the start of each of the request's prompts (`row_keys`
         order) that its runner's prefix cache holds now."""
-        return [self.runners[runner].cached_length(adapter, prompt)
+        salt = state.request.sampling.cache_salt
+        return [self.runners[runner].cached_length(prefix_key(adapter, salt), prompt)
                 for (runner, _), adapter, prompt in zip(state.row_locations, self._row_adapters(state), state.prompts,
                                                          strict=True)]
 
@@ -362,7 +363,8 @@ class PadEngine:
             ):
                 if start < end:
                     new_rows.setdefault(name, []).append(
-                        NewRow(key, prompt[start:end], row_adapter, start=start, last=end == len(prompt))
+                        NewRow(key, prompt[start:end], row_adapter, start=start, last=end == len(prompt),
+                               cache_salt=state.request.sampling.cache_salt)
                     )
         hidden = {}
         for name, rows in new_rows.items():

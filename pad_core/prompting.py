@@ -112,11 +112,14 @@ class PromptBuilder:
         return "tools" in (getattr(self.tokenizer, "chat_template", None) or "")
 
     def encode(self, messages: Sequence[dict[str, str]], tools: list[dict[str, Any]] | None = None,
-               template: TemplateOptions = DEFAULT_TEMPLATE, add_special_tokens: bool = False) -> list[int]:
+               template: TemplateOptions = DEFAULT_TEMPLATE) -> list[int]:
         """The chat through the template (ending with the assistant's turn
         opening, unless `template` says otherwise); the template writes its
-        own special tokens, so the tokenizer adds none by default."""
+        own special tokens, so the tokenizer adds none unless
+        `template.add_special_tokens`."""
         extra = {"tools": tools} if tools else {}
+        if template.documents is not None:
+            extra["documents"] = [dict(document) for document in template.documents]
         if template.kwargs:
             own = self._template_arguments()
             for key in template.kwargs:
@@ -130,7 +133,7 @@ class PromptBuilder:
             # continue_final_message on a message the template rewrites, a template that
             # raises on the chat, or chat_template_kwargs of a type the template cannot use
             raise InvalidRequestError(f"the chat template cannot render this chat: {exc}", param="messages") from None
-        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=template.add_special_tokens)["input_ids"]
 
     def _template_arguments(self) -> frozenset[str]:
         """apply_chat_template's own parameters (chat_template_kwargs cannot set them)."""
@@ -177,24 +180,28 @@ class PromptBuilder:
         return self.encode(messages, template_tools, template), rewards
 
     def encode_text(
-        self, prompt: str | Sequence[int], preferences: Sequence[Preference], base_sees_preference: bool
+        self, prompt: str | Sequence[int], preferences: Sequence[Preference], base_sees_preference: bool,
+        add_special_tokens: bool = True,
     ) -> tuple[list[int], list[list[int]]]:
         """A raw-text prompt (legacy completions: no chat template), as text
         or token ids: base prompt ids, and one reward prompt per preference,
         the prompt after the filled preference template and a blank line
         (text_with_preference). With base_sees_preference the base context
-        gets that prefix too, all preferences joined."""
+        gets that prefix too, all preferences joined. `add_special_tokens`
+        (vLLM's, default true) lets the tokenizer add its own to a text."""
+        special = {"add_special_tokens": add_special_tokens}
         if isinstance(prompt, str):
-            ids = self.tokenizer(prompt)["input_ids"]
+            ids = self.tokenizer(prompt, **special)["input_ids"]
 
             def prefixed(preference: str) -> list[int]:
-                return self.tokenizer(text_with_preference(prompt, self.preference_template, preference))["input_ids"]
+                text = text_with_preference(prompt, self.preference_template, preference)
+                return self.tokenizer(text, **special)["input_ids"]
         else:
             ids = list(prompt)
 
             def prefixed(preference: str) -> list[int]:
                 prefix = text_with_preference("", self.preference_template, preference)
-                return self.tokenizer(prefix)["input_ids"] + ids
+                return self.tokenizer(prefix, **special)["input_ids"] + ids
 
         rewards = [prefixed(p.text) for p in preferences]
         if base_sees_preference and preferences:

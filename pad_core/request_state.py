@@ -84,11 +84,11 @@ class RequestState:
     def prompts_key(self) -> tuple:
         """What makes two requests' rows identical to prefill: every prompt
         and the reward rows' runners and weights (the `n` choices of one
-        request share it). Computed once."""
+        request share it), and the cache salt. Computed once."""
         if self._prompts_key is None:
             self._prompts_key = (tuple(tuple(prompt) for prompt in self.prompts), tuple(self.reward_rows and
                                  [(row.runner, row.weight) for row in self.reward_rows]),
-                                 self.request.guidance.reward_model)
+                                 self.request.guidance.reward_model, self.request.sampling.cache_salt)
         return self._prompts_key
 
     @property

@@ -47,13 +47,27 @@ class NewRow:
     (`Runner.chunked_prefill`), the tokens at positions start.. of it (start 0:
     the row is new and takes its place; start > 0: it continues the row).
     `last`: the prompt is complete with these tokens; the row joins the
-    decode batch."""
+    decode batch. `cache_salt` (vLLM's): the row shares prefix-cache
+    entries only with rows of the same salt (`prefix_key`)."""
 
     key: RowKey
     prompt_ids: Sequence[int]
     adapter: str = NO_ADAPTER
     start: int = 0
     last: bool = True
+    cache_salt: str | None = None
+
+    @property
+    def prefix_key(self) -> Hashable:
+        return prefix_key(self.adapter, self.cache_salt)
+
+
+def prefix_key(adapter: str, cache_salt: str | None) -> Hashable:
+    """What a row's prefix-cache entries are filed under: its adapter (a
+    LoRA row's KV differs from the base row's), and its request's
+    cache_salt when given, so tenants that salt their requests never reuse
+    (nor time) each other's cached prompts."""
+    return adapter if cache_salt is None else (adapter, cache_salt)
 
 
 @dataclass(frozen=True)
@@ -143,7 +157,7 @@ class Runner(Protocol):
         [len(token_ids), H], outside the batch (no row joins, no cache is
         kept): what prompt logprobs are read from."""
 
-    def cached_length(self, adapter: str, prompt_ids: Sequence[int]) -> int:
+    def cached_length(self, prefix_key: Hashable, prompt_ids: Sequence[int]) -> int:
         """Tokens at the start of a new row's prompt its prefix cache holds
         now (0 without one): what `prefill` will not compute, so a scheduler
         can size the row's first piece past them."""
@@ -205,8 +219,8 @@ class ModelRows:
     def retain(self, rows: Mapping[RowKey, Sequence[int]]) -> None:
         """No prefix cache here (the transformers runner overrides it)."""
 
-    def cached_length(self, adapter: str, prompt_ids: Sequence[int]) -> int:
-        return 0 if self.prefix_cache is None else self.prefix_cache.peek(adapter, prompt_ids)
+    def cached_length(self, prefix_key: Hashable, prompt_ids: Sequence[int]) -> int:
+        return 0 if self.prefix_cache is None else self.prefix_cache.peek(prefix_key, prompt_ids)
 
     @torch.inference_mode()
     def prompt_hidden(self, token_ids: Sequence[int]) -> torch.Tensor:
@@ -251,6 +265,7 @@ class TransformersRunner(ModelRows):
         self.row_keys: list[RowKey] = []
         self._index.clear()
         self.adapters: list[str] = []
+        self.prefix_keys: list[Hashable] = []  # each row's NewRow.prefix_key, where retain files its KV
         self.cache = None
         self.attention_mask: torch.Tensor | None = None  # [B, L] 1 = real token
         self.next_positions: torch.Tensor | None = None  # [B] position id of the next input
@@ -292,8 +307,8 @@ class TransformersRunner(ModelRows):
         next piece continues (as a cached one); it joins the batch with its
         last piece. Rows holding the same tokens so far, given the same
         piece, run once too."""
-        firsts: dict[tuple, int] = {}  # (adapter, tokens so far) -> index among the rows that run
-        copy_of = [firsts.setdefault((row.adapter, self._partial_tokens.get(row.key, ()) + tuple(row.prompt_ids)),
+        firsts: dict[tuple, int] = {}  # (prefix key, tokens so far) -> index among the rows that run
+        copy_of = [firsts.setdefault((row.prefix_key, self._partial_tokens.get(row.key, ()) + tuple(row.prompt_ids)),
                                      len(firsts)) for row in rows]
         if len(firsts) < len(rows):
             unique = {index: row for row, index in zip(rows, copy_of, strict=True)}
@@ -347,8 +362,7 @@ class TransformersRunner(ModelRows):
             mask = mask[keep]
         cache, mask = self._packed(cache, mask)
         lengths = torch.tensor([ends[index] for index in complete], device=self.device)
-        self._append(cache, mask, lengths, [joining[index].key for index in complete],
-                     [joining[index].adapter for index in complete])
+        self._append(cache, mask, lengths, [joining[index] for index in complete])
         return hidden
 
     def _packed(self, cache, mask: torch.Tensor) -> tuple[Cache, torch.Tensor]:
@@ -380,7 +394,7 @@ class TransformersRunner(ModelRows):
             raise ValueError(f"row {row.key!r} is already here")
         if self.prefix_cache is None:
             return 0, None
-        return self.prefix_cache.longest(row.adapter, row.prompt_ids)
+        return self.prefix_cache.longest(row.prefix_key, row.prompt_ids)
 
     @staticmethod
     def _row_kv(cache, index: int, columns: torch.Tensor) -> torch.Tensor:
@@ -433,10 +447,10 @@ class TransformersRunner(ModelRows):
                 continue
             columns = self.attention_mask[index].nonzero().flatten()
             held = tokens[: len(columns)]
-            length = self.prefix_cache.kept_length(self.adapters[index], held, bytes_per_token)
+            length = self.prefix_cache.kept_length(self.prefix_keys[index], held, bytes_per_token)
             if length == 0:
                 continue
-            self.prefix_cache.store(self.adapters[index], held[:length],
+            self.prefix_cache.store(self.prefix_keys[index], held[:length],
                                     self._row_kv(self.cache, index, columns[:length]))
 
     def remove(self, keys: Collection[RowKey]) -> None:
@@ -459,6 +473,7 @@ class TransformersRunner(ModelRows):
         self.next_positions = self.next_positions[index]
         self.row_keys = [self.row_keys[i] for i in keep]
         self.adapters = [self.adapters[i] for i in keep]
+        self.prefix_keys = [self.prefix_keys[i] for i in keep]
         self._index.clear()  # rows after a leaving one move up
         self._index.update((key, position) for position, key in enumerate(self.row_keys))
         self._drop_padding_columns()
@@ -471,7 +486,8 @@ class TransformersRunner(ModelRows):
                 layer.drop_leading(leading)
             self.attention_mask = self.attention_mask[:, leading:]
 
-    def _append(self, cache, mask, next_positions, keys, adapters) -> None:
+    def _append(self, cache, mask, next_positions, rows: Sequence[NewRow]) -> None:
+        keys = [row.key for row in rows]
         if self.cache is None:
             self.cache, self.attention_mask, self.next_positions = cache, mask, next_positions
         else:
@@ -483,7 +499,8 @@ class TransformersRunner(ModelRows):
             self.next_positions = torch.cat([self.next_positions, next_positions])
         self._index.update((key, len(self.row_keys) + offset) for offset, key in enumerate(keys))
         self.row_keys.extend(keys)
-        self.adapters.extend(adapters)
+        self.adapters.extend(row.adapter for row in rows)
+        self.prefix_keys.extend(row.prefix_key for row in rows)
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, adapters) -> torch.Tensor:
         self.lora.select(adapters)

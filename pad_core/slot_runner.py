@@ -45,9 +45,10 @@ copy of the whole read per layer per step).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -238,6 +239,7 @@ class SlotRunner(ModelRows):
         # The same, on the host (no device sync to size a step).
         self._free = list(range(slots))  # a heap: rows take the lowest free slot
         self._adapters = [NO_ADAPTER] * slots
+        self._prefix_keys: list[Hashable] = [NO_ADAPTER] * slots  # each slot's row's NewRow.prefix_key
         self._pending: dict[int, int] = {}  # slot of a row whose prompt is not complete -> tokens written
         self._host_lengths: dict[int, int] = {}  # live slot -> tokens held
         self._steps = 0  # decode steps so far; a live slot holds its _host_lengths + steps since it joined
@@ -305,12 +307,12 @@ class SlotRunner(ModelRows):
             return list(rows)
         given = []
         for row, slot in zip(rows, slots, strict=True):
-            length, kv = self.prefix_cache.longest(row.adapter, row.prompt_ids) if row.start == 0 else (0, None)
+            length, kv = self.prefix_cache.longest(row.prefix_key, row.prompt_ids) if row.start == 0 else (0, None)
             if length:
                 for layer, layer_kv in zip(self.cache.layers, kv, strict=True):  # kv [layers, 2, heads, length, D]
                     layer.key_pool[slot, :, :length] = layer_kv[0]
                     layer.value_pool[slot, :, :length] = layer_kv[1]
-                row = NewRow(row.key, row.prompt_ids[length:], row.adapter, start=length, last=row.last)
+                row = dataclasses.replace(row, prompt_ids=row.prompt_ids[length:], start=length)
             given.append(row)
         return given
 
@@ -329,17 +331,18 @@ class SlotRunner(ModelRows):
             if slot is None or slot in self._pending:
                 continue
             held = tokens[: self._row_length(slot)]
-            length = self.prefix_cache.kept_length(self._adapters[slot], held, bytes_per_token)
+            length = self.prefix_cache.kept_length(self._prefix_keys[slot], held, bytes_per_token)
             if length:
                 kv = torch.stack([torch.stack((layer.key_pool[slot, :, :length], layer.value_pool[slot, :, :length]))
                                   for layer in self.cache.layers])
-                self.prefix_cache.store(self._adapters[slot], held[:length], kv)
+                self.prefix_cache.store(self._prefix_keys[slot], held[:length], kv)
 
     def _record_prefill(self, rows: Sequence[NewRow], slots: list[int]) -> None:
         ends = [row.start + len(row.prompt_ids) for row in rows]
         new = [(row, slot) for row, slot in zip(rows, slots, strict=True) if row.start == 0]
         for row, slot in new:
             self._index[row.key] = slot
+            self._prefix_keys[slot] = row.prefix_key
         self._set_adapters([slot for _, slot in new], [row.adapter for row, _ in new])
         complete = []
         for row, slot, end in zip(rows, slots, ends, strict=True):

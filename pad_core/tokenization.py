@@ -29,10 +29,10 @@ def tokenize(prompts: PromptBuilder, request: dict[str, Any]) -> dict[str, Any]:
         validate_messages(messages)
         template = TemplateOptions(bool(request.get("add_generation_prompt", True)),
                                    bool(request.get("continue_final_message", False)),
-                                   request.get("chat_template_kwargs") or {})
+                                   request.get("chat_template_kwargs") or {},
+                                   add_special_tokens=bool(request.get("add_special_tokens", False)))
         template.verify(messages)
-        ids = prompts.encode(messages, template=template,
-                             add_special_tokens=bool(request.get("add_special_tokens", False)))
+        ids = prompts.encode(messages, template=template)
     elif kind == "text":
         if not isinstance(request.get("prompt"), str):
             raise InvalidRequestError("prompt must be text", param="prompt")

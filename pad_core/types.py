@@ -14,6 +14,8 @@ from pad_core.validation import (
     MAX_ALLOWED_TOKEN_IDS,
     MAX_BAD_WORD_CHARS,
     MAX_BAD_WORDS,
+    MAX_CACHE_SALT_CHARS,
+    MAX_DOCUMENTS,
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_VALUE,
     MAX_PENALTY,
@@ -132,6 +134,9 @@ class SamplingParams:
     # ids (StepOutput.prompt_token_ids). Not sampling either; the answer's
     # ids come with every output anyway.
     return_token_ids: bool = False
+    # vLLM's cache_salt: the request shares prefix-cache entries only with
+    # requests of the same salt (pad_core.runner.prefix_key). Not sampling.
+    cache_salt: str | None = None
 
     @property
     def processes_logits(self) -> bool:
@@ -162,6 +167,10 @@ class SamplingParams:
         check_bool(self.include_stop_str_in_output, "include_stop_str_in_output")
         check_bool(self.skip_special_tokens, "skip_special_tokens")
         check_bool(self.return_token_ids, "return_token_ids")
+        if self.cache_salt is not None:
+            check_text(self.cache_salt, "cache_salt", max_chars=MAX_CACHE_SALT_CHARS)
+            if not self.cache_salt:
+                raise InvalidRequestError("cache_salt must not be empty", param="cache_salt")
         check_float(self.presence_penalty, "presence_penalty", -MAX_PENALTY, MAX_PENALTY)
         check_float(self.frequency_penalty, "frequency_penalty", -MAX_PENALTY, MAX_PENALTY)
         check_bool(self.logprobs, "logprobs")
@@ -369,11 +378,17 @@ class TemplateOptions:
     `add_generation_prompt` opens the assistant's turn (the default);
     `continue_final_message` leaves the last message open instead, so the
     answer continues it (a prefilled answer); `kwargs` are more variables for
-    the template (vLLM's `chat_template_kwargs`, such as `enable_thinking`)."""
+    the template (vLLM's `chat_template_kwargs`, such as `enable_thinking`);
+    `documents` are vLLM's (retrieved passages for templates that render
+    them, each an object of strings); `add_special_tokens` lets the
+    tokenizer add its own (a BOS) to the rendered text, which the template
+    usually writes itself (vLLM's default for chat: false)."""
 
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     kwargs: dict[str, Any] = field(default_factory=dict)
+    documents: list[dict[str, str]] | None = None
+    add_special_tokens: bool = False
 
     def verify(self, messages: Sequence[dict[str, Any]]) -> None:
         check_bool(self.add_generation_prompt, "add_generation_prompt")
@@ -384,6 +399,18 @@ class TemplateOptions:
         if not isinstance(self.kwargs, dict):
             raise InvalidRequestError("chat_template_kwargs must be an object", param="chat_template_kwargs")
         check_json(self.kwargs, "chat_template_kwargs")
+        check_bool(self.add_special_tokens, "add_special_tokens")
+        if self.documents is not None:
+            if not isinstance(self.documents, list) or len(self.documents) > MAX_DOCUMENTS:
+                raise InvalidRequestError(f"documents must be a list of at most {MAX_DOCUMENTS} objects",
+                                          param="documents")
+            for index, document in enumerate(self.documents):
+                if not isinstance(document, dict):
+                    raise InvalidRequestError(f"documents[{index}] must be an object of strings",
+                                              param=f"documents[{index}]")
+                for key, value in document.items():
+                    check_text(key, f"documents[{index}]")
+                    check_text(value, f"documents[{index}].{key}")
         for key in self.kwargs:
             if not key.isidentifier() or key in RESERVED_TEMPLATE_KWARGS:
                 raise InvalidRequestError(f"chat_template_kwargs cannot set {key!r}", param="chat_template_kwargs")
@@ -471,6 +498,7 @@ class TextRequest:
     guidance: GuidanceParams = field(default_factory=GuidanceParams)
     structured: StructuredOutput | None = None  # None: free text
     priority: int = 0  # as ChatRequest's
+    add_special_tokens: bool = True  # vLLM's: the tokenizer adds its own (a BOS) to a text prompt
     kind: Literal["text"] = "text"  # tells the worker it is not a ChatRequest
 
     def verify(self, limits: RequestLimits) -> None:
@@ -492,6 +520,7 @@ class TextRequest:
         if self.structured is not None:
             self.structured.verify()
         check_int(self.priority, "priority")
+        check_bool(self.add_special_tokens, "add_special_tokens")
 
     def text_length(self) -> int:
         prompt = len(self.prompt) if isinstance(self.prompt, str) else 0
@@ -511,6 +540,7 @@ class TextRequest:
             guidance=GuidanceParams(**(data.get("guidance") or {})),
             structured=StructuredOutput.from_dict(data["structured"]) if data.get("structured") else None,
             priority=data.get("priority", 0),
+            add_special_tokens=data.get("add_special_tokens", True),
         )
 
 

@@ -37,6 +37,8 @@ MAX_STOP_STRINGS = 16
 MAX_BAD_WORDS = 256  # vLLM's bad_words (it sets no limit; each costs a check per step)
 MAX_BAD_WORD_CHARS = 1000
 MAX_ALLOWED_TOKEN_IDS = 2**20  # vLLM's allowed_token_ids: more than any vocabulary
+MAX_CACHE_SALT_CHARS = 256  # vLLM's cache_salt (a tenant's key, not text)
+MAX_DOCUMENTS = 256  # vLLM's chat documents (the context length bounds their text anyway)
 MAX_CHOICES = 16  # n
 # |pad.weight| and |preference weight|. PAD's grid tops out at w = 8; far
 # larger weights only saturate the choice, and 1e308 overflows float32.

@@ -323,7 +323,8 @@ def prepare_text(engine: PadEngine, request: TextRequest) -> GenerationRequest:
         sees = sources[name].base_sees_preference
     if request.structured is not None:
         engine.structured.compile(request.structured)  # off the decode loop, as prepare_chat does
-    prompt_ids, reward_ids = engine.prompts.encode_text(request.prompt, request.preferences, sees)
+    prompt_ids, reward_ids = engine.prompts.encode_text(request.prompt, request.preferences, sees,
+                                                        request.add_special_tokens)
     return engine.generation_request(request, prompt_ids, reward_ids, request.structured)
 
 

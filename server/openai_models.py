@@ -30,6 +30,7 @@ from pad_core.validation import (
     INT64_MAX,
     INT64_MIN,
     MAX_ALLOWED_TOKEN_IDS,
+    MAX_DOCUMENTS,
     MAX_BAD_WORD_CHARS,
     MAX_BAD_WORDS,
     MAX_CHOICES,
@@ -63,6 +64,12 @@ IGNORED: dict[str, str] = {
     "reasoning_effort": "the model does not reason before answering",
     "prediction": "predicted outputs only save latency",
     "stream_options.include_obfuscation": "no obfuscation padding is sent",
+    "include_reasoning": "the model does not reason before answering: there is no reasoning to include",
+    "length_penalty": "vLLM's, for beam search only (which is refused here)",
+    "spaces_between_special_tokens": "the fast tokenizer writes special tokens' text without spaces between them "
+                                     "(vLLM's fast detokenizer ignores it too)",
+    "mm_processor_kwargs": "no images or audio here (their parts are refused)",
+    "media_io_kwargs": "no images or audio here (their parts are refused)",
 }
 
 
@@ -233,6 +240,20 @@ class SamplingFields(StrictRequest):
                                           "chunk, each chunk's own)")
     return_tokens_as_token_ids: bool | None = Field(None, description="vLLM: logprobs name tokens as "
                                                     "'token_id:{id}' (bytes stay the token's own)")
+    request_id: str | None = Field(None, min_length=1, max_length=128, description="vLLM: the request's id in "
+                                   "the logs and the x-request-id header (an X-Request-Id header wins); the "
+                                   "answer's own id stays unique")
+    cache_salt: str | None = Field(None, min_length=1, max_length=256, description="vLLM: only requests with the "
+                                   "same salt share prefix-cache entries")
+    use_beam_search: bool | None = Field(None, description="vLLM: refused if true (no beam search here)")
+    length_penalty: float | None = Field(None, description="vLLM, beam search only: accepted and ignored")
+    spaces_between_special_tokens: bool | None = Field(None, description="vLLM: accepted and ignored")
+    logits_processors: list[Any] | None = Field(None, description="vLLM: refused unless null or empty (no custom "
+                                                "code is loaded)")
+    vllm_xargs: dict[str, Any] | None = Field(None, description="vLLM: refused unless null or empty (no custom "
+                                              "logits processors to read them)")
+    kv_transfer_params: dict[str, Any] | None = Field(None, description="vLLM: refused unless null (no "
+                                                      "disaggregated prefill)")
     # Structured outputs: OpenAI's response_format, and vLLM's (structured_outputs, or its older guided_* fields)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsParams | None = Field(
@@ -287,10 +308,20 @@ class SamplingFields(StrictRequest):
             "truncate_prompt_tokens": self.truncate_prompt_tokens,
             "truncation_side": self.truncation_side or "left",
             "return_token_ids": bool(self.return_token_ids),
+            "cache_salt": self.cache_salt,
         }
 
     def check_vllm_fields(self) -> None:
-        """vLLM's own refusals of its token-level fields."""
+        """vLLM's own refusals of its token-level fields, and its fields this
+        server cannot honour, refused by name."""
+        reject_if(bool(self.use_beam_search), "use_beam_search is not supported: no beam search here (n samples "
+                  "independent answers)", "use_beam_search")
+        reject_if(bool(self.logits_processors), "logits_processors are not supported: no custom code is loaded",
+                  "logits_processors")
+        reject_if(bool(self.vllm_xargs), "vllm_xargs are not supported: no custom logits processors read them",
+                  "vllm_xargs")
+        reject_if(self.kv_transfer_params is not None, "kv_transfer_params are not supported: no disaggregated "
+                  "prefill here", "kv_transfer_params")
         reject_if(self.truncate_prompt_tokens == 0, "truncate_prompt_tokens must be at least 1 (or -1: as many "
                   "as fit)", "truncate_prompt_tokens", "invalid_value")
         reject_if(self.prompt_logprobs is not None and bool(self.stream),
@@ -593,6 +624,15 @@ class ChatCompletionRequest(SamplingFields):
                                          "prefilled answer; needs add_generation_prompt false)")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="vLLM: more variables for the chat "
                                                          "template (enable_thinking, say)")
+    documents: Annotated[list[dict[str, str]], Field(max_length=MAX_DOCUMENTS)] | None = Field(
+        None, description="vLLM: passages for a chat template that renders documents (each an object of strings)")
+    add_special_tokens: bool = Field(False, description="vLLM: let the tokenizer add its special tokens (a BOS) "
+                                     "to the rendered chat; the template writes its own")
+    chat_template: str | None = Field(None, description="vLLM: refused unless null (the server's chat template "
+                                      "is used, as vLLM without --trust-request-chat-template)")
+    include_reasoning: bool | None = Field(None, description="vLLM: accepted and ignored (no reasoning model)")
+    mm_processor_kwargs: dict[str, Any] | None = Field(None, description="vLLM: accepted and ignored (no media)")
+    media_io_kwargs: dict[str, Any] | None = Field(None, description="vLLM: accepted and ignored (no media)")
     # Honoured when they ask for nothing this server lacks: refused by name otherwise.
     audio: dict[str, Any] | None = Field(None, description="refused unless null: no audio here")
     modalities: list[str] | None = Field(None, description="['text'] only")
@@ -625,6 +665,9 @@ class ChatCompletionRequest(SamplingFields):
                    "top_logprobs", "invalid_value")
         reject_if(bool(self.tools) and bool(self.functions), "give tools or functions, not both", "functions",
                    "invalid_value")
+        reject_if(self.chat_template is not None, "chat_template: a request's own chat template is not accepted "
+                  "(the server's is used; vLLM refuses it too unless started with --trust-request-chat-template)",
+                  "chat_template")
         self.check_stream_options()
 
     def to_sampling_params(self, choice: int = 0) -> SamplingParams:
@@ -633,7 +676,9 @@ class ChatCompletionRequest(SamplingFields):
 
     def to_template(self) -> TemplateOptions:
         return TemplateOptions(self.add_generation_prompt, self.continue_final_message,
-                               dict(self.chat_template_kwargs or {}))
+                               dict(self.chat_template_kwargs or {}),
+                               None if self.documents is None else [dict(d) for d in self.documents],
+                               self.add_special_tokens)
 
     @property
     def legacy_functions(self) -> bool:
@@ -674,6 +719,9 @@ class CompletionRequest(SamplingFields):
     echo: bool | None = False
     suffix: str | None = Field(None, description="refused unless null: no insertion here")
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description="at most n (no ranking of extra samples)")
+    add_special_tokens: bool = Field(True, description="vLLM: let the tokenizer add its special tokens (a BOS) "
+                                     "to a text prompt")
+    prompt_embeds: Any = Field(None, description="vLLM: refused unless null (token prompts only)")
 
     def max_tokens_asked(self) -> int | None:
         return self.max_tokens
@@ -689,6 +737,8 @@ class CompletionRequest(SamplingFields):
 
     def refuse_unsupported(self) -> None:
         reject_if(self.suffix is not None, "'suffix' is not supported (no insertion)", "suffix")
+        reject_if(self.prompt_embeds is not None, "prompt_embeds are not supported: give text or token ids",
+                  "prompt_embeds")
         reject_if(self.best_of is not None and self.best_of > self.n,
                    "best_of larger than n is not supported (no ranking of extra samples)", "best_of")
         reject_if(self.max_tokens == 0 and not self.echo and self.prompt_logprobs is None,

@@ -15,6 +15,8 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.errors import invalid
+
 HEADER = b"x-request-id"
 # A client's id is echoed only if it is a plain token: it goes into a
 # response header and a log line, so no spaces, quotes or control characters.
@@ -23,10 +25,27 @@ CLIENT_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
 def request_id_of(scope: Scope) -> str:
     """The client's `X-Request-Id` if it is a plain token, else a new id."""
+    sent = client_header_id(scope)
+    return sent if sent is not None else f"req_{uuid.uuid4().hex}"
+
+
+def client_header_id(scope: Scope) -> str | None:
     sent = dict(scope.get("headers") or ()).get(HEADER)
     if sent is not None and CLIENT_ID.fullmatch(sent):
         return sent.decode("ascii")
-    return f"req_{uuid.uuid4().hex}"
+    return None
+
+
+def adopt_body_request_id(request, body_id: str | None) -> None:
+    """vLLM's `request_id` body field: the request's id (logs, the
+    x-request-id header) unless an X-Request-Id header gave one, as vLLM
+    has it. A plain token only, as the header's; else a 400."""
+    if body_id is None:
+        return
+    if not CLIENT_ID.fullmatch(body_id.encode("utf-8")):
+        raise invalid("request_id must be 1-128 letters, digits or . _ : -", "request_id", "invalid_value")
+    if client_header_id(request.scope) is None:
+        request.state.request_id = body_id
 
 
 class RequestIdMiddleware:
@@ -41,13 +60,13 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = request_id_of(scope)
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id_of(scope)
 
         async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start":  # read now: a body's request_id may have replaced it
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != HEADER]
-                message = {**message, "headers": [*headers, (HEADER, request_id.encode("ascii"))]}
+                message = {**message, "headers": [*headers, (HEADER, state["request_id"].encode("ascii"))]}
             await send(message)
 
         await self.app(scope, receive, send_with_id)

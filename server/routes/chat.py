@@ -33,6 +33,7 @@ from server.messages import chat_messages
 from server.openai_models import ChatCompletion, ChatCompletionRequest
 from server.openapi import generation_responses
 from server.request_body import JSONRoute
+from server.request_id import adopt_body_request_id
 from server.store.resolve import UNSET, resolve_for_request
 
 router = APIRouter(tags=["chat"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
@@ -60,6 +61,7 @@ async def _chat(body: ChatCompletionRequest, request: Request, scope):
     served = check_model(state, body.model)
     check_fan_out(state, body.n)
     body.refuse_unsupported()
+    adopt_body_request_id(request, body.request_id)
     structured = body.to_structured()
     messages = chat_messages(body.messages)
     user = chat_user(scope, body.user)

@@ -34,6 +34,7 @@ from server.generation import (
 from server.openai_models import CompletionRequest, TextCompletion
 from server.openapi import generation_responses
 from server.request_body import JSONRoute
+from server.request_id import adopt_body_request_id
 from server.routes.chat import preference_rename, resolve_preferences
 
 router = APIRouter(tags=["completions"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
@@ -54,6 +55,7 @@ async def _complete(body: CompletionRequest, request: Request, scope):
     check_fan_out(state, len(prompts) * body.n, "n" if len(prompts) == 1 else "prompt")
     body.refuse_unsupported()
     user = chat_user(scope, body.user)
+    adopt_body_request_id(request, body.request_id)
     resolution = await resolve_preferences(state, body, user)
     guidance = body.to_guidance_params()
     structured = body.to_structured()
@@ -63,7 +65,8 @@ async def _complete(body: CompletionRequest, request: Request, scope):
         for i in range(body.n):
             index = group * body.n + i
             requests.append(TextRequest(f"{completion_id}-{index}", prompt, resolution.preferences,
-                                        body.to_sampling_params(i), guidance, structured, body.priority))
+                                        body.to_sampling_params(i), guidance, structured, body.priority,
+                                        body.add_special_tokens))
             choices.append(ChoiceState(index, group=group))
     generation = Generation(state, completion_id, served, requests, choices, resolution)
     rename = preference_rename(body)
