@@ -33,7 +33,15 @@ from pad_core.lora import NO_ADAPTER
 from pad_core.prompting import PromptBuilder
 from pad_core.request_state import RequestState, RewardRowRef
 from pad_core.runner import BASE_RUNNER, NewRow, RewardSource, Runner, prefix_key
-from pad_core.sampling import INVALID_TOKEN, NO_LEGAL_TOKEN, apply_penalties, apply_sampling_controls, token_ranks, top_logprobs
+from pad_core.sampling import (
+    INVALID_TOKEN,
+    NO_LEGAL_TOKEN,
+    apply_penalties,
+    apply_sampling_controls,
+    token_ranks,
+    top_logprobs,
+    usable_rows,
+)
 from pad_core.settings import EngineSettings
 from pad_core.structured import StructuredOutputs
 from pad_core.token_controls import bad_words_ids, truncate_request
@@ -90,6 +98,9 @@ class PadEngine:
         self._aborted: set[str] = set()
         self._seed_source = random.Random()
         self._token_texts: dict[int, tuple[str, list[int]]] = {}  # token id -> its text and bytes (logprobs)
+        # The tokens skip_special_tokens leaves out of an answer's text (the tokenizer's special added tokens).
+        self._special_ids = frozenset(token_id for token_id, added in tokenizer.added_tokens_decoder.items()
+                                      if added.special)
         self.max_prefill_tokens = settings.resolved_max_prefill_tokens(self.runners[BASE_RUNNER].device.type)
 
     # ---- requests -----------------------------------------------------
@@ -131,9 +142,15 @@ class PadEngine:
         vLLM's token-level fields applied (truncate_prompt_tokens, bad_words)."""
         sampling = request.sampling
         if sampling.truncate_prompt_tokens is not None:
-            prompt_ids, reward_ids = truncate_request(prompt_ids, reward_ids, sampling.truncate_prompt_tokens,
-                                                      self.context_length, sampling.max_tokens,
-                                                      sampling.truncation_side)
+            # Only reward prompts that will run claim room (-1 cuts until they fit): with weight 0, or
+            # max_tokens 0 (the prompt's logprobs only), they never reach the model and stay as they are.
+            if self._runs_rewards(sampling, request.guidance):
+                prompt_ids, reward_ids = truncate_request(prompt_ids, reward_ids, sampling.truncate_prompt_tokens,
+                                                          self.context_length, sampling.max_tokens,
+                                                          sampling.truncation_side)
+            else:
+                prompt_ids, _ = truncate_request(prompt_ids, [], sampling.truncate_prompt_tokens,
+                                                 self.context_length, sampling.max_tokens, sampling.truncation_side)
         return GenerationRequest(
             request_id=request.request_id,
             prompt_ids=prompt_ids,
@@ -146,6 +163,14 @@ class PadEngine:
             priority=request.priority,
             bad_words_ids=bad_words_ids(self.tokenizer, sampling.bad_words) if sampling.bad_words else (),
         )
+
+    def _guidance_weight(self, guidance) -> float:
+        return self.settings.default_weight if guidance.weight is None else guidance.weight
+
+    def _runs_rewards(self, sampling, guidance) -> bool:
+        """Whether a request's reward prompts reach the model: not with weight
+        0 (plain decoding) nor max_tokens 0 (the prompt's logprobs only)."""
+        return sampling.max_tokens != 0 and self._guidance_weight(guidance) != 0
 
     def add_request(self, request: GenerationRequest) -> None:
         state = self._new_state(request)
@@ -507,8 +532,17 @@ class PadEngine:
         count = max(states[row].request.sampling.top_logprobs for row in rows)
         index = torch.tensor(rows, device=base.device)
         entries = iter(self._logprob_entries(base[index].log_softmax(dim=-1), tokens[index], count))
-        return [self._cut(next(entries), s.request.sampling.top_logprobs) if want else None
+        return [self._answer_entry(next(entries), s.request.sampling) if want else None
                 for want, s in zip(wanted, states, strict=True)]
+
+    def _answer_entry(self, entry: TokenLogprob, sampling) -> TokenLogprob:
+        """A row's entry as its request asked: top_logprobs cut to its count,
+        and a special token that skip_special_tokens leaves out of the text
+        marked so (`in_text`)."""
+        entry = self._cut(entry, sampling.top_logprobs)
+        if sampling.skip_special_tokens and entry.token_id in self._special_ids:
+            entry = dataclasses.replace(entry, in_text=False)
+        return entry
 
     def _logprob_entries(self, log_probs: torch.Tensor, tokens: torch.Tensor, count: int) -> list[TokenLogprob]:
         """log_probs [N, V], tokens [N] -> each token's entry with the `count`
@@ -691,9 +725,11 @@ class PadEngine:
         """Refuses, before tokenizing, a chat that cannot fit: a token covers
         at most `max_token_chars` characters, so the longest context (the
         messages plus one preference) has at least chars / max_token_chars
-        tokens. Counting characters costs nothing; tokenizing 20 MB does."""
+        tokens. Counting characters costs nothing; tokenizing 20 MB does.
+        Preferences count only where their reward prompts run."""
         messages = sum(len(v) for m in chat.messages for v in m.values() if isinstance(v, str))
-        longest = messages + max((len(p.text) for p in chat.preferences), default=0)
+        preferences = chat.preferences if self._runs_rewards(chat.sampling, chat.guidance) else ()
+        longest = messages + max((len(p.text) for p in preferences), default=0)
         at_least = -(-longest // self.max_token_chars)
         if at_least >= self.context_length:
             raise ContextLengthExceededError(
@@ -731,13 +767,14 @@ class PadEngine:
         for name, prompts in (("prompt_ids", [request.prompt_ids]), ("reward_prompts", reward_ids)):
             if any(type(token) is not int or not 0 <= token < vocab_size for ids in prompts for token in ids):
                 raise InvalidRequestError(f"{name}: token ids must be in [0, {vocab_size})", param=name)
-        weight = self.settings.default_weight if guidance.weight is None else guidance.weight
+        weight = self._guidance_weight(guidance)
         top_k = self.settings.default_top_k if guidance.top_k is None else guidance.top_k
         min_p = self.settings.default_min_p if guidance.min_p is None else guidance.min_p
         source = self._reward_source(guidance.reward_model)
         scores_only = sampling.max_tokens == 0  # reads the prompt's logprobs: no rows, no room for an answer
         longest_prompt = max([len(request.prompt_ids),
-                              *(() if scores_only else (len(p.prompt_ids) for p in request.reward_prompts))])
+                              *((len(p.prompt_ids) for p in request.reward_prompts)
+                                if self._runs_rewards(sampling, guidance) else ())])
         room = self.context_length - longest_prompt
         if room < (0 if scores_only else 1):
             raise ContextLengthExceededError(
@@ -813,6 +850,8 @@ def blame_no_legal_token(tokens: list[int], raw_base: torch.Tensor, base: torch.
     request's sampling controls."""
     masked = apply_token_mask(base, token_mask)
     for row, token in enumerate(tokens):
-        if token == INVALID_TOKEN and bool(torch.isfinite(raw_base[row]).all()) \
-                and bool((masked[row] == float("-inf")).all()):  # every token ruled out, none broken (NaN)
+        # The model's scores are sound as the sampler judges them (`usable_rows`: a finite best, no NaN
+        # nor +inf; its own -inf, a token it rules out, is fine), so what left no token was the rules.
+        if token == INVALID_TOKEN and bool(usable_rows(raw_base[row:row + 1])) \
+                and bool((masked[row] == float("-inf")).all()):
             tokens[row] = NO_LEGAL_TOKEN

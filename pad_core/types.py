@@ -599,6 +599,9 @@ class TokenLogprob:
     token_id: int | None = None
     rank: int | None = None
     top_ids: list[int] = field(default_factory=list)
+    # False for an answer's special token that skip_special_tokens leaves out
+    # of its text: it adds nothing there (legacy text_offset).
+    in_text: bool = True
 
 
 @dataclass
@@ -672,5 +675,6 @@ def _logprobs_from(entries: list[dict[str, Any]] | None) -> list[TokenLogprob] |
         return None
     return [TokenLogprob(token=lp["token"], logprob=lp["logprob"], bytes=list(lp["bytes"]),
                          top_logprobs=[tuple(t) for t in lp.get("top_logprobs") or []],
-                         token_id=lp.get("token_id"), rank=lp.get("rank"), top_ids=list(lp.get("top_ids") or ()))
+                         token_id=lp.get("token_id"), rank=lp.get("rank"), top_ids=list(lp.get("top_ids") or ()),
+                         in_text=lp.get("in_text", True))
             for lp in entries]

@@ -503,6 +503,11 @@ def test_completions_echo_with_logprobs_scores_the_prompt(client, server):
                                       echo=True).choices[0]
     offsets = emoji.logprobs.text_offset
     assert offsets[-2] == len("Party 🎉 time")  # the answer starts where the echo ends, whatever the pieces
+    pieces = [(token, offset) for token, offset in zip(emoji.logprobs.tokens, offsets, strict=True) if "\ufffd" in token]
+    # the emoji's byte pieces (the first with the space before it) start at the space or the emoji
+    assert pieces and {offset for _, offset in pieces} <= {len("Party"), len("Party ")}
+    for token, offset in zip(emoji.logprobs.tokens, offsets, strict=True):  # every whole token at its own text
+        assert "\ufffd" in token or emoji.text[offset:].startswith(token), (token, offset)
     refused = post(server, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 0})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
 

@@ -6,6 +6,7 @@ tiny model (plain and PAD rows), then over HTTP with the openai SDK."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import httpx
@@ -196,6 +197,39 @@ def test_as_many_as_fit_with_a_preference_fits_the_reward_prompt_too(make_engine
     assert outputs["long"][-1].finish_reason == "length" and len(tokens["long"]) == 4
 
 
+@pytest.mark.parametrize("weight, max_tokens", [(0.0, 4), (2.0, 0)], ids=["weight-0", "scores-only"])
+def test_as_many_as_fit_makes_no_room_for_reward_prompts_that_never_run(make_engine, weight, max_tokens):
+    """With weight 0 (plain decoding) or max_tokens 0 (the prompt's logprobs
+    only) the reward prompts never reach the model: -1 keeps the base prompt
+    as long as the context allows, as without a preference."""
+    engine = make_engine()
+    long = [{"role": "user", "content": "sleep " * (engine.context_length + 10)}]
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, truncate_prompt_tokens=-1,
+                              prompt_logprobs=0 if max_tokens == 0 else None)
+    request = ChatRequest("long", long, PREF, sampling, GuidanceParams(weight=weight))
+    generation = engine.prepare_chat(request)
+    assert len(generation.prompt_ids) == engine.context_length - (max_tokens or 1)
+    _, outputs = run(engine, request)
+    assert outputs["long"][-1].prompt_tokens == len(generation.prompt_ids)
+
+
+def test_the_character_precheck_counts_a_preference_only_where_it_runs(make_engine):
+    """The pre-tokenizing length check adds the longest preference only when
+    its reward prompt will run: with weight 0 a chat whose messages alone
+    fit is not refused for a preference it never reads."""
+    engine = make_engine()
+    preference = Preference("p" * 2000)
+    # The messages alone: fewer than context_length tokens' worth of characters; with the preference, more.
+    chars = engine.context_length * engine.max_token_chars - len(preference.text) + engine.max_token_chars // 2
+    long = [{"role": "user", "content": "sleep " * (chars // 6 + 1)}]
+    at_least = -(-sum(map(len, long[0].values())) // engine.max_token_chars)
+    assert at_least < engine.context_length <= -(-(sum(map(len, long[0].values())) + 2000) // engine.max_token_chars)
+    plain = ChatRequest("plain", long, [preference], SamplingParams(max_tokens=None), GuidanceParams(weight=0.0))
+    assert engine.prepare_chat(plain).prompt_ids  # tokenized, not refused by the character count
+    with pytest.raises(ContextLengthExceededError):
+        engine.prepare_chat(dataclasses.replace(plain, guidance=GuidanceParams(weight=2.0)))
+
+
 def test_prompt_logprobs_carry_ids_and_ranks(make_engine):
     engine = make_engine()
     _, outputs = run(engine, chat("scored", prompt_logprobs=3, max_tokens=1))
@@ -264,6 +298,36 @@ def test_an_echoed_truncated_prompt_is_the_text_the_model_read(server, tokenizer
     untouched = httpx.post(f"{server}/v1/completions", json={**body, "truncate_prompt_tokens": 100},
                            timeout=60).json()["choices"][0]
     assert untouched["text"].startswith(prompt)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_text_offsets_skip_special_tokens_left_out_of_the_text(server, tokenizer, stream):
+    """An answer whose special tokens skip_special_tokens leaves out of the
+    text (ignore_eos, only the end token and " hello" allowed): each token's
+    text_offset is where its text is in the answer; the special ones add
+    nothing. Offsets come from the tokens' bytes, streamed or not."""
+    hello = tokenizer.encode(" hello", add_special_tokens=False)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    body = {"model": MODEL, "prompt": "Say hello", "max_tokens": 8, "temperature": 1, "seed": 3, "logprobs": 0, "logit_bias": {str(eos): 1},
+            "ignore_eos": True, "allowed_token_ids": [*hello, eos], "stream": stream}
+    if stream:
+        with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as response:
+            chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        parts = [c["choices"][0] for c in chunks if c["choices"]]
+        text = "".join(p["text"] for p in parts)
+        tokens = [t for p in parts if p["logprobs"] for t in p["logprobs"]["tokens"]]
+        offsets = [o for p in parts if p["logprobs"] for o in p["logprobs"]["text_offset"]]
+    else:
+        choice = httpx.post(f"{server}/v1/completions", json=body, timeout=60).json()["choices"][0]
+        text, tokens, offsets = choice["text"], choice["logprobs"]["tokens"], choice["logprobs"]["text_offset"]
+    assert "<|im_end|>" in tokens and " hello" in tokens and "<|im_end|>" not in text, tokens
+    position = 0
+    for token, offset in zip(tokens, offsets, strict=True):
+        assert offset == position, (tokens, offsets)
+        if token != "<|im_end|>":
+            assert text[offset:offset + len(token)] == token
+            position += len(token)
+    assert position == len(text)
 
 
 def test_token_fields_over_http(client, server, tokenizer):
@@ -340,3 +404,38 @@ def test_allowed_tokens_that_leave_nothing_to_choose_end_the_request_alone(make_
         last = outputs[rid][-1]
         assert last.finish_reason == "error" and last.error_param == "allowed_token_ids", last
     assert outputs["fine"][-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("preferences", [(), PREF], ids=["plain", "pad"])
+def test_a_token_the_model_itself_rules_out_is_still_the_clients_400(make_engine, tokenizer, preferences):
+    """The model's own -inf on a token (a sound score: it rules the token
+    out) does not make allowed_token_ids naming only that token an engine
+    error: the request's rule left nothing, so it is the client's 400."""
+    from pad_core.testing import biased
+
+    engine = make_engine()
+    (only,) = tokenizer.encode("yes", add_special_tokens=False)
+    bias = torch.zeros(engine.runners["base"].vocab_size)
+    bias[only] = float("-inf")
+    outputs: dict[str, list] = {}
+    with biased(engine, bias):
+        for output in engine.generate([chat("stuck", preferences, allowed_token_ids=(only,)),
+                                       chat("fine", preferences, max_tokens=4)]):
+            outputs.setdefault(output.request_id, []).append(output)
+    last = outputs["stuck"][-1]
+    assert last.finish_reason == "error" and last.error_param == "allowed_token_ids", last
+    assert outputs["fine"][-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("preferences", [(), PREF], ids=["plain", "pad"])
+def test_a_model_that_rules_out_every_token_is_the_engines_error(make_engine, tokenizer, preferences):
+    """Every logit -inf is the model's fault, whatever rules the request
+    has: an engine error ("not finite", a 500), never blamed on a field."""
+    from pad_core.testing import biased
+
+    engine = make_engine()
+    bias = torch.full((engine.runners["base"].vocab_size,), float("-inf"))
+    with biased(engine, bias):
+        for rules in ({"bad_words": ("zebra",)}, {}):
+            (last, *_) = reversed(list(engine.generate([chat("broken", preferences, **rules)])))
+            assert last.finish_reason == "error" and last.error_param is None and "not finite" in last.error, last

@@ -132,8 +132,9 @@ class ChatFormatter(ChunkFormatter):
                           "logprobs": {"content": logprobs} if logprobs else None, "finish_reason": reason})
         if not parts:  # a call's end alone (Responses' .done): its ids go with the next chunk
             choice.defer_ids(delta.token_ids)
-        elif self.body.return_token_ids:
-            parts[-1]["token_ids"] = delta.token_ids
+        elif self.body.return_token_ids:  # every chunk of the choice carries the field, as vLLM's
+            for part in parts:
+                part["token_ids"] = delta.token_ids if part is parts[-1] else []
         return [self.chunk(generation, [part]) for part in parts]
 
     def call_delta(self, call: CallDelta) -> dict:

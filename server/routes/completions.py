@@ -7,6 +7,7 @@ preference template (pad_core.prompting.PromptBuilder.encode_text)."""
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import uuid
 
@@ -81,11 +82,31 @@ async def _complete(body: CompletionRequest, request: Request, scope):
     return JSONResponse(formatter.response(generation, choices))
 
 
-def legacy_logprobs(entries: list[TokenLogprob], offset: int, as_ids: bool = False) -> dict:
+class TextPosition:
+    """Where the next token's text starts in a choice's text, counted from
+    the tokens' bytes (a token's string may be a piece of a character, as
+    "\ufffd", which is no measure of the text it adds): a token that opens
+    or continues a multi-byte character is at that character."""
+
+    def __init__(self, start: int):
+        self.chars = start
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def advance(self, entry: TokenLogprob) -> int:
+        """The entry's offset; moves past its bytes (none for a special token
+        left out of the text)."""
+        offset = self.chars
+        if entry.in_text:
+            self.chars += len(self._decoder.decode(bytes(entry.bytes)))
+        return offset
+
+
+def legacy_logprobs(entries: list[TokenLogprob], position: TextPosition, as_ids: bool = False) -> dict:
     """OpenAI's legacy logprobs: tokens, token_logprobs, top_logprobs (token
-    -> logprob), text_offset. An echoed prompt's first token has null for
-    both (nothing precedes it). `as_ids` (vLLM's return_tokens_as_token_ids)
-    names tokens "token_id:{id}"; offsets stay those of their text."""
+    -> logprob), text_offset (from `position`, which moves past the
+    entries). An echoed prompt's first token has null for both (nothing
+    precedes it). `as_ids` (vLLM's return_tokens_as_token_ids) names tokens
+    "token_id:{id}"; offsets stay those of their text."""
     tokens, values, tops, offsets = [], [], [], []
     for lp in entries:
         tokens.append(token_id_name(lp.token_id) if as_ids else lp.token)
@@ -96,8 +117,7 @@ def legacy_logprobs(entries: list[TokenLogprob], offset: int, as_ids: bool = Fal
             tops.append({token_id_name(i): value for i, (_, value, _) in zip(lp.top_ids, lp.top_logprobs, strict=False)})
         else:
             tops.append({token: value for token, value, _ in lp.top_logprobs})
-        offsets.append(offset)
-        offset += len(lp.token)
+        offsets.append(position.advance(lp))
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
@@ -118,7 +138,7 @@ class CompletionFormatter(ChunkFormatter):
         super().__init__(body)
         self.prompts = prompts
         self.echoed: set[int] = set()
-        self.offsets: dict[int, int] = {}
+        self.positions: dict[int, TextPosition] = {}  # per choice: where its next answer token's text starts
         self.pad_sent = False
 
     def echo(self, choice: ChoiceState) -> str:
@@ -126,21 +146,23 @@ class CompletionFormatter(ChunkFormatter):
             return ""
         return prompt_text(self.prompts[choice.group], choice.prompt_logprobs, self.body.truncate_prompt_tokens is not None)
 
-    def logprobs(self, choice: ChoiceState, entries: list[TokenLogprob], offset: int, echo: str | None) -> dict | None:
-        """Legacy logprobs of answer tokens at `offset`; with the `echo` text
-        (the first piece of a choice; "" without echo), the prompt's tokens open them
-        (OpenAI, vLLM), at offsets from 0, and the answer's start exactly
-        where the echoed text ends (a prompt token's text may be a piece of
-        a character, which would shift every offset after it)."""
+    def logprobs(self, choice: ChoiceState, entries: list[TokenLogprob], echo: str | None) -> dict | None:
+        """Legacy logprobs of a choice's next answer tokens; with the `echo`
+        text (the choice's first piece; "" without echo), the prompt's tokens
+        open them (OpenAI, vLLM), at offsets from 0, and the answer's start
+        exactly where the echoed text ends. Offsets count characters of the
+        text, from the tokens' bytes (`TextPosition`)."""
+        if echo is not None:
+            self.positions[choice.index] = TextPosition(len(echo))
         if self.body.logprobs is None:
             return None
         as_ids = bool(self.body.return_tokens_as_token_ids)
-        answer = legacy_logprobs(entries, offset + len(echo or ""), as_ids)
+        answer = legacy_logprobs(entries, self.positions[choice.index], as_ids)
         if echo is None or not self.body.echo or not choice.prompt_logprobs:
             return answer
         count = self.body.logprobs  # prompt_logprobs may have asked the worker for more
         prompt = legacy_logprobs([dataclasses.replace(lp, top_logprobs=lp.top_logprobs[:count], top_ids=lp.top_ids[:count])
-                                  for lp in choice.prompt_logprobs], offset, as_ids)
+                                  for lp in choice.prompt_logprobs], TextPosition(0), as_ids)
         return {key: prompt[key] + answer[key] for key in answer}
 
     def delta(self, generation: Generation, choice: ChoiceState, delta: Delta) -> list[str]:
@@ -152,10 +174,8 @@ class CompletionFormatter(ChunkFormatter):
             ids = self.prompt_ids(choice)
         if self.body.return_token_ids:
             ids["token_ids"] = delta.token_ids
-        offset = self.offsets.get(choice.index, 0)
-        logprobs = self.logprobs(choice, delta.logprobs, offset, echo)
+        logprobs = self.logprobs(choice, delta.logprobs, echo)
         text = (echo or "") + delta.text
-        self.offsets[choice.index] = offset + len(text)
         extra = {} if self.pad_sent else {"pad": generation.pad_info()}  # on the first chunk
         self.pad_sent = True
         return [self.chunk(generation, [{"index": choice.index, "text": text, "logprobs": logprobs,
@@ -179,7 +199,7 @@ class CompletionFormatter(ChunkFormatter):
         out = []
         for choice in choices:
             echo = self.echo(choice)
-            logprobs = self.logprobs(choice, choice.logprobs, 0, echo)
+            logprobs = self.logprobs(choice, choice.logprobs, echo)
             out.append({"index": choice.index, "text": echo + choice.text, "logprobs": logprobs,
                         "finish_reason": choice.finish_reason, **self.vllm_fields(choice)})
         return {"id": generation.id, "object": "text_completion", "created": generation.created,
