@@ -142,6 +142,18 @@ def test_streams_carry_pad_on_the_first_chunk_and_continuous_usage(client):
                                         "top_k": 80, "min_p": 0.1, "applied": False}
 
 
+def test_a_streamed_answer_opens_each_choice_in_a_chunk_of_its_own(client):
+    """As OpenAI and vLLM stream n choices: a role chunk per choice, each
+    holding that choice alone; `pad` on the first chunk only."""
+    chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, n=3, temperature=1,
+                                                 seed=5, stream=True))
+    openings = chunks[:3]
+    assert [[c.index for c in chunk.choices] for chunk in openings] == [[0], [1], [2]]
+    assert all(chunk.choices[0].delta.role == "assistant" for chunk in openings)
+    assert "pad" in chunks[0].model_extra and not any("pad" in chunk.model_extra for chunk in chunks[1:])
+    assert all(len(chunk.choices) == 1 for chunk in chunks)
+
+
 def test_tool_use_in_the_history_is_accepted(client):
     messages = [
         {"role": "system", "content": "You help with the weather."},

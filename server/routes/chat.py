@@ -105,13 +105,18 @@ class ChatFormatter(ChunkFormatter):
         self.echo = echo
 
     def opening(self, generation: Generation) -> list[str]:
-        """The role of every choice (content null before tool calls, as OpenAI's;
-        the echoed message where asked), `pad` (what personalized the answer),
-        and with return_token_ids the prompt's token ids (vLLM's, once)."""
-        return [self.chunk(generation, [{"index": c.index, "delta": {"role": "assistant",
-                                                                  "content": None if c.holds_calls else self.echo},
-                                         "logprobs": None, "finish_reason": None} for c in generation.choices],
-                           pad=generation.pad_info(), **self.prompt_ids(generation.choices))]
+        """A chunk per choice with its role (content null before tool calls, as
+        OpenAI's; the echoed message where asked), as OpenAI and vLLM send
+        them; the first also carries `pad` (what personalized the answer) and
+        with return_token_ids the prompt's token ids (vLLM's, once)."""
+        chunks = []
+        for number, choice in enumerate(generation.choices):
+            role = {"index": choice.index, "delta": {"role": "assistant",
+                                                     "content": None if choice.holds_calls else self.echo},
+                    "logprobs": None, "finish_reason": None}
+            first = {"pad": generation.pad_info(), **self.prompt_ids(generation.choices)} if number == 0 else {}
+            chunks.append(self.chunk(generation, [role], **first))
+        return chunks
 
     def prompt_ids(self, choices: list[ChoiceState]) -> dict:
         """vLLM's top-level prompt_token_ids, when asked (the n choices share the prompt)."""
