@@ -69,6 +69,7 @@ from urllib.parse import urlparse
 
 import httpx
 import psutil
+import regex  # partial matching (a cut answer is a prefix of a match); transformers depends on it
 
 FINISH_REASONS = {"stop", "length", "tool_calls"}
 GAUGES = ("pad_requests_in_flight", "pad_queue_depth", "pad_running_requests", "pad_running_rows")
@@ -115,6 +116,12 @@ PERSON_SCHEMA = {
     "required": ["name", "age"],
     "additionalProperties": False,
 }
+
+# PERSON_SCHEMA's objects as text, for a cut answer's prefix check (either
+# property order; JSON whitespace between tokens).
+_STRING, _INTEGER = r'"(?:[^"\\\x00-\x1f]|\\.)*"', r"-?(?:0|[1-9][0-9]*)"
+_NAME, _AGE = rf'"name"\s*:\s*{_STRING}', rf'"age"\s*:\s*{_INTEGER}'
+PERSON_JSON = rf"\s*\{{\s*(?:{_NAME}\s*,\s*{_AGE}|{_AGE}\s*,\s*{_NAME})\s*\}}\s*"
 
 
 # ---- what one request did ----------------------------------------------
@@ -562,18 +569,28 @@ async def structured_output(ctx: Context, out: Outcome) -> None:
                 out.fail(f"json_schema answer off schema: {text!r}")
         except ValueError:
             out.fail(f"json_schema answer is not JSON: {text!r}")
+    elif not follows(PERSON_JSON, text, reasons[0]):  # cut by max_tokens: a prefix of such an object
+        out.fail(f"cut json_schema answer is no prefix of a person object: {text!r}")
     out.texts, out.finish_reasons = [text], reasons
     out.answered = not out.violations
 
 
 # vLLM's constraints as its clients send them: (request fields, a check of a complete answer)
+# Each constraint with the pattern its answers match: whole when complete
+# (finish_reason stop), a prefix of a match when cut by max_tokens.
 VLLM_CONSTRAINTS = [
-    ({"structured_outputs": {"choice": ["positive", "negative", "neutral"]}},
-     lambda text: text in ("positive", "negative", "neutral")),
-    ({"guided_regex": r"[A-Z][a-z]{2,9}, [0-9]{1,2}"}, lambda text: re.fullmatch(r"[A-Z][a-z]{2,9}, [0-9]{1,2}", text)),
+    ({"structured_outputs": {"choice": ["positive", "negative", "neutral"]}}, r"positive|negative|neutral"),
+    ({"guided_regex": r"[A-Z][a-z]{2,9}, [0-9]{1,2}"}, r"[A-Z][a-z]{2,9}, [0-9]{1,2}"),
     ({"structured_outputs": {"grammar": 'root ::= ("yes" | "no") ", because " [a-z ]{1,40} "."'}},
-     lambda text: re.fullmatch(r"(yes|no), because [a-z ]{1,40}\.", text)),
+     r"(yes|no), because [a-z ]{1,40}\."),
 ]
+
+
+def follows(pattern: str, text: str, finish_reason: str | None) -> bool:
+    """Whether an answer keeps to its constraint: matches it whole, or, cut
+    by max_tokens, is a prefix of a match (the `regex` module's partial
+    matching)."""
+    return bool(regex.fullmatch(pattern, text, partial=finish_reason == "length"))
 
 
 PREFILL = "Here are three tips:\n1."
@@ -582,11 +599,11 @@ PREFILL = "Here are three tips:\n1."
 async def vllm_constraint(ctx: Context, out: Outcome) -> None:
     """vLLM's structured outputs (a choice, a regex, a GBNF grammar) on chat
     or legacy completions, or a prefilled answer (continue_final_message and
-    echo): a complete answer follows its constraint, an echoed one opens
-    with the prefill."""
+    echo): an answer follows its constraint (whole, or as a prefix when cut
+    by max_tokens); an echoed one opens with the prefill."""
     rng = ctx.rng
     body = out.request = {"model": ctx.model, "temperature": rng.choice([0, 0.7])}
-    fields, follows = rng.choice(VLLM_CONSTRAINTS)
+    fields, pattern = rng.choice(VLLM_CONSTRAINTS)
     if rng.random() < 0.25:
         body.update(max_tokens=24, add_generation_prompt=False, continue_final_message=True, echo=True,
                     messages=[{"role": "user", "content": "How do I sleep better?"},
@@ -607,8 +624,8 @@ async def vllm_constraint(ctx: Context, out: Outcome) -> None:
     if body.get("echo"):
         if not text.startswith(PREFILL):
             out.fail(f"echoed answer does not open with the prefill: {text[:60]!r}")
-    elif out.finish_reasons[:1] == ["stop"] and not follows(text):
-        out.fail(f"answer off its constraint {fields}: {text!r}")
+    elif out.finish_reasons and not follows(pattern, text, out.finish_reasons[0]):
+        out.fail(f"answer off its constraint {fields} ({out.finish_reasons[0]}): {text!r}")
     out.answered = not out.violations
 
 

@@ -231,3 +231,22 @@ def test_the_memory_limit_is_the_lowest_of_the_machine_and_the_cgroups_above_the
     (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
     own.write_text("12:pids:/docker/abc\n4:memory:/docker/abc\nnot a cgroup line\n")
     assert memory_limit_bytes(v1, own) == min(machine, 3 * 2**30)
+
+
+def test_the_soak_checks_cut_constrained_answers_as_prefixes():
+    """A constrained answer cut by max_tokens must be a prefix of a match
+    (the `regex` module's partial matching); a complete one, a whole match."""
+    from benchmarks.soak import PERSON_JSON, VLLM_CONSTRAINTS, follows
+
+    choice, pattern, grammar = (pattern for _, pattern in VLLM_CONSTRAINTS)
+    assert follows(choice, "positive", "stop") and not follows(choice, "posi", "stop")
+    assert follows(choice, "posi", "length") and not follows(choice, "posx", "length")
+    assert follows(pattern, "Paris, 12", "stop") and follows(pattern, "Pari", "length")
+    assert not follows(pattern, "paris", "length")
+    assert follows(grammar, "yes, because it is good.", "stop") and follows(grammar, "no, becau", "length")
+    assert not follows(grammar, "maybe", "length")
+    assert follows(PERSON_JSON, '{"name": "John Doe", "age": 30}', "stop")
+    assert follows(PERSON_JSON, '{"age": 3, "name": "A \\"b\\""}', "stop")
+    assert follows(PERSON_JSON, '{"name": "Jo', "length") and follows(PERSON_JSON, '{"age": 30, "na', "length")
+    assert not follows(PERSON_JSON, '{"name": 12', "length") and not follows(PERSON_JSON, 'Sure! {"name"', "length")
+    assert not follows(PERSON_JSON, '{"name": "x", "age": 1', "stop")
