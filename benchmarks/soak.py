@@ -57,7 +57,6 @@ import json
 import math
 import os
 import random
-import re
 import signal
 import statistics
 import sys
@@ -575,9 +574,9 @@ async def structured_output(ctx: Context, out: Outcome) -> None:
     out.answered = not out.violations
 
 
-# vLLM's constraints as its clients send them: (request fields, a check of a complete answer)
-# Each constraint with the pattern its answers match: whole when complete
-# (finish_reason stop), a prefix of a match when cut by max_tokens.
+# vLLM's constraints as its clients send them: (request fields, the pattern
+# its answers match: whole when complete, a prefix of a match when cut by
+# max_tokens).
 VLLM_CONSTRAINTS = [
     ({"structured_outputs": {"choice": ["positive", "negative", "neutral"]}}, r"positive|negative|neutral"),
     ({"guided_regex": r"[A-Z][a-z]{2,9}, [0-9]{1,2}"}, r"[A-Z][a-z]{2,9}, [0-9]{1,2}"),

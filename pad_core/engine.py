@@ -144,13 +144,10 @@ class PadEngine:
         if sampling.truncate_prompt_tokens is not None:
             # Only reward prompts that will run claim room (-1 cuts until they fit): with weight 0, or
             # max_tokens 0 (the prompt's logprobs only), they never reach the model and stay as they are.
-            if self._runs_rewards(sampling, request.guidance):
-                prompt_ids, reward_ids = truncate_request(prompt_ids, reward_ids, sampling.truncate_prompt_tokens,
-                                                          self.context_length, sampling.max_tokens,
-                                                          sampling.truncation_side)
-            else:
-                prompt_ids, _ = truncate_request(prompt_ids, [], sampling.truncate_prompt_tokens,
-                                                 self.context_length, sampling.max_tokens, sampling.truncation_side)
+            runs = self._runs_rewards(sampling, request.guidance)
+            prompt_ids, cut = truncate_request(prompt_ids, reward_ids if runs else [], sampling.truncate_prompt_tokens,
+                                               self.context_length, sampling.max_tokens, sampling.truncation_side)
+            reward_ids = cut if runs else reward_ids
         return GenerationRequest(
             request_id=request.request_id,
             prompt_ids=prompt_ids,
