@@ -24,7 +24,7 @@ commands:
   eval              does PAD follow preferences better than prompting?
   bench             HTTP load benchmark, plain vs PAD
   feedback export   write preference pairs from user feedback
-  feedback prune    delete completions kept past the feedback retention
+  feedback prune    delete completions and responses kept past their retention
 
 options:
   -h, --help        this text

@@ -99,15 +99,21 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
     return out
 
 
-def response_input_messages(items: str | list[dict[str, Any]], instructions: str | None) -> list[dict[str, str]]:
-    """Responses API `instructions` + `input` -> engine messages."""
+def response_input_messages(items: str | list[dict[str, Any]], instructions: str | None,
+                            earlier: Iterable[dict[str, str]] = (),
+                            call_names: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """Responses API `instructions` + `input` -> engine messages; `earlier`
+    (a previous response's conversation) goes between the two, and
+    `call_names` names the function calls made in it (call_id -> name), for
+    the function_call_output items that answer them."""
     out: list[dict[str, str]] = []
     if instructions:
         out.append({"role": "system", "content": instructions})
+    out.extend(earlier)
     if isinstance(items, str):
         out.append({"role": "user", "content": items})
         return out
-    names: dict[str, str] = {}
+    names: dict[str, str] = dict(call_names or {})
     calls: dict[int, list[tuple[str, str]]] = {}  # assistant message index -> its calls, written out at the end
     for index, item in enumerate(items):
         where = f"input[{index}]"

@@ -1,8 +1,9 @@
 """The Responses API request (POST /v1/responses): text in, text out (or
 forced function calls, or JSON by `text.format`), streamed as OpenAI's
-typed events or returned whole. Nothing is stored server-side: `store` is
-accepted and means nothing, `previous_response_id` and `conversation` are
-a clear 400 (send the whole conversation in `input`)."""
+typed events or returned whole. `store` (default true) keeps the response
+and `previous_response_id` continues a kept one (server/routes/
+stored_responses.py); `conversation` (the Conversations API) is a clear 400
+(send the whole conversation in `input`, or chain previous_response_id)."""
 
 from __future__ import annotations
 
@@ -50,14 +51,17 @@ class ResponsesRequest(StrictRequest):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     user: str | None = None
-    # No server-side state: refused unless null.
-    previous_response_id: str | None = Field(None, description="refused: nothing is stored; send the whole input")
-    conversation: str | dict[str, Any] | None = Field(None, description="refused: nothing is stored")
+    store: bool | None = Field(None, description="keep the response (default true): GET /v1/responses/{id}, "
+                               "previous_response_id")
+    previous_response_id: str | None = Field(None, description="continue a kept response's conversation (its "
+                                             "instructions and preference do not carry over)")
+    # Refused unless null.
+    conversation: str | dict[str, Any] | None = Field(None, description="refused: no Conversations API; use "
+                                                      "previous_response_id")
     prompt: dict[str, Any] | None = Field(None, description="refused: no stored prompts")
     background: bool | None = Field(None, description="refused when true: answers are synchronous")
     moderation: dict[str, Any] | None = Field(None, description="refused unless null: no moderation here")
     # Accepted and ignored.
-    store: bool | None = None
     metadata: Metadata | None = None
     include: list[str] | None = None
     reasoning: dict[str, Any] | None = None
@@ -77,11 +81,9 @@ class ResponsesRequest(StrictRequest):
     pad: PadOptions | None = None
 
     def refuse_unsupported(self) -> None:
-        reject_if(self.previous_response_id is not None,
-                   "previous_response_id is not supported: this server stores no responses; send the whole "
-                   "conversation in input", "previous_response_id")
-        reject_if(self.conversation is not None, "conversation is not supported: this server stores no "
-                   "conversations; send the whole conversation in input", "conversation")
+        reject_if(self.conversation is not None, "conversation is not supported: this server has no Conversations "
+                   "API; chain responses with previous_response_id, or send the whole conversation in input",
+                   "conversation")
         reject_if(self.prompt is not None, "prompt (a stored prompt template) is not supported", "prompt")
         reject_if(bool(self.background), "background responses are not supported", "background")
         reject_if(self.moderation is not None, "'moderation' is not supported: no moderation here", "moderation")

@@ -227,6 +227,10 @@ def test_openai_js_responses_second_turn_with_the_first_output(openai_js):
     assert turns["first"] and turns["second"] and turns["status"] == "incomplete"
     first, second = turns["input_tokens"]
     assert second > first  # the earlier answer (its output items sent back) is in the prompt
+    # chained onto the kept first response: the same prompt, the same greedy answer
+    assert turns["chained_previous"] == turns["first_id"] and turns["retrieved_same"]
+    assert (turns["chained_input_tokens"], turns["chained"]) == (second, turns["second"])
+    assert turns["input_items"] == [["message", "user", "Shorter?"]]
 
 
 def test_openai_js_completions(openai_js):
@@ -252,7 +256,7 @@ def test_openai_js_errors_are_the_sdks_classes(openai_js):
         "stream_bad_request": ("BadRequestError", 400, "invalid_value", "n"),  # refused before the stream starts
         "model_not_found": ("NotFoundError", 404, "model_not_found", "model"),
         "retrieve_not_found": ("NotFoundError", 404, "model_not_found", "model"),
-        "responses_previous_id": ("BadRequestError", 400, "unsupported_parameter", "previous_response_id"),
+        "responses_previous_id": ("BadRequestError", 400, "previous_response_not_found", "previous_response_id"),
     }
     for name, (cls, status, code, param) in expected.items():
         error = errors[name]

@@ -278,3 +278,54 @@ def test_feedback_cli_arguments(tmp_path, capsys):
     assert feedback_main(["prune", "--data-dir", str(db)]) == 0
     assert feedback_main(["export", "--db-url", "mysql://x/y", "--out", "-"]) == 2
     assert "unsupported database" in capsys.readouterr().err
+
+
+async def test_responses_round_trip_retention_and_delete(db_url):  # noqa: F811
+    store = await Store.open(store_config(db_url, responses_retention_days=1))
+    try:
+        store._next_prune = float("inf")  # no automatic pruning until asked
+        old = int(time.time()) - 3 * 86400
+        conversation = [{"role": "user", "content": WEIRD[1]}, {"role": "assistant", "content": WEIRD[2]}]
+        kept = {"id": "resp_new", "object": "response", "created_at": int(time.time()), "output": [], "note": WEIRD[4]}
+        assert await store.record_response(kept, user="alice", conversation=conversation,
+                                           call_names={"call_1": "get_weather"}, input_items=[{"id": "msg_1"}])
+        await store.record_response({**kept, "id": "resp_old", "created_at": old}, user=None,
+                                    conversation=conversation, call_names={}, input_items=[])
+        found = await store.find_response("resp_new")
+        assert (found.user_id, found.response, found.conversation) == ("alice", kept, conversation)
+        assert (found.call_names, found.input_items) == ({"call_1": "get_weather"}, [{"id": "msg_1"}])
+        await store.prune()
+        assert await store.find_response("resp_old") is None and await store.find_response("resp_new")
+        assert await store.delete_response("resp_new") is True and await store.delete_response("resp_new") is False
+        assert await store.find_response("resp_new") is None
+    finally:
+        await store.close()
+    off = await Store.open(store_config(db_url, responses_retention_days=0))
+    try:
+        assert off.keeps_responses is False
+        assert await off.record_response(kept, user=None, conversation=[], call_names={}, input_items=[]) is False
+    finally:
+        await off.close()
+
+
+async def test_a_version_1_database_migrates_to_keep_responses(db_url):  # noqa: F811
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from server.store.config import normalize_url
+
+    engine = create_async_engine(normalize_url(db_url))
+    async with engine.begin() as conn:  # the schema as the first release left it, with a profile in it
+        await conn.run_sync(schema.schema_version.create)
+        await conn.execute(schema.schema_version.insert().values(version=1))
+        await conn.run_sync(schema.MIGRATIONS[0])
+        await conn.execute(schema.user_profiles.insert().values(user_id="alice", preferences='[{"text": "kept", '
+                                                                 '"weight": 1.0}]', created_at=1, updated_at=1))
+    await engine.dispose()
+    store = await Store.open(store_config(db_url))
+    try:
+        assert (await store.get_preferences("alice")).preferences == [Preference("kept")]
+        await store.record_response({"id": "resp_1", "created_at": 1_900_000_000, "output": []}, user=None,
+                                    conversation=[], call_names={}, input_items=[])
+        assert (await store.find_response("resp_1")).response["id"] == "resp_1"
+    finally:
+        await store.close()

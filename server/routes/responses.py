@@ -14,11 +14,14 @@ with response.output_item.done, status "incomplete", and no .done).
 `pad` is on the response object, hence on response.created and on the
 terminal event too.
 
-Nothing is stored for the Responses API itself, but the feedback memory
-keeps every answer (PAD_FEEDBACK_RETENTION_DAYS): a message item's id is
-its response's (msg_<hex> of resp_<hex>), so an `item_reference` to an
-earlier answer, which the Vercel AI SDK sends for every assistant turn
-unless its `store` option is false, resolves to that answer."""
+A response whose request left `store` true is kept
+(server/routes/stored_responses.py): `previous_response_id` continues its
+conversation, GET /v1/responses/{id} reads it back. Apart from that, the
+feedback memory keeps every answer (PAD_FEEDBACK_RETENTION_DAYS): a message
+item's id is its response's (msg_<hex> of resp_<hex>), so an
+`item_reference` to an earlier answer, which the Vercel AI SDK sends for
+every assistant turn unless its `store` option is false, resolves to that
+answer."""
 
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ from server.openapi import generation_responses
 from server.request_body import JSONRoute
 from server.responses_models import ResponseObject, ResponsesRequest
 from server.routes.chat import preference_rename, resolve_preferences
+from server.routes.stored_responses import keep_response, previous_response
 
 router = APIRouter(tags=["responses"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 
@@ -68,12 +72,15 @@ async def create_response(body: ResponsesRequest, request: Request, scope: Scope
 
 async def _respond(body: ResponsesRequest, request: Request, scope):
     state = request.app.state
+    store = getattr(state, "store", None)
     served = check_model(state, body.model)
     body.refuse_unsupported()
     structured = body.to_structured()
     user = chat_user(scope, body.user)
-    items = await resolve_item_references(getattr(state, "store", None), scope, body.input)
-    messages = response_input_messages(items, body.instructions)
+    previous = await previous_response(store, scope, body.previous_response_id)
+    items = await resolve_item_references(store, scope, body.input)
+    messages = response_input_messages(items, body.instructions, previous.conversation if previous else (),
+                                       previous.call_names if previous else None)
     resolution = await resolve_preferences(state, body, user)
     response_id = f"resp_{uuid.uuid4().hex}"
     chat = ChatRequest(f"{response_id}-0", messages, resolution.preferences, body.to_sampling_params(),
@@ -84,12 +91,24 @@ async def _respond(body: ResponsesRequest, request: Request, scope):
     generation.rename = {**rename, "messages": "input", "response_format": "text.format"}
     await generation.start()
     record = recorder(state, generation, messages, user)
-    formatter = ResponsesFormatter(body, response_id)
+    keeps = body.store is not False and store is not None and store.keeps_responses
+    formatter = ResponsesFormatter(body, response_id, keeps)
+    history = messages[1:] if body.instructions else messages  # instructions do not carry over
+
+    async def finished(choices: list[ChoiceState], response: dict) -> None:
+        await record(choices)
+        if keeps:
+            await keep_response(store, response, user=user, history=history, items=items, previous=previous)
+
     if body.stream:
-        return streaming_response(stream_events(generation, formatter, record))
+        async def stream_finished(choices: list[ChoiceState]) -> None:
+            await finished(choices, formatter.final_streamed(generation, usage_of(choices)))
+
+        return streaming_response(stream_events(generation, formatter, stream_finished))
     choices = await generation.collect()
-    await record(choices)
-    return JSONResponse(formatter.response(generation, choices[0]))
+    response = formatter.response(generation, choices[0])
+    await finished(choices, response)
+    return JSONResponse(response)
 
 
 # ---- item references -------------------------------------------------------
@@ -126,7 +145,7 @@ async def resolve_item_references(store, scope: KeyScope | None,
     for index, item in references.items():
         if item["id"] not in answers:
             raise item_not_found(store, item["id"], f"input[{index}].id")
-        resolved[index] = {"type": "message", "role": "assistant",
+        resolved[index] = {"id": item["id"], "type": "message", "role": "assistant",
                            "content": [{"type": "output_text", "text": answers[item["id"]]}]}
     return resolved
 
@@ -161,8 +180,9 @@ def responses_usage(usage: dict) -> dict:
 
 
 class ResponsesFormatter(Formatter):
-    def __init__(self, body: ResponsesRequest, response_id: str):
+    def __init__(self, body: ResponsesRequest, response_id: str, stored: bool = False):
         self.body = body
+        self.stored = stored  # kept for previous_response_id and GET
         self.sequence = 0
         self.message_id = message_item_id(response_id)
         self.message_open = False
@@ -178,9 +198,10 @@ class ResponsesFormatter(Formatter):
             "background": False, "error": None, "incomplete_details": incomplete,
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
             "max_tool_calls": body.max_tool_calls, "model": generation.model, "output": output,
-            "parallel_tool_calls": body.parallel_tool_calls is not False, "previous_response_id": None,
+            "parallel_tool_calls": body.parallel_tool_calls is not False,
+            "previous_response_id": body.previous_response_id,
             "reasoning": {"effort": None, "summary": None}, "service_tier": "default",
-            "store": False,  # nothing is kept (the request's store is accepted and means nothing)
+            "store": self.stored,
             "temperature": 1.0 if body.temperature is None else body.temperature,
             "text": {"format": text_format, "verbosity": (body.text.verbosity if body.text else None) or "medium"},
             "tool_choice": body.tool_choice if body.tool_choice is not None else ("auto" if body.tools else "none"),
@@ -280,15 +301,20 @@ class ResponsesFormatter(Formatter):
             ]
         return events
 
-    def closing(self, generation: Generation, usage: dict) -> list[str]:
+    def final_streamed(self, generation: Generation, usage: dict) -> dict:
+        """The response a stream ends with (its terminal event's)."""
         choice = generation.choices[0]
         status = self.status(choice) if choice.tool_calls is None else "completed"
-        kind = "response.incomplete" if status == "incomplete" else "response.completed"
         output = self.output(choice)
         if choice.tool_calls is None and choice.streamed_calls:  # calls cut short: the items the client got
             output = [self.call_item(call, "completed" if index < self.calls_done else "incomplete")
                       for index, call in enumerate(choice.streamed_calls)]
-        return [self.event(kind, response=self.envelope(generation, status, output, usage))]
+        return self.envelope(generation, status, output, usage)
+
+    def closing(self, generation: Generation, usage: dict) -> list[str]:
+        response = self.final_streamed(generation, usage)
+        kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
+        return [self.event(kind, response=response)]
 
     def error(self, generation: Generation, error: APIError) -> list[str]:
         """The error event, then the terminal response.failed (as OpenAI ends

@@ -1,4 +1,4 @@
-"""Storage settings: PAD_DB_URL, PAD_DATA_DIR, retention and bounds.
+"""Storage settings: PAD_DB_URL, PAD_DATA_DIR, retentions and bounds.
 
 `StoreSettings` is a pydantic-settings class with the same env prefix as
 the server's settings; the gateway's `ServerSettings` may inherit it (or
@@ -32,6 +32,10 @@ class StoreSettings(BaseSettings):
     feedback_retention_days: float = Field(
         30.0, ge=0, description="days a completion (prompt, preference, answer) is kept for feedback; 0 keeps none"
     )
+    responses_retention_days: float = Field(
+        30.0, ge=0, description="days a Responses API response with store true is kept (GET /v1/responses/{id}, "
+        "previous_response_id); 0 keeps none"
+    )
     max_preferences: int = Field(8, ge=1, description="preferences per request and per stored profile")
     max_preference_chars: int = Field(2000, ge=1, description="characters per preference text")
 
@@ -40,6 +44,7 @@ class StoreSettings(BaseSettings):
 class StoreConfig:
     url: str
     feedback_retention_days: float = 30.0
+    responses_retention_days: float = 30.0
     max_preferences: int = 8
     max_preference_chars: int = 2000
     max_comment_chars: int = 4000
@@ -54,6 +59,7 @@ class StoreConfig:
         return cls(
             url=normalize_url(url),
             feedback_retention_days=float(pick("feedback_retention_days")),
+            responses_retention_days=float(pick("responses_retention_days")),
             max_preferences=int(pick("max_preferences")),
             max_preference_chars=int(pick("max_preference_chars")),
         )

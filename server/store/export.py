@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", "-o", required=True, help="output .jsonl file ('-' for stdout)")
     export.add_argument("--user", action="append", help="only this user's completions (repeatable)")
     export.add_argument("--with-meta", action="store_true", help="add a 'meta' object (source, user, completion ids)")
-    sub.add_parser("prune", parents=[common], help="delete completions older than the retention now")
+    sub.add_parser("prune", parents=[common], help="delete completions and responses older than their retention now")
     return parser
 
 

@@ -1,5 +1,5 @@
-"""The store: user preference profiles, completions kept for feedback, and
-feedback, on SQLite (default) or PostgreSQL, through SQLAlchemy's asyncio API.
+"""The store: user preference profiles, completions kept for feedback,
+feedback, and stored Responses API responses, on SQLite (default) or PostgreSQL, through SQLAlchemy's asyncio API.
 
 Durability: a write method returns only after its transaction committed.
 SQLite runs in WAL mode with synchronous=FULL (a commit is fsynced before it
@@ -196,6 +196,19 @@ class Completion:
     created_at: int
     prompt_key: str
     preference_key: str
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """A Responses API response kept with `store` (see schema.responses)."""
+
+    response_id: str
+    user_id: str | None
+    conversation: list[dict[str, str]]
+    call_names: dict[str, str]
+    input_items: list[dict[str, Any]]
+    response: dict[str, Any]
+    created_at: int
 
 
 @dataclass(frozen=True)
@@ -448,8 +461,7 @@ class Store:
         stmt = self._insert(schema.completions).on_conflict_do_nothing()
         async with self._write() as conn:
             await conn.execute(stmt, rows)
-        if time.monotonic() >= self._next_prune:
-            await self.prune()
+        await self._maybe_prune()
         return True
 
     async def get_completion(self, completion_id: str, choice_index: int = 0) -> Completion:
@@ -492,13 +504,20 @@ class Store:
             )
         return row
 
+    async def _maybe_prune(self) -> None:
+        if time.monotonic() >= self._next_prune:
+            await self.prune()
+
     async def prune(self, now: float | None = None) -> int:
-        """Deletes completions older than the retention, and their feedback."""
-        retention = self.config.feedback_retention_days * 86400.0
-        self._next_prune = time.monotonic() + max(60.0, min(3600.0, retention / 10))
-        cutoff = int((now if now is not None else time.time()) - retention)
-        c, f = schema.completions, schema.feedback
+        """Deletes completions older than the feedback retention, and their
+        feedback, and responses older than the responses retention."""
+        now = now if now is not None else time.time()
+        retentions = [days * 86400.0 for days in (self.config.feedback_retention_days,
+                                                  self.config.responses_retention_days) if days > 0]
+        self._next_prune = time.monotonic() + max(60.0, min(3600.0, min(retentions, default=3600.0) / 10))
+        c, f, r = schema.completions, schema.feedback, schema.responses
         async with self._write() as conn:
+            cutoff = int(now - self.config.feedback_retention_days * 86400.0)
             result = await conn.execute(delete(c).where(c.c.created_at < cutoff))
             if result.rowcount:
                 alive = select(c.c.completion_id)
@@ -510,9 +529,64 @@ class Store:
                         )
                     )
                 )
+            cutoff = int(now - self.config.responses_retention_days * 86400.0)
+            responses = await conn.execute(delete(r).where(r.c.created_at < cutoff))
         if result.rowcount:
             logger.info("pruned %d expired completion rows", result.rowcount)
+        if responses.rowcount:
+            logger.info("pruned %d expired responses", responses.rowcount)
         return result.rowcount
+
+    # -- responses (the Responses API's `store`)
+
+    @property
+    def keeps_responses(self) -> bool:
+        return self.config.responses_retention_days > 0
+
+    async def record_response(
+        self,
+        response: dict[str, Any],
+        *,
+        user: str | None,
+        conversation: Sequence[dict[str, str]],
+        call_names: dict[str, str],
+        input_items: Sequence[dict[str, Any]],
+    ) -> bool:
+        """Keeps a response object, with what continuing it needs; returns
+        False when the retention is 0 (nothing is kept)."""
+        if not self.keeps_responses:
+            return False
+        row = {
+            "response_id": response["id"],
+            "user_id": user or None,
+            "conversation": _dumps(normalize_messages(conversation)),
+            "call_names": _dumps(call_names),
+            "input_items": _dumps(list(input_items)),
+            "response": _dumps(response),
+            "created_at": int(response.get("created_at") or _now()),
+        }
+        async with self._write() as conn:
+            await conn.execute(self._insert(schema.responses).on_conflict_do_nothing(), [row])
+        await self._maybe_prune()
+        return True
+
+    async def find_response(self, response_id: str) -> StoredResponse | None:
+        """The kept response of that id; None when unknown or expired."""
+        table = schema.responses
+        async with self._read() as conn:
+            row = (await conn.execute(select(table).where(table.c.response_id == response_id))).first()
+        if row is None:
+            return None
+        return StoredResponse(response_id=row.response_id, user_id=row.user_id,
+                              conversation=json.loads(row.conversation), call_names=json.loads(row.call_names),
+                              input_items=json.loads(row.input_items), response=json.loads(row.response),
+                              created_at=row.created_at)
+
+    async def delete_response(self, response_id: str) -> bool:
+        table = schema.responses
+        async with self._write() as conn:
+            result = await conn.execute(delete(table).where(table.c.response_id == response_id))
+        return result.rowcount > 0
 
     # -- feedback
 

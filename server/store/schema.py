@@ -82,12 +82,33 @@ feedback = Table(
 )
 
 
+# Stored Responses API objects (`store`, `previous_response_id`, GET
+# /v1/responses/{id}). Each row holds the whole conversation through its
+# answer, so continuing it is one read, not a walk up the chain.
+responses = Table(
+    "responses",
+    metadata,
+    Column("response_id", String(128), primary_key=True),
+    Column("user_id", String(256), nullable=True),
+    Column("conversation", Text, nullable=False),  # JSON list of {"role", "content"}, instructions left out
+    Column("call_names", Text, nullable=False),  # JSON {call_id: function name} of the calls in it
+    Column("input_items", Text, nullable=False),  # JSON list of the request's own input items, with ids
+    Column("response", Text, nullable=False),  # JSON: the response object as it was returned
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_responses_created_at", "created_at"),
+)
+
+
 def _v1(conn: Connection) -> None:
     for table in (user_profiles, completions, feedback):
         table.create(conn)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+def _v2(conn: Connection) -> None:
+    responses.create(conn)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
 LATEST = len(MIGRATIONS)
 _PG_LOCK_ID = 0x5AD_5709E  # advisory lock key for migrations
 

@@ -220,7 +220,8 @@ const cases = {
   },
 
   // A second turn as the Responses docs show it: the first answer's output
-  // items sent back in input, then the user's next message.
+  // items sent back in input, then the user's next message; then the same
+  // turn chained with previous_response_id, read back, its input items listed.
   async responses_multi_turn() {
     const first = await client.responses.create({ model: MODEL, input: QUESTION, max_output_tokens: 4,
                                                   temperature: 0 });
@@ -228,8 +229,19 @@ const cases = {
       model: MODEL, max_output_tokens: 4, temperature: 0,
       input: [{ role: "user", content: QUESTION }, ...first.output, { role: "user", content: "Shorter?" }],
     });
+    // the same turn chained onto the kept first response (store defaults to true)
+    const chained = await client.responses.create({ model: MODEL, max_output_tokens: 4, temperature: 0,
+                                                    previous_response_id: first.id, input: "Shorter?" });
+    const retrieved = await client.responses.retrieve(chained.id);
+    const items = [];
+    for await (const item of client.responses.inputItems.list(chained.id, { limit: 1 })) items.push(item);
+    await client.responses.delete(first.id);
     return { first: first.output_text, second: second.output_text, status: second.status,
-             input_tokens: [first.usage.input_tokens, second.usage.input_tokens] };
+             input_tokens: [first.usage.input_tokens, second.usage.input_tokens],
+             chained: chained.output_text, chained_input_tokens: chained.usage.input_tokens,
+             chained_previous: chained.previous_response_id, first_id: first.id,
+             retrieved_same: JSON.stringify(retrieved) === JSON.stringify(chained),
+             input_items: items.map((item) => [item.type, item.role, item.content[0].text]) };
   },
 
   async responses_parse_zod() {
