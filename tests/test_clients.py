@@ -1,7 +1,8 @@
 """Client libraries the team did not write, against the gateway and the
 worker loop on the tiny engine (fast): langchain-openai (invoke, stream,
 structured output, a bound tool), litellm (extra_body), openai-agents (an
-Agent on its default Responses path, with store and metadata set). Each is
+Agent on its default Responses path, with store and metadata set, and one
+chaining its turns with previous_response_id). Each is
 skipped, saying why, where its library is not installed (`pip install -e
 '.[test]'` installs them).
 
@@ -168,6 +169,33 @@ async def test_an_agent_with_tools_and_an_output_type(base_url):
                          tools=[get_weather], model_settings=settings, tool_use_behavior="stop_on_first_tool")
     result = await agents.Runner.run(agent, QUESTION)
     assert isinstance(result.final_output, Verdict) or result.final_output.startswith("sunny in ")
+
+
+async def test_an_agent_chains_its_turns_with_previous_response_id(base_url):
+    """auto_previous_response_id: after the first turn the SDK sends only the
+    tool's output and the previous response's id; the kept conversation
+    (the call among it) gives the next turn the rest."""
+    import httpx
+    from openai import AsyncOpenAI
+
+    agents = agents_setup(base_url)
+    sent: list[dict] = []
+
+    async def record(request):
+        sent.append(json.loads(request.content))
+
+    agents.set_default_openai_client(AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0,
+                                                 http_client=httpx.AsyncClient(event_hooks={"request": [record]})),
+                                     use_for_tracing=False)
+    settings = agents.ModelSettings(tool_choice="get_weather", max_tokens=60, temperature=0)
+    agent = agents.Agent(name="weather", instructions="Use the tool, then judge.", model=MODEL,
+                         tools=[agent_weather_tool(agents)], output_type=Verdict, model_settings=settings)
+    result = await agents.Runner.run(agent, "Weather in Paris?", auto_previous_response_id=True, max_turns=6)
+    assert isinstance(result.final_output, Verdict)
+    assert len(sent) >= 2 and "previous_response_id" not in sent[0]
+    for body in sent[1:]:  # only what is new: the call's output, on the kept conversation
+        assert body["previous_response_id"].startswith("resp_")
+        assert [item["type"] for item in body["input"]] == ["function_call_output"]
 
 
 # ---- tool_choice "auto": a model that wants to call ------------------------
