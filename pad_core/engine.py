@@ -384,10 +384,11 @@ class PadEngine:
                 state.row_locations, state.prompts, self._row_adapters(state), spans, strict=True
             ):
                 if start < end:
-                    new_rows.setdefault(name, []).append(
-                        NewRow(key, prompt[start:end], row_adapter, start=start, last=end == len(prompt),
-                               cache_salt=state.request.sampling.cache_salt)
-                    )
+                    row = NewRow(key, prompt[start:end], row_adapter, start=start, last=end == len(prompt),
+                                 cache_salt=state.request.sampling.cache_salt)
+                    if start == 0 and key == state.base_key:  # usage's cached_tokens: what prefill will not compute
+                        state.cached_tokens = self.runners[name].cached_length(row.prefix_key, prompt)
+                    new_rows.setdefault(name, []).append(row)
         hidden = {}
         for name, rows in new_rows.items():
             hidden[name] = (self.runners[name].prefill(rows), {row.key: index for index, row in enumerate(rows)})

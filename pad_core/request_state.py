@@ -42,6 +42,7 @@ class RequestState:
     # Chunked prefill: how far the request's prompts are written, counted on
     # the longest (the rows are right-aligned: pad_core.engine.prompt_spans).
     prefilled: int = 0
+    cached_tokens: int = 0  # of the base prompt, found in the prefix cache (not computed)
     grammar: GrammarMatcher | None = None  # structured output: the answer's grammar
     prompt_logprobs: list[TokenLogprob] | None = None  # when asked: sent with the first output, then dropped
     prompt_ids_due: bool = field(init=False, default=False)  # return_token_ids: the first output has the prompt's
@@ -111,6 +112,7 @@ class RequestState:
             finish_reason=self.finish_reason,
             prompt_tokens=len(self.request.prompt_ids),
             completion_tokens=len(self.generated),
+            cached_tokens=self.cached_tokens,
             logprobs=logprobs,
             error=error,
             tool_calls=self._tool_calls(),

@@ -634,6 +634,7 @@ class StepOutput:
     error_param: str | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # on the first output, when asked (SamplingParams)
     prompt_token_ids: list[int] | None = None  # on the first output, with SamplingParams.return_token_ids
+    cached_tokens: int = 0  # of prompt_tokens, those the prefix cache held (OpenAI's usage cached_tokens)
 
     @property
     def finished(self) -> bool:
@@ -659,6 +660,7 @@ class StepOutput:
             "prompt_logprobs": None if self.prompt_logprobs is None else [
                 dataclasses.asdict(lp) for lp in self.prompt_logprobs],
             "prompt_token_ids": self.prompt_token_ids,
+            "cached_tokens": self.cached_tokens,
         }
 
     @classmethod

@@ -395,6 +395,7 @@ class ChoiceState:
     text: str = ""
     finish_reason: str | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, those the prefix cache held
     completion_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     tool_calls: list[dict] | None = None
@@ -421,6 +422,7 @@ class ChoiceState:
         if failure is not None:
             raise failure
         self.prompt_tokens, self.completion_tokens = output.prompt_tokens, output.completion_tokens
+        self.cached_tokens = output.cached_tokens
         self.finish_reason = output.finish_reason
         self.token_ids += output.token_ids
         self._unsent_ids += output.token_ids
@@ -489,11 +491,14 @@ class ChoiceState:
 
 
 def usage_of(choices: list[ChoiceState]) -> dict:
-    """OpenAI usage: each prompt counted once, every choice's answer."""
-    prompts = {c.group: c.prompt_tokens for c in choices}
-    prompt = sum(prompts.values())
+    """OpenAI usage: each prompt counted once, every choice's answer; of the
+    prompts' tokens, those read from the prefix cache (cached_tokens, as
+    OpenAI and vLLM report them)."""
+    prompts = {c.group: (c.prompt_tokens, c.cached_tokens) for c in choices}
+    prompt = sum(tokens for tokens, _ in prompts.values())
     completion = sum(c.completion_tokens for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(cached for _, cached in prompts.values())}}
 
 
 class Timing:

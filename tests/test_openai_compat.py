@@ -154,6 +154,18 @@ def test_a_streamed_answer_opens_each_choice_in_a_chunk_of_its_own(client):
     assert all(len(chunk.choices) == 1 for chunk in chunks)
 
 
+def test_usage_counts_the_prompt_tokens_read_from_the_prefix_cache(client):
+    long = [{"role": "user", "content": "Tell me, in detail, " + "about rivers and boats and bridges " * 8}]
+    first = client.chat.completions.create(model=MODEL, messages=long, max_tokens=2, temperature=0)
+    again = client.chat.completions.create(model=MODEL, messages=long, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens == again.usage.prompt_tokens > 64
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached % 32 == 0 and again.usage.prompt_tokens - 32 <= cached < again.usage.prompt_tokens
+    chunks = list(client.chat.completions.create(model=MODEL, messages=long, max_tokens=2, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+
+
 def test_tool_use_in_the_history_is_accepted(client):
     messages = [
         {"role": "system", "content": "You help with the weather."},

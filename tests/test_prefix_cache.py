@@ -148,7 +148,9 @@ def test_a_chats_next_turns_prefill_only_their_new_tokens_and_answer_the_same(ma
     as a chat client does: every row finds at least the whole earlier
     prompt cached (in whole 32-token blocks), and greedy answers are the
     tokens of an engine without a cache. With small prefill pieces too
-    (24 tokens a step): a first piece reaches past the cached part."""
+    (24 tokens a step): a first piece reaches past the cached part. Each
+    output says how many of the base prompt's tokens were cached (usage's
+    cached_tokens)."""
     prefs = [Preference(preference)] if preference else []
     rows = 2 if preference else 1
     off = make_engine(prefix_cache_gib=0, backend=backend, max_prefill_tokens=budget)
@@ -165,9 +167,14 @@ def test_a_chats_next_turns_prefill_only_their_new_tokens_and_answer_the_same(ma
         assert [t for o in outputs for t in o.token_ids] == expected, turn
         hits = on.stats()["prefix_cache_hit_tokens"] - before
         assert hits >= earlier_prompt // 32 * 32 * rows, (turn, hits, earlier_prompt)
+        # usage's cached_tokens: the base prompt's whole blocks found cached, on every output
+        cached = {o.cached_tokens for o in outputs}
+        assert len(cached) == 1 and earlier_prompt // 32 * 32 <= cached.pop() <= min(hits, earlier_prompt + 12)
+        assert outputs[-1].cached_tokens % 32 == 0 and outputs[-1].cached_tokens < outputs[-1].prompt_tokens
         earlier_prompt = outputs[-1].prompt_tokens
         messages = [*messages, {"role": "assistant", "content": "".join(o.text for o in outputs)}]
     assert off.stats()["prefix_cache_hit_tokens"] == 0 and on.stats()["prefix_cache_bytes"] > 0
+    assert all(o.cached_tokens == 0 for o in off.generate([copy.deepcopy(request)]))
 
 
 def test_prefix_cache_settings(make_engine):

@@ -75,6 +75,15 @@ def test_a_chained_response_answers_as_the_whole_conversation_would(client):
     assert (third.usage.input_tokens, third.output_text) == (whole.usage.input_tokens, whole.output_text)
 
 
+def test_a_chained_turn_finds_the_conversation_in_the_prefix_cache(client):
+    story = " ".join(f"Day {day}: I rode my bicycle along the river and counted {day * 3} boats." for day in range(8))
+    first = client.responses.create(input=story, **GREEDY)
+    chained = client.responses.create(input="How many days?", previous_response_id=first.id, **GREEDY)
+    cached = chained.usage.input_tokens_details.cached_tokens
+    assert first.usage.input_tokens > 96 and cached % 32 == 0  # whole 32-token blocks
+    assert first.usage.input_tokens - 32 <= cached < chained.usage.input_tokens
+
+
 def test_retrieve_returns_the_response_as_it_was_returned(client):
     created = client.responses.create(input="How do I sleep better?", metadata={"team": "docs"},
                                       extra_body={"preference": "short answers"}, **GREEDY)
