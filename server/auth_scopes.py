@@ -26,7 +26,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.store.errors import Forbidden
+from server.store.config import StoreConfig
+from server.store.errors import Forbidden, InvalidInput
+
+MAX_USER_CHARS = StoreConfig.max_user_id_chars  # the store's user_id columns
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,11 @@ def check_user(scope: KeyScope | None, user_id: str | None, param: str = "user_i
 
 def chat_user(scope: KeyScope | None, user: str | None) -> str | None:
     """The effective `user` of a chat request. A key bound to one user
-    defaults to it; a key bound to several must name one of them."""
+    defaults to it; a key bound to several must name one of them. One
+    longer than the store keeps is a 400, not an answer whose record (for
+    feedback, or a kept response) is silently lost."""
+    if user is not None and len(user) > MAX_USER_CHARS:
+        raise InvalidInput(f"user has {len(user)} characters, at most {MAX_USER_CHARS} allowed", param="user")
     if scope is None or scope.users is None:
         return user
     if user is None:

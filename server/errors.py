@@ -228,11 +228,22 @@ def _matches_a_route(request: Request) -> bool:
     return any(route.matches(request.scope)[0] != Match.NONE for route in request.app.router.routes)
 
 
+def _only_templates_match(request: Request) -> bool:
+    """Whether the routes a path matches (for another method) all take a
+    path parameter: POST /v1/responses/compact is not a method missing from
+    GET /v1/responses/{response_id} but an endpoint this server lacks."""
+    matching = [route for route in _leaf_routes(request.app.router.routes)
+                if route.matches(request.scope)[0] != Match.NONE]
+    return bool(matching) and all(getattr(route, "param_convertors", None) for route in matching)
+
+
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     error = getattr(exc, "error", None)  # request_body.BodyError
     if isinstance(error, APIError):
         return error_response(error)
-    if exc.status_code == 404 and request.url.path.startswith("/v1/") and not _matches_a_route(request):
+    if request.url.path.startswith("/v1/") and (
+            (exc.status_code == 404 and not _matches_a_route(request))
+            or (exc.status_code == 405 and _only_templates_match(request))):
         message = (f"Unknown endpoint: {request.method} {request.url.path}. This server serves "
                    f"{', '.join(served_routes(request))}.")
         return error_response(APIError(404, message, "invalid_request_error", None, "unknown_url"))

@@ -118,6 +118,8 @@ def response_input_messages(items: str | list[dict[str, Any]], instructions: str
     for index, item in enumerate(items):
         where = f"input[{index}]"
         kind = item.get("type", "message")
+        if item.get("id") is not None and not isinstance(item["id"], str):  # kept responses list items by id
+            raise invalid(f"{where}.id must be a string", f"{where}.id", "invalid_type")
         if kind == "message":
             role = item.get("role")
             if not isinstance(role, str) or role not in ROLE_MAP:

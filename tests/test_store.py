@@ -293,6 +293,9 @@ async def test_responses_round_trip_retention_and_delete(db_url):  # noqa: F811
                                     conversation=conversation, call_names={}, input_items=[])
         found = await store.find_response("resp_new")
         assert (found.user_id, found.response, found.conversation) == ("alice", kept, conversation)
+        assert await store.find_response("resp_old") is None  # expired, pruned or not
+        many = await store.find_responses([f"resp_{i}" for i in range(1200)] + ["resp_new", "resp_old", "", 7])
+        assert list(many) == ["resp_new"]
         assert (found.call_names, found.input_items) == ({"call_1": "get_weather"}, [{"id": "msg_1"}])
         await store.prune()
         assert await store.find_response("resp_old") is None and await store.find_response("resp_new")

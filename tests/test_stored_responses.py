@@ -136,6 +136,50 @@ def test_input_items_are_listed_as_openai_pages_them(client):
     assert (item.type, item.role, item.content[0].text) == ("message", "user", "just text")
 
 
+def test_input_item_ids_are_strings_and_each_listed_once(client, server):
+    items = [{"role": "user", "content": "a", "id": "dup"}, {"role": "user", "content": "b", "id": "dup"},
+             {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "c"}]},
+             {"role": "user", "content": "d", "id": "z"}]
+    created = client.responses.create(input=items, **GREEDY)
+    paged = list(client.responses.input_items.list(created.id, limit=1, order="asc"))
+    assert [item.content[0].text for item in paged] == ["a", "b", "c", "d"]
+    assert paged[0].id == "dup" and paged[1].id != "dup" and paged[3].id == "z"
+    from openai.types.responses import ResponseItem
+
+    for item in paged:  # the assistant's output_text part gets its (empty) annotations
+        TypeAdapter(ResponseItem).validate_python(item.model_dump())
+    refused = httpx.post(f"{server}/v1/responses", headers={"authorization": "Bearer admin"},
+                         json={**GREEDY, "input": [{"role": "user", "content": "a", "id": 5}]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "input[0].id"
+
+
+def test_an_item_reference_names_a_kept_responses_message(client):
+    kept, private = (client.responses.create(input="Hi", store=store, **GREEDY) for store in (True, False))
+    for response in (kept, private):
+        reference = [{"role": "user", "content": "Hi"}, {"type": "item_reference", "id": response.output[0].id}]
+        if response is kept:
+            assert client.responses.create(input=reference, **GREEDY).status == "incomplete"
+            client.responses.delete(kept.id)
+        with pytest.raises(openai.NotFoundError) as missing:  # store false, or deleted
+            client.responses.create(input=reference, **GREEDY)
+        assert error_of(missing)["code"] == "item_not_found"
+
+
+def test_a_user_longer_than_the_store_keeps_is_refused(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(input="Hi", user="u" * 257, **GREEDY)
+    assert error_of(refused)["param"] == "user"
+
+
+def test_endpoints_this_server_lacks_are_404s_not_405s(server):
+    for method, path in (("POST", "/v1/responses/compact"), ("POST", "/v1/responses/input_tokens"),
+                         ("PUT", "/v1/responses/resp_x")):
+        answer = httpx.request(method, f"{server}{path}", headers={"authorization": "Bearer admin"}, json={})
+        assert answer.status_code == 404 and answer.json()["error"]["code"] == "unknown_url", (method, path)
+    wrong = httpx.put(f"{server}/v1/chat/completions", headers={"authorization": "Bearer admin"}, json={})
+    assert wrong.status_code == 405  # a served endpoint's missing method stays a 405
+
+
 def test_delete_and_cancel(client, server):
     created = client.responses.create(input="Forget me.", **GREEDY)
     deleted = httpx.delete(f"{server}/v1/responses/{created.id}", headers={"authorization": "Bearer admin"})
@@ -211,6 +255,8 @@ def test_unknown_and_odd_ids_are_not_found(server):
 
 
 def test_retention_zero_keeps_no_responses(worker, tmp_path):
+    with pytest.raises(ValueError):  # forever is not a retention: the prune's cutoff would overflow
+        ServerSettings(responses_retention_days=float("inf"))
     settings = ServerSettings(worker_address=worker, data_dir=tmp_path, responses_retention_days=0)
     with uvicorn_server(create_app(settings)) as url:
         client = sdk(url)

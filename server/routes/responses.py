@@ -16,12 +16,11 @@ terminal event too.
 
 A response whose request left `store` true is kept
 (server/routes/stored_responses.py): `previous_response_id` continues its
-conversation, GET /v1/responses/{id} reads it back. Apart from that, the
-feedback memory keeps every answer (PAD_FEEDBACK_RETENTION_DAYS): a message
-item's id is its response's (msg_<hex> of resp_<hex>), so an
-`item_reference` to an earlier answer, which the Vercel AI SDK sends for
-every assistant turn unless its `store` option is false, resolves to that
-answer."""
+conversation, GET /v1/responses/{id} reads it back, and its message item
+can be referenced: the item's id is its response's (msg_<hex> of
+resp_<hex>), so an `item_reference` to an earlier answer, which the Vercel
+AI SDK sends for every assistant turn unless its `store` option is false,
+resolves to that answer."""
 
 from __future__ import annotations
 
@@ -146,28 +145,34 @@ async def resolve_item_references(store, scope: KeyScope | None,
         if item["id"] not in answers:
             raise item_not_found(store, item["id"], f"input[{index}].id")
         resolved[index] = {"id": item["id"], "type": "message", "role": "assistant",
-                           "content": [{"type": "output_text", "text": answers[item["id"]]}]}
+                           "content": [{"type": "output_text", "text": answers[item["id"]], "annotations": []}]}
     return resolved
 
 
 async def kept_answers(store, scope: KeyScope | None, item_ids: list[str]) -> dict[str, str]:
-    """Message item id -> its answer, for the items whose answers the feedback
-    memory keeps and the API key may read (another user's answer is left out,
-    as unknown: it is not even said to exist)."""
-    if store is None or not store.keeps_completions:
+    """Message item id -> its text, for the message items of the responses
+    kept (store not false, not deleted, within PAD_RESPONSES_RETENTION_DAYS)
+    that the API key may read (another user's is left out, as unknown: it
+    is not even said to exist)."""
+    if store is None or not store.keeps_responses:
         return {}
     responses = {f"resp_{match[1]}": item_id for item_id in item_ids if (match := MESSAGE_ITEM_ID.fullmatch(item_id))}
-    kept = await store.find_completions(responses)
-    return {responses[response_id]: completion.answer for response_id, completion in kept.items()
-            if scope is None or scope.can_access(completion.user_id)}
+    answers = {}
+    for response_id, kept in (await store.find_responses(responses)).items():
+        if scope is not None and not scope.can_access(kept.user_id):
+            continue
+        for item in kept.response.get("output", ()):
+            if item.get("id") == responses[response_id] and item.get("type") == "message":
+                answers[item["id"]] = "".join(part.get("text", "") for part in item.get("content", ()))
+    return answers
 
 
 def item_not_found(store, item_id: str, param: str) -> APIError:
     """OpenAI's 404 for an item it does not keep, saying how to do without."""
-    why = (f"only the message items of this server's answers can be referenced, for "
-           f"{store.config.feedback_retention_days:g} days" if store is not None and store.keeps_completions
-           else "this server keeps no answers (PAD_FEEDBACK_RETENTION_DAYS is 0)")
-    return APIError(404, f"Item with id {item_id[:80]!r} not found: {why}. Send the message itself in input "
+    why = (f"only the message items of the responses this server keeps (store not false) can be referenced, "
+           f"for {store.config.responses_retention_days:g} days" if store is not None and store.keeps_responses
+           else "this server keeps no responses (PAD_RESPONSES_RETENTION_DAYS is 0)")
+    return APIError(404, f"Item with id {item_id[:80]!r} not found: {why}. Send the item itself in input "
                     "(the Vercel AI SDK does with providerOptions.openai.store = false).",
                     "invalid_request_error", param, "item_not_found")
 

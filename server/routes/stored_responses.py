@@ -31,12 +31,13 @@ from server.messages import response_input_messages
 from server.openapi import errors
 from server.request_body import JSONRoute
 from server.responses_models import ResponseObject
+from server.store import schema
 from server.store.repository import StoredResponse
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["responses"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
-MAX_ID_CHARS = 128  # the responses table's key
+MAX_ID_CHARS = schema.responses.c.response_id.type.length
 
 
 async def find_kept(store, scope: KeyScope | None, response_id: str) -> StoredResponse | None:
@@ -80,28 +81,38 @@ def function_call_names(items: str | list[dict[str, Any]]) -> dict[str, str]:
 
 def stored_input_items(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The request's input as items in the shape OpenAI lists them: each with
-    an id, a message's text content as parts, a status."""
+    an id of its own (the client's, unless another item has it already: a
+    page of them continues after an id), a message's text content as
+    parts, a status."""
     if isinstance(items, str):
         items = [{"type": "message", "role": "user", "content": items}]
-    out = []
+    out, used = [], set()
     for item in items:
         kind = item.get("type", "message")
+        item = {**item, "type": kind}
         if kind == "message":
-            assistant = item.get("role") == "assistant"
-            content = item.get("content")
-            if isinstance(content, str):
-                part = {"type": "output_text", "text": content, "annotations": []} if assistant \
-                    else {"type": "input_text", "text": content}
-                content = [part]
-            out.append({**item, "type": "message", "content": content, "status": item.get("status") or "completed",
-                        "id": item.get("id") or new_item_id("msg")})
-        elif kind == "function_call":
-            out.append({**item, "status": item.get("status") or "completed", "id": item.get("id") or new_item_id("fc")})
-        elif kind == "function_call_output":
-            out.append({**item, "status": item.get("status") or "completed", "id": item.get("id") or new_item_id("fco")})
-        else:
-            out.append({**item, "id": item.get("id") or new_item_id(kind[:8])})
+            item["content"] = message_parts(item.get("content"), assistant=item.get("role") == "assistant")
+        if kind in ("message", "function_call", "function_call_output"):
+            item["status"] = item.get("status") or "completed"
+        if not item.get("id") or item["id"] in used:
+            item["id"] = new_item_id(ITEM_ID_PREFIXES.get(kind, "item"))
+        used.add(item["id"])
+        out.append(item)
     return out
+
+
+ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def message_parts(content: Any, assistant: bool) -> Any:
+    """A message's content as OpenAI lists it: parts, an assistant's
+    output_text parts with their (empty) annotations."""
+    if isinstance(content, str):
+        content = [{"type": "output_text" if assistant else "input_text", "text": content}]
+    if not isinstance(content, list):
+        return content
+    return [{"annotations": [], **part} if isinstance(part, dict) and part.get("type") == "output_text" else part
+            for part in content]
 
 
 def new_item_id(prefix: str) -> str:

@@ -30,10 +30,10 @@ class StoreSettings(BaseSettings):
     )
     data_dir: Path = Field(default_factory=default_data_dir, description="server data (the SQLite database)")
     feedback_retention_days: float = Field(
-        30.0, ge=0, description="days a completion (prompt, preference, answer) is kept for feedback; 0 keeps none"
+        30.0, ge=0, allow_inf_nan=False, description="days a completion (prompt, preference, answer) is kept for feedback; 0 keeps none"
     )
     responses_retention_days: float = Field(
-        30.0, ge=0, description="days a Responses API response with store true is kept (GET /v1/responses/{id}, "
+        30.0, ge=0, allow_inf_nan=False, description="days a Responses API response with store true is kept (GET /v1/responses/{id}, "
         "previous_response_id); 0 keeps none"
     )
     max_preferences: int = Field(8, ge=1, description="preferences per request and per stored profile")

@@ -572,15 +572,22 @@ class Store:
 
     async def find_response(self, response_id: str) -> StoredResponse | None:
         """The kept response of that id; None when unknown or expired."""
+        return (await self.find_responses([response_id])).get(response_id)
+
+    async def find_responses(self, response_ids: Iterable[str]) -> dict[str, StoredResponse]:
+        """The kept responses among `response_ids`, by id; unknown and expired
+        ones (past the retention, pruned or not yet) are left out. A query
+        per 500 ids (a request may reference thousands of items)."""
+        ids = sorted({i for i in response_ids if isinstance(i, str) and i})
         table = schema.responses
+        alive = int(time.time() - self.config.responses_retention_days * 86400.0)
+        found: dict[str, StoredResponse] = {}
         async with self._read() as conn:
-            row = (await conn.execute(select(table).where(table.c.response_id == response_id))).first()
-        if row is None:
-            return None
-        return StoredResponse(response_id=row.response_id, user_id=row.user_id,
-                              conversation=json.loads(row.conversation), call_names=json.loads(row.call_names),
-                              input_items=json.loads(row.input_items), response=json.loads(row.response),
-                              created_at=row.created_at)
+            for start in range(0, len(ids), 500):
+                rows = await conn.execute(select(table).where(and_(
+                    table.c.response_id.in_(ids[start:start + 500]), table.c.created_at >= alive)))
+                found.update((row.response_id, _stored_response(row)) for row in rows)
+        return found
 
     async def delete_response(self, response_id: str) -> bool:
         table = schema.responses
@@ -783,6 +790,13 @@ def _completion(row) -> Completion:
         prompt_key=row.prompt_key,
         preference_key=row.preference_key,
     )
+
+
+def _stored_response(row) -> StoredResponse:
+    return StoredResponse(response_id=row.response_id, user_id=row.user_id,
+                          conversation=json.loads(row.conversation), call_names=json.loads(row.call_names),
+                          input_items=json.loads(row.input_items), response=json.loads(row.response),
+                          created_at=row.created_at)
 
 
 def _sqlite_events(engine: AsyncEngine) -> None:
