@@ -44,7 +44,7 @@ from pad_core.sampling import (
 )
 from pad_core.settings import EngineSettings
 from pad_core.structured import StructuredOutputs
-from pad_core.token_controls import bad_words_ids, truncate_request
+from pad_core.token_controls import bad_words_ids, message_cut_points, truncate_request, without_oldest
 from pad_core.transfer import select_rows, to_device
 from pad_core.types import (
     ChatRequest,
@@ -115,6 +115,8 @@ class PadEngine:
         runs it off its decode loop, in another thread; `add_request` then
         queues the result. Raises InvalidRequestError subclasses."""
         chat.verify(self.limits)
+        if chat.drop_oldest_messages:
+            chat = dataclasses.replace(chat, messages=self._messages_within_chars(chat))
         if chat.sampling.truncate_prompt_tokens is None:  # a truncated prompt fits whatever its length
             self._check_prompt_chars(chat)
         source = self._reward_source(chat.guidance.reward_model)
@@ -125,16 +127,67 @@ class PadEngine:
         if structured is not None:
             self.structured.compile(structured)  # here, off the decode loop (a grammar may take a while)
         tool_call = structured is not None and structured.kind == "tool_calls"
-        prompt_ids, reward_ids = self.prompts.encode_request(
-            chat.messages,
-            chat.preferences,
-            sees,
-            tools=structured.tools if tool_call else (),
-            tool_choice=structured.tool_choice if tool_call else None,
-            optional_tools=tool_call and structured.auto,
-            template=chat.template,
-        )
+
+        def encode(messages: list[dict[str, str]]) -> tuple[list[int], list[list[int]]]:
+            return self.prompts.encode_request(
+                messages,
+                chat.preferences,
+                sees,
+                tools=structured.tools if tool_call else (),
+                tool_choice=structured.tool_choice if tool_call else None,
+                optional_tools=tool_call and structured.auto,
+                template=chat.template,
+            )
+
+        if chat.drop_oldest_messages:
+            prompt_ids, reward_ids = self._encode_fitting(chat, encode)
+        else:
+            prompt_ids, reward_ids = encode(chat.messages)
         return self.generation_request(chat, prompt_ids, reward_ids, structured)
+
+    # ---- truncation "auto": the oldest messages leave --------------------
+    def _messages_within_chars(self, chat: ChatRequest) -> list[dict[str, str]]:
+        """The messages with the oldest left out while they alone could not
+        fit (a token covers at most max_token_chars characters): counting
+        costs nothing, tokenizing what must go anyway does."""
+        messages = chat.messages
+        points = message_cut_points(messages)
+        chars = [sum(len(v) for v in m.values() if isinstance(v, str)) for m in messages]
+        limit = self.context_length * self.max_token_chars
+        for point in points:
+            if sum(chars[:points[0]]) + sum(chars[point:]) < limit:
+                return without_oldest(messages, point)
+        return without_oldest(messages, points[-1])
+
+    def _encode_fitting(self, chat: ChatRequest, encode) -> tuple[list[int], list[list[int]]]:
+        """The prompts of the longest recent part of the conversation whose
+        contexts leave room for max_tokens (a binary search over the cut
+        points: leaving out more never lengthens a prompt). When not even
+        the last message fits, its prompts: the usual context-length 400."""
+        messages = chat.messages
+        room = self.context_length - (chat.sampling.max_tokens or 1)
+        runs = self._runs_rewards(chat.sampling, chat.guidance)
+
+        def fits(encoded: tuple[list[int], list[list[int]]]) -> bool:
+            base, rewards = encoded
+            return max(len(base), *(len(r) for r in rewards if runs), 0) <= room
+
+        points = message_cut_points(messages)
+        whole = encode(messages)
+        if fits(whole) or len(points) == 1:
+            return whole
+        low, high = 0, len(points) - 1  # points[low] does not fit; points[high] may not either
+        last = encode(without_oldest(messages, points[high]))
+        if not fits(last):
+            return last
+        while high - low > 1:
+            middle = (low + high) // 2
+            encoded = encode(without_oldest(messages, points[middle]))
+            if fits(encoded):
+                high, last = middle, encoded
+            else:
+                low = middle
+        return last
 
     def generation_request(self, request: ChatRequest | TextRequest, prompt_ids: list[int],
                            reward_ids: list[list[int]], structured: StructuredOutput | None) -> GenerationRequest:

@@ -1,8 +1,10 @@
 """vLLM's request fields that work on token ids before decoding starts:
 `bad_words` turned into token sequences (with the tokenizer), and
 `truncate_prompt_tokens` applied to a request's contexts (the base prompt and
-each preference's reward prompt). Pure functions but for the tokenizer call;
-the worker runs them in its tokenizer thread (`prepare_chat`, `prepare_text`).
+each preference's reward prompt); and where the Responses API's truncation
+"auto" may cut a conversation (whole messages, the oldest first). Pure
+functions but for the tokenizer call; the worker runs them in its tokenizer
+thread (`prepare_chat`, `prepare_text`).
 """
 
 from __future__ import annotations
@@ -109,3 +111,21 @@ def truncate_request(base: list[int], rewards: list[list[int]], truncate: int, c
 def longest(contexts: tuple[list[int], list[list[int]]]) -> int:
     base, rewards = contexts
     return max(len(context) for context in (base, *rewards))
+
+
+def message_cut_points(messages: Sequence[dict[str, str]]) -> list[int]:
+    """Where a conversation cut by truncation "auto" may start after its
+    leading system messages (which stay): a user message, so the rest reads
+    as a conversation, or at the latest the last message, which always
+    stays. Ascending; the first is no cut at all."""
+    first = next((i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages))
+    points = [first] + [i for i in range(first + 1, len(messages)) if messages[i].get("role") == "user"]
+    if len(messages) - 1 > first and points[-1] != len(messages) - 1:
+        points.append(len(messages) - 1)
+    return points
+
+
+def without_oldest(messages: Sequence[dict[str, str]], point: int) -> list[dict[str, str]]:
+    """The leading system messages, then the messages from `point` on."""
+    first = next((i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages))
+    return [*messages[:first], *messages[max(point, first):]]

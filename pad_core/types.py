@@ -438,6 +438,10 @@ class ChatRequest:
     structured: StructuredOutput | None = None  # None: free text
     template: TemplateOptions = field(default_factory=TemplateOptions)
     priority: int = 0  # lower is admitted first, under the priority scheduling policy
+    # The Responses API's truncation "auto": where the prompts would not fit
+    # the context, the oldest messages after the leading system ones leave
+    # (the engine's `fitting_messages`), not the request.
+    drop_oldest_messages: bool = False
 
     def verify(self, limits: RequestLimits) -> None:
         """The request's own bounds (the engine adds what needs the model:
@@ -482,6 +486,7 @@ class ChatRequest:
             structured=StructuredOutput.from_dict(data["structured"]) if data.get("structured") else None,
             template=TemplateOptions(**(data.get("template") or {})),
             priority=data.get("priority", 0),
+            drop_oldest_messages=data.get("drop_oldest_messages", False),
         )
 
 

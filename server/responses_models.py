@@ -55,6 +55,9 @@ class ResponsesRequest(StrictRequest):
                                "previous_response_id")
     previous_response_id: str | None = Field(None, description="continue a kept response's conversation (its "
                                              "instructions and preference do not carry over)")
+    truncation: Literal["auto", "disabled"] | None = Field(
+        None, description="auto: where the conversation would not fit the context, its oldest items leave "
+        "(instructions stay); disabled (the default): a 400")
     # Refused unless null.
     conversation: str | dict[str, Any] | None = Field(None, description="refused: no Conversations API; use "
                                                       "previous_response_id")
@@ -65,7 +68,6 @@ class ResponsesRequest(StrictRequest):
     metadata: Metadata | None = None
     include: list[str] | None = None
     reasoning: dict[str, Any] | None = None
-    truncation: Literal["auto", "disabled"] | None = None
     service_tier: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None

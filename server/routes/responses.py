@@ -83,7 +83,7 @@ async def _respond(body: ResponsesRequest, request: Request, scope):
     resolution = await resolve_preferences(state, body, user)
     response_id = f"resp_{uuid.uuid4().hex}"
     chat = ChatRequest(f"{response_id}-0", messages, resolution.preferences, body.to_sampling_params(),
-                       body.to_guidance_params(), structured)
+                       body.to_guidance_params(), structured, drop_oldest_messages=body.truncation == "auto")
     generation = Generation(state, response_id, served, [chat], [ChoiceState.of(0, structured)], resolution)
     rename = {**preference_rename(body), "max_tokens": "max_output_tokens"}
     verify_request(chat, state.settings, resolution, user, rename)
