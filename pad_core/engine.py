@@ -146,26 +146,46 @@ class PadEngine:
         return self.generation_request(chat, prompt_ids, reward_ids, structured)
 
     # ---- truncation "auto": the oldest messages leave --------------------
+    def _room_to_keep(self, chat: ChatRequest) -> int:
+        """What truncation "auto" leaves for the answer: max_tokens, or when
+        not given the default answer length (capped at a quarter of the
+        context), so the answer is not squeezed to the one token left."""
+        if chat.sampling.max_tokens is not None:
+            return max(chat.sampling.max_tokens, 1)
+        return max(1, default_max_tokens(self.settings.default_max_tokens, self.context_length // 4))
+
     def _messages_within_chars(self, chat: ChatRequest) -> list[dict[str, str]]:
-        """The messages with the oldest left out while they alone could not
-        fit (a token covers at most max_token_chars characters): counting
-        costs nothing, tokenizing what must go anyway does."""
+        """The messages with the oldest left out while the rest could not fit
+        for certain: at least max(characters / max_token_chars, one token a
+        message) tokens with the longest running preference, plus the room
+        for the answer (the bound _check_prompt_chars applies). Counting
+        costs nothing; tokenizing what must go anyway does."""
         messages = chat.messages
         points = message_cut_points(messages)
         chars = [sum(len(v) for v in m.values() if isinstance(v, str)) for m in messages]
-        limit = self.context_length * self.max_token_chars
+        preferences = chat.preferences if self._runs_rewards(chat.sampling, chat.guidance) else ()
+        fixed = sum(chars[:points[0]]) + max((len(p.text) for p in preferences), default=0)
+        suffix = [0] * (len(messages) + 1)  # suffix[i]: characters of messages[i:]
+        for index in range(len(messages) - 1, -1, -1):
+            suffix[index] = suffix[index + 1] + chars[index]
+        room = self.context_length - self._room_to_keep(chat)
         for point in points:
-            if sum(chars[:points[0]]) + sum(chars[point:]) < limit:
+            at_least = max(-(-(fixed + suffix[point]) // self.max_token_chars), points[0] + len(messages) - point)
+            if at_least <= room:
                 return without_oldest(messages, point)
         return without_oldest(messages, points[-1])
 
     def _encode_fitting(self, chat: ChatRequest, encode) -> tuple[list[int], list[list[int]]]:
         """The prompts of the longest recent part of the conversation whose
-        contexts leave room for max_tokens (a binary search over the cut
-        points: leaving out more never lengthens a prompt). When not even
-        the last message fits, its prompts: the usual context-length 400."""
+        contexts leave room for the answer: the whole when it fits, else
+        the search grows the kept part from the newest message by doubling,
+        then halves between the last part that fit and the first that did
+        not (leaving out more never lengthens a prompt), so it tokenizes
+        parts about the context's size, not the whole conversation again
+        and again. When not even the newest part fits, its prompts: the
+        usual context-length 400."""
         messages = chat.messages
-        room = self.context_length - (chat.sampling.max_tokens or 1)
+        room = self.context_length - self._room_to_keep(chat)
         runs = self._runs_rewards(chat.sampling, chat.guidance)
 
         def fits(encoded: tuple[list[int], list[list[int]]]) -> bool:
@@ -176,18 +196,25 @@ class PadEngine:
         whole = encode(messages)
         if fits(whole) or len(points) == 1:
             return whole
-        low, high = 0, len(points) - 1  # points[low] does not fit; points[high] may not either
-        last = encode(without_oldest(messages, points[high]))
-        if not fits(last):
-            return last
+        high = len(points) - 1  # the kept part from points[high] fits (checked next); from points[0], not
+        kept = encode(without_oldest(messages, points[high]))
+        if not fits(kept):
+            return kept
+        low, step = 0, 1
+        while high - step > 0:  # doubling: how far back the kept part may reach
+            encoded = encode(without_oldest(messages, points[high - step]))
+            if not fits(encoded):
+                low = high - step
+                break
+            high, kept, step = high - step, encoded, step * 2
         while high - low > 1:
             middle = (low + high) // 2
             encoded = encode(without_oldest(messages, points[middle]))
             if fits(encoded):
-                high, last = middle, encoded
+                high, kept = middle, encoded
             else:
                 low = middle
-        return last
+        return kept
 
     def generation_request(self, request: ChatRequest | TextRequest, prompt_ids: list[int],
                            reward_ids: list[list[int]], structured: StructuredOutput | None) -> GenerationRequest:
@@ -440,7 +467,8 @@ class PadEngine:
                     row = NewRow(key, prompt[start:end], row_adapter, start=start, last=end == len(prompt),
                                  cache_salt=state.request.sampling.cache_salt)
                     if start == 0 and key == state.base_key:  # usage's cached_tokens: what prefill will not compute
-                        state.cached_tokens = self.runners[name].cached_length(row.prefix_key, prompt)
+                        # (looked up on this first piece, as the runner does: a short piece reuses less)
+                        state.cached_tokens = self.runners[name].cached_length(row.prefix_key, row.prompt_ids)
                     new_rows.setdefault(name, []).append(row)
         hidden = {}
         for name, rows in new_rows.items():

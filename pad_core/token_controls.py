@@ -115,12 +115,13 @@ def longest(contexts: tuple[list[int], list[list[int]]]) -> int:
 
 def message_cut_points(messages: Sequence[dict[str, str]]) -> list[int]:
     """Where a conversation cut by truncation "auto" may start after its
-    leading system messages (which stay): a user message, so the rest reads
-    as a conversation, or at the latest the last message, which always
-    stays. Ascending; the first is no cut at all."""
+    leading system messages (which stay): at a user message, so the rest
+    reads as a conversation a template that wants turns to alternate can
+    render; only where no user message follows the first, at the last
+    message. Ascending; the first is no cut at all."""
     first = next((i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages))
     points = [first] + [i for i in range(first + 1, len(messages)) if messages[i].get("role") == "user"]
-    if len(messages) - 1 > first and points[-1] != len(messages) - 1:
+    if len(points) == 1 and len(messages) - 1 > first:
         points.append(len(messages) - 1)
     return points
 

@@ -440,7 +440,7 @@ class ChatRequest:
     priority: int = 0  # lower is admitted first, under the priority scheduling policy
     # The Responses API's truncation "auto": where the prompts would not fit
     # the context, the oldest messages after the leading system ones leave
-    # (the engine's `fitting_messages`), not the request.
+    # (PadEngine._encode_fitting), not the request.
     drop_oldest_messages: bool = False
 
     def verify(self, limits: RequestLimits) -> None:

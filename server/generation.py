@@ -494,11 +494,14 @@ def usage_of(choices: list[ChoiceState]) -> dict:
     """OpenAI usage: each prompt counted once, every choice's answer; of the
     prompts' tokens, those read from the prefix cache (cached_tokens, as
     OpenAI and vLLM report them)."""
-    prompts = {c.group: (c.prompt_tokens, c.cached_tokens) for c in choices}
-    prompt = sum(tokens for tokens, _ in prompts.values())
+    prompts = {c.group: c.prompt_tokens for c in choices}
+    cached: dict[int, int] = {}  # a prompt's choices may be prefilled apart: the least any of them found
+    for choice in choices:
+        cached[choice.group] = min(cached.get(choice.group, choice.cached_tokens), choice.cached_tokens)
+    prompt = sum(prompts.values())
     completion = sum(c.completion_tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(cached for _, cached in prompts.values())}}
+            "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
 
 
 class Timing:
@@ -572,6 +575,7 @@ class Generation:
         self._firsts = list(firsts)
         for choice, first in zip(self.choices, self._firsts, strict=True):
             choice.prompt_tokens, choice.prompt_logprobs = first.prompt_tokens, first.prompt_logprobs
+            choice.cached_tokens = first.cached_tokens
             choice.prompt_token_ids = first.prompt_token_ids
         self.guidance = next((f.guidance for f in self._firsts if f.guidance is not None), None)
 

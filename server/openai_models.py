@@ -838,10 +838,15 @@ class CompletionChoice(Open):
     finish_reason: str | None
 
 
+class PromptTokensDetails(Open):
+    cached_tokens: int = Field(description="prompt tokens read from the prefix cache")
+
+
 class Usage(Open):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ChatCompletion(Open):

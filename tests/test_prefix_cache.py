@@ -177,6 +177,28 @@ def test_a_chats_next_turns_prefill_only_their_new_tokens_and_answer_the_same(ma
     assert all(o.cached_tokens == 0 for o in off.generate([copy.deepcopy(request)]))
 
 
+@pytest.mark.parametrize("backend", ["transformers", "slots"])
+@pytest.mark.parametrize("budget", [16, 4096])
+def test_cached_tokens_are_what_the_base_row_reused(make_engine, backend, budget):
+    """usage's cached_tokens is the runner's own hit for the base row, also
+    where its first piece is cut short (small prefill pieces; the longer
+    reward prompt of a new preference, which finds nothing cached, sets the
+    pace): every hit here is the base row's, so the two must agree."""
+    engine = make_engine(backend=backend, max_prefill_tokens=budget)
+    messages = [{"role": "user", "content": "Tell me about the rivers and the boats on them, in some detail."},
+                {"role": "assistant", "content": "Rivers carry boats of every size, from canoes to barges."},
+                {"role": "user", "content": "And the bridges?"}]
+    sampling = SamplingParams(temperature=0.0, max_tokens=4)
+    list(engine.generate([ChatRequest("warm", messages, [], sampling, GuidanceParams())]))
+    for preferences in ([], [Preference("I like answers that mention the weather, " * 6)]):
+        before = engine.stats()["prefix_cache_hit_tokens"]
+        outputs = list(engine.generate([ChatRequest(f"again-{len(preferences)}", messages, preferences, sampling,
+                                                    GuidanceParams())]))
+        hits = engine.stats()["prefix_cache_hit_tokens"] - before
+        assert outputs[-1].cached_tokens == hits, (preferences, budget)
+        assert outputs[0].prompt_tokens > 64 and (budget == 16 and preferences or hits >= 64)
+
+
 def test_prefix_cache_settings(make_engine):
     assert make_engine(prefix_cache_gib=0).runners["base"].prefix_cache is None
     assert make_engine(prefix_cache_gib=0.5).runners["base"].prefix_cache.budget_bytes == 2**29

@@ -102,8 +102,39 @@ def test_truncation_auto_over_http(tmp_path):
 def test_cut_points_start_at_user_messages_and_keep_the_system_ones():
     system, user, assistant = ({"role": role, "content": role} for role in ("system", "user", "assistant"))
     messages = [system, system, user, assistant, user, assistant, assistant]
-    assert message_cut_points(messages) == [2, 4, 6]  # no cut, a user message, the last message
+    # no cut, then user messages only (a template that wants turns to alternate renders every cut);
+    # a conversation ending with the assistant is not cut to [system, assistant]
+    assert message_cut_points(messages) == [2, 4]
     assert without_oldest(messages, 4) == [system, system, user, assistant, assistant]
     assert without_oldest(messages, 0) == messages  # a point among the system messages cuts nothing
     assert message_cut_points([system]) == [1] and message_cut_points([user]) == [0]
     assert message_cut_points([assistant, user]) == [0, 1]
+    assert message_cut_points([system, assistant, assistant]) == [1, 2]  # no user message: the last one
+
+
+@pytest.mark.parametrize(("old_chars", "max_tokens", "preference"), [
+    (41400, 4, ""),  # just past what the context could hold (no off-by-one in the character bound)
+    (20000, 300, ""),  # max_tokens counts in that bound
+    (41000, 4, "short answers please, " * 40),  # so does the longest preference (880 characters)
+])
+def test_old_messages_that_could_not_fit_leave_before_the_character_check(make_engine, old_chars, max_tokens,
+                                                                          preference):
+    engine = make_engine()
+    messages = [{"role": "user", "content": "a" * old_chars}, {"role": "user", "content": "And now?"}]
+    preferences = [Preference(preference)] if preference else []
+    text = engine.tokenizer.decode(kept_prompt(engine, request(messages, max_tokens, preferences)))
+    assert "And now?" in text and "aaaa" not in text
+
+
+def test_many_tiny_messages_are_cut_too(make_engine):
+    engine = make_engine()  # each message is at least one token: 50,000 of them cannot fit 512
+    messages = [{"role": "user", "content": ""}] * 50_000 + [{"role": "user", "content": "And now?"}]
+    prompt = kept_prompt(engine, request(messages))
+    assert len(prompt) <= engine.context_length - 8 and "And now?" in engine.tokenizer.decode(prompt)
+
+
+def test_without_max_tokens_the_default_answer_keeps_its_room(make_engine):
+    engine = make_engine()  # default_max_tokens (1024) capped at a quarter of the 512-token context
+    outputs = list(engine.generate([request(conversation(12), max_tokens=None)]))
+    assert outputs[0].prompt_tokens <= engine.context_length - engine.context_length // 4
+    assert outputs[-1].completion_tokens >= engine.context_length // 4 or outputs[-1].finish_reason == "stop"
