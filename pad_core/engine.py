@@ -851,19 +851,19 @@ class PadEngine:
         min_p = self.settings.default_min_p if guidance.min_p is None else guidance.min_p
         source = self._reward_source(guidance.reward_model)
         scores_only = sampling.max_tokens == 0  # reads the prompt's logprobs: no rows, no room for an answer
+        rewards_run = self._runs_rewards(sampling, guidance) and bool(request.reward_prompts)
         longest_prompt = max([len(request.prompt_ids),
-                              *((len(p.prompt_ids) for p in request.reward_prompts)
-                                if self._runs_rewards(sampling, guidance) else ())])
+                              *((len(p.prompt_ids) for p in request.reward_prompts) if rewards_run else ())])
+        which = "tokens (the longest with a preference)" if rewards_run else "tokens"
         room = self.context_length - longest_prompt
         if room < (0 if scores_only else 1):
             raise ContextLengthExceededError(
-                f"the prompt has {longest_prompt} tokens (with the preference), "
-                f"the model's context length is {self.context_length}"
+                f"the prompt has {longest_prompt} {which}, the model's context length is {self.context_length}"
             )
         if sampling.max_tokens is not None and sampling.max_tokens > room:
             raise ContextLengthExceededError(
                 f"this model's context length is {self.context_length} tokens; the prompt has {longest_prompt} "
-                f"(with the preference) and max_tokens asks for {sampling.max_tokens}",
+                f"{which} and max_tokens asks for {sampling.max_tokens}",
                 param="max_tokens",
             )
         grammar = self.structured.start(request.structured) if request.structured is not None else None

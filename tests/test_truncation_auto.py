@@ -79,8 +79,12 @@ def test_huge_old_messages_leave_before_anything_is_tokenized(make_engine):
 def test_a_last_message_too_long_alone_is_still_the_context_error(make_engine):
     engine = make_engine()
     messages = [SYSTEM, {"role": "user", "content": "old"}, {"role": "user", "content": "sea " * 2000}]
-    with pytest.raises(ContextLengthExceededError):
+    with pytest.raises(ContextLengthExceededError) as error:
         engine.add_chat(request(messages))
+    assert "preference" not in error.value.message  # none was given: the error does not speak of one
+    with pytest.raises(ContextLengthExceededError) as error:
+        engine.add_chat(request(messages, preferences=[Preference("short answers")]))
+    assert "the longest with a preference" in error.value.message
     with pytest.raises(ContextLengthExceededError):  # nor does max_tokens leave room for the prompt
         engine.add_chat(request(conversation(1), max_tokens=engine.context_length))
 
