@@ -44,7 +44,7 @@ from pad_core.sampling import (
 )
 from pad_core.settings import EngineSettings
 from pad_core.structured import StructuredOutputs
-from pad_core.token_controls import bad_words_ids, message_cut_points, truncate_request, without_oldest
+from pad_core.token_controls import bad_words_ids, longest, message_cut_points, truncate_request, without_oldest
 from pad_core.transfer import select_rows, to_device
 from pad_core.types import (
     ChatRequest,
@@ -190,7 +190,7 @@ class PadEngine:
 
         def fits(encoded: tuple[list[int], list[list[int]]]) -> bool:
             base, rewards = encoded
-            return max(len(base), *(len(r) for r in rewards if runs), 0) <= room
+            return longest((base, rewards if runs else [])) <= room
 
         points = message_cut_points(messages)
         whole = encode(messages)
@@ -808,11 +808,11 @@ class PadEngine:
         Preferences count only where their reward prompts run."""
         messages = sum(len(v) for m in chat.messages for v in m.values() if isinstance(v, str))
         preferences = chat.preferences if self._runs_rewards(chat.sampling, chat.guidance) else ()
-        longest = messages + max((len(p.text) for p in preferences), default=0)
-        at_least = -(-longest // self.max_token_chars)
+        longest_chars = messages + max((len(p.text) for p in preferences), default=0)
+        at_least = -(-longest_chars // self.max_token_chars)
         if at_least >= self.context_length:
             raise ContextLengthExceededError(
-                f"the prompt has {longest} characters, at least {at_least} tokens; "
+                f"the prompt has {longest_chars} characters, at least {at_least} tokens; "
                 f"the model's context length is {self.context_length}"
             )
         max_tokens = chat.sampling.max_tokens

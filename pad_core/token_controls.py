@@ -119,7 +119,7 @@ def message_cut_points(messages: Sequence[dict[str, str]]) -> list[int]:
     reads as a conversation a template that wants turns to alternate can
     render; only where no user message follows the first, at the last
     message. Ascending; the first is no cut at all."""
-    first = next((i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages))
+    first = leading_system_messages(messages)
     points = [first] + [i for i in range(first + 1, len(messages)) if messages[i].get("role") == "user"]
     if len(points) == 1 and len(messages) - 1 > first:
         points.append(len(messages) - 1)
@@ -128,5 +128,10 @@ def message_cut_points(messages: Sequence[dict[str, str]]) -> list[int]:
 
 def without_oldest(messages: Sequence[dict[str, str]], point: int) -> list[dict[str, str]]:
     """The leading system messages, then the messages from `point` on."""
-    first = next((i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages))
+    first = leading_system_messages(messages)
     return [*messages[:first], *messages[max(point, first):]]
+
+
+def leading_system_messages(messages: Sequence[dict[str, str]]) -> int:
+    """How many messages open the conversation with the system role."""
+    return next((i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages))

@@ -23,11 +23,9 @@ from pathlib import Path
 import httpx
 import pytest
 from server_helpers import uvicorn_server, worker_thread
-from store_helpers import db_url, store_config  # noqa: F401  (fixture)
 
 from server.app import create_app
 from server.settings import ServerSettings
-from server.store import Store
 
 MODEL = "smollm2-135m-instruct"
 QUESTION = "How do I sleep better?"
@@ -425,20 +423,3 @@ def test_unknown_and_other_users_item_references_are_404s(server):
     assert respond(server, ADMIN, reference).status_code == 200  # an unbound key reads every user's
     hidden = respond(server, BOB, reference)
     assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "item_not_found"
-
-
-async def test_the_store_finds_many_completions_in_few_queries(db_url):  # noqa: F811
-    store = await Store.open(store_config(db_url))
-    try:
-        hi = [{"role": "user", "content": "Hi"}]
-        await store.record_completion("resp_a", messages=hi, answers=["A0", "A1"], user="alice")
-        await store.record_completion("resp_b", messages=hi, answers=["B0"])
-        asked = [f"resp_{i}" for i in range(1200)] + ["resp_b", "resp_a", "resp_a", "", 7]  # past one 500-id query
-        found = await store.find_completions(asked)
-        assert {key: (c.answer, c.user_id) for key, c in found.items()} == {"resp_a": ("A0", "alice"),
-                                                                            "resp_b": ("B0", None)}
-        assert {key: c.answer for key, c in (await store.find_completions(["resp_a", "resp_b"], 1)).items()} == {
-            "resp_a": "A1"}
-        assert await store.find_completions([]) == {}
-    finally:
-        await store.close()

@@ -1,5 +1,6 @@
 """The store: user preference profiles, completions kept for feedback,
-feedback, and stored Responses API responses, on SQLite (default) or PostgreSQL, through SQLAlchemy's asyncio API.
+feedback, and stored Responses API responses, on SQLite (default) or
+PostgreSQL, through SQLAlchemy's asyncio API.
 
 Durability: a write method returns only after its transaction committed.
 SQLite runs in WAL mode with synchronous=FULL (a commit is fsynced before it
@@ -468,20 +469,6 @@ class Store:
         async with self._read() as conn:
             row = await self._completion_row(conn, completion_id, choice_index)
         return _completion(row)
-
-    async def find_completions(self, completion_ids: Iterable[str], choice_index: int = 0) -> dict[str, Completion]:
-        """The kept completions among `completion_ids` (choice `choice_index`
-        of each), by id; unknown ones are left out. A query per 500 ids, not
-        one per id: a request may name thousands (Responses item references)."""
-        ids = sorted({i for i in completion_ids if isinstance(i, str) and i})
-        table = schema.completions
-        found: dict[str, Completion] = {}
-        async with self._read() as conn:
-            for start in range(0, len(ids), 500):
-                rows = await conn.execute(select(table).where(and_(
-                    table.c.completion_id.in_(ids[start:start + 500]), table.c.choice_index == choice_index)))
-                found.update((row.completion_id, _completion(row)) for row in rows)
-        return found
 
     async def _completion_row(self, conn, completion_id: Any, choice_index: Any, param: str = "completion_id"):
         if not isinstance(completion_id, str) or not completion_id or len(completion_id) > 128:
