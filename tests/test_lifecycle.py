@@ -154,7 +154,8 @@ async def test_a_dead_worker_leaves_no_running_requests_in_the_gauges():
     mid-request and no new one gets ready, they go to 0 with its requests
     (they read the dead worker's last values forever before)."""
     with worker_thread(step_delay=0.02) as (address, worker):
-        client = WorkerClient(ServerSettings(worker_address=address, worker_heartbeat_timeout=1.0), Metrics())
+        # A heartbeat timeout with room for a slow box's stalls before the worker stops answering.
+        client = WorkerClient(ServerSettings(worker_address=address, worker_heartbeat_timeout=3.0), Metrics())
         await client.start()
         try:
             deadline = time.monotonic() + 30

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from server_helpers import uvicorn_server, worker_thread
 
@@ -74,6 +74,7 @@ def test_truncation_keeps_the_reward_prompts_preference():
     assert truncate_contexts(base, [reward], 50, "left") == (base, [reward])
 
 
+@settings(deadline=None)  # pure and fast: a pause of a busy machine must not fail it
 @given(st.lists(st.integers(0, 5), min_size=1, max_size=30), st.lists(st.integers(0, 5), max_size=10),
        st.integers(1, 40), st.sampled_from(["left", "right"]))
 def test_truncation_properties(base, reward_head, keep, side):
@@ -88,6 +89,7 @@ def test_truncation_properties(base, reward_head, keep, side):
         assert kept_reward[:len(reward) - shared_tail(base, reward)] == reward[:len(reward) - shared_tail(base, reward)]
 
 
+@settings(deadline=None)
 @given(st.lists(st.integers(0, 5), min_size=1, max_size=40), st.lists(st.integers(6, 9), max_size=12),
        st.integers(1, 30), st.integers(20, 60), st.sampled_from(["left", "right"]))
 def test_as_many_as_fit_fits_every_context_and_keeps_the_most(base, reward_head, max_tokens, context, side):
