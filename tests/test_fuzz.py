@@ -24,7 +24,7 @@ from server.app import create_app
 from server.settings import ServerSettings
 
 MODEL = "smollm2-135m-instruct"
-MAX_EXAMPLES = 20  # per operation (13 operations)
+MAX_EXAMPLES = 20  # per operation (each one the OpenAPI document lists)
 # Schema-valid fields that hide the engine (a refused value, a grammar to compile, a stored response to find)
 HIDING = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format", "audio",
           "modalities", "web_search_options", "moderation", "text", "previous_response_id", "conversation",

@@ -407,7 +407,7 @@ def test_a_streamed_answer_can_be_referenced_right_after_its_terminal_event(serv
 
 
 def test_unknown_and_other_users_item_references_are_404s(server):
-    for unknown_id in ("msg_0123456789abcdef", "msg_" + "0" * 32, "fc_" + "0" * 32, "rs_x"):
+    for unknown_id in ("msg_0123456789abcdef", "msg_" + "0" * 32, "fc_" + "0" * 32, "fc_" + "0" * 32 + "_0", "rs_x"):
         unknown = respond(server, ADMIN, second_turn({"type": "item_reference", "id": unknown_id}))
         assert unknown.status_code == 404, unknown.text
         error = unknown.json()["error"]

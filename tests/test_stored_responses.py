@@ -112,6 +112,32 @@ def test_a_function_call_output_answers_a_call_of_the_previous_response(client):
     assert (chained.usage.input_tokens, chained.output_text) == (whole.usage.input_tokens, whole.output_text)
 
 
+def test_an_item_reference_names_a_kept_responses_function_call(client):
+    """As Codex-style clients send a conversation: the earlier call as an
+    item_reference, then its output. The call is resolved to the kept one:
+    the same prompt as sending it inline."""
+    kept, private = (client.responses.create(input="Weather?", tools=[WEATHER], store=store,
+                                             tool_choice={"type": "function", "name": "get_weather"},
+                                             **{**GREEDY, "max_output_tokens": 60}) for store in (True, False))
+    (call,) = kept.output
+    assert call.type == "function_call" and call.id == f"fc_{kept.id.removeprefix('resp_')}_0"
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}
+    inline = client.responses.create(input=[{"role": "user", "content": "Weather?"},
+                                            call.model_dump(exclude_none=True), output], **GREEDY)
+    referenced = client.responses.create(input=[{"role": "user", "content": "Weather?"},
+                                                {"type": "item_reference", "id": call.id}, output], **GREEDY)
+    assert (referenced.usage.input_tokens, referenced.output_text) == (inline.usage.input_tokens, inline.output_text)
+    listed = client.responses.input_items.list(referenced.id, order="asc").data
+    assert [item.type for item in listed] == ["message", "function_call", "function_call_output"]
+    assert (listed[1].id, listed[1].call_id, listed[1].name) == (call.id, call.call_id, "get_weather")
+    (private_call,) = private.output
+    for missing_id in (private_call.id, f"fc_{kept.id.removeprefix('resp_')}_1"):  # store false; no 2nd call
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.responses.create(input=[{"role": "user", "content": "Weather?"},
+                                           {"type": "item_reference", "id": missing_id}, output], **GREEDY)
+        assert error_of(missing)["code"] == "item_not_found" and error_of(missing)["param"] == "input[1].id"
+
+
 def test_input_items_are_listed_as_openai_pages_them(client):
     items = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
              {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "three"}]}]

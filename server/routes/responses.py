@@ -17,10 +17,12 @@ terminal event too.
 A response whose request left `store` true is kept
 (server/routes/stored_responses.py): `previous_response_id` continues its
 conversation, GET /v1/responses/{id} reads it back, and its message item
-can be referenced: the item's id is its response's (msg_<hex> of
-resp_<hex>), so an `item_reference` to an earlier answer, which the Vercel
-AI SDK sends for every assistant turn unless its `store` option is false,
-resolves to that answer."""
+and function-call items can be referenced: an item's id names its response
+(msg_<hex> of resp_<hex>, and fc_<hex>_<n> for its n-th call), so an
+`item_reference` to an earlier answer, which the Vercel AI SDK sends for
+every assistant turn unless its `store` option is false, resolves to that
+answer, and one to an earlier call (as Codex-style clients send them, with
+the call's function_call_output after it) to that call."""
 
 from __future__ import annotations
 
@@ -111,7 +113,8 @@ async def _respond(body: ResponsesRequest, request: Request, scope):
 
 
 # ---- item references -------------------------------------------------------
-MESSAGE_ITEM_ID = re.compile(r"msg_([0-9a-f]{32})")  # message_item_id's, of a resp_<uuid4 hex>
+# message_item_id's and call_item_id's, of a resp_<uuid4 hex>: group 1 is the hex
+OUTPUT_ITEM_ID = re.compile(r"(?:msg_([0-9a-f]{32}))|(?:fc_([0-9a-f]{32})_\d{1,6})")
 
 
 def message_item_id(response_id: str) -> str:
@@ -121,6 +124,12 @@ def message_item_id(response_id: str) -> str:
     return "msg_" + response_id.removeprefix("resp_")
 
 
+def call_item_id(response_id: str, index: int) -> str:
+    """A response's index-th function_call item, named after the response so
+    that an item_reference to it finds the response that keeps it."""
+    return f"fc_{response_id.removeprefix('resp_')}_{index}"
+
+
 def is_item_reference(item: dict[str, Any]) -> bool:
     # OpenAI's ItemReference: {"type": "item_reference", "id"}; its type may be left out.
     return item.get("type") == "item_reference" or ("type" not in item and "role" not in item and "id" in item)
@@ -128,8 +137,8 @@ def is_item_reference(item: dict[str, Any]) -> bool:
 
 async def resolve_item_references(store, scope: KeyScope | None,
                                   items: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
-    """`input` with each item_reference replaced by the assistant message it
-    names (404 when that answer is not kept)."""
+    """`input` with each item_reference replaced by the output item it names,
+    an assistant message or a function call (404 when it is not kept)."""
     if isinstance(items, str):
         return items
     references = {index: item for index, item in enumerate(items) if is_item_reference(item)}
@@ -139,37 +148,52 @@ async def resolve_item_references(store, scope: KeyScope | None,
         if not isinstance(item.get("id"), str) or not item["id"]:
             raise invalid(f"input[{index}].id must be the id of an item (a string)", f"input[{index}].id",
                           "invalid_value")
-    answers = await kept_answers(store, scope, [item["id"] for item in references.values()])
+    kept = await kept_items(store, scope, [item["id"] for item in references.values()])
     resolved = list(items)
     for index, item in references.items():
-        if item["id"] not in answers:
+        if item["id"] not in kept:
             raise item_not_found(store, item["id"], f"input[{index}].id")
-        resolved[index] = {"id": item["id"], "type": "message", "role": "assistant",
-                           "content": [{"type": "output_text", "text": answers[item["id"]], "annotations": []}]}
+        resolved[index] = kept[item["id"]]
     return resolved
 
 
-async def kept_answers(store, scope: KeyScope | None, item_ids: list[str]) -> dict[str, str]:
-    """Message item id -> its text, for the message items of the responses
-    kept (store not false, not deleted, within PAD_RESPONSES_RETENTION_DAYS)
-    that the API key may read (another user's is left out, as unknown: it
-    is not even said to exist)."""
+async def kept_items(store, scope: KeyScope | None, item_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Output item id -> that item as an input item, for the message and
+    function_call items of the responses kept (store not false, not
+    deleted, within PAD_RESPONSES_RETENTION_DAYS) that the API key may read
+    (another user's is left out, as unknown: it is not even said to exist)."""
     if store is None or not store.keeps_responses:
         return {}
-    responses = {f"resp_{match[1]}": item_id for item_id in item_ids if (match := MESSAGE_ITEM_ID.fullmatch(item_id))}
-    answers = {}
-    for response_id, kept in (await store.find_responses(responses)).items():
+    wanted: dict[str, set[str]] = {}  # response id -> the ids of its items referenced
+    for item_id in item_ids:
+        if match := OUTPUT_ITEM_ID.fullmatch(item_id):
+            wanted.setdefault(f"resp_{match[1] or match[2]}", set()).add(item_id)
+    found = {}
+    for response_id, kept in (await store.find_responses(list(wanted))).items():
         if scope is not None and not scope.can_access(kept.user_id):
             continue
         for item in kept.response.get("output", ()):
-            if item.get("id") == responses[response_id] and item.get("type") == "message":
-                answers[item["id"]] = "".join(part.get("text", "") for part in item.get("content", ()))
-    return answers
+            if item.get("id") in wanted[response_id] and (as_input := input_item_of(item)) is not None:
+                found[item["id"]] = as_input
+    return found
+
+
+def input_item_of(item: dict[str, Any]) -> dict[str, Any] | None:
+    """A kept output item as the input item that sends it again (None for a
+    kind that cannot be referenced)."""
+    if item.get("type") == "message":
+        text = "".join(part.get("text", "") for part in item.get("content", ()))
+        return {"id": item["id"], "type": "message", "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    if item.get("type") == "function_call":
+        return {"id": item["id"], "type": "function_call", "call_id": item["call_id"], "name": item["name"],
+                "arguments": item["arguments"]}
+    return None
 
 
 def item_not_found(store, item_id: str, param: str) -> APIError:
     """OpenAI's 404 for an item it does not keep, saying how to do without."""
-    why = (f"only the message items of the responses this server keeps (store not false) can be referenced, "
+    why = (f"only the message and function_call items of the responses this server keeps (store not false) can be referenced, "
            f"for {store.config.responses_retention_days:g} days" if store is not None and store.keeps_responses
            else "this server keeps no responses (PAD_RESPONSES_RETENTION_DAYS is 0)")
     return APIError(404, f"Item with id {item_id[:80]!r} not found: {why}. Send the item itself in input "
@@ -190,6 +214,7 @@ class ResponsesFormatter(Formatter):
         self.body = body
         self.stored = stored  # kept for previous_response_id and GET
         self.sequence = 0
+        self.response_id = response_id
         self.message_id = message_item_id(response_id)
         self.message_open = False
         self.calls_done = 0  # the streamed calls whose items are done (in order)
@@ -225,14 +250,13 @@ class ResponsesFormatter(Formatter):
         content = [self.text_part(choice.text, [logprob_entry(lp) for lp in choice.logprobs])] if status != "in_progress" else []
         return {"id": self.message_id, "type": "message", "status": status, "role": "assistant", "content": content}
 
-    @staticmethod
-    def call_item(call: dict, status: str = "completed") -> dict:
-        """A function_call item of an OpenAI-shaped call."""
-        return {"id": f"fc_{call['id'].removeprefix('call_')}", "type": "function_call", "status": status,
+    def call_item(self, call: dict, index: int, status: str = "completed") -> dict:
+        """The function_call item of the answer's index-th OpenAI-shaped call."""
+        return {"id": call_item_id(self.response_id, index), "type": "function_call", "status": status,
                 "call_id": call["id"], "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
 
     def call_items(self, choice: ChoiceState) -> list[dict]:
-        return [self.call_item(call) for call in choice.tool_calls or ()]
+        return [self.call_item(call, index) for index, call in enumerate(choice.tool_calls or ())]
 
     @staticmethod
     def status(choice: ChoiceState) -> str:
@@ -269,7 +293,7 @@ class ResponsesFormatter(Formatter):
     def call_events(self, choice: ChoiceState, call: CallDelta) -> list[str]:
         """One call delta's events: the item added (its announcement), an
         arguments fragment, or its arguments and item done."""
-        item = self.call_item(choice.streamed_calls[call.index], "in_progress")
+        item = self.call_item(choice.streamed_calls[call.index], call.index, "in_progress")
         if call.name is not None:  # its arguments follow in deltas (the record may hold some already)
             return [self.event("response.output_item.added", output_index=call.index, item={**item, "arguments": ""})]
         if not call.done:
@@ -283,7 +307,8 @@ class ResponsesFormatter(Formatter):
     def unfinished_calls(self, choice: ChoiceState) -> list[str]:
         """The calls an answer cut short left open: each item done, "incomplete"
         (no arguments .done: they are not)."""
-        return [self.event("response.output_item.done", output_index=index, item=self.call_item(call, "incomplete"))
+        return [self.event("response.output_item.done", output_index=index,
+                           item=self.call_item(call, index, "incomplete"))
                 for index, call in enumerate(choice.streamed_calls) if index >= self.calls_done]
 
     def delta(self, generation: Generation, choice: ChoiceState, delta: Delta) -> list[str]:
@@ -313,7 +338,7 @@ class ResponsesFormatter(Formatter):
         status = self.status(choice) if choice.tool_calls is None else "completed"
         output = self.output(choice)
         if choice.tool_calls is None and choice.streamed_calls:  # calls cut short: the items the client got
-            output = [self.call_item(call, "completed" if index < self.calls_done else "incomplete")
+            output = [self.call_item(call, index, "completed" if index < self.calls_done else "incomplete")
                       for index, call in enumerate(choice.streamed_calls)]
         return self.envelope(generation, status, output, usage)
 
