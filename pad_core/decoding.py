@@ -28,7 +28,7 @@ def apply_token_mask(logits: torch.Tensor, mask: TokenMask | None) -> torch.Tens
     """logits [N, V] with the tokens a row's grammar forbids at -inf; rows
     without a constraint unchanged. Applied before everything else (penalties
     are already in), so PAD's prescreen only ever sees legal candidates.
-    Returns a new tensor (the input is left alone: logprobs read it)."""
+    Returns a new tensor (the input is left alone)."""
     if mask is None or mask.rows.numel() == 0:
         return logits
     every_row = torch.arange(logits.shape[0], device=mask.rows.device)

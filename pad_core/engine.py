@@ -556,7 +556,9 @@ class PadEngine:
                 token_mask=(token_mask := self._token_mask(states, base.device)),
             )
         )
-        logprobs = self._logprobs(states, base, tokens.clamp(min=0))
+        # logprobs: the distribution the token was chosen from, every rule in
+        # (penalties, logit_bias, top_k ..., and a grammar's legal tokens)
+        logprobs = self._logprobs(states, apply_token_mask(base, token_mask), tokens.clamp(min=0))
         tokens = tokens.tolist()
         if INVALID_TOKEN in tokens:  # rare: worth a look at whose fault it is
             blame_no_legal_token(tokens, raw_base, base, token_mask)

@@ -60,7 +60,7 @@ class EngineSettings(BaseSettings):
         None, gt=0, allow_inf_nan=False,
         description="KV memory in GiB: the slots backend's pool (it sets the tokens a row may hold, up to the "
         "context length; default 2 GiB on CPU), the transformers backend's batch cache (rows x the widest row, "
-        "requests admitted within it reserving prompt + max_tokens; default a quarter of the memory on CPU); on "
+        "requests admitted within it reserving prompt + max_tokens; default half the memory on CPU); on "
         "CUDA by default gpu_memory_utilization of the GPU minus the weights",
     )
     prefix_cache_gib: float = Field(

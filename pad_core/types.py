@@ -590,8 +590,9 @@ class GenerationRequest:
 
 @dataclass
 class TokenLogprob:
-    """Log-probability of a generated token under the base model (raw logits,
-    after presence/frequency penalties), as OpenAI reports it; of a prompt
+    """Log-probability of a generated token under the base model, after the
+    request's sampling rules (penalties, logit_bias, vLLM's top_k ..., a
+    grammar's legal tokens), as OpenAI reports it; of a prompt
     token, under the plain model (None for the prompt's first token, which
     nothing precedes)."""
 

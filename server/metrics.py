@@ -11,7 +11,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("pad_requests", "Chat completion requests by HTTP status", ["status"], registry=r)
+        self.requests = Counter("pad_requests", "Generation requests (chat, completions, responses) by HTTP status", ["status"], registry=r)
         self.prompt_tokens = Counter("pad_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("pad_generation_tokens", "Tokens generated", registry=r)
         self.time_to_first_token = Histogram(

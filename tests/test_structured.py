@@ -819,3 +819,32 @@ def test_lark_and_gbnf_are_told_apart_and_a_whitespace_pattern_is_for_json_only(
     assert matcher.error is None and matcher.done
     with pytest.raises(InvalidRequestError):
         check_spec(StructuredOutput("regex", regex="a", whitespace_pattern=" "))
+
+
+def test_logprobs_are_those_of_the_legal_tokens(engine):
+    """A constrained answer's logprobs report the distribution its tokens
+    were chosen from: the grammar's legal tokens share all the probability,
+    and a forbidden one is at the floor, never a likely alternative; on plain
+    and PAD rows alike."""
+    import dataclasses
+
+    from pad_core.engine import MIN_LOGPROB
+
+    spec, matches = TEXT_SPECS["choice"]
+    words = spec.choices
+    requests = [chat("plain", spec), chat("pad", spec, preferences=[PREF], weight=4.0, top_k=20)]
+    requests = [dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, logprobs=True,
+                                                                         top_logprobs=20))
+                for request in requests]
+    for rid, outs in run(engine, *requests).items():
+        assert matches(text_of(outs)), (rid, text_of(outs))
+        entries = [entry for out in outs for entry in out.logprobs or ()]
+        assert len(entries) == sum(len(out.token_ids) for out in outs) > 0
+        for entry in entries:
+            legal = {text: logprob for text, logprob, _ in entry.top_logprobs if logprob > MIN_LOGPROB}
+            assert entry.logprob > MIN_LOGPROB and legal, (rid, entry)
+        # The first token: a piece of one of the words, and those pieces (fewer
+        # than 20) hold all the probability.
+        first = {text: logprob for text, logprob, _ in entries[0].top_logprobs if logprob > MIN_LOGPROB}
+        assert all(any(word.startswith(text) for word in words) for text in first), first
+        assert abs(sum(torch.tensor(list(first.values())).exp().tolist()) - 1) < 1e-3, (rid, first)

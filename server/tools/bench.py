@@ -286,7 +286,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=ints, default=[1, 4, 16, 32], help="comma list of levels (default: 1,4,16,32)")
     parser.add_argument("--requests", type=int, help="requests per mode and level (default: max(8, 2 x level))")
     parser.add_argument("--max-tokens", type=int, default=64, help="(default: 64)")
-    parser.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: true (vLLM extension; not accepted by pad serve)")
+    parser.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: true (vLLM extension, honoured by pad serve)")
     parser.add_argument("--modes", default="plain,pad", help="plain, pad or both (default: plain,pad)")
     parser.add_argument("--preference", action="append", dest="preferences", metavar="TEXT",
                         help=f"PAD preference (repeatable; default: {PREFERENCES!r})")
