@@ -565,6 +565,10 @@ def test_responses_structured_and_function_calls(client):
                                      text={"format": {"type": "json_schema", "name": "v", "strict": True,
                                                       "schema": Verdict.model_json_schema() | {"additionalProperties": False}}})
     assert answer.status == "completed" and Verdict.model_validate_json(answer.output_text)
+    parsed = client.responses.parse(model=MODEL, input="Is it ok?", max_output_tokens=40, temperature=0,
+                                    text_format=Verdict)
+    assert isinstance(parsed.output_parsed, Verdict) and parsed.output_parsed == Verdict.model_validate_json(
+        answer.output_text)
     tool = {"type": "function", **WEATHER["function"]}
     called = client.responses.create(model=MODEL, input="Weather?", max_output_tokens=60, temperature=0, tools=[tool],
                                      tool_choice={"type": "function", "name": "get_weather"})
