@@ -22,7 +22,17 @@ from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.request_body import BodyLimitMiddleware
 from server.request_id import RequestIdMiddleware
-from server.routes import chat, completions, feedback, models, responses, stored_responses, tokenize, users
+from server.routes import (
+    chat,
+    completions,
+    conversations,
+    feedback,
+    models,
+    responses,
+    stored_responses,
+    tokenize,
+    users,
+)
 from server.settings import ServerSettings
 from server.store.repository import Store
 from server.worker_client import WorkerClient
@@ -70,8 +80,9 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
     # Outermost (added last): every answer, a 413 included, carries its x-request-id.
     app.add_middleware(RequestIdMiddleware)
 
-    for router in (chat.router, completions.router, responses.router, stored_responses.router, models.router,
-                   models.probes, users.router, feedback.router, tokenize.router):
+    for router in (chat.router, completions.router, responses.router, stored_responses.router,
+                   conversations.router, models.router, models.probes, users.router, feedback.router,
+                   tokenize.router):
         app.include_router(router)
     install_openapi(app)
     return app

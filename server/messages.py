@@ -101,11 +101,12 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
 
 def response_input_messages(items: str | list[dict[str, Any]], instructions: str | None,
                             earlier: Iterable[dict[str, str]] = (),
-                            call_names: dict[str, str] | None = None) -> list[dict[str, str]]:
+                            call_names: dict[str, str] | None = None, param: str = "input") -> list[dict[str, str]]:
     """Responses API `instructions` + `input` -> engine messages; `earlier`
     (a previous response's conversation) goes between the two, and
     `call_names` names the function calls made in it (call_id -> name), for
-    the function_call_output items that answer them."""
+    the function_call_output items that answer them. Errors name the items
+    as `param` (input; a conversation's items)."""
     out: list[dict[str, str]] = []
     if instructions:
         out.append({"role": "system", "content": instructions})
@@ -116,7 +117,7 @@ def response_input_messages(items: str | list[dict[str, Any]], instructions: str
     names: dict[str, str] = dict(call_names or {})
     calls: dict[int, list[tuple[str, str]]] = {}  # assistant message index -> its calls, written out at the end
     for index, item in enumerate(items):
-        where = f"input[{index}]"
+        where = f"{param}[{index}]"
         kind = item.get("type", "message")
         if item.get("id") is not None and not isinstance(item["id"], str):  # kept responses list items by id
             raise invalid(f"{where}.id must be a string", f"{where}.id", "invalid_type")
@@ -152,7 +153,7 @@ def response_input_messages(items: str | list[dict[str, Any]], instructions: str
             raise invalid(f"{where}: input items of type {kind!r} are not supported "
                           "(message, function_call, function_call_output)", f"{where}.type", "unsupported_content")
     if not out:
-        raise invalid("input has no messages", "input")
+        raise invalid(f"{param} has no messages", param)
     for at, made in calls.items():  # once per message: 10,000 calls in a row must not cost 10,000^2
         out[at]["content"] = calls_text(made)
     return out

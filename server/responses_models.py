@@ -2,8 +2,8 @@
 forced function calls, or JSON by `text.format`), streamed as OpenAI's
 typed events or returned whole. `store` (default true) keeps the response
 and `previous_response_id` continues a kept one (server/routes/
-stored_responses.py); `conversation` (the Conversations API) is a clear 400
-(send the whole conversation in `input`, or chain previous_response_id)."""
+stored_responses.py); `conversation` reads and extends a kept conversation
+(server/routes/conversations.py)."""
 
 from __future__ import annotations
 
@@ -58,9 +58,10 @@ class ResponsesRequest(StrictRequest):
     truncation: Literal["auto", "disabled"] | None = Field(
         None, description="auto: where the conversation would not fit the context, its oldest items leave "
         "(instructions stay); disabled (the default): a 400")
+    conversation: str | dict[str, Any] | None = Field(
+        None, description="a conversation's id (or {id}): its items go before input, and input and the answer's "
+        "items are added to it")
     # Refused unless null.
-    conversation: str | dict[str, Any] | None = Field(None, description="refused: no Conversations API; use "
-                                                      "previous_response_id")
     prompt: dict[str, Any] | None = Field(None, description="refused: no stored prompts")
     background: bool | None = Field(None, description="refused when true: answers are synchronous")
     moderation: dict[str, Any] | None = Field(None, description="refused unless null: no moderation here")
@@ -83,14 +84,22 @@ class ResponsesRequest(StrictRequest):
     pad: PadOptions | None = None
 
     def refuse_unsupported(self) -> None:
-        reject_if(self.conversation is not None, "conversation is not supported: this server has no Conversations "
-                   "API; chain responses with previous_response_id, or send the whole conversation in input",
-                   "conversation")
+        reject_if(self.conversation is not None and self.previous_response_id is not None,
+                   "conversation and previous_response_id cannot be used together", "conversation", "invalid_value")
         reject_if(self.prompt is not None, "prompt (a stored prompt template) is not supported", "prompt")
         reject_if(bool(self.background), "background responses are not supported", "background")
         reject_if(self.moderation is not None, "'moderation' is not supported: no moderation here", "moderation")
         reject_if(self.stream_options is not None and not self.stream,
                    "stream_options is only allowed when stream is true", "stream_options", "invalid_value")
+
+    def conversation_id(self) -> str | None:
+        """`conversation`'s id: the id itself, or {"id": ...}."""
+        conversation = self.conversation
+        if isinstance(conversation, dict):
+            conversation = conversation.get("id")
+            reject_if(not isinstance(conversation, str), "conversation.id must be a conversation's id (a string)",
+                       "conversation.id", "invalid_value")
+        return conversation
 
     def to_sampling_params(self) -> SamplingParams:
         return SamplingParams(

@@ -580,12 +580,13 @@ def test_responses_structured_and_function_calls(client):
     assert follow_up.output[0].type == "message"
 
 
-def test_responses_refuse_conversations_and_background(server):
+def test_responses_refuse_background(server):
     base = {"model": MODEL, "input": "Hi", "max_output_tokens": 2}
-    for field, value in (("conversation", "conv_1"), ("background", True)):
-        response = post(server, "/v1/responses", {**base, field: value})
-        assert response.status_code == 400 and response.json()["error"]["param"] == field
-        assert "not supported" in response.json()["error"]["message"]
+    response = post(server, "/v1/responses", {**base, "background": True})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "background"
+    assert "not supported" in response.json()["error"]["message"]
+    unknown = post(server, "/v1/responses", {**base, "conversation": "conv_1"})  # tests/test_conversations.py
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "conversation"
 
 
 def test_unknown_routes_are_openai_shaped_404s(server):

@@ -332,3 +332,67 @@ async def test_a_version_1_database_migrates_to_keep_responses(db_url):  # noqa:
         assert (await store.find_response("resp_1")).response["id"] == "resp_1"
     finally:
         await store.close()
+
+
+async def test_a_version_2_database_migrates_to_keep_conversations(db_url):  # noqa: F811
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from server.store.config import normalize_url
+
+    engine = create_async_engine(normalize_url(db_url))
+    async with engine.begin() as conn:  # the schema as the stored-responses release left it
+        await conn.run_sync(schema.schema_version.create)
+        await conn.execute(schema.schema_version.insert().values(version=2))
+        await conn.run_sync(schema.MIGRATIONS[0])
+        await conn.run_sync(schema.MIGRATIONS[1])
+    await engine.dispose()
+    store = await Store.open(store_config(db_url))
+    try:
+        conversation, kept = await store.create_conversation(user="alice", metadata={"k": "v"},
+                                                             items=[{"id": "a", "type": "message"}])
+        assert kept == [{"id": "a", "type": "message"}]
+        assert await store.find_conversation(conversation.conversation_id) == conversation
+    finally:
+        await store.close()
+
+
+async def test_conversation_items_in_order_under_concurrent_writers(store):
+    """16 writers appending to one conversation at once: every item kept,
+    each writer's in its order, positions unique (the conversation row is
+    locked); ids the conversation holds already are replaced; pages in both
+    orders; deleting the conversation deletes its items."""
+    conversation, _ = await store.create_conversation(user=None, metadata={})
+    cid = conversation.conversation_id
+
+    async def writer(w: int) -> list[dict]:
+        items = [{"id": f"w{w}-{i}", "type": "message", "n": i} for i in range(5)]
+        return await store.add_conversation_items(cid, items)
+
+    added = await asyncio.gather(*(writer(w) for w in range(16)))
+    assert all(len(batch) == 5 for batch in added)
+    everything, more = await store.conversation_items(cid)
+    assert len(everything) == 80 and not more
+    for w in range(16):
+        assert [item["n"] for item in everything if item["id"].startswith(f"w{w}-")] == list(range(5))
+    # each writer's batch is contiguous (one transaction)
+    starts = [[item["id"] for item in everything].index(f"w{w}-0") for w in range(16)]
+    assert sorted(start % 5 for start in starts) == [0] * 16
+
+    again = await store.add_conversation_items(cid, [{"id": "w0-0", "type": "message"}, {"id": "new", "type": "x"}])
+    assert again[0]["id"] != "w0-0" and again[0]["id"].startswith("msg_") and again[1]["id"] == "new"
+    newest, more = await store.conversation_items(cid, limit=2, descending=True)
+    assert [item["id"] for item in newest] == ["new", again[0]["id"]] and more
+    after, _ = await store.conversation_items(cid, after=newest[-1]["id"], limit=1, descending=True)
+    assert after == everything[-1:]
+    oldest, more = await store.conversation_items(cid, limit=1)
+    assert oldest == everything[:1] and more
+    second, _ = await store.conversation_items(cid, after=oldest[0]["id"], limit=1)
+    assert second == everything[1:2]
+    with pytest.raises(InvalidInput):
+        await store.conversation_items(cid, after="nope")
+
+    assert await store.delete_conversation_item(cid, "new") and not await store.delete_conversation_item(cid, "new")
+    assert await store.find_conversation_item(cid, "w3-2") == {"id": "w3-2", "type": "message", "n": 2}
+    assert await store.delete_conversation(cid)
+    assert await store.find_conversation(cid) is None and await store.add_conversation_items(cid, [{"id": "z"}]) is None
+    assert (await store.conversation_items(cid))[0] == [] and not await store.delete_conversation(cid)

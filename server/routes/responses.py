@@ -16,18 +16,15 @@ terminal event too.
 
 A response whose request left `store` true is kept
 (server/routes/stored_responses.py): `previous_response_id` continues its
-conversation, GET /v1/responses/{id} reads it back, and its message item
-and function-call items can be referenced: an item's id names its response
-(msg_<hex> of resp_<hex>, and fc_<hex>_<n> for its n-th call), so an
-`item_reference` to an earlier answer, which the Vercel AI SDK sends for
-every assistant turn unless its `store` option is false, resolves to that
-answer, and one to an earlier call (as Codex-style clients send them, with
-the call's function_call_output after it) to that call."""
+conversation, GET /v1/responses/{id} reads it back, and its items can be
+referenced (`item_reference`). `conversation` (server/routes/conversations.py)
+reads a kept conversation's items before the input, and adds the input and
+the answer's items to it after the answer."""
 
 from __future__ import annotations
 
 import json
-import re
+import logging
 import uuid
 from typing import Any
 
@@ -36,8 +33,8 @@ from fastapi.responses import JSONResponse
 
 from pad_core.types import ChatRequest
 from server.auth import Scope, key_scope
-from server.auth_scopes import KeyScope, chat_user
-from server.errors import APIError, invalid
+from server.auth_scopes import chat_user
+from server.errors import APIError
 from server.generation import (
     ChoiceState,
     CallDelta,
@@ -58,8 +55,19 @@ from server.openapi import generation_responses
 from server.request_body import JSONRoute
 from server.responses_models import ResponseObject, ResponsesRequest
 from server.routes.chat import preference_rename, resolve_preferences
-from server.routes.stored_responses import keep_response, previous_response
+from server.routes.conversations import conversation_not_found, find_conversation
+from server.routes.stored_responses import (
+    call_item_id,
+    function_call_names,
+    keep_response,
+    message_item_id,
+    previous_response,
+    resolve_item_references,
+    stored_input_items,
+)
+from server.store.repository import StoredConversation
 
+logger = logging.getLogger(__name__)
 router = APIRouter(tags=["responses"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 
 RESPONSES_RESPONSES = generation_responses(
@@ -79,9 +87,13 @@ async def _respond(body: ResponsesRequest, request: Request, scope):
     structured = body.to_structured()
     user = chat_user(scope, body.user)
     previous = await previous_response(store, scope, body.previous_response_id)
+    conversation = await continued_conversation(store, scope, body.conversation_id())
     items = await resolve_item_references(store, scope, body.input)
-    messages = response_input_messages(items, body.instructions, previous.conversation if previous else (),
-                                       previous.call_names if previous else None)
+    if conversation is not None:
+        earlier, call_names = await conversation_messages(store, conversation)
+    else:
+        earlier, call_names = (previous.conversation, previous.call_names) if previous else ((), None)
+    messages = response_input_messages(items, body.instructions, earlier, call_names)
     resolution = await resolve_preferences(state, body, user)
     response_id = f"resp_{uuid.uuid4().hex}"
     chat = ChatRequest(f"{response_id}-0", messages, resolution.preferences, body.to_sampling_params(),
@@ -98,6 +110,8 @@ async def _respond(body: ResponsesRequest, request: Request, scope):
 
     async def finished(choices: list[ChoiceState], response: dict) -> None:
         await record(choices)
+        if conversation is not None:
+            await extend_conversation(store, conversation, items, response)
         if keeps:
             await keep_response(store, response, user=user, history=history, items=items, previous=previous)
 
@@ -112,93 +126,37 @@ async def _respond(body: ResponsesRequest, request: Request, scope):
     return JSONResponse(response)
 
 
-# ---- item references -------------------------------------------------------
-# message_item_id's and call_item_id's, of a resp_<uuid4 hex>: group 1 is the hex
-OUTPUT_ITEM_ID = re.compile(r"(?:msg_([0-9a-f]{32}))|(?:fc_([0-9a-f]{32})_\d{1,6})")
-
-
-def message_item_id(response_id: str) -> str:
-    """A response's message item is named after the response, so that the
-    feedback memory's record of the response (kept under its id) is the
-    record of the item too."""
-    return "msg_" + response_id.removeprefix("resp_")
-
-
-def call_item_id(response_id: str, index: int) -> str:
-    """A response's index-th function_call item, named after the response so
-    that an item_reference to it finds the response that keeps it."""
-    return f"fc_{response_id.removeprefix('resp_')}_{index}"
-
-
-def is_item_reference(item: dict[str, Any]) -> bool:
-    # OpenAI's ItemReference: {"type": "item_reference", "id"}; its type may be left out.
-    return item.get("type") == "item_reference" or ("type" not in item and "role" not in item and "id" in item)
-
-
-async def resolve_item_references(store, scope: KeyScope | None,
-                                  items: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
-    """`input` with each item_reference replaced by the output item it names,
-    an assistant message or a function call (404 when it is not kept)."""
-    if isinstance(items, str):
-        return items
-    references = {index: item for index, item in enumerate(items) if is_item_reference(item)}
-    if not references:
-        return items
-    for index, item in references.items():
-        if not isinstance(item.get("id"), str) or not item["id"]:
-            raise invalid(f"input[{index}].id must be the id of an item (a string)", f"input[{index}].id",
-                          "invalid_value")
-    kept = await kept_items(store, scope, [item["id"] for item in references.values()])
-    resolved = list(items)
-    for index, item in references.items():
-        if item["id"] not in kept:
-            raise item_not_found(store, item["id"], f"input[{index}].id")
-        resolved[index] = kept[item["id"]]
-    return resolved
-
-
-async def kept_items(store, scope: KeyScope | None, item_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """Output item id -> that item as an input item, for the message and
-    function_call items of the responses kept (store not false, not
-    deleted, within PAD_RESPONSES_RETENTION_DAYS) that the API key may read
-    (another user's is left out, as unknown: it is not even said to exist)."""
-    if store is None or not store.keeps_responses:
-        return {}
-    wanted: dict[str, set[str]] = {}  # response id -> the ids of its items referenced
-    for item_id in item_ids:
-        if match := OUTPUT_ITEM_ID.fullmatch(item_id):
-            wanted.setdefault(f"resp_{match[1] or match[2]}", set()).add(item_id)
-    found = {}
-    for response_id, kept in (await store.find_responses(list(wanted))).items():
-        if scope is not None and not scope.can_access(kept.user_id):
-            continue
-        for item in kept.response.get("output", ()):
-            if item.get("id") in wanted[response_id] and (as_input := input_item_of(item)) is not None:
-                found[item["id"]] = as_input
+# ---- conversations -------------------------------------------------------
+async def continued_conversation(store, scope, conversation_id: str | None) -> StoredConversation | None:
+    """The conversation a request continues (`conversation`), or a 404."""
+    if conversation_id is None:
+        return None
+    found = await find_conversation(store, scope, conversation_id)
+    if found is None:
+        raise conversation_not_found(conversation_id, "conversation")
     return found
 
 
-def input_item_of(item: dict[str, Any]) -> dict[str, Any] | None:
-    """A kept output item as the input item that sends it again (None for a
-    kind that cannot be referenced)."""
-    if item.get("type") == "message":
-        text = "".join(part.get("text", "") for part in item.get("content", ()))
-        return {"id": item["id"], "type": "message", "role": "assistant",
-                "content": [{"type": "output_text", "text": text, "annotations": []}]}
-    if item.get("type") == "function_call":
-        return {"id": item["id"], "type": "function_call", "call_id": item["call_id"], "name": item["name"],
-                "arguments": item["arguments"]}
-    return None
+async def conversation_messages(store, conversation: StoredConversation) -> tuple[list[dict[str, str]], dict[str, str]]:
+    """A conversation's items as the messages that go before the input, and
+    the names of the function calls among them (call_id -> name)."""
+    items, _ = await store.conversation_items(conversation.conversation_id)
+    if not any(item.get("type", "message") != "reasoning" for item in items):  # nothing a model reads
+        return [], {}
+    return response_input_messages(items, None, param="conversation"), function_call_names(items)
 
 
-def item_not_found(store, item_id: str, param: str) -> APIError:
-    """OpenAI's 404 for an item it does not keep, saying how to do without."""
-    why = (f"only the message and function_call items of the responses this server keeps (store not false) can be referenced, "
-           f"for {store.config.responses_retention_days:g} days" if store is not None and store.keeps_responses
-           else "this server keeps no responses (PAD_RESPONSES_RETENTION_DAYS is 0)")
-    return APIError(404, f"Item with id {item_id[:80]!r} not found: {why}. Send the item itself in input "
-                    "(the Vercel AI SDK does with providerOptions.openai.store = false).",
-                    "invalid_request_error", param, "item_not_found")
+async def extend_conversation(store, conversation: StoredConversation, items: str | list[dict[str, Any]],
+                              response: dict[str, Any]) -> None:
+    """Adds a request's input and its answer's items to its conversation,
+    once answered (before the terminal event of a stream). A store that
+    fails is logged, never the answer's failure (as keeping a response)."""
+    try:
+        await store.add_conversation_items(conversation.conversation_id,
+                                           stored_input_items(items) + list(response["output"]))
+    except Exception:
+        logger.exception("could not add response %s to conversation %s", response.get("id"),
+                         conversation.conversation_id)
 
 
 def responses_usage(usage: dict) -> dict:
@@ -215,6 +173,7 @@ class ResponsesFormatter(Formatter):
         self.stored = stored  # kept for previous_response_id and GET
         self.sequence = 0
         self.response_id = response_id
+        self.conversation_id = body.conversation_id()
         self.message_id = message_item_id(response_id)
         self.message_open = False
         self.calls_done = 0  # the streamed calls whose items are done (in order)
@@ -231,6 +190,7 @@ class ResponsesFormatter(Formatter):
             "max_tool_calls": body.max_tool_calls, "model": generation.model, "output": output,
             "parallel_tool_calls": body.parallel_tool_calls is not False,
             "previous_response_id": body.previous_response_id,
+            "conversation": {"id": self.conversation_id} if self.conversation_id is not None else None,
             "reasoning": {"effort": None, "summary": None}, "service_tier": "default",
             "store": self.stored,
             "temperature": 1.0 if body.temperature is None else body.temperature,

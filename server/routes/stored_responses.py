@@ -13,12 +13,20 @@ earlier responses' (when it continued one), its own input, its answer.
 - POST /v1/responses/{id}/cancel is a 400: only background responses can be
   cancelled, and there are none here.
 A response of another user (an API key bound to users) is unknown to the
-caller: not found, not said to exist."""
+caller: not found, not said to exist.
+
+A kept response's message and function-call items can be referenced: an
+item's id names its response (msg_<hex> of resp_<hex>, and fc_<hex>_<n> for
+its n-th call), so an `item_reference` to an earlier answer, which the
+Vercel AI SDK sends for every assistant turn unless its `store` option is
+false, resolves to that answer, and one to an earlier call (as Codex-style
+clients send them, with the call's function_call_output after it) to that
+call."""
 
 from __future__ import annotations
 
 import logging
-import uuid
+import re
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -32,7 +40,7 @@ from server.openapi import errors
 from server.request_body import JSONRoute
 from server.responses_models import ResponseObject
 from server.store import schema
-from server.store.repository import StoredResponse
+from server.store.repository import StoredResponse, new_item_id
 
 logger = logging.getLogger(__name__)
 
@@ -95,13 +103,10 @@ def stored_input_items(items: str | list[dict[str, Any]]) -> list[dict[str, Any]
         if kind in ("message", "function_call", "function_call_output"):
             item["status"] = item.get("status") or "completed"
         if not item.get("id") or item["id"] in used:
-            item["id"] = new_item_id(ITEM_ID_PREFIXES.get(kind, "item"))
+            item["id"] = new_item_id(kind)
         used.add(item["id"])
         out.append(item)
     return out
-
-
-ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
 
 
 def message_parts(content: Any, assistant: bool) -> Any:
@@ -113,10 +118,6 @@ def message_parts(content: Any, assistant: bool) -> Any:
         return content
     return [{"annotations": [], **part} if isinstance(part, dict) and part.get("type") == "output_text" else part
             for part in content]
-
-
-def new_item_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 async def keep_response(store, response: dict[str, Any], *, user: str | None, history: list[dict[str, str]],
@@ -133,6 +134,95 @@ async def keep_response(store, response: dict[str, Any], *, user: str | None, hi
                                     input_items=stored_input_items(items))
     except Exception:
         logger.exception("could not keep response %s", response.get("id"))
+
+
+# ---- item references -------------------------------------------------------
+# message_item_id's and call_item_id's, of a resp_<uuid4 hex>: group 1 is the hex
+OUTPUT_ITEM_ID = re.compile(r"(?:msg_([0-9a-f]{32}))|(?:fc_([0-9a-f]{32})_\d{1,6})")
+
+
+def message_item_id(response_id: str) -> str:
+    """A response's message item is named after the response, so that the
+    feedback memory's record of the response (kept under its id) is the
+    record of the item too."""
+    return "msg_" + response_id.removeprefix("resp_")
+
+
+def call_item_id(response_id: str, index: int) -> str:
+    """A response's index-th function_call item, named after the response so
+    that an item_reference to it finds the response that keeps it."""
+    return f"fc_{response_id.removeprefix('resp_')}_{index}"
+
+
+def is_item_reference(item: dict[str, Any]) -> bool:
+    # OpenAI's ItemReference: {"type": "item_reference", "id"}; its type may be left out.
+    return item.get("type") == "item_reference" or ("type" not in item and "role" not in item and "id" in item)
+
+
+async def resolve_item_references(store, scope: KeyScope | None, items: str | list[dict[str, Any]],
+                                  param: str = "input") -> str | list[dict[str, Any]]:
+    """`input` with each item_reference replaced by the output item it names,
+    an assistant message or a function call (404 when it is not kept)."""
+    if isinstance(items, str):
+        return items
+    references = {index: item for index, item in enumerate(items) if is_item_reference(item)}
+    if not references:
+        return items
+    for index, item in references.items():
+        if not isinstance(item.get("id"), str) or not item["id"]:
+            raise invalid(f"{param}[{index}].id must be the id of an item (a string)", f"{param}[{index}].id",
+                          "invalid_value")
+    kept = await kept_items(store, scope, [item["id"] for item in references.values()])
+    resolved = list(items)
+    for index, item in references.items():
+        if item["id"] not in kept:
+            raise item_not_found(store, item["id"], f"{param}[{index}].id")
+        resolved[index] = kept[item["id"]]
+    return resolved
+
+
+async def kept_items(store, scope: KeyScope | None, item_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Output item id -> that item as an input item, for the message and
+    function_call items of the responses kept (store not false, not
+    deleted, within PAD_RESPONSES_RETENTION_DAYS) that the API key may read
+    (another user's is left out, as unknown: it is not even said to exist)."""
+    if store is None or not store.keeps_responses:
+        return {}
+    wanted: dict[str, set[str]] = {}  # response id -> the ids of its items referenced
+    for item_id in item_ids:
+        if match := OUTPUT_ITEM_ID.fullmatch(item_id):
+            wanted.setdefault(f"resp_{match[1] or match[2]}", set()).add(item_id)
+    found = {}
+    for response_id, kept in (await store.find_responses(list(wanted))).items():
+        if scope is not None and not scope.can_access(kept.user_id):
+            continue
+        for item in kept.response.get("output", ()):
+            if item.get("id") in wanted[response_id] and (as_input := input_item_of(item)) is not None:
+                found[item["id"]] = as_input
+    return found
+
+
+def input_item_of(item: dict[str, Any]) -> dict[str, Any] | None:
+    """A kept output item as the input item that sends it again (None for a
+    kind that cannot be referenced)."""
+    if item.get("type") == "message":
+        text = "".join(part.get("text", "") for part in item.get("content", ()))
+        return {"id": item["id"], "type": "message", "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    if item.get("type") == "function_call":
+        return {"id": item["id"], "type": "function_call", "call_id": item["call_id"], "name": item["name"],
+                "arguments": item["arguments"]}
+    return None
+
+
+def item_not_found(store, item_id: str, param: str) -> APIError:
+    """OpenAI's 404 for an item it does not keep, saying how to do without."""
+    why = (f"only the message and function_call items of the responses this server keeps (store not false) can be referenced, "
+           f"for {store.config.responses_retention_days:g} days" if store is not None and store.keeps_responses
+           else "this server keeps no responses (PAD_RESPONSES_RETENTION_DAYS is 0)")
+    return APIError(404, f"Item with id {item_id[:80]!r} not found: {why}. Send the item itself in input "
+                    "(the Vercel AI SDK does with providerOptions.openai.store = false).",
+                    "invalid_request_error", param, "item_not_found")
 
 
 # ---- the routes -------------------------------------------------------------

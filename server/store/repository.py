@@ -1,6 +1,7 @@
 """The store: user preference profiles, completions kept for feedback,
-feedback, and stored Responses API responses, on SQLite (default) or
-PostgreSQL, through SQLAlchemy's asyncio API.
+feedback, stored Responses API responses and Conversations API
+conversations, on SQLite (default) or PostgreSQL, through SQLAlchemy's
+asyncio API.
 
 Durability: a write method returns only after its transaction committed.
 SQLite runs in WAL mode with synchronous=FULL (a commit is fsynced before it
@@ -8,7 +9,8 @@ returns, so neither kill -9 nor a power cut loses it) and every write
 transaction starts with BEGIN IMMEDIATE (writers queue on the busy timeout
 instead of failing on a stale snapshot); PostgreSQL commits are durable with
 its default synchronous_commit. Concurrent writers: PUT is an upsert, PATCH
-locks the row (SELECT ... FOR UPDATE; SQLite's write lock does the same).
+locks the row (SELECT ... FOR UPDATE; SQLite's write lock does the same), as
+adding items to a conversation locks the conversation.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, delete, event, or_, select, update
+from sqlalchemy import and_, delete, event, func, or_, select, update
 from sqlalchemy.engine.url import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -210,6 +212,29 @@ class StoredResponse:
     input_items: list[dict[str, Any]]
     response: dict[str, Any]
     created_at: int
+
+
+@dataclass(frozen=True)
+class StoredConversation:
+    """A Conversations API conversation (see schema.conversations); its
+    items are read apart (a conversation may hold many)."""
+
+    conversation_id: str
+    user_id: str | None
+    metadata: dict[str, str]
+    created_at: int
+
+    def to_openai(self) -> dict:
+        return {"id": self.conversation_id, "object": "conversation", "created_at": self.created_at,
+                "metadata": self.metadata}
+
+
+ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def new_item_id(kind: str) -> str:
+    """A fresh id for an input item of that type (msg_<hex>, fc_<hex> ...)."""
+    return f"{ITEM_ID_PREFIXES.get(kind, 'item')}_{uuid.uuid4().hex}"
 
 
 @dataclass(frozen=True)
@@ -582,6 +607,115 @@ class Store:
             result = await conn.execute(delete(table).where(table.c.response_id == response_id))
         return result.rowcount > 0
 
+    # -- conversations (the Conversations API; kept until deleted)
+
+    async def create_conversation(self, *, user: str | None, metadata: dict[str, str],
+                                  items: Sequence[dict[str, Any]] = ()) -> tuple[StoredConversation, list[dict]]:
+        """A new conversation holding `items` (each with an id); returns it
+        and its items as kept."""
+        conversation = StoredConversation(f"conv_{uuid.uuid4().hex}", user or None, dict(metadata), _now())
+        async with self._write() as conn:
+            await conn.execute(schema.conversations.insert().values(
+                conversation_id=conversation.conversation_id, user_id=conversation.user_id,
+                metadata=_dumps(conversation.metadata), created_at=conversation.created_at))
+            kept = await self._append_items(conn, conversation.conversation_id, items)
+        return conversation, kept
+
+    async def find_conversation(self, conversation_id: str) -> StoredConversation | None:
+        table = schema.conversations
+        async with self._read() as conn:
+            row = (await conn.execute(select(table).where(table.c.conversation_id == conversation_id))).first()
+        return _stored_conversation(row) if row is not None else None
+
+    async def update_conversation(self, conversation_id: str, metadata: dict[str, str]) -> StoredConversation | None:
+        """Replaces its metadata (as OpenAI's update does); None when it is gone."""
+        table = schema.conversations
+        async with self._write() as conn:
+            await conn.execute(update(table).where(table.c.conversation_id == conversation_id)
+                               .values(metadata=_dumps(metadata)))
+            row = (await conn.execute(select(table).where(table.c.conversation_id == conversation_id))).first()
+        return _stored_conversation(row) if row is not None else None
+
+    async def delete_conversation(self, conversation_id: str) -> bool:
+        items, table = schema.conversation_items, schema.conversations
+        async with self._write() as conn:
+            await conn.execute(delete(items).where(items.c.conversation_id == conversation_id))
+            result = await conn.execute(delete(table).where(table.c.conversation_id == conversation_id))
+        return result.rowcount > 0
+
+    async def add_conversation_items(self, conversation_id: str, items: Sequence[dict[str, Any]]) -> list[dict] | None:
+        """Appends `items` (each with an id) to a conversation, in order;
+        returns them as kept (an id the conversation holds already is
+        replaced by a fresh one), or None when the conversation is gone."""
+        table = schema.conversations
+        async with self._write() as conn:
+            # Locked: two requests adding to one conversation at once take turns (positions stay unique).
+            found = await conn.execute(select(table.c.conversation_id)
+                                       .where(table.c.conversation_id == conversation_id).with_for_update())
+            if found.first() is None:
+                return None
+            return await self._append_items(conn, conversation_id, items)
+
+    async def _append_items(self, conn: AsyncConnection, conversation_id: str,
+                            items: Sequence[dict[str, Any]]) -> list[dict]:
+        table = schema.conversation_items
+        if not items:
+            return []
+        last = (await conn.execute(select(func.max(table.c.position))
+                                   .where(table.c.conversation_id == conversation_id))).scalar()
+        given = sorted({item["id"] for item in items})
+        taken: set[str] = set()
+        for start in range(0, len(given), 500):
+            rows = await conn.execute(select(table.c.item_id).where(and_(
+                table.c.conversation_id == conversation_id, table.c.item_id.in_(given[start:start + 500]))))
+            taken.update(row.item_id for row in rows)
+        kept, rows = [], []
+        for position, item in enumerate(items, start=0 if last is None else last + 1):
+            if item["id"] in taken:
+                item = {**item, "id": new_item_id(item.get("type", "message"))}
+            taken.add(item["id"])
+            kept.append(item)
+            rows.append({"conversation_id": conversation_id, "position": position, "item_id": item["id"],
+                         "item": _dumps(item)})
+        await conn.execute(table.insert(), rows)
+        return kept
+
+    async def conversation_items(self, conversation_id: str, *, after: str | None = None, limit: int | None = None,
+                                 descending: bool = False) -> tuple[list[dict], bool]:
+        """A page of a conversation's items in order (or newest first), after
+        the item `after`, at most `limit` (None: all); and whether more follow."""
+        table = schema.conversation_items
+        query = select(table.c.item).where(table.c.conversation_id == conversation_id)
+        async with self._read() as conn:
+            if after is not None:
+                position = (await conn.execute(select(table.c.position).where(and_(
+                    table.c.conversation_id == conversation_id, table.c.item_id == after)))).scalar()
+                if position is None:
+                    raise InvalidInput(f"after: no item {after[:80]!r} in this conversation", param="after",
+                                       code="invalid_value")
+                query = query.where(table.c.position < position if descending else table.c.position > position)
+            query = query.order_by(table.c.position.desc() if descending else table.c.position)
+            if limit is not None:
+                query = query.limit(limit + 1)
+            items = [json.loads(row.item) for row in await conn.execute(query)]
+        if limit is None:
+            return items, False
+        return items[:limit], len(items) > limit
+
+    async def find_conversation_item(self, conversation_id: str, item_id: str) -> dict | None:
+        table = schema.conversation_items
+        async with self._read() as conn:
+            raw = (await conn.execute(select(table.c.item).where(and_(
+                table.c.conversation_id == conversation_id, table.c.item_id == item_id)))).scalar()
+        return json.loads(raw) if raw is not None else None
+
+    async def delete_conversation_item(self, conversation_id: str, item_id: str) -> bool:
+        table = schema.conversation_items
+        async with self._write() as conn:
+            result = await conn.execute(delete(table).where(and_(
+                table.c.conversation_id == conversation_id, table.c.item_id == item_id)))
+        return result.rowcount > 0
+
     # -- feedback
 
     async def record_feedback(
@@ -784,6 +918,11 @@ def _stored_response(row) -> StoredResponse:
                           conversation=json.loads(row.conversation), call_names=json.loads(row.call_names),
                           input_items=json.loads(row.input_items), response=json.loads(row.response),
                           created_at=row.created_at)
+
+
+def _stored_conversation(row) -> StoredConversation:
+    return StoredConversation(conversation_id=row.conversation_id, user_id=row.user_id,
+                              metadata=json.loads(row.metadata), created_at=row.created_at)
 
 
 def _sqlite_events(engine: AsyncEngine) -> None:

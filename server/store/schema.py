@@ -99,6 +99,29 @@ responses = Table(
 )
 
 
+# The Conversations API (/v1/conversations, and `conversation` on
+# /v1/responses): a conversation and its items, in order. Kept until deleted
+# (as OpenAI keeps them: no retention).
+conversations = Table(
+    "conversations",
+    metadata,
+    Column("conversation_id", String(128), primary_key=True),
+    Column("user_id", String(256), nullable=True),
+    Column("metadata", Text, nullable=False),  # JSON {str: str}
+    Column("created_at", BigInteger, nullable=False),
+)
+
+conversation_items = Table(
+    "conversation_items",
+    metadata,
+    Column("conversation_id", String(128), primary_key=True),
+    Column("position", Integer, primary_key=True),  # 0, 1, ... in the order added (gaps where deleted)
+    Column("item_id", String(128), nullable=False),
+    Column("item", Text, nullable=False),  # JSON: the item as listed (with its id)
+    UniqueConstraint("conversation_id", "item_id", name="uq_conversation_items_item_id"),
+)
+
+
 def _v1(conn: Connection) -> None:
     for table in (user_profiles, completions, feedback):
         table.create(conn)
@@ -108,7 +131,12 @@ def _v2(conn: Connection) -> None:
     responses.create(conn)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
+def _v3(conn: Connection) -> None:
+    conversations.create(conn)
+    conversation_items.create(conn)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
 LATEST = len(MIGRATIONS)
 _PG_LOCK_ID = 0x5AD_5709E  # advisory lock key for migrations
 

@@ -1,0 +1,206 @@
+"""OpenAI's Conversations API: a conversation kept on the server, its items
+in order, and `conversation` on POST /v1/responses, which reads the
+conversation's items before the request's input and adds the input and the
+answer's items after the answer.
+
+- POST   /v1/conversations                      {items?, metadata?} -> conversation
+- GET    /v1/conversations/{id}                 -> conversation
+- POST   /v1/conversations/{id}                 {metadata} -> conversation (metadata replaced)
+- DELETE /v1/conversations/{id}                 -> conversation.deleted (its items too)
+- POST   /v1/conversations/{id}/items           {items} -> the list of the items added
+- GET    /v1/conversations/{id}/items           cursor pages (after, limit 1-100, order: desc default)
+- GET    /v1/conversations/{id}/items/{item_id} -> the item
+- DELETE /v1/conversations/{id}/items/{item_id} -> the conversation
+
+Items are message, function_call and function_call_output items (and
+another model's reasoning items, kept but not read), or item_references to
+a kept response's output items; each gets an id (the client's unless the
+conversation holds that id already). Conversations are kept until deleted,
+as OpenAI keeps them (PAD_RESPONSES_RETENTION_DAYS is for responses).
+
+A conversation belongs to the API key's user, as a kept response does: a
+key bound to one user owns its conversations, a key bound to several names
+the owner with `user` (a PAD extension on create), an unbound key's belong
+to no user (only unbound keys reach them). Another user's conversation is
+unknown to the caller: not found, not said to exist."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, Field, StringConstraints
+
+from server.auth import Scope, key_scope
+from server.auth_scopes import KeyScope, chat_user
+from server.errors import APIError, invalid
+from server.messages import response_input_messages
+from server.openai_models import StrictRequest
+from server.openapi import errors
+from server.request_body import JSONRoute
+from server.routes.stored_responses import resolve_item_references, stored_input_items
+from server.store import schema
+from server.store.http import StoreDep
+from server.store.repository import StoredConversation
+
+router = APIRouter(tags=["conversations"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
+
+MAX_ITEMS_ADDED = 1000  # a call (OpenAI takes 20; agents add a whole turn's items at once)
+MAX_ID_CHARS = schema.conversations.c.conversation_id.type.length
+ConversationMetadata = Annotated[
+    dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]],
+    Field(max_length=16, description="up to 16 pairs: keys up to 64 characters, values up to 512"),
+]
+
+
+# ---- the bodies and objects ---------------------------------------------------
+class CreateConversation(StrictRequest):
+    items: list[dict[str, Any]] | None = Field(None, max_length=MAX_ITEMS_ADDED)
+    metadata: ConversationMetadata | None = None
+    user: str | None = Field(None, description="PAD: the owner, for an API key bound to several users")
+
+
+class UpdateConversation(StrictRequest):
+    metadata: ConversationMetadata
+
+
+class AddItems(StrictRequest):
+    items: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_ITEMS_ADDED)
+
+
+class ConversationObject(BaseModel):
+    id: str
+    object: Literal["conversation"]
+    created_at: int
+    metadata: dict[str, str]
+
+
+class DeletedConversation(BaseModel):
+    id: str
+    object: Literal["conversation.deleted"]
+    deleted: bool
+
+
+class ItemList(BaseModel):
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+def item_list(items: list[dict[str, Any]], has_more: bool = False) -> dict[str, Any]:
+    return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
+            "last_id": items[-1]["id"] if items else None, "has_more": has_more}
+
+
+# ---- what the routes and /v1/responses share ----------------------------------
+async def find_conversation(store, scope: KeyScope | None, conversation_id: str) -> StoredConversation | None:
+    """The conversation of that id that this key may read, else None."""
+    if store is None or not conversation_id or len(conversation_id) > MAX_ID_CHARS:
+        return None
+    found = await store.find_conversation(conversation_id)
+    if found is None or (scope is not None and not scope.can_access(found.user_id)):
+        return None
+    return found
+
+
+def conversation_not_found(conversation_id: str, param: str) -> APIError:
+    return APIError(404, f"Conversation with id {conversation_id[:80]!r} not found.", "invalid_request_error",
+                    param, "conversation_not_found")
+
+
+async def checked_items(store, scope: KeyScope | None, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Items to keep: item_references resolved, each item one the Responses
+    API reads (a 400 naming items[i] otherwise), each with an id."""
+    items = await resolve_item_references(store, scope, items, param="items")
+    response_input_messages(items, None, param="items")
+    return stored_input_items(items)
+
+
+# ---- the routes ------------------------------------------------------------------
+async def conversation_or_404(store, scope: KeyScope | None, conversation_id: str) -> StoredConversation:
+    found = await find_conversation(store, scope, conversation_id)
+    if found is None:
+        raise conversation_not_found(conversation_id, "conversation_id")
+    return found
+
+
+@router.post("/v1/conversations", response_model=ConversationObject, responses=errors(400, 401, 403, 413, 503))
+async def create_conversation(body: CreateConversation, store: StoreDep, scope: Scope):
+    user = chat_user(scope, body.user)
+    items = await checked_items(store, scope, body.items) if body.items else []
+    conversation, _ = await store.create_conversation(user=user, metadata=body.metadata or {}, items=items)
+    return conversation.to_openai()
+
+
+@router.get("/v1/conversations/{conversation_id}", response_model=ConversationObject,
+            responses=errors(401, 404, 503))
+async def retrieve_conversation(conversation_id: str, store: StoreDep, scope: Scope):
+    return (await conversation_or_404(store, scope, conversation_id)).to_openai()
+
+
+@router.post("/v1/conversations/{conversation_id}", response_model=ConversationObject,
+             responses=errors(400, 401, 404, 413, 503))
+async def update_conversation(conversation_id: str, body: UpdateConversation, store: StoreDep, scope: Scope):
+    found = await conversation_or_404(store, scope, conversation_id)
+    updated = await store.update_conversation(found.conversation_id, body.metadata)
+    if updated is None:  # deleted meanwhile
+        raise conversation_not_found(conversation_id, "conversation_id")
+    return updated.to_openai()
+
+
+@router.delete("/v1/conversations/{conversation_id}", response_model=DeletedConversation,
+               responses=errors(401, 404, 503))
+async def delete_conversation(conversation_id: str, store: StoreDep, scope: Scope):
+    found = await conversation_or_404(store, scope, conversation_id)
+    await store.delete_conversation(found.conversation_id)
+    return {"id": found.conversation_id, "object": "conversation.deleted", "deleted": True}
+
+
+@router.post("/v1/conversations/{conversation_id}/items", response_model=ItemList,
+             responses=errors(400, 401, 404, 413, 503))
+async def add_items(conversation_id: str, body: AddItems, store: StoreDep, scope: Scope,
+                    include: Annotated[list[str] | None, Query()] = None):
+    found = await conversation_or_404(store, scope, conversation_id)
+    added = await store.add_conversation_items(found.conversation_id, await checked_items(store, scope, body.items))
+    if added is None:  # deleted meanwhile
+        raise conversation_not_found(conversation_id, "conversation_id")
+    return item_list(added)
+
+
+@router.get("/v1/conversations/{conversation_id}/items", response_model=ItemList,
+            responses=errors(400, 401, 404, 503))
+async def list_items(conversation_id: str, store: StoreDep, scope: Scope, after: str | None = None,
+                     limit: int = 20, order: Literal["asc", "desc"] = "desc",
+                     include: Annotated[list[str] | None, Query()] = None):
+    if not 1 <= limit <= 100:
+        raise invalid("limit must be between 1 and 100", "limit", "invalid_value")
+    found = await conversation_or_404(store, scope, conversation_id)
+    items, has_more = await store.conversation_items(found.conversation_id, after=after, limit=limit,
+                                                     descending=order == "desc")
+    return item_list(items, has_more)
+
+
+@router.get("/v1/conversations/{conversation_id}/items/{item_id}", responses=errors(401, 404, 503))
+async def retrieve_item(conversation_id: str, item_id: str, store: StoreDep, scope: Scope,
+                        include: Annotated[list[str] | None, Query()] = None) -> dict[str, Any]:
+    found = await conversation_or_404(store, scope, conversation_id)
+    item = await store.find_conversation_item(found.conversation_id, item_id)
+    if item is None:
+        raise item_not_in(conversation_id, item_id)
+    return item
+
+
+@router.delete("/v1/conversations/{conversation_id}/items/{item_id}", response_model=ConversationObject,
+               responses=errors(401, 404, 503))
+async def delete_item(conversation_id: str, item_id: str, store: StoreDep, scope: Scope):
+    found = await conversation_or_404(store, scope, conversation_id)
+    if not await store.delete_conversation_item(found.conversation_id, item_id):
+        raise item_not_in(conversation_id, item_id)
+    return found.to_openai()
+
+
+def item_not_in(conversation_id: str, item_id: str) -> APIError:
+    return APIError(404, f"Item with id {item_id[:80]!r} not found in conversation {conversation_id[:80]!r}.",
+                    "invalid_request_error", "item_id", "item_not_found")
