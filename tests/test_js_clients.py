@@ -351,6 +351,17 @@ def test_ai_sdk_responses_second_turn_by_item_reference(ai_sdk):
     assert turns["first"] and turns["referenced"] and turns["referenced"] == turns["inline"]
 
 
+def test_ai_sdk_responses_in_a_conversation(ai_sdk):
+    """providerOptions.openai.conversation: the SDK sends each turn's new
+    message only; the server reads the conversation before it and adds the
+    turn after, so the second turn answers as the whole conversation does."""
+    turns = case(ai_sdk, "responses_conversation")
+    assert turns["second_input"] == ["user"]
+    assert turns["first"] and turns["second"] and turns["second"] == turns["inline"]
+    assert turns["items"] == [["user", QUESTION], ["assistant", turns["first"]], ["user", "Shorter?"],
+                              ["assistant", turns["second"]]]
+
+
 def test_ai_sdk_errors(ai_sdk):
     errors = case(ai_sdk, "errors")
     for name, status, code in (("chat_model_not_found", 404, "model_not_found"),

@@ -190,6 +190,30 @@ const cases = {
              inline_types: inlineInput.map((item) => item.type ?? item.role) };
   },
 
+  // A server-side conversation (providerOptions.openai.conversation): each
+  // turn sends only its new message, and the server reads the rest from the
+  // conversation, so the second turn answers as the whole conversation sent
+  // inline does (store: false, every message).
+  async responses_conversation() {
+    const headers = { "content-type": "application/json", authorization: `Bearer ${API_KEY}` };
+    const conversation = await (await fetch(`${baseURL()}/conversations`, { method: "POST", headers,
+                                                                          body: "{}" })).json();
+    const options = { openai: { conversation: conversation.id } };
+    const turn = (messages, providerOptions) => generateText({ model: recording(MODEL), messages,
+                                                               maxOutputTokens: 4, temperature: 0, maxRetries: 0,
+                                                               providerOptions });
+    const first = await turn([{ role: "user", content: QUESTION }], options);
+    const second = await turn([{ role: "user", content: "Shorter?" }], options);
+    const secondInput = sent.at(-1).body.input;
+    const inline = await turn([{ role: "user", content: QUESTION }, { role: "assistant", content: first.text },
+                               { role: "user", content: "Shorter?" }], { openai: { store: false } });
+    const items = await (await fetch(`${baseURL()}/conversations/${conversation.id}/items?order=asc`,
+                                     { headers })).json();
+    return { first: first.text, second: second.text, inline: inline.text,
+             second_input: secondInput.map((item) => item.type ?? item.role),
+             items: items.data.map((item) => [item.role, item.content[0].text]) };
+  },
+
   async stream_object() {
     const result = streamObject({ model: openai.chat(MODEL), schema: Verdict, prompt: "Is the sky blue?",
                                   maxOutputTokens: 60, temperature: 0, maxRetries: 0 });
