@@ -68,6 +68,7 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
     app.state.key_table = KeyTable.from_settings(settings)
     app.state.worker = WorkerClient(settings, app.state.metrics)
     app.state.started = int(time.time())
+    app.state.conversation_turns = conversations.ConversationTurns()
 
     install_error_handlers(app)
     if settings.cors_origins:

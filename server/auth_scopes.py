@@ -182,6 +182,8 @@ def chat_user(scope: KeyScope | None, user: str | None) -> str | None:
     feedback, or a kept response) is silently lost."""
     if user is not None and len(user) > MAX_USER_CHARS:
         raise InvalidInput(f"user has {len(user)} characters, at most {MAX_USER_CHARS} allowed", param="user")
+    if user is not None and "\x00" in user:  # a store key: PostgreSQL text cannot hold NUL
+        raise InvalidInput("user must not contain NUL characters", param="user", code="invalid_text")
     if scope is None or scope.users is None:
         return user
     if user is None:

@@ -99,14 +99,28 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
     return out
 
 
+MAX_ITEM_ID_CHARS = 128  # the store's item ids (schema.conversation_items.item_id)
+
+
+def check_item_id(item_id: Any, param: str) -> None:
+    """An input item's own id: a string the store can key (no NUL, at most
+    MAX_ITEM_ID_CHARS)."""
+    if not isinstance(item_id, str):
+        raise invalid(f"{param} must be a string", param, "invalid_type")
+    if len(item_id) > MAX_ITEM_ID_CHARS or "\x00" in item_id:
+        raise invalid(f"{param} must be at most {MAX_ITEM_ID_CHARS} characters, without NUL", param, "invalid_value")
+
+
 def response_input_messages(items: str | list[dict[str, Any]], instructions: str | None,
                             earlier: Iterable[dict[str, str]] = (),
-                            call_names: dict[str, str] | None = None, param: str = "input") -> list[dict[str, str]]:
+                            call_names: dict[str, str] | None = None, param: str = "input",
+                            require_messages: bool = True) -> list[dict[str, str]]:
     """Responses API `instructions` + `input` -> engine messages; `earlier`
     (a previous response's conversation) goes between the two, and
     `call_names` names the function calls made in it (call_id -> name), for
     the function_call_output items that answer them. Errors name the items
-    as `param` (input; a conversation's items)."""
+    as `param` (input; a conversation's items); `require_messages` False
+    accepts items no model reads (another model's reasoning) alone."""
     out: list[dict[str, str]] = []
     if instructions:
         out.append({"role": "system", "content": instructions})
@@ -119,8 +133,8 @@ def response_input_messages(items: str | list[dict[str, Any]], instructions: str
     for index, item in enumerate(items):
         where = f"{param}[{index}]"
         kind = item.get("type", "message")
-        if item.get("id") is not None and not isinstance(item["id"], str):  # kept responses list items by id
-            raise invalid(f"{where}.id must be a string", f"{where}.id", "invalid_type")
+        if item.get("id") is not None:  # kept responses and conversations list items by id
+            check_item_id(item["id"], f"{where}.id")
         if kind == "message":
             role = item.get("role")
             if not isinstance(role, str) or role not in ROLE_MAP:
@@ -152,7 +166,7 @@ def response_input_messages(items: str | list[dict[str, Any]], instructions: str
         else:
             raise invalid(f"{where}: input items of type {kind!r} are not supported "
                           "(message, function_call, function_call_output)", f"{where}.type", "unsupported_content")
-    if not out:
+    if not out and require_messages:
         raise invalid(f"{param} has no messages", param)
     for at, made in calls.items():  # once per message: 10,000 calls in a row must not cost 10,000^2
         out[at]["content"] = calls_text(made)

@@ -212,3 +212,67 @@ async def test_an_agent_session_keeps_its_turns_in_a_conversation(server):
     await session.clear_session()  # deletes the conversation
     with pytest.raises(openai.NotFoundError):
         await openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="admin").conversations.retrieve(conversation_id)
+
+
+def test_ids_the_store_cannot_key_and_lone_reasoning_items(client, server):
+    from server.messages import MAX_ITEM_ID_CHARS
+    from server.store import schema
+
+    assert MAX_ITEM_ID_CHARS == schema.conversation_items.c.item_id.type.length
+    conversation = client.conversations.create()
+    for bad_id in ("a" * 129, "a\x00b"):
+        for call in (lambda: client.conversations.items.create(conversation.id, items=[
+                         {"role": "user", "content": "x", "id": bad_id}]),
+                     lambda: client.responses.create(input=[{"role": "user", "content": "x", "id": bad_id}],
+                                                      conversation=conversation.id, **GREEDY)):
+            with pytest.raises(openai.BadRequestError) as refused:
+                call()
+            assert error_of(refused)["param"] in ("items[0].id", "input[0].id")
+    for path in ("/v1/conversations/conv%00x", f"/v1/conversations/{conversation.id}/items/a%00b"):
+        answer = httpx.get(f"{server}{path}", headers={"authorization": "Bearer admin"})
+        assert answer.status_code == 404, (path, answer.text)
+    with pytest.raises(openai.BadRequestError) as bad_after:
+        client.conversations.items.list(conversation.id, after="a\x00b")
+    assert error_of(bad_after)["param"] == "after"
+    with pytest.raises(openai.BadRequestError) as bad_user:
+        client.conversations.create(extra_body={"user": "a\x00"})
+    assert error_of(bad_user)["param"] == "user"
+    assert client.conversations.items.list(conversation.id).data == []
+    # openai-agents adds a turn's items 20 at a time: a batch may hold only reasoning items
+    added = client.conversations.items.create(conversation.id, items=[{"type": "reasoning", "summary": []}])
+    assert added.data[0].type == "reasoning" and added.data[0].id.startswith("rs_")
+    assert client.responses.create(input="Hi", conversation=conversation.id, **GREEDY).status == "incomplete"
+    assert client.conversations.update(conversation.id, metadata=None).metadata == {}
+
+
+def test_one_response_at_a_time_in_a_conversation(tmp_path):
+    """A second response in a conversation whose answer is still being
+    written is OpenAI's 400 conversation_locked (it would answer on a history
+    about to change); the conversation is free again once the first stream
+    ends, even one its client left."""
+    import time
+
+    with worker_thread(step_delay=0.02) as (address, _worker), uvicorn_server(create_app(ServerSettings(
+            data_dir=tmp_path, worker_address=address))) as url:
+        slow = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        conversation = slow.conversations.create()
+        stream = slow.responses.create(input="Tell me a story.", conversation=conversation.id, stream=True,
+                                       model=MODEL, max_output_tokens=400)
+        next(iter(stream))  # response.created: the turn has begun
+        with pytest.raises(openai.BadRequestError) as locked:
+            slow.responses.create(input="Hi", conversation=conversation.id, **GREEDY)
+        assert (error_of(locked)["code"], error_of(locked)["param"]) == ("conversation_locked", "conversation")
+        other = slow.conversations.create()  # other conversations are not held up
+        assert slow.responses.create(input="Hi", conversation=other.id, **GREEDY).status == "incomplete"
+        stream.response.close()  # the client leaves mid-answer
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                slow.responses.create(input="Hi", conversation=conversation.id, **GREEDY)
+                break
+            except openai.BadRequestError as error:
+                assert error.code == "conversation_locked" and time.monotonic() < deadline
+                time.sleep(0.1)
+        kinds = [(item.type, getattr(item, "role", None)) for item in
+                 slow.conversations.items.list(conversation.id, order="asc").data]
+        assert kinds == [("message", "user"), ("message", "assistant")]  # the left turn added nothing

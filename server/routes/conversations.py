@@ -26,6 +26,7 @@ unknown to the caller: not found, not said to exist."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
@@ -61,7 +62,7 @@ class CreateConversation(StrictRequest):
 
 
 class UpdateConversation(StrictRequest):
-    metadata: ConversationMetadata
+    metadata: ConversationMetadata | None = Field(description="the new metadata (replaces it; null: none)")
 
 
 class AddItems(StrictRequest):
@@ -97,12 +98,35 @@ def item_list(items: list[dict[str, Any]], has_more: bool = False) -> dict[str, 
 # ---- what the routes and /v1/responses share ----------------------------------
 async def find_conversation(store, scope: KeyScope | None, conversation_id: str) -> StoredConversation | None:
     """The conversation of that id that this key may read, else None."""
-    if store is None or not conversation_id or len(conversation_id) > MAX_ID_CHARS:
+    if store is None or not conversation_id or len(conversation_id) > MAX_ID_CHARS or "\x00" in conversation_id:
         return None
     found = await store.find_conversation(conversation_id)
     if found is None or (scope is not None and not scope.can_access(found.user_id)):
         return None
     return found
+
+
+class ConversationTurns:
+    """The conversations a response is being answered in, on this gateway:
+    a second response in one of them is OpenAI's 400 conversation_locked
+    (its history is about to change). Several gateways over one store do
+    not see each other's turns."""
+
+    def __init__(self) -> None:
+        self._busy: dict[str, object] = {}
+
+    def begin(self, conversation_id: str) -> Callable[[], None]:
+        """Takes the conversation; returns what gives it back (safe to call twice)."""
+        if conversation_id in self._busy:
+            raise APIError(400, "Another process is currently operating on this conversation. Please retry in a "
+                           "few seconds.", "invalid_request_error", "conversation", "conversation_locked")
+        turn = self._busy[conversation_id] = object()
+
+        def release() -> None:
+            if self._busy.get(conversation_id) is turn:
+                del self._busy[conversation_id]
+
+        return release
 
 
 def conversation_not_found(conversation_id: str, param: str) -> APIError:
@@ -114,7 +138,7 @@ async def checked_items(store, scope: KeyScope | None, items: list[dict[str, Any
     """Items to keep: item_references resolved, each item one the Responses
     API reads (a 400 naming items[i] otherwise), each with an id."""
     items = await resolve_item_references(store, scope, items, param="items")
-    response_input_messages(items, None, param="items")
+    response_input_messages(items, None, param="items", require_messages=False)
     return stored_input_items(items)
 
 
@@ -144,7 +168,7 @@ async def retrieve_conversation(conversation_id: str, store: StoreDep, scope: Sc
              responses=errors(400, 401, 404, 413, 503))
 async def update_conversation(conversation_id: str, body: UpdateConversation, store: StoreDep, scope: Scope):
     found = await conversation_or_404(store, scope, conversation_id)
-    updated = await store.update_conversation(found.conversation_id, body.metadata)
+    updated = await store.update_conversation(found.conversation_id, body.metadata or {})
     if updated is None:  # deleted meanwhile
         raise conversation_not_found(conversation_id, "conversation_id")
     return updated.to_openai()
@@ -186,7 +210,7 @@ async def list_items(conversation_id: str, store: StoreDep, scope: Scope, after:
 async def retrieve_item(conversation_id: str, item_id: str, store: StoreDep, scope: Scope,
                         include: Annotated[list[str] | None, Query()] = None) -> dict[str, Any]:
     found = await conversation_or_404(store, scope, conversation_id)
-    item = await store.find_conversation_item(found.conversation_id, item_id)
+    item = await store.find_conversation_item(found.conversation_id, item_id) if "\x00" not in item_id else None
     if item is None:
         raise item_not_in(conversation_id, item_id)
     return item
@@ -196,7 +220,7 @@ async def retrieve_item(conversation_id: str, item_id: str, store: StoreDep, sco
                responses=errors(401, 404, 503))
 async def delete_item(conversation_id: str, item_id: str, store: StoreDep, scope: Scope):
     found = await conversation_or_404(store, scope, conversation_id)
-    if not await store.delete_conversation_item(found.conversation_id, item_id):
+    if "\x00" in item_id or not await store.delete_conversation_item(found.conversation_id, item_id):
         raise item_not_in(conversation_id, item_id)
     return found.to_openai()
 

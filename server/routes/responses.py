@@ -26,10 +26,12 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+import weakref
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from pad_core.types import ChatRequest
 from server.auth import Scope, key_scope
@@ -82,12 +84,32 @@ async def create_response(body: ResponsesRequest, request: Request, scope: Scope
 async def _respond(body: ResponsesRequest, request: Request, scope):
     state = request.app.state
     store = getattr(state, "store", None)
-    served = check_model(state, body.model)
+    check_model(state, body.model)
     body.refuse_unsupported()
+    conversation = await continued_conversation(store, scope, body.conversation_id())
+    if conversation is None:
+        return await _answer(body, state, scope, None)
+    # One response at a time in a conversation (as OpenAI's conversation_locked):
+    # taken before its items are read, so no turn answers on a history another changes.
+    release = state.conversation_turns.begin(conversation.conversation_id)
+    try:
+        answer = await _answer(body, state, scope, conversation)
+    except BaseException:
+        release()
+        raise
+    if isinstance(answer, StreamingResponse):  # held until the stream is done
+        answer.body_iterator = released_when_done(answer.body_iterator, release)
+    else:
+        release()
+    return answer
+
+
+async def _answer(body: ResponsesRequest, state, scope, conversation: StoredConversation | None):
+    store = getattr(state, "store", None)
+    served = check_model(state, body.model)
     structured = body.to_structured()
     user = chat_user(scope, body.user)
     previous = await previous_response(store, scope, body.previous_response_id)
-    conversation = await continued_conversation(store, scope, body.conversation_id())
     items = await resolve_item_references(store, scope, body.input)
     if conversation is not None:
         earlier, call_names = await conversation_messages(store, conversation)
@@ -157,6 +179,25 @@ async def extend_conversation(store, conversation: StoredConversation, items: st
     except Exception:
         logger.exception("could not add response %s to conversation %s", response.get("id"),
                          conversation.conversation_id)
+
+
+def released_when_done(events: AsyncIterator[str], release: Callable[[], None]) -> AsyncIterator[str]:
+    """`events`, then `release()` once the stream ends, however it ends (a
+    stream never started, its client gone first, releases when dropped)."""
+
+    async def released() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        finally:
+            try:
+                await events.aclose()
+            finally:
+                release()
+
+    stream = released()
+    weakref.finalize(stream, release)
+    return stream
 
 
 def responses_usage(usage: dict) -> dict:

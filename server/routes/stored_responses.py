@@ -50,7 +50,8 @@ MAX_ID_CHARS = schema.responses.c.response_id.type.length
 
 async def find_kept(store, scope: KeyScope | None, response_id: str) -> StoredResponse | None:
     """The kept response of that id that this key may read, else None."""
-    if store is None or not store.keeps_responses or not response_id or len(response_id) > MAX_ID_CHARS:
+    if (store is None or not store.keeps_responses or not response_id or len(response_id) > MAX_ID_CHARS
+            or "\x00" in response_id):
         return None
     kept = await store.find_response(response_id)
     if kept is None or (scope is not None and not scope.can_access(kept.user_id)):

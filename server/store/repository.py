@@ -639,6 +639,9 @@ class Store:
     async def delete_conversation(self, conversation_id: str) -> bool:
         items, table = schema.conversation_items, schema.conversations
         async with self._write() as conn:
+            # Locked first: items being added meanwhile are committed (and deleted) or never added.
+            await conn.execute(select(table.c.conversation_id)
+                               .where(table.c.conversation_id == conversation_id).with_for_update())
             await conn.execute(delete(items).where(items.c.conversation_id == conversation_id))
             result = await conn.execute(delete(table).where(table.c.conversation_id == conversation_id))
         return result.rowcount > 0
@@ -688,7 +691,7 @@ class Store:
         query = select(table.c.item).where(table.c.conversation_id == conversation_id)
         async with self._read() as conn:
             if after is not None:
-                position = (await conn.execute(select(table.c.position).where(and_(
+                position = None if "\x00" in after else (await conn.execute(select(table.c.position).where(and_(
                     table.c.conversation_id == conversation_id, table.c.item_id == after)))).scalar()
                 if position is None:
                     raise InvalidInput(f"after: no item {after[:80]!r} in this conversation", param="after",
