@@ -159,6 +159,8 @@ def test_bad_requests_are_openai_shaped(client, server):
     assert refused("/v1/conversations", {"metadata": {"k" * 65: "v"}})["param"] is not None
     assert refused("/v1/conversations", {"metadata": {str(i): "v" for i in range(17)}})["param"] is not None
     assert refused("/v1/conversations", {"unknown": 1})["code"] == "unknown_parameter"
+    bare = httpx.post(f"{server}/v1/conversations", headers={"authorization": "Bearer admin"})  # no body
+    assert bare.status_code == 200 and bare.json()["metadata"] == {}, bare.text
     conversation = client.conversations.create()
     assert refused(f"/v1/conversations/{conversation.id}/items", {"items": []})["param"] is not None
     assert refused(f"/v1/conversations/{conversation.id}", {})["param"] is not None  # metadata is required

@@ -151,7 +151,8 @@ async def conversation_or_404(store, scope: KeyScope | None, conversation_id: st
 
 
 @router.post("/v1/conversations", response_model=ConversationObject, responses=errors(400, 401, 403, 413, 503))
-async def create_conversation(body: CreateConversation, store: StoreDep, scope: Scope):
+async def create_conversation(store: StoreDep, scope: Scope, body: CreateConversation | None = None):
+    body = body or CreateConversation()  # every field is optional: no body at all is an empty conversation
     user = chat_user(scope, body.user)
     items = await checked_items(store, scope, body.items) if body.items else []
     conversation, _ = await store.create_conversation(user=user, metadata=body.metadata or {}, items=items)
