@@ -83,17 +83,16 @@ async def create_response(body: ResponsesRequest, request: Request, scope: Scope
 
 async def _respond(body: ResponsesRequest, request: Request, scope):
     state = request.app.state
-    store = getattr(state, "store", None)
-    check_model(state, body.model)
+    served = check_model(state, body.model)
     body.refuse_unsupported()
-    conversation = await continued_conversation(store, scope, body.conversation_id())
+    conversation = await continued_conversation(getattr(state, "store", None), scope, body.conversation_id())
     if conversation is None:
-        return await _answer(body, state, scope, None)
+        return await _answer(body, state, scope, served, None)
     # One response at a time in a conversation (as OpenAI's conversation_locked):
     # taken before its items are read, so no turn answers on a history another changes.
     release = state.conversation_turns.begin(conversation.conversation_id)
     try:
-        answer = await _answer(body, state, scope, conversation)
+        answer = await _answer(body, state, scope, served, conversation)
     except BaseException:
         release()
         raise
@@ -104,9 +103,10 @@ async def _respond(body: ResponsesRequest, request: Request, scope):
     return answer
 
 
-async def _answer(body: ResponsesRequest, state, scope, conversation: StoredConversation | None):
+async def _answer(body: ResponsesRequest, state, scope, served: str, conversation: StoredConversation | None):
+    """The response to a request whose model is served and whose fields are
+    not refused, in `conversation` (None: none)."""
     store = getattr(state, "store", None)
-    served = check_model(state, body.model)
     structured = body.to_structured()
     user = chat_user(scope, body.user)
     previous = await previous_response(store, scope, body.previous_response_id)
