@@ -206,6 +206,17 @@ def test_endpoints_this_server_lacks_are_404s_not_405s(server):
     assert wrong.status_code == 405  # a served endpoint's missing method stays a 405
 
 
+def test_ids_the_store_cannot_key_are_not_found(server):
+    """A NUL in an id (PostgreSQL text cannot hold one) is unknown, not a 500;
+    in user it is a 400."""
+    for path in ("/v1/responses/resp_%00", "/v1/responses/resp_%00/input_items"):
+        answer = httpx.get(f"{server}{path}", headers={"authorization": "Bearer admin"})
+        assert answer.status_code == 404, (path, answer.text)
+    refused = httpx.post(f"{server}/v1/responses", headers={"authorization": "Bearer admin"},
+                         json={**GREEDY, "input": "Hi", "user": "a\u0000"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "user", refused.text
+
+
 def test_delete_and_cancel(client, server):
     created = client.responses.create(input="Forget me.", **GREEDY)
     deleted = httpx.delete(f"{server}/v1/responses/{created.id}", headers={"authorization": "Bearer admin"})
