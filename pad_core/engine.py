@@ -556,9 +556,7 @@ class PadEngine:
                 token_mask=(token_mask := self._token_mask(states, base.device)),
             )
         )
-        # logprobs: the distribution the token was chosen from, every rule in
-        # (penalties, logit_bias, top_k ..., and a grammar's legal tokens)
-        logprobs = self._logprobs(states, apply_token_mask(base, token_mask), tokens.clamp(min=0))
+        logprobs = self._logprobs(states, base, token_mask, tokens.clamp(min=0))
         tokens = tokens.tolist()
         if INVALID_TOKEN in tokens:  # rare: worth a look at whose fault it is
             blame_no_legal_token(tokens, raw_base, base, token_mask)
@@ -605,10 +603,15 @@ class PadEngine:
                 counts[row].index_add_(0, ids, torch.ones_like(ids, dtype=base.dtype))
         return apply_penalties(base, counts, base.new_tensor(presence), base.new_tensor(frequency))
 
-    def _logprobs(self, states, base: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprob] | None:
+    def _logprobs(self, states, base: torch.Tensor, token_mask: TokenMask | None,
+                  tokens: torch.Tensor) -> list[TokenLogprob] | None:
+        """The chosen tokens' logprobs where asked: of the distribution they
+        were chosen from, every rule in (penalties, logit_bias, top_k ...,
+        and a grammar's legal tokens)."""
         wanted = [s.request.sampling.logprobs for s in states]
         if not any(wanted):
             return None
+        base = apply_token_mask(base, token_mask)
         rows = [row for row, want in enumerate(wanted) if want]
         count = max(states[row].request.sampling.top_logprobs for row in rows)
         index = torch.tensor(rows, device=base.device)

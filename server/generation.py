@@ -43,10 +43,11 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -724,8 +725,31 @@ async def stream_events(generation: Generation, formatter: Formatter,
         yield event
 
 
-def streaming_response(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+class EventStream(StreamingResponse):
+    """A text/event-stream whose cleanup runs as the response ends, however
+    it ends: sent whole, failed, or its client gone, even before the first
+    event (its events generator has not started then, so the generator's
+    own cleanup, which aborts the generation, would wait for the garbage
+    collector). Then the `on_close` callbacks; all of it shielded from the
+    cancellation that may be ending the response."""
+
+    def __init__(self, events: AsyncIterator[str], on_close: Sequence[Callable[[], Awaitable[None]]] = ()):
+        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.on_close = list(on_close)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+                for close in self.on_close:
+                    await close()
+
+
+def streaming_response(events: AsyncIterator[str],
+                       on_close: Sequence[Callable[[], Awaitable[None]]] = ()) -> EventStream:
+    return EventStream(events, on_close)
 
 
 # ---- the route wrapper -------------------------------------------------

@@ -99,18 +99,6 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
     return out
 
 
-MAX_ITEM_ID_CHARS = 128  # the store's item ids (schema.conversation_items.item_id)
-
-
-def check_item_id(item_id: Any, param: str) -> None:
-    """An input item's own id: a string the store can key (no NUL, at most
-    MAX_ITEM_ID_CHARS)."""
-    if not isinstance(item_id, str):
-        raise invalid(f"{param} must be a string", param, "invalid_type")
-    if len(item_id) > MAX_ITEM_ID_CHARS or "\x00" in item_id:
-        raise invalid(f"{param} must be at most {MAX_ITEM_ID_CHARS} characters, without NUL", param, "invalid_value")
-
-
 def response_input_messages(items: str | list[dict[str, Any]], instructions: str | None,
                             earlier: Iterable[dict[str, str]] = (),
                             call_names: dict[str, str] | None = None, param: str = "input",
@@ -133,8 +121,8 @@ def response_input_messages(items: str | list[dict[str, Any]], instructions: str
     for index, item in enumerate(items):
         where = f"{param}[{index}]"
         kind = item.get("type", "message")
-        if item.get("id") is not None:  # kept responses and conversations list items by id
-            check_item_id(item["id"], f"{where}.id")
+        if item.get("id") is not None and not isinstance(item["id"], str):  # kept responses list items by id
+            raise invalid(f"{where}.id must be a string", f"{where}.id", "invalid_type")
         if kind == "message":
             role = item.get("role")
             if not isinstance(role, str) or role not in ROLE_MAP:

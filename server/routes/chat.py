@@ -82,7 +82,7 @@ async def _chat(body: ChatCompletionRequest, request: Request, scope):
     record = recorder(state, generation, messages, user)
     formatter = ChatFormatter(body, echoed(body, messages))
     if body.stream:
-        return streaming_response(stream_events(generation, formatter, record))
+        return streaming_response(stream_events(generation, formatter, record), on_close=[generation.close])
     choices = await generation.collect()
     await record(choices)
     return JSONResponse(formatter.response(generation, choices))

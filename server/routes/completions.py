@@ -77,7 +77,7 @@ async def _complete(body: CompletionRequest, request: Request, scope):
     await generation.start()
     formatter = CompletionFormatter(body, prompts)
     if body.stream:
-        return streaming_response(stream_events(generation, formatter))
+        return streaming_response(stream_events(generation, formatter), on_close=[generation.close])
     choices = await generation.collect()
     return JSONResponse(formatter.response(generation, choices))
 

@@ -48,6 +48,7 @@ router = APIRouter(tags=["conversations"], route_class=JSONRoute, dependencies=[
 
 MAX_ITEMS_ADDED = 1000  # a call (OpenAI takes 20; agents add a whole turn's items at once)
 MAX_ID_CHARS = schema.conversations.c.conversation_id.type.length
+MAX_ITEM_ID_CHARS = schema.conversation_items.c.item_id.type.length
 ConversationMetadata = Annotated[
     dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]],
     Field(max_length=16, description="up to 16 pairs: keys up to 64 characters, values up to 512"),
@@ -134,11 +135,23 @@ def conversation_not_found(conversation_id: str, param: str) -> APIError:
                     param, "conversation_not_found")
 
 
+def check_item_ids(items: str | list[dict[str, Any]], param: str) -> None:
+    """The items' own ids are ones a conversation can key: at most
+    MAX_ITEM_ID_CHARS characters, no NUL (PostgreSQL text cannot hold one).
+    Other responses keep their input as JSON and take any string."""
+    for index, item in enumerate(items if isinstance(items, list) else ()):
+        item_id = item.get("id") if isinstance(item, dict) else None
+        if isinstance(item_id, str) and (len(item_id) > MAX_ITEM_ID_CHARS or "\x00" in item_id):
+            raise invalid(f"{param}[{index}].id must be at most {MAX_ITEM_ID_CHARS} characters, without NUL",
+                          f"{param}[{index}].id", "invalid_value")
+
+
 async def checked_items(store, scope: KeyScope | None, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Items to keep: item_references resolved, each item one the Responses
     API reads (a 400 naming items[i] otherwise), each with an id."""
     items = await resolve_item_references(store, scope, items, param="items")
     response_input_messages(items, None, param="items", require_messages=False)
+    check_item_ids(items, "items")
     return stored_input_items(items)
 
 

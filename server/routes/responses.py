@@ -27,11 +27,10 @@ import json
 import logging
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from pad_core.types import ChatRequest
 from server.auth import Scope, key_scope
@@ -41,6 +40,7 @@ from server.generation import (
     ChoiceState,
     CallDelta,
     Delta,
+    EventStream,
     Formatter,
     Generation,
     check_model,
@@ -57,7 +57,7 @@ from server.openapi import generation_responses
 from server.request_body import JSONRoute
 from server.responses_models import ResponseObject, ResponsesRequest
 from server.routes.chat import preference_rename, resolve_preferences
-from server.routes.conversations import conversation_not_found, find_conversation
+from server.routes.conversations import check_item_ids, conversation_not_found, find_conversation
 from server.routes.stored_responses import (
     call_item_id,
     function_call_names,
@@ -96,10 +96,15 @@ async def _respond(body: ResponsesRequest, request: Request, scope):
     except BaseException:
         release()
         raise
-    if isinstance(answer, StreamingResponse):  # held until the stream is done
-        answer.body_iterator = released_when_done(answer.body_iterator, release)
-    else:
+    if not isinstance(answer, EventStream):
         release()
+        return answer
+
+    async def release_when_sent() -> None:
+        release()
+
+    answer.on_close.append(release_when_sent)  # held until the stream is done, however it ends
+    weakref.finalize(answer, release)  # or dropped without being sent
     return answer
 
 
@@ -112,6 +117,7 @@ async def _answer(body: ResponsesRequest, state, scope, served: str, conversatio
     previous = await previous_response(store, scope, body.previous_response_id)
     items = await resolve_item_references(store, scope, body.input)
     if conversation is not None:
+        check_item_ids(items, "input")  # they join the conversation
         earlier, call_names = await conversation_messages(store, conversation)
     else:
         earlier, call_names = (previous.conversation, previous.call_names) if previous else ((), None)
@@ -141,7 +147,7 @@ async def _answer(body: ResponsesRequest, state, scope, served: str, conversatio
         async def stream_finished(choices: list[ChoiceState]) -> None:
             await finished(choices, formatter.final_streamed(generation, usage_of(choices)))
 
-        return streaming_response(stream_events(generation, formatter, stream_finished))
+        return streaming_response(stream_events(generation, formatter, stream_finished), on_close=[generation.close])
     choices = await generation.collect()
     response = formatter.response(generation, choices[0])
     await finished(choices, response)
@@ -179,25 +185,6 @@ async def extend_conversation(store, conversation: StoredConversation, items: st
     except Exception:
         logger.exception("could not add response %s to conversation %s", response.get("id"),
                          conversation.conversation_id)
-
-
-def released_when_done(events: AsyncIterator[str], release: Callable[[], None]) -> AsyncIterator[str]:
-    """`events`, then `release()` once the stream ends, however it ends (a
-    stream never started, its client gone first, releases when dropped)."""
-
-    async def released() -> AsyncIterator[str]:
-        try:
-            async for event in events:
-                yield event
-        finally:
-            try:
-                await events.aclose()
-            finally:
-                release()
-
-    stream = released()
-    weakref.finalize(stream, release)
-    return stream
 
 
 def responses_usage(usage: dict) -> dict:

@@ -229,6 +229,7 @@ class StoredConversation:
                 "metadata": self.metadata}
 
 
+MAX_ITEM_ID_CHARS = schema.conversation_items.c.item_id.type.length
 ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
 
 
@@ -674,7 +675,7 @@ class Store:
             taken.update(row.item_id for row in rows)
         kept, rows = [], []
         for position, item in enumerate(items, start=0 if last is None else last + 1):
-            if item["id"] in taken:
+            if item["id"] in taken or len(item["id"]) > MAX_ITEM_ID_CHARS or "\x00" in item["id"]:
                 item = {**item, "id": new_item_id(item.get("type", "message"))}
             taken.add(item["id"])
             kept.append(item)
