@@ -396,3 +396,20 @@ async def test_conversation_items_in_order_under_concurrent_writers(store):
     assert await store.delete_conversation(cid)
     assert await store.find_conversation(cid) is None and await store.add_conversation_items(cid, [{"id": "z"}]) is None
     assert (await store.conversation_items(cid))[0] == [] and not await store.delete_conversation(cid)
+
+
+async def test_ids_no_row_can_have_name_none(store):
+    """An id with NUL (PostgreSQL text cannot hold one) or longer than its
+    column is unknown, on both back-ends, not a failed query; an item given
+    one gets a fresh id."""
+    conversation, _ = await store.create_conversation(user=None, metadata={})
+    cid = conversation.conversation_id
+    for bad in ("a\x00b", "a" * 129, ""):
+        assert await store.find_conversation(bad) is None
+        assert await store.find_conversation_item(cid, bad) is None
+        assert not await store.delete_conversation_item(cid, bad)
+        assert await store.find_responses([bad]) == {}
+    with pytest.raises(InvalidInput):
+        await store.conversation_items(cid, after="a\x00b")
+    (kept,) = await store.add_conversation_items(cid, [{"id": "a\x00b", "type": "message"}])
+    assert kept["id"].startswith("msg_")

@@ -42,13 +42,12 @@ from server.request_body import JSONRoute
 from server.routes.stored_responses import resolve_item_references, stored_input_items
 from server.store import schema
 from server.store.http import StoreDep
-from server.store.repository import StoredConversation
+from server.store.repository import StoredConversation, keyable
 
 router = APIRouter(tags=["conversations"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 
 MAX_ITEMS_ADDED = 1000  # a call (OpenAI takes 20; agents add a whole turn's items at once)
-MAX_ID_CHARS = schema.conversations.c.conversation_id.type.length
-MAX_ITEM_ID_CHARS = schema.conversation_items.c.item_id.type.length
+ITEM_ID = schema.conversation_items.c.item_id
 ConversationMetadata = Annotated[
     dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]],
     Field(max_length=16, description="up to 16 pairs: keys up to 64 characters, values up to 512"),
@@ -99,7 +98,7 @@ def item_list(items: list[dict[str, Any]], has_more: bool = False) -> dict[str, 
 # ---- what the routes and /v1/responses share ----------------------------------
 async def find_conversation(store, scope: KeyScope | None, conversation_id: str) -> StoredConversation | None:
     """The conversation of that id that this key may read, else None."""
-    if store is None or not conversation_id or len(conversation_id) > MAX_ID_CHARS or "\x00" in conversation_id:
+    if store is None:
         return None
     found = await store.find_conversation(conversation_id)
     if found is None or (scope is not None and not scope.can_access(found.user_id)):
@@ -137,12 +136,12 @@ def conversation_not_found(conversation_id: str, param: str) -> APIError:
 
 def check_item_ids(items: str | list[dict[str, Any]], param: str) -> None:
     """The items' own ids are ones a conversation can key: at most
-    MAX_ITEM_ID_CHARS characters, no NUL (PostgreSQL text cannot hold one).
+    the store's item id length, no NUL (PostgreSQL text cannot hold one).
     Other responses keep their input as JSON and take any string."""
     for index, item in enumerate(items if isinstance(items, list) else ()):
         item_id = item.get("id") if isinstance(item, dict) else None
-        if isinstance(item_id, str) and (len(item_id) > MAX_ITEM_ID_CHARS or "\x00" in item_id):
-            raise invalid(f"{param}[{index}].id must be at most {MAX_ITEM_ID_CHARS} characters, without NUL",
+        if isinstance(item_id, str) and item_id and not keyable(item_id, ITEM_ID):  # "": one is given
+            raise invalid(f"{param}[{index}].id must be at most {ITEM_ID.type.length} characters, without NUL",
                           f"{param}[{index}].id", "invalid_value")
 
 
@@ -224,7 +223,7 @@ async def list_items(conversation_id: str, store: StoreDep, scope: Scope, after:
 async def retrieve_item(conversation_id: str, item_id: str, store: StoreDep, scope: Scope,
                         include: Annotated[list[str] | None, Query()] = None) -> dict[str, Any]:
     found = await conversation_or_404(store, scope, conversation_id)
-    item = await store.find_conversation_item(found.conversation_id, item_id) if "\x00" not in item_id else None
+    item = await store.find_conversation_item(found.conversation_id, item_id)
     if item is None:
         raise item_not_in(conversation_id, item_id)
     return item
@@ -234,7 +233,7 @@ async def retrieve_item(conversation_id: str, item_id: str, store: StoreDep, sco
                responses=errors(401, 404, 503))
 async def delete_item(conversation_id: str, item_id: str, store: StoreDep, scope: Scope):
     found = await conversation_or_404(store, scope, conversation_id)
-    if "\x00" in item_id or not await store.delete_conversation_item(found.conversation_id, item_id):
+    if not await store.delete_conversation_item(found.conversation_id, item_id):
         raise item_not_in(conversation_id, item_id)
     return found.to_openai()
 

@@ -39,19 +39,16 @@ from server.messages import response_input_messages
 from server.openapi import errors
 from server.request_body import JSONRoute
 from server.responses_models import ResponseObject
-from server.store import schema
 from server.store.repository import StoredResponse, new_item_id
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["responses"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
-MAX_ID_CHARS = schema.responses.c.response_id.type.length
 
 
 async def find_kept(store, scope: KeyScope | None, response_id: str) -> StoredResponse | None:
     """The kept response of that id that this key may read, else None."""
-    if (store is None or not store.keeps_responses or not response_id or len(response_id) > MAX_ID_CHARS
-            or "\x00" in response_id):
+    if store is None or not store.keeps_responses:
         return None
     kept = await store.find_response(response_id)
     if kept is None or (scope is not None and not scope.can_access(kept.user_id)):

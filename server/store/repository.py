@@ -78,6 +78,13 @@ def _check_id(value: Any, param: str) -> None:
         raise InvalidInput(f"{param} must not contain NUL characters", param=param, code="invalid_text")
 
 
+def keyable(value: Any, column) -> bool:
+    """Whether `value` can name a row by that String column: a non-empty
+    string no longer than the column holds, without NUL (PostgreSQL text
+    cannot hold one: the query would fail). Any other value names no row."""
+    return isinstance(value, str) and 0 < len(value) <= column.type.length and "\x00" not in value
+
+
 def _check_index(value: Any, param: str) -> int:
     """A choice index: a non-negative integer that fits the INTEGER column."""
     try:
@@ -229,7 +236,6 @@ class StoredConversation:
                 "metadata": self.metadata}
 
 
-MAX_ITEM_ID_CHARS = schema.conversation_items.c.item_id.type.length
 ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
 
 
@@ -591,8 +597,8 @@ class Store:
         """The kept responses among `response_ids`, by id; unknown and expired
         ones (past the retention, pruned or not yet) are left out. A query
         per 500 ids (a request may reference thousands of items)."""
-        ids = sorted({i for i in response_ids if isinstance(i, str) and i})
         table = schema.responses
+        ids = sorted({i for i in response_ids if keyable(i, table.c.response_id)})
         alive = int(time.time() - self.config.responses_retention_days * 86400.0)
         found: dict[str, StoredResponse] = {}
         async with self._read() as conn:
@@ -624,6 +630,8 @@ class Store:
 
     async def find_conversation(self, conversation_id: str) -> StoredConversation | None:
         table = schema.conversations
+        if not keyable(conversation_id, table.c.conversation_id):
+            return None
         async with self._read() as conn:
             row = (await conn.execute(select(table).where(table.c.conversation_id == conversation_id))).first()
         return _stored_conversation(row) if row is not None else None
@@ -667,7 +675,7 @@ class Store:
             return []
         last = (await conn.execute(select(func.max(table.c.position))
                                    .where(table.c.conversation_id == conversation_id))).scalar()
-        given = sorted({item["id"] for item in items})
+        given = sorted({item["id"] for item in items if keyable(item["id"], table.c.item_id)})
         taken: set[str] = set()
         for start in range(0, len(given), 500):
             rows = await conn.execute(select(table.c.item_id).where(and_(
@@ -675,7 +683,7 @@ class Store:
             taken.update(row.item_id for row in rows)
         kept, rows = [], []
         for position, item in enumerate(items, start=0 if last is None else last + 1):
-            if item["id"] in taken or len(item["id"]) > MAX_ITEM_ID_CHARS or "\x00" in item["id"]:
+            if item["id"] in taken or not keyable(item["id"], table.c.item_id):
                 item = {**item, "id": new_item_id(item.get("type", "message"))}
             taken.add(item["id"])
             kept.append(item)
@@ -692,8 +700,9 @@ class Store:
         query = select(table.c.item).where(table.c.conversation_id == conversation_id)
         async with self._read() as conn:
             if after is not None:
-                position = None if "\x00" in after else (await conn.execute(select(table.c.position).where(and_(
-                    table.c.conversation_id == conversation_id, table.c.item_id == after)))).scalar()
+                position = None if not keyable(after, table.c.item_id) else (await conn.execute(
+                    select(table.c.position).where(and_(table.c.conversation_id == conversation_id,
+                                                        table.c.item_id == after)))).scalar()
                 if position is None:
                     raise InvalidInput(f"after: no item {after[:80]!r} in this conversation", param="after",
                                        code="invalid_value")
@@ -708,6 +717,8 @@ class Store:
 
     async def find_conversation_item(self, conversation_id: str, item_id: str) -> dict | None:
         table = schema.conversation_items
+        if not keyable(item_id, table.c.item_id):
+            return None
         async with self._read() as conn:
             raw = (await conn.execute(select(table.c.item).where(and_(
                 table.c.conversation_id == conversation_id, table.c.item_id == item_id)))).scalar()
@@ -715,6 +726,8 @@ class Store:
 
     async def delete_conversation_item(self, conversation_id: str, item_id: str) -> bool:
         table = schema.conversation_items
+        if not keyable(item_id, table.c.item_id):
+            return False
         async with self._write() as conn:
             result = await conn.execute(delete(table).where(and_(
                 table.c.conversation_id == conversation_id, table.c.item_id == item_id)))
