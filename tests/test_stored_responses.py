@@ -13,16 +13,11 @@ import httpx
 import openai
 import pytest
 from pydantic import TypeAdapter
+from responses_helpers import GREEDY, MODEL, WEATHER, error_of, sdk
 from server_helpers import uvicorn_server, worker_thread
 
 from server.app import create_app
 from server.settings import ServerSettings
-
-MODEL = "smollm2-135m-instruct"
-GREEDY = {"model": MODEL, "temperature": 0, "max_output_tokens": 6}
-WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
-           "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
-                          "required": ["city"], "additionalProperties": False}}
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +34,9 @@ def server(worker, tmp_path_factory):
         yield url
 
 
-def sdk(server, key: str = "admin") -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key=key, max_retries=0)
-
-
 @pytest.fixture(scope="module")
 def client(server):
     return sdk(server)
-
-
-def error_of(excinfo) -> dict:
-    return excinfo.value.body if "message" in excinfo.value.body else excinfo.value.body["error"]
 
 
 def test_a_chained_response_answers_as_the_whole_conversation_would(client):
