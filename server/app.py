@@ -54,12 +54,15 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.store = await Store.open(settings=settings)
+        app.state.conversation_turns = conversations.ConversationTurns(
+            app.state.store, settings.conversation_turn_lease_s)
         if start_worker:
             await app.state.worker.start()
         try:
             yield
         finally:
             await app.state.worker.stop()
+            await app.state.conversation_turns.close()
             await app.state.store.close()
 
     app = FastAPI(title="PAD server", version=package_version(), lifespan=lifespan)
@@ -68,7 +71,6 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
     app.state.key_table = KeyTable.from_settings(settings)
     app.state.worker = WorkerClient(settings, app.state.metrics)
     app.state.started = int(time.time())
-    app.state.conversation_turns = conversations.ConversationTurns()
 
     install_error_handlers(app)
     if settings.cors_origins:

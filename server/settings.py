@@ -48,6 +48,12 @@ class ServerSettings(EngineSettings, StoreSettings):
     worker_heartbeat_timeout: float = Field(
         60.0, gt=0, description="seconds of silence before an attached (remote) worker counts as down"
     )
+    conversation_turn_lease_s: float = Field(
+        30.0, gt=0, allow_inf_nan=False,
+        description="seconds a gateway holds a conversation's turn (one response at a time in it) without "
+        "renewing it; renewed every third of it while the answer is written, so a gateway that died frees "
+        "its conversations after this long",
+    )
     log_level: str = Field("info", description="debug, info, warning or error")
 
     _keys_as_list = field_validator("api_keys", mode="before")(_as_list)

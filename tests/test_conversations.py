@@ -234,30 +234,37 @@ def test_ids_the_store_cannot_key_and_lone_reasoning_items(client, server):
     assert client.conversations.update(conversation.id, metadata=None).metadata == {}
 
 
-def test_one_response_at_a_time_in_a_conversation(tmp_path):
-    """A second response in a conversation whose answer is still being
-    written is OpenAI's 400 conversation_locked (it would answer on a history
-    about to change); the conversation is free again once the first stream
-    ends, even one its client left."""
+def test_one_response_at_a_time_in_a_conversation_across_gateways(tmp_path):
+    """Two gateways over one store: a second response in a conversation
+    whose answer is still being written, through either gateway, is
+    OpenAI's 400 conversation_locked (it would answer on a history about to
+    change), for as long as the answer runs (its lease, 0.6 s here, is
+    renewed); the conversation is free again once the first stream ends,
+    even one its client left."""
     import time
 
-    with worker_thread(step_delay=0.02) as (address, _worker), uvicorn_server(create_app(ServerSettings(
-            data_dir=tmp_path, worker_address=address))) as url:
+    settings = ServerSettings(data_dir=tmp_path, conversation_turn_lease_s=0.6)
+    with worker_thread(step_delay=0.02) as (address, _worker), \
+            uvicorn_server(create_app(settings.model_copy(update={"worker_address": address}))) as url, \
+            uvicorn_server(create_app(settings.model_copy(update={"worker_address": address}))) as other_url:
         slow = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        other_gateway = openai.OpenAI(base_url=f"{other_url}/v1", api_key="unused", max_retries=0)
         conversation = slow.conversations.create()
         stream = slow.responses.create(input="Tell me a story.", conversation=conversation.id, stream=True,
                                        model=MODEL, max_output_tokens=400)
         next(iter(stream))  # response.created: the turn has begun
-        with pytest.raises(openai.BadRequestError) as locked:
-            slow.responses.create(input="Hi", conversation=conversation.id, **GREEDY)
-        assert (error_of(locked)["code"], error_of(locked)["param"]) == ("conversation_locked", "conversation")
-        other = slow.conversations.create()  # other conversations are not held up
-        assert slow.responses.create(input="Hi", conversation=other.id, **GREEDY).status == "incomplete"
+        for gateway in (slow, other_gateway, slow):
+            with pytest.raises(openai.BadRequestError) as locked:
+                gateway.responses.create(input="Hi", conversation=conversation.id, **GREEDY)
+            assert (error_of(locked)["code"], error_of(locked)["param"]) == ("conversation_locked", "conversation")
+            time.sleep(0.7)  # past one lease: held, renewed
+        other = other_gateway.conversations.create()  # other conversations are not held up
+        assert other_gateway.responses.create(input="Hi", conversation=other.id, **GREEDY).status == "incomplete"
         stream.response.close()  # the client leaves mid-answer
         deadline = time.monotonic() + 30
         while True:
             try:
-                slow.responses.create(input="Hi", conversation=conversation.id, **GREEDY)
+                other_gateway.responses.create(input="Hi", conversation=conversation.id, **GREEDY)
                 break
             except openai.BadRequestError as error:
                 assert error.code == "conversation_locked" and time.monotonic() < deadline
@@ -265,3 +272,24 @@ def test_one_response_at_a_time_in_a_conversation(tmp_path):
         kinds = [(item.type, getattr(item, "role", None)) for item in
                  slow.conversations.items.list(conversation.id, order="asc").data]
         assert kinds == [("message", "user"), ("message", "assistant")]  # the left turn added nothing
+
+
+async def test_a_dead_gateways_turn_runs_out(tmp_path):
+    """A turn whose gateway died (taken, never renewed nor given back)
+    holds the conversation until its lease runs out, then no longer."""
+    import asyncio
+
+    from server.store import Store
+
+    settings = ServerSettings(data_dir=tmp_path)
+    with worker_thread() as (address, _worker), \
+            uvicorn_server(create_app(settings.model_copy(update={"worker_address": address}))) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        conversation = await client.conversations.create()
+        async with await Store.open(settings=settings) as dead_gateways:
+            assert await dead_gateways.take_turn(conversation.id, "dead", 1.0)
+        with pytest.raises(openai.BadRequestError) as locked:
+            await client.responses.create(input="Hi", conversation=conversation.id, **GREEDY)
+        assert error_of(locked)["code"] == "conversation_locked"
+        await asyncio.sleep(1.1)
+        assert (await client.responses.create(input="Hi", conversation=conversation.id, **GREEDY)).status

@@ -352,8 +352,40 @@ async def test_a_version_2_database_migrates_to_keep_conversations(db_url):  # n
                                                              items=[{"id": "a", "type": "message"}])
         assert kept == [{"id": "a", "type": "message"}]
         assert await store.find_conversation(conversation.conversation_id) == conversation
+        assert await store.take_turn(conversation.conversation_id, "t", 30) is True  # schema v4's turns
     finally:
         await store.close()
+
+
+async def test_one_turn_at_a_time_in_a_conversation_across_stores(db_url):  # noqa: F811
+    """Two gateways (two Stores over one database), 8 tasks each, taking one
+    conversation's turn at once: exactly one gets it. Renewed by its
+    holder only; given back, or run out, it can be taken again; a holder
+    whose lease ran out and was taken renews and gives back nothing; a
+    deleted conversation has no turn to take."""
+    first, second = await Store.open(store_config(db_url)), await Store.open(store_config(db_url))
+    try:
+        conversation, _ = await first.create_conversation(user=None, metadata={})
+        cid = conversation.conversation_id
+        taken = await asyncio.gather(*(store.take_turn(cid, f"{n}-{i}", 30)
+                                       for n, store in enumerate((first, second)) for i in range(8)))
+        assert taken.count(True) == 1 and taken.count(False) == 15
+        holder = f"{taken.index(True) // 8}-{taken.index(True) % 8}"
+        assert await second.renew_turn(cid, holder, 30) and not await second.renew_turn(cid, "someone", 30)
+        await first.end_turn(cid, "someone")  # not the holder's: nothing given back
+        assert await first.take_turn(cid, "late", 30) is False
+        await first.end_turn(cid, holder)
+        assert await second.take_turn(cid, "next", 0.05) is True
+        await asyncio.sleep(0.1)  # its lease runs out (its gateway died)
+        assert await first.take_turn(cid, "after", 30) is True
+        assert not await second.renew_turn(cid, "next", 30)
+        await second.end_turn(cid, "next")  # the stale holder gives back nothing
+        assert await second.take_turn(cid, "again", 30) is False
+        assert await first.delete_conversation(cid)
+        assert await first.take_turn(cid, "gone", 30) is None and not await first.renew_turn(cid, "after", 30)
+    finally:
+        await first.close()
+        await second.close()
 
 
 async def test_conversation_items_in_order_under_concurrent_writers(store):

@@ -26,6 +26,9 @@ unknown to the caller: not found, not said to exist."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -44,6 +47,7 @@ from server.store import schema
 from server.store.http import StoreDep
 from server.store.repository import StoredConversation, keyable
 
+logger = logging.getLogger(__name__)
 router = APIRouter(tags=["conversations"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 
 MAX_ITEMS_ADDED = 1000  # a call (OpenAI takes 20; agents add a whole turn's items at once)
@@ -107,26 +111,75 @@ async def find_conversation(store, scope: KeyScope | None, conversation_id: str)
 
 
 class ConversationTurns:
-    """The conversations a response is being answered in, on this gateway:
-    a second response in one of them is OpenAI's 400 conversation_locked
-    (its history is about to change). Several gateways over one store do
-    not see each other's turns."""
+    """The turns of the conversations a response is being answered in: a
+    second response in one of them is OpenAI's 400 conversation_locked (it
+    would answer on a history about to change). A turn is a lease in the
+    store, so every gateway over one store sees it; its holder renews it
+    every third of `lease_s` while the answer is written, and a gateway that
+    died holds the conversation only until its lease runs out. (Gateways'
+    clocks are assumed within a fraction of the lease of each other.)"""
 
-    def __init__(self) -> None:
-        self._busy: dict[str, object] = {}
+    def __init__(self, store, lease_s: float) -> None:
+        self._store = store
+        self._lease_s = lease_s
+        self._renewals: set[asyncio.Task] = set()
+        self._endings: set[asyncio.Task] = set()
 
-    def begin(self, conversation_id: str) -> Callable[[], None]:
-        """Takes the conversation; returns what gives it back (safe to call twice)."""
-        if conversation_id in self._busy:
+    async def begin(self, conversation_id: str) -> Callable[[], None]:
+        """Takes the conversation's turn; returns what gives it back (safe
+        to call twice, and from a finalizer: outside the event loop the
+        lease just runs out)."""
+        token = uuid.uuid4().hex
+        taken = await self._store.take_turn(conversation_id, token, self._lease_s)
+        if taken is None:
+            raise conversation_not_found(conversation_id, "conversation")
+        if not taken:
             raise APIError(400, "Another process is currently operating on this conversation. Please retry in a "
                            "few seconds.", "invalid_request_error", "conversation", "conversation_locked")
-        turn = self._busy[conversation_id] = object()
+        renewal = asyncio.create_task(self._renew(conversation_id, token))
+        self._renewals.add(renewal)
+        renewal.add_done_callback(self._renewals.discard)
+        released = False
 
         def release() -> None:
-            if self._busy.get(conversation_id) is turn:
-                del self._busy[conversation_id]
+            nonlocal released
+            if released:
+                return
+            released = True
+            try:
+                renewal.cancel()
+                ending = asyncio.get_running_loop().create_task(self._end(conversation_id, token))
+            except RuntimeError:  # no running loop (a finalizer at exit): the lease runs out
+                return
+            self._endings.add(ending)
+            ending.add_done_callback(self._endings.discard)
 
         return release
+
+    async def _renew(self, conversation_id: str, token: str) -> None:
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            try:
+                held = await self._store.renew_turn(conversation_id, token, self._lease_s)
+            except Exception:  # the store unreachable: try again; the lease may run out meanwhile
+                logger.warning("could not renew the turn of conversation %s", conversation_id, exc_info=True)
+                continue
+            if not held:
+                logger.warning("conversation %s: the turn being answered ran out (or the conversation was "
+                               "deleted) before its answer was done", conversation_id)
+                return
+
+    async def _end(self, conversation_id: str, token: str) -> None:
+        try:
+            await self._store.end_turn(conversation_id, token)
+        except Exception:  # its lease runs out instead
+            logger.warning("could not give back the turn of conversation %s", conversation_id, exc_info=True)
+
+    async def close(self) -> None:
+        """Stops renewing; waits for the turns being given back (before the store closes)."""
+        for renewal in list(self._renewals):
+            renewal.cancel()
+        await asyncio.gather(*self._renewals, *self._endings, return_exceptions=True)
 
 
 def conversation_not_found(conversation_id: str, param: str) -> APIError:

@@ -90,7 +90,7 @@ async def _respond(body: ResponsesRequest, request: Request, scope):
         return await _answer(body, state, scope, served, None)
     # One response at a time in a conversation (as OpenAI's conversation_locked):
     # taken before its items are read, so no turn answers on a history another changes.
-    release = state.conversation_turns.begin(conversation.conversation_id)
+    release = await state.conversation_turns.begin(conversation.conversation_id)
     try:
         answer = await _answer(body, state, scope, served, conversation)
     except BaseException:

@@ -59,6 +59,14 @@ def _now() -> int:
     return int(time.time())
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
 def _store_error(exc: InvalidRequestError) -> InvalidInput:
     return InvalidInput(exc.message, param=exc.param, code=exc.code)
 
@@ -646,14 +654,54 @@ class Store:
         return _stored_conversation(row) if row is not None else None
 
     async def delete_conversation(self, conversation_id: str) -> bool:
-        items, table = schema.conversation_items, schema.conversations
+        items, table, turns = schema.conversation_items, schema.conversations, schema.conversation_turns
         async with self._write() as conn:
             # Locked first: items being added meanwhile are committed (and deleted) or never added.
             await conn.execute(select(table.c.conversation_id)
                                .where(table.c.conversation_id == conversation_id).with_for_update())
             await conn.execute(delete(items).where(items.c.conversation_id == conversation_id))
+            await conn.execute(delete(turns).where(turns.c.conversation_id == conversation_id))
             result = await conn.execute(delete(table).where(table.c.conversation_id == conversation_id))
         return result.rowcount > 0
+
+    async def take_turn(self, conversation_id: str, token: str, lease_s: float) -> bool | None:
+        """Takes the conversation's turn for `token` for `lease_s` seconds:
+        True; False while another holder's lease runs; None when the
+        conversation is gone."""
+        table, turns = schema.conversations, schema.conversation_turns
+        async with self._write() as conn:
+            # The conversation's row locked: two gateways taking its turn at once take turns.
+            found = await conn.execute(select(table.c.conversation_id)
+                                       .where(table.c.conversation_id == conversation_id).with_for_update())
+            if found.first() is None:
+                return None
+            now = _now_ms()
+            held = (await conn.execute(select(turns.c.expires_at_ms)
+                                       .where(turns.c.conversation_id == conversation_id))).scalar()
+            if held is not None and held > now:
+                return False
+            await conn.execute(delete(turns).where(turns.c.conversation_id == conversation_id))
+            await conn.execute(turns.insert().values(conversation_id=conversation_id, token=token,
+                                                     expires_at_ms=now + _ms(lease_s)))
+        return True
+
+    async def renew_turn(self, conversation_id: str, token: str, lease_s: float) -> bool:
+        """Extends `token`'s turn by `lease_s` seconds from now; False when
+        it holds the turn no longer (its lease ran out and another took it,
+        or the conversation was deleted)."""
+        turns = schema.conversation_turns
+        async with self._write() as conn:
+            result = await conn.execute(update(turns).where(and_(
+                turns.c.conversation_id == conversation_id, turns.c.token == token))
+                .values(expires_at_ms=_now_ms() + _ms(lease_s)))
+        return result.rowcount > 0
+
+    async def end_turn(self, conversation_id: str, token: str) -> None:
+        """Gives `token`'s turn back (nothing when it holds it no longer)."""
+        turns = schema.conversation_turns
+        async with self._write() as conn:
+            await conn.execute(delete(turns).where(and_(
+                turns.c.conversation_id == conversation_id, turns.c.token == token)))
 
     async def add_conversation_items(self, conversation_id: str, items: Sequence[dict[str, Any]]) -> list[dict] | None:
         """Appends `items` (each with an id) to a conversation, in order;

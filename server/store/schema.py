@@ -122,6 +122,18 @@ conversation_items = Table(
 )
 
 
+# Who is answering a response in a conversation (one at a time, across every
+# gateway over this store): a lease its gateway renews while the answer is
+# written, so a crashed gateway holds the conversation only until it runs out.
+conversation_turns = Table(
+    "conversation_turns",
+    metadata,
+    Column("conversation_id", String(128), primary_key=True),
+    Column("token", String(64), nullable=False),  # the holder's
+    Column("expires_at_ms", BigInteger, nullable=False),  # unix milliseconds
+)
+
+
 def _v1(conn: Connection) -> None:
     for table in (user_profiles, completions, feedback):
         table.create(conn)
@@ -136,7 +148,11 @@ def _v3(conn: Connection) -> None:
     conversation_items.create(conn)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
+def _v4(conn: Connection) -> None:
+    conversation_turns.create(conn)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
 LATEST = len(MIGRATIONS)
 _PG_LOCK_ID = 0x5AD_5709E  # advisory lock key for migrations
 
