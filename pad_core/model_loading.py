@@ -11,6 +11,7 @@ transformers (slow), so the converted model is cached as safetensors.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import importlib.util
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from jinja2 import TemplateSyntaxError
 from transformers.utils import logging as transformers_logging
 
 from pad_core.adapters import base_model_fingerprint
@@ -245,9 +247,46 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def context_length(model) -> int:
+def context_length(model, settings: EngineSettings | None = None) -> int:
+    """The context length served: the model's own (max_position_embeddings),
+    or the settings' max_model_len, which may not exceed it."""
     config = model.config.get_text_config()
-    return int(getattr(config, "max_position_embeddings", 2048))
+    own = int(getattr(config, "max_position_embeddings", 2048))
+    if settings is None or settings.max_model_len is None:
+        return own
+    if settings.max_model_len > own:
+        raise ModelLoadError(f"max_model_len {settings.max_model_len} is longer than the model's context length "
+                             f"({own}, max_position_embeddings)")
+    return settings.max_model_len
+
+
+def with_chat_template(tokenizer, setting: str | None):
+    """The tokenizer with the settings' chat template (a file's text, or the
+    template itself, as vLLM's --chat-template reads it): a shallow copy,
+    the caller's tokenizer left as it was. Checked now: a template that does
+    not compile, or a path that names no file, is a start-up error rather
+    than a 400 on every chat."""
+    if setting is None:
+        return tokenizer
+    path = Path(setting).expanduser()
+    if any(mark in setting for mark in ("{{", "{%", "\n")):
+        template = setting
+    else:
+        try:
+            template = path.read_text(encoding="utf-8")
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"chat_template {setting!r} is neither a readable file nor a Jinja template "
+                                 f"({exc})") from None
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.chat_template = template
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
+                                      tokenize=False)
+    except TemplateSyntaxError as exc:
+        raise ModelLoadError(f"chat_template does not compile: {exc}") from None
+    except Exception as exc:  # noqa: BLE001  (a template may refuse this chat: the chats it renders will tell)
+        logger.warning("the chat template does not render a one-message chat: %s", exc)
+    return tokenizer
 
 
 def pad_token_id(tokenizer) -> int:
@@ -298,7 +337,7 @@ def build_runner(model, tokenizer, settings: EngineSettings, fingerprint: Callab
             kv_pool_budget(settings, device, reserved, share=runners - earlier_runners),
             slots,
             kv_bytes_per_token(layers, kv_heads, head_dim, dtype),
-            context_length(model),
+            context_length(model, settings),
         )
         graphed = backend == "cuda"
         return SlotRunner(model, slots, slot_tokens, pad_token_id=pad_id, fingerprint=fingerprint,
@@ -354,6 +393,7 @@ def _engine_parts(model, tokenizer, settings: EngineSettings, runners: int = 1) 
     if "self" in settings.reward_adapters:
         raise ModelLoadError("reward adapter name 'self' is taken by the built-in reward; choose another name")
     fingerprint = functools.cache(functools.partial(base_model_fingerprint, model, tokenizer))
+    tokenizer = with_chat_template(tokenizer, settings.chat_template)
     runner = build_runner(model, tokenizer, settings, fingerprint, runners=runners)
     attach_adapters(runner, settings.reward_adapters)
     sources = {"self": RewardSource(BASE_RUNNER, base_sees_preference=False)}
@@ -363,7 +403,7 @@ def _engine_parts(model, tokenizer, settings: EngineSettings, runners: int = 1) 
         "tokenizer": tokenizer,
         "runners": {BASE_RUNNER: runner},
         "reward_sources": sources,
-        "context_length": min(context_length(model), runner_token_limit(runner) or context_length(model)),
+        "context_length": min(context_length(model, settings), runner_token_limit(runner) or context_length(model)),
         "stop_token_ids": stop_token_ids(model, tokenizer),
     }
 

@@ -44,6 +44,16 @@ class EngineSettings(BaseSettings):
     served_model_name: str | None = Field(
         None, description="name clients use in 'model' (default: smollm2-135m-instruct for the embedded model, else the folder name)"
     )
+    max_model_len: int | None = Field(
+        None, ge=64,  # the least a KV pool's slot holds (slot_runner.MIN_SLOT_TOKENS)
+        description="the context length served (prompt + answer tokens of a request), at most the model's own "
+        "(vLLM's --max-model-len); a KV pool's rows hold no more; default: the model's",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="the chat template of chat requests in place of the tokenizer's (vLLM's --chat-template): a "
+        "file holding a Jinja template, or the template itself; needed for a model that has none",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype; auto: bfloat16 on CUDA and on CPUs with native bf16, else float32"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import logging
+import ssl
 import sys
 
 from pydantic import ValidationError
@@ -80,12 +81,32 @@ def serve(argv: list[str]) -> int:
         print(f"pad serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        check_tls_files(settings)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"pad serve: cannot serve HTTPS with ssl_certfile {settings.ssl_certfile!r} and ssl_keyfile "
+              f"{settings.ssl_keyfile!r}: {exc}", file=sys.stderr)
+        return 2
     import uvicorn
 
     from server.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(create_app(settings), **uvicorn_options(settings))
     return 0
+
+
+def uvicorn_options(settings) -> dict:
+    """uvicorn's arguments for the server's settings."""
+    return {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
+            "root_path": settings.root_path, "ssl_certfile": settings.ssl_certfile,
+            "ssl_keyfile": settings.ssl_keyfile}
+
+
+def check_tls_files(settings) -> None:
+    """Loads the certificate and its key as uvicorn will, so a wrong one is
+    a clear start-up error before the model loads, not a traceback."""
+    if settings.ssl_certfile is not None:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile)
 
 
 def data(argv: list[str]) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from pad_core.settings import EngineSettings
@@ -35,6 +35,12 @@ class ServerSettings(EngineSettings, StoreSettings):
         description="accepted API keys, `KEY` or `KEY:user1,user2` (none: no auth)",
     )
     api_keys_file: str | None = Field(None, description="a file of key specs, one a line")
+    ssl_certfile: str | None = Field(None, description="serve HTTPS with this certificate (PEM; with ssl_keyfile)")
+    ssl_keyfile: str | None = Field(None, description="the certificate's private key (PEM)")
+    root_path: str = Field(
+        "", description="the path prefix a reverse proxy serves this server under (and strips), e.g. /pad: the "
+        "OpenAPI docs then name their routes under it",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="allowed CORS origins")
     max_queue: int = Field(256, ge=1, description="requests in flight before 429")
     max_request_bytes: int = Field(
@@ -55,6 +61,12 @@ class ServerSettings(EngineSettings, StoreSettings):
         "its conversations after this long",
     )
     log_level: str = Field("info", description="debug, info, warning or error")
+
+    @model_validator(mode="after")
+    def _ssl_pair(self) -> ServerSettings:
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together: give both, or neither")
+        return self
 
     _keys_as_list = field_validator("api_keys", mode="before")(_as_list)
     _split_origins = field_validator("cors_origins", mode="before")(_split_commas)
