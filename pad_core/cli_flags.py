@@ -56,13 +56,14 @@ def field_kind(field: FieldInfo) -> tuple[str, Any]:
     return "scalar", str
 
 
-def flag_names(name: str, kind: str) -> list[str]:
+def flag_names(name: str, kind: str, field: FieldInfo | None = None) -> list[str]:
     """--field-name; a collection also gets its singular (--api-key for
-    api_keys), which is the one to repeat."""
+    api_keys), which is the one to repeat; then the field's `flag_aliases`
+    (vLLM's name of the same setting, so a `vllm serve` line carries over)."""
     flag = "--" + name.replace("_", "-")
-    if kind in ("dict", "list") and flag.endswith("s"):
-        return [flag[:-1], flag]
-    return [flag]
+    names = [flag[:-1], flag] if kind in ("dict", "list") and flag.endswith("s") else [flag]
+    extra = field.json_schema_extra if field is not None and isinstance(field.json_schema_extra, dict) else {}
+    return names + list(extra.get("flag_aliases", ()))
 
 
 def env_names(name: str, field: FieldInfo, prefix: str) -> list[str]:
@@ -123,7 +124,7 @@ def add_settings_flags(
     for name in fields if names is None else names:
         field = fields[name]
         kind, detail = field_kind(field)
-        flags = flag_names(name, kind)
+        flags = flag_names(name, kind, field)
         help_text = field_help(name, field, kind, prefix)
         if kind == "bool":
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)

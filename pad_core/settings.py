@@ -108,7 +108,9 @@ class EngineSettings(BaseSettings):
     max_preferences: int = Field(8, ge=1, description="preferences per request")
     max_preference_chars: int = Field(2000, ge=1, description="characters per preference text")
 
-    max_running_requests: int = Field(32, ge=1, description="requests decoded together")
+    max_running_requests: int = Field(
+        32, ge=1, json_schema_extra={"flag_aliases": ["--max-num-seqs"]}, description="requests decoded together"
+    )
     scheduling_policy: Literal["fcfs", "priority"] = Field(
         "fcfs",
         description="the order waiting requests are admitted in: 'fcfs' (first come, first served; a request's "
@@ -118,12 +120,14 @@ class EngineSettings(BaseSettings):
     max_batch_rows: int = Field(96, ge=1, description="model rows decoded together (base + reward rows)")
     max_prefill_tokens: int | None = Field(
         None, ge=1,
+        json_schema_extra={"flag_aliases": ["--max-num-batched-tokens"]},
         description="prompt tokens prefilled in one step (with chunked prefill a longer prompt is "
         "written over several steps, so a long prompt never stalls the running requests for longer than this); "
         "default: 4096 on CUDA (milliseconds there), 512 on CPU (~0.5 s of the embedded model on 2 cores)",
     )
     chunked_prefill: bool = Field(
         True,
+        json_schema_extra={"flag_aliases": ["--enable-chunked-prefill"]},
         description="write prompts in pieces of at most max_prefill_tokens per step, between decode steps "
         "(every backend)",
     )

@@ -47,6 +47,15 @@ def test_flags_become_settings_and_absent_flags_leave_the_environment_alone(monk
         serve_parser().parse_args(["--dtype", "float8"])
 
 
+def test_vllm_names_of_the_same_settings():
+    """A `vllm serve` line's scheduling flags carry over."""
+    settings = parse("--max-num-seqs", "8", "--max-num-batched-tokens", "256", "--no-enable-chunked-prefill",
+                     "--max-model-len", "1024")
+    assert (settings.max_running_requests, settings.max_prefill_tokens) == (8, 256)
+    assert settings.chunked_prefill is False and settings.max_model_len == 1024
+    assert parse("--enable-chunked-prefill").chunked_prefill is True
+
+
 def test_a_malformed_pair_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "--reward-model", "nopath"])
