@@ -17,7 +17,15 @@ random (seeded, after one round of every scenario) by --concurrency clients:
   a tool with tool_choice "auto" (calls or text, each well-formed);
   conversations of 2-4 turns sending the model's own answers back (the
   prefix cache's load); clients that hang up mid-stream and mid-prefill;
-  invalid requests.
+  invalid requests. And the stateful APIs: chains of kept responses
+  (previous_response_id), read back, listed, deleted, and store false;
+  conversations (the Conversations API and `conversation` on
+  /v1/responses, streamed and not) of 2-3 turns, with an item or the
+  conversation deleted now and then; two responses sent at once in one
+  conversation; a client that hangs up mid-stream in one; a conversation
+  deleted while a response in it streams; a user's preference profile
+  (PUT, PATCH, GET, DELETE) used by chats naming the user, and feedback on
+  those answers.
 
 Checked and printed at the end (exit status 1 if any fails):
 
@@ -35,6 +43,22 @@ Checked and printed at the end (exit status 1 if any fails):
     holding U+FFFD, byte tokens the model wrote that make no character,
     are counted);
   - every invalid request is a 4xx with an OpenAI-shaped error body;
+  - the stateful APIs: a kept response read back (GET) is what was
+    returned, its input_items are its own input, a deleted one (or one of
+    store false) is a 404 response_not_found; a conversation's items
+    (listed oldest first, in one page or in pages following `after`) are
+    exactly the items it held, then each turn's input directly followed by
+    its own answer (the response's output items as returned), in order,
+    each turn reading more tokens than the one before; two responses at
+    once in one conversation are both answered, or one is answered and the
+    other a 400 conversation_locked; after a client hangs up mid-stream the
+    conversation takes a turn again within LOCK_RETRY_S and the turn hung
+    up on added nothing; a conversation deleted mid-stream ends that stream
+    cleanly or with an error event then response.failed, and is then a 404
+    conversation_not_found; a profile's PUT / PATCH / GET / DELETE answer
+    the preferences expected, a chat naming the user and no preference runs
+    with them (pad.source "profile"), feedback records what was sent; each
+    expected error an OpenAI-shaped body with its code;
   - after the load, with the server idle, the /metrics gauges of requests
     in flight, queue depth, running requests and running rows return to 0;
   - with --kill-worker-after: the worker is SIGKILLed mid-load, the requests
@@ -61,6 +85,7 @@ import signal
 import statistics
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -500,21 +525,42 @@ async def responses_stream(ctx: Context, out: Outcome) -> None:
 
 
 def check_responses_events(out: Outcome, events: list[tuple[str | None, dict]], body: dict) -> None:
+    if read_responses_events(out, events, body) is not None:
+        out.answered = not out.violations
+
+
+def read_responses_events(out: Outcome, events: list[tuple[str | None, dict]], body: dict,
+                          error_ok: bool = False) -> dict | None:
+    """Checks a Responses stream: events numbered in order, from
+    response.created to response.completed / .incomplete, whose response
+    (check_response_object) holds the text of the deltas. Returns that final
+    response; None when the stream is broken or ended in an error event (then
+    response.failed, as OpenAI ends a failed stream; recorded as
+    out.stream_error unless `error_ok`: an error the scenario allows)."""
     if not events:
         out.fail("empty Responses stream")
-        return
+        return None
     for number, (name, data) in enumerate(events):
         if data.get("sequence_number") != number or data.get("type") != name:
             out.fail(f"event {number}: {name} / {data.get('type')} numbered {data.get('sequence_number')}")
-            return
+            return None
     names = [name for name, _ in events]
-    if names[-1] == "error":
-        out.stream_error = events[-1][1]
-        return
+    if "error" in names:
+        at = names.index("error")
+        error = events[at][1]
+        if not isinstance(error.get("message"), str) or "code" not in error:
+            out.fail(f"error event not OpenAI-shaped: {error}")
+        if names[at + 1:] not in ([], ["response.failed"]):
+            out.fail(f"after the error event: {names[at + 1:]}")
+        if not error_ok:
+            out.stream_error = error
+        return None
     if names[0] != "response.created" or names[-1] not in ("response.completed", "response.incomplete"):
         out.fail(f"Responses stream from {names[0]} to {names[-1]}")
-        return
+        return None
     final = events[-1][1]["response"]
+    if final.get("status") != names[-1].removeprefix("response."):
+        out.fail(f"{names[-1]} with a response {final.get('status')!r}")
     deltas = "".join(d["delta"] for n, d in events if n == "response.output_text.delta")
     done = [d["text"] for n, d in events if n == "response.output_text.done"]
     if done and done[0] != deltas:
@@ -523,13 +569,46 @@ def check_responses_events(out: Outcome, events: list[tuple[str | None, dict]], 
              for part in item.get("content", [])]
     if texts != [deltas]:
         out.fail("the final response's text differs from the deltas")
-    incomplete = names[-1] == "response.incomplete"
-    usage = final.get("usage") or {}
-    reason = "length" if incomplete else "stop"
-    check_usage(out, usage, [reason], body["max_output_tokens"], "input_tokens", "output_tokens")
-    check_text(out, deltas, body)
-    out.texts, out.finish_reasons = [deltas], [reason]
-    out.answered = not out.violations
+    return final if check_response_object(out, final, body) is not None else None
+
+
+def message_text(item: dict) -> str:
+    """A message item's text: its content when a string, else its parts' text."""
+    content = item.get("content")
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content or () if isinstance(part, dict))
+
+
+def response_text(response: dict) -> str:
+    """A Responses answer's text (its message items')."""
+    return "".join(message_text(item) for item in response.get("output") or () if item.get("type") == "message")
+
+
+def check_response_object(out: Outcome, data: dict, body: dict) -> str | None:
+    """A Responses answer (an answer or a stream's final response): status
+    completed, or incomplete by max_output_tokens; its output one assistant
+    message; usage adding up (check_usage); its text (check_text). Adds its
+    text, finish reason and tokens to `out`; returns the text (None when
+    the answer is malformed)."""
+    status, output = data.get("status"), data.get("output") or []
+    if status not in ("completed", "incomplete"):
+        out.fail(f"response {data.get('id')} has status {status!r}")
+        return None
+    if status == "incomplete" and (data.get("incomplete_details") or {}).get("reason") != "max_output_tokens":
+        out.fail(f"incomplete response with incomplete_details {data.get('incomplete_details')}")
+    if len(output) != 1 or output[0].get("type") != "message" or output[0].get("role") != "assistant":
+        out.fail(f"response output is not one assistant message: {str(output)[:200]}")
+        return None
+    reason = "length" if status == "incomplete" else "stop"
+    text = response_text(data)
+    tokens, out.completion_tokens = out.completion_tokens, 0
+    check_usage(out, data.get("usage"), [reason], body["max_output_tokens"], "input_tokens", "output_tokens")
+    out.completion_tokens += tokens
+    check_text(out, text, body)
+    out.texts.append(text)
+    out.finish_reasons.append(reason)
+    return text
 
 
 async def post_one_choice(ctx: Context, out: Outcome, body: dict) -> tuple[dict, list[str | None]] | None:
@@ -819,6 +898,747 @@ async def multi_turn(ctx: Context, out: Outcome) -> None:
     out.answered = not out.violations
 
 
+# ---- the stateful APIs: kept responses, conversations, profiles, feedback --
+RUN_TAG = uuid.uuid4().hex[:8]  # this run's users, apart from an earlier run's on the same server
+LOCK_RETRY_S = 10.0  # how long a conversation may stay locked after a client hung up in it
+HANG_UP_MAX_TOKENS = 128  # a turn hung up on (aborted: it costs a few tokens)
+TURN_PROMPTS = [
+    "My name is Ada. What is a good name for a cat?",
+    "What is the capital of Italy?",
+    "Give me one tip for cooking rice.",
+    "Which is bigger, the sun or the moon?",
+    "What did I ask you before?",
+    "Name a colour of the rainbow.",
+    "Say something kind in French.",
+    "How many legs does a spider have?",
+]
+LONG_ANSWER_PROMPTS = [
+    "Explain in detail, step by step, how a bicycle works.",
+    "Write a long story about a dragon who learns to bake bread.",
+    "Describe, in many sentences, a walk through a busy market.",
+]
+INITIAL_ITEMS = [
+    [{"role": "user", "content": "My name is Ada and I live in Lyon."},
+     {"type": "message", "role": "assistant", "content": "Nice to meet you, Ada!"}],
+    [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "I like short answers."}]}],
+]
+
+
+def tokens_between(ctx: Context, low: int, high: int) -> int:
+    """A max_tokens in [low, high], within --max-tokens."""
+    return ctx.rng.randint(min(low, ctx.max_tokens_cap), min(high, ctx.max_tokens_cap))
+
+
+def note_status(out: Outcome, response: httpx.Response) -> None:
+    """A request's status on its scenario's outcome; a 5xx seen earlier in the
+    scenario stays there (the report counts it)."""
+    if (out.status or 0) < 500:
+        out.status = response.status_code
+
+
+def error_code(out: Outcome, response: httpx.Response) -> str | None:
+    """An error answer's code (its body checked: check_error_body)."""
+    return (check_error_body(out, response) or {}).get("code")
+
+
+def expect(out: Outcome, response: httpx.Response, what: str, status: int = 200, code: str | None = None) -> bool:
+    """The response is `status` (with an error, OpenAI's body with `code`);
+    a failure of the scenario otherwise. True when it is. (An error
+    expected leaves the scenario's status as it was: the status it shows is
+    its answers', a 5xx, or an error it did not expect.)"""
+    previous = out.status
+    note_status(out, response)
+    if response.status_code != status:
+        out.fail(f"{what}: {response.status_code} (expected {status}{' ' + code if code else ''}): "
+                 f"{response.text[:200]!r}")
+        if response.status_code >= 400:
+            check_error_body(out, response)
+        return False
+    if status >= 400:
+        got = error_code(out, response)
+        if code is not None and got != code:
+            out.fail(f"{what}: error code {got!r} (expected {code!r})")
+            return False
+        out.status = previous if previous is not None else out.status
+    return True
+
+
+@dataclass
+class Reply:
+    """What POST /v1/responses gave: its status, and the response (checked;
+    None when refused or malformed) or the error's code."""
+
+    status: int
+    final: dict | None = None
+    code: str | None = None
+
+
+async def create_response(ctx: Context, out: Outcome, body: dict) -> Reply:
+    """POST /v1/responses, streamed when the body says so; the answer checked
+    (check_response_object, and a stream's events: read_responses_events)."""
+    if not body.get("stream"):
+        response = await ctx.client.post("/v1/responses", json=body)
+        note_status(out, response)
+        if response.status_code != 200:
+            return Reply(response.status_code, code=error_code(out, response))
+        data = response.json()
+        return Reply(200, data if check_response_object(out, data, body) is not None else None)
+    async with ctx.client.stream("POST", "/v1/responses", json=body) as response:
+        note_status(out, response)
+        if response.status_code != 200:
+            await response.aread()
+            return Reply(response.status_code, code=error_code(out, response))
+        events = [(name, json.loads(raw)) async for name, raw in sse_events(response)]
+    return Reply(200, read_responses_events(out, events, body))
+
+
+def answered(out: Outcome, reply: Reply, what: str) -> dict | None:
+    """The response of a request that must be answered (a failure otherwise)."""
+    if reply.status != 200:
+        out.fail(f"{what}: {reply.status} {reply.code}")
+    return reply.final
+
+
+def item_key(item: dict) -> tuple:
+    """What an item says, whatever shape it was sent in: a message's (type,
+    role, text), its content a string or parts; another item's type and
+    fields but its id and status."""
+    kind = item.get("type", "message")
+    if kind == "message":
+        return "message", item.get("role"), message_text(item)
+    return kind, json.dumps({k: v for k, v in item.items() if k not in ("id", "status", "type")}, sort_keys=True)
+
+
+def input_keys(sent: str | list[dict]) -> list[tuple]:
+    """A request's `input` (text or items) as item_keys."""
+    return [("message", "user", sent)] if isinstance(sent, str) else [item_key(item) for item in sent]
+
+
+def input_items_problems(sent: str | list[dict], listed: list[dict]) -> list[str]:
+    """A kept response's input items, listed oldest first, against its
+    request's input: the same items in the same order, each with an id of
+    its own, a message's content as parts."""
+    problems = []
+    got, want = [item_key(item) for item in listed], input_keys(sent)
+    if got != want:
+        problems.append(f"input items {got} are not the input sent {want}")
+    ids = [item.get("id") for item in listed]
+    if not all(isinstance(i, str) and i for i in ids) or len(set(ids)) != len(ids):
+        problems.append(f"input item ids missing or repeated: {ids}")
+    if any(item.get("type", "message") == "message" and not isinstance(item.get("content"), list) for item in listed):
+        problems.append("a listed input message whose content is not parts")
+    return problems
+
+
+@dataclass
+class Turn:
+    """A response answered in a conversation: the items it must have added
+    there, in order (its input's, then its answer's output items as
+    returned), and its input tokens (a later turn reads it: more)."""
+
+    label: str
+    inputs: list[tuple]
+    outputs: list[dict]
+    input_tokens: int | None = None
+
+    @classmethod
+    def of(cls, sent: str | list[dict], response: dict) -> Turn:
+        return cls(response.get("id", "?"), input_keys(sent), list(response.get("output") or []),
+                   (response.get("usage") or {}).get("input_tokens"))
+
+    def matches(self, items: list[dict]) -> bool:
+        n = len(self.inputs)
+        return (len(items) == n + len(self.outputs) and [item_key(i) for i in items[:n]] == self.inputs
+                and items[n:] == self.outputs)
+
+
+def describe_item(item: dict) -> str:
+    kind, *rest = item_key(item)
+    return f"{item.get('id')} {kind} {' '.join(str(r)[:40] for r in rest)!r}"
+
+
+def conversation_problems(listed: list[dict], before: list[dict], turns: list[Turn],
+                          any_order: bool = False) -> list[str]:
+    """A conversation's items, listed oldest first, against what it must hold:
+    the items it held `before` (unchanged), then each turn's input items
+    directly followed by its own answer's items, in the turns' order
+    (`any_order`: each turn once, in some order, as two responses sent at
+    once may be answered), nothing lost, nothing else; every item with an id
+    of its own; each turn reading more tokens than the turn before it (it
+    read that turn)."""
+    problems = []
+    ids = [item.get("id") for item in listed]
+    if not all(isinstance(i, str) and i for i in ids) or len(set(ids)) != len(ids):
+        problems.append(f"item ids missing or repeated: {ids}")
+    if listed[:len(before)] != before:
+        problems.append(f"the {len(before)} items held before changed: now {[describe_item(i) for i in listed]}")
+        return problems
+    rest, remaining, order, at = listed[len(before):], list(turns), [], 0
+    while at < len(rest) and remaining:
+        turn = next((t for t in (remaining if any_order else remaining[:1])
+                     if t.matches(rest[at:at + len(t.inputs) + len(t.outputs)])), None)
+        if turn is None:
+            expected = " or ".join(f"{t.label}'s {t.inputs} then its answer" for t in remaining)
+            problems.append(f"item {len(before) + at} ({describe_item(rest[at])}) is not where {expected} "
+                            f"should be: items {[describe_item(i) for i in rest]}")
+            return problems
+        remaining.remove(turn)
+        order.append(turn)
+        at += len(turn.inputs) + len(turn.outputs)
+    if remaining:
+        problems.append(f"turn(s) {[t.label for t in remaining]} missing from the conversation")
+    if at < len(rest):
+        problems.append(f"items that no turn added: {[describe_item(i) for i in rest[at:]]}")
+    for earlier, later in zip(order, order[1:]):
+        if None not in (earlier.input_tokens, later.input_tokens) and later.input_tokens <= earlier.input_tokens:
+            problems.append(f"{later.label} read {later.input_tokens} input tokens, no more than {earlier.label} "
+                            f"before it ({earlier.input_tokens}): it did not read that turn")
+    return problems
+
+
+async def list_items(ctx: Context, out: Outcome, conversation_id: str, what: str) -> list[dict] | None:
+    """A conversation's items oldest first: a page of 100 (we hold fewer);
+    now and then also its pages of 1-3 following `after`, or newest first
+    (the default order), which must say the same."""
+    rng = ctx.rng
+    path = f"/v1/conversations/{conversation_id}/items"
+    response = await ctx.client.get(path, params={"order": "asc", "limit": 100})
+    if not expect(out, response, what):
+        return None
+    page = response.json()
+    items = page["data"]
+    if page.get("object") != "list" or page.get("has_more") is not False \
+            or page.get("first_id") != (items[0]["id"] if items else None) \
+            or page.get("last_id") != (items[-1]["id"] if items else None):
+        out.fail(f"{what}: a page {({k: v for k, v in page.items() if k != 'data'})} for {len(items)} items")
+    roll = rng.random()
+    if roll < 0.2:
+        paged, after, limit = [], None, rng.randint(1, 3)
+        for _ in range(len(items) + 2):
+            response = await ctx.client.get(path, params={"order": "asc", "limit": limit,
+                                                          **({"after": after} if after else {})})
+            if not expect(out, response, f"{what} (pages of {limit})"):
+                return None
+            page = response.json()
+            paged += page["data"]
+            if not page["has_more"]:
+                break
+            after = page["last_id"]
+        if paged != items:
+            out.fail(f"{what}: pages of {limit} give {[i.get('id') for i in paged]}, "
+                     f"one page {[i.get('id') for i in items]}")
+    elif roll < 0.35:
+        response = await ctx.client.get(path)
+        if not expect(out, response, f"{what} (newest first)"):
+            return None
+        if response.json()["data"] != items[::-1][:20]:
+            out.fail(f"{what}: newest first is not the items reversed")
+    return items
+
+
+async def new_conversation(ctx: Context, out: Outcome) -> tuple[str, list[dict]] | None:
+    """Creates a conversation (now and then with items): (its id, its items)."""
+    initial = ctx.rng.choice([None, None, *INITIAL_ITEMS])
+    body: dict = {"metadata": {"soak": RUN_TAG}, **({"items": initial} if initial else {})}
+    response = await ctx.client.post("/v1/conversations", json=body)
+    if not expect(out, response, "create a conversation"):
+        return None
+    made = response.json()
+    if not str(made.get("id")).startswith("conv_") or made.get("object") != "conversation" \
+            or made.get("metadata") != body["metadata"]:
+        out.fail(f"created conversation {made}")
+        return None
+    items = await list_items(ctx, out, made["id"], "list a new conversation's items")
+    if items is not None and [item_key(i) for i in items] != input_keys(initial or []):
+        out.fail(f"a new conversation holds {[item_key(i) for i in items]}, created with {input_keys(initial or [])}")
+    return (made["id"], items) if items is not None else None
+
+
+def turn_body(ctx: Context, conversation_id: str, prompt: str | None = None, stream: bool | None = None,
+              max_tokens: int | None = None) -> dict:
+    """A response in a conversation (named as an id or {"id"}), its input
+    text or a message item, streamed or not."""
+    rng = ctx.rng
+    text = prompt or rng.choice(TURN_PROMPTS)
+    body = {"model": ctx.model, "conversation": conversation_id if rng.random() < 0.7 else {"id": conversation_id},
+            "input": rng.choice([text, [{"role": "user", "content": text}],
+                                 [{"type": "message", "role": "user",
+                                   "content": [{"type": "input_text", "text": text}]}]]),
+            "max_output_tokens": max_tokens or tokens_between(ctx, 16, 48),
+            "temperature": rng.choice([0, 0.7])}
+    if rng.random() < 0.15:
+        body["preference"] = rng.choice(PREFERENCES)
+    if stream if stream is not None else rng.random() < 0.5:
+        body["stream"] = True
+    return body
+
+
+async def conversation_turn(ctx: Context, out: Outcome, body: dict, conversation_id: str, what: str) -> dict | None:
+    """A turn that must be answered, in its conversation."""
+    final = answered(out, await create_response(ctx, out, body), what)
+    if final is not None and final.get("conversation") != {"id": conversation_id}:
+        out.fail(f"{what}: the response's conversation is {final.get('conversation')}")
+    return final
+
+
+async def delete_conversation(ctx: Context, out: Outcome, conversation_id: str, what: str) -> bool:
+    response = await ctx.client.delete(f"/v1/conversations/{conversation_id}")
+    if not expect(out, response, what):
+        return False
+    if response.json() != {"id": conversation_id, "object": "conversation.deleted", "deleted": True}:
+        out.fail(f"{what}: {response.json()}")
+    return True
+
+
+async def check_conversation_gone(ctx: Context, out: Outcome, conversation_id: str) -> None:
+    """A deleted conversation: not found to read, list, or answer in."""
+    for what, response in (
+            ("GET a deleted conversation", await ctx.client.get(f"/v1/conversations/{conversation_id}")),
+            ("list a deleted conversation's items", await ctx.client.get(f"/v1/conversations/{conversation_id}/items")),
+            ("a response in a deleted conversation", await ctx.client.post("/v1/responses", json={
+                "model": ctx.model, "input": "hi", "max_output_tokens": 4, "conversation": conversation_id}))):
+        expect(out, response, what, 404, "conversation_not_found")
+
+
+async def conversation(ctx: Context, out: Outcome) -> None:
+    """A conversation of 2-3 turns (streamed and not): its items are exactly
+    each turn's input then its answer, in order; now and then an item
+    deleted (the others stay, in order, and the conversation goes on), and
+    the conversation deleted (then not found)."""
+    rng = ctx.rng
+    made = await new_conversation(ctx, out)
+    if made is None:
+        return
+    conversation_id, before = made
+    out.request = {"conversation": conversation_id, "turns": []}
+    turns = []
+    for number in range(rng.randint(2, 3)):
+        body = turn_body(ctx, conversation_id)
+        out.request["turns"].append(body)
+        final = await conversation_turn(ctx, out, body, conversation_id, f"turn {number + 1}")
+        if final is None:
+            return
+        turns.append(Turn.of(body["input"], final))
+    items = await list_items(ctx, out, conversation_id, "list the conversation's items")
+    if items is None:
+        return
+    for problem in conversation_problems(items, before, turns):
+        out.fail(problem)
+    if out.violations:
+        return
+    if rng.random() < 0.35:  # an item deleted: the others stay, in order
+        victim = rng.choice(items)
+        path = f"/v1/conversations/{conversation_id}/items/{victim['id']}"
+        response = await ctx.client.get(path)
+        if expect(out, response, "GET an item") and response.json() != victim:
+            out.fail(f"GET item {victim['id']} is {response.json()}, listed {victim}")
+        response = await ctx.client.delete(path)
+        if expect(out, response, "DELETE an item") and response.json().get("id") != conversation_id:
+            out.fail(f"DELETE an item answered {response.json()}")
+        expect(out, await ctx.client.get(path), "GET a deleted item", 404, "item_not_found")
+        expect(out, await ctx.client.delete(path), "DELETE a deleted item", 404, "item_not_found")
+        items_left = await list_items(ctx, out, conversation_id, "list the items after a delete")
+        if items_left is None:
+            return
+        if items_left != [i for i in items if i["id"] != victim["id"]]:
+            out.fail(f"after deleting {victim['id']}: {[i.get('id') for i in items_left]}, "
+                     f"were {[i.get('id') for i in items]}")
+            return
+        if rng.random() < 0.5:  # and the conversation goes on
+            body = turn_body(ctx, conversation_id)
+            out.request["turns"].append(body)
+            final = await conversation_turn(ctx, out, body, conversation_id, "a turn after an item's delete")
+            if final is None:
+                return
+            items = await list_items(ctx, out, conversation_id, "list the items after that turn")
+            if items is None:
+                return
+            for problem in conversation_problems(items, items_left, [Turn.of(body["input"], final)]):
+                out.fail(problem)
+    if rng.random() < 0.5 and await delete_conversation(ctx, out, conversation_id, "DELETE the conversation"):
+        await check_conversation_gone(ctx, out, conversation_id)
+    out.answered = not out.violations
+
+
+async def conversation_race(ctx: Context, out: Outcome) -> None:
+    """Two responses sent at once in one conversation: both answered (one
+    after the other), or one answered and the other OpenAI's 400
+    conversation_locked; never a 5xx; the conversation then holds each
+    answered turn whole (its input directly followed by its own answer)."""
+    rng = ctx.rng
+    made = await new_conversation(ctx, out)
+    if made is None:
+        return
+    conversation_id, before = made
+    out.request = {"conversation": conversation_id, "turns": []}
+    if rng.random() < 0.5:
+        body = turn_body(ctx, conversation_id)
+        out.request["turns"].append(body)
+        final = await conversation_turn(ctx, out, body, conversation_id, "the turn before the race")
+        if final is None:
+            return
+        before = await list_items(ctx, out, conversation_id, "list the items before the race")
+        if before is None:
+            return
+    bodies = [turn_body(ctx, conversation_id, prompt=p, max_tokens=tokens_between(ctx, 16, 32))
+              for p in rng.sample(TURN_PROMPTS, 2)]
+    out.request["race"] = bodies
+    delay = rng.choice([0.0, 0.0, rng.uniform(0.05, 1.5)])  # the second a moment later: maybe after the first
+
+    async def send(body: dict, after: float) -> Reply:
+        await asyncio.sleep(after)
+        return await create_response(ctx, out, body)
+
+    out.request["second_after_s"] = round(delay, 2)
+    replies = await asyncio.gather(send(bodies[0], 0.0), send(bodies[1], delay))
+    out.request["race_statuses"] = [(r.status, r.code) for r in replies]
+    locked = [r for r in replies if r.status == 400 and r.code == "conversation_locked"]
+    for reply in replies:
+        if reply.status != 200 and reply not in locked:
+            out.fail(f"a response sent at once with another in its conversation: {reply.status} {reply.code}")
+    if len(locked) == 2:
+        out.fail("both responses sent at once were conversation_locked (nothing else held the conversation)")
+    won = [Turn.of(body["input"], reply.final) for body, reply in zip(bodies, replies) if reply.final is not None]
+    if out.violations:
+        return
+    items = await list_items(ctx, out, conversation_id, "list the items after the race")
+    if items is None:
+        return
+    for problem in conversation_problems(items, before, won, any_order=True):
+        out.fail(problem)
+    if rng.random() < 0.5 and await delete_conversation(ctx, out, conversation_id, "DELETE the conversation"):
+        await check_conversation_gone(ctx, out, conversation_id)
+    out.answered = not out.violations
+
+
+async def conversation_hang_up(ctx: Context, out: Outcome) -> None:
+    """A client that hangs up mid-stream in a conversation: the conversation
+    takes a turn again within LOCK_RETRY_S (retried while
+    conversation_locked), and the turn hung up on added nothing."""
+    rng = ctx.rng
+    made = await new_conversation(ctx, out)
+    if made is None:
+        return
+    conversation_id, before = made
+    # Not bound by --max-tokens: an answer the server could finish before it sees the client gone
+    # (a tiny model's few tokens) would be a turn answered, not one hung up on.
+    body = turn_body(ctx, conversation_id, prompt=rng.choice(LONG_ANSWER_PROMPTS), stream=True,
+                     max_tokens=HANG_UP_MAX_TOKENS)
+    body["temperature"] = 0
+    leave_after = rng.randint(1, 6)
+    events: list[tuple[str | None, dict]] = []
+    out.request = {"conversation": conversation_id, "hung_up": body, "leave_after_events": leave_after}
+    async with ctx.client.stream("POST", "/v1/responses", json=body) as response:
+        note_status(out, response)
+        if response.status_code != 200:
+            await response.aread()
+            out.fail(f"the turn to hang up on: {response.status_code} {error_code(out, response)}")
+            return
+        async for name, raw in sse_events(response):
+            events.append((name, json.loads(raw)))
+            if len(events) >= leave_after:
+                out.cancelled = True
+                break
+    out.request["events_seen"] = [name for name, _ in events]
+    turns = []
+    if not out.cancelled:  # it ended first: an ordinary turn
+        final = read_responses_events(out, events, body)
+        if final is None:
+            return
+        turns.append(Turn.of(body["input"], final))
+    hung_up_at = time.monotonic()
+    following = turn_body(ctx, conversation_id, max_tokens=tokens_between(ctx, 16, 32))
+    out.request["following"] = following
+    tries, unlocked_after = 0, 0.0
+    while True:
+        unlocked_after = time.monotonic() - hung_up_at
+        reply = await create_response(ctx, out, following)
+        tries += 1
+        if reply.status == 400 and reply.code == "conversation_locked" and time.monotonic() - hung_up_at < LOCK_RETRY_S:
+            await asyncio.sleep(0.25)
+            continue
+        break
+    out.request["unlocked_after_s"], out.request["tries"] = round(unlocked_after, 2), tries
+    if reply.status != 200:
+        out.fail(f"the conversation after a client hung up in it ({leave_after} events in): {reply.status} "
+                 f"{reply.code} after {time.monotonic() - hung_up_at:.1f} s, {tries} tries")
+        return
+    if reply.final is None:
+        return
+    turns.append(Turn.of(following["input"], reply.final))
+    items = await list_items(ctx, out, conversation_id, "list the items after a hang-up")
+    if items is None:
+        return
+    problems = conversation_problems(items, before, turns)
+    hung = input_keys(body["input"])[0]
+    if out.cancelled and any(item_key(item) == hung for item in items):
+        answers = [(i.get("status"), len(message_text(i))) for i in items if i.get("role") == "assistant"]
+        problems.insert(0, f"the turn hung up on ({leave_after} events in: {out.request['events_seen']}) "
+                           f"added items: {[describe_item(i) for i in items]}; answers (status, length): {answers}")
+    for problem in problems:
+        out.fail(problem)
+    out.answered = not out.violations
+
+
+async def conversation_delete_mid_stream(ctx: Context, out: Outcome) -> None:
+    """A conversation deleted while a response in it streams: the DELETE is
+    answered, the stream ends cleanly (its events checked) or with an error
+    event then response.failed; then the conversation is not found."""
+    rng = ctx.rng
+    made = await new_conversation(ctx, out)
+    if made is None:
+        return
+    conversation_id, _ = made
+    body = turn_body(ctx, conversation_id, prompt=rng.choice(LONG_ANSWER_PROMPTS), stream=True,
+                     max_tokens=tokens_between(ctx, 48, 48))
+    delete_after = rng.randint(1, 6)
+    out.request = {"conversation": conversation_id, "body": body, "delete_after_events": delete_after}
+    events: list[tuple[str | None, dict]] = []
+    deleted = False
+    async with ctx.client.stream("POST", "/v1/responses", json=body) as response:
+        note_status(out, response)
+        if response.status_code != 200:
+            await response.aread()
+            out.fail(f"the turn to delete under: {response.status_code} {error_code(out, response)}")
+            return
+        async for name, raw in sse_events(response):
+            events.append((name, json.loads(raw)))
+            if len(events) == delete_after:
+                deleted = await delete_conversation(ctx, out, conversation_id, "DELETE a conversation mid-stream")
+    if len(events) < delete_after:  # the stream ended first
+        deleted = await delete_conversation(ctx, out, conversation_id, "DELETE a conversation after its stream")
+    out.request["events_seen"] = [name for name, _ in events]
+    read_responses_events(out, events, body, error_ok=True)
+    if deleted:
+        await check_conversation_gone(ctx, out, conversation_id)
+    out.answered = not out.violations
+
+
+async def stored_responses(ctx: Context, out: Outcome) -> None:
+    """A chain of 2-3 kept responses (previous_response_id; streamed and
+    not): each GET equals what was returned, its input_items are its own
+    input; one deleted is then not found (nor continued); a response with
+    store false is not kept."""
+    rng = ctx.rng
+    chain: list[tuple[dict, dict]] = []
+    out.request = {"chain": []}
+    for number in range(rng.randint(2, 3)):
+        text = rng.choice(TURN_PROMPTS)
+        body = {"model": ctx.model, "input": rng.choice([text, [{"role": "user", "content": text}]]),
+                "max_output_tokens": tokens_between(ctx, 16, 48),
+                "temperature": rng.choice([0, 0.7])}
+        if rng.random() < 0.5:
+            body["store"] = True
+        if chain:
+            body["previous_response_id"] = chain[-1][1]["id"]
+        if rng.random() < 0.5:
+            body["stream"] = True
+        out.request["chain"].append(body)
+        final = answered(out, await create_response(ctx, out, body), f"response {number + 1} of a chain")
+        if final is None:
+            return
+        if final.get("store") is not True or final.get("previous_response_id") != body.get("previous_response_id"):
+            out.fail(f"response {final.get('id')}: store {final.get('store')}, previous_response_id "
+                     f"{final.get('previous_response_id')} for {body.get('previous_response_id')}")
+        if chain and final["usage"]["input_tokens"] <= chain[-1][1]["usage"]["input_tokens"]:
+            out.fail(f"{final['id']} read {final['usage']['input_tokens']} input tokens, no more than the response "
+                     f"it continues ({chain[-1][1]['usage']['input_tokens']})")
+        chain.append((body, final))
+    for body, final in chain:
+        path = f"/v1/responses/{final['id']}"
+        response = await ctx.client.get(path)
+        if expect(out, response, "GET a kept response") and response.json() != final:
+            got = response.json()
+            out.fail(f"GET {final['id']} differs from what was returned in "
+                     f"{sorted(k for k in set(got) | set(final) if got.get(k) != final.get(k))}")
+        order = rng.choice(["asc", "desc"])
+        response = await ctx.client.get(f"{path}/input_items", params={"order": order})
+        if expect(out, response, "GET a kept response's input_items"):
+            listed = response.json()["data"]
+            for problem in input_items_problems(body["input"], listed if order == "asc" else listed[::-1]):
+                out.fail(f"{final['id']}: {problem}")
+    body, victim = rng.choice(chain)
+    path = f"/v1/responses/{victim['id']}"
+    response = await ctx.client.delete(path)
+    if expect(out, response, "DELETE a kept response") and \
+            response.json() != {"id": victim["id"], "object": "response", "deleted": True}:
+        out.fail(f"DELETE {victim['id']} answered {response.json()}")
+    expect(out, await ctx.client.get(path), "GET a deleted response", 404, "response_not_found")
+    expect(out, await ctx.client.get(f"{path}/input_items"), "input_items of a deleted response", 404,
+           "response_not_found")
+    expect(out, await ctx.client.delete(path), "DELETE a deleted response", 404, "response_not_found")
+    if rng.random() < 0.5:
+        response = await ctx.client.post("/v1/responses", json={
+            "model": ctx.model, "input": "hi", "max_output_tokens": 4, "previous_response_id": victim["id"]})
+        expect(out, response, "continue a deleted response", 400, "previous_response_not_found")
+    kept = [final for _, final in chain if final is not victim]
+    if kept:
+        survivor = rng.choice(kept)
+        response = await ctx.client.get(f"/v1/responses/{survivor['id']}")
+        if expect(out, response, "GET a response kept beside a deleted one") and response.json() != survivor:
+            out.fail(f"GET {survivor['id']} after another's delete differs from what was returned")
+    if rng.random() < 0.5:  # store false: answered, not kept
+        body = {"model": ctx.model, "input": rng.choice(TURN_PROMPTS), "store": False,
+                "max_output_tokens": tokens_between(ctx, 8, 24), **({"stream": True} if rng.random() < 0.5 else {})}
+        out.request["unstored"] = body
+        final = answered(out, await create_response(ctx, out, body), "a response with store false")
+        if final is None:
+            return
+        if final.get("store") is not False:
+            out.fail(f"a response with store false says store {final.get('store')}")
+        expect(out, await ctx.client.get(f"/v1/responses/{final['id']}"), "GET a response with store false", 404,
+               "response_not_found")
+    out.answered = not out.violations
+
+
+def preference_list(items: list) -> list[dict]:
+    """A profile's preferences as the server returns them: {"text", "weight"}, 1.0 by default."""
+    return [{"text": p, "weight": 1.0} if isinstance(p, str)
+            else {"text": p["text"], "weight": float(p.get("weight", 1.0))} for p in items]
+
+
+def patched(current: list[dict], add: list, remove: list[str]) -> list[dict]:
+    """A profile after PATCH: the texts removed, then each added one's weight
+    replaced in place when held, else appended."""
+    merged = [p for p in current if p["text"] not in set(remove)]
+    for pref in preference_list(add):
+        at = next((i for i, p in enumerate(merged) if p["text"] == pref["text"]), None)
+        if at is None:
+            merged.append(pref)
+        else:
+            merged[at] = pref
+    return merged
+
+
+def profile_problems(got: dict, user: str, preferences: list[dict]) -> list[str]:
+    problems = []
+    if got.get("object") != "user.preferences" or got.get("user") != user:
+        problems.append(f"profile object {got.get('object')!r} of user {got.get('user')!r}")
+    if got.get("preferences") != preferences:
+        problems.append(f"profile preferences {got.get('preferences')}, expected {preferences}")
+    created, updated = got.get("created_at"), got.get("updated_at")
+    if not isinstance(created, int) or not isinstance(updated, int) or updated < created:
+        problems.append(f"profile created_at {created!r}, updated_at {updated!r}")
+    return problems
+
+
+def feedback_problems(sent: dict, got: dict, user: str | None) -> list[str]:
+    """A feedback record against what was sent: the same completion, choice,
+    rating (thumbs as "up"/"down"), pairwise choice and comment, its user's."""
+    rating = sent.get("rating")
+    over = sent.get("preferred_over")
+    want = {"object": "feedback", "completion_id": sent["completion_id"], "choice_index": sent.get("choice_index", 0),
+            "rating": rating.lower() if isinstance(rating, str) else rating, "preferred_over": over,
+            "preferred_over_choice_index": sent.get("preferred_over_choice_index", 0) if over else None,
+            "comment": sent.get("comment"), "user": user}
+    problems = [f"feedback {key} {got.get(key)!r}, expected {value!r}" for key, value in want.items()
+                if got.get(key) != value]
+    if not str(got.get("id")).startswith("fb-") or not isinstance(got.get("created_at"), int):
+        problems.append(f"feedback id {got.get('id')!r}, created_at {got.get('created_at')!r}")
+    return problems
+
+
+async def user_preferences(ctx: Context, out: Outcome) -> None:
+    """A user's preference profile (PUT, PATCH, GET, DELETE) used by chats
+    that name the user and send no preference (pad.source "profile"), and
+    feedback on those answers (a rating, a pairwise choice, a comment)."""
+    rng = ctx.rng
+    user = f"soak-{RUN_TAG}-{rng.getrandbits(32):08x}"
+    path = f"/v1/users/{user}/preferences"
+    out.request = {"user": user}
+    expect(out, await ctx.client.get(path), "GET a profile not made yet", 404, "user_not_found")
+    expect(out, await ctx.client.patch(path, json={"add": ["x"]}), "PATCH a profile not made yet", 404,
+           "user_not_found")
+    first, second, third = rng.sample(PREFERENCES, 3)
+    put = [first, {"text": second, "weight": rng.choice([0.5, 1.0, 2.0])}]
+    response = await ctx.client.put(path, json={"preferences": put})
+    if not expect(out, response, "PUT a profile"):
+        return
+    profile = preference_list(put)
+    for problem in profile_problems(response.json(), user, profile):
+        out.fail(f"PUT: {problem}")
+    if rng.random() < 0.6:
+        add = [{"text": third, "weight": 0.5}, *([{"text": second, "weight": 1.0}] if rng.random() < 0.5 else [])]
+        remove = rng.choice([[], [first], ["not held"]])
+        response = await ctx.client.patch(path, json={"add": add, "remove": remove})
+        if not expect(out, response, "PATCH a profile"):
+            return
+        profile = patched(profile, add, remove)
+        for problem in profile_problems(response.json(), user, profile):
+            out.fail(f"PATCH: {problem}")
+    response = await ctx.client.get(path)
+    if expect(out, response, "GET a profile"):
+        for problem in profile_problems(response.json(), user, profile):
+            out.fail(f"GET: {problem}")
+    messages = [{"role": "user", "content": rng.choice(SHORT_PROMPTS)}]
+    completions = []
+    for number in range(rng.choice([1, 2])):
+        body = {"model": ctx.model, "user": user, "messages": messages, "max_tokens": tokens_between(ctx, 8, 24),
+                "temperature": rng.choice([0, 0.7])}
+        plain = number == 1 and rng.random() < 0.5
+        if plain:
+            body["preference"] = None  # this request only: no profile
+        data = await chat_as(ctx, out, body, f"a chat as {user}")
+        if data is None:
+            return
+        pad = data.get("pad") or {}
+        want = ("none", []) if plain else ("profile", profile)
+        if (pad.get("source"), pad.get("preferences")) != want:
+            out.fail(f"chat as {user}{' with preference null' if plain else ''}: pad {pad}, expected "
+                     f"source {want[0]} with {want[1]}")
+        completions.append(data["id"])
+    sent: dict = {"completion_id": completions[0]}
+    if rng.random() < 0.7 or len(completions) == 1:
+        sent["rating"] = rng.choice(["up", "down", "Up", 1, 3, 5])
+    if len(completions) == 2:
+        sent["preferred_over"] = completions[1]
+    if rng.random() < 0.3 or len(sent) == 1:
+        sent["comment"] = "soak: shorter, please"
+    response = await ctx.client.post("/v1/feedback", json=sent)
+    if expect(out, response, "feedback on a completion"):
+        for problem in feedback_problems(sent, response.json(), user):
+            out.fail(problem)
+    roll = rng.random()
+    if roll < 0.15:
+        expect(out, await ctx.client.post("/v1/feedback", json={"completion_id": f"chatcmpl-{uuid.uuid4().hex}",
+                                                                "rating": "up"}),
+               "feedback on an unknown completion", 404)
+    elif roll < 0.3:
+        expect(out, await ctx.client.post("/v1/feedback", json={"completion_id": completions[0],
+                                                                "preferred_over": completions[0]}),
+               "a completion preferred over itself", 400)
+    elif roll < 0.4:
+        expect(out, await ctx.client.post("/v1/feedback", json={"completion_id": completions[0]}),
+               "feedback without a rating, a choice or a comment", 400)
+    response = await ctx.client.delete(path)
+    if expect(out, response, "DELETE a profile") and \
+            response.json() != {"object": "user.preferences.deleted", "user": user, "deleted": True}:
+        out.fail(f"DELETE a profile answered {response.json()}")
+    expect(out, await ctx.client.get(path), "GET a deleted profile", 404, "user_not_found")
+    expect(out, await ctx.client.delete(path), "DELETE a deleted profile", 404, "user_not_found")
+    if rng.random() < 0.3:  # no profile now: plain decoding
+        data = await chat_as(ctx, out, {"model": ctx.model, "user": user, "messages": messages, "max_tokens": 8},
+                             f"a chat as {user} after the profile's delete")
+        if data is not None and (data.get("pad") or {}).get("source") != "none":
+            out.fail(f"a chat as {user} after the profile's delete: pad {data.get('pad')}")
+    out.answered = not out.violations
+
+
+async def chat_as(ctx: Context, out: Outcome, body: dict, what: str) -> dict | None:
+    """A non-streamed chat that must be answered (check_answer); its text,
+    finish reason and tokens added to the scenario's."""
+    texts, reasons, tokens = out.texts, out.finish_reasons, out.completion_tokens
+    response = await ctx.client.post("/v1/chat/completions", json=body)
+    if not expect(out, response, what):
+        return None
+    data = response.json()
+    out.completion_tokens = 0
+    check_answer(out, data, body, 1, lambda choice: choice["message"]["content"])
+    out.texts, out.finish_reasons, out.completion_tokens = \
+        texts + out.texts, reasons + out.finish_reasons, tokens + out.completion_tokens
+    return data
+
+
 Scenario = Callable[[Context, Outcome], Awaitable[None]]
 SCENARIOS: dict[str, tuple[Scenario, float]] = {
     "chat": (chat_plain, 20),
@@ -833,6 +1653,12 @@ SCENARIOS: dict[str, tuple[Scenario, float]] = {
     "hang_up_mid_stream": (hang_up_mid_stream, 8),
     "hang_up_mid_prefill": (hang_up_mid_prefill, 7),
     "invalid": (invalid_request, 10),
+    "stored_responses": (stored_responses, 5),
+    "conversation": (conversation, 5),
+    "conversation_race": (conversation_race, 3),
+    "conversation_hang_up": (conversation_hang_up, 3),
+    "conversation_delete_mid_stream": (conversation_delete_mid_stream, 2),
+    "user_preferences": (user_preferences, 4),
 }
 
 

@@ -688,7 +688,10 @@ class ChunkFormatter(Formatter):
 
 
 async def stream_events(generation: Generation, formatter: Formatter,
-                        finished: Callable[[list[ChoiceState]], Awaitable[None]] | None = None) -> AsyncIterator[str]:
+                        finished: Callable[[list[ChoiceState]], Awaitable[None]] | None = None,
+                        failed: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[str]:
+    """The stream's events; `finished` runs before the last event of an
+    answer, `failed` before the error event of a stream that fails."""
     metrics = generation.metrics
     timings = [Timing(metrics, generation.started) for _ in generation.choices]
     status = "200"
@@ -714,6 +717,8 @@ async def stream_events(generation: Generation, formatter: Formatter,
         await generation.close()  # the other choices end too
         error = map_exception(exc).renamed(generation.rename)
         status = str(error.status)
+        if failed is not None:
+            await failed()
         for event in formatter.error(generation, error):
             yield event
     except (asyncio.CancelledError, GeneratorExit):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
@@ -123,38 +122,39 @@ class ConversationTurns:
         self._store = store
         self._lease_s = lease_s
         self._renewals: set[asyncio.Task] = set()
-        self._endings: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()  # turns being taken or given back, and the renewals
 
-    async def begin(self, conversation_id: str) -> Callable[[], None]:
-        """Takes the conversation's turn; returns what gives it back (safe
-        to call twice, and from a finalizer: outside the event loop the
-        lease just runs out)."""
+    async def begin(self, conversation_id: str) -> Turn:
+        """Takes the conversation's turn (a 404 when it is gone, a 400
+        conversation_locked while another holds it)."""
         token = uuid.uuid4().hex
-        taken = await self._store.take_turn(conversation_id, token, self._lease_s)
+        taking = self._spawn(self._store.take_turn(conversation_id, token, self._lease_s))
+        try:
+            taken = await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            # Its caller went away while the turn was being taken: give it back
+            # once taken, or the conversation stays locked for a whole lease.
+            taking.add_done_callback(lambda done: self._given_back_if_taken(done, conversation_id, token))
+            raise
         if taken is None:
             raise conversation_not_found(conversation_id, "conversation")
         if not taken:
             raise APIError(400, "Another process is currently operating on this conversation. Please retry in a "
                            "few seconds.", "invalid_request_error", "conversation", "conversation_locked")
-        renewal = asyncio.create_task(self._renew(conversation_id, token))
+        renewal = self._spawn(self._renew(conversation_id, token))
         self._renewals.add(renewal)
         renewal.add_done_callback(self._renewals.discard)
-        released = False
+        return Turn(self, conversation_id, token, renewal)
 
-        def release() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
-            try:
-                renewal.cancel()
-                ending = asyncio.get_running_loop().create_task(self._end(conversation_id, token))
-            except RuntimeError:  # no running loop (a finalizer at exit): the lease runs out
-                return
-            self._endings.add(ending)
-            ending.add_done_callback(self._endings.discard)
+    def _spawn(self, coroutine) -> asyncio.Task:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
-        return release
+    def _given_back_if_taken(self, taking: asyncio.Task, conversation_id: str, token: str) -> None:
+        if not taking.cancelled() and taking.exception() is None and taking.result():
+            self._spawn(self._end(conversation_id, token))
 
     async def _renew(self, conversation_id: str, token: str) -> None:
         while True:
@@ -176,10 +176,56 @@ class ConversationTurns:
             logger.warning("could not give back the turn of conversation %s", conversation_id, exc_info=True)
 
     async def close(self) -> None:
-        """Stops renewing; waits for the turns being given back (before the store closes)."""
+        """Stops renewing; waits for the turns being taken or given back (before the store closes)."""
         for renewal in list(self._renewals):
             renewal.cancel()
-        await asyncio.gather(*self._renewals, *self._endings, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class Turn:
+    """A conversation's turn, held: `await end()` gives it back once the
+    answer is in the conversation, before the client is told the answer is
+    done (so its next turn finds the conversation free); `release()` is the
+    same for the paths that cannot wait (an error, a stream cut short, a
+    finalizer in any thread): the turn is given back soon after. Both are
+    safe to call more than once."""
+
+    def __init__(self, turns: ConversationTurns, conversation_id: str, token: str, renewal: asyncio.Task) -> None:
+        self._turns = turns
+        self._conversation_id = conversation_id
+        self._token = token
+        self._renewal = renewal
+        self._loop = asyncio.get_running_loop()
+        self._ended = False
+
+    async def end(self) -> None:
+        if self._stop():
+            await self._turns._end(self._conversation_id, self._token)
+
+    def release(self) -> None:
+        try:
+            on_the_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_the_loop = False
+        if on_the_loop:
+            self._release()
+            return
+        try:  # a finalizer run by the garbage collector in another thread
+            self._loop.call_soon_threadsafe(self._release)
+        except RuntimeError:  # the loop is closed (at exit): the lease runs out
+            pass
+
+    def _release(self) -> None:
+        if self._stop():
+            self._turns._spawn(self._turns._end(self._conversation_id, self._token))
+
+    def _stop(self) -> bool:
+        """Stops renewing; whether the turn was still to be given back."""
+        if self._ended:
+            return False
+        self._ended = True
+        self._renewal.cancel()
+        return True
 
 
 def conversation_not_found(conversation_id: str, param: str) -> APIError:

@@ -57,7 +57,7 @@ from server.openapi import generation_responses
 from server.request_body import JSONRoute
 from server.responses_models import ResponseObject, ResponsesRequest
 from server.routes.chat import preference_rename, resolve_preferences
-from server.routes.conversations import check_item_ids, conversation_not_found, find_conversation
+from server.routes.conversations import Turn, check_item_ids, conversation_not_found, find_conversation
 from server.routes.stored_responses import (
     call_item_id,
     function_call_names,
@@ -90,27 +90,31 @@ async def _respond(body: ResponsesRequest, request: Request, scope):
         return await _answer(body, state, scope, served, None)
     # One response at a time in a conversation (as OpenAI's conversation_locked):
     # taken before its items are read, so no turn answers on a history another changes.
-    release = await state.conversation_turns.begin(conversation.conversation_id)
+    turn = await state.conversation_turns.begin(conversation.conversation_id)
     try:
-        answer = await _answer(body, state, scope, served, conversation)
+        answer = await _answer(body, state, scope, served, conversation, turn)
+    except Exception:
+        await turn.end()  # before the client has its error, and may try again
+        raise
     except BaseException:
-        release()
+        turn.release()
         raise
     if not isinstance(answer, EventStream):
-        release()
-        return answer
+        return answer  # its turn given back once its answer was in the conversation
 
     async def release_when_sent() -> None:
-        release()
+        turn.release()
 
-    answer.on_close.append(release_when_sent)  # held until the stream is done, however it ends
-    weakref.finalize(answer, release)  # or dropped without being sent
+    answer.on_close.append(release_when_sent)  # or when the stream ends otherwise (cut short, failed)
+    weakref.finalize(answer, turn.release)  # or is dropped without being sent
     return answer
 
 
-async def _answer(body: ResponsesRequest, state, scope, served: str, conversation: StoredConversation | None):
+async def _answer(body: ResponsesRequest, state, scope, served: str, conversation: StoredConversation | None,
+                  turn: Turn | None = None):
     """The response to a request whose model is served and whose fields are
-    not refused, in `conversation` (None: none)."""
+    not refused, in `conversation` (None: none), whose `turn` is given back
+    once the answer is in it: before the client learns the answer is done."""
     store = getattr(state, "store", None)
     structured = body.to_structured()
     user = chat_user(scope, body.user)
@@ -140,6 +144,7 @@ async def _answer(body: ResponsesRequest, state, scope, served: str, conversatio
         await record(choices)
         if conversation is not None:
             await extend_conversation(store, conversation, items, response)
+            await turn.end()
         if keeps:
             await keep_response(store, response, user=user, history=history, items=items, previous=previous)
 
@@ -147,7 +152,9 @@ async def _answer(body: ResponsesRequest, state, scope, served: str, conversatio
         async def stream_finished(choices: list[ChoiceState]) -> None:
             await finished(choices, formatter.final_streamed(generation, usage_of(choices)))
 
-        return streaming_response(stream_events(generation, formatter, stream_finished), on_close=[generation.close])
+        stream_failed = turn.end if turn is not None else None  # as the answer's: before the client knows
+        return streaming_response(stream_events(generation, formatter, stream_finished, stream_failed),
+                                  on_close=[generation.close])
     choices = await generation.collect()
     response = formatter.response(generation, choices[0])
     await finished(choices, response)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -294,6 +295,35 @@ def preference_text(preferences: Sequence[Preference]) -> str:
     return "\n".join(p.text for p in preferences if p.weight > 0)
 
 
+def _runs_to_its_end(write):
+    """A store write, once begun, runs to its end even when its caller is
+    cancelled (a client that hangs up cancels its stream's task). A
+    transaction cut in the middle leaves its connection to the garbage
+    collector, invalidated but not closed: on SQLite with the database's
+    write lock held, so every writer of every process waits out the busy
+    timeout; on PostgreSQL with its row locks held. The caller still sees
+    its CancelledError at once; the write's own result is dropped (an error
+    logged), and `close()` waits for such writes."""
+
+    @functools.wraps(write)
+    async def shielded(self: Store, *args, **kwargs):
+        task = asyncio.ensure_future(write(self, *args, **kwargs))
+        self._unfinished_writes.add(task)
+        task.add_done_callback(self._unfinished_writes.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_log_a_failed_write)  # nobody waits for its outcome now
+            raise
+
+    return shielded
+
+
+def _log_a_failed_write(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("a store write whose caller went away failed", exc_info=task.exception())
+
+
 # ----------------------------------------------------------------- store
 
 
@@ -309,6 +339,7 @@ class Store:
         # than in SQLite's busy handler (which sleeps in coarse steps).
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
         self._next_prune = 0.0
+        self._unfinished_writes: set[asyncio.Task] = set()
 
     # -- lifecycle
 
@@ -336,6 +367,7 @@ class Store:
         return store
 
     async def close(self) -> None:
+        await asyncio.gather(*self._unfinished_writes, return_exceptions=True)
         await self.engine.dispose()
 
     async def __aenter__(self) -> Store:
@@ -392,6 +424,7 @@ class Store:
         except (NotFound, InvalidInput):
             return None
 
+    @_runs_to_its_end
     async def put_preferences(self, user_id: str, preferences: Any) -> Profile:
         """Replaces the whole list (creates the profile if needed)."""
         self._check_user_id(user_id)
@@ -407,6 +440,7 @@ class Store:
             created = (await conn.execute(stmt)).scalar_one()
         return Profile(user_id, list(prefs), created, now)
 
+    @_runs_to_its_end
     async def patch_preferences(self, user_id: str, add: Any = None, remove: Any = None) -> Profile:
         """Adds preferences (an existing text gets the new weight, in place) and
         removes texts (absent ones are ignored: the PATCH is idempotent).
@@ -447,6 +481,7 @@ class Store:
             )
         return Profile(user_id, merged, row.created_at, now)
 
+    @_runs_to_its_end
     async def delete_preferences(self, user_id: str) -> None:
         self._check_user_id(user_id)
         table = schema.user_profiles
@@ -461,6 +496,7 @@ class Store:
     def keeps_completions(self) -> bool:
         return self.config.feedback_retention_days > 0
 
+    @_runs_to_its_end
     async def record_completion(
         self,
         completion_id: str,
@@ -535,6 +571,7 @@ class Store:
         if time.monotonic() >= self._next_prune:
             await self.prune()
 
+    @_runs_to_its_end
     async def prune(self, now: float | None = None) -> int:
         """Deletes completions older than the feedback retention, and their
         feedback, and responses older than the responses retention."""
@@ -570,6 +607,7 @@ class Store:
     def keeps_responses(self) -> bool:
         return self.config.responses_retention_days > 0
 
+    @_runs_to_its_end
     async def record_response(
         self,
         response: dict[str, Any],
@@ -616,6 +654,7 @@ class Store:
                 found.update((row.response_id, _stored_response(row)) for row in rows)
         return found
 
+    @_runs_to_its_end
     async def delete_response(self, response_id: str) -> bool:
         table = schema.responses
         async with self._write() as conn:
@@ -624,6 +663,7 @@ class Store:
 
     # -- conversations (the Conversations API; kept until deleted)
 
+    @_runs_to_its_end
     async def create_conversation(self, *, user: str | None, metadata: dict[str, str],
                                   items: Sequence[dict[str, Any]] = ()) -> tuple[StoredConversation, list[dict]]:
         """A new conversation holding `items` (each with an id); returns it
@@ -644,6 +684,7 @@ class Store:
             row = (await conn.execute(select(table).where(table.c.conversation_id == conversation_id))).first()
         return _stored_conversation(row) if row is not None else None
 
+    @_runs_to_its_end
     async def update_conversation(self, conversation_id: str, metadata: dict[str, str]) -> StoredConversation | None:
         """Replaces its metadata (as OpenAI's update does); None when it is gone."""
         table = schema.conversations
@@ -653,6 +694,7 @@ class Store:
             row = (await conn.execute(select(table).where(table.c.conversation_id == conversation_id))).first()
         return _stored_conversation(row) if row is not None else None
 
+    @_runs_to_its_end
     async def delete_conversation(self, conversation_id: str) -> bool:
         items, table, turns = schema.conversation_items, schema.conversations, schema.conversation_turns
         async with self._write() as conn:
@@ -664,6 +706,7 @@ class Store:
             result = await conn.execute(delete(table).where(table.c.conversation_id == conversation_id))
         return result.rowcount > 0
 
+    @_runs_to_its_end
     async def take_turn(self, conversation_id: str, token: str, lease_s: float) -> bool | None:
         """Takes the conversation's turn for `token` for `lease_s` seconds:
         True; False while another holder's lease runs; None when the
@@ -685,6 +728,7 @@ class Store:
                                                      expires_at_ms=now + _ms(lease_s)))
         return True
 
+    @_runs_to_its_end
     async def renew_turn(self, conversation_id: str, token: str, lease_s: float) -> bool:
         """Extends `token`'s turn by `lease_s` seconds from now; False when
         it holds the turn no longer (its lease ran out and another took it,
@@ -696,6 +740,7 @@ class Store:
                 .values(expires_at_ms=_now_ms() + _ms(lease_s)))
         return result.rowcount > 0
 
+    @_runs_to_its_end
     async def end_turn(self, conversation_id: str, token: str) -> None:
         """Gives `token`'s turn back (nothing when it holds it no longer)."""
         turns = schema.conversation_turns
@@ -703,6 +748,7 @@ class Store:
             await conn.execute(delete(turns).where(and_(
                 turns.c.conversation_id == conversation_id, turns.c.token == token)))
 
+    @_runs_to_its_end
     async def add_conversation_items(self, conversation_id: str, items: Sequence[dict[str, Any]]) -> list[dict] | None:
         """Appends `items` (each with an id) to a conversation, in order;
         returns them as kept (an id the conversation holds already is
@@ -772,6 +818,7 @@ class Store:
                 table.c.conversation_id == conversation_id, table.c.item_id == item_id)))).scalar()
         return json.loads(raw) if raw is not None else None
 
+    @_runs_to_its_end
     async def delete_conversation_item(self, conversation_id: str, item_id: str) -> bool:
         table = schema.conversation_items
         if not keyable(item_id, table.c.item_id):
@@ -783,6 +830,7 @@ class Store:
 
     # -- feedback
 
+    @_runs_to_its_end
     async def record_feedback(
         self,
         completion_id: Any,
