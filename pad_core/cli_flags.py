@@ -14,6 +14,7 @@ here: `pad serve` (the gateway) uses it.
 from __future__ import annotations
 
 import argparse
+import json
 import types
 import typing
 from pathlib import Path
@@ -138,10 +139,21 @@ def add_settings_flags(
                                 help=help_text)
 
 
-def parse_pairs(values: list[str], flag: str) -> dict[str, str]:
-    """["a=1", "b=2"] -> {"a": "1", "b": "2"}; ValueError naming the flag otherwise."""
-    result = {}
+def parse_pairs(values: list[str], flag: str) -> dict[str, Any]:
+    """["a=1", "b=2"] -> {"a": "1", "b": "2"}; a value that is a JSON object
+    adds its pairs (vLLM's form: --override-generation-config '{"temperature":
+    0.5}'); ValueError naming the flag otherwise."""
+    result: dict[str, Any] = {}
     for value in values:
+        if value.lstrip().startswith("{"):
+            try:
+                pairs = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{flag}: {value!r} is not a JSON object ({exc})") from exc
+            if not isinstance(pairs, dict):
+                raise ValueError(f"{flag}: {value!r} is not a JSON object")
+            result.update(pairs)
+            continue
         name, sep, rest = value.partition("=")
         if not sep or not name or not rest:
             raise ValueError(f"{flag} takes NAME=VALUE, got {value!r}")

@@ -81,8 +81,11 @@ class PadEngine:
         settings: EngineSettings,
         context_length: int,
         stop_token_ids: Iterable[int],
+        sampling_defaults: Mapping[str, float | int] | None = None,
     ):
         self.tokenizer = tokenizer
+        # Request field -> the model's default (pad_core/generation_defaults.py); the gateway applies them.
+        self.sampling_defaults = dict(sampling_defaults or {})
         self.runners = dict(runners)
         self.reward_sources = dict(reward_sources)
         self.settings = settings
@@ -309,6 +312,7 @@ class PadEngine:
             # Whether the chat template renders `tools` itself; where it does
             # not, the engine describes them in the system message.
             "chat_template_tools": self.prompts.template_knows_tools,
+            "sampling_defaults": self.sampling_defaults,
         }
 
     def generate(self, requests: Iterable[ChatRequest | GenerationRequest]) -> Iterator[StepOutput]:

@@ -33,6 +33,7 @@ from pad_core.adapters import base_model_fingerprint
 from pad_core.cuda_graphs import decode_steps, graph_batch_buckets
 from pad_core.engine import PadEngine
 from pad_core.errors import ModelLoadError
+from pad_core.generation_defaults import sampling_defaults
 from pad_core.memory import memory_limit_bytes
 from pad_core.prefix_cache import PrefixCache
 from pad_core.runner import BASE_RUNNER, RewardSource, Runner, TransformersRunner
@@ -405,6 +406,8 @@ def _engine_parts(model, tokenizer, settings: EngineSettings, runners: int = 1) 
         "reward_sources": sources,
         "context_length": min(context_length(model, settings), runner_token_limit(runner) or context_length(model)),
         "stop_token_ids": stop_token_ids(model, tokenizer),
+        "sampling_defaults": sampling_defaults(settings.generation_config, settings.override_generation_config,
+                                               model),
     }
 
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pad_core.generation_defaults import overrides_problem
 from pad_core.validation import MAX_WEIGHT
 
 EMBEDDED_MODEL = "embedded"
@@ -53,6 +54,18 @@ class EngineSettings(BaseSettings):
         None,
         description="the chat template of chat requests in place of the tokenizer's (vLLM's --chat-template): a "
         "file holding a Jinja template, or the template itself; needed for a model that has none",
+    )
+    generation_config: str = Field(
+        "auto",
+        description="where a request's missing sampling fields (temperature, top_p, top_k, min_p, "
+        "repetition_penalty) take their defaults, and what caps max_tokens (max_new_tokens), as vLLM's "
+        "--generation-config: 'auto', the model's generation_config.json; 'vllm', OpenAI's defaults; or a folder "
+        "holding a generation_config.json",
+    )
+    override_generation_config: dict[str, float] = Field(
+        default_factory=dict,
+        description="generation config values over the model's (vLLM's --override-generation-config): "
+        "temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens; NAME=VALUE or a JSON object",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype; auto: bfloat16 on CUDA and on CPUs with native bf16, else float32"
@@ -142,6 +155,14 @@ class EngineSettings(BaseSettings):
         if self.default_top_k > self.max_top_k:
             raise ValueError(f"default_top_k ({self.default_top_k}) is larger than max_top_k ({self.max_top_k})")
         return self
+
+    @field_validator("override_generation_config")
+    @classmethod
+    def _overrides_a_request_could_carry(cls, overrides: dict[str, float]) -> dict[str, float]:
+        problem = overrides_problem(overrides)
+        if problem:
+            raise ValueError(problem)
+        return overrides
 
     def resolved_backend(self, device_type: str) -> str:
         """The backend of a runner on a device of this type ('cpu', 'cuda'), 'auto' resolved."""

@@ -111,6 +111,12 @@ def check_model(state, model: str) -> str:
     return served
 
 
+def sampling_defaults(state) -> dict:
+    """The served model's defaults of a request's missing sampling fields
+    (its generation config, read by the worker); {} before a worker is ready."""
+    return state.worker.model_info.get("sampling_defaults") or {}
+
+
 def check_fan_out(state, count: int, param: str = "n") -> None:
     """More engine requests than the server ever runs at once is a 400 (a 429
     that retrying can never cure)."""

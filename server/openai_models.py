@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationInfo, field_validator
@@ -284,21 +287,24 @@ class SamplingFields(StrictRequest):
             pairs.append((int(key), float(bias)))
         return tuple(pairs)
 
-    def sampling_kwargs(self, choice: int) -> dict[str, Any]:
-        """SamplingParams fields common to both endpoints."""
+    def sampling_kwargs(self, choice: int, defaults: Mapping[str, float | int]) -> dict[str, Any]:
+        """SamplingParams fields common to both endpoints; a field left out
+        takes the model's default (`defaults`, from its generation config)
+        or OpenAI's."""
+        default = DefaultsOf(defaults)
         return {
-            "max_tokens": self.max_tokens_asked(),
-            "temperature": 1.0 if self.temperature is None else self.temperature,
-            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "max_tokens": default.max_tokens(self.max_tokens_asked()),
+            "temperature": default.of("temperature", self.temperature, 1.0),
+            "top_p": default.of("top_p", self.top_p, 1.0),
             "seed": None if self.seed is None else choice_seed(self.seed, choice),
             "stop": self.stop_strings(),
             "stop_token_ids": tuple(self.stop_token_ids or ()),
             "ignore_eos": bool(self.ignore_eos),
             "presence_penalty": self.presence_penalty or 0.0,
             "frequency_penalty": self.frequency_penalty or 0.0,
-            "top_k": max(0, self.top_k or 0),
-            "min_p": self.min_p or 0.0,
-            "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            "top_k": max(0, default.of("top_k", self.top_k, 0)),  # -1 or 0: all
+            "min_p": default.of("min_p", self.min_p, 0.0),
+            "repetition_penalty": default.of("repetition_penalty", self.repetition_penalty, 1.0),
             "min_tokens": self.min_tokens or 0,
             "logit_bias": self.logit_bias_pairs(),
             "include_stop_str_in_output": bool(self.include_stop_str_in_output),
@@ -377,6 +383,27 @@ class SamplingFields(StrictRequest):
         reject_if(self.stream_options is not None and not self.stream,
                    "stream_options is only allowed when stream is true", "stream_options", "invalid_value")
         self.check_vllm_fields()
+
+
+@dataclass(frozen=True)
+class DefaultsOf:
+    """A request's sampling fields, each its own value when given, else the
+    model's default (its generation config, pad_core/generation_defaults.py),
+    else OpenAI's."""
+
+    defaults: Mapping[str, float | int]
+
+    def of(self, name: str, given: Any, fallback: Any) -> Any:
+        if given is not None:
+            return given
+        return self.defaults.get(name, fallback)
+
+    def max_tokens(self, asked: int | None) -> int | None:
+        """What a request may write: at most the model's max_new_tokens too (as vLLM)."""
+        cap = self.defaults.get("max_tokens")
+        if cap is None:
+            return asked
+        return cap if asked is None else min(asked, cap)
 
 
 def choice_seed(seed: int, choice: int) -> int:
@@ -670,8 +697,9 @@ class ChatCompletionRequest(SamplingFields):
                   "chat_template")
         self.check_stream_options()
 
-    def to_sampling_params(self, choice: int = 0) -> SamplingParams:
-        return SamplingParams(**self.sampling_kwargs(choice), logprobs=self.logprobs,
+    def to_sampling_params(self, choice: int = 0, defaults: Mapping[str, float | int] = MappingProxyType({})
+                           ) -> SamplingParams:
+        return SamplingParams(**self.sampling_kwargs(choice, defaults), logprobs=self.logprobs,
                               top_logprobs=self.top_logprobs or 0, prompt_logprobs=self.prompt_logprobs)
 
     def to_template(self) -> TemplateOptions:
@@ -749,8 +777,9 @@ class CompletionRequest(SamplingFields):
                        "prompt", "invalid_value")
         self.check_stream_options()
 
-    def to_sampling_params(self, choice: int = 0) -> SamplingParams:
-        return SamplingParams(**self.sampling_kwargs(choice), logprobs=self.logprobs is not None,
+    def to_sampling_params(self, choice: int = 0, defaults: Mapping[str, float | int] = MappingProxyType({})
+                           ) -> SamplingParams:
+        return SamplingParams(**self.sampling_kwargs(choice, defaults), logprobs=self.logprobs is not None,
                               top_logprobs=self.logprobs or 0, prompt_logprobs=self.prompt_logprobs_asked())
 
     def to_structured(self) -> StructuredOutput | None:

@@ -7,6 +7,8 @@ stored_responses.py); `conversation` reads and extends a kept conversation
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -15,6 +17,7 @@ from pad_core.types import GuidanceParams, SamplingParams, StructuredOutput, Too
 from pad_core.validation import INT64_MAX, MAX_TEMPERATURE, MAX_TOP_LOGPROBS
 from server.errors import invalid
 from server.openai_models import (
+    DefaultsOf,
     Metadata,
     PadOptions,
     Preferences,
@@ -101,11 +104,16 @@ class ResponsesRequest(StrictRequest):
                        "conversation.id", "invalid_value")
         return conversation
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, defaults: Mapping[str, float | int] = MappingProxyType({})) -> SamplingParams:
+        """A field left out takes the model's default (its generation config), then OpenAI's."""
+        default = DefaultsOf(defaults)
         return SamplingParams(
-            max_tokens=self.max_output_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
+            max_tokens=default.max_tokens(self.max_output_tokens),
+            temperature=default.of("temperature", self.temperature, 1.0),
+            top_p=default.of("top_p", self.top_p, 1.0),
+            top_k=max(0, default.of("top_k", None, 0)),
+            min_p=default.of("min_p", None, 0.0),
+            repetition_penalty=default.of("repetition_penalty", None, 1.0),
             logprobs=self.top_logprobs is not None,
             top_logprobs=self.top_logprobs or 0,
         )

@@ -22,6 +22,7 @@ from server.generation import (
     check_model,
     logprob_entry,
     recorder,
+    sampling_defaults,
     serve,
     stream_events,
     streaming_response,
@@ -69,8 +70,10 @@ async def _chat(body: ChatCompletionRequest, request: Request, scope):
     guidance = body.to_guidance_params()
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     template = body.to_template()
-    requests = [ChatRequest(f"{completion_id}-{i}", messages, resolution.preferences, body.to_sampling_params(i),
-                            guidance, structured, template, body.priority) for i in range(body.n)]
+    defaults = sampling_defaults(state)
+    requests = [ChatRequest(f"{completion_id}-{i}", messages, resolution.preferences,
+                            body.to_sampling_params(i, defaults), guidance, structured, template, body.priority)
+                for i in range(body.n)]
     generation = Generation(state, completion_id, served, requests,
                             [ChoiceState.of(i, structured) for i in range(body.n)], resolution)
     rename = preference_rename(body)

@@ -24,6 +24,7 @@ from server.generation import (
     Generation,
     check_fan_out,
     check_model,
+    sampling_defaults,
     serve,
     stream_events,
     streaming_response,
@@ -61,12 +62,13 @@ async def _complete(body: CompletionRequest, request: Request, scope):
     guidance = body.to_guidance_params()
     structured = body.to_structured()
     completion_id = f"cmpl-{uuid.uuid4().hex}"
+    defaults = sampling_defaults(state)
     requests, choices = [], []
     for group, prompt in enumerate(prompts):
         for i in range(body.n):
             index = group * body.n + i
             requests.append(TextRequest(f"{completion_id}-{index}", prompt, resolution.preferences,
-                                        body.to_sampling_params(i), guidance, structured, body.priority,
+                                        body.to_sampling_params(i, defaults), guidance, structured, body.priority,
                                         body.add_special_tokens))
             choices.append(ChoiceState(index, group=group))
     generation = Generation(state, completion_id, served, requests, choices, resolution)

@@ -32,7 +32,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from pad_core.types import ChatRequest
+from pad_core.types import ChatRequest, SamplingParams
 from server.auth import Scope, key_scope
 from server.auth_scopes import chat_user
 from server.errors import APIError
@@ -46,6 +46,7 @@ from server.generation import (
     check_model,
     logprob_entry,
     recorder,
+    sampling_defaults,
     serve,
     stream_events,
     streaming_response,
@@ -128,7 +129,8 @@ async def _answer(body: ResponsesRequest, state, scope, served: str, conversatio
     messages = response_input_messages(items, body.instructions, earlier, call_names)
     resolution = await resolve_preferences(state, body, user)
     response_id = f"resp_{uuid.uuid4().hex}"
-    chat = ChatRequest(f"{response_id}-0", messages, resolution.preferences, body.to_sampling_params(),
+    sampling = body.to_sampling_params(sampling_defaults(state))
+    chat = ChatRequest(f"{response_id}-0", messages, resolution.preferences, sampling,
                        body.to_guidance_params(), structured, drop_oldest_messages=body.truncation == "auto")
     generation = Generation(state, response_id, served, [chat], [ChoiceState.of(0, structured)], resolution)
     rename = {**preference_rename(body), "max_tokens": "max_output_tokens"}
@@ -137,7 +139,7 @@ async def _answer(body: ResponsesRequest, state, scope, served: str, conversatio
     await generation.start()
     record = recorder(state, generation, messages, user)
     keeps = body.store is not False and store is not None and store.keeps_responses
-    formatter = ResponsesFormatter(body, response_id, keeps)
+    formatter = ResponsesFormatter(body, response_id, keeps, sampling)
     history = messages[1:] if body.instructions else messages  # instructions do not carry over
 
     async def finished(choices: list[ChoiceState], response: dict) -> None:
@@ -203,8 +205,9 @@ def responses_usage(usage: dict) -> dict:
 
 
 class ResponsesFormatter(Formatter):
-    def __init__(self, body: ResponsesRequest, response_id: str, stored: bool = False):
+    def __init__(self, body: ResponsesRequest, response_id: str, stored: bool, sampling: SamplingParams):
         self.body = body
+        self.sampling = sampling  # what it samples with: its own values, else the model's defaults
         self.stored = stored  # kept for previous_response_id and GET
         self.sequence = 0
         self.response_id = response_id
@@ -228,11 +231,11 @@ class ResponsesFormatter(Formatter):
             "conversation": {"id": self.conversation_id} if self.conversation_id is not None else None,
             "reasoning": {"effort": None, "summary": None}, "service_tier": "default",
             "store": self.stored,
-            "temperature": 1.0 if body.temperature is None else body.temperature,
+            "temperature": self.sampling.temperature,
             "text": {"format": text_format, "verbosity": (body.text.verbosity if body.text else None) or "medium"},
             "tool_choice": body.tool_choice if body.tool_choice is not None else ("auto" if body.tools else "none"),
             "tools": body.tools or [], "top_logprobs": body.top_logprobs or 0,
-            "top_p": 1.0 if body.top_p is None else body.top_p, "truncation": body.truncation or "disabled",
+            "top_p": self.sampling.top_p, "truncation": body.truncation or "disabled",
             "usage": responses_usage(usage) if usage is not None else None, "user": body.user,
             "metadata": body.metadata or {}, "safety_identifier": body.safety_identifier,
             "prompt_cache_key": body.prompt_cache_key, "pad": generation.pad_info(),

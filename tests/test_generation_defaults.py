@@ -1,0 +1,144 @@
+"""The model's sampling defaults (pad_core/generation_defaults.py), as vLLM's
+--generation-config and --override-generation-config: read from the
+model's generation config or a folder, overridden, checked at start-up, and
+applied by the gateway to the fields a request leaves out (its own values
+win; max_new_tokens caps max_tokens), on every route."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from server_helpers import uvicorn_server, worker_thread
+
+from pad_core.cli_flags import settings_overrides
+from pad_core.errors import ModelLoadError
+from pad_core.generation_defaults import sampling_defaults
+from pad_core.model_loading import engine_for_model
+from pad_core.settings import EngineSettings
+from pad_core.testing import embedded_tokenizer, tiny_model
+from server.app import create_app
+from server.cli import main, serve_parser
+from server.openai_models import ChatCompletionRequest, CompletionRequest
+from server.responses_models import ResponsesRequest
+from server.settings import ServerSettings
+
+MODEL = "smollm2-135m-instruct"
+RECOMMENDED = {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1, "max_new_tokens": 5,
+               "do_sample": True}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return embedded_tokenizer()
+
+
+def model_recommending(tokenizer, **values):
+    """A tiny model whose generation config holds `values` (as transformers
+    reads a folder's generation_config.json)."""
+    model = tiny_model(tokenizer)
+    for key, value in values.items():
+        setattr(model.generation_config, key, value)
+    return model
+
+
+def test_auto_reads_the_models_generation_config(tokenizer):
+    model = model_recommending(tokenizer, **RECOMMENDED)
+    assert sampling_defaults("auto", {}, model) == {"temperature": 0.6, "top_p": 0.9, "top_k": 20,
+                                                    "repetition_penalty": 1.1, "max_tokens": 5}
+    assert sampling_defaults("vllm", {}, model) == {}, "vllm: OpenAI's defaults"
+    assert sampling_defaults("auto", {}, tiny_model(tokenizer)) == {}, "a model that recommends nothing"
+
+
+def test_a_folder_and_overrides(tokenizer, tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.3, "top_p": 0.5}))
+    model = model_recommending(tokenizer, temperature=0.9)
+    assert sampling_defaults(str(tmp_path), {}, model) == {"temperature": 0.3, "top_p": 0.5}
+    assert sampling_defaults(str(tmp_path), {"temperature": 0.7, "max_new_tokens": 9}, model) == {
+        "temperature": 0.7, "top_p": 0.5, "max_tokens": 9}
+    assert sampling_defaults("vllm", {"min_p": 0.05}, model) == {"min_p": 0.05}
+
+
+@pytest.mark.parametrize("setting, overrides, named", [
+    ("nowhere", {}, "neither 'auto', 'vllm' nor a folder"),
+    ("vllm", {"temprature": 0.5}, "'temprature' not among"),
+    ("vllm", {"temperature": 5.0}, "temperature must be within"),
+    ("vllm", {"top_p": 1.5}, "top_p must be within"),
+    ("vllm", {"top_k": 2.5}, "top_k must be a whole number"),
+    ("vllm", {"max_new_tokens": 0}, "max_new_tokens must be a whole number of at least 1"),
+    ("vllm", {"repetition_penalty": float("nan")}, "repetition_penalty must be a number"),
+])
+def test_a_bad_generation_config_is_a_clear_start_up_error(tokenizer, setting, overrides, named):
+    with pytest.raises(ModelLoadError, match=named):
+        sampling_defaults(setting, overrides, tiny_model(tokenizer))
+
+
+def test_a_requests_own_values_win_and_max_new_tokens_caps():
+    defaults = {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1,
+                "max_tokens": 5}
+    bare = ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
+    params = bare.to_sampling_params(0, defaults)
+    assert (params.temperature, params.top_p, params.top_k, params.min_p, params.repetition_penalty,
+            params.max_tokens) == (0.6, 0.9, 20, 0.05, 1.1, 5)
+    own = ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": "Hi"}], temperature=0,
+                                top_p=1, top_k=-1, min_p=0, repetition_penalty=1.0, max_tokens=3)
+    params = own.to_sampling_params(0, defaults)
+    assert (params.temperature, params.top_p, params.top_k, params.min_p, params.repetition_penalty,
+            params.max_tokens) == (0, 1, 0, 0, 1.0, 3)
+    assert ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                 max_completion_tokens=50).to_sampling_params(0, defaults).max_tokens == 5
+    assert CompletionRequest(model=MODEL, prompt="Hi").to_sampling_params(0, defaults).temperature == 0.6
+    responses = ResponsesRequest(model=MODEL, input="Hi").to_sampling_params(defaults)
+    assert (responses.temperature, responses.top_k, responses.max_tokens) == (0.6, 20, 5)
+    plain = bare.to_sampling_params(0)
+    assert (plain.temperature, plain.top_p, plain.top_k, plain.max_tokens) == (1.0, 1.0, 0, None), "OpenAI's"
+
+
+def test_vllms_flags(tmp_path):
+    parser = serve_parser()
+    for override in (['{"temperature": 0.5, "max_new_tokens": 64}'], ["temperature=0.5", "max_new_tokens=64"]):
+        args = parser.parse_args(["--generation-config", "vllm",
+                                  *[part for value in override for part in ("--override-generation-config", value)]])
+        settings = ServerSettings(**settings_overrides(args, ServerSettings))
+        assert settings.generation_config == "vllm"
+        assert settings.override_generation_config == {"temperature": 0.5, "max_new_tokens": 64}
+    with pytest.raises(ValueError, match="not a JSON object"):
+        settings_overrides(parser.parse_args(["--override-generation-config", "{temperature: 0.5}"]), ServerSettings)
+
+
+@pytest.mark.parametrize("override, named", [('{"temprature": 1}', "'temprature' not among"),
+                                             ("top_p=2", "top_p must be within")])
+def test_pad_serve_refuses_a_bad_override_before_loading_a_model(capsys, override, named):
+    assert main(["serve", "--override-generation-config", override]) == 2
+    assert named in capsys.readouterr().err
+
+
+def test_every_route_samples_with_the_models_defaults(tokenizer, tmp_path):
+    """A model recommending max_new_tokens 5 and temperature 0: answers of at
+    most 5 tokens, the same every time; the Responses object reports the
+    temperature it sampled with."""
+    model = model_recommending(tokenizer, temperature=0.0, max_new_tokens=5)
+    engine = engine_for_model(model, tokenizer, EngineSettings())
+    assert engine.model_info()["sampling_defaults"] == {"temperature": 0.0, "max_tokens": 5}
+    with worker_thread(engine=engine) as (address, _), \
+            uvicorn_server(create_app(ServerSettings(worker_address=address, data_dir=tmp_path))) as url:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story"}]}
+        first = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60).json()
+        again = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60).json()
+        assert (first["usage"]["completion_tokens"], first["choices"][0]["finish_reason"]) == (5, "length")
+        assert first["choices"][0]["message"]["content"] == again["choices"][0]["message"]["content"], "greedy"
+        asked_more = httpx.post(f"{url}/v1/chat/completions", json={**chat, "max_tokens": 50}, timeout=60).json()
+        assert asked_more["usage"]["completion_tokens"] == 5, "max_new_tokens caps max_tokens (as vLLM)"
+        fewer = httpx.post(f"{url}/v1/chat/completions", json={**chat, "max_tokens": 2}, timeout=60).json()
+        assert fewer["usage"]["completion_tokens"] == 2
+        legacy = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "Once upon"}, timeout=60).json()
+        assert (legacy["usage"]["completion_tokens"], legacy["choices"][0]["finish_reason"]) == (5, "length")
+        response = httpx.post(f"{url}/v1/responses", json={"model": MODEL, "input": "Tell me a story"},
+                              timeout=60).json()
+        assert response["temperature"] == 0.0 and response["usage"]["output_tokens"] == 5
+        assert response["status"] == "incomplete"
+        assert response["output"][0]["content"][0]["text"] == first["choices"][0]["message"]["content"]
+        own = httpx.post(f"{url}/v1/responses", json={"model": MODEL, "input": "Hi", "temperature": 0.5},
+                         timeout=60).json()
+        assert own["temperature"] == 0.5
