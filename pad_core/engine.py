@@ -287,12 +287,15 @@ class PadEngine:
     def _in_flight(self) -> list[RequestState]:
         return [*self.waiting, *self.prefilling, *self.running]
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         caches = [cache for runner in self.runners.values()
                   if (cache := getattr(runner, "prefix_cache", None)) is not None]
         return {
             "running_requests": len(self.running) + len(self.prefilling),
             "running_rows": sum(runner.num_rows for runner in self.runners.values()),
+            # The fullest runner's KV share: what stops admission first.
+            "kv_cache_usage": max((usage for runner in self.runners.values()
+                                   if (usage := runner.kv_usage) is not None), default=0.0),
             "waiting_requests": len(self.waiting),
             # totals since the engine started (the gateway's counters add what is new)
             "prefix_cache_queried_tokens": sum(cache.queried_tokens for cache in caches),

@@ -122,6 +122,11 @@ class Runner(Protocol):
         the scheduler admits requests within it. None: the runner bounds
         its memory itself (a pool's slots)."""
 
+    @property
+    def kv_usage(self) -> float | None:
+        """The share (0 to 1) of the KV memory the runner may hold that its
+        rows hold now (vLLM's kv_cache_usage_perc); None: unbounded."""
+
     def row_index(self) -> Mapping[RowKey, int]:
         """Live row key -> its index in `decode`'s batch (a live view)."""
 
@@ -285,6 +290,12 @@ class TransformersRunner(ModelRows):
     @property
     def cache_columns(self) -> int:
         return 0 if self.attention_mask is None else self.attention_mask.shape[1]
+
+    @property
+    def kv_usage(self) -> float | None:
+        if not self.kv_token_budget:
+            return None
+        return min(1.0, self.num_rows * self.cache_columns / self.kv_token_budget)  # every row as wide as the widest
 
     @torch.inference_mode()
     def prefill(self, rows: Sequence[NewRow]) -> torch.Tensor:

@@ -259,6 +259,11 @@ class SlotRunner(ModelRows):
         return self.shape.slot_tokens
 
     @property
+    def kv_usage(self) -> float:
+        """Slots taken (a row holds its whole slot, written or not) over slots."""
+        return 1.0 - len(self._free) / self.shape.slots
+
+    @property
     def chunked_prefill(self) -> bool:
         return True
 

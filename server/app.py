@@ -67,7 +67,8 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
 
     app = FastAPI(title="PAD server", version=package_version(), lifespan=lifespan)
     app.state.settings = settings
-    app.state.metrics = Metrics()
+    app.state.metrics = Metrics(lambda: app.state.worker.model_info.get("served_model_name")
+                                or settings.resolved_served_name())
     app.state.key_table = KeyTable.from_settings(settings)
     app.state.worker = WorkerClient(settings, app.state.metrics)
     app.state.started = int(time.time())

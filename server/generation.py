@@ -636,14 +636,13 @@ class Generation:
                 self.choices[index].update(output)
         except (WorkerUnavailable, APIError) as exc:
             await self.close()  # the other choices end too
+            self.metrics.count_unfinished(len(self.choices), "error")
             raise map_exception(exc).renamed(self.rename) from None
-        count_tokens(self.metrics, usage_of(self.choices))
+        except asyncio.CancelledError:
+            self.metrics.count_unfinished(len(self.choices), "abort")
+            raise
+        self.metrics.count_finished(self.choices, usage_of(self.choices), self.started, time.perf_counter())
         return self.choices
-
-
-def count_tokens(metrics, usage: dict) -> None:
-    metrics.prompt_tokens.inc(usage["prompt_tokens"])
-    metrics.generation_tokens.inc(usage["completion_tokens"])
 
 
 # ---- streaming ---------------------------------------------------------
@@ -701,6 +700,7 @@ async def stream_events(generation: Generation, formatter: Formatter,
     metrics = generation.metrics
     timings = [Timing(metrics, generation.started) for _ in generation.choices]
     status = "200"
+    counted = False
     try:
         for event in formatter.opening(generation):
             yield event
@@ -712,7 +712,8 @@ async def stream_events(generation: Generation, formatter: Formatter,
                 for event in formatter.delta(generation, choice, delta):
                     yield event
         usage = usage_of(generation.choices)
-        count_tokens(metrics, usage)
+        metrics.count_finished(generation.choices, usage, generation.started, time.perf_counter())
+        counted = True
         # Kept before the last event: a client may act on it at once (send the
         # answer back as a Responses item_reference) or hang up after it.
         if finished is not None:
@@ -721,6 +722,7 @@ async def stream_events(generation: Generation, formatter: Formatter,
             yield event
     except (WorkerUnavailable, APIError) as exc:
         await generation.close()  # the other choices end too
+        metrics.count_unfinished(len(generation.choices), "error")
         error = map_exception(exc).renamed(generation.rename)
         status = str(error.status)
         if failed is not None:
@@ -729,6 +731,8 @@ async def stream_events(generation: Generation, formatter: Formatter,
             yield event
     except (asyncio.CancelledError, GeneratorExit):
         status = "499"  # the client went away; leaving the streams aborted its requests
+        if not counted:  # (after the answer was done, it counts as answered)
+            metrics.count_unfinished(len(generation.choices), "abort")
         raise
     finally:
         metrics.requests.labels(status=status).inc()

@@ -1,14 +1,25 @@
-"""Prometheus metrics (prometheus-client), one registry per app."""
+"""Prometheus metrics (prometheus-client), one registry per app: ours
+(pad_*), and the same under vLLM's names (vllm:*, labelled model_name and
+engine), so dashboards, alerts and autoscalers built on a vLLM server read
+this one unchanged."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960, 1920)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+# An answer's finish reason -> vLLM's finished_reason (a tool call is a stop to the engine).
+FINISHED_REASONS = {"stop": "stop", "tool_calls": "stop", "function_call": "stop", "length": "length"}
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, model_name: Callable[[], str] = lambda: "") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("pad_requests", "Generation requests (chat, completions, responses) by HTTP status", ["status"], registry=r)
@@ -33,6 +44,18 @@ class Metrics:
         self.prefix_cache_hits = Counter(
             "pad_prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled again)", registry=r)
         self.prefix_cache_bytes = Gauge("pad_prefix_cache_bytes", "Bytes of KV the prefix cache holds", registry=r)
+        self.kv_cache_usage = Gauge("pad_kv_cache_usage", "Share (0 to 1) of the KV memory the fullest runner "
+                                    "may hold that its rows hold", registry=r)
+        # Per request (per choice: each is an engine request), as vLLM's request-level histograms.
+        self.request_success = Counter("pad_request_success", "Choices finished, by finished_reason (stop, length, "
+                                       "abort: the client went away, error)", ["finished_reason"], registry=r)
+        self.e2e_request_latency = Histogram("pad_e2e_request_latency_seconds", "Time from a request's arrival to "
+                                             "its last token", buckets=REQUEST_LATENCY_BUCKETS, registry=r)
+        self.request_prompt_tokens = Histogram("pad_request_prompt_tokens", "Prompt tokens of a finished request",
+                                               buckets=TOKEN_BUCKETS, registry=r)
+        self.request_generation_tokens = Histogram("pad_request_generation_tokens", "Tokens a finished choice "
+                                                   "generated", buckets=TOKEN_BUCKETS, registry=r)
+        r.register(VllmNames(self, model_name))
         self._worker_totals: dict[str, int] = {}  # the last totals of...
         self._totals_instance: str | None = None  # ...this worker instance
 
@@ -45,6 +68,7 @@ class Metrics:
         self.running_requests.set(stats.get("running_requests", 0))
         self.running_rows.set(stats.get("running_rows", 0))
         self.prefix_cache_bytes.set(stats.get("prefix_cache_bytes", 0))
+        self.kv_cache_usage.set(stats.get("kv_cache_usage", 0))
         if instance != self._totals_instance and stats:
             self._worker_totals, self._totals_instance = {}, instance
         for name, counter in (("prefix_cache_queried_tokens", self.prefix_cache_queries),
@@ -54,5 +78,64 @@ class Metrics:
                 counter.inc(max(total - self._worker_totals.get(name, 0), 0))
                 self._worker_totals[name] = total
 
+    def count_finished(self, choices, usage: dict, started: float, now: float) -> None:
+        """A request that answered: its tokens, and each choice's finish
+        reason, lengths and latency (from `started`, perf_counter seconds)."""
+        self.prompt_tokens.inc(usage["prompt_tokens"])
+        self.generation_tokens.inc(usage["completion_tokens"])
+        for choice in choices:
+            self.request_success.labels(finished_reason=FINISHED_REASONS.get(choice.finish_reason, "stop")).inc()
+            self.request_prompt_tokens.observe(choice.prompt_tokens)
+            self.request_generation_tokens.observe(choice.completion_tokens)
+            self.e2e_request_latency.observe(now - started)
+
+    def count_unfinished(self, choices: int, reason: str) -> None:
+        """Choices that ended without an answer: "abort" (the client went away) or "error"."""
+        self.request_success.labels(finished_reason=reason).inc(choices)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# Our metric -> vLLM's name of the same measure (vLLM v1's /metrics).
+VLLM_NAMES = {
+    "running_requests": "vllm:num_requests_running",
+    "queue_depth": "vllm:num_requests_waiting",
+    "kv_cache_usage": "vllm:kv_cache_usage_perc",
+    "prompt_tokens": "vllm:prompt_tokens",
+    "generation_tokens": "vllm:generation_tokens",
+    "request_success": "vllm:request_success",
+    "prefix_cache_queries": "vllm:prefix_cache_queries",
+    "prefix_cache_hits": "vllm:prefix_cache_hits",
+    "time_to_first_token": "vllm:time_to_first_token_seconds",
+    "inter_token_latency": "vllm:inter_token_latency_seconds",
+    "e2e_request_latency": "vllm:e2e_request_latency_seconds",
+    "request_prompt_tokens": "vllm:request_prompt_tokens",
+    "request_generation_tokens": "vllm:request_generation_tokens",
+}
+
+
+class VllmNames(Collector):
+    """Our metrics again under vLLM's names, at each scrape (one
+    measurement, two names: they never disagree), labelled as vLLM labels
+    them: model_name (the served name) and engine ("0": one engine)."""
+
+    def __init__(self, metrics: Metrics, model_name: Callable[[], str]) -> None:
+        self._metrics = metrics
+        self._model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        labels = {"model_name": self._model_name(), "engine": "0"}
+        for attribute, name in VLLM_NAMES.items():
+            for family in getattr(self._metrics, attribute).collect():
+                renamed = Metric(name, family.documentation, family.type)
+                for sample in family.samples:
+                    if sample.name.endswith("_created"):  # vLLM leaves creation times out
+                        continue
+                    renamed.add_sample(name + sample.name[len(family.name):], {**labels, **sample.labels},
+                                       sample.value)
+                yield renamed
+        preemptions = Metric("vllm:num_preemptions", "Preemptions (none here: a request admitted runs to its end)",
+                             "counter")
+        preemptions.add_sample("vllm:num_preemptions_total", labels, 0.0)
+        yield preemptions
