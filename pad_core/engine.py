@@ -155,7 +155,15 @@ class PadEngine:
         context), so the answer is not squeezed to the one token left."""
         if chat.sampling.max_tokens is not None:
             return max(chat.sampling.max_tokens, 1)
-        return max(1, default_max_tokens(self.settings.default_max_tokens, self.context_length // 4))
+        return max(1, self._default_max_tokens(self.context_length // 4))
+
+    def _default_max_tokens(self, room: int) -> int:
+        """max_tokens of a request that gives none: the room left in the
+        context, at most PAD_DEFAULT_MAX_TOKENS and the model's own
+        max_new_tokens (its generation config; vLLM's default too)."""
+        default = default_max_tokens(self.settings.default_max_tokens, room)
+        recommended = self.sampling_defaults.get("max_tokens")
+        return default if recommended is None else min(default, recommended)
 
     def _messages_within_chars(self, chat: ChatRequest) -> list[dict[str, str]]:
         """The messages with the oldest left out while the rest could not fit
@@ -887,8 +895,7 @@ class PadEngine:
             generator = torch.Generator(device=self.runners[BASE_RUNNER].device).manual_seed(seed)
         return RequestState(
             request=request,
-            max_tokens=(sampling.max_tokens if sampling.max_tokens is not None
-                        else default_max_tokens(self.settings.default_max_tokens, room)),
+            max_tokens=sampling.max_tokens if sampling.max_tokens is not None else self._default_max_tokens(room),
             guidance_weight=weight,
             top_k=top_k,
             min_p=min_p,

@@ -2,12 +2,14 @@
 generation_config.json, as vLLM serves them (`--generation-config`,
 `--override-generation-config`): a request that leaves temperature, top_p,
 top_k, min_p or repetition_penalty out samples with the model's values
-instead of OpenAI's (1.0, 1.0, all, 0, 1.0), and the model's
-max_new_tokens caps max_tokens. "vllm" keeps OpenAI's defaults.
+instead of OpenAI's (1.0, 1.0, all, 0, 1.0), and one that leaves max_tokens
+out writes at most the model's max_new_tokens (and the room its prompt
+leaves, as vLLM). "vllm" keeps OpenAI's defaults.
 
 The worker reads them once at start-up (`sampling_defaults`) and sends them
-with its model info; the gateway fills the requests' missing fields from
-them (server/openai_models.py)."""
+with its model info; the gateway fills the requests' missing sampling
+fields from them (server/openai_models.py), the engine sizes a missing
+max_tokens (PadEngine._default_max_tokens)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pad_core.errors import ModelLoadError
-from pad_core.validation import MAX_REPETITION_PENALTY, MAX_TEMPERATURE, MIN_REPETITION_PENALTY
+from pad_core.validation import INT64_MAX, MAX_REPETITION_PENALTY, MAX_TEMPERATURE, MIN_REPETITION_PENALTY
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,24 @@ RANGES = {"temperature": (0.0, MAX_TEMPERATURE), "top_p": (0.0, 1.0), "min_p": (
           "repetition_penalty": (MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)}
 
 
+def override_numbers(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The overrides with the numbers the command line gives as text
+    (temperature=0.5) read as numbers; whole numbers stay whole (a float
+    loses them past 2**53), anything else as it came (overrides_problem
+    names it)."""
+    numbers = {}
+    for key, value in overrides.items():
+        if isinstance(value, str):
+            for read in (int, float):
+                try:
+                    value = read(value)
+                    break
+                except ValueError:
+                    continue
+        numbers[key] = value
+    return numbers
+
+
 def overrides_problem(overrides: Mapping[str, Any]) -> str | None:
     """What is wrong with override_generation_config (None: nothing):
     checked by the settings, so `pad serve` refuses it before a model loads."""
@@ -95,6 +115,6 @@ def value_problem(key: str, value: Any) -> str | None:
         low, high = RANGES[key]
         return None if low <= value <= high else f"generation config {key} must be within [{low}, {high}], not {value}"
     least = WHOLE_NUMBERS[key]
-    if value != int(value) or value < least:
-        return f"generation config {key} must be a whole number of at least {least}, not {value}"
+    if value != int(value) or not least <= value <= INT64_MAX:
+        return f"generation config {key} must be a whole number from {least} to {INT64_MAX}, not {value}"
     return None

@@ -4,12 +4,12 @@ the CLI turns flags into the same fields). Built once and passed down."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pad_core.generation_defaults import overrides_problem
+from pad_core.generation_defaults import override_numbers, overrides_problem
 from pad_core.validation import MAX_WEIGHT
 
 EMBEDDED_MODEL = "embedded"
@@ -62,7 +62,7 @@ class EngineSettings(BaseSettings):
         "--generation-config: 'auto', the model's generation_config.json; 'vllm', OpenAI's defaults; or a folder "
         "holding a generation_config.json",
     )
-    override_generation_config: dict[str, float] = Field(
+    override_generation_config: dict[str, Any] = Field(
         default_factory=dict,
         description="generation config values over the model's (vLLM's --override-generation-config): "
         "temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens; NAME=VALUE or a JSON object",
@@ -158,7 +158,8 @@ class EngineSettings(BaseSettings):
 
     @field_validator("override_generation_config")
     @classmethod
-    def _overrides_a_request_could_carry(cls, overrides: dict[str, float]) -> dict[str, float]:
+    def _overrides_a_request_could_carry(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        overrides = override_numbers(overrides)
         problem = overrides_problem(overrides)
         if problem:
             raise ValueError(problem)

@@ -102,10 +102,10 @@ def map_exception(exc: BaseException) -> APIError:
     raise exc
 
 
-def check_model(state, model: str) -> str:
-    """The served model's name; a 404 for any other."""
+def check_model(state, model: str | None) -> str:
+    """The served model's name; a 404 for any other (None: the served one, as vLLM)."""
     served = state.worker.model_info.get("served_model_name") or state.settings.resolved_served_name()
-    if model != served:
+    if model is not None and model != served:
         raise APIError(404, f"The model '{model}' does not exist; this server serves '{served}'",
                        "invalid_request_error", "model", "model_not_found")
     return served

@@ -293,7 +293,7 @@ class SamplingFields(StrictRequest):
         or OpenAI's."""
         default = DefaultsOf(defaults)
         return {
-            "max_tokens": default.max_tokens(self.max_tokens_asked()),
+            "max_tokens": self.max_tokens_asked(),  # None: the engine's default (the model's max_new_tokens, room)
             "temperature": default.of("temperature", self.temperature, 1.0),
             "top_p": default.of("top_p", self.top_p, 1.0),
             "seed": None if self.seed is None else choice_seed(self.seed, choice),
@@ -389,7 +389,8 @@ class SamplingFields(StrictRequest):
 class DefaultsOf:
     """A request's sampling fields, each its own value when given, else the
     model's default (its generation config, pad_core/generation_defaults.py),
-    else OpenAI's."""
+    else OpenAI's. (max_tokens left out is the engine's to size: the model's
+    max_new_tokens within the room the prompt leaves.)"""
 
     defaults: Mapping[str, float | int]
 
@@ -397,13 +398,6 @@ class DefaultsOf:
         if given is not None:
             return given
         return self.defaults.get(name, fallback)
-
-    def max_tokens(self, asked: int | None) -> int | None:
-        """What a request may write: at most the model's max_new_tokens too (as vLLM)."""
-        cap = self.defaults.get("max_tokens")
-        if cap is None:
-            return asked
-        return cap if asked is None else min(asked, cap)
 
 
 def choice_seed(seed: int, choice: int) -> int:
@@ -632,7 +626,8 @@ def tool_output(tools: list[ToolFunction], tool_choice: Any, parallel: bool | No
 
 # ---- POST /v1/chat/completions ---------------------------------------------
 class ChatCompletionRequest(SamplingFields):
-    model: str
+    model: str | None = Field(None, description="the served model's name; vLLM lets it be left out (the served "
+                              "model), as here")
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
@@ -738,7 +733,8 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=INT64_MAX)]], Field(min_
 
 
 class CompletionRequest(SamplingFields):
-    model: str
+    model: str | None = Field(None, description="the served model's name; vLLM lets it be left out (the served "
+                              "model), as here")
     prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
     max_tokens: int | None = Field(16, ge=0, le=INT64_MAX, description="OpenAI's default, 16; null: "
                                    "PAD_DEFAULT_MAX_TOKENS; 0 with echo: score the prompt only")

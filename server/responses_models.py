@@ -39,7 +39,8 @@ class ResponseTextConfig(StrictRequest):
 
 
 class ResponsesRequest(StrictRequest):
-    model: str
+    model: str | None = Field(None, description="the served model's name; vLLM lets it be left out (the served "
+                              "model), as here")
     input: str | list[dict[str, Any]] = Field(description="text, or message / function_call / "
                                               "function_call_output items")
     instructions: str | None = None
@@ -108,7 +109,7 @@ class ResponsesRequest(StrictRequest):
         """A field left out takes the model's default (its generation config), then OpenAI's."""
         default = DefaultsOf(defaults)
         return SamplingParams(
-            max_tokens=default.max_tokens(self.max_output_tokens),
+            max_tokens=self.max_output_tokens,
             temperature=default.of("temperature", self.temperature, 1.0),
             top_p=default.of("top_p", self.top_p, 1.0),
             top_k=max(0, default.of("top_k", None, 0)),

@@ -9,20 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import socket
 import sqlite3
+import threading
+import time
 
+import httpx
 import openai
 import pytest
-from sqlalchemy import delete
 from responses_helpers import GREEDY
 from server_helpers import uvicorn_server, worker_thread
-from store_helpers import db_url, store_config  # noqa: F401  (fixture)
+from sqlalchemy import delete
+from store_helpers import db_url, new_database_url, store_config  # noqa: F401  (fixture)
 
 from pad_core.testing import tiny_engine
 from server.app import create_app
 from server.routes.conversations import ConversationTurns
 from server.settings import ServerSettings
 from server.store import Store, schema
+from server.store.repository import _runs_to_its_end
+
+MODEL = "smollm2-135m-instruct"
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -209,3 +217,71 @@ def test_a_failed_stream_gives_its_turn_back_before_its_error_event(tmp_path, mo
         client.responses.create(input="Hi again", conversation=conversation.id, **GREEDY)
         texts = [item.content[0].text for item in client.conversations.items.list(conversation.id, order="asc")]
         assert texts[0] == "Hi again" and len(texts) == 2
+
+
+def _post_and_hang_up(url: str, path: str, body: dict, hang_up: threading.Event) -> None:
+    """POSTs `body` over a raw socket and closes it once `hang_up` is set (a client that goes away)."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)))
+    try:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        assert hang_up.wait(30), "the answer never began to join its conversation"
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_hung_up_turn_is_given_back_only_once_its_answer_joined_the_conversation(tmp_path, monkeypatch, stream):
+    """A client that hangs up while its answer is being added to the
+    conversation: the add runs on (shielded) and the turn is given back
+    only after it (Turn.end_after), so the next turn finds the conversation
+    locked until then, then answers on a history holding the hung-up turn,
+    in order. (Found in review: the turn was given back at once; on
+    PostgreSQL, with no gateway-side write lock, the next turn could answer
+    without the hung-up turn's items, which then joined after its own. Here
+    the add is held back 1 s before it starts, as a busy pool does.)"""
+    url, cleanup = new_database_url("postgresql", tmp_path)
+    raw_add = Store.add_conversation_items.__wrapped__
+    slowed: dict[str, threading.Event] = {}
+
+    async def add_slowly(self, conversation_id, items):
+        started = slowed.pop(conversation_id, None)
+        if started is not None:
+            started.set()
+            await asyncio.sleep(1.0)  # not yet at the conversation's row lock
+        return await raw_add(self, conversation_id, items)
+
+    monkeypatch.setattr(Store, "add_conversation_items", _runs_to_its_end(add_slowly))
+    settings = ServerSettings(data_dir=tmp_path, db_url=url)
+    try:
+        with worker_thread() as (address, _), \
+                uvicorn_server(create_app(settings.model_copy(update={"worker_address": address}))) as base:
+            greedy = {"model": MODEL, "temperature": 0, "max_output_tokens": 4}
+            fresh = httpx.post(f"{base}/v1/conversations", json={}, timeout=30).json()["id"]
+            alone = httpx.post(f"{base}/v1/responses", json={**greedy, "input": "And then?", "conversation": fresh},
+                               timeout=60).json()["usage"]["input_tokens"]
+
+            conversation = httpx.post(f"{base}/v1/conversations", json={}, timeout=30).json()["id"]
+            adding = slowed[conversation] = threading.Event()
+            _post_and_hang_up(base, "/v1/responses", {**greedy, "input": "Hi", "conversation": conversation,
+                                                                "stream": stream}, adding)
+            deadline = time.monotonic() + 20
+            while True:  # the next turn, as soon as the conversation is free
+                answer = httpx.post(f"{base}/v1/responses",
+                                    json={**greedy, "input": "And then?", "conversation": conversation}, timeout=60)
+                if answer.status_code != 400 or answer.json()["error"]["code"] != "conversation_locked":
+                    break
+                assert time.monotonic() < deadline, "the conversation stayed locked"
+                time.sleep(0.05)
+            assert answer.status_code == 200, answer.text
+            time.sleep(1.5)  # the hung-up turn's add is in by now
+            items = httpx.get(f"{base}/v1/conversations/{conversation}/items", params={"order": "asc"},
+                              timeout=30).json()["data"]
+            assert answer.json()["usage"]["input_tokens"] > alone, \
+                "the next turn answered on a history without the hung-up turn's items, which joined it after"
+            assert [item["content"][0]["text"] for item in items][::2] == ["Hi", "And then?"], \
+                "the conversation's items out of order: the next turn's before the hung-up one's"
+    finally:
+        cleanup()

@@ -641,3 +641,23 @@ def test_every_shape_validates_against_the_sdk_types(server):
         assert answer.usage.input_tokens_details.cache_write_tokens == 0
         for data in sse_data(server, "/v1/responses", body):
             event.validate_python(data)
+
+
+def test_a_request_may_leave_the_model_out_as_in_vllm(tmp_path):
+    """vLLM serves a request without `model` with its served model (chat,
+    completions, Responses); a wrong name is still a 404."""
+    import httpx
+    from server_helpers import uvicorn_server, worker_thread
+
+    from server.app import create_app
+    from server.settings import ServerSettings
+
+    with worker_thread() as (address, _), \
+            uvicorn_server(create_app(ServerSettings(worker_address=address, data_dir=tmp_path))) as url:
+        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+                           ("/v1/completions", {"prompt": "Hi"}), ("/v1/responses", {"input": "Hi"})):
+            answer = httpx.post(f"{url}{path}", json={**body, "max_tokens" if path != "/v1/responses"
+                                                      else "max_output_tokens": 3}, timeout=60)
+            assert answer.status_code == 200 and answer.json()["model"] == "smollm2-135m-instruct", path
+            wrong = httpx.post(f"{url}{path}", json={**body, "model": "gpt-4o"}, timeout=60)
+            assert wrong.status_code == 404 and wrong.json()["error"]["code"] == "model_not_found", path

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Awaitable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
@@ -183,8 +184,8 @@ class ConversationTurns:
 
 
 class Turn:
-    """A conversation's turn, held: `await end()` gives it back once the
-    answer is in the conversation, before the client is told the answer is
+    """A conversation's turn, held: `await end()` gives it back (or
+    `end_after(joining)`, once the answer is in the conversation), before the client is told the answer is
     done (so its next turn finds the conversation free); `release()` is the
     same for the paths that cannot wait (an error, a stream cut short, a
     finalizer in any thread): the turn is given back soon after. Both are
@@ -197,10 +198,25 @@ class Turn:
         self._renewal = renewal
         self._loop = asyncio.get_running_loop()
         self._ended = False
+        self._finishing: asyncio.Task | None = None  # the answer joining the conversation, then `end`
 
     async def end(self) -> None:
         if self._stop():
             await self._turns._end(self._conversation_id, self._token)
+
+    async def end_after(self, joining: Awaitable[None]) -> None:
+        """Runs `joining` (the answer's items joining the conversation),
+        then gives the turn back: both to their end, even when the caller is
+        cancelled (its client hung up) meanwhile, so the next turn never
+        finds the conversation free before the answer is in it."""
+        async def join_then_end() -> None:
+            try:
+                await joining
+            finally:
+                await self.end()
+
+        self._finishing = self._turns._spawn(join_then_end())
+        await asyncio.shield(self._finishing)
 
     def release(self) -> None:
         try:
@@ -216,6 +232,8 @@ class Turn:
             pass
 
     def _release(self) -> None:
+        if self._finishing is not None:  # the turn is given back once the answer is in
+            return
         if self._stop():
             self._turns._spawn(self._turns._end(self._conversation_id, self._token))
 

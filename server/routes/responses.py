@@ -145,8 +145,7 @@ async def _answer(body: ResponsesRequest, state, scope, served: str, conversatio
     async def finished(choices: list[ChoiceState], response: dict) -> None:
         await record(choices)
         if conversation is not None:
-            await extend_conversation(store, conversation, items, response)
-            await turn.end()
+            await turn.end_after(extend_conversation(store, conversation, items, response))
         if keeps:
             await keep_response(store, response, user=user, history=history, items=items, previous=previous)
 

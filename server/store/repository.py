@@ -295,6 +295,9 @@ def preference_text(preferences: Sequence[Preference]) -> str:
     return "\n".join(p.text for p in preferences if p.weight > 0)
 
 
+CLOSE_WRITES_WAIT_S = 10.0  # how long closing waits for the writes whose callers went away
+
+
 def _runs_to_its_end(write):
     """A store write, once begun, runs to its end even when its caller is
     cancelled (a client that hangs up cancels its stream's task). A
@@ -367,7 +370,11 @@ class Store:
         return store
 
     async def close(self) -> None:
-        await asyncio.gather(*self._unfinished_writes, return_exceptions=True)
+        if self._unfinished_writes:  # whose callers went away: a while to end, not forever (a lock held elsewhere)
+            _, late = await asyncio.wait(set(self._unfinished_writes), timeout=CLOSE_WRITES_WAIT_S)
+            if late:
+                logger.warning("closing the store with %d writes unfinished after %.0f s", len(late),
+                               CLOSE_WRITES_WAIT_S)
         await self.engine.dispose()
 
     async def __aenter__(self) -> Store:
