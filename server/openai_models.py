@@ -82,15 +82,17 @@ def reject_if(condition: bool, message: str, param: str, code: str = "unsupporte
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    """A part of a request body: unknown fields refused, no type coercion
+    (`0` is no boolean, `"4"` no number: the schema's types, as OpenAI
+    checks them)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class StrictRequest(Strict):
     """A request body: unknown fields refused, and no type coercion. OpenAI's
     optional fields may be sent as null, which means their default
     (`NULL_IS_DEFAULT`: listed per model, the schema says they are nullable)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     @field_validator("*", mode="after")
     @classmethod

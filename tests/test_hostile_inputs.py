@@ -236,9 +236,9 @@ def test_bodies_not_sent_as_json_objects_are_named(target):
 
 
 def test_a_misspelt_field_is_named(target):
-    response = httpx.post(f"{target[0]}/v1/chat/completions", json={"Model": 1})
-    error = assert_error(response, 400, "Model")
-    assert error["code"] == "unknown_parameter" and "did you mean 'model'?" in error["message"]
+    response = httpx.post(f"{target[0]}/v1/chat/completions", json={"Messages": 1})
+    error = assert_error(response, 400, "Messages")
+    assert error["code"] == "unknown_parameter" and "did you mean 'messages'?" in error["message"]
 
 
 def refusal_of_announced_body(url: str, length: int) -> tuple[int, dict]:
