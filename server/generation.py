@@ -102,13 +102,25 @@ def map_exception(exc: BaseException) -> APIError:
     raise exc
 
 
+def served_names(state) -> list[str]:
+    """The names the model is served under (the worker's; the settings' until
+    it is ready); answers carry the first, as vLLM's."""
+    info = state.worker.model_info
+    return (info.get("served_model_names") or [info.get("served_model_name") or state.settings.resolved_served_name()])
+
+
 def check_model(state, model: str | None) -> str:
-    """The served model's name; a 404 for any other (None: the served one, as vLLM)."""
-    served = state.worker.model_info.get("served_model_name") or state.settings.resolved_served_name()
-    if model is not None and model != served:
-        raise APIError(404, f"The model '{model}' does not exist; this server serves '{served}'",
-                       "invalid_request_error", "model", "model_not_found")
-    return served
+    """The name answers carry; a 404 for a name not served (None: the
+    served model, as vLLM)."""
+    names = served_names(state)
+    if model is not None and model not in names:
+        raise model_not_found(model, names)
+    return names[0]
+
+
+def model_not_found(model: str, names: list[str]) -> APIError:
+    return APIError(404, f"The model '{model}' does not exist; this server serves "
+                    f"{', '.join(repr(name) for name in names)}", "invalid_request_error", "model", "model_not_found")
 
 
 def sampling_defaults(state) -> dict:

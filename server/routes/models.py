@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from server.auth import Scope, key_scope
 from server.auth_scopes import check_admin
 from server.errors import RETRY_AFTER_S, APIError, unavailable
+from server.generation import model_not_found, served_names
 from server.openai_models import ModelCard, ModelList, RewardModelLoaded
 from server.openapi import RETRY_AFTER_HEADER, errors
 from server.request_body import JSONRoute
@@ -55,11 +56,12 @@ async def metrics(request: Request):
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def model_card(request: Request) -> dict:
+def model_card(request: Request, name: str) -> dict:
+    """The card of the model under one of its served names."""
     client, settings = request.app.state.worker, request.app.state.settings
     info = client.model_info
     return {
-        "id": info.get("served_model_name") or settings.resolved_served_name(),
+        "id": name,
         "object": "model",
         "created": request.app.state.started,
         "owned_by": "pad-server",
@@ -73,17 +75,16 @@ def model_card(request: Request) -> dict:
 
 @router.get("/v1/models", response_model=ModelList, responses=errors(401))
 async def list_models(request: Request):
-    return {"object": "list", "data": [model_card(request)]}
+    return {"object": "list", "data": [model_card(request, name) for name in served_names(request.app.state)]}
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=errors(401, 404))
 async def retrieve_model(model_id: str, request: Request):
-    """The served model (`client.models.retrieve`); any other id is a 404."""
-    card = model_card(request)
-    if model_id != card["id"]:
-        raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{card['id']}'",
-                       "invalid_request_error", "model", "model_not_found")
-    return card
+    """The served model under one of its names (`client.models.retrieve`); any other id is a 404."""
+    names = served_names(request.app.state)
+    if model_id not in names:
+        raise model_not_found(model_id, names)
+    return model_card(request, model_id)
 
 
 class LoadRewardModel(BaseModel):
