@@ -301,7 +301,7 @@ class PadEngine:
         return {
             "running_requests": len(self.running) + len(self.prefilling),
             "running_rows": sum(runner.num_rows for runner in self.runners.values()),
-            # The fullest runner's KV share: what stops admission first.
+            # The fullest runner's share of its KV memory (vLLM's kv_cache_usage_perc).
             "kv_cache_usage": max((usage for runner in self.runners.values()
                                    if (usage := runner.kv_usage) is not None), default=0.0),
             "waiting_requests": len(self.waiting),

@@ -295,7 +295,9 @@ class TransformersRunner(ModelRows):
     def kv_usage(self) -> float | None:
         if not self.kv_token_budget:
             return None
-        return min(1.0, self.num_rows * self.cache_columns / self.kv_token_budget)  # every row as wide as the widest
+        # The batch's rows, each as wide as the widest, and the prompts being written in pieces outside it.
+        held = self.num_rows * self.cache_columns + sum(tokens for tokens, _ in self._partial.values())
+        return min(1.0, held / self.kv_token_budget)
 
     @torch.inference_mode()
     def prefill(self, rows: Sequence[NewRow]) -> torch.Tensor:

@@ -413,6 +413,7 @@ class ChoiceState:
     call_openers: tuple[str, ...] = CALLS_OPENERS  # what that first character is when the answer is calls
     text: str = ""
     finish_reason: str | None = None
+    ended_at: float | None = None  # perf_counter seconds of its last output (metrics)
     prompt_tokens: int = 0
     cached_tokens: int = 0  # of prompt_tokens, those the prefix cache held
     completion_tokens: int = 0
@@ -443,6 +444,8 @@ class ChoiceState:
         self.prompt_tokens, self.completion_tokens = output.prompt_tokens, output.completion_tokens
         self.cached_tokens = output.cached_tokens
         self.finish_reason = output.finish_reason
+        if output.finished and self.ended_at is None:
+            self.ended_at = time.perf_counter()
         self.token_ids += output.token_ids
         self._unsent_ids += output.token_ids
         delta = self._delta(output)
@@ -533,6 +536,7 @@ class Timing:
     def tick(self, output: StepOutput) -> None:
         if not output.token_ids:
             return
+        self.metrics.generation_tokens.inc(len(output.token_ids))  # as they come: an answer cut short counts too
         now = time.perf_counter()
         (self.metrics.time_to_first_token if self.first else self.metrics.inter_token_latency).observe(now - self.last)
         self.first, self.last = False, now
@@ -555,6 +559,7 @@ class Generation:
     rename: dict[str, str] = field(default_factory=dict)  # the engine's parameter names -> the route's
     _streams: list = field(default_factory=list)
     _firsts: list[StepOutput] = field(default_factory=list)
+    _accounted: bool = False  # its choices counted in the metrics (once, however it ended)
 
     @property
     def metrics(self):
@@ -583,14 +588,16 @@ class Generation:
         self._streams = [client.generate(request) for request in self.requests]
         try:
             firsts = await asyncio.gather(*(s.__anext__() for s in self._streams), return_exceptions=True)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the client went away while its request waited or prefilled
             await self.close()
             raise
         failure = next((f for f in firsts if isinstance(f, BaseException)), None)
         failure = failure or next((e for e in map(engine_failure, firsts) if e is not None), None)
         if failure is not None:  # a first token that already failed is a status too, streamed or not
-            await self.close()
-            raise map_exception(failure).renamed(self.rename) from None
+            error = map_exception(failure).renamed(self.rename)
+            # A refusal (4xx: the request's own doing) ran nothing: not counted, as vLLM's validation errors.
+            await self.close("error" if error.status >= 500 else None)
+            raise error from None
         self._firsts = list(firsts)
         for choice, first in zip(self.choices, self._firsts, strict=True):
             choice.prompt_tokens, choice.prompt_logprobs = first.prompt_tokens, first.prompt_logprobs
@@ -598,8 +605,23 @@ class Generation:
             choice.prompt_token_ids = first.prompt_token_ids
         self.guidance = next((f.guidance for f in self._firsts if f.guidance is not None), None)
 
-    async def close(self) -> None:
+    async def close(self, unfinished: str | None = "abort") -> None:
+        """Ends every choice's stream (the worker aborts what still runs),
+        counting the choices as `account` does (None: not counted)."""
+        if unfinished is not None:
+            self.account(unfinished)
+        self._accounted = True
         await asyncio.gather(*(stream.aclose() for stream in self._streams), return_exceptions=True)
+
+    def account(self, unfinished: str) -> None:
+        """Counts this request's choices in the metrics, once however it
+        ended: each that finished by its finish reason, lengths and latency;
+        each other one as `unfinished` ("abort": its client went away;
+        "error"); and the prompt tokens read."""
+        if self._accounted:
+            return
+        self._accounted = True
+        self.metrics.count_ended(self.choices, usage_of(self.choices)["prompt_tokens"], self.started, unfinished)
 
     async def _outputs_of(self, index: int) -> AsyncIterator[StepOutput]:
         first = self._firsts[index]
@@ -647,13 +669,12 @@ class Generation:
                 timings[index].tick(output)
                 self.choices[index].update(output)
         except (WorkerUnavailable, APIError) as exc:
-            await self.close()  # the other choices end too
-            self.metrics.count_unfinished(len(self.choices), "error")
+            await self.close("error")  # the other choices end too
             raise map_exception(exc).renamed(self.rename) from None
         except asyncio.CancelledError:
-            self.metrics.count_unfinished(len(self.choices), "abort")
+            self.account("abort")
             raise
-        self.metrics.count_finished(self.choices, usage_of(self.choices), self.started, time.perf_counter())
+        self.account("abort")  # every choice finished: none is counted so
         return self.choices
 
 
@@ -712,7 +733,6 @@ async def stream_events(generation: Generation, formatter: Formatter,
     metrics = generation.metrics
     timings = [Timing(metrics, generation.started) for _ in generation.choices]
     status = "200"
-    counted = False
     try:
         for event in formatter.opening(generation):
             yield event
@@ -724,8 +744,7 @@ async def stream_events(generation: Generation, formatter: Formatter,
                 for event in formatter.delta(generation, choice, delta):
                     yield event
         usage = usage_of(generation.choices)
-        metrics.count_finished(generation.choices, usage, generation.started, time.perf_counter())
-        counted = True
+        generation.account("abort")  # every choice finished: none is counted so
         # Kept before the last event: a client may act on it at once (send the
         # answer back as a Responses item_reference) or hang up after it.
         if finished is not None:
@@ -733,8 +752,7 @@ async def stream_events(generation: Generation, formatter: Formatter,
         for event in formatter.closing(generation, usage):
             yield event
     except (WorkerUnavailable, APIError) as exc:
-        await generation.close()  # the other choices end too
-        metrics.count_unfinished(len(generation.choices), "error")
+        await generation.close("error")  # the other choices end too
         error = map_exception(exc).renamed(generation.rename)
         status = str(error.status)
         if failed is not None:
@@ -743,8 +761,7 @@ async def stream_events(generation: Generation, formatter: Formatter,
             yield event
     except (asyncio.CancelledError, GeneratorExit):
         status = "499"  # the client went away; leaving the streams aborted its requests
-        if not counted:  # (after the answer was done, it counts as answered)
-            metrics.count_unfinished(len(generation.choices), "abort")
+        generation.account("abort")  # (once the answer was done, it was counted as answered)
         raise
     finally:
         metrics.requests.labels(status=status).inc()

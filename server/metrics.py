@@ -5,6 +5,7 @@ this one unchanged."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -55,6 +56,8 @@ class Metrics:
                                                buckets=TOKEN_BUCKETS, registry=r)
         self.request_generation_tokens = Histogram("pad_request_generation_tokens", "Tokens a finished choice "
                                                    "generated", buckets=TOKEN_BUCKETS, registry=r)
+        for reason in ("stop", "length", "abort", "error"):  # every series from the start: rate() sees the first
+            self.request_success.labels(finished_reason=reason)
         r.register(VllmNames(self, model_name))
         self._worker_totals: dict[str, int] = {}  # the last totals of...
         self._totals_instance: str | None = None  # ...this worker instance
@@ -78,20 +81,22 @@ class Metrics:
                 counter.inc(max(total - self._worker_totals.get(name, 0), 0))
                 self._worker_totals[name] = total
 
-    def count_finished(self, choices, usage: dict, started: float, now: float) -> None:
-        """A request that answered: its tokens, and each choice's finish
-        reason, lengths and latency (from `started`, perf_counter seconds)."""
-        self.prompt_tokens.inc(usage["prompt_tokens"])
-        self.generation_tokens.inc(usage["completion_tokens"])
+    def count_ended(self, choices, prompt_tokens: int, started: float, unfinished: str) -> None:
+        """A request's choices once it ended: each that finished by its
+        reason (with its lengths, and its latency from `started`,
+        perf_counter seconds), each other one as `unfinished` ("abort",
+        "error"); and the prompt tokens read. (Generated tokens are counted
+        as they come, Timing.tick.)"""
+        self.prompt_tokens.inc(prompt_tokens)
+        now = time.perf_counter()
         for choice in choices:
+            if choice.finish_reason is None:
+                self.request_success.labels(finished_reason=unfinished).inc()
+                continue
             self.request_success.labels(finished_reason=FINISHED_REASONS.get(choice.finish_reason, "stop")).inc()
             self.request_prompt_tokens.observe(choice.prompt_tokens)
             self.request_generation_tokens.observe(choice.completion_tokens)
-            self.e2e_request_latency.observe(now - started)
-
-    def count_unfinished(self, choices: int, reason: str) -> None:
-        """Choices that ended without an answer: "abort" (the client went away) or "error"."""
-        self.request_success.labels(finished_reason=reason).inc(choices)
+            self.e2e_request_latency.observe((choice.ended_at or now) - started)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
