@@ -81,5 +81,7 @@ def worker_environment(settings: EngineSettings) -> dict[str, str]:
             continue
         if isinstance(value, dict):
             value = json.dumps({k: str(v) for k, v in value.items()})
+        elif isinstance(value, list | tuple):  # pydantic-settings reads a list as JSON
+            value = json.dumps([str(v) for v in value])
         env[f"PAD_{name.upper()}"] = str(value)
     return env

@@ -56,3 +56,19 @@ def test_every_name_is_served_and_answers_carry_the_first(tmp_path):
         assert httpx.get(f"{url}/v1/models/gpt-4o", timeout=10).status_code == 404
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         assert 'vllm:generation_tokens_total{engine="0",model_name="pad-small"} 4.0' in metrics
+
+
+def test_a_spawned_worker_reads_the_same_settings(monkeypatch):
+    """The gateway hands its engine settings to the worker it spawns as
+    PAD_* variables: several names and the generation config's overrides
+    arrive as they were given (a list was once passed as its Python repr)."""
+    from server.settings import worker_environment
+
+    given = EngineSettings(served_model_name=NAMES, override_generation_config={"temperature": 0.5,
+                                                                                 "max_new_tokens": 64})
+    for name, value in worker_environment(given).items():
+        monkeypatch.setenv(name, value)
+    read = EngineSettings()
+    assert read.served_names() == NAMES
+    assert read.override_generation_config == {"temperature": 0.5, "max_new_tokens": 64}
+    assert read.model_dump() == given.model_dump()
