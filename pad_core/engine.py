@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import math
 import random
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -742,6 +743,7 @@ class PadEngine:
             if not fits and (admitted or in_batch):
                 break
             admitted.append(self.waiting.popleft())
+            admitted[-1].admitted_at = time.perf_counter()
             rows += state_rows
             prefill_tokens += state_tokens
             scored_tokens += state_scored

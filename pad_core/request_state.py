@@ -3,6 +3,7 @@ text stream and when it stops (TGI's per-request stopping criteria)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +51,11 @@ class RequestState:
     # made at the first step that needs it (allowed_mask), not from a list
     # of up to a vocabulary's ids, with a host-to-device copy, at every step.
     _allowed_mask: torch.Tensor | None = field(init=False, default=None, repr=False)
+    # perf_counter seconds (vLLM's request phases): added to the queue, admitted (its prefill
+    # begins), its first token chosen; the last output reports the phases (`phase_seconds`).
+    added_at: float = field(default_factory=time.perf_counter)
+    admitted_at: float | None = None
+    first_token_at: float | None = None
     _prompts_key: tuple | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -119,7 +125,22 @@ class RequestState:
             error_param=error_param,
             prompt_logprobs=prompt_logprobs,
             prompt_token_ids=list(self.request.prompt_ids) if prompt_ids_due else None,
+            phase_seconds=self.phase_seconds() if self.finish_reason is not None else None,
         )
+
+    def phase_seconds(self) -> dict[str, float]:
+        """How long the request waited (queue), wrote its prompt up to its
+        first token (prefill) and wrote the rest (decode), as far as it got
+        (vLLM's request_queue / _prefill / _decode_time_seconds)."""
+        now = time.perf_counter()
+        admitted = self.admitted_at if self.admitted_at is not None else now
+        phases = {"queue": admitted - self.added_at}
+        if self.admitted_at is not None:
+            first = self.first_token_at if self.first_token_at is not None else now
+            phases["prefill"] = first - admitted
+            if self.first_token_at is not None:
+                phases["decode"] = now - first
+        return phases
 
     def _tool_calls(self) -> list[ToolCall] | None:
         """The parsed calls, on the last output of a completed tool-call answer."""
@@ -130,6 +151,8 @@ class RequestState:
     def append_token(self, token_id: int, logprob: TokenLogprob | None = None) -> StepOutput:
         """Records a chosen token and says what the client sees."""
         self.generated.append(token_id)
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
         logprobs = [logprob] if logprob is not None else None
         if self.grammar is not None:
             self.grammar.consume(token_id)

@@ -414,6 +414,7 @@ class ChoiceState:
     text: str = ""
     finish_reason: str | None = None
     ended_at: float | None = None  # perf_counter seconds of its last output (metrics)
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # the engine's queue / prefill / decode times
     prompt_tokens: int = 0
     cached_tokens: int = 0  # of prompt_tokens, those the prefix cache held
     completion_tokens: int = 0
@@ -446,6 +447,7 @@ class ChoiceState:
         self.finish_reason = output.finish_reason
         if output.finished and self.ended_at is None:
             self.ended_at = time.perf_counter()
+            self.phase_seconds = output.phase_seconds or {}
         self.token_ids += output.token_ids
         self._unsent_ids += output.token_ids
         delta = self._delta(output)

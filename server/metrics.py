@@ -56,6 +56,10 @@ class Metrics:
                                                buckets=TOKEN_BUCKETS, registry=r)
         self.request_generation_tokens = Histogram("pad_request_generation_tokens", "Tokens a finished choice "
                                                    "generated", buckets=TOKEN_BUCKETS, registry=r)
+        # The engine's phases of a finished request (vLLM's request_*_time_seconds).
+        self.phase_times = {phase: Histogram(f"pad_request_{phase}_time_seconds", description,
+                                             buckets=REQUEST_LATENCY_BUCKETS, registry=r)
+                            for phase, description in PHASES.items()}
         for reason in ("stop", "length", "abort", "error"):  # every series from the start: rate() sees the first
             self.request_success.labels(finished_reason=reason)
         r.register(VllmNames(self, model_name))
@@ -97,10 +101,21 @@ class Metrics:
             self.request_prompt_tokens.observe(choice.prompt_tokens)
             self.request_generation_tokens.observe(choice.completion_tokens)
             self.e2e_request_latency.observe((choice.ended_at or now) - started)
+            phases = choice.phase_seconds
+            for phase, seconds in phases.items():
+                if phase in self.phase_times:
+                    self.phase_times[phase].observe(seconds)
+            if "prefill" in phases:
+                self.phase_times["inference"].observe(phases["prefill"] + phases.get("decode", 0.0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+
+PHASES = {"queue": "Time a finished request waited to be admitted",
+          "prefill": "Time from a finished request's admission to its first token",
+          "decode": "Time from a finished request's first token to its last",
+          "inference": "Time from a finished request's admission to its last token (prefill + decode)"}
 
 # Our metric -> vLLM's name of the same measure (vLLM v1's /metrics).
 VLLM_NAMES = {
@@ -131,8 +146,10 @@ class VllmNames(Collector):
 
     def collect(self) -> Iterator[Metric]:
         labels = {"model_name": self._model_name(), "engine": "0"}
-        for attribute, name in VLLM_NAMES.items():
-            for family in getattr(self._metrics, attribute).collect():
+        mirrored = [(getattr(self._metrics, attribute), name) for attribute, name in VLLM_NAMES.items()]
+        mirrored += [(self._metrics.phase_times[phase], f"vllm:request_{phase}_time_seconds") for phase in PHASES]
+        for metric, name in mirrored:
+            for family in metric.collect():
                 renamed = Metric(name, family.documentation, family.type)
                 for sample in family.samples:
                     if sample.name.endswith("_created"):  # vLLM leaves creation times out

@@ -17,7 +17,7 @@ from server_helpers import uvicorn_server, worker_thread
 
 from pad_core.settings import EngineSettings
 from pad_core.testing import tiny_engine
-from pad_core.types import ChatRequest, Preference, SamplingParams
+from pad_core.types import ChatRequest, Preference, SamplingParams, StepOutput
 from server.app import create_app
 from server.metrics import VLLM_NAMES, Metrics
 from server.settings import ServerSettings
@@ -64,6 +64,9 @@ def test_every_vllm_metric_mirrors_ours_at_each_scrape(tmp_path):
         >= 12 + 1, "the answers' tokens, and those the hung-up stream was sent"
     assert value(samples, "vllm:prompt_tokens_total", **LABELS) == value(samples, "pad_prompt_tokens_total") > 0
     assert value(samples, "vllm:e2e_request_latency_seconds_count", **LABELS) == 3
+    for phase in ("queue", "prefill", "decode", "inference"):  # the engine's phases of the 3 finished answers
+        assert value(samples, f"vllm:request_{phase}_time_seconds_count", **LABELS) == 3, phase
+    assert value(samples, "vllm:request_prefill_time_seconds_sum", **LABELS) > 0
     assert value(samples, "vllm:request_generation_tokens_sum", **LABELS) == 12
     assert value(samples, "vllm:request_generation_tokens_bucket", le="5.0", **LABELS) == 3
     assert value(samples, "vllm:time_to_first_token_seconds_count", **LABELS) == value(
@@ -235,3 +238,24 @@ def test_kv_usage_counts_a_prompt_being_written_in_pieces():
     held = sum(tokens for tokens, _ in runner._partial.values())
     assert held >= 48
     assert engine.stats()["kv_cache_usage"] > 0, f"{held} prompt tokens' KV held, usage reads 0"
+
+
+def test_the_last_output_reports_the_phases_the_request_reached():
+    """queue (added to admitted), prefill (to the first token), decode (to
+    the last): measured in the engine, sent on the last output; a request
+    aborted while it waited reports its queue time alone."""
+    engine = tiny_engine(EngineSettings(max_running_requests=1))
+    for request_id in ("first", "second"):
+        engine.add_chat(ChatRequest(request_id, [{"role": "user", "content": "Hi"}], [],
+                                    SamplingParams(max_tokens=3, temperature=0)))
+    engine.step()  # "first" admitted; "second" waits behind it
+    engine.abort("second")
+    last = {}
+    while engine.has_unfinished():
+        for output in engine.step():
+            if output.finished:
+                last[output.request_id] = output
+    assert set(last["first"].phase_seconds) == {"queue", "prefill", "decode"}
+    assert last["first"].phase_seconds["prefill"] > 0 and last["first"].phase_seconds["decode"] > 0
+    assert set(last["second"].phase_seconds) == {"queue"} and last["second"].phase_seconds["queue"] > 0
+    assert StepOutput.from_dict(last["first"].to_dict()).phase_seconds == last["first"].phase_seconds
