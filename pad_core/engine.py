@@ -100,7 +100,9 @@ class PadEngine:
         self.prefilling: list[RequestState] = []  # admitted; prompts being written (chunked prefill)
         self.running: list[RequestState] = []
         self._aborted: set[str] = set()
-        self._seed_source = random.Random()
+        # The seeds of requests that bring none: from PAD_SEED when set (vLLM's --seed: a restarted
+        # server answers the same requests, in the same order, alike), else fresh.
+        self._seed_source = random.Random(settings.seed)
         self._token_texts: dict[int, tuple[str, list[int]]] = {}  # token id -> its text and bytes (logprobs)
         # The tokens skip_special_tokens leaves out of an answer's text (the tokenizer's special added tokens).
         self._special_ids = frozenset(token_id for token_id, added in tokenizer.added_tokens_decoder.items()

@@ -70,6 +70,11 @@ class EngineSettings(BaseSettings):
         description="generation config values over the model's (vLLM's --override-generation-config): "
         "temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens; NAME=VALUE or a JSON object",
     )
+    seed: int | None = Field(
+        None, description="seeds the sampling of requests that bring no seed of their own (vLLM's --seed): a "
+        "restarted server answers the same requests, sent in the same order one at a time, alike; default: "
+        "fresh randomness",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype; auto: bfloat16 on CUDA and on CPUs with native bf16, else float32"
     )

@@ -203,3 +203,20 @@ def test_a_whole_number_default_beyond_int64_is_refused_at_start_up(overrides):
         EngineSettings(override_generation_config=overrides)
     with pytest.raises(ModelLoadError):
         sampling_defaults("vllm", overrides, None)
+
+
+def test_a_server_seed_makes_unseeded_sampling_repeat_across_restarts():
+    """vLLM's --seed: two engines started with the same seed sample the same
+    answers for the same unseeded requests; without one, they differ."""
+    from pad_core.testing import tiny_engine
+    from pad_core.types import ChatRequest, SamplingParams
+
+    def answers(seed):
+        engine = tiny_engine(EngineSettings(seed=seed))
+        requests = [ChatRequest(f"r{i}", HI, [], SamplingParams(max_tokens=8, temperature=1.5)) for i in range(3)]
+        # One at a time: the seeds are drawn in the order the requests arrive.
+        return ["".join(output.text for output in engine.generate([request])) for request in requests]
+
+    assert answers(7) == answers(7)
+    assert answers(7) != answers(8)
+    assert answers(None) != answers(None)
