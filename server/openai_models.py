@@ -106,11 +106,6 @@ class StrictRequest(Strict):
 NULL_IS_DEFAULT = frozenset({"n", "stream", "logprobs", "echo", "include_usage", "continuous_usage_stats"})
 
 
-class TextPart(Strict):
-    type: Literal["text"]
-    text: str
-
-
 class ContentPart(BaseModel):
     """Any typed part; non-text ones are refused by name (server/messages.py)."""
 
