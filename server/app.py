@@ -18,6 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from server.auth_scopes import KeyTable
 from server.errors import install_error_handlers
+from server.generation import served_names
 from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.request_body import BodyLimitMiddleware
@@ -67,8 +68,7 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
 
     app = FastAPI(title="PAD server", version=package_version(), lifespan=lifespan)
     app.state.settings = settings
-    app.state.metrics = Metrics(lambda: app.state.worker.model_info.get("served_model_name")
-                                or settings.resolved_served_name())
+    app.state.metrics = Metrics(lambda: served_names(app.state)[0])
     app.state.key_table = KeyTable.from_settings(settings)
     app.state.worker = WorkerClient(settings, app.state.metrics)
     app.state.started = int(time.time())

@@ -185,11 +185,11 @@ class ConversationTurns:
 
 class Turn:
     """A conversation's turn, held: `await end()` gives it back (or
-    `end_after(joining)`, once the answer is in the conversation), before the client is told the answer is
-    done (so its next turn finds the conversation free); `release()` is the
-    same for the paths that cannot wait (an error, a stream cut short, a
-    finalizer in any thread): the turn is given back soon after. Both are
-    safe to call more than once."""
+    `end_after(joining)`, once the answer is in the conversation), before
+    the client is told the answer is done (so its next turn finds the
+    conversation free); `release()` is the same for the paths that cannot
+    wait (an error, a stream cut short, a finalizer in any thread): the turn
+    is given back soon after. All are safe to call more than once."""
 
     def __init__(self, turns: ConversationTurns, conversation_id: str, token: str, renewal: asyncio.Task) -> None:
         self._turns = turns

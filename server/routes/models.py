@@ -58,8 +58,7 @@ async def metrics(request: Request):
 
 def model_card(request: Request, name: str) -> dict:
     """The card of the model under one of its served names."""
-    client, settings = request.app.state.worker, request.app.state.settings
-    info = client.model_info
+    info = request.app.state.worker.model_info
     return {
         "id": name,
         "object": "model",
@@ -67,7 +66,7 @@ def model_card(request: Request, name: str) -> dict:
         "owned_by": "pad-server",
         "context_length": info.get("context_length"),
         "max_model_len": info.get("context_length"),  # vLLM's name for it (clients size their prompts by it)
-        "root": info.get("served_model_name") or settings.resolved_served_name(),
+        "root": served_names(request.app.state)[0],
         "parent": None,
         "reward_models": info.get("reward_models", ["self"]),
     }
