@@ -1181,6 +1181,15 @@ async def conversation_turn(ctx: Context, out: Outcome, body: dict, conversation
     return final
 
 
+async def next_turn(ctx: Context, out: Outcome, conversation_id: str, what: str) -> Turn | None:
+    """A turn of random shape (turn_body), kept in out.request["turns"],
+    that must be answered; None when it was not (the failure noted)."""
+    body = turn_body(ctx, conversation_id)
+    out.request["turns"].append(body)
+    final = await conversation_turn(ctx, out, body, conversation_id, what)
+    return None if final is None else Turn.of(body["input"], final)
+
+
 async def delete_conversation(ctx: Context, out: Outcome, conversation_id: str, what: str) -> bool:
     response = await ctx.client.delete(f"/v1/conversations/{conversation_id}")
     if not expect(out, response, what):
@@ -1213,12 +1222,10 @@ async def conversation(ctx: Context, out: Outcome) -> None:
     out.request = {"conversation": conversation_id, "turns": []}
     turns = []
     for number in range(rng.randint(2, 3)):
-        body = turn_body(ctx, conversation_id)
-        out.request["turns"].append(body)
-        final = await conversation_turn(ctx, out, body, conversation_id, f"turn {number + 1}")
-        if final is None:
+        turn = await next_turn(ctx, out, conversation_id, f"turn {number + 1}")
+        if turn is None:
             return
-        turns.append(Turn.of(body["input"], final))
+        turns.append(turn)
     items = await list_items(ctx, out, conversation_id, "list the conversation's items")
     if items is None:
         return
@@ -1245,15 +1252,13 @@ async def conversation(ctx: Context, out: Outcome) -> None:
                      f"were {[i.get('id') for i in items]}")
             return
         if rng.random() < 0.5:  # and the conversation goes on
-            body = turn_body(ctx, conversation_id)
-            out.request["turns"].append(body)
-            final = await conversation_turn(ctx, out, body, conversation_id, "a turn after an item's delete")
-            if final is None:
+            turn = await next_turn(ctx, out, conversation_id, "a turn after an item's delete")
+            if turn is None:
                 return
             items = await list_items(ctx, out, conversation_id, "list the items after that turn")
             if items is None:
                 return
-            for problem in conversation_problems(items, items_left, [Turn.of(body["input"], final)]):
+            for problem in conversation_problems(items, items_left, [turn]):
                 out.fail(problem)
     if rng.random() < 0.5 and await delete_conversation(ctx, out, conversation_id, "DELETE the conversation"):
         await check_conversation_gone(ctx, out, conversation_id)
@@ -1272,10 +1277,7 @@ async def conversation_race(ctx: Context, out: Outcome) -> None:
     conversation_id, before = made
     out.request = {"conversation": conversation_id, "turns": []}
     if rng.random() < 0.5:
-        body = turn_body(ctx, conversation_id)
-        out.request["turns"].append(body)
-        final = await conversation_turn(ctx, out, body, conversation_id, "the turn before the race")
-        if final is None:
+        if await next_turn(ctx, out, conversation_id, "the turn before the race") is None:
             return
         before = await list_items(ctx, out, conversation_id, "list the items before the race")
         if before is None:

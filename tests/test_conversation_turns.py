@@ -33,18 +33,23 @@ from server.store.repository import _runs_to_its_end
 MODEL = "smollm2-135m-instruct"
 
 
+@pytest.fixture
+def slow_end_turn(monkeypatch):
+    """A store slow to give a turn back (as behind a busy SQLite writer queue or a loaded PostgreSQL)."""
+    end_turn = Store.end_turn
+
+    async def slowly(self, conversation_id, token):
+        await asyncio.sleep(0.5)
+        await end_turn(self, conversation_id, token)
+
+    monkeypatch.setattr(Store, "end_turn", slowly)
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_turn_is_given_back_before_its_answer_is_returned(tmp_path, monkeypatch, stream):
+def test_a_turn_is_given_back_before_its_answer_is_returned(tmp_path, slow_end_turn, stream):
     """A client that waits for each answer (the whole stream) before sending
     the next turn never sees conversation_locked, even from a store slow to
     commit (as behind a busy SQLite writer queue or a loaded PostgreSQL)."""
-    end_turn = Store.end_turn
-
-    async def slow_end_turn(self, conversation_id, token):
-        await asyncio.sleep(0.5)  # a store slow to commit
-        await end_turn(self, conversation_id, token)
-
-    monkeypatch.setattr(Store, "end_turn", slow_end_turn)
     settings = ServerSettings(data_dir=tmp_path)
     with worker_thread() as (address, _worker), \
             uvicorn_server(create_app(settings.model_copy(update={"worker_address": address}))) as url:
@@ -115,24 +120,25 @@ async def _cancelled_begins(url: str):
         await store.close()
 
 
-async def test_a_turn_taken_for_a_caller_that_went_away_is_given_back(db_url):  # noqa: F811
-    held_after = []
-    async for k, _locked, held in _cancelled_begins(db_url):
-        if held:
-            held_after.append(k)
-            if len(held_after) == 3:
+async def _cancellations_leaving(url: str, left) -> list[int]:
+    """The first three k of _cancelled_begins after which `left(locked,
+    held)`: what a cancelled begin() should never leave behind."""
+    found = []
+    async for k, locked, held in _cancelled_begins(url):
+        if left(locked, held):
+            found.append(k)
+            if len(found) == 3:
                 break
+    return found
+
+
+async def test_a_turn_taken_for_a_caller_that_went_away_is_given_back(db_url):  # noqa: F811
+    held_after = await _cancellations_leaving(db_url, lambda _locked, held: held)
     assert held_after == [], f"begin() raised CancelledError yet held the turn (after {held_after} iterations)"
 
 
 async def test_a_turn_cancelled_while_being_taken_leaves_sqlite_writable(tmp_path):
-    url = f"sqlite:///{tmp_path / 'pad.db'}"
-    locked_after = []
-    async for k, locked, _held in _cancelled_begins(url):
-        if locked:
-            locked_after.append(k)
-            if len(locked_after) == 3:
-                break
+    locked_after = await _cancellations_leaving(f"sqlite:///{tmp_path / 'pad.db'}", lambda locked, _held: locked)
     assert locked_after == [], f"the database stayed write-locked after a cancelled begin() ({locked_after})"
 
 
@@ -187,16 +193,9 @@ async def test_a_store_write_whose_caller_went_away_runs_to_its_end(tmp_path):
         await store.close()
 
 
-def test_a_failed_stream_gives_its_turn_back_before_its_error_event(tmp_path, monkeypatch):
+def test_a_failed_stream_gives_its_turn_back_before_its_error_event(tmp_path, slow_end_turn):
     """A client that tries again as soon as its stream failed finds the
     conversation free (and not extended by the failed turn)."""
-    end_turn = Store.end_turn
-
-    async def slow_end_turn(self, conversation_id, token):
-        await asyncio.sleep(0.5)
-        await end_turn(self, conversation_id, token)
-
-    monkeypatch.setattr(Store, "end_turn", slow_end_turn)
     engine = tiny_engine()
     choose, failures = engine._choose, [1, 1]  # the batch, then the request alone
 
