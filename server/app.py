@@ -30,6 +30,7 @@ from server.routes import (
     feedback,
     models,
     responses,
+    stored_completions,
     stored_responses,
     tokenize,
     users,
@@ -84,7 +85,7 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
     # Outermost (added last): every answer, a 413 included, carries its x-request-id.
     app.add_middleware(RequestIdMiddleware)
 
-    for router in (chat.router, completions.router, responses.router, stored_responses.router,
+    for router in (chat.router, stored_completions.router, completions.router, responses.router, stored_responses.router,
                    conversations.router, models.router, models.probes, users.router, feedback.router,
                    tokenize.router):
         app.include_router(router)

@@ -25,7 +25,16 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
 
 from pad_core.types import GuidanceParams, SamplingParams, StructuredOutput, TemplateOptions, ToolFunction
 from pad_core.validation import (
@@ -51,13 +60,15 @@ from server.errors import invalid
 
 Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 Weight = Annotated[float, Field(strict=True, ge=-MAX_WEIGHT, le=MAX_WEIGHT)]
-Metadata = Annotated[dict[str, str], Field(max_length=16, description="up to 16 string pairs; accepted and ignored")]
+# OpenAI's metadata: kept with a stored chat completion, a conversation, a response.
+Metadata = Annotated[
+    dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]],
+    Field(max_length=16, description="up to 16 pairs: keys up to 64 characters, values up to 512"),
+]
 
 # Accepted and ignored: they change nothing here (no server-side storage, no
 # tiers, a prompt cache that needs no key, no reasoning, one verbosity).
 IGNORED: dict[str, str] = {
-    "store": "no server-side storage of answers (the feedback memory keeps them for PAD_FEEDBACK_RETENTION_DAYS anyway)",
-    "metadata": "no stored completions to tag",
     "service_tier": "one tier; answers say service_tier 'default'",
     "prompt_cache_key": "the prefix cache is automatic: every prompt is looked up, no key needed",
     "prompt_cache_retention": "the prefix cache is automatic: every prompt is looked up, no key needed",
@@ -657,9 +668,11 @@ class ChatCompletionRequest(SamplingFields):
     modalities: list[str] | None = Field(None, description="['text'] only")
     web_search_options: dict[str, Any] | None = Field(None, description="refused unless null: no web search here")
     moderation: dict[str, Any] | None = Field(None, description="refused unless null: no moderation here")
+    store: bool | None = Field(None, description="true: kept as a stored chat completion (GET "
+                               "/v1/chat/completions/{id}) for PAD_CHAT_COMPLETIONS_RETENTION_DAYS")
+    metadata: Metadata | None = Field(None, description="kept with a stored chat completion (store: true), "
+                                      "to filter the list by")
     # Accepted and ignored (IGNORED says why).
-    store: bool | None = None
-    metadata: Metadata | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None

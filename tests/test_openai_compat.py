@@ -69,8 +69,9 @@ def test_documented_fields_are_accepted_and_vllm_extensions_honoured(client):
     )
     assert [c.finish_reason for c in answer.choices] == ["length", "length"]
     assert answer.usage.completion_tokens == 8
-    assert set(IGNORED) >= {"store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier",
+    assert set(IGNORED) >= {"service_tier", "prompt_cache_key", "safety_identifier",
                             "verbosity", "stream_options.include_obfuscation"}
+    assert client.chat.completions.retrieve(answer.id).metadata == {"team": "docs"}  # store: true kept it
 
 
 def test_include_stop_str_in_output_and_skip_special_tokens(client):

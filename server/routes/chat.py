@@ -35,6 +35,7 @@ from server.openai_models import ChatCompletion, ChatCompletionRequest
 from server.openapi import generation_responses
 from server.request_body import JSONRoute
 from server.request_id import adopt_body_request_id
+from server.routes.stored_completions import keep_chat_completion
 from server.store.resolve import UNSET, resolve_for_request
 
 router = APIRouter(tags=["chat"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
@@ -84,11 +85,18 @@ async def _chat(body: ChatCompletionRequest, request: Request, scope):
     await generation.start()
     record = recorder(state, generation, messages, user)
     formatter = ChatFormatter(body, echoed(body, messages))
+
+    async def finished(choices: list[ChoiceState]) -> dict:
+        """Kept for feedback and, with store, as a stored chat completion
+        (a stream's as the whole object its chunks add up to)."""
+        await record(choices)
+        completion = formatter.response(generation, choices)
+        await keep_chat_completion(state, body, completion, user)
+        return completion
+
     if body.stream:
-        return streaming_response(stream_events(generation, formatter, record), on_close=[generation.close])
-    choices = await generation.collect()
-    await record(choices)
-    return JSONResponse(formatter.response(generation, choices))
+        return streaming_response(stream_events(generation, formatter, finished), on_close=[generation.close])
+    return JSONResponse(await finished(await generation.collect()))
 
 
 def echoed(body: ChatCompletionRequest, messages: list[dict[str, str]]) -> str:

@@ -33,13 +33,13 @@ from collections.abc import Awaitable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field
 
 from server.auth import Scope, key_scope
 from server.auth_scopes import KeyScope, chat_user
 from server.errors import APIError, invalid
 from server.messages import response_input_messages
-from server.openai_models import StrictRequest
+from server.openai_models import Metadata, StrictRequest
 from server.openapi import errors
 from server.request_body import JSONRoute
 from server.routes.stored_responses import resolve_item_references, stored_input_items
@@ -52,21 +52,17 @@ router = APIRouter(tags=["conversations"], route_class=JSONRoute, dependencies=[
 
 MAX_ITEMS_ADDED = 1000  # a call (OpenAI takes 20; agents add a whole turn's items at once)
 ITEM_ID = schema.conversation_items.c.item_id
-ConversationMetadata = Annotated[
-    dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]],
-    Field(max_length=16, description="up to 16 pairs: keys up to 64 characters, values up to 512"),
-]
 
 
 # ---- the bodies and objects ---------------------------------------------------
 class CreateConversation(StrictRequest):
     items: list[dict[str, Any]] | None = Field(None, max_length=MAX_ITEMS_ADDED)
-    metadata: ConversationMetadata | None = None
+    metadata: Metadata | None = None
     user: str | None = Field(None, description="PAD: the owner, for an API key bound to several users")
 
 
 class UpdateConversation(StrictRequest):
-    metadata: ConversationMetadata | None = Field(description="the new metadata (replaces it; null: none)")
+    metadata: Metadata | None = Field(description="the new metadata (replaces it; null: none)")
 
 
 class AddItems(StrictRequest):

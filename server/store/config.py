@@ -36,6 +36,10 @@ class StoreSettings(BaseSettings):
         30.0, ge=0, allow_inf_nan=False, description="days a Responses API response with store true is kept (GET /v1/responses/{id}, "
         "previous_response_id); 0 keeps none"
     )
+    chat_completions_retention_days: float = Field(
+        30.0, ge=0, allow_inf_nan=False, description="days a chat completion with store true is kept (GET /v1/chat/"
+        "completions and /v1/chat/completions/{id}); 0 keeps none"
+    )
     max_preferences: int = Field(8, ge=1, description="preferences per request and per stored profile")
     max_preference_chars: int = Field(2000, ge=1, description="characters per preference text")
 
@@ -45,6 +49,7 @@ class StoreConfig:
     url: str
     feedback_retention_days: float = 30.0
     responses_retention_days: float = 30.0
+    chat_completions_retention_days: float = 30.0
     max_preferences: int = 8
     max_preference_chars: int = 2000
     max_comment_chars: int = 4000
@@ -60,6 +65,7 @@ class StoreConfig:
             url=normalize_url(url),
             feedback_retention_days=float(pick("feedback_retention_days")),
             responses_retention_days=float(pick("responses_retention_days")),
+            chat_completions_retention_days=float(pick("chat_completions_retention_days")),
             max_preferences=int(pick("max_preferences")),
             max_preference_chars=int(pick("max_preference_chars")),
         )

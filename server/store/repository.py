@@ -1,6 +1,6 @@
 """The store: user preference profiles, completions kept for feedback,
-feedback, stored Responses API responses and Conversations API
-conversations, on SQLite (default) or PostgreSQL, through SQLAlchemy's
+feedback, stored chat completions, stored Responses API responses and
+Conversations API conversations, on SQLite (default) or PostgreSQL, through SQLAlchemy's
 asyncio API.
 
 Durability: a write method returns only after its transaction committed.
@@ -228,6 +228,24 @@ class StoredResponse:
     input_items: list[dict[str, Any]]
     response: dict[str, Any]
     created_at: int
+
+
+@dataclass(frozen=True)
+class StoredChatCompletion:
+    """A chat completion kept with `store: true` (see schema.chat_completions)."""
+
+    completion_id: str
+    user_id: str | None
+    model: str
+    metadata: dict[str, str]
+    messages: list[dict[str, Any]]
+    completion: dict[str, Any]
+    created_at: int
+
+    def to_openai(self) -> dict:
+        """The chat.completion object as it was returned, with its metadata
+        as it is now (OpenAI's stored completions carry theirs)."""
+        return {**self.completion, "metadata": self.metadata}
 
 
 @dataclass(frozen=True)
@@ -584,7 +602,8 @@ class Store:
         feedback, and responses older than the responses retention."""
         now = now if now is not None else time.time()
         retentions = [days * 86400.0 for days in (self.config.feedback_retention_days,
-                                                  self.config.responses_retention_days) if days > 0]
+                                                  self.config.responses_retention_days,
+                                                  self.config.chat_completions_retention_days) if days > 0]
         self._next_prune = time.monotonic() + max(60.0, min(3600.0, min(retentions, default=3600.0) / 10))
         c, f, r = schema.completions, schema.feedback, schema.responses
         async with self._write() as conn:
@@ -602,11 +621,22 @@ class Store:
                 )
             cutoff = int(now - self.config.responses_retention_days * 86400.0)
             responses = await conn.execute(delete(r).where(r.c.created_at < cutoff))
+            kept = await self._prune_chat_completions(conn, int(now - self.config.chat_completions_retention_days
+                                                                 * 86400.0))
         if result.rowcount:
             logger.info("pruned %d expired completion rows", result.rowcount)
         if responses.rowcount:
             logger.info("pruned %d expired responses", responses.rowcount)
+        if kept:
+            logger.info("pruned %d expired stored chat completions", kept)
         return result.rowcount
+
+    @staticmethod
+    async def _prune_chat_completions(conn: AsyncConnection, cutoff: int) -> int:
+        table, pairs = schema.chat_completions, schema.chat_completion_metadata
+        expired = select(table.c.completion_id).where(table.c.created_at < cutoff)
+        await conn.execute(delete(pairs).where(pairs.c.completion_id.in_(expired)))
+        return (await conn.execute(delete(table).where(table.c.created_at < cutoff))).rowcount
 
     # -- responses (the Responses API's `store`)
 
@@ -666,6 +696,114 @@ class Store:
         table = schema.responses
         async with self._write() as conn:
             result = await conn.execute(delete(table).where(table.c.response_id == response_id))
+        return result.rowcount > 0
+
+    # -- stored chat completions (`store: true` on /v1/chat/completions)
+
+    @property
+    def keeps_chat_completions(self) -> bool:
+        return self.config.chat_completions_retention_days > 0
+
+    def _alive_chat_completions(self) -> Any:
+        """The condition a kept chat completion within its retention meets
+        (one past it is gone at once, pruned or not yet)."""
+        cutoff = int(time.time() - self.config.chat_completions_retention_days * 86400.0)
+        return schema.chat_completions.c.created_at >= cutoff
+
+    @_runs_to_its_end
+    async def record_chat_completion(self, completion: dict[str, Any], *, user: str | None,
+                                     messages: Sequence[dict[str, Any]], metadata: dict[str, str]) -> bool:
+        """Keeps a chat.completion object and its request's messages; returns
+        False when the retention is 0 (nothing is kept). Re-recording an id
+        is a no-op."""
+        if not self.keeps_chat_completions:
+            return False
+        row = {
+            "completion_id": completion["id"],
+            "user_id": user or None,
+            "model": completion.get("model") or "",
+            "metadata": _dumps(metadata),
+            "messages": _dumps(list(messages)),
+            "completion": _dumps(completion),
+            "created_at": int(completion.get("created") or _now()),
+        }
+        pairs = [{"completion_id": completion["id"], "key": key, "value": value} for key, value in metadata.items()]
+        async with self._write() as conn:
+            result = await conn.execute(self._insert(schema.chat_completions).on_conflict_do_nothing(), [row])
+            if pairs and result.rowcount:
+                await conn.execute(schema.chat_completion_metadata.insert(), pairs)
+        await self._maybe_prune()
+        return True
+
+    async def find_chat_completion(self, completion_id: str) -> StoredChatCompletion | None:
+        """The kept chat completion of that id; None when unknown or expired."""
+        table = schema.chat_completions
+        if not keyable(completion_id, table.c.completion_id):
+            return None
+        async with self._read() as conn:
+            row = (await conn.execute(select(table).where(and_(
+                table.c.completion_id == completion_id, self._alive_chat_completions())))).first()
+        return _stored_chat_completion(row) if row is not None else None
+
+    async def list_chat_completions(self, *, users: frozenset[str] | None = None, model: str | None = None,
+                                    metadata: dict[str, str] | None = None, after: str | None = None,
+                                    limit: int = 20, descending: bool = False
+                                    ) -> tuple[list[StoredChatCompletion], bool]:
+        """A page of the kept chat completions, oldest first (or newest),
+        of `users` (None: everyone's), of `model`, holding every pair of
+        `metadata`, after the completion `after`; and whether more follow."""
+        table, pairs = schema.chat_completions, schema.chat_completion_metadata
+        conditions = [self._alive_chat_completions()]
+        if users is not None:
+            conditions.append(table.c.user_id.in_(sorted(users)))
+        if model is not None:
+            conditions.append(table.c.model == model)
+        for key, value in (metadata or {}).items():
+            conditions.append(select(pairs.c.completion_id).where(and_(
+                pairs.c.completion_id == table.c.completion_id, pairs.c.key == key, pairs.c.value == value)).exists())
+        async with self._read() as conn:
+            if after is not None:
+                cursor = None if not keyable(after, table.c.completion_id) else (await conn.execute(
+                    select(table.c.created_at, table.c.seq).where(and_(table.c.completion_id == after,
+                                                                       *conditions)))).first()
+                if cursor is None:
+                    raise InvalidInput(f"after: no chat completion {after[:80]!r} in this list", param="after",
+                                       code="invalid_value")
+                created, seq = cursor
+                if descending:
+                    conditions.append(or_(table.c.created_at < created,
+                                          and_(table.c.created_at == created, table.c.seq < seq)))
+                else:
+                    conditions.append(or_(table.c.created_at > created,
+                                          and_(table.c.created_at == created, table.c.seq > seq)))
+            order = (table.c.created_at.desc(), table.c.seq.desc()) if descending else (table.c.created_at,
+                                                                                          table.c.seq)
+            rows = (await conn.execute(select(table).where(and_(*conditions)).order_by(*order).limit(limit + 1))).all()
+        return [_stored_chat_completion(row) for row in rows[:limit]], len(rows) > limit
+
+    @_runs_to_its_end
+    async def update_chat_completion(self, completion_id: str, metadata: dict[str, str]
+                                     ) -> StoredChatCompletion | None:
+        """Replaces its metadata (as OpenAI's update does); None when it is gone."""
+        table, pairs = schema.chat_completions, schema.chat_completion_metadata
+        async with self._write() as conn:
+            result = await conn.execute(update(table).where(table.c.completion_id == completion_id)
+                                        .values(metadata=_dumps(metadata)))
+            if not result.rowcount:
+                return None
+            await conn.execute(delete(pairs).where(pairs.c.completion_id == completion_id))
+            if metadata:
+                await conn.execute(pairs.insert(), [{"completion_id": completion_id, "key": key, "value": value}
+                                                    for key, value in metadata.items()])
+            row = (await conn.execute(select(table).where(table.c.completion_id == completion_id))).first()
+        return _stored_chat_completion(row)
+
+    @_runs_to_its_end
+    async def delete_chat_completion(self, completion_id: str) -> bool:
+        table, pairs = schema.chat_completions, schema.chat_completion_metadata
+        async with self._write() as conn:
+            await conn.execute(delete(pairs).where(pairs.c.completion_id == completion_id))
+            result = await conn.execute(delete(table).where(table.c.completion_id == completion_id))
         return result.rowcount > 0
 
     # -- conversations (the Conversations API; kept until deleted)
@@ -1038,6 +1176,11 @@ def _stored_response(row) -> StoredResponse:
                           conversation=json.loads(row.conversation), call_names=json.loads(row.call_names),
                           input_items=json.loads(row.input_items), response=json.loads(row.response),
                           created_at=row.created_at)
+
+
+def _stored_chat_completion(row) -> StoredChatCompletion:
+    return StoredChatCompletion(row.completion_id, row.user_id, row.model, json.loads(row.metadata),
+                                json.loads(row.messages), json.loads(row.completion), row.created_at)
 
 
 def _stored_conversation(row) -> StoredConversation:

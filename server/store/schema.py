@@ -122,6 +122,35 @@ conversation_items = Table(
 )
 
 
+# Chat completions kept with `store: true` (GET /v1/chat/completions...): the
+# chat.completion object as it was returned and the request's messages.
+# `seq` breaks ties of `created_at` (one second) in the list's order; the
+# metadata's pairs are rows of their own too, so a list filters on them in SQL.
+chat_completions = Table(
+    "chat_completions",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("completion_id", String(128), nullable=False),
+    Column("user_id", String(256), nullable=True),
+    Column("model", String(256), nullable=False),
+    Column("metadata", Text, nullable=False),  # JSON {str: str}
+    Column("messages", Text, nullable=False),  # JSON: the request's messages, as sent
+    Column("completion", Text, nullable=False),  # JSON: the chat.completion object as it was returned
+    Column("created_at", BigInteger, nullable=False),
+    UniqueConstraint("completion_id", name="uq_chat_completions_completion_id"),
+    Index("ix_chat_completions_order", "created_at", "seq"),
+)
+
+chat_completion_metadata = Table(
+    "chat_completion_metadata",
+    metadata,
+    Column("completion_id", String(128), primary_key=True),
+    Column("key", String(64), primary_key=True),
+    Column("value", String(512), nullable=False),
+    Index("ix_chat_completion_metadata_pair", "key", "value"),
+)
+
+
 # Who is answering a response in a conversation (one at a time, across every
 # gateway over this store): a lease its gateway renews while the answer is
 # written, so a crashed gateway holds the conversation only until it runs out.
@@ -152,7 +181,12 @@ def _v4(conn: Connection) -> None:
     conversation_turns.create(conn)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
+def _v5(conn: Connection) -> None:
+    chat_completions.create(conn)
+    chat_completion_metadata.create(conn)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
 LATEST = len(MIGRATIONS)
 _PG_LOCK_ID = 0x5AD_5709E  # advisory lock key for migrations
 
