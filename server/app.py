@@ -22,6 +22,7 @@ from server.generation import served_names
 from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.request_body import BodyLimitMiddleware
+from server.background import BackgroundResponses
 from server.request_id import RequestIdMiddleware
 from server.routes import (
     chat,
@@ -58,11 +59,13 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
         app.state.store = await Store.open(settings=settings)
         app.state.conversation_turns = conversations.ConversationTurns(
             app.state.store, settings.conversation_turn_lease_s)
+        app.state.background_responses = BackgroundResponses(app.state.store, settings.background_lease_s)
         if start_worker:
             await app.state.worker.start()
         try:
             yield
         finally:
+            await app.state.background_responses.close()  # failed, while the store is open
             await app.state.worker.stop()
             await app.state.conversation_turns.close()
             await app.state.store.close()

@@ -1,5 +1,5 @@
 """The `pad` command: `pad serve`, `pad chat`, `pad train`, `pad data synth`,
-`pad eval`, `pad bench`, `pad feedback export|prune`, `pad --version`.
+`pad eval`, `pad bench`, `pad run-batch`, `pad feedback export|prune`, `pad --version`.
 Subcommands import lazily and get their own argv (so `--help` reaches each):
 `pad serve` (the gateway) never imports torch."""
 
@@ -24,6 +24,7 @@ commands:
   data synth        build preference pairs with the model itself
   eval              does PAD follow preferences better than prompting?
   bench             HTTP load benchmark, plain vs PAD
+  run-batch         answer a file of requests in OpenAI's batch format (vLLM's run-batch)
   feedback export   write preference pairs from user feedback
   feedback prune    delete completions and responses kept past their retention
 
@@ -151,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         from server.tools.bench import main as bench_main
 
         return bench_main(rest)
+    if command == "run-batch":
+        from server.tools.run_batch import main as run_batch_main
+
+        return run_batch_main(rest)
     if command == "feedback":
         from server.store.export import main as feedback_main
 

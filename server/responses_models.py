@@ -65,9 +65,10 @@ class ResponsesRequest(StrictRequest):
     conversation: str | dict[str, Any] | None = Field(
         None, description="a conversation's id (or {id}): its items go before input, and input and the answer's "
         "items are added to it")
+    background: bool | None = Field(None, description="true: answered after the request returns (queued), "
+                                    "polled with GET /v1/responses/{id}; needs store, not stream")
     # Refused unless null.
     prompt: dict[str, Any] | None = Field(None, description="refused: no stored prompts")
-    background: bool | None = Field(None, description="refused when true: answers are synchronous")
     moderation: dict[str, Any] | None = Field(None, description="refused unless null: no moderation here")
     # Accepted and ignored.
     metadata: Metadata | None = None
@@ -91,7 +92,10 @@ class ResponsesRequest(StrictRequest):
         reject_if(self.conversation is not None and self.previous_response_id is not None,
                    "conversation and previous_response_id cannot be used together", "conversation", "invalid_value")
         reject_if(self.prompt is not None, "prompt (a stored prompt template) is not supported", "prompt")
-        reject_if(bool(self.background), "background responses are not supported", "background")
+        reject_if(bool(self.background) and self.store is False, "background responses need store: true (they "
+                  "are read back with GET /v1/responses/{id})", "background", "invalid_value")
+        reject_if(bool(self.background) and bool(self.stream), "a background response cannot stream here: poll "
+                  "GET /v1/responses/{id} for it instead", "stream")
         reject_if(self.moderation is not None, "'moderation' is not supported: no moderation here", "moderation")
         reject_if(self.stream_options is not None and not self.stream,
                    "stream_options is only allowed when stream is true", "stream_options", "invalid_value")

@@ -151,9 +151,9 @@ async def test_a_405_lists_the_methods_of_its_path(app):
     """RFC 9110: a 405 names what the path allows (regression: FastAPI's
     included routers hid their routes' methods, and Allow was empty)."""
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-        chat = await client.get("/v1/chat/completions")
+        chat = await client.put("/v1/chat/completions")
         models = await client.post("/v1/models")
-    assert chat.status_code == 405 and chat.headers["allow"] == "POST"
+    assert chat.status_code == 405 and chat.headers["allow"] == "GET, POST"  # the stored completions' list, creation
     assert models.status_code == 405 and models.headers["allow"] == "GET"
     assert chat.json()["error"]["type"] == "invalid_request_error"
 

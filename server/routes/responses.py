@@ -23,19 +23,22 @@ the answer's items to it after the answer."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from pad_core.types import ChatRequest, SamplingParams
+from server import background
 from server.auth import Scope, key_scope
 from server.auth_scopes import chat_user
-from server.errors import APIError
+from server.errors import APIError, invalid
 from server.generation import (
     ChoiceState,
     CallDelta,
@@ -64,10 +67,12 @@ from server.routes.stored_responses import (
     function_call_names,
     keep_response,
     message_item_id,
+    not_kept_reason,
     previous_response,
     resolve_item_references,
     stored_input_items,
 )
+from server.background import Run
 from server.store.repository import StoredConversation
 
 logger = logging.getLogger(__name__)
@@ -136,19 +141,30 @@ async def _answer(body: ResponsesRequest, state, scope, served: str, conversatio
     rename = {**preference_rename(body), "max_tokens": "max_output_tokens"}
     verify_request(chat, state.settings, resolution, user, rename)
     generation.rename = {**rename, "messages": "input", "response_format": "text.format"}
-    await generation.start()
     record = recorder(state, generation, messages, user)
     keeps = body.store is not False and store is not None and store.keeps_responses
     formatter = ResponsesFormatter(body, response_id, keeps, sampling)
     history = messages[1:] if body.instructions else messages  # instructions do not carry over
 
+    async def keep(response: dict, first: bool = False) -> None:
+        """Keeps the response (a background one: first queued, a must, then
+        each later state in its place)."""
+        if keeps:
+            await keep_response(store, response, user=user, history=history, items=items, previous=previous,
+                                replace=bool(body.background) and not first, must=first)
+
     async def finished(choices: list[ChoiceState], response: dict) -> None:
         await record(choices)
         if conversation is not None:
             await turn.end_after(extend_conversation(store, conversation, items, response))
-        if keeps:
-            await keep_response(store, response, user=user, history=history, items=items, previous=previous)
+        await keep(response)
 
+    if body.background:
+        if not keeps:
+            raise invalid(f"background responses cannot be kept to be polled: {not_kept_reason(store)}",
+                          "background")
+        return await answer_in_background(state, generation, formatter, keep, finished, turn)
+    await generation.start()
     if body.stream:
         async def stream_finished(choices: list[ChoiceState]) -> None:
             await finished(choices, formatter.final_streamed(generation, usage_of(choices)))
@@ -160,6 +176,46 @@ async def _answer(body: ResponsesRequest, state, scope, served: str, conversatio
     response = formatter.response(generation, choices[0])
     await finished(choices, response)
     return JSONResponse(response)
+
+
+# ---- background responses -------------------------------------------------
+async def answer_in_background(state, generation: Generation, formatter: ResponsesFormatter,
+                               keep: Callable[..., Awaitable[None]],
+                               finished: Callable[[list[ChoiceState], dict], Awaitable[None]],
+                               turn: Turn | None) -> JSONResponse:
+    """Keeps the response `queued` and answers it in a task of this gateway
+    (server/background.py), which stores each later state; the request is
+    answered at once with the queued response."""
+    await keep(formatter.envelope(generation, "queued", [], None), first=True)
+
+    async def work(run: Run) -> None:
+        try:
+            await generation.start()
+            await keep(formatter.envelope(generation, "in_progress", [], None))
+            choices = await generation.collect()
+            await finished(choices, formatter.response(generation, choices[0]))
+        except APIError as error:
+            await generation.close(None)
+            ended = formatter.envelope(generation, "failed", [], None)
+            await keep(background.failed(ended, {"code": error.code or error.type, "message": error.message}))
+        except asyncio.CancelledError:
+            await asyncio.shield(generation.close())  # the worker aborts what still runs
+            ended = formatter.envelope(generation, "cancelled", [], None)
+            if run.stop_reason != "cancelled":  # the gateway stops: the answer will not come
+                ended = background.failed(ended)
+            await asyncio.shield(keep(ended))
+            raise
+        except Exception:
+            logger.exception("background response %s failed", generation.id)
+            await generation.close("error")
+            await keep(background.failed(formatter.envelope(generation, "failed", [], None),
+                                         {"code": "server_error", "message": "The server failed to answer."}))
+        finally:
+            if turn is not None:
+                await asyncio.shield(turn.end())  # ended already when the answer joined its conversation
+
+    await state.background_responses.start(generation.id, work)
+    return JSONResponse(formatter.envelope(generation, "queued", [], None))
 
 
 # ---- conversations -------------------------------------------------------
@@ -222,7 +278,7 @@ class ResponsesFormatter(Formatter):
         text_format = (body.text.format if body.text else None) or {"type": "text"}
         return {
             "id": generation.id, "object": "response", "created_at": generation.created, "status": status,
-            "background": False, "error": None, "incomplete_details": incomplete,
+            "background": bool(body.background), "error": None, "incomplete_details": incomplete,
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
             "max_tool_calls": body.max_tool_calls, "model": generation.model, "output": output,
             "parallel_tool_calls": body.parallel_tool_calls is not False,

@@ -10,8 +10,8 @@ earlier responses' (when it continued one), its own input, its answer.
 - GET /v1/responses/{id}/input_items lists the request's own input items
   (OpenAI's cursor page: order, limit, after);
 - DELETE /v1/responses/{id} forgets it;
-- POST /v1/responses/{id}/cancel is a 400: only background responses can be
-  cancelled, and there are none here.
+- POST /v1/responses/{id}/cancel cancels a background response still
+  running (server/background.py); for any other it is a 400.
 A response of another user (an API key bound to users) is unknown to the
 caller: not found, not said to exist.
 
@@ -25,13 +25,16 @@ call."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
+from server import background
 from server.auth import Scope, key_scope
 from server.auth_scopes import KeyScope
 from server.errors import APIError, invalid
@@ -73,6 +76,9 @@ async def previous_response(store, scope: KeyScope | None, response_id: str | No
         raise APIError(400, f"Previous response with id {response_id[:80]!r} not found: {not_kept_reason(store)}. "
                        "Send the whole conversation in input instead.", "invalid_request_error",
                        "previous_response_id", "previous_response_not_found")
+    if background.is_running(kept.response):  # its answer is not in its conversation yet
+        raise invalid(f"Previous response with id {response_id[:80]!r} is still {kept.response['status']}: "
+                      "continue it once it is done", "previous_response_id", "previous_response_in_progress")
     return kept
 
 
@@ -119,18 +125,23 @@ def message_parts(content: Any, assistant: bool) -> Any:
 
 
 async def keep_response(store, response: dict[str, Any], *, user: str | None, history: list[dict[str, str]],
-                        items: str | list[dict[str, Any]], previous: StoredResponse | None) -> None:
-    """Keeps an answered response for previous_response_id and GET. A store
-    that fails is logged, never the answer's failure (as the feedback
-    memory's record is not)."""
+                        items: str | list[dict[str, Any]], previous: StoredResponse | None,
+                        replace: bool = False, must: bool = False) -> None:
+    """Keeps an answered response for previous_response_id and GET (with
+    `replace`, a background response's later state). A store that fails is
+    logged, never the answer's failure (as the feedback memory's record is
+    not), unless keeping it is a `must` (a background response, which only
+    a poll can read)."""
     try:
         output = response["output"]
         conversation = history + (response_input_messages(output, None) if output else [])
         names = {**(previous.call_names if previous else {}), **function_call_names(items),
                  **function_call_names(output)}
         await store.record_response(response, user=user, conversation=conversation, call_names=names,
-                                    input_items=stored_input_items(items))
+                                    input_items=stored_input_items(items), replace=replace)
     except Exception:
+        if must:
+            raise
         logger.exception("could not keep response %s", response.get("id"))
 
 
@@ -225,11 +236,16 @@ def item_not_found(store, item_id: str, param: str) -> APIError:
 
 # ---- the routes -------------------------------------------------------------
 async def kept_or_404(request: Request, scope: KeyScope | None, response_id: str) -> StoredResponse:
-    store = getattr(request.app.state, "store", None)
+    """The kept response as it is now: a background one whose gateway
+    stopped before it was done (its lease ran out) is failed first."""
+    state = request.app.state
+    store = getattr(state, "store", None)
     kept = await find_kept(store, scope, response_id)
     if kept is None:
         raise APIError(404, f"Response with id {response_id[:80]!r} not found: {not_kept_reason(store)}.",
                        "invalid_request_error", "response_id", "response_not_found")
+    if background.is_running(kept.response) and not state.background_responses.runs_here(response_id):
+        kept = await store.settle_abandoned_response(response_id, background.failed) or kept
     return kept
 
 
@@ -247,15 +263,44 @@ async def retrieve_response(response_id: str, request: Request, scope: Scope,
 @router.delete("/v1/responses/{response_id}", responses=errors(401, 404))
 async def delete_response(response_id: str, request: Request, scope: Scope):
     kept = await kept_or_404(request, scope, response_id)
+    if background.is_running(kept.response):  # a deleted response is no longer answered
+        await stop_background(request.app.state, response_id)
     await request.app.state.store.delete_response(kept.response_id)
     return {"id": kept.response_id, "object": "response", "deleted": True}
 
 
-@router.post("/v1/responses/{response_id}/cancel", responses=errors(400, 401, 404))
+@router.post("/v1/responses/{response_id}/cancel", response_model=ResponseObject, responses=errors(400, 401, 404))
 async def cancel_response(response_id: str, request: Request, scope: Scope):
-    await kept_or_404(request, scope, response_id)
-    raise invalid("Only responses created with background: true can be cancelled; this one has finished",
-                  "response_id")
+    """Cancels a background response still queued or in progress, and
+    returns it as it is then (cancelled once its run has stopped: at once on
+    this gateway, within a third of PAD_BACKGROUND_LEASE_S on another);
+    cancelling a cancelled one again returns it unchanged."""
+    kept = await kept_or_404(request, scope, response_id)
+    if not kept.response.get("background"):
+        raise invalid("Only responses created with background: true can be cancelled", "response_id")
+    if background.is_running(kept.response):
+        await stop_background(request.app.state, response_id)
+        kept = await kept_or_404(request, scope, response_id)
+    elif kept.response.get("status") != "cancelled":
+        raise invalid(f"Cannot cancel a response that is already {kept.response.get('status')}", "response_id")
+    return JSONResponse(kept.response)
+
+
+async def stop_background(state, response_id: str) -> None:
+    """Stops a background response's run: this gateway's at once; another
+    gateway's is asked through the store, and waited for a while (its run
+    reads the ask when it renews its lease)."""
+    if await state.background_responses.cancel(response_id):
+        return
+    store = state.store
+    if not await store.request_background_cancel(response_id):
+        return  # no run holds it: a poll reads it failed
+    deadline = time.monotonic() + state.settings.background_lease_s / 3 + 2.0
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        kept = await store.find_response(response_id)
+        if kept is None or not background.is_running(kept.response):
+            return
 
 
 @router.get("/v1/responses/{response_id}/input_items", responses=errors(400, 401, 404))

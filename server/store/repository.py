@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -653,9 +654,12 @@ class Store:
         conversation: Sequence[dict[str, str]],
         call_names: dict[str, str],
         input_items: Sequence[dict[str, Any]],
+        replace: bool = False,
     ) -> bool:
         """Keeps a response object, with what continuing it needs; returns
-        False when the retention is 0 (nothing is kept)."""
+        False when the retention is 0 (nothing is kept). A response kept
+        already stays as it was, unless `replace` (a background response's
+        later states: its object and conversation, not its input)."""
         if not self.keeps_responses:
             return False
         row = {
@@ -667,8 +671,13 @@ class Store:
             "response": _dumps(response),
             "created_at": int(response.get("created_at") or _now()),
         }
+        table = schema.responses
         async with self._write() as conn:
-            await conn.execute(self._insert(schema.responses).on_conflict_do_nothing(), [row])
+            if replace:  # an update, not an upsert: a response deleted meanwhile stays deleted
+                await conn.execute(update(table).where(table.c.response_id == row["response_id"]).values(
+                    conversation=row["conversation"], call_names=row["call_names"], response=row["response"]))
+            else:
+                await conn.execute(self._insert(table).on_conflict_do_nothing(), [row])
         await self._maybe_prune()
         return True
 
@@ -805,6 +814,68 @@ class Store:
             await conn.execute(delete(pairs).where(pairs.c.completion_id == completion_id))
             result = await conn.execute(delete(table).where(table.c.completion_id == completion_id))
         return result.rowcount > 0
+
+    # -- background responses (`background: true`): their runners' leases
+
+    @_runs_to_its_end
+    async def begin_background(self, response_id: str, token: str, lease_s: float) -> None:
+        async with self._write() as conn:
+            await conn.execute(schema.background_responses.insert().values(
+                response_id=response_id, token=token, expires_at_ms=_now_ms() + _ms(lease_s), cancel_requested=0))
+
+    @_runs_to_its_end
+    async def renew_background(self, response_id: str, token: str, lease_s: float) -> bool | None:
+        """Extends the runner's lease; whether a cancel was asked meanwhile
+        (None: the run is no longer this runner's)."""
+        table = schema.background_responses
+        mine = and_(table.c.response_id == response_id, table.c.token == token)
+        async with self._write() as conn:
+            result = await conn.execute(update(table).where(mine).values(expires_at_ms=_now_ms() + _ms(lease_s)))
+            if not result.rowcount:
+                return None
+            return bool((await conn.execute(select(table.c.cancel_requested).where(mine))).scalar())
+
+    @_runs_to_its_end
+    async def end_background(self, response_id: str, token: str) -> None:
+        table = schema.background_responses
+        async with self._write() as conn:
+            await conn.execute(delete(table).where(and_(table.c.response_id == response_id, table.c.token == token)))
+
+    @_runs_to_its_end
+    async def request_background_cancel(self, response_id: str) -> bool:
+        """Asks the runner of a background response, on whatever gateway, to
+        cancel it; False when none runs it."""
+        table = schema.background_responses
+        async with self._write() as conn:
+            result = await conn.execute(update(table).where(and_(
+                table.c.response_id == response_id, table.c.expires_at_ms >= _now_ms())).values(cancel_requested=1))
+        return result.rowcount > 0
+
+    @_runs_to_its_end
+    async def settle_abandoned_response(self, response_id: str, settled: Callable[[dict[str, Any]], dict[str, Any]]
+                                        ) -> StoredResponse | None:
+        """The kept response; one still queued or in progress whose runner's
+        lease ran out (its gateway stopped) is first replaced by
+        `settled(response)` (a failed one). Read and written in one write
+        transaction, so a runner that finished meanwhile is never undone."""
+        table, runs = schema.responses, schema.background_responses
+        async with self._write() as conn:
+            row = (await conn.execute(select(table).where(table.c.response_id == response_id)
+                                      .with_for_update())).first()
+            if row is None:
+                return None
+            kept = _stored_response(row)
+            if kept.response.get("status") not in ("queued", "in_progress"):
+                return kept
+            alive = (await conn.execute(select(runs.c.response_id).where(and_(
+                runs.c.response_id == response_id, runs.c.expires_at_ms >= _now_ms())))).first()
+            if alive is not None:
+                return kept
+            response = settled(kept.response)
+            await conn.execute(update(table).where(table.c.response_id == response_id)
+                               .values(response=_dumps(response)))
+            await conn.execute(delete(runs).where(runs.c.response_id == response_id))
+        return dataclasses.replace(kept, response=response)
 
     # -- conversations (the Conversations API; kept until deleted)
 

@@ -151,6 +151,20 @@ chat_completion_metadata = Table(
 )
 
 
+# Who is answering a background response (`background: true`): a lease its
+# gateway renews while it runs, so a response whose gateway died is seen as
+# failed once the lease runs out instead of running forever; and whether a
+# cancel was asked through another gateway (its runner reads it as it renews).
+background_responses = Table(
+    "background_responses",
+    metadata,
+    Column("response_id", String(128), primary_key=True),
+    Column("token", String(64), nullable=False),  # the runner's
+    Column("expires_at_ms", BigInteger, nullable=False),  # unix milliseconds
+    Column("cancel_requested", Integer, nullable=False, default=0),
+)
+
+
 # Who is answering a response in a conversation (one at a time, across every
 # gateway over this store): a lease its gateway renews while the answer is
 # written, so a crashed gateway holds the conversation only until it runs out.
@@ -184,6 +198,7 @@ def _v4(conn: Connection) -> None:
 def _v5(conn: Connection) -> None:
     chat_completions.create(conn)
     chat_completion_metadata.create(conn)
+    background_responses.create(conn)
 
 
 MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5]

@@ -1,0 +1,125 @@
+"""Background responses (`background: true` on POST /v1/responses): answered
+in the gateway after the request has been answered, polled with GET
+/v1/responses/{id}, cancelled with POST /v1/responses/{id}/cancel.
+
+The request returns at once with the response `queued` (kept in the store,
+so any gateway over it can read it); its run, a task of this gateway, marks
+it `in_progress` once the engine has taken it, then stores its end state:
+`completed` / `incomplete` as a synchronous answer would be, `failed` with
+its error, or `cancelled`. Each run holds a lease in the store that it
+renews every third of PAD_BACKGROUND_LEASE_S: a response whose gateway died
+is read as `failed` once the lease has run out, never `in_progress`
+forever; and a cancel asked through another gateway is seen by the run as
+it renews. A gateway that stops fails its runs (they would not finish)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+RUNNING = ("queued", "in_progress")
+STOPPED_ERROR = {"code": "server_error",
+                 "message": "The server answering this background response stopped before it was done. "
+                            "Create the response again."}
+
+
+def is_running(response: dict[str, Any]) -> bool:
+    return response.get("status") in RUNNING
+
+
+def failed(response: dict[str, Any], error: dict[str, str] = STOPPED_ERROR) -> dict[str, Any]:
+    return {**response, "status": "failed", "error": error}
+
+
+# A run's work: given how to report `in_progress` and asked to stop for a
+# reason, answers and stores the response (see server/routes/responses.py).
+Work = Callable[["Run"], Awaitable[None]]
+
+
+@dataclass
+class Run:
+    response_id: str
+    token: str
+    task: asyncio.Task | None = None
+    stop_reason: str | None = None  # "cancelled" (asked) or "stopped" (the gateway stops)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class BackgroundResponses:
+    """This gateway's background runs, by response id."""
+
+    def __init__(self, store, lease_s: float) -> None:
+        self._store = store
+        self._lease_s = lease_s
+        self._runs: dict[str, Run] = {}
+
+    def runs_here(self, response_id: str) -> bool:
+        return response_id in self._runs
+
+    async def start(self, response_id: str, work: Work) -> None:
+        """Takes the run's lease (before the request is answered, so that a
+        poll never finds it without one), then runs `work` as a task."""
+        run = Run(response_id, uuid.uuid4().hex)
+        await self._store.begin_background(response_id, run.token, self._lease_s)
+        self._runs[response_id] = run
+        run.task = asyncio.ensure_future(self._run(run, work))
+
+    async def _run(self, run: Run, work: Work) -> None:
+        renewal = asyncio.ensure_future(self._renew(run))
+        try:
+            await work(run)
+        except asyncio.CancelledError:
+            pass  # the work stored its state as it was cancelled
+        except Exception:
+            logger.exception("background response %s failed", run.response_id)
+        finally:
+            renewal.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._store.end_background(run.response_id, run.token))
+            self._runs.pop(run.response_id, None)
+            run.done.set()
+
+    async def _renew(self, run: Run) -> None:
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            try:
+                cancel_asked = await self._store.renew_background(run.response_id, run.token, self._lease_s)
+            except Exception:  # the store unreachable: try again; the lease may run out meanwhile
+                logger.warning("could not renew background response %s", run.response_id, exc_info=True)
+                continue
+            if cancel_asked or cancel_asked is None:  # asked through another gateway, or no longer ours
+                self._stop(run, "cancelled")
+                return
+
+    def _stop(self, run: Run, reason: str) -> None:
+        if run.stop_reason is None:
+            run.stop_reason = reason
+        if run.task is not None:
+            run.task.cancel()
+
+    async def cancel(self, response_id: str) -> bool:
+        """Cancels the run if it is this gateway's, once it has stored its
+        cancelled state; False when it runs elsewhere (or not at all)."""
+        run = self._runs.get(response_id)
+        if run is None:
+            return False
+        self._stop(run, "cancelled")
+        await run.done.wait()
+        return True
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Fails every run of this gateway (they cannot finish once it stops),
+        each stored as failed before the store closes."""
+        runs = list(self._runs.values())
+        for run in runs:
+            self._stop(run, "stopped")
+        if runs:
+            logger.warning("stopping %d background response(s) before they were done", len(runs))
+            await asyncio.wait([asyncio.ensure_future(run.done.wait()) for run in runs], timeout=timeout_s)
