@@ -153,7 +153,7 @@ def test_a_cancel_through_another_gateway_reaches_the_run(worker, tmp_path):
         assert sdk(second).responses.retrieve(running.id).status == "in_progress"
         started = time.monotonic()
         cancelled = sdk(second).responses.cancel(running.id)
-        assert cancelled.status == "cancelled" and time.monotonic() - started < 3.0
+        assert cancelled.status == "cancelled" and time.monotonic() - started < 5.0  # the answer takes ~8 s
         assert sdk(first).responses.retrieve(running.id).status == "cancelled"
 
 
@@ -178,10 +178,10 @@ def test_a_response_whose_gateway_died_reads_failed_once_its_lease_ran_out(worke
             await store.record_response(response, user=None, conversation=[], call_names={}, input_items=[])
             await store.begin_background(response["id"], "dead-gateway", lease_s)
 
-    asyncio.run(orphan(1.5))
     with uvicorn_server(create_app(settings_for(worker, tmp_path))) as url:
+        asyncio.run(orphan(3.0))
         assert sdk(url).responses.retrieve(response["id"]).status == "in_progress"  # its lease still runs
-        time.sleep(1.6)
+        time.sleep(3.1)
         got = sdk(url).responses.retrieve(response["id"])
         assert got.status == "failed" and got.error.code == "server_error"
         assert sdk(url).responses.retrieve(response["id"]).status == "failed"  # stored so

@@ -184,6 +184,7 @@ def test_a_users_completions_are_unknown_to_another_users_key(server):
     ("/v1/chat/completions?after=chatcmpl-nothere", "after"),
     ("/v1/chat/completions?metadata=team", "metadata"),
     ("/v1/chat/completions?metadata[a]=1&metadata[a]=2", "metadata"),
+    ("/v1/chat/completions?" + "&".join(f"metadata[k{n}]=v" for n in range(17)), "metadata"),
     ("/v1/chat/completions/{id}/messages?limit=0", "limit"),
     ("/v1/chat/completions/{id}/messages?after={id}-9", "after"),
 ])
@@ -245,7 +246,7 @@ async def test_the_store_orders_pages_filters_and_prunes(db_url):  # noqa: F811
     now = int(time.time())
     async with await Store.open(store_config(db_url, chat_completions_retention_days=1)) as store:
         # one second holds three: the order within it is the order they were kept in
-        for name, created, user, metadata in (("c", now, "alice", {"k": "1"}), ("a", now, None, {"k": "1"}),
+        for name, created, user, metadata in (("c", now, "alice", {"k": "1", "t": "x"}), ("a", now, None, {"k": "1"}),
                                               ("b", now, "bob", {"k": "2"}), ("old", now - 100, "alice", {})):
             assert await store.record_chat_completion(completion(name, created), user=user, messages=[],
                                                       metadata=metadata)
@@ -257,6 +258,10 @@ async def test_the_store_orders_pages_filters_and_prunes(db_url):  # noqa: F811
         assert (await store.list_chat_completions(after="c", limit=1))[1] is True
         assert ids(await store.list_chat_completions(after="a", descending=True)) == ["c", "old"]
         assert ids(await store.list_chat_completions(metadata={"k": "1"})) == ["c", "a"]
+        assert ids(await store.list_chat_completions(metadata={"k": "1", "t": "x"})) == ["c"]  # every pair
+        assert ids(await store.list_chat_completions(metadata={"t": "x", "k": "2"})) == []
+        many = {str(n): "v" for n in range(16)}  # the most a filter takes: one query, however many pairs
+        assert ids(await store.list_chat_completions(metadata=many)) == []
         assert ids(await store.list_chat_completions(users=frozenset({"alice", "bob"}))) == ["old", "c", "b"]
         assert ids(await store.list_chat_completions(model="other")) == []
         with pytest.raises(Exception, match="after"):
@@ -270,4 +275,5 @@ async def test_the_store_orders_pages_filters_and_prunes(db_url):  # noqa: F811
         assert await store.delete_chat_completion("a") and not await store.delete_chat_completion("a")
         async with store._read() as conn:
             pairs = (await conn.execute(schema.chat_completion_metadata.select())).all()
-        assert sorted((p.completion_id, p.key, p.value) for p in pairs) == [("b", "k", "2"), ("c", "k", "1")]
+        assert sorted((p.completion_id, p.key, p.value) for p in pairs) == [("b", "k", "2"), ("c", "k", "1"),
+                                                                             ("c", "t", "x")]

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["chat"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 
 MAX_PAGE = 100
+MAX_METADATA_PAIRS = 16  # as a completion's metadata holds
 METADATA_QUERY = re.compile(r"metadata\[(.*)\]")  # the SDK's query form of a filter pair: metadata[key]=value
 
 
@@ -141,6 +142,8 @@ def metadata_filter(request: Request) -> dict[str, str]:
             if key in pairs and pairs[key] != value:  # no completion holds two values under one key
                 raise invalid(f"metadata[{key[:64]}] is given two values", "metadata", "invalid_value")
             pairs[key] = value
+    if len(pairs) > MAX_METADATA_PAIRS:  # a completion holds at most 16: more can match none
+        raise invalid(f"metadata: filter by at most {MAX_METADATA_PAIRS} pairs", "metadata", "invalid_value")
     return pairs
 
 

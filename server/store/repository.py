@@ -767,9 +767,13 @@ class Store:
             conditions.append(table.c.user_id.in_(sorted(users)))
         if model is not None:
             conditions.append(table.c.model == model)
-        for key, value in (metadata or {}).items():
-            conditions.append(select(pairs.c.completion_id).where(and_(
-                pairs.c.completion_id == table.c.completion_id, pairs.c.key == key, pairs.c.value == value)).exists())
+        if metadata:
+            # One subquery however many pairs (one EXISTS a pair made PostgreSQL's planner crawl): a
+            # completion holds a key once, so matching as many rows as pairs is matching them all.
+            matching = (select(pairs.c.completion_id)
+                        .where(or_(*(and_(pairs.c.key == key, pairs.c.value == value) for key, value in metadata.items())))
+                        .group_by(pairs.c.completion_id).having(func.count() == len(metadata)))
+            conditions.append(table.c.completion_id.in_(matching))
         async with self._read() as conn:
             if after is not None:
                 cursor = None if not keyable(after, table.c.completion_id) else (await conn.execute(
