@@ -61,9 +61,11 @@ from server.errors import invalid
 Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 Weight = Annotated[float, Field(strict=True, ge=-MAX_WEIGHT, le=MAX_WEIGHT)]
 # OpenAI's metadata: kept with a stored chat completion, a conversation, a response.
+# No NUL: PostgreSQL text cannot hold one (the stored completions' pairs are columns of their own).
 Metadata = Annotated[
-    dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]],
-    Field(max_length=16, description="up to 16 pairs: keys up to 64 characters, values up to 512"),
+    dict[Annotated[str, StringConstraints(max_length=64, pattern=r"^[^\x00]*$")],
+         Annotated[str, StringConstraints(max_length=512, pattern=r"^[^\x00]*$")]],
+    Field(max_length=16, description="up to 16 pairs: keys up to 64 characters, values up to 512 (no NUL)"),
 ]
 
 # Accepted and ignored: they change nothing here (no server-side storage, no

@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 from typing import Literal
 
+import openai
 import pytest
 from pydantic import BaseModel
 from server_helpers import uvicorn_server, worker_thread
@@ -202,6 +203,10 @@ async def test_an_agent_chains_its_turns_with_previous_response_id(base_url):
         # The random model's later turns (their prompts hold random call ids) may call again, or run
         # out of tokens: incomplete, which the SDK raises on. The chaining is what is checked here.
         pass
+    except openai.BadRequestError as exc:
+        # ...or grow the kept conversation past the tiny model's 512-token context by the last turn
+        assert exc.code == "context_length_exceeded" and statuses[-1] == 400, exc
+        statuses.pop()
     assert statuses and set(statuses) == {200}  # every chained turn was served
     assert len(sent) >= 2 and "previous_response_id" not in sent[0]
     for body in sent[1:]:  # only what is new: the call's output, on the kept conversation

@@ -581,11 +581,10 @@ def test_responses_structured_and_function_calls(client):
     assert follow_up.output[0].type == "message"
 
 
-def test_responses_refuse_background(server):
+def test_responses_background_needs_store_and_an_unknown_conversation_is_a_404(server):
     base = {"model": MODEL, "input": "Hi", "max_output_tokens": 2}
-    response = post(server, "/v1/responses", {**base, "background": True})
+    response = post(server, "/v1/responses", {**base, "background": True, "store": False})  # tests/test_background_responses.py
     assert response.status_code == 400 and response.json()["error"]["param"] == "background"
-    assert "not supported" in response.json()["error"]["message"]
     unknown = post(server, "/v1/responses", {**base, "conversation": "conv_1"})  # tests/test_conversations.py
     assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "conversation"
 

@@ -39,6 +39,9 @@ def line(custom_id: str, url: str = "/v1/chat/completions", body: dict | None = 
     (b'{"custom_id": "a", "url": "/v1/chat/completions", "body": "hi"}', "body must be a JSON object"),
     (b'{"custom_id": "a", "url": "/v1/chat/completions", "body": {"stream": true}}', "cannot stream"),
     (b'{"custom_id": "\xff", "url": "/v1/chat/completions", "body": {}}', "not UTF-8"),
+    (b'{"custom_id": "a", "url": "/v1/chat/completions", "body": {"temperature": NaN}}', "NaN is not a JSON value"),
+    (b'{"custom_id": "a", "url": "/v1/chat/completions", "body": {"input": "\\ud800"}}', "not JSON"),
+    (b'{"custom_id": "\\ud800", "url": "/v1/chat/completions", "body": {}}', "not JSON"),
 ])
 def test_a_line_that_is_no_request_says_why(raw, problem):
     parsed = parse_line(7, raw, set())
@@ -100,17 +103,21 @@ async def test_busy_answers_and_lost_connections_are_retried():
             return httpx.Response(400, json={"error": {"message": "temperature too high", "type":
                                                        "invalid_request_error", "param": "temperature",
                                                        "code": "invalid_value"}})
+        if which == "slow":
+            raise httpx.ReadTimeout("no answer in time")
         if which == "garbled":
             return httpx.Response(500, text="<html>oops</html>")
         return httpx.Response(200, json={"ok": True})
 
     lines = [BatchLine(n, name, "/v1/chat/completions", {"which": name})
-             for n, name in enumerate(("busy", "down", "refused", "garbled", "fine"), start=1)]
-    lines.append(BatchLine(6, None, problem="line 6 is not JSON"))
+             for n, name in enumerate(("busy", "down", "refused", "garbled", "fine", "slow"), start=1)]
+    lines.append(BatchLine(7, None, problem="line 7 is not JSON"))
     out = io.StringIO()
     async with mock_client(handler) as client:
-        assert await run(iter(lines), client, out, concurrency=2, retries=3, backoff_s=0) == (2, 4)
-    busy, down, refused, garbled, fine, bad = results_of(out)
+        assert await run(iter(lines), client, out, concurrency=2, retries=3, backoff_s=0) == (2, 5)
+    busy, down, refused, garbled, fine, slow, bad = results_of(out)
+    # sent, maybe answered: never sent twice (a POST generates, and may store)
+    assert slow["error"]["code"] == "request_failed" and calls["slow"] == 1
     assert busy["response"]["status_code"] == 200 and busy["error"] is None and calls["busy"] == 3
     assert down["response"] is None and down["error"]["code"] == "connection_error" and calls["down"] == 4
     assert refused["response"]["status_code"] == 400 and calls["refused"] == 1  # a refusal is no retry
@@ -119,7 +126,7 @@ async def test_busy_answers_and_lost_connections_are_retried():
     assert garbled["error"]["code"] == "500" and "oops" in garbled["response"]["body"]["error"]["message"]
     assert fine["error"] is None
     assert bad == {**bad, "custom_id": None, "response": None,
-                   "error": {"code": "invalid_request", "message": "line 6 is not JSON"}}
+                   "error": {"code": "invalid_request", "message": "line 7 is not JSON"}}
 
 
 async def test_an_input_that_fails_mid_way_ends_the_run_with_the_lines_before_written():
@@ -197,5 +204,8 @@ def test_paths_that_cannot_be_used_are_exit_2_before_any_server_starts(tmp_path,
     (tmp_path / "in.jsonl").write_text(line("a"), encoding="utf-8")
     assert run_batch.main(["-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "no" / "out.jsonl")]) == 2
     assert "no folder" in capsys.readouterr().err
+    same = str(tmp_path / "in.jsonl")
+    assert run_batch.main(["-i", same, "-o", same]) == 2 and "overwrite the input" in capsys.readouterr().err
+    assert (tmp_path / "in.jsonl").read_text(encoding="utf-8") == line("a")  # untouched
     with pytest.raises(SystemExit):
         run_batch.main(["-i", "x", "-o", "y", "--max-concurrency", "0"])

@@ -10,6 +10,7 @@ cursor, filters, prune."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -22,7 +23,7 @@ from store_helpers import db_url, store_config  # noqa: F401  (fixture)
 
 from server.app import create_app
 from server.settings import ServerSettings
-from server.store import Store, schema
+from server.store import InvalidInput, Store, schema
 
 GREEDY = {"model": MODEL, "temperature": 0, "max_tokens": 5}
 ADMIN = {"authorization": "Bearer admin"}
@@ -210,10 +211,17 @@ def test_bad_update_bodies_are_400s(client, server, body, param):
     assert answer.json()["error"]["param"].startswith(param), answer.text
 
 
-def test_bad_metadata_on_create_is_a_400(client):
+@pytest.mark.parametrize("metadata", [{"k" * 65: "v"}, {"k": "a\x00b"}, {"a\x00": "v"}])
+def test_bad_metadata_on_create_is_a_400(client, metadata):
     with pytest.raises(openai.BadRequestError) as refused:
-        ask(client, store=True, metadata={"k" * 65: "v"})
+        ask(client, store=True, metadata=metadata)
     assert error_of(refused)["param"].startswith("metadata")
+
+
+def test_a_filter_no_completion_can_match_is_an_empty_page(server):
+    for query in ("metadata[k]=%00", "metadata[%00]=x", "model=%00", f"metadata[k]={'v' * 600}"):
+        answer = httpx.get(f"{server}/v1/chat/completions?{query}", headers=ADMIN)
+        assert answer.status_code == 200 and answer.json()["data"] == [], (query, answer.text)
 
 
 def test_unknown_and_odd_ids_are_not_found(server):
@@ -264,8 +272,12 @@ async def test_the_store_orders_pages_filters_and_prunes(db_url):  # noqa: F811
         assert ids(await store.list_chat_completions(metadata=many)) == []
         assert ids(await store.list_chat_completions(users=frozenset({"alice", "bob"}))) == ["old", "c", "b"]
         assert ids(await store.list_chat_completions(model="other")) == []
-        with pytest.raises(Exception, match="after"):
-            await store.list_chat_completions(after="a", metadata={"k": "2"})  # not in this list
+        # a cursor out of the filter (a page's last, updated since) still places the page after it
+        assert ids(await store.list_chat_completions(after="a", metadata={"k": "2"})) == ["b"]
+        with pytest.raises(InvalidInput, match="after: no chat completion"):
+            await store.list_chat_completions(after="nothere")
+        with pytest.raises(InvalidInput, match="after: no chat completion"):  # another user's is unknown
+            await store.list_chat_completions(after="a", users=frozenset({"alice"}))
         assert (await store.find_chat_completion("c")).user_id == "alice"  # kept once: a second record is a no-op
         assert (await store.update_chat_completion("a", {"k": "2"})).metadata == {"k": "2"}
         assert ids(await store.list_chat_completions(metadata={"k": "2"})) == ["a", "b"]
@@ -277,3 +289,22 @@ async def test_the_store_orders_pages_filters_and_prunes(db_url):  # noqa: F811
             pairs = (await conn.execute(schema.chat_completion_metadata.select())).all()
         assert sorted((p.completion_id, p.key, p.value) for p in pairs) == [("b", "k", "2"), ("c", "k", "1"),
                                                                              ("c", "t", "x")]
+
+
+async def test_updates_racing_deletes_neither_fail_nor_leave_pairs_behind(db_url):  # noqa: F811
+    """Every writer locks a completion before its pairs (update against
+    delete in the opposite order deadlocked on PostgreSQL, and a delete
+    missed the pairs an update committed meanwhile)."""
+    async with await Store.open(store_config(db_url)) as store:
+        for round_ in range(20):
+            name = f"race-{round_}"
+            await store.record_chat_completion(completion(name, int(time.time())), user=None, messages=[],
+                                               metadata={"k": "0"})
+            results = await asyncio.gather(store.update_chat_completion(name, {"k": "1", "j": "2"}),
+                                           store.delete_chat_completion(name),
+                                           store.update_chat_completion(name, {"k": "3"}),
+                                           store.delete_chat_completion(name))
+            assert sum(1 for r in results if r is True) == 1  # one delete found it
+        async with store._read() as conn:
+            assert (await conn.execute(schema.chat_completion_metadata.select())).all() == []
+            assert (await conn.execute(schema.chat_completions.select())).all() == []

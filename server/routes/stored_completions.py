@@ -39,6 +39,7 @@ from server.openai_models import ChatCompletion, ChatCompletionRequest, Metadata
 from server.openapi import errors
 from server.request_body import JSONRoute
 from server.store.repository import StoredChatCompletion
+from server.store.schema import chat_completion_metadata
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["chat"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
@@ -147,6 +148,11 @@ def metadata_filter(request: Request) -> dict[str, str]:
     return pairs
 
 
+def keyable(text: str) -> bool:
+    """A filter's text that a kept completion can hold: no NUL, within its column."""
+    return "\x00" not in text and len(text) <= chat_completion_metadata.c.value.type.length
+
+
 def page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": has_more}
@@ -161,6 +167,8 @@ async def list_chat_completions(request: Request, scope: Scope, after: str | Non
         if after is not None:
             raise invalid(f"after: no chat completion {after[:80]!r} in this list", "after", "invalid_value")
         return JSONResponse(page([], False))
+    if not all(keyable(text) for text in (model or "", *pairs, *pairs.values())):
+        return JSONResponse(page([], False))  # a value no completion can hold (NUL, too long) matches none
     kept, has_more = await store.list_chat_completions(
         users=None if scope is None else scope.users, model=model, metadata=pairs, after=after, limit=limit,
         descending=order == "desc")

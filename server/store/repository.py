@@ -634,10 +634,15 @@ class Store:
 
     @staticmethod
     async def _prune_chat_completions(conn: AsyncConnection, cutoff: int) -> int:
+        # The completions first, then their pairs: every writer locks a completion before its pairs
+        # (opposite orders deadlocked update against delete on PostgreSQL), and the pairs' delete, a
+        # statement of its own, sees the pairs an update committed meanwhile.
         table, pairs = schema.chat_completions, schema.chat_completion_metadata
-        expired = select(table.c.completion_id).where(table.c.created_at < cutoff)
-        await conn.execute(delete(pairs).where(pairs.c.completion_id.in_(expired)))
-        return (await conn.execute(delete(table).where(table.c.created_at < cutoff))).rowcount
+        expired = [row.completion_id for row in await conn.execute(
+            delete(table).where(table.c.created_at < cutoff).returning(table.c.completion_id))]
+        for start in range(0, len(expired), 500):
+            await conn.execute(delete(pairs).where(pairs.c.completion_id.in_(expired[start:start + 500])))
+        return len(expired)
 
     # -- responses (the Responses API's `store`)
 
@@ -765,6 +770,7 @@ class Store:
         conditions = [self._alive_chat_completions()]
         if users is not None:
             conditions.append(table.c.user_id.in_(sorted(users)))
+        visible = len(conditions)
         if model is not None:
             conditions.append(table.c.model == model)
         if metadata:
@@ -776,9 +782,11 @@ class Store:
             conditions.append(table.c.completion_id.in_(matching))
         async with self._read() as conn:
             if after is not None:
+                # Found whatever its metadata is now: a page's last completion updated out of the filter
+                # still places the next page (only another user's is unknown).
                 cursor = None if not keyable(after, table.c.completion_id) else (await conn.execute(
                     select(table.c.created_at, table.c.seq).where(and_(table.c.completion_id == after,
-                                                                       *conditions)))).first()
+                                                                       *conditions[:visible])))).first()
                 if cursor is None:
                     raise InvalidInput(f"after: no chat completion {after[:80]!r} in this list", param="after",
                                        code="invalid_value")
@@ -814,9 +822,9 @@ class Store:
     @_runs_to_its_end
     async def delete_chat_completion(self, completion_id: str) -> bool:
         table, pairs = schema.chat_completions, schema.chat_completion_metadata
-        async with self._write() as conn:
-            await conn.execute(delete(pairs).where(pairs.c.completion_id == completion_id))
+        async with self._write() as conn:  # the completion first, then its pairs (see _prune_chat_completions)
             result = await conn.execute(delete(table).where(table.c.completion_id == completion_id))
+            await conn.execute(delete(pairs).where(pairs.c.completion_id == completion_id))
         return result.rowcount > 0
 
     # -- background responses (`background: true`): their runners' leases

@@ -17,8 +17,9 @@ a field missing, another URL, a custom_id seen before) has `response` null
 and its `error`. Nothing is skipped: one line out per line in.
 
 Requests run `--max-concurrency` at a time (the server batches them on the
-GPU); a 429 or 503 (queue full, worker restarting) or a lost connection is
-retried with backoff. Results are written as they come in order, so the
+GPU); a 429 or 503 (queue full, worker restarting) or a connection that could
+not be made is retried with backoff (a request that may have reached the server, a read
+timeout, is not sent twice). Results are written as they come in order, so the
 memory held is bounded by the requests in flight, not the file. Exit code
 0 when every request was answered 2xx, 1 when any was not (its line says
 why), 2 when the files or the server could not be used.
@@ -48,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 RETRIED_STATUSES = (429, 502, 503, 504)
+RETRIED_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,10 @@ class BatchLine:
     problem: str | None = None
 
 
+def no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def parse_line(number: int, raw: bytes, seen: set[str]) -> BatchLine:
     """An input line as a request, or as the problem that makes it none
     (checked here so that a bad line costs no server call)."""
@@ -69,8 +75,9 @@ def parse_line(number: int, raw: bytes, seen: set[str]) -> BatchLine:
     except UnicodeDecodeError as exc:
         return BatchLine(number, None, problem=f"line {number} is not UTF-8: {exc}")
     try:
-        request = json.loads(text)
-    except ValueError as exc:
+        request = json.loads(text, parse_constant=no_constant)
+        json.dumps(request, ensure_ascii=False).encode("utf-8")  # a lone surrogate ("\ud800") is no text to send
+    except ValueError as exc:  # UnicodeEncodeError included
         return BatchLine(number, None, problem=f"line {number} is not JSON: {exc}")
     if not isinstance(request, dict):
         return BatchLine(number, None, problem=f"line {number} is not a JSON object")
@@ -133,10 +140,12 @@ async def send(client: httpx.AsyncClient, line: BatchLine, retries: int, backoff
             await asyncio.sleep(backoff_s * 2 ** (attempt - 1))
         try:
             response = await client.post(line.url, json=line.body)
-        except httpx.TransportError as exc:
+        except RETRIED_ERRORS as exc:  # the request never reached the server: sending it again is safe
             last_problem = f"{type(exc).__name__}: {exc}"
             logger.warning("request %r: %s (attempt %d)", line.custom_id, last_problem, attempt + 1)
             continue
+        except Exception as exc:  # a timeout after it was sent (not sent twice), or anything else: its line's
+            return result_line(line, None, {"code": "request_failed", "message": f"{type(exc).__name__}: {exc}"})
         if response.status_code in RETRIED_STATUSES and attempt < retries:
             logger.warning("request %r: HTTP %d (attempt %d)", line.custom_id, response.status_code, attempt + 1)
             continue
@@ -202,7 +211,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--api-key", default=None, help="its API key (default: $OPENAI_API_KEY)")
     parser.add_argument("--max-concurrency", type=int, default=32, help="requests in flight (default 32)")
     parser.add_argument("--retries", type=int, default=5, help="retries of a request on 429/502/503/504 or a "
-                        "lost connection (default 5)")
+                        "connection that could not be made (default 5)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take (default 600)")
     parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                         help="an argument for the `pad serve` it starts (repeat; e.g. --serve-arg=--dtype=float32)")
@@ -265,6 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Checked before a server starts: a wrong path is a clear error at once.
     if args.input != "-" and not Path(args.input).is_file():
         print(f"pad run-batch: no input file {args.input}", file=sys.stderr)
+        return 2
+    if args.input != "-" and args.output != "-" and Path(args.input).resolve() == Path(args.output).resolve():
+        print("pad run-batch: the output would overwrite the input: name another file", file=sys.stderr)
         return 2
     if args.output != "-" and not Path(args.output).absolute().parent.is_dir():
         print(f"pad run-batch: no folder for the output {args.output}", file=sys.stderr)
