@@ -1,17 +1,36 @@
 """What the Responses API tests share (tests/test_stored_responses.py,
 tests/test_conversations.py): greedy short answers from the tiny engine, a
-function tool in the Responses shape, the official SDK on a test server
-with an API key, and an SDK error's OpenAI error body."""
+function tool in the Responses shape, a test server with API keys bound
+to users, the official SDK on it with a key, and an SDK error's OpenAI error body."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
 import openai
+from server_helpers import uvicorn_server
+
+from server.app import create_app
+from server.settings import ServerSettings
 
 MODEL = "smollm2-135m-instruct"
 GREEDY = {"model": MODEL, "temperature": 0, "max_output_tokens": 6}
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
                           "required": ["city"], "additionalProperties": False}}
+
+
+KEYS = ["admin", "ka:alice", "kb:bob"]  # an unbound key, and keys bound to alice and to bob
+
+
+@contextlib.contextmanager
+def keyed_server(worker: str, data_dir: Path) -> Iterator[str]:
+    """A gateway on `worker` with the KEYS, keeping its store in `data_dir`; yields its URL."""
+    settings = ServerSettings(worker_address=worker, data_dir=data_dir, api_keys=KEYS)
+    with uvicorn_server(create_app(settings)) as url:
+        yield url
 
 
 def sdk(server: str, key: str = "admin") -> openai.OpenAI:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from responses_helpers import GREEDY, MODEL, WEATHER, error_of, sdk
+from responses_helpers import GREEDY, MODEL, WEATHER, error_of, keyed_server, sdk
 from server_helpers import uvicorn_server, worker_thread
 
 from server.app import create_app
@@ -21,10 +21,7 @@ from server.settings import ServerSettings
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    settings = ServerSettings(data_dir=tmp_path_factory.mktemp("conversations"),
-                              api_keys=["admin", "ka:alice", "kb:bob"])
-    with worker_thread() as (address, _worker), uvicorn_server(
-            create_app(settings.model_copy(update={"worker_address": address}))) as url:
+    with worker_thread() as (address, _worker), keyed_server(address, tmp_path_factory.mktemp("conversations")) as url:
         yield url
 
 

@@ -17,7 +17,7 @@ import uuid
 import httpx
 import openai
 import pytest
-from responses_helpers import MODEL, error_of, sdk
+from responses_helpers import MODEL, error_of, keyed_server, sdk
 from server_helpers import uvicorn_server, worker_thread
 from store_helpers import db_url, store_config  # noqa: F401  (fixture)
 
@@ -37,9 +37,7 @@ def worker():
 
 @pytest.fixture(scope="module")
 def server(worker, tmp_path_factory):
-    settings = ServerSettings(worker_address=worker, data_dir=tmp_path_factory.mktemp("stored-chat"),
-                              api_keys=["admin", "ka:alice", "kb:bob"])
-    with uvicorn_server(create_app(settings)) as url:
+    with keyed_server(worker, tmp_path_factory.mktemp("stored-chat")) as url:
         yield url
 
 

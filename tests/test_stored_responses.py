@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 from pydantic import TypeAdapter
-from responses_helpers import GREEDY, MODEL, WEATHER, error_of, sdk
+from responses_helpers import GREEDY, MODEL, WEATHER, error_of, keyed_server, sdk
 from server_helpers import uvicorn_server, worker_thread
 
 from server.app import create_app
@@ -28,9 +28,7 @@ def worker():
 
 @pytest.fixture(scope="module")
 def server(worker, tmp_path_factory):
-    settings = ServerSettings(worker_address=worker, data_dir=tmp_path_factory.mktemp("stored"),
-                              api_keys=["admin", "ka:alice", "kb:bob"])
-    with uvicorn_server(create_app(settings)) as url:
+    with keyed_server(worker, tmp_path_factory.mktemp("stored")) as url:
         yield url
 
 

@@ -42,7 +42,13 @@ from server.messages import response_input_messages
 from server.openai_models import Metadata, StrictRequest
 from server.openapi import errors
 from server.request_body import JSONRoute
-from server.routes.stored_responses import resolve_item_references, stored_input_items
+from server.routes.stored_responses import (
+    ItemList,
+    item_list,
+    page_limit,
+    resolve_item_references,
+    stored_input_items,
+)
 from server.store import schema
 from server.store.http import StoreDep
 from server.store.repository import StoredConversation, keyable
@@ -80,19 +86,6 @@ class DeletedConversation(BaseModel):
     id: str
     object: Literal["conversation.deleted"]
     deleted: bool
-
-
-class ItemList(BaseModel):
-    object: Literal["list"]
-    data: list[dict[str, Any]]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
-
-
-def item_list(items: list[dict[str, Any]], has_more: bool = False) -> dict[str, Any]:
-    return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
-            "last_id": items[-1]["id"] if items else None, "has_more": has_more}
 
 
 # ---- what the routes and /v1/responses share ----------------------------------
@@ -324,8 +317,7 @@ async def add_items(conversation_id: str, body: AddItems, store: StoreDep, scope
 async def list_items(conversation_id: str, store: StoreDep, scope: Scope, after: str | None = None,
                      limit: int = 20, order: Literal["asc", "desc"] = "desc",
                      include: Annotated[list[str] | None, Query()] = None):
-    if not 1 <= limit <= 100:
-        raise invalid("limit must be between 1 and 100", "limit", "invalid_value")
+    page_limit(limit)
     found = await conversation_or_404(store, scope, conversation_id)
     items, has_more = await store.conversation_items(found.conversation_id, after=after, limit=limit,
                                                      descending=order == "desc")

@@ -186,7 +186,8 @@ async def answer_in_background(state, generation: Generation, formatter: Respons
     """Keeps the response `queued` and answers it in a task of this gateway
     (server/background.py), which stores each later state; the request is
     answered at once with the queued response."""
-    await keep(formatter.envelope(generation, "queued", [], None), first=True)
+    queued = formatter.envelope(generation, "queued", [], None)
+    await keep(queued, first=True)
 
     async def work(run: Run) -> None:
         try:
@@ -215,7 +216,7 @@ async def answer_in_background(state, generation: Generation, formatter: Respons
                 await asyncio.shield(turn.end())  # ended already when the answer joined its conversation
 
     await state.background_responses.start(generation.id, work)
-    return JSONResponse(formatter.envelope(generation, "queued", [], None))
+    return JSONResponse(queued)
 
 
 # ---- conversations -------------------------------------------------------

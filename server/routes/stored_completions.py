@@ -38,13 +38,13 @@ from server.messages import content_text
 from server.openai_models import ChatCompletion, ChatCompletionRequest, Metadata, StrictRequest
 from server.openapi import errors
 from server.request_body import JSONRoute
+from server.routes.stored_responses import ItemList, cursor_page, item_list, page_limit
 from server.store.repository import StoredChatCompletion
 from server.store.schema import chat_completion_metadata
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["chat"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 
-MAX_PAGE = 100
 MAX_METADATA_PAIRS = 16  # as a completion's metadata holds
 METADATA_QUERY = re.compile(r"metadata\[(.*)\]")  # the SDK's query form of a filter pair: metadata[key]=value
 
@@ -65,14 +65,6 @@ class ChatCompletionDeleted(BaseModel):
     id: str
     object: Literal["chat.completion.deleted"]
     deleted: bool
-
-
-class StoredMessageList(BaseModel):
-    object: Literal["list"]
-    data: list[dict[str, Any]]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
 
 
 # ---- keeping one -------------------------------------------------------------
@@ -126,12 +118,6 @@ async def kept_or_404(request: Request, scope: KeyScope | None, completion_id: s
     return kept
 
 
-def page_limit(limit: int) -> int:
-    if not 1 <= limit <= MAX_PAGE:
-        raise invalid(f"limit must be between 1 and {MAX_PAGE}", "limit", "invalid_value")
-    return limit
-
-
 def metadata_filter(request: Request) -> dict[str, str]:
     """`metadata[key]=value` query pairs (the SDK's form of `metadata={...}`)."""
     pairs: dict[str, str] = {}
@@ -153,11 +139,6 @@ def keyable(text: str) -> bool:
     return "\x00" not in text and len(text) <= chat_completion_metadata.c.value.type.length
 
 
-def page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": has_more}
-
-
 @router.get("/v1/chat/completions", response_model=ChatCompletionList, responses=errors(400, 401))
 async def list_chat_completions(request: Request, scope: Scope, after: str | None = None, limit: int = 20,
                                 model: str | None = None, order: Literal["asc", "desc"] = "asc"):
@@ -166,14 +147,14 @@ async def list_chat_completions(request: Request, scope: Scope, after: str | Non
     if store is None or not store.keeps_chat_completions:
         if after is not None:
             raise invalid(f"after: no chat completion {after[:80]!r} in this list", "after", "invalid_value")
-        return JSONResponse(page([], False))
+        return JSONResponse(item_list([]))
     if not all(keyable(text) for text in (model or "", *pairs, *pairs.values())):
-        return JSONResponse(page([], False))  # a value no completion can hold (NUL, too long) matches none
+        return JSONResponse(item_list([]))  # a value no completion can hold (NUL, too long) matches none
     kept, has_more = await store.list_chat_completions(
         users=None if scope is None else scope.users, model=model, metadata=pairs, after=after, limit=limit,
         descending=order == "desc")
     # as they were returned: not through ChatCompletion, which would reorder their fields
-    return JSONResponse(page([completion.to_openai() for completion in kept], has_more))
+    return JSONResponse(item_list([completion.to_openai() for completion in kept], has_more))
 
 
 @router.get("/v1/chat/completions/{completion_id}", response_model=ChatCompletion, responses=errors(401, 404))
@@ -200,17 +181,11 @@ async def delete_chat_completion(completion_id: str, request: Request, scope: Sc
     return {"id": kept.completion_id, "object": "chat.completion.deleted", "deleted": True}
 
 
-@router.get("/v1/chat/completions/{completion_id}/messages", response_model=StoredMessageList,
+@router.get("/v1/chat/completions/{completion_id}/messages", response_model=ItemList,
             responses=errors(400, 401, 404))
 async def list_messages(completion_id: str, request: Request, scope: Scope, after: str | None = None,
                         limit: int = 20, order: Literal["asc", "desc"] = "asc"):
-    limit = page_limit(limit)
+    page_limit(limit)
     messages = (await kept_or_404(request, scope, completion_id)).messages
-    if order == "desc":
-        messages = messages[::-1]
-    if after is not None:
-        ids = [message["id"] for message in messages]
-        if after not in ids:
-            raise invalid(f"after: no message {after[:80]!r} in this chat completion", "after", "invalid_value")
-        messages = messages[ids.index(after) + 1:]
-    return page(messages[:limit], len(messages) > limit)
+    return cursor_page(messages, after=after, limit=limit, descending=order == "desc",
+                       kind="message", holder="this chat completion")

@@ -33,6 +33,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from server import background
 from server.auth import Scope, key_scope
@@ -234,6 +235,44 @@ def item_not_found(store, item_id: str, param: str) -> APIError:
                     "invalid_request_error", param, "item_not_found")
 
 
+# ---- OpenAI's cursor pages (also the conversations' items and stored chat completions') ----
+MAX_PAGE = 100
+
+
+class ItemList(BaseModel):
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+def page_limit(limit: int) -> int:
+    if not 1 <= limit <= MAX_PAGE:
+        raise invalid(f"limit must be between 1 and {MAX_PAGE}", "limit", "invalid_value")
+    return limit
+
+
+def item_list(items: list[dict[str, Any]], has_more: bool = False) -> dict[str, Any]:
+    return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
+            "last_id": items[-1]["id"] if items else None, "has_more": has_more}
+
+
+def cursor_page(items: list[dict[str, Any]], *, after: str | None, limit: int, descending: bool,
+                kind: str, holder: str) -> dict[str, Any]:
+    """A page of a list held whole: in order (or reversed), after the item
+    `after` (a 400 when the `holder` holds no such `kind`), at most `limit`
+    (checked by the route, before it reads the list)."""
+    if descending:
+        items = items[::-1]
+    if after is not None:
+        ids = [item.get("id") for item in items]
+        if after not in ids:
+            raise invalid(f"after: no {kind} {after[:80]!r} in {holder}", "after", "invalid_value")
+        items = items[ids.index(after) + 1:]
+    return item_list(items[:limit], len(items) > limit)
+
+
 # ---- the routes -------------------------------------------------------------
 async def kept_or_404(request: Request, scope: KeyScope | None, response_id: str) -> StoredResponse:
     """The kept response as it is now: a background one whose gateway
@@ -307,16 +346,7 @@ async def stop_background(state, response_id: str) -> None:
 async def list_input_items(response_id: str, request: Request, scope: Scope,
                            after: str | None = None, limit: int = 20, order: Literal["asc", "desc"] = "desc",
                            include: Annotated[list[str] | None, Query()] = None):
-    if not 1 <= limit <= 100:
-        raise invalid("limit must be between 1 and 100", "limit", "invalid_value")
+    page_limit(limit)
     items = (await kept_or_404(request, scope, response_id)).input_items
-    if order == "desc":
-        items = items[::-1]
-    if after is not None:
-        ids = [item.get("id") for item in items]
-        if after not in ids:
-            raise invalid(f"after: no input item {after[:80]!r} in this response", "after", "invalid_value")
-        items = items[ids.index(after) + 1:]
-    page = items[:limit]
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+    return cursor_page(items, after=after, limit=limit, descending=order == "desc", kind="input item",
+                       holder="this response")
