@@ -10,7 +10,9 @@ its error, or `cancelled`. Each run holds a lease in the store that it
 renews every third of PAD_BACKGROUND_LEASE_S: a response whose gateway died
 is read as `failed` once the lease has run out, never `in_progress`
 forever; and a cancel asked through another gateway is seen by the run as
-it renews. A gateway that stops fails its runs (they would not finish)."""
+it renews. A gateway that stops fails its runs (they would not finish).
+A run created with `stream: true` also holds its events' log
+(server/background_events.py), which readers on this gateway follow."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from server.background_events import EventLog
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,7 @@ class Run:
     token: str
     task: asyncio.Task | None = None
     stop_reason: str | None = None  # "cancelled" (asked) or "stopped" (the gateway stops)
+    events: EventLog | None = None  # its stream's events (created with stream: true), read here while it runs
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -63,10 +68,15 @@ class BackgroundResponses:
     def runs_here(self, response_id: str) -> bool:
         return response_id in self._runs
 
-    async def start(self, response_id: str, work: Work) -> None:
+    def events(self, response_id: str) -> EventLog | None:
+        """The event log of a streamed run of this gateway (None: not here)."""
+        run = self._runs.get(response_id)
+        return run.events if run is not None else None
+
+    async def start(self, response_id: str, work: Work, events: EventLog | None = None) -> None:
         """Takes the run's lease (before the request is answered, so that a
         poll never finds it without one), then runs `work` as a task."""
-        run = Run(response_id, uuid.uuid4().hex)
+        run = Run(response_id, uuid.uuid4().hex, events=events)
         await self._store.begin_background(response_id, run.token, self._lease_s)
         self._runs[response_id] = run
         run.task = asyncio.ensure_future(self._run(run, work))

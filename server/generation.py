@@ -729,9 +729,12 @@ class ChunkFormatter(Formatter):
 
 async def stream_events(generation: Generation, formatter: Formatter,
                         finished: Callable[[list[ChoiceState]], Awaitable[None]] | None = None,
-                        failed: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[str]:
+                        failed: Callable[[], Awaitable[None]] | None = None,
+                        count_status: bool = True) -> AsyncIterator[str]:
     """The stream's events; `finished` runs before the last event of an
-    answer, `failed` before the error event of a stream that fails."""
+    answer, `failed` before the error event of a stream that fails. The
+    request's status is counted as the stream ends (`count_status`; a
+    background response's was counted when it was queued)."""
     metrics = generation.metrics
     timings = [Timing(metrics, generation.started) for _ in generation.choices]
     status = "200"
@@ -766,7 +769,8 @@ async def stream_events(generation: Generation, formatter: Formatter,
         generation.account("abort")  # (once the answer was done, it was counted as answered)
         raise
     finally:
-        metrics.requests.labels(status=status).inc()
+        if count_status:
+            metrics.requests.labels(status=status).inc()
     for event in formatter.done():
         yield event
 
@@ -779,9 +783,11 @@ class EventStream(StreamingResponse):
     collector). Then the `on_close` callbacks; all of it shielded from the
     cancellation that may be ending the response."""
 
-    def __init__(self, events: AsyncIterator[str], on_close: Sequence[Callable[[], Awaitable[None]]] = ()):
+    def __init__(self, events: AsyncIterator[str], on_close: Sequence[Callable[[], Awaitable[None]]] = (),
+                 counts_itself: bool = True):
         super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
         self.on_close = list(on_close)
+        self.counts_itself = counts_itself  # its status counted as it ends (stream_events), else by `serve`
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -793,9 +799,9 @@ class EventStream(StreamingResponse):
                     await close()
 
 
-def streaming_response(events: AsyncIterator[str],
-                       on_close: Sequence[Callable[[], Awaitable[None]]] = ()) -> EventStream:
-    return EventStream(events, on_close)
+def streaming_response(events: AsyncIterator[str], on_close: Sequence[Callable[[], Awaitable[None]]] = (),
+                       counts_itself: bool = True) -> EventStream:
+    return EventStream(events, on_close, counts_itself)
 
 
 # ---- the route wrapper -------------------------------------------------
@@ -843,7 +849,7 @@ async def serve(request: Request, work: Awaitable) -> Response:
         count_request(request, 499)
         logger.info("client went away before the answer; its request was aborted")
         return Response(status_code=499)
-    if isinstance(response, JSONResponse):
+    if isinstance(response, JSONResponse) or not getattr(response, "counts_itself", True):
         count_request(request, response.status_code)
     else:
         request.state.counted = True  # a stream counts its own status when it ends (stream_events)

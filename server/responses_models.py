@@ -66,7 +66,9 @@ class ResponsesRequest(StrictRequest):
         None, description="a conversation's id (or {id}): its items go before input, and input and the answer's "
         "items are added to it")
     background: bool | None = Field(None, description="true: answered after the request returns (queued), "
-                                    "polled with GET /v1/responses/{id}; needs store, not stream")
+                                    "polled with GET /v1/responses/{id}; needs store. With stream: its events "
+                                    "stream as it runs, and can be read again with GET "
+                                    "/v1/responses/{id}?stream=true&starting_after=N")
     # Refused unless null.
     prompt: dict[str, Any] | None = Field(None, description="refused: no stored prompts")
     moderation: dict[str, Any] | None = Field(None, description="refused unless null: no moderation here")
@@ -94,8 +96,6 @@ class ResponsesRequest(StrictRequest):
         reject_if(self.prompt is not None, "prompt (a stored prompt template) is not supported", "prompt")
         reject_if(bool(self.background) and self.store is False, "background responses need store: true (they "
                   "are read back with GET /v1/responses/{id})", "background", "invalid_value")
-        reject_if(bool(self.background) and bool(self.stream), "a background response cannot stream here: poll "
-                  "GET /v1/responses/{id} for it instead", "stream")
         reject_if(self.moderation is not None, "'moderation' is not supported: no moderation here", "moderation")
         reject_if(self.stream_options is not None and not self.stream,
                    "stream_options is only allowed when stream is true", "stream_options", "invalid_value")

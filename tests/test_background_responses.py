@@ -6,7 +6,8 @@ this gateway and through another one over the same database; a gateway that
 stops, or dies (its lease runs out), leaves its responses failed, never in
 progress forever; a running response can be neither continued nor joined
 to by a second turn of its conversation; deleting one stops it. Bad
-combinations are OpenAI-shaped 400s."""
+combinations are OpenAI-shaped 400s. (Streamed background responses:
+tests/test_background_streams.py.)"""
 
 from __future__ import annotations
 
@@ -129,8 +130,8 @@ def test_delete_stops_a_running_response_for_good(client):
 
 
 @pytest.mark.parametrize(("extra", "param"), [
-    ({"stream": True}, "stream"),
     ({"store": False}, "background"),
+    ({"store": False, "stream": True}, "background"),
 ])
 def test_bad_combinations_are_400s(server, extra, param):
     answer = httpx.post(f"{server}/v1/responses", json={"model": MODEL, "input": "Hi", "background": True, **extra})

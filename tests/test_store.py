@@ -311,6 +311,37 @@ async def test_responses_round_trip_retention_and_delete(db_url):  # noqa: F811
         await off.close()
 
 
+async def test_a_streamed_background_responses_events_are_kept_read_in_order_and_go_with_it(db_url):  # noqa: F811
+    from server.store.repository import ResponseEvent
+
+    store = await Store.open(store_config(db_url, responses_retention_days=1))
+    try:
+        store._next_prune = float("inf")
+        old = int(time.time()) - 3 * 86400
+        for response_id, created in (("resp_new", int(time.time())), ("resp_old", old)):
+            await store.record_response({"id": response_id, "created_at": created, "output": []}, user=None,
+                                        conversation=[], call_names={}, input_items=[])
+            events = [ResponseEvent(n, "response.output_text.delta", f"event: x\ndata: {WEIRD[n % 5]!r}\n\n")
+                      for n in range(1200)]
+            await store.append_response_events(response_id, events[:700])
+            await store.append_response_events(response_id, events[690:])  # numbers kept already stay as they were
+        assert await store.last_response_event("resp_new") == 1199 and await store.last_response_event("none") == -1
+        page = await store.response_events("resp_new", after=99, limit=500)
+        assert [e.sequence_number for e in page] == list(range(100, 600)) and page[0] == events[100]
+        assert await store.response_events("resp_new", after=2**31 - 1) == []
+        assert not await store.background_running("resp_new")
+        await store.begin_background("resp_new", "token", 30)
+        assert await store.background_running("resp_new")
+        await store.end_background("resp_new", "token")
+        assert not await store.background_running("resp_new")
+        await store.prune()  # resp_old is past its retention: its events go with it
+        assert await store.last_response_event("resp_old") == -1 and await store.last_response_event("resp_new") == 1199
+        await store.delete_response("resp_new")
+        assert await store.response_events("resp_new") == []
+    finally:
+        await store.close()
+
+
 async def test_a_version_1_database_migrates_to_keep_responses(db_url):  # noqa: F811
     from sqlalchemy.ext.asyncio import create_async_engine
 

@@ -73,6 +73,7 @@ from server.routes.stored_responses import (
     stored_input_items,
 )
 from server.background import Run
+from server.background_events import EventLog
 from server.store.repository import StoredConversation
 
 logger = logging.getLogger(__name__)
@@ -105,8 +106,8 @@ async def _respond(body: ResponsesRequest, request: Request, scope):
     except BaseException:
         turn.release()
         raise
-    if not isinstance(answer, EventStream):
-        return answer  # its turn given back once its answer was in the conversation
+    if not isinstance(answer, EventStream) or body.background:
+        return answer  # its turn given back once its answer was in the conversation (a background run's: by the run)
 
     async def release_when_sent() -> None:
         turn.release()
@@ -163,7 +164,7 @@ async def _answer(body: ResponsesRequest, state, scope, served: str, conversatio
         if not keeps:
             raise invalid(f"background responses cannot be kept to be polled: {not_kept_reason(store)}",
                           "background")
-        return await answer_in_background(state, generation, formatter, keep, finished, turn)
+        return await answer_in_background(state, generation, formatter, keep, finished, turn, bool(body.stream))
     await generation.start()
     if body.stream:
         async def stream_finished(choices: list[ChoiceState]) -> None:
@@ -182,41 +183,71 @@ async def _answer(body: ResponsesRequest, state, scope, served: str, conversatio
 async def answer_in_background(state, generation: Generation, formatter: ResponsesFormatter,
                                keep: Callable[..., Awaitable[None]],
                                finished: Callable[[list[ChoiceState], dict], Awaitable[None]],
-                               turn: Turn | None) -> JSONResponse:
+                               turn: Turn | None, stream: bool) -> JSONResponse | EventStream:
     """Keeps the response `queued` and answers it in a task of this gateway
-    (server/background.py), which stores each later state; the request is
-    answered at once with the queued response."""
+    (server/background.py), which stores each later state. The request is
+    answered at once: with the queued response, or (`stream`) with the
+    run's events as they come (response.created and response.queued first),
+    which are kept to be read again (server/background_events.py); a client
+    that goes away leaves the run going."""
     queued = formatter.envelope(generation, "queued", [], None)
     await keep(queued, first=True)
+    log = EventLog(state.store, generation.id) if stream else None
+
+    def publish(frames: list[str]) -> None:
+        if log is not None:
+            log.append(frames)
+
+    async def stream_finished(choices: list[ChoiceState]) -> None:
+        await finished(choices, formatter.final_streamed(generation, usage_of(choices)))
 
     async def work(run: Run) -> None:
         try:
             await generation.start()
             await keep(formatter.envelope(generation, "in_progress", [], None))
-            choices = await generation.collect()
-            await finished(choices, formatter.response(generation, choices[0]))
+            if log is None:
+                choices = await generation.collect()
+                await finished(choices, formatter.response(generation, choices[0]))
+                return
+            formatter.announced = True  # created and queued were sent: the stream opens with in_progress
+            async for frame in stream_events(generation, formatter, stream_finished, count_status=False):
+                log.append([frame])
+            if formatter.failed_response is not None:  # the engine failed mid-answer: the stream ended with it
+                await keep(formatter.failed_response)
         except APIError as error:
             await generation.close(None)
-            ended = formatter.envelope(generation, "failed", [], None)
-            await keep(background.failed(ended, {"code": error.code or error.type, "message": error.message}))
+            publish(formatter.error(generation, error))
+            await keep(formatter.failed_response)
         except asyncio.CancelledError:
             await asyncio.shield(generation.close())  # the worker aborts what still runs
             ended = formatter.envelope(generation, "cancelled", [], None)
             if run.stop_reason != "cancelled":  # the gateway stops: the answer will not come
                 ended = background.failed(ended)
+                publish([formatter.event("response.failed", response=ended)])
+            # cancelled: the stream just ends (OpenAI has no event for it); GET says cancelled
             await asyncio.shield(keep(ended))
             raise
         except Exception:
             logger.exception("background response %s failed", generation.id)
             await generation.close("error")
-            await keep(background.failed(formatter.envelope(generation, "failed", [], None),
-                                         {"code": "server_error", "message": "The server failed to answer."}))
+            ended = background.failed(formatter.envelope(generation, "failed", [], None),
+                                      {"code": "server_error", "message": "The server failed to answer."})
+            publish([formatter.event("response.failed", response=ended)])
+            await keep(ended)
         finally:
             if turn is not None:
                 await asyncio.shield(turn.end())  # ended already when the answer joined its conversation
+            if log is not None:
+                await asyncio.shield(log.close())  # every event written before the run gives up its lease
 
-    await state.background_responses.start(generation.id, work)
-    return JSONResponse(queued)
+    if log is None:
+        await state.background_responses.start(generation.id, work)
+        return JSONResponse(queued)
+    publish([formatter.event("response.created", response=queued),
+             formatter.event("response.queued", response=queued)])
+    await state.background_responses.start(generation.id, work, log)
+    await log.flush()  # a reader on another gateway finds the stream from its first event
+    return streaming_response(log.follow(), counts_itself=False)
 
 
 # ---- conversations -------------------------------------------------------
@@ -271,6 +302,8 @@ class ResponsesFormatter(Formatter):
         self.message_id = message_item_id(response_id)
         self.message_open = False
         self.calls_done = 0  # the streamed calls whose items are done (in order)
+        self.announced = False  # response.created sent already (a background stream's, as it was queued)
+        self.failed_response: dict | None = None  # the response a failed stream ended with
 
     # ---- the objects ----------------------------------------------------
     def envelope(self, generation: Generation, status: str, output: list[dict], usage: dict | None) -> dict:
@@ -332,6 +365,8 @@ class ResponsesFormatter(Formatter):
 
     def opening(self, generation: Generation) -> list[str]:
         envelope = self.envelope(generation, "in_progress", [], None)
+        if self.announced:  # a background stream: created and queued were sent as it was queued
+            return [self.event("response.in_progress", response=envelope)]
         return [self.event("response.created", response=envelope), self.event("response.in_progress", response=envelope)]
 
     def open_message(self, choice: ChoiceState) -> list[str]:
@@ -406,6 +441,7 @@ class ResponsesFormatter(Formatter):
         a failed stream): a client waiting for a terminal event gets one."""
         code = error.code or error.type
         failed = {**self.envelope(generation, "failed", [], None), "error": {"code": code, "message": error.message}}
+        self.failed_response = failed
         return [self.event("error", code=code, message=error.message, param=error.param),
                 self.event("response.failed", response=failed)]
 

@@ -6,7 +6,10 @@ earlier responses' (when it continued one), its own input, its answer.
 - POST /v1/responses with `previous_response_id` continues that conversation
   (the new request's `instructions` and `preference` are its own: neither
   carries over, as OpenAI does not carry instructions over);
-- GET /v1/responses/{id} is the response object as it was returned;
+- GET /v1/responses/{id} is the response object as it was returned (a
+  background one as it is now); with stream=true, a background response
+  created with stream: true streams its events again, from
+  starting_after + 1 (server/background_events.py);
 - GET /v1/responses/{id}/input_items lists the request's own input items
   (OpenAI's cursor page: order, limit, after);
 - DELETE /v1/responses/{id} forgets it;
@@ -35,12 +38,15 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from pad_core.validation import INT32_MAX
 from server import background
 from server.auth import Scope, key_scope
 from server.auth_scopes import KeyScope
+from server.background_events import replay
 from server.errors import APIError, invalid
+from server.generation import EventStream, streaming_response
 from server.messages import response_input_messages
-from server.openapi import errors
+from server.openapi import SSE_EVENT, errors
 from server.request_body import JSONRoute
 from server.responses_models import ResponseObject
 from server.store.repository import StoredResponse, new_item_id
@@ -288,15 +294,43 @@ async def kept_or_404(request: Request, scope: KeyScope | None, response_id: str
     return kept
 
 
-@router.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=errors(400, 401, 404))
+@router.get("/v1/responses/{response_id}", response_model=ResponseObject, responses={
+    **errors(400, 401, 404),
+    200: {"model": ResponseObject, "description": "the response; with stream=true (a background response created "
+          "with stream: true) a text/event-stream of its events after starting_after",
+          "content": {"text/event-stream": {"schema": SSE_EVENT}}}})
 async def retrieve_response(response_id: str, request: Request, scope: Scope,
                             stream: bool = False, include: Annotated[list[str] | None, Query()] = None,
-                            starting_after: int | None = None, include_obfuscation: bool | None = None):
-    if stream:  # OpenAI replays the events of a background response only
-        raise invalid("stream is only for background responses, which this server does not run", "stream",
-                      "unsupported_parameter")
+                            starting_after: Annotated[int | None, Query(ge=-1)] = None,
+                            include_obfuscation: bool | None = None):
+    kept = await kept_or_404(request, scope, response_id)
+    if stream:
+        return await stream_again(request.app.state, kept, -1 if starting_after is None else starting_after)
     # as it was returned: not through ResponseObject, which would reorder its fields
-    return JSONResponse((await kept_or_404(request, scope, response_id)).response)
+    return JSONResponse(kept.response)
+
+
+async def stream_again(state, kept: StoredResponse, after: int) -> EventStream:
+    """A streamed background response's events after sequence number
+    `after`: from this gateway's memory while it runs here, else from the
+    store (following the run on another gateway until it is done)."""
+    response_id = kept.response_id
+    if not kept.response.get("background"):
+        raise invalid("Only background responses created with stream: true can be streamed again; this one was "
+                      "answered in its request", "stream", "invalid_value")
+    log = state.background_responses.events(response_id)
+    if log is not None:
+        return streaming_response(log.follow(after))
+    store = state.store
+    if await store.last_response_event(response_id) < 0:
+        raise invalid("This background response was created without stream: true, so its events were not kept: "
+                      "poll GET /v1/responses/{id} instead", "stream", "invalid_value")
+
+    async def settled() -> dict[str, Any] | None:
+        found = await store.settle_abandoned_response(response_id, background.failed)
+        return found.response if found is not None else None
+
+    return streaming_response(replay(store, response_id, min(after, INT32_MAX), settled))
 
 
 @router.delete("/v1/responses/{response_id}", responses=errors(401, 404))

@@ -232,6 +232,15 @@ class StoredResponse:
 
 
 @dataclass(frozen=True)
+class ResponseEvent:
+    """One event of a streamed background response (see schema.response_events)."""
+
+    sequence_number: int
+    kind: str
+    frame: str
+
+
+@dataclass(frozen=True)
 class StoredChatCompletion:
     """A chat completion kept with `store: true` (see schema.chat_completions)."""
 
@@ -622,6 +631,9 @@ class Store:
                 )
             cutoff = int(now - self.config.responses_retention_days * 86400.0)
             responses = await conn.execute(delete(r).where(r.c.created_at < cutoff))
+            if responses.rowcount:
+                events = schema.response_events
+                await conn.execute(delete(events).where(events.c.response_id.not_in(select(r.c.response_id))))
             kept = await self._prune_chat_completions(conn, int(now - self.config.chat_completions_retention_days
                                                                  * 86400.0))
         if result.rowcount:
@@ -707,10 +719,40 @@ class Store:
 
     @_runs_to_its_end
     async def delete_response(self, response_id: str) -> bool:
-        table = schema.responses
+        table, events = schema.responses, schema.response_events
         async with self._write() as conn:
             result = await conn.execute(delete(table).where(table.c.response_id == response_id))
+            await conn.execute(delete(events).where(events.c.response_id == response_id))
         return result.rowcount > 0
+
+    # -- a streamed background response's events (server/background_events.py)
+
+    @_runs_to_its_end
+    async def append_response_events(self, response_id: str, events: Sequence[Any]) -> None:
+        """Adds events (each with sequence_number, kind, frame) after those
+        kept; one already kept under its number stays as it was."""
+        rows = [{"response_id": response_id, "sequence_number": e.sequence_number, "kind": e.kind,
+                 "frame": e.frame} for e in events]
+        if rows:
+            async with self._write() as conn:
+                await conn.execute(self._insert(schema.response_events).on_conflict_do_nothing(), rows)
+
+    async def response_events(self, response_id: str, *, after: int = -1, limit: int = 500) -> list[ResponseEvent]:
+        """The kept events numbered after `after`, in order, at most `limit`."""
+        table = schema.response_events
+        async with self._read() as conn:
+            rows = await conn.execute(select(table).where(and_(
+                table.c.response_id == response_id, table.c.sequence_number > after))
+                .order_by(table.c.sequence_number).limit(limit))
+            return [ResponseEvent(row.sequence_number, row.kind, row.frame) for row in rows]
+
+    async def last_response_event(self, response_id: str) -> int:
+        """The highest sequence number kept for the response (-1: none)."""
+        table = schema.response_events
+        async with self._read() as conn:
+            last = (await conn.execute(select(func.max(table.c.sequence_number))
+                                       .where(table.c.response_id == response_id))).scalar()
+        return -1 if last is None else int(last)
 
     # -- stored chat completions (`store: true` on /v1/chat/completions)
 
@@ -852,6 +894,13 @@ class Store:
         table = schema.background_responses
         async with self._write() as conn:
             await conn.execute(delete(table).where(and_(table.c.response_id == response_id, table.c.token == token)))
+
+    async def background_running(self, response_id: str) -> bool:
+        """Whether a runner, on whatever gateway, holds the response's lease."""
+        table = schema.background_responses
+        async with self._read() as conn:
+            return (await conn.execute(select(table.c.response_id).where(and_(
+                table.c.response_id == response_id, table.c.expires_at_ms >= _now_ms())))).first() is not None
 
     @_runs_to_its_end
     async def request_background_cancel(self, response_id: str) -> bool:

@@ -165,6 +165,20 @@ background_responses = Table(
 )
 
 
+# The events of a background response created with `stream: true`, in
+# order, so its stream can be read again from any point (GET
+# /v1/responses/{id}?stream=true&starting_after=N; server/background_events.py).
+# Deleted with their response.
+response_events = Table(
+    "response_events",
+    metadata,
+    Column("response_id", String(128), primary_key=True),
+    Column("sequence_number", Integer, primary_key=True),
+    Column("kind", String(64), nullable=False),  # the event's type
+    Column("frame", Text, nullable=False),  # the SSE frame as sent
+)
+
+
 # Who is answering a response in a conversation (one at a time, across every
 # gateway over this store): a lease its gateway renews while the answer is
 # written, so a crashed gateway holds the conversation only until it runs out.
@@ -201,7 +215,11 @@ def _v5(conn: Connection) -> None:
     background_responses.create(conn)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
+def _v6(conn: Connection) -> None:
+    response_events.create(conn)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 LATEST = len(MIGRATIONS)
 _PG_LOCK_ID = 0x5AD_5709E  # advisory lock key for migrations
 
