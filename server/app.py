@@ -29,6 +29,7 @@ from server.routes import (
     completions,
     conversations,
     feedback,
+    input_tokens,
     models,
     responses,
     stored_completions,
@@ -88,7 +89,8 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
     # Outermost (added last): every answer, a 413 included, carries its x-request-id.
     app.add_middleware(RequestIdMiddleware)
 
-    for router in (chat.router, stored_completions.router, completions.router, responses.router, stored_responses.router,
+    for router in (chat.router, stored_completions.router, completions.router, responses.router,
+                   input_tokens.router, stored_responses.router,
                    conversations.router, models.router, models.probes, users.router, feedback.router,
                    tokenize.router):
         app.include_router(router)
