@@ -53,6 +53,7 @@ class Run:
     token: str
     task: asyncio.Task | None = None
     stop_reason: str | None = None  # "cancelled" (asked) or "stopped" (the gateway stops)
+    finishing: bool = False  # its work is over: no stop cancels its clean-up
     events: EventLog | None = None  # its stream's events (created with stream: true), read here while it runs
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -83,6 +84,8 @@ class BackgroundResponses:
 
     async def _run(self, run: Run, work: Work) -> None:
         renewal = asyncio.ensure_future(self._renew(run))
+        if run.events is not None:
+            run.events.start_flushing()
         try:
             await work(run)
         except asyncio.CancelledError:
@@ -90,7 +93,12 @@ class BackgroundResponses:
         except Exception:
             logger.exception("background response %s failed", run.response_id)
         finally:
+            run.finishing = True
             renewal.cancel()
+            # Every event written before the lease goes (a reader elsewhere takes a run without a
+            # lease for done); the work closed its log already, unless a stop cut its clean-up short.
+            if run.events is not None:
+                await asyncio.shield(run.events.close())
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._store.end_background(run.response_id, run.token))
             self._runs.pop(run.response_id, None)
@@ -109,8 +117,11 @@ class BackgroundResponses:
                 return
 
     def _stop(self, run: Run, reason: str) -> None:
-        if run.stop_reason is None:
-            run.stop_reason = reason
+        """Cancels the run's work, once: a second stop (a shutdown after a
+        cancel) would cut short the clean-up of the first."""
+        if run.stop_reason is not None or run.finishing:
+            return
+        run.stop_reason = reason
         if run.task is not None:
             run.task.cancel()
 

@@ -75,8 +75,12 @@ class EventLog:
             self.events.append(Event(len(self.events), kind_of(frame), frame))
         if frames:
             self._wake()
-            if self._flusher is None and not self.closed:
-                self._flusher = asyncio.ensure_future(self._flush_every())
+
+    def start_flushing(self) -> None:
+        """Writes new events every flush_s from now on, until `close` (the
+        run's: started once it runs, so a run that never started leaves no task)."""
+        if self._flusher is None and not self.closed:
+            self._flusher = asyncio.ensure_future(self._flush_every())
 
     def _wake(self) -> None:
         self._grew.set()
@@ -104,6 +108,8 @@ class EventLog:
         they have read them."""
         if self._flusher is not None:
             self._flusher.cancel()
+        if self.closed and self._written == len(self.events):
+            return
         self.closed = True
         self._wake()
         try:
@@ -145,9 +151,12 @@ async def replay(store, response_id: str, after: int,
             if len(events) < PAGE:
                 break
         if not running:
+            last = await store.last_response_event(response_id)
+            if last is not None and last.kind in TERMINAL:
+                return  # the reader started after the terminal event
             response = await settled()
             if response is not None and response.get("status") == "failed":  # its gateway died mid-answer
-                last = await store.last_response_event(response_id)
-                yield frame_of("response.failed", max(cursor, last) + 1, response=response)
+                yield frame_of("response.failed", -1 if last is None else last.sequence_number + 1,
+                               response=response)
             return
         await asyncio.sleep(poll_s)

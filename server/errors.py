@@ -198,10 +198,12 @@ async def _invalid_request(_: Request, exc: InvalidRequestError) -> JSONResponse
 def _allowed_methods(request: Request) -> str:
     """Every method of the request's path (Starlette's 405 names only the
     first route's, and each method here is a route of its own)."""
-    methods = set()
-    for route in _leaf_routes(request.app.router.routes):
-        if route.matches(request.scope)[0] != Match.NONE:
-            methods |= set(getattr(route, "methods", None) or ())
+    matching = [route for route in _leaf_routes(request.app.router.routes)
+                if route.matches(request.scope)[0] != Match.NONE]
+    # A path of its own (/v1/responses/input_tokens) is a resource of its own, not one id of
+    # /v1/responses/{response_id}: its methods alone.
+    static = [route for route in matching if not getattr(route, "param_convertors", None)]
+    methods = {method for route in static or matching for method in getattr(route, "methods", None) or ()}
     return ", ".join(sorted(methods))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Iterator
 
@@ -176,6 +177,65 @@ def test_a_gateway_that_stops_ends_its_streams_failed(worker, tmp_path):
     assert [event["sequence_number"] for event in events] == list(range(len(events)))
 
 
+def test_a_stop_during_the_runs_clean_up_still_writes_every_event_before_the_lease_goes(worker, tmp_path):
+    """A shutdown's stop landing while a finished run writes its last events
+    (slowly here) must not give up the lease first: a reader on another
+    gateway would take the run for done and miss the terminal event."""
+    settings = settings_for(worker, tmp_path)
+    app = create_app(settings)
+    with uvicorn_server(app) as url, uvicorn_server(create_app(settings)) as other:
+        store, loop = app.state.store, {}
+        write = store.append_response_events
+
+        async def slow_last_write(response_id, events):
+            loop["loop"] = asyncio.get_running_loop()
+            if any(event.kind in TERMINAL for event in events):
+                await asyncio.sleep(1.0)
+            return await write(response_id, events)
+
+        store.append_response_events = slow_last_write
+        posted = post_stream(url, max_output_tokens=12)  # ends as the log closes, before its last write
+        runs = app.state.background_responses
+        response_id = posted[0]["response"]["id"]
+        loop["loop"].call_soon_threadsafe(runs._stop, runs._runs[response_id], "stopped")  # as close() does
+        while runs.runs_here(response_id):
+            time.sleep(0.01)
+        assert read_again(other, response_id) == posted
+
+
+def test_a_stop_while_the_run_gives_back_its_conversation_still_ends_its_stream(worker, tmp_path):
+    app = create_app(settings_for(worker, tmp_path))
+    with uvicorn_server(app) as url:
+        conversation = sdk(url).conversations.create()
+        store, loop = app.state.store, {}
+        end_turn = store.end_turn
+
+        async def slow_end_turn(*args, **kwargs):
+            loop["loop"] = asyncio.get_running_loop()
+            await asyncio.sleep(1.0)
+            return await end_turn(*args, **kwargs)
+
+        store.end_turn = slow_end_turn
+        runs = app.state.background_responses
+        stopped = []
+
+        def stop_when_ending() -> None:  # the stop lands in the work's clean-up (turn.end)
+            while "loop" not in loop:
+                time.sleep(0.005)
+            run = next(iter(runs._runs.values()))
+            loop["loop"].call_soon_threadsafe(runs._stop, run, "stopped")
+            stopped.append(run)
+
+        stopper = threading.Thread(target=stop_when_ending)
+        stopper.start()
+        events = post_stream(url, input="x " * 5000, conversation=conversation.id)  # fails at once
+        stopper.join()
+        assert [event["type"] for event in events][-1] == "response.failed"  # the stream ended
+        while runs.runs_here(stopped[0].response_id):
+            time.sleep(0.01)
+        assert stopped[0].events.closed and read_again(url, stopped[0].response_id) == events
+
+
 def test_a_dead_gateways_stream_ends_failed_once_its_lease_ran_out(worker, tmp_path):
     """A gateway killed mid-answer wrote some events and stopped renewing its
     lease: a reader gets those, then (once the lease has run out) a
@@ -250,8 +310,8 @@ class Events:
     async def response_events(self, response_id: str, *, after: int = -1, limit: int = 500):
         return [e for e in self.rows.get(response_id, []) if e.sequence_number > after][:limit]
 
-    async def last_response_event(self, response_id: str) -> int:
-        return len(self.rows.get(response_id, [])) - 1
+    async def last_response_event(self, response_id: str) -> ResponseEvent | None:
+        return (self.rows.get(response_id) or [None])[-1]
 
     async def background_running(self, response_id: str) -> bool:
         return self.running
@@ -270,6 +330,7 @@ async def test_readers_here_follow_as_events_come_and_end_with_the_run():
     store = Events()
     log = EventLog(store, "resp_x", flush_s=0.01)
     log.append(frames(["response.created", "response.queued"]))
+    log.start_flushing()
     late = asyncio.ensure_future(_collect(log.follow(0)))  # joins after the first event
     early = asyncio.ensure_future(_collect(log.follow()))
     await asyncio.sleep(0.02)
@@ -290,6 +351,7 @@ async def test_a_failed_write_is_retried_and_the_last_ones_written_on_close():
     store.fail_writes = 2
     log = EventLog(store, "resp_y", flush_s=0.01)
     log.append(frames(["response.created", "response.queued"]))
+    log.start_flushing()
     await asyncio.sleep(0.08)
     log.append(frames(["response.completed"], 2))
     await log.close()
@@ -317,6 +379,26 @@ async def test_replay_follows_a_running_response_and_a_dead_runs_stream_ends_fai
     got = await asyncio.wait_for(reader, 5)
     assert [kind_of(f) for f in got] == ["response.created", "response.output_text.delta", "response.failed"]
     assert json.loads(got[-1].split("data: ", 1)[1])["sequence_number"] == 2
+
+
+async def test_a_reader_after_a_real_terminal_event_gets_nothing_more():
+    store = Events()
+    store.running = False
+    kinds = ["response.created", "error", "response.failed"]
+    await store.append_response_events("r", [ResponseEvent(n, kind_of(f), f) for n, f in enumerate(frames(kinds))])
+    for after in (2, 9, 2**31 - 1):
+        assert await _collect(replay(store, "r", after, _failed)) == []
+
+
+async def test_a_second_close_writes_what_the_first_could_not():
+    store = Events()
+    log = EventLog(store, "resp_z")
+    log.append(frames(["response.created"]))
+    store.fail_writes = 1
+    await log.close()
+    assert "resp_z" not in store.rows
+    await log.close()
+    assert len(store.rows["resp_z"]) == 1
 
 
 async def test_a_cancelled_runs_replay_just_ends():

@@ -325,7 +325,7 @@ async def test_a_streamed_background_responses_events_are_kept_read_in_order_and
                       for n in range(1200)]
             await store.append_response_events(response_id, events[:700])
             await store.append_response_events(response_id, events[690:])  # numbers kept already stay as they were
-        assert await store.last_response_event("resp_new") == 1199 and await store.last_response_event("none") == -1
+        assert await store.last_response_event("resp_new") == events[-1] and await store.last_response_event("x") is None
         page = await store.response_events("resp_new", after=99, limit=500)
         assert [e.sequence_number for e in page] == list(range(100, 600)) and page[0] == events[100]
         assert await store.response_events("resp_new", after=2**31 - 1) == []
@@ -335,9 +335,11 @@ async def test_a_streamed_background_responses_events_are_kept_read_in_order_and
         await store.end_background("resp_new", "token")
         assert not await store.background_running("resp_new")
         await store.prune()  # resp_old is past its retention: its events go with it
-        assert await store.last_response_event("resp_old") == -1 and await store.last_response_event("resp_new") == 1199
+        assert await store.last_response_event("resp_old") is None and await store.last_response_event("resp_new")
         await store.delete_response("resp_new")
         assert await store.response_events("resp_new") == []
+        await store.append_response_events("resp_new", events[:3])  # a run still writing: not kept any more
+        assert await store.last_response_event("resp_new") is None
     finally:
         await store.close()
 

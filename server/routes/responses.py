@@ -245,8 +245,10 @@ async def answer_in_background(state, generation: Generation, formatter: Respons
         return JSONResponse(queued)
     publish([formatter.event("response.created", response=queued),
              formatter.event("response.queued", response=queued)])
+    # Written before the run starts (nobody knows the id yet): once it has started, the run holds
+    # the conversation's turn, and nothing here may fail or wait on the client any more.
+    await log.flush()
     await state.background_responses.start(generation.id, work, log)
-    await log.flush()  # a reader on another gateway finds the stream from its first event
     return streaming_response(log.follow(), counts_itself=False)
 
 

@@ -322,7 +322,7 @@ async def stream_again(state, kept: StoredResponse, after: int) -> EventStream:
     if log is not None:
         return streaming_response(log.follow(after))
     store = state.store
-    if await store.last_response_event(response_id) < 0:
+    if await store.last_response_event(response_id) is None:
         raise invalid("This background response was created without stream: true, so its events were not kept: "
                       "poll GET /v1/responses/{id} instead", "stream", "invalid_value")
 

@@ -630,10 +630,10 @@ class Store:
                     )
                 )
             cutoff = int(now - self.config.responses_retention_days * 86400.0)
+            events = schema.response_events  # first, while their responses say which (by the indexes)
+            await conn.execute(delete(events).where(events.c.response_id.in_(
+                select(r.c.response_id).where(r.c.created_at < cutoff))))
             responses = await conn.execute(delete(r).where(r.c.created_at < cutoff))
-            if responses.rowcount:
-                events = schema.response_events
-                await conn.execute(delete(events).where(events.c.response_id.not_in(select(r.c.response_id))))
             kept = await self._prune_chat_completions(conn, int(now - self.config.chat_completions_retention_days
                                                                  * 86400.0))
         if result.rowcount:
@@ -733,8 +733,15 @@ class Store:
         kept; one already kept under its number stays as it was."""
         rows = [{"response_id": response_id, "sequence_number": e.sequence_number, "kind": e.kind,
                  "frame": e.frame} for e in events]
-        if rows:
-            async with self._write() as conn:
+        if not rows:
+            return
+        responses = schema.responses
+        async with self._write() as conn:
+            # Only while the response is kept: a run on one gateway may still write as another deletes
+            # it (its row locked here, so the delete and this write take turns on PostgreSQL).
+            kept = (await conn.execute(select(responses.c.response_id).where(responses.c.response_id == response_id)
+                                       .with_for_update())).first()
+            if kept is not None:
                 await conn.execute(self._insert(schema.response_events).on_conflict_do_nothing(), rows)
 
     async def response_events(self, response_id: str, *, after: int = -1, limit: int = 500) -> list[ResponseEvent]:
@@ -746,13 +753,13 @@ class Store:
                 .order_by(table.c.sequence_number).limit(limit))
             return [ResponseEvent(row.sequence_number, row.kind, row.frame) for row in rows]
 
-    async def last_response_event(self, response_id: str) -> int:
-        """The highest sequence number kept for the response (-1: none)."""
+    async def last_response_event(self, response_id: str) -> ResponseEvent | None:
+        """The response's last kept event (None: none)."""
         table = schema.response_events
         async with self._read() as conn:
-            last = (await conn.execute(select(func.max(table.c.sequence_number))
-                                       .where(table.c.response_id == response_id))).scalar()
-        return -1 if last is None else int(last)
+            row = (await conn.execute(select(table).where(table.c.response_id == response_id)
+                                      .order_by(table.c.sequence_number.desc()).limit(1))).first()
+        return None if row is None else ResponseEvent(row.sequence_number, row.kind, row.frame)
 
     # -- stored chat completions (`store: true` on /v1/chat/completions)
 
