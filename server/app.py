@@ -37,6 +37,7 @@ from server.routes import (
     tokenize,
     users,
 )
+from server.invocations import InvocationsMiddleware
 from server.settings import ServerSettings
 from server.store.repository import Store
 from server.worker_client import WorkerClient
@@ -84,6 +85,8 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
 
+    # SageMaker's /invocations: a body's endpoint, chosen once the body is whole and bounded (inside the limit).
+    app.add_middleware(InvocationsMiddleware)
     # An oversized body is refused before anything reads it.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     # Outermost (added last): every answer, a 413 included, carries its x-request-id.

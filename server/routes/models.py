@@ -28,6 +28,18 @@ HEALTH = {
 }
 
 
+@probes.api_route(
+    "/ping",
+    methods=["GET", "POST"],
+    responses={200: {"description": "the worker is ready", "content": {"application/json": {"schema": HEALTH}}},
+               503: {"description": "the worker is loading or down", "headers": RETRY_AFTER_HEADER,
+                     "content": {"application/json": {"schema": HEALTH}}}},
+)
+async def ping(request: Request):
+    """SageMaker's health probe (vLLM serves it too): /health's answer."""
+    return await health(request)
+
+
 @probes.get(
     "/health",
     responses={200: {"description": "the worker is ready", "content": {"application/json": {"schema": HEALTH}}},
