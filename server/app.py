@@ -23,12 +23,15 @@ from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.request_body import BodyLimitMiddleware
 from server.background import BackgroundResponses
+from server.batches import BatchRuns
 from server.request_id import RequestIdMiddleware
 from server.routes import (
+    batches,
     chat,
     completions,
     conversations,
     feedback,
+    files,
     input_tokens,
     models,
     responses,
@@ -62,12 +65,14 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
         app.state.conversation_turns = conversations.ConversationTurns(
             app.state.store, settings.conversation_turn_lease_s)
         app.state.background_responses = BackgroundResponses(app.state.store, settings.background_lease_s)
+        app.state.batches = BatchRuns(app, app.state.store, settings)
         if start_worker:
             await app.state.worker.start()
         try:
             yield
         finally:
             await app.state.background_responses.close()  # failed, while the store is open
+            await app.state.batches.close()
             await app.state.worker.stop()
             await app.state.conversation_turns.close()
             await app.state.store.close()
@@ -88,12 +93,12 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
     # SageMaker's /invocations: a body's endpoint, chosen once the body is whole and bounded (inside the limit).
     app.add_middleware(InvocationsMiddleware)
     # An oversized body is refused before anything reads it.
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes, upload_limit=settings.max_file_bytes)
     # Outermost (added last): every answer, a 413 included, carries its x-request-id.
     app.add_middleware(RequestIdMiddleware)
 
     for router in (chat.router, stored_completions.router, completions.router, responses.router,
-                   input_tokens.router, stored_responses.router,
+                   input_tokens.router, stored_responses.router, files.router, batches.router,
                    conversations.router, models.router, models.probes, users.router, feedback.router,
                    tokenize.router):
         app.include_router(router)

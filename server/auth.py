@@ -23,6 +23,8 @@ def key_scope(request: Request) -> KeyScope | None:
     table: KeyTable | None = getattr(request.app.state, "key_table", None)
     if table is None or not table.enabled:
         return None
+    if INTERNAL_SCOPE in request.scope:  # a batch's request, made in this process for its creator
+        return request.scope[INTERNAL_SCOPE]
     token = bearer_token(request.headers.get("authorization")) or request.headers.get("api-key")
     scope = table.authenticate(token)
     if scope is None:
@@ -32,6 +34,11 @@ def key_scope(request: Request) -> KeyScope | None:
 
 
 Scope = Annotated[KeyScope | None, Depends(key_scope)]
+
+# The ASGI scope key under which a request made inside this process (a
+# batch's, server/batches.py) carries the scope of the key that created it.
+# No request from the network can set it: the server builds their ASGI scope.
+INTERNAL_SCOPE = "pad.key_scope"
 
 
 def path_user_id(request: Request, user_id: str, scope: Scope) -> str:

@@ -58,25 +58,34 @@ class BodyError(HTTPException):
         self.error = error
 
 
-def too_large(limit: int) -> APIError:
+UPLOAD_PATH = "/v1/files"
+
+
+def too_large(limit: int, setting: str = "PAD_MAX_REQUEST_BYTES") -> APIError:
     return APIError(413, f"The request body is larger than this server's limit of {limit} bytes "
-                         "(PAD_MAX_REQUEST_BYTES).", "invalid_request_error", None, "request_too_large")
+                         f"({setting}).", "invalid_request_error", None, "request_too_large")
 
 
 class BodyLimitMiddleware:
     """Pure ASGI: buffers the body up to `limit` bytes and replays it to the
     app; past the limit, answers 413 without reading the rest."""
 
-    def __init__(self, app: ASGIApp, limit: int):
+    def __init__(self, app: ASGIApp, limit: int, upload_limit: int | None = None):
         self.app = app
         self.limit = limit
+        self.upload_limit = upload_limit if upload_limit is not None else limit  # POST /v1/files
+
+    def limit_of(self, scope: Scope) -> int:
+        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+        return self.upload_limit if scope.get("method") == "POST" and path == UPLOAD_PATH else self.limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limit_of(scope)
         declared = dict(scope.get("headers") or ()).get(b"content-length")
-        if declared is not None and (not declared.strip().isdigit() or int(declared) > self.limit):
+        if declared is not None and (not declared.strip().isdigit() or int(declared) > limit):
             await self._refuse(scope, receive, send)
             return
         chunks, size = [], 0
@@ -87,7 +96,7 @@ class BodyLimitMiddleware:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.limit:
+            if size > limit:
                 await self._refuse(scope, receive, send)
                 return
             chunks.append(chunk)
@@ -98,7 +107,9 @@ class BodyLimitMiddleware:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         if is_generation_path(scope):  # refused before any handler: counted here
             scope["app"].state.metrics.requests.labels(status="413").inc()
-        response = error_response(too_large(self.limit))
+        limit = self.limit_of(scope)
+        response = error_response(too_large(limit, "PAD_MAX_FILE_BYTES" if limit != self.limit else
+                                            "PAD_MAX_REQUEST_BYTES"))
         response.headers["Connection"] = "close"  # the unread rest of the body must not be parsed as a request
         await response(scope, receive, send)
 

@@ -47,6 +47,12 @@ class ServerSettings(EngineSettings, StoreSettings):
         2 * 1024 * 1024, ge=1024,
         description="largest request body; a larger one is refused (413) before it is read",
     )
+    max_file_bytes: int = Field(
+        100 * 1024 * 1024, ge=1024,
+        description="largest file POST /v1/files takes (a batch's input); a larger upload is refused (413)",
+    )
+    batch_concurrency: int = Field(
+        16, ge=1, le=1024, description="requests of one batch (POST /v1/batches) in flight at once")
     worker_address: str | None = Field(
         None, description="attach to a running worker (tcp://host:port) instead of spawning one"
     )

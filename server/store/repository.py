@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, delete, event, func, or_, select, update
+from sqlalchemy import and_, delete, event, func, or_, select, true, update
 from sqlalchemy.engine.url import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -256,6 +256,34 @@ class StoredChatCompletion:
         """The chat.completion object as it was returned, with its metadata
         as it is now (OpenAI's stored completions carry theirs)."""
         return {**self.completion, "metadata": self.metadata}
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A file of the Files API (see schema.files), without its bytes."""
+
+    file_id: str
+    user_id: str | None
+    purpose: str
+    filename: str
+    bytes: int
+    created_at: int
+
+    def to_openai(self) -> dict:
+        return {"id": self.file_id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
+                "filename": self.filename, "purpose": self.purpose, "status": "processed", "expires_at": None,
+                "status_details": None}
+
+
+@dataclass(frozen=True)
+class StoredBatch:
+    """A batch of the Batch API (see schema.batches): its object as it is
+    now, and whether a runner's lease on it is alive."""
+
+    batch_id: str
+    user_id: str | None
+    batch: dict[str, Any]
+    running: bool
 
 
 @dataclass(frozen=True)
@@ -945,6 +973,158 @@ class Store:
             await conn.execute(delete(runs).where(runs.c.response_id == response_id))
         return dataclasses.replace(kept, response=response)
 
+    # -- files (the Files API; kept until deleted)
+
+    @_runs_to_its_end
+    async def record_file(self, file: StoredFile, content: bytes) -> None:
+        async with self._write() as conn:
+            await conn.execute(schema.files.insert().values(
+                file_id=file.file_id, user_id=file.user_id, purpose=file.purpose, filename=file.filename,
+                bytes=file.bytes, created_at=file.created_at, content=content))
+
+    async def find_file(self, file_id: str) -> StoredFile | None:
+        table = schema.files
+        if not keyable(file_id, table.c.file_id):
+            return None
+        columns = [c for c in table.c if c.name not in ("content", "seq")]
+        async with self._read() as conn:
+            row = (await conn.execute(select(*columns).where(table.c.file_id == file_id))).first()
+        return None if row is None else StoredFile(row.file_id, row.user_id, row.purpose, row.filename, row.bytes,
+                                                    row.created_at)
+
+    async def file_content(self, file_id: str) -> bytes | None:
+        table = schema.files
+        if not keyable(file_id, table.c.file_id):
+            return None
+        async with self._read() as conn:
+            content = (await conn.execute(select(table.c.content).where(table.c.file_id == file_id))).scalar()
+        return None if content is None else bytes(content)
+
+    async def list_files(self, *, users: frozenset[str] | None, purpose: str | None, after: str | None,
+                         limit: int, descending: bool) -> tuple[list[StoredFile], bool]:
+        table = schema.files
+        conditions = [] if users is None else [table.c.user_id.in_(sorted(users))]
+        async with self._read() as conn:
+            if after is not None:
+                cursor = None if not keyable(after, table.c.file_id) else (await conn.execute(
+                    select(table.c.created_at, table.c.seq).where(and_(table.c.file_id == after, *conditions)))).first()
+                if cursor is None:
+                    raise InvalidInput(f"after: no file {after[:80]!r} in this list", param="after",
+                                       code="invalid_value")
+                conditions.append(_after(table.c.created_at, table.c.seq, *cursor, descending))
+            if purpose is not None:
+                conditions.append(table.c.purpose == purpose)
+            order = ((table.c.created_at.desc(), table.c.seq.desc()) if descending
+                     else (table.c.created_at, table.c.seq))
+            columns = [c for c in table.c if c.name != "content"]
+            rows = (await conn.execute(select(*columns).where(and_(true(), *conditions)).order_by(*order)
+                                       .limit(limit + 1))).all()
+        files = [StoredFile(r.file_id, r.user_id, r.purpose, r.filename, r.bytes, r.created_at) for r in rows]
+        return files[:limit], len(files) > limit
+
+    @_runs_to_its_end
+    async def delete_file(self, file_id: str) -> bool:
+        table = schema.files
+        async with self._write() as conn:
+            result = await conn.execute(delete(table).where(table.c.file_id == file_id))
+        return result.rowcount > 0
+
+    # -- batches (the Batch API): their objects and their runners' leases
+
+    @_runs_to_its_end
+    async def create_batch(self, batch: dict[str, Any], *, user: str | None, token: str, lease_s: float) -> None:
+        async with self._write() as conn:
+            await conn.execute(schema.batches.insert().values(
+                batch_id=batch["id"], user_id=user, batch=_dumps(batch), created_at=batch["created_at"],
+                token=token, expires_at_ms=_now_ms() + _ms(lease_s), cancel_requested=0))
+
+    async def find_batch(self, batch_id: str) -> StoredBatch | None:
+        table = schema.batches
+        if not keyable(batch_id, table.c.batch_id):
+            return None
+        async with self._read() as conn:
+            row = (await conn.execute(select(table).where(table.c.batch_id == batch_id))).first()
+        return None if row is None else _stored_batch(row)
+
+    async def list_batches(self, *, users: frozenset[str] | None, after: str | None, limit: int
+                           ) -> tuple[list[StoredBatch], bool]:
+        """A page of batches, newest first (as OpenAI lists them)."""
+        table = schema.batches
+        conditions = [] if users is None else [table.c.user_id.in_(sorted(users))]
+        async with self._read() as conn:
+            if after is not None:
+                cursor = None if not keyable(after, table.c.batch_id) else (await conn.execute(
+                    select(table.c.created_at, table.c.seq).where(and_(table.c.batch_id == after, *conditions)))
+                ).first()
+                if cursor is None:
+                    raise InvalidInput(f"after: no batch {after[:80]!r} in this list", param="after",
+                                       code="invalid_value")
+                conditions.append(_after(table.c.created_at, table.c.seq, *cursor, True))
+            rows = (await conn.execute(select(table).where(and_(true(), *conditions))
+                                       .order_by(table.c.created_at.desc(), table.c.seq.desc())
+                                       .limit(limit + 1))).all()
+        batches = [_stored_batch(row) for row in rows]
+        return batches[:limit], len(batches) > limit
+
+    @_runs_to_its_end
+    async def update_batch(self, batch: dict[str, Any], token: str) -> bool:
+        """Stores the batch's new state, if `token` still holds its run."""
+        table = schema.batches
+        async with self._write() as conn:
+            result = await conn.execute(update(table).where(and_(table.c.batch_id == batch["id"],
+                                                                 table.c.token == token))
+                                        .values(batch=_dumps(batch)))
+        return result.rowcount > 0
+
+    @_runs_to_its_end
+    async def renew_batch(self, batch_id: str, token: str, lease_s: float) -> bool | None:
+        """Extends the runner's lease; whether a cancel was asked (None: the
+        run is no longer this runner's)."""
+        table = schema.batches
+        mine = and_(table.c.batch_id == batch_id, table.c.token == token)
+        async with self._write() as conn:
+            result = await conn.execute(update(table).where(mine).values(expires_at_ms=_now_ms() + _ms(lease_s)))
+            if not result.rowcount:
+                return None
+            return bool((await conn.execute(select(table.c.cancel_requested).where(mine))).scalar())
+
+    @_runs_to_its_end
+    async def end_batch_run(self, batch_id: str, token: str) -> None:
+        table = schema.batches
+        async with self._write() as conn:
+            await conn.execute(update(table).where(and_(table.c.batch_id == batch_id, table.c.token == token))
+                               .values(token=None, expires_at_ms=None))
+
+    @_runs_to_its_end
+    async def request_batch_cancel(self, batch_id: str) -> bool:
+        """Asks the batch's runner, on whatever gateway, to cancel it; False
+        when none runs it."""
+        table = schema.batches
+        async with self._write() as conn:
+            result = await conn.execute(update(table).where(and_(
+                table.c.batch_id == batch_id, table.c.token.is_not(None), table.c.expires_at_ms >= _now_ms()))
+                .values(cancel_requested=1))
+        return result.rowcount > 0
+
+    @_runs_to_its_end
+    async def settle_abandoned_batch(self, batch_id: str, settled: Callable[[dict[str, Any]], dict[str, Any]]
+                                     ) -> StoredBatch | None:
+        """The batch; one still running whose runner's lease ran out (its
+        gateway stopped) is first replaced by `settled(batch)` (failed), in
+        one write transaction."""
+        table = schema.batches
+        async with self._write() as conn:
+            row = (await conn.execute(select(table).where(table.c.batch_id == batch_id).with_for_update())).first()
+            if row is None:
+                return None
+            kept = _stored_batch(row)
+            if kept.running or kept.batch.get("status") not in RUNNING_BATCH:
+                return kept
+            batch = settled(kept.batch)
+            await conn.execute(update(table).where(table.c.batch_id == batch_id)
+                               .values(batch=_dumps(batch), token=None, expires_at_ms=None))
+        return dataclasses.replace(kept, batch=batch)
+
     # -- conversations (the Conversations API; kept until deleted)
 
     @_runs_to_its_end
@@ -1320,6 +1500,21 @@ def _stored_response(row) -> StoredResponse:
 def _stored_chat_completion(row) -> StoredChatCompletion:
     return StoredChatCompletion(row.completion_id, row.user_id, row.model, json.loads(row.metadata),
                                 json.loads(row.messages), json.loads(row.completion), row.created_at)
+
+
+RUNNING_BATCH = ("validating", "in_progress", "finalizing", "cancelling")
+
+
+def _stored_batch(row) -> StoredBatch:
+    running = row.token is not None and row.expires_at_ms is not None and row.expires_at_ms >= _now_ms()
+    return StoredBatch(row.batch_id, row.user_id, json.loads(row.batch), running)
+
+
+def _after(created_column, seq_column, created: int, seq: int, descending: bool):
+    """The rows after (created, seq) in a list ordered by both."""
+    if descending:
+        return or_(created_column < created, and_(created_column == created, seq_column < seq))
+    return or_(created_column > created, and_(created_column == created, seq_column > seq))
 
 
 def _stored_conversation(row) -> StoredConversation:

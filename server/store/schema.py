@@ -21,6 +21,7 @@ from sqlalchemy import (
     Connection,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -179,6 +180,40 @@ response_events = Table(
 )
 
 
+# Files (the Files API: POST /v1/files, a batch's input and its results),
+# kept until deleted, their bytes in the database so every gateway over it
+# reads them.
+files = Table(
+    "files",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),  # the lists' order (created_at is seconds)
+    Column("file_id", String(128), nullable=False, unique=True),
+    Column("user_id", String(256), nullable=True),
+    Column("purpose", String(32), nullable=False),
+    Column("filename", Text, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("content", LargeBinary, nullable=False),
+    Index("ix_files_order", "created_at", "seq"),
+)
+
+# Batches (the Batch API: POST /v1/batches): the batch object as it is now,
+# and the lease of the gateway running it (as background_responses').
+batches = Table(
+    "batches",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),  # the list's order
+    Column("batch_id", String(128), nullable=False, unique=True),
+    Column("user_id", String(256), nullable=True),
+    Column("batch", Text, nullable=False),  # JSON: the batch object
+    Column("created_at", BigInteger, nullable=False),
+    Column("token", String(64), nullable=True),  # its runner's; null once no run holds it
+    Column("expires_at_ms", BigInteger, nullable=True),
+    Column("cancel_requested", Integer, nullable=False, default=0),
+    Index("ix_batches_order", "created_at", "seq"),
+)
+
+
 # Who is answering a response in a conversation (one at a time, across every
 # gateway over this store): a lease its gateway renews while the answer is
 # written, so a crashed gateway holds the conversation only until it runs out.
@@ -219,7 +254,12 @@ def _v6(conn: Connection) -> None:
     response_events.create(conn)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
+def _v7(conn: Connection) -> None:
+    files.create(conn)
+    batches.create(conn)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
 LATEST = len(MIGRATIONS)
 _PG_LOCK_ID = 0x5AD_5709E  # advisory lock key for migrations
 

@@ -37,7 +37,7 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from dataclasses import dataclass
 from typing import IO, Any
@@ -154,11 +154,12 @@ async def send(client: httpx.AsyncClient, line: BatchLine, retries: int, backoff
                                     f"attempts: {last_problem}"})
 
 
-async def run(lines: Iterator[BatchLine], client: httpx.AsyncClient, out: IO[str], *, concurrency: int,
+async def run(lines: Iterator[BatchLine], client: httpx.AsyncClient, out: IO[str] | None, *, concurrency: int,
               retries: int = 5, backoff_s: float = 1.0, total: int | None = None,
-              progress: bool = False) -> tuple[int, int]:
+              progress: bool = False, on_result: Callable[[dict[str, Any]], None] | None = None) -> tuple[int, int]:
     """Answers every line, `concurrency` at a time, and writes the results in
-    the input's order as they come; returns (answered 2xx, not). A slow
+    the input's order as they come (to `out`, or hands each to `on_result`:
+    the server's Batch API); returns (answered 2xx, not). A slow
     request holds back the writing of the ones after it, not their sending,
     up to 4 x `concurrency` answers waiting for it (the memory's bound)."""
     in_flight, unwritten = asyncio.Semaphore(concurrency), asyncio.Semaphore(4 * concurrency)
@@ -186,8 +187,11 @@ async def run(lines: Iterator[BatchLine], client: httpx.AsyncClient, out: IO[str
         while (task := await order.get()) is not None:
             result = await task
             counts[0 if result["error"] is None else 1] += 1
-            out.write(json.dumps(result, ensure_ascii=False) + "\n")
-            out.flush()
+            if on_result is not None:
+                on_result(result)
+            else:
+                out.write(json.dumps(result, ensure_ascii=False) + "\n")
+                out.flush()
             unwritten.release()
             bar.update(1)
         await starter  # its failure (an input that cannot be read) is the run's

@@ -1,0 +1,104 @@
+"""OpenAI's Batch API (`client.batches`): POST /v1/batches runs the requests
+of an uploaded file (server/routes/files.py) in the gateway
+(server/batches.py), GET /v1/batches/{id} reads its state, POST
+/v1/batches/{id}/cancel cancels it, GET /v1/batches lists them (newest
+first; `limit`, `after`). A batch belongs to its key's user as its input
+file does; another user's batch is a 404, as an unknown one."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import Field
+
+from server import batches
+from server.auth import Scope, key_scope
+from server.auth_scopes import KeyScope, chat_user
+from server.errors import APIError, invalid
+from server.openai_models import Metadata, StrictRequest
+from server.openapi import errors
+from server.request_body import JSONRoute
+from server.routes.files import find_file
+from server.routes.stored_responses import item_list, page_limit
+from server.store.repository import StoredBatch
+
+router = APIRouter(tags=["batches"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
+
+
+class BatchRequest(StrictRequest):
+    input_file_id: str = Field(description="an uploaded file (purpose batch) of requests, one JSON object a line")
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/responses"]
+    completion_window: Literal["24h"]
+    metadata: Metadata | None = None
+    output_expires_after: dict[str, Any] | None = Field(None, description="accepted and ignored: files are kept "
+                                                        "until deleted")
+    user: str | None = Field(None, description="PAD: the batch's user, for a key bound to several")
+
+
+def batch_not_found(batch_id: str) -> APIError:
+    return APIError(404, f"No batch found with id {batch_id[:80]!r}", "invalid_request_error", "batch_id",
+                    "batch_not_found")
+
+
+async def find_batch(request: Request, scope: KeyScope | None, batch_id: str) -> StoredBatch:
+    """The batch as it is now (one whose gateway died failed first), if the
+    caller's key may read it; else a 404."""
+    state = request.app.state
+    found = await state.store.find_batch(batch_id)
+    if found is None or (scope is not None and not scope.can_access(found.user_id)):
+        raise batch_not_found(batch_id)
+    if not found.running and found.batch["status"] in batches.RUNNING and not state.batches.runs_here(batch_id):
+        found = await state.store.settle_abandoned_batch(batch_id, batches.failed) or found
+    return found
+
+
+@router.post("/v1/batches", responses=errors(400, 401, 403, 404, 413, 503))
+async def create_batch(body: BatchRequest, request: Request, scope: Scope) -> dict[str, Any]:
+    user = chat_user(scope, body.user)
+    input_file = await find_file(request, scope, body.input_file_id, "input_file_id")
+    if input_file.purpose != "batch":
+        raise invalid(f"input_file_id: the file's purpose is {input_file.purpose!r}, not 'batch'", "input_file_id")
+    batch = batches.new_batch(input_file.file_id, body.endpoint, body.metadata)
+    await request.app.state.batches.start(batch, user, scope)
+    return batch
+
+
+@router.get("/v1/batches/{batch_id}", responses=errors(401, 404))
+async def retrieve_batch(batch_id: str, request: Request, scope: Scope) -> dict[str, Any]:
+    return (await find_batch(request, scope, batch_id)).batch
+
+
+@router.post("/v1/batches/{batch_id}/cancel", responses=errors(400, 401, 404))
+async def cancel_batch(batch_id: str, request: Request, scope: Scope) -> dict[str, Any]:
+    """Cancels a running batch: on this gateway at once (its results so far
+    written); on another, asked through the store and waited for a while
+    (`cancelling` until its run has read the ask). A finished one is a 400;
+    a cancelled one is returned as it is."""
+    state = request.app.state
+    found = await find_batch(request, scope, batch_id)
+    status = found.batch["status"]
+    if status in ("cancelled", "cancelling"):
+        return found.batch
+    if status not in batches.RUNNING:
+        raise invalid(f"Cannot cancel a batch that is already {status}", "batch_id")
+    if not await state.batches.cancel(batch_id) and await state.store.request_batch_cancel(batch_id):
+        deadline = time.monotonic() + state.settings.background_lease_s / 3 + 2.0
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            found = await find_batch(request, scope, batch_id)
+            if found.batch["status"] not in batches.RUNNING:
+                return found.batch
+        return {**found.batch, "status": "cancelling", "cancelling_at": int(time.time())}
+    return (await find_batch(request, scope, batch_id)).batch
+
+
+@router.get("/v1/batches", responses=errors(400, 401))
+async def list_batches(request: Request, scope: Scope, after: str | None = None, limit: int = 20
+                       ) -> dict[str, Any]:
+    page_limit(limit)
+    found, more = await request.app.state.store.list_batches(users=None if scope is None else scope.users,
+                                                             after=after, limit=limit)
+    return item_list([b.batch for b in found], more)

@@ -1,0 +1,282 @@
+"""OpenAI's Files and Batch APIs through the official SDK (`client.files`,
+`client.batches`) over real HTTP in front of the worker loop on the tiny
+engine: a batch's answers are the ones its requests get when sent alone, in
+input order, the refused ones in the error file; a file that is no batch
+fails it with its lines named; files round-trip byte for byte; keys bound
+to users see only their own files and batches, and a batch's requests run
+with its key's scope; cancel keeps the results so far; a gateway that stops
+or dies leaves its batches failed, never running forever."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from responses_helpers import KEYS, MODEL, error_of, sdk
+from server_helpers import uvicorn_server, worker_thread
+
+from server.app import create_app
+from server.batches import new_batch
+from server.settings import ServerSettings
+from server.store import Store
+from server.store.config import StoreConfig
+
+QUESTIONS = ["How do I sleep better?", "What is a cat?", "Name a colour.", "Hi"]
+
+
+@pytest.fixture(scope="module")
+def worker():
+    with worker_thread(step_delay=0.01) as (address, _worker):
+        yield address
+
+
+def settings_for(worker: str, data_dir, **extra) -> ServerSettings:
+    return ServerSettings(worker_address=worker, data_dir=data_dir, api_keys=KEYS, background_lease_s=0.9,
+                          **extra)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("batches")
+
+
+@pytest.fixture(scope="module")
+def server(worker, data_dir):
+    with uvicorn_server(create_app(settings_for(worker, data_dir, max_file_bytes=64 * 1024))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return sdk(server)
+
+
+def chat_line(custom_id: str, question: str, **body) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": 6,
+                     "temperature": 0, **body}}
+
+
+def upload(client: openai.OpenAI, lines: list, purpose: str = "batch"):
+    content = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+    return client.files.create(file=("requests.jsonl", content.encode()), purpose=purpose)
+
+
+def wait_done(client: openai.OpenAI, batch_id: str, timeout_s: float = 120.0):
+    deadline = time.monotonic() + timeout_s
+    while (batch := client.batches.retrieve(batch_id)).status not in ("completed", "failed", "cancelled", "expired"):
+        assert time.monotonic() < deadline, f"still {batch.status}"
+        time.sleep(0.1)
+    return batch
+
+
+def lines_of(client: openai.OpenAI, file_id: str | None) -> list[dict]:
+    return [] if file_id is None else [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
+
+
+def test_a_batch_answers_as_its_requests_alone_in_order_with_the_refused_in_the_error_file(client):
+    lines = [chat_line(f"q{i}", q, **({"preference": "short answers"} if i % 2 else {}))
+             for i, q in enumerate(QUESTIONS)]
+    lines.insert(2, chat_line("wrong-model", "Hi", model="nope"))
+    batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/chat/completions",
+                                  completion_window="24h", metadata={"job": "nightly"})
+    assert (batch.status, batch.endpoint, batch.metadata) == ("validating", "/v1/chat/completions", {"job": "nightly"})
+    done = wait_done(client, batch.id)
+    assert done.status == "completed" and done.completed_at and done.in_progress_at and done.finalizing_at
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (5, 4, 1)
+    answered = lines_of(client, done.output_file_id)
+    assert [line["custom_id"] for line in answered] == ["q0", "q1", "q2", "q3"]
+    for line, request in zip(answered, [lines[0], lines[1], lines[3], lines[4]], strict=True):
+        alone = httpx.post(f"{client.base_url}chat/completions", json=request["body"],
+                           headers={"Authorization": "Bearer admin"}).json()
+        body = line["response"]["body"]
+        assert line["error"] is None and line["response"]["status_code"] == 200
+        assert body["choices"][0]["message"]["content"] == alone["choices"][0]["message"]["content"]
+        assert line["id"].startswith("batch_req_") and line["response"]["request_id"]
+    assert answered[1]["response"]["body"]["pad"]["preferences"] == [{"text": "short answers", "weight": 1.0}]
+    [refused] = lines_of(client, done.error_file_id)
+    assert refused["custom_id"] == "wrong-model" and refused["response"]["status_code"] == 404
+    assert refused["error"]["code"] == "model_not_found"
+    output = client.files.retrieve(done.output_file_id)
+    assert output.purpose == "batch_output" and output.filename == f"{batch.id}_output.jsonl"
+    assert batch.id in [b.id for b in client.batches.list(limit=100).data]
+
+
+@pytest.mark.parametrize(("endpoint", "body", "field"), [
+    ("/v1/completions", {"model": MODEL, "prompt": "Once upon", "max_tokens": 4}, "choices"),
+    ("/v1/responses", {"model": MODEL, "input": "Hi", "max_output_tokens": 4, "store": False}, "output"),
+])
+def test_the_other_endpoints(client, endpoint, body, field):
+    lines = [{"custom_id": "a", "method": "POST", "url": endpoint, "body": body}]
+    done = wait_done(client, client.batches.create(input_file_id=upload(client, lines).id, endpoint=endpoint,
+                                                   completion_window="24h").id)
+    [line] = lines_of(client, done.output_file_id)
+    assert done.status == "completed" and line["response"]["status_code"] == 200 and line["response"]["body"][field]
+
+
+def test_a_file_that_is_no_batch_fails_it_naming_its_lines(client):
+    lines = [chat_line("ok", "Hi"), "not json", chat_line("ok", "again"),
+             {**chat_line("other", "Hi"), "url": "/v1/completions"}, chat_line("streamed", "Hi", stream=True)]
+    done = wait_done(client, client.batches.create(input_file_id=upload(client, lines).id,
+                                                   endpoint="/v1/chat/completions", completion_window="24h").id)
+    assert done.status == "failed" and done.failed_at and done.output_file_id is None
+    assert [(e.line, e.code) for e in done.errors.data] == [(2, "invalid_request"), (3, "invalid_request"),
+                                                           (4, "invalid_request"), (5, "invalid_request")]
+    assert "not the batch's endpoint" in done.errors.data[2].message
+    empty = client.files.create(file=("empty.jsonl", b"\n"), purpose="batch")
+    done = wait_done(client, client.batches.create(input_file_id=empty.id, endpoint="/v1/chat/completions",
+                                                   completion_window="24h").id)
+    assert done.status == "failed" and done.errors.data[0].code == "empty_file"
+
+
+def test_files_round_trip_list_and_delete(client, server):
+    content = bytes(range(256)) * 3  # not text: kept as sent
+    older = client.files.create(file=("older.bin", b"older"), purpose="user_data")
+    made = client.files.create(file=("data.bin", content), purpose="user_data")
+    assert (made.bytes, made.filename, made.purpose, made.object) == (768, "data.bin", "user_data", "file")
+    assert client.files.content(made.id).content == content
+    assert client.files.retrieve(made.id).id == made.id
+    batch_files = client.files.list(purpose="batch").data
+    assert made.id not in [f.id for f in batch_files] and all(f.purpose == "batch" for f in batch_files)
+    newest = client.files.list(limit=1)
+    assert newest.data[0].id == made.id and newest.has_more
+    after = client.files.list(limit=100, after=made.id, order="desc").data
+    assert after[0].id == older.id  # in the order they came, within a second too
+    assert client.files.list(limit=100, order="asc").data[-1].id == made.id
+    assert client.files.delete(made.id).deleted
+    with pytest.raises(openai.NotFoundError) as gone:
+        client.files.retrieve(made.id)
+    assert error_of(gone)["code"] == "file_not_found"
+
+
+@pytest.mark.parametrize(("make", "status", "param"), [
+    (lambda url: httpx.post(f"{url}/v1/files", files={"file": ("a.jsonl", b"{}")}, data={"purpose": "fun"},
+                            headers={"Authorization": "Bearer admin"}), 400, "purpose"),
+    (lambda url: httpx.post(f"{url}/v1/files", data={"purpose": "batch"}, headers={"Authorization": "Bearer admin"}),
+     400, "file"),
+    (lambda url: httpx.post(f"{url}/v1/files", json={"purpose": "batch"}, headers={"Authorization": "Bearer admin"}),
+     400, "file"),
+    (lambda url: httpx.post(f"{url}/v1/files", files={"file": ("a.jsonl", b"x" * 70 * 1024)},
+                            data={"purpose": "batch"}, headers={"Authorization": "Bearer admin"}), 413, None),
+    (lambda url: httpx.post(f"{url}/v1/files", files={"file": ("a.jsonl", b"{}")}, data={"purpose": "batch"}),
+     401, None),
+    (lambda url: httpx.post(f"{url}/v1/batches", json={"input_file_id": "file-nope", "endpoint":
+                            "/v1/chat/completions", "completion_window": "24h"},
+                            headers={"Authorization": "Bearer admin"}), 404, "input_file_id"),
+    (lambda url: httpx.post(f"{url}/v1/batches", json={"input_file_id": "f", "endpoint": "/v1/embeddings",
+                            "completion_window": "24h"}, headers={"Authorization": "Bearer admin"}), 400, "endpoint"),
+    (lambda url: httpx.post(f"{url}/v1/batches", json={"input_file_id": "f", "endpoint": "/v1/completions",
+                            "completion_window": "1h"}, headers={"Authorization": "Bearer admin"}),
+     400, "completion_window"),
+    (lambda url: httpx.get(f"{url}/v1/batches/batch_nope", headers={"Authorization": "Bearer admin"}), 404,
+     "batch_id"),
+    (lambda url: httpx.get(f"{url}/v1/batches", params={"limit": 0}, headers={"Authorization": "Bearer admin"}),
+     400, "limit"),
+    (lambda url: httpx.get(f"{url}/v1/files", params={"after": "file-nope"}, headers={"Authorization": "Bearer admin"}),
+     400, "after"),
+])
+def test_bad_input_is_an_openai_shaped_4xx(server, make, status, param):
+    answer = make(server)
+    assert answer.status_code == status, answer.text
+    assert answer.json()["error"]["param"] == param
+
+
+def test_a_chat_body_keeps_its_own_smaller_limit(server):
+    huge = "x" * (3 * 1024 * 1024)  # past PAD_MAX_REQUEST_BYTES (2 MiB) though under no file limit here
+    answer = httpx.post(f"{server}/v1/chat/completions", json={"messages": [{"role": "user", "content": huge}]},
+                        headers={"Authorization": "Bearer admin"})
+    assert answer.status_code == 413 and "PAD_MAX_REQUEST_BYTES" in answer.json()["error"]["message"]
+
+
+def test_a_purpose_that_is_not_batch_and_another_users_files_and_batches(server):
+    alice, bob = sdk(server, "ka"), sdk(server, "kb")
+    data = upload(alice, [chat_line("a", "Hi")], purpose="user_data")
+    with pytest.raises(openai.BadRequestError):
+        alice.batches.create(input_file_id=data.id, endpoint="/v1/chat/completions", completion_window="24h")
+    mine = upload(alice, [chat_line("mine", "Hi"), chat_line("as-bob", "Hi", user="bob")])
+    with pytest.raises(openai.NotFoundError):
+        bob.files.retrieve(mine.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.batches.create(input_file_id=mine.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert mine.id not in [f.id for f in bob.files.list().data]
+    done = wait_done(alice, alice.batches.create(input_file_id=mine.id, endpoint="/v1/chat/completions",
+                                                 completion_window="24h").id)
+    # its requests ran with alice's key: as alice, not as bob
+    assert [line["custom_id"] for line in lines_of(alice, done.output_file_id)] == ["mine"]
+    [refused] = lines_of(alice, done.error_file_id)
+    assert refused["custom_id"] == "as-bob" and refused["response"]["status_code"] == 403
+    with pytest.raises(openai.NotFoundError):
+        bob.batches.retrieve(done.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.files.content(done.output_file_id)
+    assert done.id not in [b.id for b in bob.batches.list().data]
+
+
+def test_cancel_keeps_the_results_so_far(worker, tmp_path):
+    settings = settings_for(worker, tmp_path, batch_concurrency=1)
+    with uvicorn_server(create_app(settings)) as url:
+        client = sdk(url)
+        lines = [chat_line(f"q{i}", "Tell me a story.", max_tokens=40) for i in range(30)]
+        batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        deadline = time.monotonic() + 60
+        while client.batches.retrieve(batch.id).request_counts.completed < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        cancelled = client.batches.cancel(batch.id)
+        assert cancelled.status == "cancelled" and cancelled.cancelled_at and cancelled.cancelling_at
+        kept = lines_of(client, cancelled.output_file_id)
+        assert 2 <= len(kept) == cancelled.request_counts.completed < 30
+        assert [line["custom_id"] for line in kept] == [f"q{i}" for i in range(len(kept))]
+        assert client.batches.cancel(batch.id).status == "cancelled"  # again: as it is
+        finished = wait_done(client, client.batches.create(
+            input_file_id=upload(client, [chat_line("x", "Hi")]).id, endpoint="/v1/chat/completions",
+            completion_window="24h").id)
+        with pytest.raises(openai.BadRequestError):
+            client.batches.cancel(finished.id)
+
+
+def test_a_cancel_through_another_gateway_reaches_the_run(worker, tmp_path):
+    settings = settings_for(worker, tmp_path, batch_concurrency=1)
+    with uvicorn_server(create_app(settings)) as first, uvicorn_server(create_app(settings)) as second:
+        lines = [chat_line(f"q{i}", "Tell me a story.", max_tokens=40) for i in range(30)]
+        batch = sdk(first).batches.create(input_file_id=upload(sdk(first), lines).id,
+                                          endpoint="/v1/chat/completions", completion_window="24h")
+        while sdk(second).batches.retrieve(batch.id).status != "in_progress":
+            time.sleep(0.05)
+        cancelled = sdk(second).batches.cancel(batch.id)
+        assert cancelled.status in ("cancelling", "cancelled")
+        assert wait_done(sdk(second), batch.id, 10).status == "cancelled"
+
+
+def test_a_gateway_that_stops_fails_its_batches_with_their_results_so_far(worker, tmp_path):
+    settings = settings_for(worker, tmp_path, batch_concurrency=1)
+    with uvicorn_server(create_app(settings)) as url:
+        lines = [chat_line(f"q{i}", "Tell me a story.", max_tokens=40) for i in range(30)]
+        batch = sdk(url).batches.create(input_file_id=upload(sdk(url), lines).id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+        while sdk(url).batches.retrieve(batch.id).request_counts.completed < 1:
+            time.sleep(0.05)
+    with uvicorn_server(create_app(settings)) as url:
+        stopped = sdk(url).batches.retrieve(batch.id)
+        assert stopped.status == "failed" and stopped.errors.data[0].code == "server_stopped"
+        assert len(lines_of(sdk(url), stopped.output_file_id)) == stopped.request_counts.completed >= 1
+
+
+def test_a_batch_whose_gateway_died_reads_failed_once_its_lease_ran_out(worker, tmp_path):
+    batch = {**new_batch("file-x", "/v1/chat/completions", None), "status": "in_progress"}
+
+    async def orphan() -> None:
+        async with await Store.open(StoreConfig.from_settings(settings_for(worker, tmp_path))) as store:
+            await store.create_batch(batch, user=None, token="dead-gateway", lease_s=1.5)
+
+    with uvicorn_server(create_app(settings_for(worker, tmp_path))) as url:
+        asyncio.run(orphan())
+        assert sdk(url).batches.retrieve(batch["id"]).status == "in_progress"
+        time.sleep(1.6)
+        got = sdk(url).batches.retrieve(batch["id"])
+        assert got.status == "failed" and got.errors.data[0].code == "server_stopped"
