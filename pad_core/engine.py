@@ -120,10 +120,20 @@ class PadEngine:
         long prompt). Reads only the tokenizer and the settings, so the worker
         runs it off its decode loop, in another thread; `add_request` then
         queues the result. Raises InvalidRequestError subclasses."""
+        return self._render_chat(chat, refuse_long=True)
+
+    def count_chat(self, chat: ChatRequest) -> int:
+        """The tokens of the base prompt the chat would run with (the Responses
+        API's input_tokens count): rendered and checked as prepare_chat does
+        it (preferences, tools, truncation "auto"), but a prompt longer than
+        the context is counted, not refused."""
+        return len(self._render_chat(chat, refuse_long=False).prompt_ids)
+
+    def _render_chat(self, chat: ChatRequest, refuse_long: bool) -> GenerationRequest:
         chat.verify(self.limits)
         if chat.drop_oldest_messages:
             chat = dataclasses.replace(chat, messages=self._messages_within_chars(chat))
-        if chat.sampling.truncate_prompt_tokens is None:  # a truncated prompt fits whatever its length
+        if refuse_long and chat.sampling.truncate_prompt_tokens is None:  # a truncated prompt fits whatever its length
             self._check_prompt_chars(chat)
         source = self._reward_source(chat.guidance.reward_model)
         sees = chat.guidance.base_sees_preference

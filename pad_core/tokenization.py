@@ -9,14 +9,12 @@ from typing import Any
 
 from pad_core.errors import InvalidRequestError
 from pad_core.prompting import PromptBuilder, validate_messages
-from pad_core.types import StructuredOutput, TemplateOptions
+from pad_core.types import ChatRequest, TemplateOptions
 
 
 def tokenize(prompts: PromptBuilder, request: dict[str, Any]) -> dict[str, Any]:
     """`request["kind"]`: "chat" (messages, add_generation_prompt,
-    continue_final_message, chat_template_kwargs, add_special_tokens, and
-    `structured`, a StructuredOutput's dict whose tools go into the prompt
-    as a tool-call request's do), "text" (prompt, add_special_tokens) -> {"count",
+    continue_final_message, chat_template_kwargs, add_special_tokens), "text" (prompt, add_special_tokens) -> {"count",
     "tokens", "token_strs" (with return_token_strs, else None)};
     "detokenize" (tokens) -> {"prompt"}."""
     tokenizer = prompts.tokenizer
@@ -34,13 +32,7 @@ def tokenize(prompts: PromptBuilder, request: dict[str, Any]) -> dict[str, Any]:
                                    request.get("chat_template_kwargs") or {},
                                    add_special_tokens=bool(request.get("add_special_tokens", False)))
         template.verify(messages)
-        structured = request.get("structured")
-        if structured is not None and structured.get("kind") == "tool_calls":  # the tools, as a request gives them
-            calls = StructuredOutput.from_dict(structured)
-            ids, _ = prompts.encode_request(messages, (), False, tools=calls.tools, tool_choice=calls.tool_choice,
-                                            optional_tools=calls.auto, template=template)
-        else:
-            ids = prompts.encode(messages, template=template)
+        ids = prompts.encode(messages, template=template)
     elif kind == "text":
         if not isinstance(request.get("prompt"), str):
             raise InvalidRequestError("prompt must be text", param="prompt")
@@ -49,6 +41,16 @@ def tokenize(prompts: PromptBuilder, request: dict[str, Any]) -> dict[str, Any]:
         raise InvalidRequestError(f"unknown tokenize request kind {kind!r}", param=None)
     strings = tokenizer.convert_ids_to_tokens(ids) if request.get("return_token_strs") else None
     return {"count": len(ids), "tokens": list(ids), "token_strs": strings}
+
+
+def count_chat(engine, request: dict[str, Any]) -> dict[str, Any]:
+    """POST /v1/responses/input_tokens: `request["chat"]` (a ChatRequest's
+    dict) -> {"count": its base prompt's tokens} (PadEngine.count_chat)."""
+    try:
+        chat = ChatRequest.from_dict(request["chat"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"not a chat request: {exc}", param=None) from None
+    return {"count": engine.count_chat(chat)}
 
 
 def tokenizer_info(tokenizer, context_length: int) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from pad_core.ipc import HEARTBEAT_S, pack, unpack
 from pad_core.memory import HeapTrimmer
 from pad_core.model_loading import load_engine
 from pad_core.settings import EngineSettings
-from pad_core.tokenization import tokenize, tokenizer_info
+from pad_core.tokenization import count_chat, tokenize, tokenizer_info
 from pad_core.types import ChatRequest, GenerationRequest, GuidanceParams, TextRequest
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,11 @@ class Worker:
     def tokenize(self, identity: bytes, message: dict) -> None:
         """Starts a /tokenize or /detokenize ask in the tokenizer thread (a
         huge prompt must not stall the decode loop); `collect` answers it."""
-        future = self._tokenizer_thread.submit(tokenize, self.engine.prompts, message["request"])
+        request = message["request"]
+        if isinstance(request, dict) and request.get("kind") == "count_chat":
+            future = self._tokenizer_thread.submit(count_chat, self.engine, request)
+        else:
+            future = self._tokenizer_thread.submit(tokenize, self.engine.prompts, request)
         self.tokenizing[message["token"]] = (identity, future)
         future.add_done_callback(self._wake)
 

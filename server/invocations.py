@@ -3,7 +3,7 @@ takes any generation request and answers it as the endpoint its body is
 for; GET or POST /ping is the health probe (server/routes/models.py).
 
 Which endpoint: a body with `messages` is a chat completion, one with
-`prompt` a completion, one with `input` a Responses request. The request
+`input` a Responses request, one with `prompt` a completion. The request
 then goes through that endpoint exactly as if sent there (its key, its
 validation, its errors, its stream, its metrics): this middleware only
 rewrites the path. It sits inside BodyLimitMiddleware, so the body it reads
@@ -20,8 +20,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.errors import error_response, invalid
 
 PATH = "/invocations"
-# The field that names a body's endpoint, in the order they are looked for.
-TARGETS = (("messages", "/v1/chat/completions"), ("prompt", "/v1/completions"), ("input", "/v1/responses"))
+# The field that names a body's endpoint, in the order they are looked for: `input` before
+# `prompt`, which a Responses request may carry too (a stored prompt's, refused or null).
+TARGETS = (("messages", "/v1/chat/completions"), ("input", "/v1/responses"), ("prompt", "/v1/completions"))
 PARSE_IN_THREAD_BYTES = 256 * 1024
 
 
@@ -31,7 +32,7 @@ def invocation_target(body: Any) -> str | None:
     what is wrong with it."""
     if not isinstance(body, dict):
         return TARGETS[0][1]
-    return next((path for field, path in TARGETS if field in body), None)
+    return next((path for field, path in TARGETS if body.get(field) is not None), None)
 
 
 async def _parsed(raw: bytes) -> Any:
@@ -59,6 +60,7 @@ class InvocationsMiddleware:
         target = invocation_target(await _parsed(first.get("body", b"")))
         if target is None:
             fields = ", ".join(f"`{field}` ({path})" for field, path in TARGETS)
+            scope["app"].state.metrics.requests.labels(status="400").inc()  # a generation request, refused
             await error_response(invalid(f"/invocations takes a generation request: a body with {fields}",
                                          None))(scope, _then(first, receive), send)
             return

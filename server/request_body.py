@@ -105,7 +105,8 @@ class BodyLimitMiddleware:
         await self.app(scope, _replay(chunks, None, receive), send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if is_generation_path(scope):  # refused before any handler: counted here
+        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+        if is_generation_path(scope) or path == "/invocations":  # refused before any handler: counted here
             scope["app"].state.metrics.requests.labels(status="413").inc()
         limit = self.limit_of(scope)
         response = error_response(too_large(limit, "PAD_MAX_FILE_BYTES" if limit != self.limit else

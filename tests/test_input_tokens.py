@@ -56,6 +56,42 @@ def test_the_count_is_what_a_response_reports(client, case):
     assert counted.object == "response.input_tokens" and counted.input_tokens == answered.usage.input_tokens > 0
 
 
+def test_a_preference_the_base_model_sees_and_truncation_count_as_a_response_reads_them(client, server):
+    seen = {"input": "Hi", "extra_body": {"preference": "short answers", "pad": {"base_sees_preference": True}}}
+    counted = client.responses.input_tokens.count(model=MODEL, **seen)
+    answered = client.responses.create(**{**GREEDY, "max_output_tokens": 1}, **seen)
+    assert counted.input_tokens == answered.usage.input_tokens > client.responses.input_tokens.count(
+        model=MODEL, input="Hi").input_tokens
+    # a user's stored preference, as alice's key reads it
+    alice = sdk(server, "ka")
+    httpx.put(f"{server}/v1/users/alice/preferences", json={"preferences": ["answer in French"]},
+              headers={"Authorization": "Bearer ka"}).raise_for_status()
+    pad = {"extra_body": {"pad": {"base_sees_preference": True}}}
+    assert alice.responses.input_tokens.count(input="Hi", **pad).input_tokens == alice.responses.create(
+        input="Hi", **{**GREEDY, "max_output_tokens": 1}, **pad).usage.input_tokens
+    # truncation "auto": the items a response would keep
+    long_chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 60} for i in range(15)]
+    auto = {"input": long_chat, "truncation": "auto"}
+    counted = client.responses.input_tokens.count(model=MODEL, **auto, extra_body={"max_output_tokens": 8})
+    assert counted.input_tokens == client.responses.create(**{**GREEDY, **auto, "max_output_tokens": 8}
+                                                           ).usage.input_tokens
+    counted = counted.input_tokens
+    assert counted < client.responses.input_tokens.count(model=MODEL, input=long_chat).input_tokens
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"tools": [WEATHER, WEATHER]}, "tools"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+    ({"extra_body": {"pad": {"reward_model": "nope"}, "preference": "short"}}, "pad.reward_model"),
+])
+def test_what_a_response_refuses_the_count_refuses(client, body, param):
+    for call in (lambda: client.responses.input_tokens.count(model=MODEL, input="Hi", **body),
+                 lambda: client.responses.create(input="Hi", **GREEDY, **body)):
+        with pytest.raises(openai.APIStatusError) as refused:
+            call()
+        assert refused.value.status_code in (400, 404) and error_of(refused)["param"] == param
+
+
 def test_a_previous_response_and_a_conversation_count_as_they_are_read(client):
     previous = client.responses.create(input="Hi there", **GREEDY)
     counted = client.responses.input_tokens.count(model=MODEL, input="And then?", previous_response_id=previous.id)

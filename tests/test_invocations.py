@@ -40,6 +40,8 @@ def post(server: str, path: str, body, key: str | None = "secret") -> httpx.Resp
     ({"model": MODEL, "prompt": "Hi", "max_tokens": 5, "temperature": 0}, "/v1/completions", "text_completion"),
     ({"model": MODEL, "input": "Hi", "max_output_tokens": 5, "temperature": 0, "store": False}, "/v1/responses",
      "response"),
+    ({"model": MODEL, "input": "Hi", "prompt": None, "max_output_tokens": 5, "temperature": 0, "store": False},
+     "/v1/responses", "response"),  # a Responses request's own (null) prompt
 ])
 def test_each_kind_of_body_is_answered_as_its_endpoint_answers_it(server, body, path, kind):
     invoked, direct = post(server, "/invocations", body), post(server, path, body)
@@ -88,6 +90,17 @@ def test_the_key_is_checked_and_the_request_is_counted_as_its_endpoints(server):
     before = counted()
     assert post(server, "/invocations", CHAT).status_code == 200
     assert counted() == before + 1
+
+    def refused(status: str) -> float:
+        text = httpx.get(f"{server}/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(f'pad_requests_total{{status="{status}"}}'))
+
+    too_large = {**CHAT, "messages": [{"role": "user", "content": "x" * (3 * 1024 * 1024)}]}
+    before = refused("413"), refused("400")
+    assert post(server, "/invocations", too_large).status_code == 413
+    assert post(server, "/invocations", {"model": MODEL}).status_code == 400
+    assert (refused("413"), refused("400")) == (before[0] + 1, before[1] + 1)
 
 
 def test_ping_is_health_on_get_and_post(server, tmp_path):

@@ -1,16 +1,16 @@
 """POST /v1/responses/input_tokens (OpenAI's `client.responses.input_tokens.count`):
 how many tokens a Responses request's input is for the model, without
-answering it. The prompt is built as POST /v1/responses builds it
+answering it. The request is built as POST /v1/responses builds it
 (`instructions`, then a `previous_response_id`'s or a `conversation`'s
-items, then `input`, item references resolved; function `tools` written
-into the prompt as a tool-call request writes them) and tokenized by the
-worker through the chat template, so the count is the `usage.input_tokens`
-a response to the same request would report.
+items, then `input`, item references resolved; the preference, the
+request's or the user's stored one; function `tools`; `truncation`) and the
+worker renders it as it would run it (PadEngine.count_chat), so the count is
+the `usage.input_tokens` a response to the same request reports, and a
+request a response would refuse is refused alike. One exception: an input
+longer than the context is counted, not refused (finding that out is what
+a count is often for).
 
-As /tokenize counts, it is the base context's: a `preference` (not a field
-here) adds reward contexts of their own. The count is of the whole input:
-`truncation: "auto"` would drop the oldest items only from an input that
-does not fit, which a count is often asked to find out."""
+"""
 
 from __future__ import annotations
 
@@ -19,15 +19,16 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from pad_core.errors import InvalidRequestError
-from pad_core.types import ChatRequest, RequestLimits
+from pad_core.types import ChatRequest
 from server.auth import Scope, key_scope
+from server.auth_scopes import chat_user
 from server.errors import APIError
-from server.generation import check_model, sampling_defaults
+from server.generation import check_model, sampling_defaults, verify_request
 from server.messages import response_input_messages
 from server.openapi import errors
 from server.request_body import JSONRoute
 from server.responses_models import ResponsesRequest
+from server.routes.chat import preference_rename, resolve_preferences
 from server.routes.responses import continued_conversation, conversation_messages
 from server.routes.stored_responses import previous_response, resolve_item_references
 from server.routes.tokenize import ask_worker
@@ -38,8 +39,9 @@ RENAME = {"messages": "input", "max_tokens": "max_output_tokens", "response_form
 
 
 class InputTokensRequest(ResponsesRequest):
-    """The fields of a Responses request that make its input (the others a
-    request may carry are accepted and change nothing)."""
+    """A Responses request, every field of it accepted: those that shape
+    the prompt count (input, instructions, tools, preference and pad,
+    truncation with max_output_tokens), the others change nothing."""
 
     input: str | list[dict[str, Any]] | None = Field(None, description="text, or message / function_call / "
                                                      "function_call_output items")
@@ -67,13 +69,14 @@ async def count_input_tokens(body: InputTokensRequest, request: Request, scope: 
     else:
         earlier, call_names = (previous.conversation, previous.call_names) if previous else ((), None)
     messages = response_input_messages(items, body.instructions, earlier, call_names)
-    structured = body.to_structured()
-    counted = ChatRequest("input_tokens", messages, [], body.to_sampling_params(sampling_defaults(state)),
-                          structured=structured)
-    try:  # the request's own bounds, as a response's (what cannot cross to the worker is a 400 here)
-        counted.verify(RequestLimits.from_settings(state.settings))
-    except InvalidRequestError as exc:
-        raise APIError.from_invalid(exc, RENAME) from None
-    result = await ask_worker(state, {"kind": "chat", "messages": messages, "add_generation_prompt": True,
-                                      "structured": structured.to_dict() if structured is not None else None})
+    user = chat_user(scope, body.user)
+    resolution = await resolve_preferences(state, body, user)
+    chat = ChatRequest("input_tokens", messages, resolution.preferences, body.to_sampling_params(sampling_defaults(state)),
+                       body.to_guidance_params(), body.to_structured(), drop_oldest_messages=body.truncation == "auto")
+    rename = {**RENAME, **preference_rename(body)}
+    verify_request(chat, state.settings, resolution, user, rename)  # what cannot cross to the worker is a 400 here
+    try:
+        result = await ask_worker(state, {"kind": "count_chat", "chat": chat.to_dict()})
+    except APIError as error:
+        raise error.renamed(rename) from None
     return {"object": "response.input_tokens", "input_tokens": result["count"]}
