@@ -183,7 +183,7 @@ def test_a_user_longer_than_the_store_keeps_is_refused(client):
 
 
 def test_endpoints_this_server_lacks_are_404s_not_405s(server):
-    for method, path in (("POST", "/v1/responses/compact"), ("POST", "/v1/responses/input_tokens"),
+    for method, path in (("POST", "/v1/responses/compact"),
                          ("PUT", "/v1/responses/resp_x")):
         answer = httpx.request(method, f"{server}{path}", headers={"authorization": "Bearer admin"}, json={})
         assert answer.status_code == 404 and answer.json()["error"]["code"] == "unknown_url", (method, path)
