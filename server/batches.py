@@ -198,7 +198,7 @@ class BatchRuns:
                                                     "deleted before the batch ran", "param": "input_file_id",
                                                     "line": None}]))
             return
-        lines, problems = requests_of(content, batch["endpoint"])
+        lines, problems = await asyncio.to_thread(requests_of, content, batch["endpoint"])  # off the event loop
         del content
         if problems:
             await self._save(run, **failed(batch, problems))
