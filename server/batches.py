@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import logging
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -49,6 +52,7 @@ MAX_REQUESTS = 50_000  # OpenAI's bound on a batch
 MAX_LISTED_ERRORS = 100
 WINDOW_S = 24 * 3600
 SAVE_EVERY_S = 1.0
+SPOOL_BYTES = 8 * 1024 * 1024
 STOPPED = {"code": "server_stopped", "message": "The server running this batch stopped before it was done; "
                                                 "the results so far are in its files. Create the batch again "
                                                 "for the rest.", "param": None, "line": None}
@@ -77,24 +81,35 @@ def failed(batch: dict[str, Any], problems: list[dict[str, Any]] | None = None) 
     return {**batch, "status": "failed", "failed_at": now(), "errors": errors_of(problems or [STOPPED])}
 
 
-def requests_of(content: bytes, endpoint: str) -> tuple[list[run_batch.BatchLine], list[dict[str, Any]]]:
-    """The file's requests, and the problems that make it no batch for
-    `endpoint` (each naming its 1-based line)."""
-    lines, problems = [], []
+def check_requests(content: bytes, endpoint: str) -> tuple[int, list[dict[str, Any]]]:
+    """How many requests the file holds, and the problems that make it no
+    batch for `endpoint` (each naming its 1-based line). Stops at the
+    MAX_LISTED_ERRORS-th problem or past MAX_REQUESTS lines, so a huge file
+    of bad lines costs no more than a few; keeps no request (they are read
+    again as they are sent, `requests_in`)."""
+    count, problems = 0, []
     for line in run_batch.read_lines(io.BytesIO(content)):
+        count += 1
+        if count > MAX_REQUESTS:
+            problems.append({"code": "too_many_requests", "message": f"the input file holds more than "
+                             f"{MAX_REQUESTS} requests, the most a batch takes", "param": None, "line": line.number})
+            break
         problem = line.problem
         if problem is None and line.url != endpoint:
             problem = f"line {line.number}: url {line.url} is not the batch's endpoint {endpoint}"
         if problem is not None:
             problems.append({"code": "invalid_request", "message": problem, "param": None, "line": line.number})
-        lines.append(line)
-    if not lines:
+            if len(problems) >= MAX_LISTED_ERRORS:
+                break
+    if count == 0:
         problems.append({"code": "empty_file", "message": "the input file holds no requests", "param": None,
                          "line": None})
-    if len(lines) > MAX_REQUESTS:
-        problems.append({"code": "too_many_requests", "message": f"the input file holds {len(lines)} requests, "
-                         f"at most {MAX_REQUESTS} a batch", "param": None, "line": None})
-    return lines, problems
+    return count, problems
+
+
+def requests_in(content: bytes) -> Iterator[run_batch.BatchLine]:
+    """The requests of a checked file, parsed as they are sent."""
+    return run_batch.read_lines(io.BytesIO(content))
 
 
 def scoped(app, scope: KeyScope | None):
@@ -116,7 +131,16 @@ class BatchRun:
     stop_reason: str | None = None  # "cancelled" or "stopped" (the gateway stops)
     finishing: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
-    results: list[dict[str, Any]] = field(default_factory=list)
+    # The results so far, as the lines of the output file (2xx answers) and of the error file, spooled
+    # to disk past a few MB: a batch of long answers is not held in memory.
+    answered: IO[bytes] = field(default_factory=lambda: tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES))
+    refused: IO[bytes] = field(default_factory=lambda: tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES))
+    counts: dict[str, int] = field(default_factory=lambda: {"total": 0, "completed": 0, "failed": 0})
+
+    def keep(self, result: dict[str, Any]) -> None:
+        ok = result["error"] is None
+        (self.answered if ok else self.refused).write(json.dumps(result, ensure_ascii=False).encode("utf-8") + b"\n")
+        self.counts["completed" if ok else "failed"] += 1
 
 
 class BatchRuns:
@@ -133,7 +157,11 @@ class BatchRuns:
         return batch_id in self._runs
 
     async def start(self, batch: dict[str, Any], user: str | None, scope: KeyScope | None) -> None:
-        """Stores the batch with its run's lease, then runs it as a task."""
+        """Stores the batch with its run's lease, then runs it as a task. Its
+        requests run as its user's: a key bound to several users is narrowed
+        to the batch's one."""
+        if scope is not None and scope.users is not None and user is not None:
+            scope = dataclasses.replace(scope, users=frozenset({user}))
         run = BatchRun(batch, user, scope, uuid.uuid4().hex)
         await self._store.create_batch(batch, user=user, token=run.token, lease_s=self._lease_s)
         self._runs[batch["id"]] = run
@@ -188,74 +216,72 @@ class BatchRuns:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._store.end_batch_run(batch_id, run.token))
             self._runs.pop(batch_id, None)
+            run.answered.close()
+            run.refused.close()
             run.done.set()
 
     async def _answer(self, run: BatchRun) -> None:
         batch = run.batch
         content = await self._store.file_content(batch["input_file_id"])
         if content is None:
+            run.finishing = True  # from here on no stop cuts its end short
             await self._save(run, **failed(batch, [{"code": "file_not_found", "message": "the input file was "
                                                     "deleted before the batch ran", "param": "input_file_id",
                                                     "line": None}]))
             return
-        lines, problems = await asyncio.to_thread(requests_of, content, batch["endpoint"])  # off the event loop
-        del content
+        total, problems = await asyncio.to_thread(check_requests, content, batch["endpoint"])  # off the event loop
         if problems:
+            run.finishing = True
             await self._save(run, **failed(batch, problems))
             return
-        counts = {"total": len(lines), "completed": 0, "failed": 0}
-        await self._save(run, status="in_progress", in_progress_at=now(), request_counts=dict(counts))
-
-        def on_result(result: dict[str, Any]) -> None:
-            run.results.append(result)
-            counts["completed" if result["error"] is None else "failed"] += 1
-
-        saver = asyncio.ensure_future(self._save_counts(run, counts))
-        transport = httpx.ASGITransport(app=scoped(self._app, run.scope))
+        run.counts["total"] = total
+        await self._save(run, status="in_progress", in_progress_at=now(), request_counts=dict(run.counts))
+        saver = asyncio.ensure_future(self._save_counts(run))
+        # raise_app_exceptions=False: a request the app failed on is its 500 answer, never the exception's text
+        transport = httpx.ASGITransport(app=scoped(self._app, run.scope), raise_app_exceptions=False)
         try:
             async with httpx.AsyncClient(transport=transport, base_url="http://pad.batch", timeout=None) as client:
                 left_s = max(run.batch["expires_at"] - now(), 0)
                 try:
-                    await asyncio.wait_for(run_batch.run(iter(lines), client, None, concurrency=self._concurrency,
-                                                         on_result=on_result), timeout=left_s)
+                    await asyncio.wait_for(run_batch.run(requests_in(content), client, None,
+                                                         concurrency=self._concurrency, on_result=run.keep),
+                                           timeout=left_s)
+                    end = {"status": "completed", "completed_at": now()}
                 except TimeoutError:  # its 24 h window ran out: the results so far
-                    await self._finish(run, counts, status="expired", expired_at=now())
-                    return
+                    end = {"status": "expired", "expired_at": now()}
         finally:
             saver.cancel()
-        await self._finish(run, counts, status="completed", completed_at=now())
+        run.finishing = True
+        await self._finish(run, **end)
 
-    async def _save_counts(self, run: BatchRun, counts: dict[str, int]) -> None:
-        saved = dict(counts)
+    async def _save_counts(self, run: BatchRun) -> None:
+        saved = dict(run.counts)
         while True:
             await asyncio.sleep(SAVE_EVERY_S)
-            if counts != saved:
-                saved = dict(counts)
+            if run.counts != saved:
+                saved = dict(run.counts)
                 try:
                     await self._save(run, request_counts=saved)
                 except Exception:
                     logger.warning("could not store the progress of batch %s", run.batch["id"], exc_info=True)
 
-    async def _finish(self, run: BatchRun, counts: dict[str, int], **end: Any) -> None:
+    async def _finish(self, run: BatchRun, **end: Any) -> None:
         """Writes the results so far into the output and error files, then
         stores the batch's end."""
         if end.get("status") == "completed":
-            await self._save(run, status="finalizing", finalizing_at=now(), request_counts=dict(counts))
+            await self._save(run, status="finalizing", finalizing_at=now(), request_counts=dict(run.counts))
         files = await self._write_results(run)
-        await self._save(run, **{**files, **end, "request_counts": dict(counts)})
+        await self._save(run, **{**files, **end, "request_counts": dict(run.counts)})
 
     async def _end_early(self, run: BatchRun) -> None:
         """A stopped run: cancelled (asked) or failed (its gateway stops),
         with the results it had."""
-        counts = {"total": run.batch["request_counts"]["total"],
-                  "completed": sum(r["error"] is None for r in run.results),
-                  "failed": sum(r["error"] is not None for r in run.results)}
         try:
             if run.stop_reason == "cancelled":
-                await self._finish(run, counts, status="cancelled", cancelling_at=now(), cancelled_at=now())
+                await self._finish(run, status="cancelled", cancelling_at=now(), cancelled_at=now())
             else:
                 files = await self._write_results(run)
-                await self._save(run, **{**failed(run.batch), **files, "request_counts": counts})
+                await self._save(run, **{**failed(run.batch), **files, "request_counts": dict(run.counts)})
         except Exception:
             logger.exception("could not store the end of batch %s", run.batch["id"])
 
@@ -264,11 +290,11 @@ class BatchRuns:
         each in input order; None where there is nothing to write."""
         batch_id = run.batch["id"]
         ids: dict[str, str | None] = {"output_file_id": None, "error_file_id": None}
-        for key, name, wanted in (("output_file_id", "output", True), ("error_file_id", "error", False)):
-            chosen = [r for r in run.results if (r["error"] is None) == wanted]
-            if not chosen:
+        for key, name, spool in (("output_file_id", "output", run.answered), ("error_file_id", "error", run.refused)):
+            spool.seek(0)
+            content = spool.read()
+            if not content:
                 continue
-            content = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen).encode("utf-8")
             file = StoredFile(f"file-{uuid.uuid4().hex}", run.user, "batch_output", f"{batch_id}_{name}.jsonl",
                               len(content), now())
             await self._store.record_file(file, content)

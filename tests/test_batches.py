@@ -133,6 +133,33 @@ def test_a_file_that_is_no_batch_fails_it_naming_its_lines(client):
     assert done.status == "failed" and done.errors.data[0].code == "empty_file"
 
 
+def test_a_file_of_many_bad_lines_is_refused_quickly_naming_the_first_hundred(client):
+    started = time.monotonic()
+    bad = client.files.create(file=("bad.jsonl", b"x\n" * 20_000), purpose="batch")  # 40 kB, under the test limit
+    done = wait_done(client, client.batches.create(input_file_id=bad.id, endpoint="/v1/chat/completions",
+                                                   completion_window="24h").id)
+    assert done.status == "failed" and len(done.errors.data) == 100 and done.errors.data[-1].line == 100
+    assert time.monotonic() - started < 10
+
+
+def test_a_key_bound_to_several_users_runs_a_batch_as_the_user_it_names(worker, tmp_path):
+    settings = ServerSettings(worker_address=worker, data_dir=tmp_path, api_keys=["kab:alice,bob"])
+    with uvicorn_server(create_app(settings)) as url:
+        both = sdk(url, "kab")
+        lines = [chat_line("as-alice", "Hi"), chat_line("as-bob", "Hi", user="bob")]
+        made = httpx.post(f"{url}/v1/files", files={"file": ("r.jsonl", "".join(json.dumps(line) + "\n"
+                                                                                   for line in lines).encode())},
+                          data={"purpose": "batch", "user": "alice"}, headers={"Authorization": "Bearer kab"}).json()
+        assert made["purpose"] == "batch"
+        with pytest.raises(openai.PermissionDeniedError):  # which user's? it must say
+            both.batches.create(input_file_id=made["id"], endpoint="/v1/chat/completions", completion_window="24h")
+        batch = both.batches.create(input_file_id=made["id"], endpoint="/v1/chat/completions",
+                                    completion_window="24h", extra_body={"user": "alice"})
+        done = wait_done(both, batch.id)
+        assert [line["custom_id"] for line in lines_of(both, done.output_file_id)] == ["as-alice"]
+        assert [line["response"]["status_code"] for line in lines_of(both, done.error_file_id)] == [403]
+
+
 def test_files_round_trip_list_and_delete(client, server):
     content = bytes(range(256)) * 3  # not text: kept as sent
     older = client.files.create(file=("older.bin", b"older"), purpose="user_data")
@@ -278,5 +305,7 @@ def test_a_batch_whose_gateway_died_reads_failed_once_its_lease_ran_out(worker, 
         asyncio.run(orphan())
         assert sdk(url).batches.retrieve(batch["id"]).status == "in_progress"
         time.sleep(1.6)
+        listed = {b.id: b for b in sdk(url).batches.list(limit=100).data}  # listed as it reads: failed
+        assert listed[batch["id"]].status == "failed"
         got = sdk(url).batches.retrieve(batch["id"])
         assert got.status == "failed" and got.errors.data[0].code == "server_stopped"

@@ -99,6 +99,12 @@ async def cancel_batch(batch_id: str, request: Request, scope: Scope) -> dict[st
 async def list_batches(request: Request, scope: Scope, after: str | None = None, limit: int = 20
                        ) -> dict[str, Any]:
     page_limit(limit)
-    found, more = await request.app.state.store.list_batches(users=None if scope is None else scope.users,
-                                                             after=after, limit=limit)
-    return item_list([b.batch for b in found], more)
+    state = request.app.state
+    found, more = await state.store.list_batches(users=None if scope is None else scope.users, after=after,
+                                                 limit=limit)
+    listed = []
+    for kept in found:  # a dead gateway's batch is listed failed, as it reads
+        if not kept.running and kept.batch["status"] in batches.RUNNING and not state.batches.runs_here(kept.batch_id):
+            kept = await state.store.settle_abandoned_batch(kept.batch_id, batches.failed) or kept
+        listed.append(kept.batch)
+    return item_list(listed, more)
