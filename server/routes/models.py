@@ -28,13 +28,13 @@ HEALTH = {
 }
 
 
-@probes.api_route(
-    "/ping",
-    methods=["GET", "POST"],
-    responses={200: {"description": "the worker is ready", "content": {"application/json": {"schema": HEALTH}}},
-               503: {"description": "the worker is loading or down", "headers": RETRY_AFTER_HEADER,
-                     "content": {"application/json": {"schema": HEALTH}}}},
-)
+PING_RESPONSES = {200: {"description": "the worker is ready", "content": {"application/json": {"schema": HEALTH}}},
+                  503: {"description": "the worker is loading or down", "headers": RETRY_AFTER_HEADER,
+                        "content": {"application/json": {"schema": HEALTH}}}}
+
+
+@probes.get("/ping", responses=PING_RESPONSES)
+@probes.post("/ping", responses=PING_RESPONSES)
 async def ping(request: Request):
     """SageMaker's health probe (vLLM serves it too): /health's answer."""
     return await health(request)
