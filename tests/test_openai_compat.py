@@ -590,7 +590,7 @@ def test_responses_background_needs_store_and_an_unknown_conversation_is_a_404(s
 
 
 def test_unknown_routes_are_openai_shaped_404s(server):
-    for method, path in (("GET", "/v1/files"), ("POST", "/v1/embeddings"), ("POST", "/v1/audio/speech")):
+    for method, path in (("GET", "/v1/fine_tuning/jobs"), ("POST", "/v1/embeddings"), ("POST", "/v1/audio/speech")):
         response = httpx.request(method, f"{server}{path}", json={})
         assert response.status_code == 404
         error = response.json()["error"]
