@@ -21,10 +21,11 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from server.background_events import EventLog
+from server.leased_runs import LeasedRun, LeasedRuns
 
 logger = logging.getLogger(__name__)
 
@@ -48,26 +49,19 @@ Work = Callable[["Run"], Awaitable[None]]
 
 
 @dataclass
-class Run:
+class Run(LeasedRun):
     response_id: str
-    token: str
-    task: asyncio.Task | None = None
-    stop_reason: str | None = None  # "cancelled" (asked) or "stopped" (the gateway stops)
-    finishing: bool = False  # its work is over: no stop cancels its clean-up
     events: EventLog | None = None  # its stream's events (created with stream: true), read here while it runs
-    done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class BackgroundResponses:
+class BackgroundResponses(LeasedRuns[Run]):
     """This gateway's background runs, by response id."""
 
-    def __init__(self, store, lease_s: float) -> None:
-        self._store = store
-        self._lease_s = lease_s
-        self._runs: dict[str, Run] = {}
+    what = "background response"
 
-    def runs_here(self, response_id: str) -> bool:
-        return response_id in self._runs
+    def __init__(self, store, lease_s: float) -> None:
+        super().__init__(lease_s)
+        self._store = store
 
     def events(self, response_id: str) -> EventLog | None:
         """The event log of a streamed run of this gateway (None: not here)."""
@@ -77,13 +71,13 @@ class BackgroundResponses:
     async def start(self, response_id: str, work: Work, events: EventLog | None = None) -> None:
         """Takes the run's lease (before the request is answered, so that a
         poll never finds it without one), then runs `work` as a task."""
-        run = Run(response_id, uuid.uuid4().hex, events=events)
+        run = Run(response_id, token=uuid.uuid4().hex, events=events)
         await self._store.begin_background(response_id, run.token, self._lease_s)
         self._runs[response_id] = run
         run.task = asyncio.ensure_future(self._run(run, work))
 
     async def _run(self, run: Run, work: Work) -> None:
-        renewal = asyncio.ensure_future(self._renew(run))
+        renewal = asyncio.ensure_future(self._renew(run.response_id, run))
         if run.events is not None:
             run.events.start_flushing()
         try:
@@ -104,43 +98,5 @@ class BackgroundResponses:
             self._runs.pop(run.response_id, None)
             run.done.set()
 
-    async def _renew(self, run: Run) -> None:
-        while True:
-            await asyncio.sleep(self._lease_s / 3)
-            try:
-                cancel_asked = await self._store.renew_background(run.response_id, run.token, self._lease_s)
-            except Exception:  # the store unreachable: try again; the lease may run out meanwhile
-                logger.warning("could not renew background response %s", run.response_id, exc_info=True)
-                continue
-            if cancel_asked or cancel_asked is None:  # asked through another gateway, or no longer ours
-                self._stop(run, "cancelled")
-                return
-
-    def _stop(self, run: Run, reason: str) -> None:
-        """Cancels the run's work, once: a second stop (a shutdown after a
-        cancel) would cut short the clean-up of the first."""
-        if run.stop_reason is not None or run.finishing:
-            return
-        run.stop_reason = reason
-        if run.task is not None:
-            run.task.cancel()
-
-    async def cancel(self, response_id: str) -> bool:
-        """Cancels the run if it is this gateway's, once it has stored its
-        cancelled state; False when it runs elsewhere (or not at all)."""
-        run = self._runs.get(response_id)
-        if run is None:
-            return False
-        self._stop(run, "cancelled")
-        await run.done.wait()
-        return True
-
-    async def close(self, timeout_s: float = 10.0) -> None:
-        """Fails every run of this gateway (they cannot finish once it stops),
-        each stored as failed before the store closes."""
-        runs = list(self._runs.values())
-        for run in runs:
-            self._stop(run, "stopped")
-        if runs:
-            logger.warning("stopping %d background response(s) before they were done", len(runs))
-            await asyncio.wait([asyncio.ensure_future(run.done.wait()) for run in runs], timeout=timeout_s)
+    async def _renew_lease(self, response_id: str, run: Run) -> bool | None:
+        return await self._store.renew_background(response_id, run.token, self._lease_s)

@@ -41,6 +41,7 @@ import httpx
 
 from server.auth import INTERNAL_SCOPE
 from server.auth_scopes import KeyScope
+from server.leased_runs import LeasedRun, LeasedRuns
 from server.store.repository import StoredFile
 from server.tools import run_batch
 
@@ -122,15 +123,10 @@ def scoped(app, scope: KeyScope | None):
 
 
 @dataclass
-class BatchRun:
+class BatchRun(LeasedRun):
     batch: dict[str, Any]
     user: str | None
     scope: KeyScope | None
-    token: str
-    task: asyncio.Task | None = None
-    stop_reason: str | None = None  # "cancelled" or "stopped" (the gateway stops)
-    finishing: bool = False
-    done: asyncio.Event = field(default_factory=asyncio.Event)
     # The results so far, as the lines of the output file (2xx answers) and of the error file, spooled
     # to disk past a few MB: a batch of long answers is not held in memory.
     answered: IO[bytes] = field(default_factory=lambda: tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES))
@@ -143,18 +139,16 @@ class BatchRun:
         self.counts["completed" if ok else "failed"] += 1
 
 
-class BatchRuns:
+class BatchRuns(LeasedRuns[BatchRun]):
     """This gateway's batch runs, by batch id (app.state.batches)."""
 
+    what = "batch"
+
     def __init__(self, app, store, settings) -> None:
+        super().__init__(settings.background_lease_s)
         self._app = app
         self._store = store
-        self._lease_s = settings.background_lease_s
         self._concurrency = settings.batch_concurrency
-        self._runs: dict[str, BatchRun] = {}
-
-    def runs_here(self, batch_id: str) -> bool:
-        return batch_id in self._runs
 
     async def start(self, batch: dict[str, Any], user: str | None, scope: KeyScope | None) -> None:
         """Stores the batch with its run's lease, then runs it as a task. Its
@@ -162,35 +156,13 @@ class BatchRuns:
         to the batch's one."""
         if scope is not None and scope.users is not None and user is not None:
             scope = dataclasses.replace(scope, users=frozenset({user}))
-        run = BatchRun(batch, user, scope, uuid.uuid4().hex)
+        run = BatchRun(batch, user, scope, token=uuid.uuid4().hex)
         await self._store.create_batch(batch, user=user, token=run.token, lease_s=self._lease_s)
         self._runs[batch["id"]] = run
         run.task = asyncio.ensure_future(self._run(run))
 
-    async def cancel(self, batch_id: str) -> bool:
-        """Cancels this gateway's run once it has stored its end; False when
-        it runs elsewhere (or not at all)."""
-        run = self._runs.get(batch_id)
-        if run is None:
-            return False
-        self._stop(run, "cancelled")
-        await run.done.wait()
-        return True
-
-    async def close(self, timeout_s: float = 10.0) -> None:
-        runs = list(self._runs.values())
-        for run in runs:
-            self._stop(run, "stopped")
-        if runs:
-            logger.warning("stopping %d batch(es) before they were done", len(runs))
-            await asyncio.wait([asyncio.ensure_future(run.done.wait()) for run in runs], timeout=timeout_s)
-
-    def _stop(self, run: BatchRun, reason: str) -> None:
-        if run.stop_reason is not None or run.finishing:
-            return
-        run.stop_reason = reason
-        if run.task is not None:
-            run.task.cancel()
+    async def _renew_lease(self, batch_id: str, run: BatchRun) -> bool | None:
+        return await self._store.renew_batch(batch_id, run.token, self._lease_s)
 
     # ---- the run ----------------------------------------------------------
     async def _save(self, run: BatchRun, **changes: Any) -> None:
@@ -198,7 +170,7 @@ class BatchRuns:
         await self._store.update_batch(run.batch, run.token)
 
     async def _run(self, run: BatchRun) -> None:
-        renewal = asyncio.ensure_future(self._renew(run))
+        renewal = asyncio.ensure_future(self._renew(run.batch["id"], run))
         batch_id = run.batch["id"]
         try:
             await self._answer(run)
@@ -300,15 +272,3 @@ class BatchRuns:
             await self._store.record_file(file, content)
             ids[key] = file.file_id
         return ids
-
-    async def _renew(self, run: BatchRun) -> None:
-        while True:
-            await asyncio.sleep(self._lease_s / 3)
-            try:
-                cancel_asked = await self._store.renew_batch(run.batch["id"], run.token, self._lease_s)
-            except Exception:
-                logger.warning("could not renew batch %s", run.batch["id"], exc_info=True)
-                continue
-            if cancel_asked or cancel_asked is None:
-                self._stop(run, "cancelled")
-                return

@@ -917,12 +917,25 @@ class Store:
         """Extends the runner's lease; whether a cancel was asked meanwhile
         (None: the run is no longer this runner's)."""
         table = schema.background_responses
-        mine = and_(table.c.response_id == response_id, table.c.token == token)
+        return await self._renew_lease(table, table.c.response_id == response_id, token, lease_s)
+
+    async def _renew_lease(self, table, this_run, token: str, lease_s: float) -> bool | None:
+        """A run's lease (background_responses', batches') extended if `token`
+        holds it; whether a cancel was asked (None: the token holds it no more)."""
+        mine = and_(this_run, table.c.token == token)
         async with self._write() as conn:
             result = await conn.execute(update(table).where(mine).values(expires_at_ms=_now_ms() + _ms(lease_s)))
             if not result.rowcount:
                 return None
             return bool((await conn.execute(select(table.c.cancel_requested).where(mine))).scalar())
+
+    async def _ask_cancel(self, table, this_run) -> bool:
+        """Flags a run for its runner, on whatever gateway, to cancel; False
+        when no live lease holds it (an ended batch's expiry is null: not live)."""
+        async with self._write() as conn:
+            result = await conn.execute(update(table).where(and_(this_run, table.c.expires_at_ms >= _now_ms()))
+                                        .values(cancel_requested=1))
+        return result.rowcount > 0
 
     @_runs_to_its_end
     async def end_background(self, response_id: str, token: str) -> None:
@@ -942,10 +955,7 @@ class Store:
         """Asks the runner of a background response, on whatever gateway, to
         cancel it; False when none runs it."""
         table = schema.background_responses
-        async with self._write() as conn:
-            result = await conn.execute(update(table).where(and_(
-                table.c.response_id == response_id, table.c.expires_at_ms >= _now_ms())).values(cancel_requested=1))
-        return result.rowcount > 0
+        return await self._ask_cancel(table, table.c.response_id == response_id)
 
     @_runs_to_its_end
     async def settle_abandoned_response(self, response_id: str, settled: Callable[[dict[str, Any]], dict[str, Any]]
@@ -1081,12 +1091,7 @@ class Store:
         """Extends the runner's lease; whether a cancel was asked (None: the
         run is no longer this runner's)."""
         table = schema.batches
-        mine = and_(table.c.batch_id == batch_id, table.c.token == token)
-        async with self._write() as conn:
-            result = await conn.execute(update(table).where(mine).values(expires_at_ms=_now_ms() + _ms(lease_s)))
-            if not result.rowcount:
-                return None
-            return bool((await conn.execute(select(table.c.cancel_requested).where(mine))).scalar())
+        return await self._renew_lease(table, table.c.batch_id == batch_id, token, lease_s)
 
     @_runs_to_its_end
     async def end_batch_run(self, batch_id: str, token: str) -> None:
@@ -1100,11 +1105,7 @@ class Store:
         """Asks the batch's runner, on whatever gateway, to cancel it; False
         when none runs it."""
         table = schema.batches
-        async with self._write() as conn:
-            result = await conn.execute(update(table).where(and_(
-                table.c.batch_id == batch_id, table.c.token.is_not(None), table.c.expires_at_ms >= _now_ms()))
-                .values(cancel_requested=1))
-        return result.rowcount > 0
+        return await self._ask_cancel(table, table.c.batch_id == batch_id)
 
     @_runs_to_its_end
     async def settle_abandoned_batch(self, batch_id: str, settled: Callable[[dict[str, Any]], dict[str, Any]]
