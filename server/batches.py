@@ -42,13 +42,13 @@ import httpx
 from server.auth import INTERNAL_SCOPE
 from server.auth_scopes import KeyScope
 from server.leased_runs import LeasedRun, LeasedRuns
-from server.store.repository import StoredFile
+from server.store.repository import RUNNING_BATCH, StoredFile
 from server.tools import run_batch
 
 logger = logging.getLogger(__name__)
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
-RUNNING = ("validating", "in_progress", "finalizing", "cancelling")
+RUNNING = RUNNING_BATCH  # the statuses of a batch still running (the store's, which settles abandoned ones)
 MAX_REQUESTS = 50_000  # OpenAI's bound on a batch
 MAX_LISTED_ERRORS = 100
 WINDOW_S = 24 * 3600

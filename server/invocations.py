@@ -15,15 +15,15 @@ import asyncio
 import json
 from typing import Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import error_response, invalid
+from server.request_body import PARSE_IN_THREAD_BYTES, replayed_receive
 
 PATH = "/invocations"
 # The field that names a body's endpoint, in the order they are looked for: `input` before
 # `prompt`, which a Responses request may carry too (a stored prompt's, refused or null).
 TARGETS = (("messages", "/v1/chat/completions"), ("input", "/v1/responses"), ("prompt", "/v1/completions"))
-PARSE_IN_THREAD_BYTES = 256 * 1024
 
 
 def invocation_target(body: Any) -> str | None:
@@ -54,24 +54,16 @@ class InvocationsMiddleware:
             await self.app(scope, receive, send)
             return
         first = await receive()  # the whole body, as BodyLimitMiddleware replays it
+        replayed = replayed_receive([], first, receive)
         if first["type"] != "http.request":  # the client left
-            await self.app(scope, _then(first, receive), send)
+            await self.app(scope, replayed, send)
             return
         target = invocation_target(await _parsed(first.get("body", b"")))
         if target is None:
             fields = ", ".join(f"`{field}` ({path})" for field, path in TARGETS)
             scope["app"].state.metrics.requests.labels(status="400").inc()  # a generation request, refused
             await error_response(invalid(f"/invocations takes a generation request: a body with {fields}",
-                                         None))(scope, _then(first, receive), send)
+                                         None))(scope, replayed, send)
             return
         path = root + target
-        await self.app({**scope, "path": path, "raw_path": path.encode()}, _then(first, receive), send)
-
-
-def _then(first: Message, receive: Receive) -> Receive:
-    pending = [first]
-
-    async def replayed() -> Message:
-        return pending.pop() if pending else await receive()
-
-    return replayed
+        await self.app({**scope, "path": path, "raw_path": path.encode()}, replayed, send)

@@ -92,7 +92,7 @@ class BodyLimitMiddleware:
         while True:
             message = await receive()
             if message["type"] != "http.request":  # the client left while sending
-                await self.app(scope, _replay([], message, receive), send)
+                await self.app(scope, replayed_receive([], message, receive), send)
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
@@ -102,7 +102,7 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        await self.app(scope, _replay(chunks, None, receive), send)
+        await self.app(scope, replayed_receive(chunks, None, receive), send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
@@ -115,7 +115,7 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
-def _replay(chunks: list[bytes], first: Message | None, receive: Receive) -> Receive:
+def replayed_receive(chunks: list[bytes], first: Message | None, receive: Receive) -> Receive:
     """A receive that gives the buffered body as one message, then defers to
     the real one (the chat route listens there for the client leaving)."""
     pending: list[Message] = [first] if first is not None else [

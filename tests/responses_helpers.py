@@ -6,6 +6,7 @@ to users, the official SDK on it with a key, and an SDK error's OpenAI error bod
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,3 +42,12 @@ def error_of(excinfo) -> dict:
     """The error body of a pytest.raises(openai.APIStatusError) (the SDK
     keeps either the whole body or its "error")."""
     return excinfo.value.body if "message" in excinfo.value.body else excinfo.value.body["error"]
+
+
+def wait_for(client: openai.OpenAI, response_id: str, statuses: tuple[str, ...], timeout_s: float = 60.0):
+    """The kept response once its status is one of `statuses` (a background one, polled)."""
+    deadline = time.monotonic() + timeout_s
+    while (got := client.responses.retrieve(response_id)).status not in statuses:
+        assert time.monotonic() < deadline, f"still {got.status}"
+        time.sleep(0.05)
+    return got

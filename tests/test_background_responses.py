@@ -17,7 +17,7 @@ import time
 import httpx
 import openai
 import pytest
-from responses_helpers import GREEDY, MODEL, error_of, sdk
+from responses_helpers import GREEDY, MODEL, error_of, sdk, wait_for
 from server_helpers import uvicorn_server, worker_thread
 
 from server.app import create_app
@@ -52,14 +52,6 @@ def server(worker, data_dir):
 @pytest.fixture(scope="module")
 def client(server):
     return sdk(server)
-
-
-def wait_for(client: openai.OpenAI, response_id: str, statuses: tuple[str, ...], timeout_s: float = 60.0):
-    deadline = time.monotonic() + timeout_s
-    while (got := client.responses.retrieve(response_id)).status not in statuses:
-        assert time.monotonic() < deadline, f"still {got.status}"
-        time.sleep(0.05)
-    return got
 
 
 def test_a_background_response_is_queued_then_answered_as_a_synchronous_one(client):

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from responses_helpers import GREEDY, MODEL, error_of, sdk
+from responses_helpers import GREEDY, MODEL, error_of, sdk, wait_for
 from server_helpers import uvicorn_server, worker_thread
 
 from server.app import create_app
@@ -89,14 +89,6 @@ def read_again(server: str, response_id: str, after: int | None = None) -> list[
     params = {"stream": "true"} | ({} if after is None else {"starting_after": str(after)})
     with httpx.stream("GET", f"{server}/v1/responses/{response_id}", params=params, timeout=60) as response:
         return list(events_of(response))
-
-
-def wait_for(client: openai.OpenAI, response_id: str, statuses: tuple[str, ...], timeout_s: float = 60.0):
-    deadline = time.monotonic() + timeout_s
-    while (got := client.responses.retrieve(response_id)).status not in statuses:
-        assert time.monotonic() < deadline, f"still {got.status}"
-        time.sleep(0.05)
-    return got
 
 
 def test_the_stream_opens_queued_and_ends_as_a_synchronous_answer(client):

@@ -50,9 +50,14 @@ async def find_batch(request: Request, scope: KeyScope | None, batch_id: str) ->
     found = await state.store.find_batch(batch_id)
     if found is None or (scope is not None and not scope.can_access(found.user_id)):
         raise batch_not_found(batch_id)
-    if not found.running and found.batch["status"] in batches.RUNNING and not state.batches.runs_here(batch_id):
-        found = await state.store.settle_abandoned_batch(batch_id, batches.failed) or found
-    return found
+    return await as_it_reads(state, found)
+
+
+async def as_it_reads(state, kept: StoredBatch) -> StoredBatch:
+    """The batch, failed first if its gateway died while running it (its lease ran out)."""
+    if not kept.running and kept.batch["status"] in batches.RUNNING and not state.batches.runs_here(kept.batch_id):
+        return await state.store.settle_abandoned_batch(kept.batch_id, batches.failed) or kept
+    return kept
 
 
 @router.post("/v1/batches", responses=errors(400, 401, 403, 404, 413, 503))
@@ -102,9 +107,4 @@ async def list_batches(request: Request, scope: Scope, after: str | None = None,
     state = request.app.state
     found, more = await state.store.list_batches(users=None if scope is None else scope.users, after=after,
                                                  limit=limit)
-    listed = []
-    for kept in found:  # a dead gateway's batch is listed failed, as it reads
-        if not kept.running and kept.batch["status"] in batches.RUNNING and not state.batches.runs_here(kept.batch_id):
-            kept = await state.store.settle_abandoned_batch(kept.batch_id, batches.failed) or kept
-        listed.append(kept.batch)
-    return item_list(listed, more)
+    return item_list([(await as_it_reads(state, kept)).batch for kept in found], more)

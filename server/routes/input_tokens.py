@@ -24,13 +24,11 @@ from server.auth import Scope, key_scope
 from server.auth_scopes import chat_user
 from server.errors import APIError
 from server.generation import check_model, sampling_defaults, verify_request
-from server.messages import response_input_messages
 from server.openapi import errors
 from server.request_body import JSONRoute
 from server.responses_models import ResponsesRequest
 from server.routes.chat import preference_rename, resolve_preferences
-from server.routes.responses import continued_conversation, conversation_messages
-from server.routes.stored_responses import previous_response, resolve_item_references
+from server.routes.responses import continued_conversation, input_messages
 from server.routes.tokenize import ask_worker
 
 router = APIRouter(tags=["responses"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
@@ -62,13 +60,7 @@ async def count_input_tokens(body: InputTokensRequest, request: Request, scope: 
     body.refuse_unsupported()
     store = getattr(state, "store", None)
     conversation = await continued_conversation(store, scope, body.conversation_id())
-    previous = await previous_response(store, scope, body.previous_response_id)
-    items = await resolve_item_references(store, scope, body.input if body.input is not None else [])
-    if conversation is not None:
-        earlier, call_names = await conversation_messages(store, conversation)
-    else:
-        earlier, call_names = (previous.conversation, previous.call_names) if previous else ((), None)
-    messages = response_input_messages(items, body.instructions, earlier, call_names)
+    _, _, messages = await input_messages(store, scope, body, conversation)
     user = chat_user(scope, body.user)
     resolution = await resolve_preferences(state, body, user)
     chat = ChatRequest("input_tokens", messages, resolution.preferences, body.to_sampling_params(sampling_defaults(state)),

@@ -24,7 +24,6 @@ the answer's items to it after the answer."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 import weakref
@@ -73,8 +72,8 @@ from server.routes.stored_responses import (
     stored_input_items,
 )
 from server.background import Run
-from server.background_events import EventLog
-from server.store.repository import StoredConversation
+from server.background_events import EventLog, frame_of
+from server.store.repository import StoredConversation, StoredResponse
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["responses"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
@@ -125,14 +124,7 @@ async def _answer(body: ResponsesRequest, state, scope, served: str, conversatio
     store = getattr(state, "store", None)
     structured = body.to_structured()
     user = chat_user(scope, body.user)
-    previous = await previous_response(store, scope, body.previous_response_id)
-    items = await resolve_item_references(store, scope, body.input)
-    if conversation is not None:
-        check_item_ids(items, "input")  # they join the conversation
-        earlier, call_names = await conversation_messages(store, conversation)
-    else:
-        earlier, call_names = (previous.conversation, previous.call_names) if previous else ((), None)
-    messages = response_input_messages(items, body.instructions, earlier, call_names)
+    previous, items, messages = await input_messages(store, scope, body, conversation)
     resolution = await resolve_preferences(state, body, user)
     response_id = f"resp_{uuid.uuid4().hex}"
     sampling = body.to_sampling_params(sampling_defaults(state))
@@ -177,6 +169,22 @@ async def _answer(body: ResponsesRequest, state, scope, served: str, conversatio
     response = formatter.response(generation, choices[0])
     await finished(choices, response)
     return JSONResponse(response)
+
+
+async def input_messages(store, scope, body: ResponsesRequest, conversation: StoredConversation | None
+                         ) -> tuple[StoredResponse | None, str | list[dict[str, Any]], list[dict[str, str]]]:
+    """A request's prompt as engine messages: its instructions, then the
+    previous response's or the conversation's items, then its own input
+    (item references resolved; items joining a conversation may not reuse
+    its ids). Also the previous response and the resolved input items."""
+    previous = await previous_response(store, scope, body.previous_response_id)
+    items = await resolve_item_references(store, scope, body.input if body.input is not None else [])
+    if conversation is not None:
+        check_item_ids(items, "input")  # they join the conversation
+        earlier, call_names = await conversation_messages(store, conversation)
+    else:
+        earlier, call_names = (previous.conversation, previous.call_names) if previous else ((), None)
+    return previous, items, response_input_messages(items, body.instructions, earlier, call_names)
 
 
 # ---- background responses -------------------------------------------------
@@ -361,9 +369,9 @@ class ResponsesFormatter(Formatter):
 
     # ---- the events -----------------------------------------------------
     def event(self, kind: str, **data: Any) -> str:
-        payload = {"type": kind, "sequence_number": self.sequence, **data}
+        frame = frame_of(kind, self.sequence, **data)
         self.sequence += 1
-        return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
+        return frame
 
     def opening(self, generation: Generation) -> list[str]:
         envelope = self.envelope(generation, "in_progress", [], None)
