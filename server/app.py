@@ -68,6 +68,7 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
         app.state.batches = BatchRuns(app, app.state.store, settings)
         if start_worker:
             await app.state.worker.start()
+        app.state.batches.start_looking()  # resumes the batches of gateways that stopped or died
         try:
             yield
         finally:

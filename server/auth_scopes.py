@@ -154,6 +154,11 @@ class KeyTable:
     def __len__(self) -> int:
         return len(self._by_hash)
 
+    def scope_of(self, key_id: str) -> KeyScope | None:
+        """The scope of the configured key with that id (a resumed batch's
+        creator); None when no such key is configured."""
+        return next((scope for scope in self._by_hash.values() if scope.key_id == key_id), None)
+
     def authenticate(self, token: str | None) -> KeyScope | None:
         """The scope of a presented key; None when it is missing or unknown
         (the caller answers 401). Looked up by hash: no timing on the key."""

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 class LeasedRun:
     token: str  # its runner's, in the store's lease
     task: asyncio.Task | None = None
-    stop_reason: str | None = None  # "cancelled" (asked) or "stopped" (the gateway stops)
+    stop_reason: str | None = None  # "cancelled" (asked), "stopped" (the gateway stops), or a lost_reason
     finishing: bool = False  # its work is over: no stop cancels its clean-up
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -34,6 +34,9 @@ class LeasedRuns(Generic[R]):
     """This gateway's runs of one kind, by id."""
 
     what = "run"  # what a run is, in logs
+    # The stop reason of a run whose lease is no longer its own (deleted, or taken by another gateway):
+    # a background response's is a cancel; a batch's has a new runner (server/batches.py).
+    lost_reason = "cancelled"
 
     def __init__(self, lease_s: float) -> None:
         self._lease_s = lease_s
@@ -55,8 +58,11 @@ class LeasedRuns(Generic[R]):
             except Exception:  # the store unreachable: try again; the lease may run out meanwhile
                 logger.warning("could not renew %s %s", self.what, run_id, exc_info=True)
                 continue
-            if cancel_asked or cancel_asked is None:  # asked through another gateway, or no longer ours
+            if cancel_asked:  # asked through another gateway
                 self._stop(run, "cancelled")
+                return
+            if cancel_asked is None:  # no longer ours
+                self._stop(run, self.lost_reason)
                 return
 
     def _stop(self, run: R, reason: str) -> None:

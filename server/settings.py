@@ -68,9 +68,10 @@ class ServerSettings(EngineSettings, StoreSettings):
     )
     background_lease_s: float = Field(
         30.0, gt=0, allow_inf_nan=False,
-        description="seconds a gateway holds a background response's run without renewing it; renewed every "
-        "third of it, so a response whose gateway died reads as failed after this long, and a cancel asked "
-        "through another gateway takes effect within a third of it",
+        description="seconds a gateway holds a background response's or a batch's run without renewing it; "
+        "renewed every third of it, so a response whose gateway died reads as failed after this long, a batch "
+        "whose gateway died is resumed by another after this long, and a cancel asked through another "
+        "gateway takes effect within a third of it",
     )
     log_level: str = Field("info", description="debug, info, warning or error")
 

@@ -4,8 +4,9 @@ engine: a batch's answers are the ones its requests get when sent alone, in
 input order, the refused ones in the error file; a file that is no batch
 fails it with its lines named; files round-trip byte for byte; keys bound
 to users see only their own files and batches, and a batch's requests run
-with its key's scope; cancel keeps the results so far; a gateway that stops
-or dies leaves its batches failed, never running forever."""
+with its key's scope; cancel keeps the results so far; a batch whose
+gateway stops or dies is resumed by another after its last stored result,
+each request answered once, with its key's scope as configured there."""
 
 from __future__ import annotations
 
@@ -20,10 +21,13 @@ from responses_helpers import KEYS, MODEL, error_of, sdk
 from server_helpers import uvicorn_server, worker_thread
 
 from server.app import create_app
+from server.worker_client import free_local_address
+from server.auth_scopes import KeyTable
 from server.batches import new_batch
 from server.settings import ServerSettings
-from server.store import Store
+from server.store import Store, schema
 from server.store.config import StoreConfig
+from server.store.repository import StoredFile
 
 QUESTIONS = ["How do I sleep better?", "What is a cat?", "Name a colour.", "Hi"]
 
@@ -280,32 +284,152 @@ def test_a_cancel_through_another_gateway_reaches_the_run(worker, tmp_path):
         assert wait_done(sdk(second), batch.id, 10).status == "cancelled"
 
 
-def test_a_gateway_that_stops_fails_its_batches_with_their_results_so_far(worker, tmp_path):
+def test_a_gateway_that_stops_leaves_its_batches_to_the_next_which_finishes_them(worker, tmp_path):
     settings = settings_for(worker, tmp_path, batch_concurrency=1)
+    lines = [chat_line(f"q{i}", "Tell me a story.", max_tokens=40) for i in range(30)]
     with uvicorn_server(create_app(settings)) as url:
-        lines = [chat_line(f"q{i}", "Tell me a story.", max_tokens=40) for i in range(30)]
+        batch = sdk(url).batches.create(input_file_id=upload(sdk(url), lines).id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+        while sdk(url).batches.retrieve(batch.id).request_counts.completed < 3:
+            time.sleep(0.05)
+    with uvicorn_server(create_app(settings)) as url:
+        stopped = sdk(url).batches.retrieve(batch.id)
+        assert stopped.status == "in_progress" and stopped.request_counts.completed >= 3
+        done = wait_done(sdk(url), batch.id)
+        assert done.status == "completed" and done.errors is None
+        assert (done.request_counts.completed, done.request_counts.failed) == (30, 0)
+        answered = lines_of(sdk(url), done.output_file_id)
+        assert [line["custom_id"] for line in answered] == [f"q{i}" for i in range(30)]  # each once, in order
+        assert len({line["response"]["body"]["choices"][0]["message"]["content"] for line in answered}) == 1
+
+
+def test_a_batch_waits_for_a_worker_that_is_not_ready_and_is_resumed_only_by_a_gateway_with_one(tmp_path):
+    address = free_local_address()
+    settings = settings_for(address, tmp_path)
+    lines = [chat_line(f"q{i}", "Hi") for i in range(3)]
+    with uvicorn_server(create_app(settings), healthy=False) as url:  # its worker not started yet
+        batch = sdk(url).batches.create(input_file_id=upload(sdk(url), lines).id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+        orphaned = orphan(settings, lines, answered=1, key_id=KeyTable.from_specs(KEYS).authenticate("admin").key_id)
+        time.sleep(1.5)
+        waiting = sdk(url).batches.retrieve(batch.id)
+        assert waiting.status == "in_progress" and waiting.request_counts.completed == 0  # not failed meanwhile
+        assert sdk(url).batches.retrieve(orphaned).status == "in_progress"  # left for a gateway that can answer
+        with worker_thread(address):
+            assert wait_done(sdk(url), batch.id, 60).request_counts.completed == 3
+            done = wait_done(sdk(url), orphaned, 60)
+            assert (done.status, done.request_counts.completed) == ("completed", 3)
+
+
+def stored_result(custom_id: str, content: str) -> dict:
+    """A result as a gateway that died had stored it (a marker answer no model would give)."""
+    return {"id": f"batch_req_{custom_id}", "custom_id": custom_id, "error": None,
+            "response": {"status_code": 200, "request_id": "old", "body": {"choices": [{"message": {
+                "role": "assistant", "content": content}}]}}}
+
+
+def orphan(settings: ServerSettings, lines: list, *, answered: int, key_id: str | None, users=None,
+           cancel: bool = False, scoped: bool = True) -> str:
+    """A batch as a gateway that died left it: in progress, its first
+    `answered` results stored, its lease (1 s) running out."""
+    content = "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+    async def leave() -> str:
+        async with await Store.open(StoreConfig.from_settings(settings)) as store:
+            upload = StoredFile("file-orphan-input-" + str(time.monotonic_ns()), None, "batch", "in.jsonl",
+                                len(content), int(time.time()))
+            await store.record_file(upload, content)
+            batch = {**new_batch(upload.file_id, "/v1/chat/completions", None), "status": "in_progress"}
+            await store.create_batch(batch, user=None, token="dead-gateway", lease_s=1.0, key_id=key_id, users=users)
+            results = [(n + 1, True, json.dumps(stored_result(lines[n]["custom_id"], f"stored {n + 1}")))
+                       for n in range(answered)]
+            assert await store.update_batch(batch, "dead-gateway", results)
+            if cancel:
+                assert await store.request_batch_cancel(batch["id"])
+            if not scoped:  # as a batch of schema v7 was
+                async with store._write() as conn:
+                    await conn.execute(schema.batch_runs.delete())
+            return batch["id"]
+
+    return asyncio.run(leave())
+
+
+def test_a_batch_whose_gateway_died_is_resumed_once_after_its_last_stored_result(worker, tmp_path):
+    settings = settings_for(worker, tmp_path)
+    lines = [chat_line(f"q{i}", QUESTIONS[i % 4]) for i in range(8)]
+    with uvicorn_server(create_app(settings)) as first, uvicorn_server(create_app(settings)) as second:
+        batch_id = orphan(settings, lines, answered=3, key_id=KeyTable.from_specs(KEYS).authenticate("admin").key_id)
+        assert sdk(first).batches.retrieve(batch_id).status == "in_progress"  # not failed: it will go on
+        done = wait_done(sdk(second), batch_id, 60)
+        assert done.status == "completed" and (done.request_counts.completed, done.request_counts.failed) == (8, 0)
+        answered = lines_of(sdk(first), done.output_file_id)
+        assert [line["custom_id"] for line in answered] == [f"q{i}" for i in range(8)]  # each once: one gateway won
+        contents = [line["response"]["body"]["choices"][0]["message"]["content"] for line in answered]
+        assert contents[:3] == ["stored 1", "stored 2", "stored 3"]  # kept, not asked again
+        alone = sdk(first).chat.completions.create(**lines[3]["body"]).choices[0].message.content
+        assert contents[3] == alone and contents[4:] == [c for c in contents[4:] if not c.startswith("stored")]
+
+
+def test_a_cancel_of_an_orphaned_batch_ends_it_with_its_stored_results(worker, tmp_path):
+    settings = settings_for(worker, tmp_path)
+    lines = [chat_line(f"q{i}", "Hi") for i in range(5)]
+    with uvicorn_server(create_app(settings)) as url:
+        batch_id = orphan(settings, lines, answered=2, key_id=KeyTable.from_specs(KEYS).authenticate("admin").key_id)
+        time.sleep(1.1)  # its lease runs out
+        cancelled = sdk(url).batches.cancel(batch_id)
+        assert cancelled.status == "cancelled" and cancelled.request_counts.completed == 2
+        assert [line["custom_id"] for line in lines_of(sdk(url), cancelled.output_file_id)] == ["q0", "q1"]
+        asked_before = orphan(settings, lines, answered=1, key_id=None, cancel=True)  # asked while it still ran
+        assert wait_done(sdk(url), asked_before, 30).status == "cancelled"
+
+
+@pytest.mark.parametrize(("key_id", "scoped", "why"), [
+    ("key-000000000000", True, "no longer accepted"),  # a key since removed
+    (None, True, "without an API key"),  # made on a server without keys
+    ("admin", False, "older than this one"),  # stopped by a server of schema v7
+])
+def test_a_batch_that_cannot_be_resumed_fails_keeping_its_stored_results(worker, tmp_path, key_id, scoped, why):
+    settings = settings_for(worker, tmp_path)
+    if key_id == "admin":
+        key_id = KeyTable.from_specs(KEYS).authenticate("admin").key_id
+    with uvicorn_server(create_app(settings)) as url:
+        batch_id = orphan(settings, [chat_line(f"q{i}", "Hi") for i in range(4)], answered=2, key_id=key_id,
+                          scoped=scoped)
+        done = wait_done(sdk(url), batch_id, 30)
+        assert done.status == "failed" and done.errors.data[0].code == "cannot_resume"
+        assert why in done.errors.data[0].message
+        assert len(lines_of(sdk(url), done.output_file_id)) == 2
+
+
+def test_a_resumed_batch_runs_with_its_key_as_configured_now_for_its_user(worker, tmp_path):
+    settings = settings_for(worker, tmp_path)
+    alice_key = KeyTable.from_specs(KEYS).authenticate("ka").key_id
+    lines = [chat_line("mine", "Hi", user="alice"), chat_line("bobs", "Hi", user="bob")]
+    with uvicorn_server(create_app(settings)) as url:
+        batch_id = orphan(settings, lines, answered=0, key_id=alice_key, users=frozenset({"alice"}))
+        done = wait_done(sdk(url), batch_id, 30)
+        assert [line["custom_id"] for line in lines_of(sdk(url), done.output_file_id)] == ["mine"]
+        assert [line["response"]["status_code"] for line in lines_of(sdk(url), done.error_file_id)] == [403]
+
+
+def test_a_run_whose_lease_another_gateway_took_stops_without_writing(worker, tmp_path):
+    settings = settings_for(worker, tmp_path, batch_concurrency=1)
+    lines = [chat_line(f"q{i}", "Tell me a story.", max_tokens=40) for i in range(30)]
+    with uvicorn_server(create_app(settings)) as url:
         batch = sdk(url).batches.create(input_file_id=upload(sdk(url), lines).id, endpoint="/v1/chat/completions",
                                         completion_window="24h")
         while sdk(url).batches.retrieve(batch.id).request_counts.completed < 1:
             time.sleep(0.05)
-    with uvicorn_server(create_app(settings)) as url:
-        stopped = sdk(url).batches.retrieve(batch.id)
-        assert stopped.status == "failed" and stopped.errors.data[0].code == "server_stopped"
-        assert len(lines_of(sdk(url), stopped.output_file_id)) == stopped.request_counts.completed >= 1
 
+        async def take_over() -> None:
+            async with await Store.open(StoreConfig.from_settings(settings)) as store, store._write() as conn:
+                await conn.execute(schema.batches.update().where(schema.batches.c.batch_id == batch.id)
+                                   .values(token="another-gateway", expires_at_ms=int(time.time() * 1000) + 60_000))
 
-def test_a_batch_whose_gateway_died_reads_failed_once_its_lease_ran_out(worker, tmp_path):
-    batch = {**new_batch("file-x", "/v1/chat/completions", None), "status": "in_progress"}
-
-    async def orphan() -> None:
-        async with await Store.open(StoreConfig.from_settings(settings_for(worker, tmp_path))) as store:
-            await store.create_batch(batch, user=None, token="dead-gateway", lease_s=1.5)
-
-    with uvicorn_server(create_app(settings_for(worker, tmp_path))) as url:
-        asyncio.run(orphan())
-        assert sdk(url).batches.retrieve(batch["id"]).status == "in_progress"
-        time.sleep(1.6)
-        listed = {b.id: b for b in sdk(url).batches.list(limit=100).data}  # listed as it reads: failed
-        assert listed[batch["id"]].status == "failed"
-        got = sdk(url).batches.retrieve(batch["id"])
-        assert got.status == "failed" and got.errors.data[0].code == "server_stopped"
+        asyncio.run(take_over())
+        time.sleep(1.0)  # the run learns it at its next renewal (every 0.3 s) and stops
+        seen = sdk(url).batches.retrieve(batch.id)
+        time.sleep(1.5)
+        again = sdk(url).batches.retrieve(batch.id)
+        assert seen.status == again.status == "in_progress" and seen.request_counts == again.request_counts
+        assert seen.output_file_id is None

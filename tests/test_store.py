@@ -5,6 +5,7 @@ into valid training pairs, retention, migrations, 16 concurrent writers."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -388,6 +389,64 @@ async def test_a_version_2_database_migrates_to_keep_conversations(db_url):  # n
         assert await store.take_turn(conversation.conversation_id, "t", 30) is True  # schema v4's turns
     finally:
         await store.close()
+
+
+async def test_a_version_7_databases_running_batch_is_claimed_once_and_ended_with_its_results(db_url):  # noqa: F811
+    """A batch left running by a gateway of schema v7 (no key scope stored)
+    is orphaned once its lease ran out; of two stores claiming it at once one
+    wins; results are stored only by the lease's holder, read back a page at
+    a time in input order, and moved into files when the batch ends."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from server.batches import new_batch
+    from server.store.config import normalize_url
+    from server.store.repository import StoredFile
+
+    batch = {**new_batch("file-in", "/v1/chat/completions", None), "status": "in_progress"}
+    engine = create_async_engine(normalize_url(db_url))
+    async with engine.begin() as conn:  # the schema as the Batch API's first release left it
+        await conn.run_sync(schema.schema_version.create)
+        await conn.execute(schema.schema_version.insert().values(version=7))
+        for step in schema.MIGRATIONS[:7]:
+            await conn.run_sync(step)
+        await conn.execute(text("DROP INDEX ix_batches_lease"))  # new in v8
+        await conn.execute(schema.batches.insert().values(
+            batch_id=batch["id"], user_id=None, batch=json.dumps(batch), created_at=batch["created_at"],
+            token="v7-gateway", expires_at_ms=int(time.time() * 1000) - 1, cancel_requested=0))
+    await engine.dispose()
+    first, second = await Store.open(store_config(db_url)), await Store.open(store_config(db_url))
+    try:
+        assert await first.orphaned_batches() == [batch["id"]]
+        claims = await asyncio.gather(*(store.claim_batch(batch["id"], f"t{i}", 30)
+                                        for i, store in enumerate([first, second] * 4)))
+        [claimed] = [c for c in claims if c is not None]
+        token = next(f"t{i}" for i, c in enumerate(claims) if c is not None)
+        assert claimed.has_scope is False and claimed.stored.running and not claimed.cancel_requested
+        assert await first.orphaned_batches() == []
+        assert await first.update_batch(batch, "v7-gateway", [(1, True, "{}")]) is False  # not the holder
+        assert await first.batch_progress(batch["id"]) == (0, 0, 0)
+        results = [(n, n % 3 != 0, json.dumps({"n": n})) for n in range(1, 8)]
+        assert await second.update_batch(batch, token, results[:4]) and await first.update_batch(
+            batch, token, results[4:])
+        assert await first.batch_progress(batch["id"]) == (7, 5, 2)
+        page = await first.batch_results(batch["id"], ok=True, after_line=1, limit=2)
+        assert page == [(2, '{"n": 2}'), (4, '{"n": 4}')]
+        assert [n for n, _ in await first.batch_results(batch["id"], ok=False, after_line=0, limit=9)] == [3, 6]
+        assert await second.request_batch_cancel(batch["id"]) is True  # running: asked
+        await first.release_batch(batch["id"], token)  # its gateway stops
+        [again] = [c for c in [await second.claim_batch(batch["id"], "t-next", 30)] if c]  # at once
+        assert again.cancel_requested
+        output = StoredFile("file-out", None, "batch_output", "out.jsonl", 2, 1)
+        assert not await first.end_batch({**batch, "status": "cancelled"}, token, [(output, b"{}")])
+        assert await first.end_batch({**batch, "status": "cancelled"}, "t-next", [(output, b"{}")])
+        assert (await second.find_batch(batch["id"])).batch["status"] == "cancelled"
+        assert await second.file_content("file-out") == b"{}"
+        assert await first.batch_progress(batch["id"]) == (0, 0, 0)  # moved into the files
+        assert await first.request_batch_cancel(batch["id"]) is False and await first.orphaned_batches() == []
+    finally:
+        await first.close()
+        await second.close()
 
 
 async def test_one_turn_at_a_time_in_a_conversation_across_stores(db_url):  # noqa: F811

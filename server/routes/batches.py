@@ -44,8 +44,7 @@ def batch_not_found(batch_id: str) -> APIError:
 
 
 async def find_batch(request: Request, scope: KeyScope | None, batch_id: str) -> StoredBatch:
-    """The batch as it is now (one whose gateway died failed first), if the
-    caller's key may read it; else a 404."""
+    """The batch as it is now, if the caller's key may read it; else a 404."""
     state = request.app.state
     found = await state.store.find_batch(batch_id)
     if found is None or (scope is not None and not scope.can_access(found.user_id)):
@@ -54,9 +53,10 @@ async def find_batch(request: Request, scope: KeyScope | None, batch_id: str) ->
 
 
 async def as_it_reads(state, kept: StoredBatch) -> StoredBatch:
-    """The batch, failed first if its gateway died while running it (its lease ran out)."""
+    """The batch as stored; one running that no gateway holds (its own
+    stopped or died) makes this gateway look for batches to resume at once."""
     if not kept.running and kept.batch["status"] in batches.RUNNING and not state.batches.runs_here(kept.batch_id):
-        return await state.store.settle_abandoned_batch(kept.batch_id, batches.failed) or kept
+        state.batches.look_now()
     return kept
 
 
@@ -80,8 +80,9 @@ async def retrieve_batch(batch_id: str, request: Request, scope: Scope) -> dict[
 async def cancel_batch(batch_id: str, request: Request, scope: Scope) -> dict[str, Any]:
     """Cancels a running batch: on this gateway at once (its results so far
     written); on another, asked through the store and waited for a while
-    (`cancelling` until its run has read the ask). A finished one is a 400;
-    a cancelled one is returned as it is."""
+    (`cancelling` until its run has read the ask); one that no gateway runs
+    now, by the gateway that resumes it (this one looks at once). A finished
+    one is a 400; a cancelled one is returned as it is."""
     state = request.app.state
     found = await find_batch(request, scope, batch_id)
     status = found.batch["status"]
@@ -90,6 +91,8 @@ async def cancel_batch(batch_id: str, request: Request, scope: Scope) -> dict[st
     if status not in batches.RUNNING:
         raise invalid(f"Cannot cancel a batch that is already {status}", "batch_id")
     if not await state.batches.cancel(batch_id) and await state.store.request_batch_cancel(batch_id):
+        if not found.running:
+            state.batches.look_now()
         deadline = time.monotonic() + state.settings.background_lease_s / 3 + 2.0
         while time.monotonic() < deadline:
             await asyncio.sleep(0.2)

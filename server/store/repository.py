@@ -287,6 +287,17 @@ class StoredBatch:
 
 
 @dataclass(frozen=True)
+class ClaimedBatch:
+    """An orphaned batch whose lease a gateway took, to resume it."""
+
+    stored: StoredBatch
+    cancel_requested: bool
+    has_scope: bool  # False: no batch_runs row (the batch predates schema v8)
+    key_id: str | None  # the key that created it; None: a server without keys
+    users: frozenset[str] | None  # who its requests may act for; None: every user
+
+
+@dataclass(frozen=True)
 class StoredConversation:
     """A Conversations API conversation (see schema.conversations); its
     items are read apart (a conversation may hold many)."""
@@ -1039,14 +1050,19 @@ class Store:
             result = await conn.execute(delete(table).where(table.c.file_id == file_id))
         return result.rowcount > 0
 
-    # -- batches (the Batch API): their objects and their runners' leases
+    # -- batches (the Batch API): their objects, their runners' leases, their results so far
 
     @_runs_to_its_end
-    async def create_batch(self, batch: dict[str, Any], *, user: str | None, token: str, lease_s: float) -> None:
+    async def create_batch(self, batch: dict[str, Any], *, user: str | None, token: str, lease_s: float,
+                           key_id: str | None, users: frozenset[str] | None) -> None:
+        """Stores a new batch, its runner's lease, and the key scope its
+        requests run with (see schema.batch_runs)."""
         async with self._write() as conn:
             await conn.execute(schema.batches.insert().values(
                 batch_id=batch["id"], user_id=user, batch=_dumps(batch), created_at=batch["created_at"],
                 token=token, expires_at_ms=_now_ms() + _ms(lease_s), cancel_requested=0))
+            await conn.execute(schema.batch_runs.insert().values(
+                batch_id=batch["id"], key_id=key_id, users=None if users is None else _dumps(sorted(users))))
 
     async def find_batch(self, batch_id: str) -> StoredBatch | None:
         table = schema.batches
@@ -1077,14 +1093,65 @@ class Store:
         return batches[:limit], len(batches) > limit
 
     @_runs_to_its_end
-    async def update_batch(self, batch: dict[str, Any], token: str) -> bool:
-        """Stores the batch's new state, if `token` still holds its run."""
+    async def update_batch(self, batch: dict[str, Any], token: str,
+                           results: Sequence[tuple[int, bool, str]] = ()) -> bool:
+        """Stores the batch's new state and its new results ((line, ok,
+        JSON line) each), in one transaction, if `token` still holds its
+        run; False (nothing stored) when it does not."""
         table = schema.batches
         async with self._write() as conn:
             result = await conn.execute(update(table).where(and_(table.c.batch_id == batch["id"],
                                                                  table.c.token == token))
                                         .values(batch=_dumps(batch)))
-        return result.rowcount > 0
+            if not result.rowcount:
+                return False
+            if results:
+                await conn.execute(schema.batch_results.insert(), [
+                    {"batch_id": batch["id"], "line": line, "ok": int(ok), "result": text}
+                    for line, ok, text in results])
+        return True
+
+    async def batch_progress(self, batch_id: str) -> tuple[int, int, int]:
+        """The results stored so far: (the last line answered, how many 2xx,
+        how many not)."""
+        table = schema.batch_results
+        async with self._read() as conn:
+            row = (await conn.execute(select(func.max(table.c.line), func.count(), func.sum(table.c.ok))
+                                      .where(table.c.batch_id == batch_id))).first()
+        last, count, ok = row
+        return last or 0, int(ok or 0), int(count - (ok or 0))
+
+    async def batch_results(self, batch_id: str, *, ok: bool, after_line: int, limit: int
+                            ) -> list[tuple[int, str]]:
+        """A page of the batch's stored results of one kind, in input order:
+        (line, JSON line) each."""
+        table = schema.batch_results
+        async with self._read() as conn:
+            rows = (await conn.execute(select(table.c.line, table.c.result)
+                                       .where(and_(table.c.batch_id == batch_id, table.c.ok == int(ok),
+                                                   table.c.line > after_line))
+                                       .order_by(table.c.line).limit(limit))).all()
+        return [(row.line, row.result) for row in rows]
+
+    @_runs_to_its_end
+    async def end_batch(self, batch: dict[str, Any], token: str, files: Sequence[tuple[StoredFile, bytes]]) -> bool:
+        """The batch's end, in one transaction: its result files recorded,
+        its last state stored, its lease and stored results dropped; False
+        (nothing stored) when `token` no longer holds its run."""
+        table = schema.batches
+        async with self._write() as conn:
+            result = await conn.execute(update(table).where(and_(table.c.batch_id == batch["id"],
+                                                                 table.c.token == token))
+                                        .values(batch=_dumps(batch), token=None, expires_at_ms=None))
+            if not result.rowcount:
+                return False
+            for file, content in files:
+                await conn.execute(schema.files.insert().values(
+                    file_id=file.file_id, user_id=file.user_id, purpose=file.purpose, filename=file.filename,
+                    bytes=file.bytes, created_at=file.created_at, content=content))
+            await conn.execute(delete(schema.batch_results).where(schema.batch_results.c.batch_id == batch["id"]))
+            await conn.execute(delete(schema.batch_runs).where(schema.batch_runs.c.batch_id == batch["id"]))
+        return True
 
     @_runs_to_its_end
     async def renew_batch(self, batch_id: str, token: str, lease_s: float) -> bool | None:
@@ -1094,37 +1161,54 @@ class Store:
         return await self._renew_lease(table, table.c.batch_id == batch_id, token, lease_s)
 
     @_runs_to_its_end
-    async def end_batch_run(self, batch_id: str, token: str) -> None:
+    async def release_batch(self, batch_id: str, token: str) -> None:
+        """Gives up a running batch's lease (its gateway stops): any gateway
+        may resume it at once."""
         table = schema.batches
         async with self._write() as conn:
             await conn.execute(update(table).where(and_(table.c.batch_id == batch_id, table.c.token == token))
-                               .values(token=None, expires_at_ms=None))
+                               .values(token=None, expires_at_ms=0))
+
+    async def orphaned_batches(self, limit: int = 100) -> list[str]:
+        """Running batches that no runner holds: their lease ran out (the
+        gateway died) or was released (it stopped)."""
+        table = schema.batches
+        async with self._read() as conn:
+            rows = (await conn.execute(select(table.c.batch_id).where(and_(
+                table.c.expires_at_ms.is_not(None), table.c.expires_at_ms < _now_ms()))
+                .order_by(table.c.expires_at_ms).limit(limit))).all()
+        return [row.batch_id for row in rows]
+
+    @_runs_to_its_end
+    async def claim_batch(self, batch_id: str, token: str, lease_s: float) -> ClaimedBatch | None:
+        """Takes an orphaned batch's lease for `token`, if no runner holds it
+        (one gateway wins a race); the batch, whether a cancel was asked,
+        and the key scope it runs with. None: not orphaned (any more)."""
+        table, runs = schema.batches, schema.batch_runs
+        orphaned = and_(table.c.batch_id == batch_id, table.c.expires_at_ms.is_not(None),
+                        table.c.expires_at_ms < _now_ms())
+        async with self._write() as conn:
+            result = await conn.execute(update(table).where(orphaned)
+                                        .values(token=token, expires_at_ms=_now_ms() + _ms(lease_s)))
+            if not result.rowcount:
+                return None
+            row = (await conn.execute(select(table).where(table.c.batch_id == batch_id))).first()
+            scope = (await conn.execute(select(runs.c.key_id, runs.c.users).where(runs.c.batch_id == batch_id))
+                     ).first()
+        users = None if scope is None or scope.users is None else frozenset(json.loads(scope.users))
+        return ClaimedBatch(_stored_batch(row), bool(row.cancel_requested), scope is not None,
+                            None if scope is None else scope.key_id, users)
 
     @_runs_to_its_end
     async def request_batch_cancel(self, batch_id: str) -> bool:
-        """Asks the batch's runner, on whatever gateway, to cancel it; False
-        when none runs it."""
-        table = schema.batches
-        return await self._ask_cancel(table, table.c.batch_id == batch_id)
-
-    @_runs_to_its_end
-    async def settle_abandoned_batch(self, batch_id: str, settled: Callable[[dict[str, Any]], dict[str, Any]]
-                                     ) -> StoredBatch | None:
-        """The batch; one still running whose runner's lease ran out (its
-        gateway stopped) is first replaced by `settled(batch)` (failed), in
-        one write transaction."""
+        """Asks the batch's runner, on whatever gateway (or the one that
+        resumes it), to cancel it; False when it is not running."""
         table = schema.batches
         async with self._write() as conn:
-            row = (await conn.execute(select(table).where(table.c.batch_id == batch_id).with_for_update())).first()
-            if row is None:
-                return None
-            kept = _stored_batch(row)
-            if kept.running or kept.batch.get("status") not in RUNNING_BATCH:
-                return kept
-            batch = settled(kept.batch)
-            await conn.execute(update(table).where(table.c.batch_id == batch_id)
-                               .values(batch=_dumps(batch), token=None, expires_at_ms=None))
-        return dataclasses.replace(kept, batch=batch)
+            result = await conn.execute(update(table).where(and_(table.c.batch_id == batch_id,
+                                                                 table.c.expires_at_ms.is_not(None)))
+                                        .values(cancel_requested=1))
+        return result.rowcount > 0
 
     # -- conversations (the Conversations API; kept until deleted)
 

@@ -212,6 +212,34 @@ batches = Table(
     Column("cancel_requested", Integer, nullable=False, default=0),
     Index("ix_batches_order", "created_at", "seq"),
 )
+# A running batch's lease, for the gateways that look for one to resume
+# (its runner's expired or released): schema v8.
+batches_by_lease = Index("ix_batches_lease", batches.c.expires_at_ms)
+
+# Who a batch's requests run as: the scope of the key that created it (its
+# non-secret id, and the users it may act for, narrowed to the batch's
+# user), so that a gateway resuming the batch sends them as its creator did,
+# if that key is still accepted there.
+batch_runs = Table(
+    "batch_runs",
+    metadata,
+    Column("batch_id", String(128), primary_key=True),
+    Column("key_id", String(64), nullable=True),  # null: created on a server without keys
+    Column("users", Text, nullable=True),  # JSON list; null: every user
+)
+
+# A running batch's results so far, one row per input line, stored as they
+# come (in input order): a gateway that resumes the batch sends only the
+# lines after the last one stored. Moved into the output and error files
+# when the batch ends.
+batch_results = Table(
+    "batch_results",
+    metadata,
+    Column("batch_id", String(128), primary_key=True),
+    Column("line", Integer, primary_key=True),  # 1-based, in the input file
+    Column("ok", Integer, nullable=False),  # 1: a 2xx answer (output file); 0: the error file
+    Column("result", Text, nullable=False),  # the result's JSON line
+)
 
 
 # Who is answering a response in a conversation (one at a time, across every
@@ -259,7 +287,13 @@ def _v7(conn: Connection) -> None:
     batches.create(conn)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
+def _v8(conn: Connection) -> None:
+    batch_runs.create(conn)
+    batch_results.create(conn)
+    batches_by_lease.create(conn, checkfirst=True)  # a new database has it from _v7: it is on the table
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
 LATEST = len(MIGRATIONS)
 _PG_LOCK_ID = 0x5AD_5709E  # advisory lock key for migrations
 

@@ -156,14 +156,15 @@ async def send(client: httpx.AsyncClient, line: BatchLine, retries: int, backoff
 
 async def run(lines: Iterator[BatchLine], client: httpx.AsyncClient, out: IO[str] | None, *, concurrency: int,
               retries: int = 5, backoff_s: float = 1.0, total: int | None = None,
-              progress: bool = False, on_result: Callable[[dict[str, Any]], None] | None = None) -> tuple[int, int]:
+              progress: bool = False, on_result: Callable[[BatchLine, dict[str, Any]], None] | None = None
+              ) -> tuple[int, int]:
     """Answers every line, `concurrency` at a time, and writes the results in
-    the input's order as they come (to `out`, or hands each to `on_result`:
-    the server's Batch API); returns (answered 2xx, not). A slow
+    the input's order as they come (to `out`, or hands each with its line to
+    `on_result`: the server's Batch API); returns (answered 2xx, not). A slow
     request holds back the writing of the ones after it, not their sending,
     up to 4 x `concurrency` answers waiting for it (the memory's bound)."""
     in_flight, unwritten = asyncio.Semaphore(concurrency), asyncio.Semaphore(4 * concurrency)
-    order: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()
+    order: asyncio.Queue[tuple[BatchLine, asyncio.Task] | None] = asyncio.Queue()
     counts = [0, 0]
 
     async def answer(line: BatchLine) -> dict[str, Any]:
@@ -177,18 +178,19 @@ async def run(lines: Iterator[BatchLine], client: httpx.AsyncClient, out: IO[str
             for line in lines:
                 await unwritten.acquire()
                 await in_flight.acquire()
-                order.put_nowait(asyncio.ensure_future(answer(line)))
+                order.put_nowait((line, asyncio.ensure_future(answer(line))))
         finally:
             order.put_nowait(None)
 
     starter = asyncio.ensure_future(start_all())
     bar = tqdm(total=total, unit="req", desc="run-batch", disable=not progress, file=sys.stderr)
     try:
-        while (task := await order.get()) is not None:
+        while (sent := await order.get()) is not None:
+            line, task = sent
             result = await task
             counts[0 if result["error"] is None else 1] += 1
             if on_result is not None:
-                on_result(result)
+                on_result(line, result)
             else:
                 out.write(json.dumps(result, ensure_ascii=False) + "\n")
                 out.flush()
@@ -199,8 +201,8 @@ async def run(lines: Iterator[BatchLine], client: httpx.AsyncClient, out: IO[str
         bar.close()
         starter.cancel()
         while not order.empty():
-            if (task := order.get_nowait()) is not None:
-                task.cancel()
+            if (sent := order.get_nowait()) is not None:
+                sent[1].cancel()
     return counts[0], counts[1]
 
 
