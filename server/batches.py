@@ -166,6 +166,7 @@ class BatchRun(LeasedRun):
     batch: dict[str, Any]
     user: str | None
     scope: KeyScope | None
+    output_expires_s: int | None = None  # its result files' expiry after their creation; None: kept until deleted
     resumed: bool = False  # taken over from a gateway that stopped or died: results may be stored already
     cannot_run: str | None = None  # why a resumed batch cannot go on: it fails at once
     done_through: int = 0  # the last input line whose result is stored
@@ -195,16 +196,18 @@ class BatchRuns(LeasedRuns[BatchRun]):
         self._look_now = asyncio.Event()
         self._lookout: asyncio.Task | None = None
 
-    async def start(self, batch: dict[str, Any], user: str | None, scope: KeyScope | None) -> None:
+    async def start(self, batch: dict[str, Any], user: str | None, scope: KeyScope | None,
+                    output_expires_s: int | None = None) -> None:
         """Stores the batch with its run's lease, then runs it as a task. Its
         requests run as its user's: a key bound to several users is narrowed
         to the batch's one."""
         if scope is not None and scope.users is not None and user is not None:
             scope = dataclasses.replace(scope, users=frozenset({user}))
-        run = BatchRun(batch, user, scope, token=uuid.uuid4().hex)
+        run = BatchRun(batch, user, scope, output_expires_s, token=uuid.uuid4().hex)
         await self._store.create_batch(batch, user=user, token=run.token, lease_s=self._lease_s,
                                        key_id=None if scope is None else scope.key_id,
-                                       users=None if scope is None else scope.users)
+                                       users=None if scope is None else scope.users,
+                                       output_expires_s=output_expires_s)
         self._launch(run)
 
     def _launch(self, run: BatchRun) -> None:
@@ -252,7 +255,8 @@ class BatchRuns(LeasedRuns[BatchRun]):
             except ValueError as exc:
                 cannot_run = str(exc)
             logger.info("resuming batch %s (%s)", batch_id, stored.batch["status"])
-            run = BatchRun(stored.batch, stored.user_id, scope, resumed=True, cannot_run=cannot_run, token=token)
+            run = BatchRun(stored.batch, stored.user_id, scope, claimed.output_expires_s, resumed=True,
+                           cannot_run=cannot_run, token=token)
             if claimed.cancel_requested:  # it ends at once (a task cancelled before it starts would never run)
                 run.stop_reason = "cancelled"
             self._launch(run)
@@ -320,7 +324,7 @@ class BatchRuns(LeasedRuns[BatchRun]):
         if run.cannot_run is not None:
             await self._finish(run, **failed([problem("cannot_resume", run.cannot_run)]))
             return
-        content = await self._store.file_content(batch["input_file_id"])
+        content = await self._store.file_content(batch["input_file_id"], expired_too=True)  # kept while it runs
         if content is None:
             await self._finish(run, **failed([problem("file_not_found", "the input file was deleted before the "
                                                       "batch was done", "input_file_id")]))
@@ -409,6 +413,8 @@ class BatchRuns(LeasedRuns[BatchRun]):
                 spool.seek(0)
                 content = spool.read()
             if content:
+                created = now()
+                expires = None if run.output_expires_s is None else created + run.output_expires_s
                 files[key] = (StoredFile(f"file-{uuid.uuid4().hex}", run.user, "batch_output",
-                                         f"{batch_id}_{name}.jsonl", len(content), now()), content)
+                                         f"{batch_id}_{name}.jsonl", len(content), created, expires), content)
         return files

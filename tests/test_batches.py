@@ -216,6 +216,54 @@ def test_bad_input_is_an_openai_shaped_4xx(server, make, status, param):
     assert answer.json()["error"]["param"] == param
 
 
+def test_files_expire_as_openais_and_an_expired_file_is_gone_at_once(client, data_dir):
+    hour = client.files.create(file=("a.jsonl", b"{}\n"), purpose="batch",
+                               expires_after={"anchor": "created_at", "seconds": 3600})
+    assert hour.expires_at - hour.created_at == 3600
+    default = client.files.create(file=("a.jsonl", b"{}\n"), purpose="batch")
+    assert default.expires_at - default.created_at == 30 * 86400  # OpenAI's default for batch files
+    assert client.files.create(file=("a.txt", b"x"), purpose="user_data").expires_at is None  # kept until deleted
+    for bad in ({"anchor": "created_at", "seconds": 3599}, {"anchor": "created_at", "seconds": 2592001},
+                {"anchor": "last_active_at", "seconds": 3600}, {"anchor": "created_at"},
+                {"anchor": "created_at", "seconds": "1e4"}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.files.create(file=("a.jsonl", b"{}\n"), purpose="batch", expires_after=bad)
+        assert refused.value.body["param"] == "expires_after"
+
+    async def expire(file_id: str) -> None:
+        async with await Store.open(StoreConfig.from_settings(settings_for("tcp://unused", data_dir))
+                                    ) as store, store._write() as conn:
+            await conn.execute(schema.files.update().where(schema.files.c.file_id == file_id)
+                               .values(expires_at=int(time.time()) - 1))
+
+    asyncio.run(expire(hour.id))
+    for read in (client.files.retrieve, client.files.content):
+        with pytest.raises(openai.NotFoundError):
+            read(hour.id)
+    assert hour.id not in [f.id for f in client.files.list(purpose="batch").data]
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(input_file_id=hour.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+
+def test_a_batchs_result_files_expire_as_its_output_expires_after_says(client):
+    batch = client.batches.create(input_file_id=upload(client, [chat_line("a", "Hi"), chat_line("b", "Hi",
+                                                                                                  model="nope")]).id,
+                                  endpoint="/v1/chat/completions", completion_window="24h",
+                                  output_expires_after={"anchor": "created_at", "seconds": 7200})
+    done = wait_done(client, batch.id)
+    for file_id in (done.output_file_id, done.error_file_id):
+        made = client.files.retrieve(file_id)
+        assert made.expires_at - made.created_at == 7200
+    kept = wait_done(client, client.batches.create(input_file_id=upload(client, [chat_line("a", "Hi")]).id,
+                                                   endpoint="/v1/chat/completions", completion_window="24h").id)
+    assert client.files.retrieve(kept.output_file_id).expires_at is None
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.batches.create(input_file_id=upload(client, [chat_line("a", "Hi")]).id,
+                              endpoint="/v1/chat/completions", completion_window="24h",
+                              output_expires_after={"anchor": "created_at", "seconds": 60})
+    assert refused.value.body["param"].startswith("output_expires_after")
+
+
 def test_a_chat_body_keeps_its_own_smaller_limit(server):
     huge = "x" * (3 * 1024 * 1024)  # past PAD_MAX_REQUEST_BYTES (2 MiB) though under no file limit here
     answer = httpx.post(f"{server}/v1/chat/completions", json={"messages": [{"role": "user", "content": huge}]},

@@ -410,13 +410,18 @@ async def test_a_version_7_databases_running_batch_is_claimed_once_and_ended_wit
         await conn.execute(schema.schema_version.insert().values(version=7))
         for step in schema.MIGRATIONS[:7]:
             await conn.run_sync(step)
-        await conn.execute(text("DROP INDEX ix_batches_lease"))  # new in v8
+        await conn.execute(text("DROP INDEX ix_batches_lease"))  # new in v8, as files.expires_at
+        await conn.execute(text("DROP INDEX ix_files_expiry"))
+        await conn.execute(text("ALTER TABLE files DROP COLUMN expires_at"))
+        await conn.execute(text("INSERT INTO files (file_id, purpose, filename, bytes, created_at, content) "
+                                "VALUES ('file-v7', 'batch', 'in.jsonl', 2, 1, :content)"), {"content": b"{}"})
         await conn.execute(schema.batches.insert().values(
             batch_id=batch["id"], user_id=None, batch=json.dumps(batch), created_at=batch["created_at"],
             token="v7-gateway", expires_at_ms=int(time.time() * 1000) - 1, cancel_requested=0))
     await engine.dispose()
     first, second = await Store.open(store_config(db_url)), await Store.open(store_config(db_url))
     try:
+        assert (await first.find_file("file-v7")).expires_at is None  # kept until deleted, as v7 kept it
         assert await first.orphaned_batches() == [batch["id"]]
         claims = await asyncio.gather(*(store.claim_batch(batch["id"], f"t{i}", 30)
                                         for i, store in enumerate([first, second] * 4)))
@@ -447,6 +452,28 @@ async def test_a_version_7_databases_running_batch_is_claimed_once_and_ended_wit
     finally:
         await first.close()
         await second.close()
+
+
+async def test_expired_files_are_gone_at_once_and_pruned_but_a_running_batchs_input(store):
+    from server.batches import new_batch
+    from server.store.repository import StoredFile
+
+    now = int(time.time())
+    for file_id, expires in (("file-old", now - 10), ("file-input", now - 10), ("file-new", now + 3600),
+                             ("file-kept", None)):
+        await store.record_file(StoredFile(file_id, None, "batch", "f.jsonl", 2, now - 20, expires), b"{}")
+    running = {**new_batch("file-input", "/v1/chat/completions", None), "status": "in_progress"}
+    await store.create_batch(running, user=None, token="t", lease_s=30, key_id=None, users=None)
+    assert await store.find_file("file-old") is None and await store.file_content("file-old") is None
+    listed, _ = await store.list_files(users=None, purpose=None, after=None, limit=10, descending=False)
+    assert [f.file_id for f in listed] == ["file-new", "file-kept"]
+    await store.prune()
+    assert await store.file_content("file-old", expired_too=True) is None  # pruned
+    assert await store.file_content("file-input", expired_too=True) == b"{}"  # its batch still runs
+    assert await store.end_batch({**running, "status": "completed"}, "t", [])
+    await store.prune()
+    assert await store.file_content("file-input", expired_too=True) is None
+    assert await store.file_content("file-new") == await store.file_content("file-kept") == b"{}"
 
 
 async def test_one_turn_at_a_time_in_a_conversation_across_stores(db_url):  # noqa: F811

@@ -21,7 +21,7 @@ from server.errors import APIError, invalid
 from server.openai_models import Metadata, StrictRequest
 from server.openapi import errors
 from server.request_body import JSONRoute
-from server.routes.files import find_file
+from server.routes.files import ExpiresAfter, find_file
 from server.routes.stored_responses import item_list, page_limit
 from server.store.repository import StoredBatch
 
@@ -33,8 +33,8 @@ class BatchRequest(StrictRequest):
     endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/responses"]
     completion_window: Literal["24h"]
     metadata: Metadata | None = None
-    output_expires_after: dict[str, Any] | None = Field(None, description="accepted and ignored: files are kept "
-                                                        "until deleted")
+    output_expires_after: ExpiresAfter | None = Field(None, description="when the output and error files "
+                                                      "expire; without it they are kept until deleted")
     user: str | None = Field(None, description="PAD: the batch's user, for a key bound to several")
 
 
@@ -67,7 +67,8 @@ async def create_batch(body: BatchRequest, request: Request, scope: Scope) -> di
     if input_file.purpose != "batch":
         raise invalid(f"input_file_id: the file's purpose is {input_file.purpose!r}, not 'batch'", "input_file_id")
     batch = batches.new_batch(input_file.file_id, body.endpoint, body.metadata)
-    await request.app.state.batches.start(batch, user, scope)
+    expires = body.output_expires_after
+    await request.app.state.batches.start(batch, user, scope, None if expires is None else expires.seconds)
     return batch
 
 

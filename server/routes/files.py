@@ -4,7 +4,10 @@ POST /v1/files (multipart: `file` and `purpose`) keeps a file, GET
 /v1/files/{id} and /v1/files/{id}/content read one, DELETE forgets it.
 
 Files are kept in the store (every gateway over it reads them) until
-deleted, up to PAD_MAX_FILE_BYTES each. A file belongs to its key's user as
+deleted, or until they expire (OpenAI's `expires_after`: 1 hour to 30 days
+after their creation; a `batch` file's default is 30 days, as OpenAI's, and
+a running batch's input is kept until it ends), up to PAD_MAX_FILE_BYTES
+each. A file belongs to its key's user as
 a kept response does (a key bound to several users names it with a `user`
 form field, a PAD extension); another user's file is a 404, as an unknown one."""
 
@@ -16,11 +19,13 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
+from pydantic import Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from server.auth import Scope, key_scope
 from server.auth_scopes import KeyScope, chat_user
 from server.errors import APIError, invalid
+from server.openai_models import StrictRequest
 from server.openapi import errors
 from server.request_body import JSONRoute
 from server.routes.stored_responses import item_list
@@ -29,17 +34,43 @@ from server.store.repository import StoredFile
 router = APIRouter(tags=["files"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 
 PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
+BATCH_FILE_EXPIRY_S = 30 * 86400  # OpenAI's default for purpose batch (others are kept until deleted)
 MAX_FILE_PAGE = 10_000  # OpenAI's
 MAX_FILENAME = 512
 
 FILE_OBJECT = {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "file"},
                                                 "bytes": {"type": "integer"}, "created_at": {"type": "integer"},
+                                                "expires_at": {"type": ["integer", "null"]},
                                                 "filename": {"type": "string"}, "purpose": {"type": "string"}}}
 UPLOAD_BODY = {"content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file", "purpose"],
     "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": list(PURPOSES)},
+                   "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                   "expires_after[seconds]": {"type": "integer", "minimum": 3600, "maximum": 2592000},
                    "user": {"type": "string", "description": "PAD: the file's user, for a key bound to several"}}}}},
     "required": True}
+
+
+class ExpiresAfter(StrictRequest):
+    """OpenAI's expiry policy of a file (`expires_after` of an upload,
+    `output_expires_after` of a batch)."""
+
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=3600, le=30 * 86400, description="after the anchor: 1 hour to 30 days")
+
+
+async def expiry_of(form, purpose: str) -> int | None:
+    """The seconds after its creation an uploaded file expires: the form's
+    `expires_after[anchor]` and `expires_after[seconds]` (as the SDKs send
+    it), else the purpose's default; None: kept until deleted."""
+    anchor, seconds = await form_text(form, "expires_after[anchor]"), await form_text(form, "expires_after[seconds]")
+    if anchor is None and seconds is None:
+        return BATCH_FILE_EXPIRY_S if purpose == "batch" else None
+    try:  # a form's fields are text
+        return ExpiresAfter(anchor=anchor, seconds=int(seconds) if seconds and seconds.isdigit() else seconds).seconds
+    except ValidationError:
+        raise invalid("expires_after needs anchor 'created_at' and seconds, an integer from 3600 (1 hour) to "
+                      "2592000 (30 days)", "expires_after") from None
 
 
 def file_not_found(file_id: str, param: str = "file_id") -> APIError:
@@ -71,6 +102,7 @@ async def upload_file(request: Request, scope: Scope) -> dict[str, Any]:
         purpose = await form_text(form, "purpose")
         if purpose not in PURPOSES:
             raise invalid(f"purpose must be one of {', '.join(PURPOSES)}", "purpose")
+        expires_s = await expiry_of(form, purpose)
         user = chat_user(scope, await form_text(form, "user"))
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
@@ -79,7 +111,9 @@ async def upload_file(request: Request, scope: Scope) -> dict[str, Any]:
         filename = upload.filename or "file"
     if len(filename) > MAX_FILENAME or "\x00" in filename:
         raise invalid(f"the file's name must be at most {MAX_FILENAME} characters, without NUL", "file")
-    file = StoredFile(f"file-{uuid.uuid4().hex}", user, purpose, filename, len(content), int(time.time()))
+    created = int(time.time())
+    file = StoredFile(f"file-{uuid.uuid4().hex}", user, purpose, filename, len(content), created,
+                      None if expires_s is None else created + expires_s)
     await request.app.state.store.record_file(file, content)
     return file.to_openai()
 

@@ -268,11 +268,12 @@ class StoredFile:
     filename: str
     bytes: int
     created_at: int
+    expires_at: int | None = None  # unix seconds; None: kept until deleted
 
     def to_openai(self) -> dict:
         return {"id": self.file_id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
-                "filename": self.filename, "purpose": self.purpose, "status": "processed", "expires_at": None,
-                "status_details": None}
+                "filename": self.filename, "purpose": self.purpose, "status": "processed",
+                "expires_at": self.expires_at, "status_details": None}
 
 
 @dataclass(frozen=True)
@@ -295,6 +296,7 @@ class ClaimedBatch:
     has_scope: bool  # False: no batch_runs row (the batch predates schema v8)
     key_id: str | None  # the key that created it; None: a server without keys
     users: frozenset[str] | None  # who its requests may act for; None: every user
+    output_expires_s: int | None  # its result files' expiry after their creation; None: kept until deleted
 
 
 @dataclass(frozen=True)
@@ -648,7 +650,8 @@ class Store:
     @_runs_to_its_end
     async def prune(self, now: float | None = None) -> int:
         """Deletes completions older than the feedback retention, and their
-        feedback, and responses older than the responses retention."""
+        feedback, responses older than the responses retention, and files
+        past their expiry."""
         now = now if now is not None else time.time()
         retentions = [days * 86400.0 for days in (self.config.feedback_retention_days,
                                                   self.config.responses_retention_days,
@@ -675,12 +678,26 @@ class Store:
             responses = await conn.execute(delete(r).where(r.c.created_at < cutoff))
             kept = await self._prune_chat_completions(conn, int(now - self.config.chat_completions_retention_days
                                                                  * 86400.0))
+            files = await self._prune_files(conn, int(now))
+        if files:
+            logger.info("pruned %d expired files", files)
         if result.rowcount:
             logger.info("pruned %d expired completion rows", result.rowcount)
         if responses.rowcount:
             logger.info("pruned %d expired responses", responses.rowcount)
         if kept:
             logger.info("pruned %d expired stored chat completions", kept)
+        return result.rowcount
+
+    @staticmethod
+    async def _prune_files(conn: AsyncConnection, now: int) -> int:
+        """Deletes the files past their expiry, but a running batch's input
+        (a gateway resuming it reads it again)."""
+        table, batches = schema.files, schema.batches
+        running = [json.loads(row.batch)["input_file_id"] for row in await conn.execute(
+            select(batches.c.batch).where(batches.c.expires_at_ms.is_not(None)))]
+        result = await conn.execute(delete(table).where(and_(table.c.expires_at <= now,
+                                                             table.c.file_id.not_in(running))))
         return result.rowcount
 
     @staticmethod
@@ -994,31 +1011,35 @@ class Store:
             await conn.execute(delete(runs).where(runs.c.response_id == response_id))
         return dataclasses.replace(kept, response=response)
 
-    # -- files (the Files API; kept until deleted)
+    # -- files (the Files API; kept until deleted or until they expire)
 
     @_runs_to_its_end
     async def record_file(self, file: StoredFile, content: bytes) -> None:
         async with self._write() as conn:
-            await conn.execute(schema.files.insert().values(
-                file_id=file.file_id, user_id=file.user_id, purpose=file.purpose, filename=file.filename,
-                bytes=file.bytes, created_at=file.created_at, content=content))
+            await conn.execute(schema.files.insert().values(**_file_row(file, content)))
+        await self._maybe_prune()
 
     async def find_file(self, file_id: str) -> StoredFile | None:
+        """The file (None when unknown, or expired: gone at once, pruned or not yet)."""
         table = schema.files
         if not keyable(file_id, table.c.file_id):
             return None
         columns = [c for c in table.c if c.name not in ("content", "seq")]
         async with self._read() as conn:
-            row = (await conn.execute(select(*columns).where(table.c.file_id == file_id))).first()
-        return None if row is None else StoredFile(row.file_id, row.user_id, row.purpose, row.filename, row.bytes,
-                                                    row.created_at)
+            row = (await conn.execute(select(*columns).where(and_(table.c.file_id == file_id,
+                                                                  _file_alive(_now()))))).first()
+        return None if row is None else _stored_file(row)
 
-    async def file_content(self, file_id: str) -> bytes | None:
+    async def file_content(self, file_id: str, *, expired_too: bool = False) -> bytes | None:
+        """The file's bytes; an expired file's only with `expired_too` (a
+        running batch's input, which pruning keeps)."""
         table = schema.files
         if not keyable(file_id, table.c.file_id):
             return None
+        alive = true() if expired_too else _file_alive(_now())
         async with self._read() as conn:
-            content = (await conn.execute(select(table.c.content).where(table.c.file_id == file_id))).scalar()
+            content = (await conn.execute(select(table.c.content).where(and_(table.c.file_id == file_id, alive)))
+                       ).scalar()
         return None if content is None else bytes(content)
 
     async def list_files(self, *, users: frozenset[str] | None, purpose: str | None, after: str | None,
@@ -1035,12 +1056,13 @@ class Store:
                 conditions.append(_after(table.c.created_at, table.c.seq, *cursor, descending))
             if purpose is not None:
                 conditions.append(table.c.purpose == purpose)
+            conditions.append(_file_alive(_now()))
             order = ((table.c.created_at.desc(), table.c.seq.desc()) if descending
                      else (table.c.created_at, table.c.seq))
             columns = [c for c in table.c if c.name != "content"]
             rows = (await conn.execute(select(*columns).where(and_(true(), *conditions)).order_by(*order)
                                        .limit(limit + 1))).all()
-        files = [StoredFile(r.file_id, r.user_id, r.purpose, r.filename, r.bytes, r.created_at) for r in rows]
+        files = [_stored_file(row) for row in rows]
         return files[:limit], len(files) > limit
 
     @_runs_to_its_end
@@ -1054,7 +1076,8 @@ class Store:
 
     @_runs_to_its_end
     async def create_batch(self, batch: dict[str, Any], *, user: str | None, token: str, lease_s: float,
-                           key_id: str | None, users: frozenset[str] | None) -> None:
+                           key_id: str | None, users: frozenset[str] | None,
+                           output_expires_s: int | None = None) -> None:
         """Stores a new batch, its runner's lease, and the key scope its
         requests run with (see schema.batch_runs)."""
         async with self._write() as conn:
@@ -1062,7 +1085,8 @@ class Store:
                 batch_id=batch["id"], user_id=user, batch=_dumps(batch), created_at=batch["created_at"],
                 token=token, expires_at_ms=_now_ms() + _ms(lease_s), cancel_requested=0))
             await conn.execute(schema.batch_runs.insert().values(
-                batch_id=batch["id"], key_id=key_id, users=None if users is None else _dumps(sorted(users))))
+                batch_id=batch["id"], key_id=key_id, users=None if users is None else _dumps(sorted(users)),
+                output_expires_s=output_expires_s))
 
     async def find_batch(self, batch_id: str) -> StoredBatch | None:
         table = schema.batches
@@ -1146,9 +1170,7 @@ class Store:
             if not result.rowcount:
                 return False
             for file, content in files:
-                await conn.execute(schema.files.insert().values(
-                    file_id=file.file_id, user_id=file.user_id, purpose=file.purpose, filename=file.filename,
-                    bytes=file.bytes, created_at=file.created_at, content=content))
+                await conn.execute(schema.files.insert().values(**_file_row(file, content)))
             await conn.execute(delete(schema.batch_results).where(schema.batch_results.c.batch_id == batch["id"]))
             await conn.execute(delete(schema.batch_runs).where(schema.batch_runs.c.batch_id == batch["id"]))
         return True
@@ -1193,11 +1215,11 @@ class Store:
             if not result.rowcount:
                 return None
             row = (await conn.execute(select(table).where(table.c.batch_id == batch_id))).first()
-            scope = (await conn.execute(select(runs.c.key_id, runs.c.users).where(runs.c.batch_id == batch_id))
-                     ).first()
+            scope = (await conn.execute(select(runs).where(runs.c.batch_id == batch_id))).first()
         users = None if scope is None or scope.users is None else frozenset(json.loads(scope.users))
         return ClaimedBatch(_stored_batch(row), bool(row.cancel_requested), scope is not None,
-                            None if scope is None else scope.key_id, users)
+                            None if scope is None else scope.key_id, users,
+                            None if scope is None else scope.output_expires_s)
 
     @_runs_to_its_end
     async def request_batch_cancel(self, batch_id: str) -> bool:
@@ -1588,6 +1610,21 @@ def _stored_chat_completion(row) -> StoredChatCompletion:
 
 
 RUNNING_BATCH = ("validating", "in_progress", "finalizing", "cancelling")
+
+
+def _file_row(file: StoredFile, content: bytes) -> dict[str, Any]:
+    return {"file_id": file.file_id, "user_id": file.user_id, "purpose": file.purpose, "filename": file.filename,
+            "bytes": file.bytes, "created_at": file.created_at, "expires_at": file.expires_at, "content": content}
+
+
+def _stored_file(row) -> StoredFile:
+    return StoredFile(row.file_id, row.user_id, row.purpose, row.filename, row.bytes, row.created_at, row.expires_at)
+
+
+def _file_alive(now: int):
+    """The condition a file not yet expired meets."""
+    table = schema.files
+    return or_(table.c.expires_at.is_(None), table.c.expires_at > now)
 
 
 def _stored_batch(row) -> StoredBatch:

@@ -27,6 +27,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    inspect,
     select,
     text,
 )
@@ -194,7 +195,9 @@ files = Table(
     Column("bytes", BigInteger, nullable=False),
     Column("created_at", BigInteger, nullable=False),
     Column("content", LargeBinary, nullable=False),
+    Column("expires_at", BigInteger, nullable=True),  # unix seconds; null: kept until deleted (schema v8)
     Index("ix_files_order", "created_at", "seq"),
+    Index("ix_files_expiry", "expires_at"),
 )
 
 # Batches (the Batch API: POST /v1/batches): the batch object as it is now,
@@ -226,6 +229,7 @@ batch_runs = Table(
     Column("batch_id", String(128), primary_key=True),
     Column("key_id", String(64), nullable=True),  # null: created on a server without keys
     Column("users", Text, nullable=True),  # JSON list; null: every user
+    Column("output_expires_s", BigInteger, nullable=True),  # its result files' expiry; null: kept until deleted
 )
 
 # A running batch's results so far, one row per input line, stored as they
@@ -287,10 +291,21 @@ def _v7(conn: Connection) -> None:
     batches.create(conn)
 
 
+def _add_column(conn: Connection, table: Table, name: str) -> None:
+    """Adds a column a later schema gave an existing table (a new database
+    has it already: its tables are created as they are defined now)."""
+    if name not in {column["name"] for column in inspect(conn).get_columns(table.name)}:
+        column = table.c[name]
+        conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} "
+                          f"{column.type.compile(dialect=conn.dialect)}"))
+
+
 def _v8(conn: Connection) -> None:
     batch_runs.create(conn)
     batch_results.create(conn)
-    batches_by_lease.create(conn, checkfirst=True)  # a new database has it from _v7: it is on the table
+    _add_column(conn, files, "expires_at")
+    for index in (batches_by_lease, *(i for i in files.indexes if i.name == "ix_files_expiry")):
+        index.create(conn, checkfirst=True)  # a new database has them from _v7: they are on the tables
 
 
 MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
