@@ -439,6 +439,10 @@ async def test_a_version_7_databases_running_batch_is_claimed_once_and_ended_wit
         assert page == [(2, '{"n": 2}'), (4, '{"n": 4}')]
         assert [n for n, _ in await first.batch_results(batch["id"], ok=False, after_line=0, limit=9)] == [3, 6]
         assert await second.request_batch_cancel(batch["id"]) is True  # running: asked
+        asked = (await first.find_batch(batch["id"])).batch
+        assert asked["status"] == "cancelling" and asked["cancelling_at"] >= int(time.time()) - 5
+        assert await first.update_batch(batch, token)  # its runner, before it has read the ask
+        assert (await first.find_batch(batch["id"])).batch == asked
         await first.release_batch(batch["id"], token)  # its gateway stops
         [again] = [c for c in [await second.claim_batch(batch["id"], "t-next", 30)] if c]  # at once
         assert again.cancel_requested

@@ -100,7 +100,7 @@ async def cancel_batch(batch_id: str, request: Request, scope: Scope) -> dict[st
             found = await find_batch(request, scope, batch_id)
             if found.batch["status"] not in batches.RUNNING:
                 return found.batch
-        return {**found.batch, "status": "cancelling", "cancelling_at": int(time.time())}
+        return found.batch  # `cancelling` until its runner reads the ask
     return (await find_batch(request, scope, batch_id)).batch
 
 

@@ -1224,12 +1224,14 @@ class Store:
     @_runs_to_its_end
     async def request_batch_cancel(self, batch_id: str) -> bool:
         """Asks the batch's runner, on whatever gateway (or the one that
-        resumes it), to cancel it; False when it is not running."""
+        resumes it), to cancel it; False when it is not running. Until the
+        runner has ended it, the batch reads `cancelling`."""
         table = schema.batches
-        async with self._write() as conn:
+        async with self._write() as conn:  # the time of the first ask: the batch reads `cancelling` since then
             result = await conn.execute(update(table).where(and_(table.c.batch_id == batch_id,
                                                                  table.c.expires_at_ms.is_not(None)))
-                                        .values(cancel_requested=1))
+                                        .values(cancel_requested=func.coalesce(
+                                            func.nullif(table.c.cancel_requested, 0), _now())))
         return result.rowcount > 0
 
     # -- conversations (the Conversations API; kept until deleted)
@@ -1629,7 +1631,12 @@ def _file_alive(now: int):
 
 def _stored_batch(row) -> StoredBatch:
     running = row.token is not None and row.expires_at_ms is not None and row.expires_at_ms >= _now_ms()
-    return StoredBatch(row.batch_id, row.user_id, json.loads(row.batch), running)
+    batch = json.loads(row.batch)
+    if row.cancel_requested and batch["status"] in RUNNING_BATCH:  # asked, its runner not done with it yet
+        # (cancel_requested holds the ask's unix time; a batch asked before schema v8 holds 1)
+        batch = {**batch, "status": "cancelling", "cancelling_at": row.cancel_requested if row.cancel_requested > 1
+                 else batch.get("cancelling_at")}
+    return StoredBatch(row.batch_id, row.user_id, batch, running)
 
 
 def _after(created_column, seq_column, created: int, seq: int, descending: bool):

@@ -212,7 +212,7 @@ batches = Table(
     Column("created_at", BigInteger, nullable=False),
     Column("token", String(64), nullable=True),  # its runner's; null once no run holds it
     Column("expires_at_ms", BigInteger, nullable=True),
-    Column("cancel_requested", Integer, nullable=False, default=0),
+    Column("cancel_requested", Integer, nullable=False, default=0),  # since v8 the unix time of the ask
     Index("ix_batches_order", "created_at", "seq"),
 )
 # A running batch's lease, for the gateways that look for one to resume
