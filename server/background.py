@@ -77,6 +77,9 @@ class BackgroundResponses(LeasedRuns[Run]):
         run.task = asyncio.ensure_future(self._run(run, work))
 
     async def _run(self, run: Run, work: Work) -> None:
+        run.started = True
+        if run.stop_reason is not None:  # stopped before it started: the work's first wait is cancelled
+            asyncio.current_task().cancel()
         renewal = asyncio.ensure_future(self._renew(run.response_id, run))
         if run.events is not None:
             run.events.start_flushing()

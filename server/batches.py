@@ -25,9 +25,10 @@ another gateway reaches it as it renews). A gateway that stops gives the
 lease up; one that dies lets it run out. Every gateway looks for such
 orphaned batches every third of the lease (and at once when a read or a
 cancel finds one), takes the lease of one (one gateway wins), and resumes it
-after its last stored result, with the scope of the key that created it if
-that key is still accepted there: at most the requests in flight when the
-gateway went are sent twice, and no result is lost."""
+after its last stored result, with the scope it ran with if the key that
+created it still grants that there: no result is lost, and only the
+requests whose results were not stored yet (a second's, and those held
+behind a slower one) are sent again."""
 
 from __future__ import annotations
 
@@ -140,8 +141,9 @@ def scoped(app, scope: KeyScope | None):
 
 
 def resumed_scope(claimed: ClaimedBatch, keys: KeyTable) -> KeyScope | None:
-    """The scope a resumed batch's requests run with: its creating key's as
-    this gateway configures it now, narrowed to the users the batch acts for.
+    """The scope a resumed batch's requests run with: exactly the one they
+    ran with before (its creating key's, narrowed to the batch's user), if
+    that key, as this gateway configures it now, still grants all of it.
     A ValueError says why the batch cannot go on (that key is gone, say)."""
     if not claimed.has_scope:
         raise ValueError("the batch was stopped by a server older than this one, which cannot resume it")
@@ -152,13 +154,9 @@ def resumed_scope(claimed: ClaimedBatch, keys: KeyTable) -> KeyScope | None:
     current = keys.scope_of(claimed.key_id)
     if current is None:
         raise ValueError("the API key that created the batch is no longer accepted")
-    if current.users is None or claimed.users is None:
-        users = claimed.users if current.users is None else current.users
-    else:
-        users = current.users & claimed.users
-    if users is not None and not users:
-        raise ValueError("the API key that created the batch may no longer act for its user")
-    return KeyScope(current.key_id, users)
+    if current.users is not None and (claimed.users is None or not claimed.users <= current.users):
+        raise ValueError("the API key that created the batch may no longer act for every user the batch acts for")
+    return KeyScope(current.key_id, claimed.users)
 
 
 @dataclass
@@ -256,7 +254,8 @@ class BatchRuns(LeasedRuns[BatchRun]):
                 cannot_run = str(exc)
             logger.info("resuming batch %s (%s)", batch_id, stored.batch["status"])
             run = BatchRun(stored.batch, stored.user_id, scope, claimed.output_expires_s, resumed=True,
-                           cannot_run=cannot_run, token=token)
+                           cannot_run=cannot_run, token=token,
+                           counts=dict(stored.batch["request_counts"]))  # stored with its results: they agree
             if claimed.cancel_requested:  # it ends at once (a task cancelled before it starts would never run)
                 run.stop_reason = "cancelled"
             self._launch(run)
@@ -293,17 +292,17 @@ class BatchRuns(LeasedRuns[BatchRun]):
                 run.done_through = results[-1][0]
 
     async def _run(self, run: BatchRun) -> None:
+        run.started = True
         renewal = asyncio.ensure_future(self._renew(run.batch["id"], run))
         batch_id = run.batch["id"]
         try:
             if run.resumed:
                 run.done_through, run.counts["completed"], run.counts["failed"] = \
                     await self._store.batch_progress(batch_id)
-                run.counts["total"] = run.batch["request_counts"]["total"]
-            if run.stop_reason is None:
-                await self._answer(run)
-            else:  # cancelled before it was resumed
+            if run.stop_reason is not None:  # stopped before it started (a cancel asked before it was resumed)
                 await self._end_early(run)
+                return
+            await self._answer(run)
         except asyncio.CancelledError:
             await asyncio.shield(self._end_early(run))
         except LeaseLost:
@@ -342,6 +341,8 @@ class BatchRuns(LeasedRuns[BatchRun]):
         try:
             async with httpx.AsyncClient(transport=transport, base_url="http://pad.batch", timeout=None) as client:
                 left_s = max(run.batch["expires_at"] - now(), 0)
+                if run.counts["completed"] + run.counts["failed"] >= total:  # resumed with every line answered
+                    left_s = None
                 try:
                     await asyncio.wait_for(run_batch.run(requests_after(content, run.done_through), client, None,
                                                          concurrency=self._concurrency, on_result=run.keep),
@@ -387,7 +388,8 @@ class BatchRuns(LeasedRuns[BatchRun]):
         to resume it; a run that lost its lease leaves all to its new one."""
         try:
             if run.stop_reason == "cancelled":
-                await self._finish(run, status="cancelled", cancelling_at=now(), cancelled_at=now())
+                await self._finish(run, status="cancelled", cancelling_at=run.batch.get("cancelling_at") or now(),
+                                   cancelled_at=now())  # (a resumed batch's cancelling_at: the ask's time)
             elif run.stop_reason == "stopped":
                 await self._save(run)
                 await self._store.release_batch(run.batch["id"], run.token)

@@ -24,6 +24,9 @@ class LeasedRun:
     task: asyncio.Task | None = None
     stop_reason: str | None = None  # "cancelled" (asked), "stopped" (the gateway stops), or a lost_reason
     finishing: bool = False  # its work is over: no stop cancels its clean-up
+    # Its task has taken its first step: a task cancelled before that never runs its code (nor its
+    # clean-up), so a run stopped earlier is only marked, and its task ends it as it starts.
+    started: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -69,7 +72,7 @@ class LeasedRuns(Generic[R]):
         if run.stop_reason is not None or run.finishing:
             return
         run.stop_reason = reason
-        if run.task is not None:
+        if run.task is not None and run.started:
             run.task.cancel()
 
     async def cancel(self, run_id: str) -> bool:

@@ -481,3 +481,23 @@ def test_a_run_whose_lease_another_gateway_took_stops_without_writing(worker, tm
         again = sdk(url).batches.retrieve(batch.id)
         assert seen.status == again.status == "in_progress" and seen.request_counts == again.request_counts
         assert seen.output_file_id is None
+
+
+def test_a_cancel_on_a_gateway_whose_run_lost_its_lease_reaches_the_new_runner(worker, tmp_path):
+    settings = ServerSettings(worker_address=worker, data_dir=tmp_path, api_keys=KEYS, background_lease_s=6,
+                              batch_concurrency=1)
+    lines = [chat_line(f"q{i}", "Tell me a story.", max_tokens=40) for i in range(30)]
+    with uvicorn_server(create_app(settings)) as url:
+        batch = sdk(url).batches.create(input_file_id=upload(sdk(url), lines).id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+        while sdk(url).batches.retrieve(batch.id).status != "in_progress":
+            time.sleep(0.05)
+
+        async def take_over() -> None:  # another gateway took the lease; this run learns it at its renewal
+            async with await Store.open(StoreConfig.from_settings(settings)) as store, store._write() as conn:
+                await conn.execute(schema.batches.update().where(schema.batches.c.batch_id == batch.id)
+                                   .values(token="another-gateway", expires_at_ms=int(time.time() * 1000) + 60_000))
+
+        asyncio.run(take_over())
+        asked = sdk(url).batches.cancel(batch.id)  # this gateway still runs it (renewal every 2 s)
+        assert asked.status == "cancelling" and asked.cancelling_at  # the ask is in the store, for the new runner

@@ -91,7 +91,12 @@ async def cancel_batch(batch_id: str, request: Request, scope: Scope) -> dict[st
         return found.batch
     if status not in batches.RUNNING:
         raise invalid(f"Cannot cancel a batch that is already {status}", "batch_id")
-    if not await state.batches.cancel(batch_id) and await state.store.request_batch_cancel(batch_id):
+    if await state.batches.cancel(batch_id):
+        found = await find_batch(request, scope, batch_id)
+        if found.batch["status"] not in batches.RUNNING:
+            return found.batch
+        # still running: this gateway's run had lost its lease to another, which the ask reaches
+    if await state.store.request_batch_cancel(batch_id):
         if not found.running:
             state.batches.look_now()
         deadline = time.monotonic() + state.settings.background_lease_s / 3 + 2.0
