@@ -126,7 +126,16 @@ class RequestState:
             prompt_logprobs=prompt_logprobs,
             prompt_token_ids=list(self.request.prompt_ids) if prompt_ids_due else None,
             phase_seconds=self.phase_seconds() if self.finish_reason is not None else None,
+            stop_reason=self._stop_reason() if self.finish_reason == "stop" else None,
         )
+
+    def _stop_reason(self) -> str | int | None:
+        """What stopped the answer (vLLM's stop_reason): the stop string
+        matched, or the request's own stop token; None for end-of-sequence."""
+        if self.stop_matcher.matched is not None:
+            return self.stop_matcher.matched
+        last = self.generated[-1] if self.generated else None
+        return last if last in self.request.sampling.stop_token_ids else None
 
     def phase_seconds(self) -> dict[str, float]:
         """How long the request waited (queue), wrote its prompt up to its

@@ -641,6 +641,9 @@ class StepOutput:
     prompt_logprobs: list[TokenLogprob] | None = None  # on the first output, when asked (SamplingParams)
     prompt_token_ids: list[int] | None = None  # on the first output, with SamplingParams.return_token_ids
     cached_tokens: int = 0  # of prompt_tokens, those the prefix cache held (OpenAI's usage cached_tokens)
+    # On the last output of an answer a stop ended: the stop string it matched, or the request's own
+    # stop token id (vLLM's stop_reason); None for the end-of-sequence token and any other end.
+    stop_reason: str | int | None = None
     # On the last output: seconds the request spent in each phase it reached ("queue", "prefill", "decode");
     # timings, not what was produced: outside equality.
     phase_seconds: dict[str, float] | None = dataclasses.field(default=None, compare=False)
@@ -670,6 +673,7 @@ class StepOutput:
                 dataclasses.asdict(lp) for lp in self.prompt_logprobs],
             "prompt_token_ids": self.prompt_token_ids,
             "cached_tokens": self.cached_tokens,
+            "stop_reason": self.stop_reason,
             "phase_seconds": self.phase_seconds,
         }
 

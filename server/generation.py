@@ -413,6 +413,7 @@ class ChoiceState:
     call_openers: tuple[str, ...] = CALLS_OPENERS  # what that first character is when the answer is calls
     text: str = ""
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's)
     ended_at: float | None = None  # perf_counter seconds of its last output (metrics)
     phase_seconds: dict[str, float] = field(default_factory=dict)  # the engine's queue / prefill / decode times
     prompt_tokens: int = 0
@@ -447,6 +448,7 @@ class ChoiceState:
         self.finish_reason = output.finish_reason
         if output.finished and self.ended_at is None:
             self.ended_at = time.perf_counter()
+            self.stop_reason = output.stop_reason
             self.phase_seconds = output.phase_seconds or {}
         self.token_ids += output.token_ids
         self._unsent_ids += output.token_ids

@@ -478,6 +478,8 @@ def test_stop_string_finishes_with_stop_and_is_excluded(engine, tokenizer):
     assert stop not in result.text
     assert result.tokens == full.tokens[:4]  # generation ended as soon as the stop string was complete
     assert result.last.completion_tokens == 4
+    assert result.last.stop_reason == stop  # which one matched (vLLM's stop_reason)
+    assert full.last.stop_reason is None  # ended otherwise
 
 
 def test_text_held_back_for_a_possible_stop_is_flushed_at_length(engine, tokenizer):
@@ -499,6 +501,7 @@ def test_stop_token_ids_finish_with_stop_and_their_text_is_excluded(engine, toke
     assert result.finish_reason == "stop"
     assert result.tokens == full.tokens[:5]
     assert result.text == tokenizer.decode(full.tokens[:4])
+    assert result.last.stop_reason == stop_id
     ignored = run_one(
         engine, chat("i", sampling=SamplingParams(temperature=0.0, max_tokens=16, stop_token_ids=(stop_id,), ignore_eos=True))
     )

@@ -85,11 +85,17 @@ def test_include_stop_str_in_output_and_skip_special_tokens(client):
     kept = client.chat.completions.create(**ask, stop=[stop], extra_body={"include_stop_str_in_output": True}).choices[0]
     assert cut.finish_reason == kept.finish_reason == "stop"
     assert kept.message.content == cut.message.content + stop and free.startswith(kept.message.content)
+    assert cut.stop_reason == kept.stop_reason == stop  # vLLM's: which stop ended it
+    streamed = [c.choices[0] for c in client.chat.completions.create(**ask, stop=[stop], stream=True) if c.choices]
+    assert streamed[-1].finish_reason == "stop" and streamed[-1].stop_reason == stop
+    legacy = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=30, temperature=0)
+    assert legacy.choices[0].stop_reason is None  # an answer not ended by a stop
     # a stop token that is not special: its text stays too (vLLM's), and only with the field
     token = client.completions.create(model=MODEL, prompt="x", max_tokens=1, temperature=0, logprobs=0,
                                       extra_body={"logit_bias": {"905": 100}}).choices[0].logprobs.tokens[0]
     ended = dict(**ask, logit_bias={"905": 100}, extra_body={"stop_token_ids": [905]})
     assert client.chat.completions.create(**ended).choices[0].message.content == ""
+    assert client.chat.completions.create(**ended).choices[0].stop_reason == 905
     with_token = client.chat.completions.create(**{**ended, "extra_body": {"stop_token_ids": [905],
                                                                            "include_stop_str_in_output": True}})
     assert with_token.choices[0].message.content == token and token.strip()

@@ -145,7 +145,8 @@ class ChatFormatter(ChunkFormatter):
             if reason == "tool_calls" and self.body.legacy_functions:
                 reason = "function_call"
             parts.append({"index": choice.index, "delta": {"content": delta.text} if delta.text else {},
-                          "logprobs": {"content": logprobs} if logprobs else None, "finish_reason": reason})
+                          "logprobs": {"content": logprobs} if logprobs else None, "finish_reason": reason,
+                          **({"stop_reason": choice.stop_reason} if reason is not None else {})})
         if not parts:  # a call's end alone (Responses' .done): its ids go with the next chunk
             choice.defer_ids(delta.token_ids)
         elif self.body.return_token_ids:  # every chunk of the choice carries the field, as vLLM's
@@ -184,7 +185,7 @@ class ChatFormatter(ChunkFormatter):
             as_ids = bool(self.body.return_tokens_as_token_ids)
             logprobs = {"content": [logprob_entry(lp, as_ids) for lp in choice.logprobs]} if self.body.logprobs else None
             out.append({"index": choice.index, "message": message, "logprobs": logprobs,
-                        "finish_reason": finish_reason,
+                        "finish_reason": finish_reason, "stop_reason": choice.stop_reason,
                         **({"token_ids": choice.token_ids} if self.body.return_token_ids else {})})
         extra = self.prompt_ids(choices)
         if self.body.prompt_logprobs is not None:  # vLLM's: the prompt's, once (the n choices share it)

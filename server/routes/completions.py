@@ -180,8 +180,9 @@ class CompletionFormatter(ChunkFormatter):
         text = (echo or "") + delta.text
         extra = {} if self.pad_sent else {"pad": generation.pad_info()}  # on the first chunk
         self.pad_sent = True
+        end = {"stop_reason": choice.stop_reason} if delta.finish_reason is not None else {}
         return [self.chunk(generation, [{"index": choice.index, "text": text, "logprobs": logprobs,
-                                         "finish_reason": delta.finish_reason, **ids}], **extra)]
+                                         "finish_reason": delta.finish_reason, **end, **ids}], **extra)]
 
     def prompt_ids(self, choice: ChoiceState) -> dict:
         """vLLM's prompt_token_ids of a choice, when asked (return_token_ids)."""
@@ -203,6 +204,7 @@ class CompletionFormatter(ChunkFormatter):
             echo = self.echo(choice)
             logprobs = self.logprobs(choice, choice.logprobs, echo)
             out.append({"index": choice.index, "text": echo + choice.text, "logprobs": logprobs,
-                        "finish_reason": choice.finish_reason, **self.vllm_fields(choice)})
+                        "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason,
+                        **self.vllm_fields(choice)})
         return {"id": generation.id, "object": "text_completion", "created": generation.created,
                 "model": generation.model, "choices": out, "usage": usage_of(choices), "pad": generation.pad_info()}
