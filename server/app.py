@@ -16,6 +16,7 @@ import time
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from server.anthropic_errors import AnthropicErrorsMiddleware
 from server.auth_scopes import KeyTable
 from server.errors import install_error_handlers
 from server.generation import served_names
@@ -33,6 +34,7 @@ from server.routes import (
     feedback,
     files,
     input_tokens,
+    messages,
     models,
     responses,
     stored_completions,
@@ -95,13 +97,15 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
     app.add_middleware(InvocationsMiddleware)
     # An oversized body is refused before anything reads it.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes, upload_limit=settings.max_file_bytes)
+    # The Anthropic routes' errors in Anthropic's shape, the body limit's 413 included.
+    app.add_middleware(AnthropicErrorsMiddleware)
     # Outermost (added last): every answer, a 413 included, carries its x-request-id.
     app.add_middleware(RequestIdMiddleware)
 
     for router in (chat.router, stored_completions.router, completions.router, responses.router,
                    input_tokens.router, stored_responses.router, files.router, batches.router,
                    conversations.router, models.router, models.probes, users.router, feedback.router,
-                   tokenize.router):
+                   tokenize.router, messages.router):
         app.include_router(router)
     install_openapi(app)
     return app

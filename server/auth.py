@@ -25,7 +25,9 @@ def key_scope(request: Request) -> KeyScope | None:
         return None
     if INTERNAL_SCOPE in request.scope:  # a batch's request, made in this process for its creator
         return request.scope[INTERNAL_SCOPE]
-    token = bearer_token(request.headers.get("authorization")) or request.headers.get("api-key")
+    # Bearer (OpenAI's SDKs), api-key (Azure's), x-api-key (Anthropic's)
+    token = (bearer_token(request.headers.get("authorization")) or request.headers.get("api-key")
+             or request.headers.get("x-api-key"))
     scope = table.authenticate(token)
     if scope is None:
         message = "Incorrect API key provided." if token else "You didn't provide an API key."

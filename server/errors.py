@@ -268,7 +268,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 # The routes whose answers pad_requests_total counts (server/generation.py's `serve`).
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"})
 
 
 def is_generation_path(scope) -> bool:

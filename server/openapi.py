@@ -28,11 +28,12 @@ REQUEST_ID_HEADER = {"x-request-id": {
 RETRY_AFTER_HEADER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 
 
-def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """`responses=` of a route: these statuses, each with the error body."""
+def errors(*statuses: int, body: type = ErrorResponse) -> dict[int | str, dict[str, Any]]:
+    """`responses=` of a route: these statuses, each with the error `body`
+    (OpenAI's; the Anthropic routes' their own)."""
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
-        out[status] = {"model": ErrorResponse, "description": DESCRIPTIONS[status]}
+        out[status] = {"model": body, "description": DESCRIPTIONS[status]}
         if status in (429, 503):
             out[status]["headers"] = RETRY_AFTER_HEADER
     return out
@@ -51,11 +52,12 @@ SSE_EVENT = {
 }
 
 
-def generation_responses(model: type, description: str) -> dict[int | str, dict[str, Any]]:
+def generation_responses(model: type, description: str, error_body: type = ErrorResponse
+                         ) -> dict[int | str, dict[str, Any]]:
     """`responses=` of a generating route: its errors, and a 200 that is
     `model` as JSON or, with stream: true, a text/event-stream."""
     return {
-        **errors(400, 401, 403, 404, 413, 429, 503),
+        **errors(400, 401, 403, 404, 413, 429, 503, body=error_body),
         200: {"model": model, "description": description,
               "content": {"text/event-stream": {"schema": SSE_EVENT}}},
     }

@@ -28,7 +28,7 @@ MAX_EXAMPLES = 20  # per operation (each one the OpenAPI document lists)
 # Schema-valid fields that hide the engine (a refused value, a grammar to compile, a stored response to find)
 HIDING = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format", "audio",
           "modalities", "web_search_options", "moderation", "text", "previous_response_id", "conversation",
-          "prompt", "background", "logit_bias", "suffix", "best_of", "echo", "stream_options")
+          "prompt", "background", "logit_bias", "suffix", "best_of", "echo", "stream_options", "output_config")
 _STEER = itertools.count()
 
 
@@ -54,7 +54,8 @@ schema = schemathesis.openapi.from_dict(openapi_document())
 
 
 GENERATION_PATHS = {"/v1/chat/completions": ("max_tokens", "max_completion_tokens"),
-                    "/v1/completions": ("max_tokens",), "/v1/responses": ("max_output_tokens",)}
+                    "/v1/completions": ("max_tokens",), "/v1/responses": ("max_output_tokens",),
+                    "/v1/messages": ("max_tokens",)}
 
 
 def steer_to_the_engine(case) -> None:
@@ -86,11 +87,16 @@ def steer_to_the_engine(case) -> None:
         body[limits[0]] = 4
 
 
-def assert_openai_shaped(response) -> None:
+def assert_error_shaped(response, path: str) -> None:
     if response.status_code < 400:
         return
     header = lambda name: (response.headers.get(name) or [""])[0]  # noqa: E731 - schemathesis: name -> [values]
     assert header("content-type").startswith("application/json"), response.headers
+    if path.startswith("/v1/messages"):  # the Anthropic routes: Anthropic's shape
+        body = response.json()
+        assert set(body) == {"type", "error"} and body["type"] == "error"
+        assert set(body["error"]) == {"type", "message"} and body["error"]["message"]
+        return
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and isinstance(error["message"], str)
     assert error["message"] and isinstance(error["type"], str)
@@ -109,7 +115,7 @@ def test_fuzzed_requests_get_documented_answers_and_no_5xx(case, fuzz_target):
     response = case.call_and_validate(base_url=fuzz_target[0], timeout=60,
                                       excluded_checks=[positive_data_acceptance])
     assert response.status_code < 500, response.text
-    assert_openai_shaped(response)
+    assert_error_shaped(response, case.operation.path)
 
 
 def test_the_fuzzed_worker_still_serves(fuzz_target):
