@@ -35,6 +35,10 @@ class AnthropicErrorResponse(BaseModel):
     error: AnthropicErrorDetail
 
 
+def is_anthropic_path(path: str) -> bool:
+    return path == PATH_PREFIX or path.startswith(PATH_PREFIX + "/")
+
+
 def anthropic_error(status: int, message: str) -> dict:
     """The `error` object of an HTTP status (Anthropic's types by status)."""
     kind = ERROR_TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "api_error")
@@ -59,8 +63,7 @@ class AnthropicErrorsMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
-        if scope["type"] != "http" or not path.startswith(PATH_PREFIX):
+        if scope["type"] != "http" or not is_anthropic_path(scope.get("path", "").removeprefix(scope.get("root_path", ""))):
             await self.app(scope, receive, send)
             return
         held: Message | None = None  # an error's response start, sent once its body is rewritten

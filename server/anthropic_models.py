@@ -9,7 +9,8 @@ work with a base URL change.
   (written as the JSON list a forced call produces, as server/messages.py
   writes OpenAI's calls), a user's `tool_result` (a user message naming the
   call). Earlier `thinking` blocks are skipped; images and documents are
-  refused by name. A last assistant message is a prefill: the answer
+  refused by name. Consecutive turns of one role are joined, as Anthropic
+  joins them. A last assistant message with text is a prefill: the answer
   continues it (Anthropic's), and holds only the new text.
 - `tools` (`name`, `description`, `input_schema`) and `tool_choice` (`auto`,
   `any`, `tool`, `none`; `disable_parallel_tool_use`) become the same
@@ -19,7 +20,9 @@ work with a base URL change.
   schema, as OpenAI's `response_format` does.
 - `max_tokens` (required, as Anthropic's), `stop_sequences`; `temperature`
   (0-1), `top_p` and `top_k`, which Anthropic's API has since dropped but
-  older clients send; `metadata.user_id` is the `user`. Fields of Anthropic's
+  older clients send; `user` (PAD's, as OpenAI's) is the request's user:
+  `metadata.user_id` is Anthropic's opaque id (a session's, from some
+  clients), not taken as one. Fields of Anthropic's
   that change nothing here (`thinking`, `cache_control`, `service_tier`,
   `speed`...) are accepted and ignored.
 - `preference` and `pad` are PAD's, as on every route."""
@@ -45,7 +48,8 @@ SKIPPED_BLOCKS = ("thinking", "redacted_thinking")  # another turn's reasoning: 
 
 
 class AnthropicMetadata(Strict):
-    user_id: str | None = Field(None, description="the request's user (preference memory, keys bound to users)")
+    user_id: str | None = Field(None, description="accepted and ignored: Anthropic's opaque id of the end user "
+                                "(clients such as Claude Code send one per session); PAD's user is `user`")
 
 
 class AnthropicMessage(Strict):
@@ -91,12 +95,10 @@ class MessagesRequest(StrictRequest):
     user_profile_id: str | None = None
     workspace_id: str | None = None
     # PAD extensions.
+    user: str | None = Field(None, description="PAD: the request's user (preference memory, keys bound to "
+                             "users), as OpenAI's `user`")
     preference: Preferences = None
     pad: PadOptions | None = None
-
-    @property
-    def user(self) -> str | None:
-        return self.metadata.user_id if self.metadata is not None else None
 
     def to_sampling_params(self, defaults: Mapping[str, float | int] = MappingProxyType({})) -> SamplingParams:
         """A field left out takes the model's default (its generation config), then Anthropic's (1.0)."""
@@ -114,9 +116,10 @@ class MessagesRequest(StrictRequest):
     def to_guidance_params(self) -> GuidanceParams:
         return guidance_of(self.pad)
 
-    def to_template(self) -> TemplateOptions:
-        """A last assistant message is a prefill: the answer continues it."""
-        prefill = self.messages[-1].role == "assistant"
+    @staticmethod
+    def to_template(messages: list[dict[str, str]]) -> TemplateOptions:
+        """A last assistant message (of `engine_messages`) is a prefill: the answer continues it."""
+        prefill = messages[-1]["role"] == "assistant"
         return TemplateOptions(add_generation_prompt=not prefill, continue_final_message=prefill)
 
     def function_tools(self) -> list[ToolFunction]:
@@ -128,7 +131,8 @@ class MessagesRequest(StrictRequest):
                       f"{where}: only client tools are supported (a name and an input_schema), not "
                       f"{kind!r}", f"{where}.type")
             schema = tool.get("input_schema")
-            reject_if(not isinstance(schema, dict), f"{where}.input_schema must be a JSON Schema object",
+            reject_if(not isinstance(schema, dict) or schema.get("type") != "object",
+                      f"{where}.input_schema must be a JSON Schema of type 'object' (a tool's input is an object)",
                       f"{where}.input_schema", "invalid_value")
             description = tool.get("description")
             out.append(ToolFunction(name, description if isinstance(description, str) else None, schema,
@@ -163,7 +167,11 @@ class MessagesRequest(StrictRequest):
             out.append({"role": "system", "content": system})
         names: dict[str, str] = {}  # tool_use id -> the tool's name, for the results that answer them
         for index, message in enumerate(self.messages):
-            out.extend(turn_messages(message, f"messages[{index}]", names))
+            for turn in turn_messages(message, f"messages[{index}]", names):
+                if out and out[-1]["role"] == turn["role"] != "system":  # one turn per role in a row, as Anthropic
+                    out[-1] = {**out[-1], "content": f"{out[-1]['content']}\n\n{turn['content']}"}
+                else:
+                    out.append(turn)
         reject_if(not out or out[-1]["role"] == "system", "messages has no user or assistant text", "messages",
                   "invalid_value")
         return out
@@ -206,8 +214,8 @@ def blocks_text(content: str | list[Any], where: str) -> str:
 def turn_messages(message: AnthropicMessage, where: str, names: dict[str, str]) -> list[dict[str, str]]:
     """One user or assistant turn as engine messages: its text and calls,
     and (a user turn) each tool result as a user message before its text."""
-    if isinstance(message.content, str):
-        return [{"role": message.role, "content": message.content}]
+    if isinstance(message.content, str):  # (an empty one: nothing, as an empty final assistant turn is)
+        return [{"role": message.role, "content": message.content}] if message.content else []
     texts: list[str] = []
     calls: list[tuple[str, str]] = []
     results: list[dict[str, str]] = []
@@ -233,14 +241,12 @@ def turn_messages(message: AnthropicMessage, where: str, names: dict[str, str]) 
                 output = f"Error: {output}"
             results.append({"role": "user", "content": tool_result_text(output, names.get(ident), ident)})
         else:
-            raise invalid(f"{at}: '{kind}' blocks are not supported in a {message.role} turn", f"{at}.type",
+            raise invalid(f"{at}: '{kind}' blocks are not supported in {'an' if message.role == 'assistant' else 'a'} {message.role} turn", f"{at}.type",
                           "unsupported_content")
     pieces = [piece for piece in ("\n".join(texts) if texts else None, calls_text(calls) if calls else None)
               if piece]
     if not pieces and not results:
-        if message.role == "assistant" and not message.content:
-            raise invalid(f"{where}.content must not be empty", f"{where}.content")
-        return []  # only skipped blocks (an earlier turn's thinking)
+        return []  # empty, or only skipped blocks (an earlier turn's thinking)
     return results + ([{"role": message.role, "content": "\n".join(pieces)}] if pieces else [])
 
 

@@ -1,4 +1,5 @@
-"""`x-request-id` on every response, as OpenAI sends it.
+"""`x-request-id` on every response, as OpenAI sends it (and the same id as
+`request-id`, Anthropic's header).
 
 Clients read it to tie a failure to the server's logs: the Python SDK's
 `response._request_id` and `error.request_id`, the JS SDK's
@@ -18,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.errors import invalid
 
 HEADER = b"x-request-id"
+ANTHROPIC_HEADER = b"request-id"  # the same id where Anthropic's SDKs read it (the Messages API's clients)
 # A client's id is echoed only if it is a plain token: it goes into a
 # response header and a log line, so no spaces, quotes or control characters.
 CLIENT_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
@@ -65,8 +67,9 @@ class RequestIdMiddleware:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":  # read now: a body's request_id may have replaced it
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != HEADER]
-                message = {**message, "headers": [*headers, (HEADER, state["request_id"].encode("ascii"))]}
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in (HEADER, ANTHROPIC_HEADER)]
+                value = state["request_id"].encode("ascii")
+                message = {**message, "headers": [*headers, (HEADER, value), (ANTHROPIC_HEADER, value)]}
             await send(message)
 
         await self.app(scope, receive, send_with_id)

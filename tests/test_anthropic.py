@@ -127,6 +127,51 @@ def test_tools_forced_and_named_and_their_results_sent_back(claude):
     assert counted.input_tokens == answered.usage.input_tokens + answered.usage.cache_read_input_tokens
 
 
+def test_a_tool_call_cut_short_is_the_same_tool_use_streamed_or_not(claude):
+    asked = dict(model=MODEL, max_tokens=17, messages=[{"role": "user", "content": "Weather in Paris?"}],
+                 tools=[WEATHER], tool_choice={"type": "any"})
+    kept = claude.messages.create(**asked)
+    with claude.messages.stream(**asked) as stream:
+        streamed = stream.get_final_message()
+    assert kept.stop_reason == streamed.stop_reason == "max_tokens"
+    assert [(b.type, b.name) for b in kept.content] == [(b.type, b.name) for b in streamed.content] == [
+        ("tool_use", "get_weather")]  # never the grammar's raw JSON as text
+    assert kept.content[0].input == {}  # arguments cut short do not parse
+
+
+def test_turns_are_joined_and_what_is_no_turn_is_left_out(claude):
+    def count(messages: list) -> int:
+        return claude.messages.count_tokens(model=MODEL, messages=messages).input_tokens
+
+    plain = count(ASK)
+    assert count([{"role": "user", "content": "A"}, {"role": "user", "content": "B"}]) == count(
+        [{"role": "user", "content": "A\n\nB"}])  # one turn per role in a row, as Anthropic joins them
+    assert count([*ASK, {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm",
+                                                             "signature": "s"}]}]) == plain  # no prefill
+    assert count([*ASK, {"role": "assistant", "content": ""}]) == plain
+    results = [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "sunny"},
+                                            {"type": "tool_result", "tool_use_id": "t2", "content": [
+                                                {"type": "text", "text": "rainy"}], "is_error": True},
+                                            {"type": "text", "text": "So?"}]}]
+    history = [*ASK, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "Paris"}},
+        {"type": "tool_use", "id": "t2", "name": "get_weather", "input": {"city": "Rome"}}]}, *results]
+    answered = claude.messages.create(model=MODEL, max_tokens=3, messages=history, tools=[WEATHER])
+    assert answered.usage.input_tokens + answered.usage.cache_read_input_tokens == claude.messages.count_tokens(
+        model=MODEL, messages=history, tools=[WEATHER]).input_tokens
+
+
+def test_the_user_is_pads_and_metadata_user_id_is_anthropics_opaque_id(server):
+    alices = anthropic.Anthropic(base_url=server, api_key="ka", max_retries=0)  # a key bound to alice
+    session = {"user_id": "user_3f2a9c_account__session_4d5e"}  # as Claude Code sends one
+    assert alices.messages.create(model=MODEL, max_tokens=2, messages=ASK, metadata=session).content
+    assert alices.messages.create(model=MODEL, max_tokens=2, messages=ASK, extra_body={"user": "alice"}).content
+    with pytest.raises(anthropic.PermissionDeniedError) as refused:
+        alices.messages.create(model=MODEL, max_tokens=2, messages=ASK, extra_body={"user": "bob"})
+    assert refused.value.body["error"]["type"] == "permission_error"
+    assert refused.value.request_id  # the SDK reads request-id
+
+
 @pytest.mark.parametrize(("body", "status", "kind", "says"), [
     ({"model": "nope", "max_tokens": 5, "messages": ASK}, 404, "not_found_error", "nope"),
     ({"model": MODEL, "messages": ASK}, 400, "invalid_request_error", "max_tokens"),
@@ -144,6 +189,11 @@ def test_tools_forced_and_named_and_their_results_sent_back(claude):
     ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, 400,
      "invalid_request_error", "role"),
     ({"model": MODEL, "max_tokens": 5, "messages": []}, 400, "invalid_request_error", "messages"),
+    ({"model": MODEL, "max_tokens": 5, "messages": ASK, "tools": [{**WEATHER, "input_schema": {"type": "string"}}]},
+     400, "invalid_request_error", "tools[0].input_schema"),
+    ({"model": MODEL, "max_tokens": 5, "messages": ASK, "tools": [{**WEATHER, "input_schema": {
+        "type": "object", "properties": {"city": {"type": "nonsense"}}}}], "tool_choice": {"type": "any"}},
+     400, "invalid_request_error", "tools[0].input_schema"),
 ])
 def test_errors_have_anthropics_shape_and_type(server, body, status, kind, says):
     answer = httpx.post(f"{server}/v1/messages", json=body, headers={"x-api-key": "admin"})
@@ -165,3 +215,24 @@ def test_the_key_the_body_limit_and_an_sdk_error_class(server, claude):
     assert huge.status_code == 413 and huge.json()["error"]["type"] == "request_too_large"
     assert httpx.post(f"{server}/v1/chat/completions", json={}, headers={"x-api-key": "admin"}).json()["error"][
         "param"] == "messages"  # other routes keep OpenAI's shape
+
+
+def test_an_unexpected_failure_is_anthropic_shaped_too(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import ServerSettings
+
+    app = create_app(ServerSettings(data_dir=tmp_path), start_worker=False)
+
+    async def fails():
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/v1/messages/fails", fails, methods=["POST"])
+    app.add_api_route("/v1/fails", fails, methods=["POST"])
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.post("/v1/messages/fails")
+        assert answer.status_code == 500 and answer.json() == {"type": "error", "error": {
+            "type": "api_error", "message": "internal server error"}}
+        assert answer.headers["request-id"] == answer.headers["x-request-id"]
+        assert client.post("/v1/fails").json()["error"]["type"] == "server_error"  # others: OpenAI's shape

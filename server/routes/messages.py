@@ -48,7 +48,8 @@ from server.routes.tokenize import ask_worker
 router = APIRouter(tags=["anthropic"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 
 # The engine's names for what the client calls otherwise, in errors.
-RENAME = {"response_format": "output_config.format", "stop": "stop_sequences"}
+RENAME = {"response_format": "output_config.format", "stop": "stop_sequences",
+          "continue_final_message": "messages (the last, an assistant's prefill)"}
 
 
 class AnthropicMessageObject(BaseModel):
@@ -74,10 +75,19 @@ MESSAGES_RESPONSES = generation_responses(
     AnthropicErrorResponse)
 
 
-def chat_of(body: MessagesRequest, state, user: str | None, request_id: str, resolution) -> ChatRequest:
-    return ChatRequest(request_id, body.engine_messages(), resolution.preferences,
-                       body.to_sampling_params(sampling_defaults(state)), body.to_guidance_params(),
-                       body.to_structured(), body.to_template())
+def chat_of(body: MessagesRequest, state, request_id: str, resolution) -> ChatRequest:
+    messages = body.engine_messages()
+    return ChatRequest(request_id, messages, resolution.preferences, body.to_sampling_params(sampling_defaults(state)),
+                       body.to_guidance_params(), body.to_structured(), body.to_template(messages))
+
+
+def renames(body: MessagesRequest) -> dict[str, str]:
+    """The engine's names of the request's fields -> the client's, in errors."""
+    tools = {}
+    for index in range(len(body.tools or ())):
+        tools |= {f"tools[{index}].function.parameters": f"tools[{index}].input_schema",
+                  f"tools[{index}].function.name": f"tools[{index}].name", f"tools[{index}].function": f"tools[{index}]"}
+    return {**tools, **RENAME, **preference_rename(body)}
 
 
 @router.post("/v1/messages", response_model=None, responses=MESSAGES_RESPONSES)
@@ -91,9 +101,9 @@ async def _answer(body: MessagesRequest, request: Request, scope):
     user = chat_user(scope, body.user)
     resolution = await resolve_preferences(state, body, user)
     message_id = f"msg_{uuid.uuid4().hex}"
-    chat = chat_of(body, state, user, f"{message_id}-0", resolution)
+    chat = chat_of(body, state, f"{message_id}-0", resolution)
     generation = Generation(state, message_id, served, [chat], [ChoiceState.of(0, chat.structured)], resolution)
-    rename = {**RENAME, **preference_rename(body)}
+    rename = renames(body)
     verify_request(chat, state.settings, resolution, user, rename)
     generation.rename = rename
     await generation.start()
@@ -115,8 +125,8 @@ async def count_tokens(body: CountTokensRequest, request: Request, scope: Scope)
     check_model(state, body.model)
     user = chat_user(scope, body.user)
     resolution = await resolve_preferences(state, body, user)
-    chat = chat_of(body, state, user, "count_tokens", resolution)
-    rename = {**RENAME, **preference_rename(body)}
+    chat = chat_of(body, state, "count_tokens", resolution)
+    rename = renames(body)
     verify_request(chat, state.settings, resolution, user, rename)
     try:
         result = await ask_worker(state, {"kind": "count_chat", "chat": chat.to_dict()})
@@ -148,9 +158,13 @@ def anthropic_usage(usage: dict, output_tokens: int | None = None) -> dict:
 
 
 def tool_use_block(call: dict, arguments: dict | None = None) -> dict:
-    """An OpenAI-shaped call as a tool_use block (`arguments` parsed, or its own)."""
+    """An OpenAI-shaped call as a tool_use block (`arguments` given, or its
+    own parsed; those of a call cut short do not parse: {})."""
     if arguments is None:
-        arguments = json.loads(call["function"]["arguments"] or "{}")
+        try:
+            arguments = json.loads(call["function"]["arguments"] or "{}")
+        except ValueError:
+            arguments = {}
     return {"type": "tool_use", "id": call["id"], "name": call["function"]["name"], "input": arguments}
 
 
@@ -168,8 +182,13 @@ class MessagesFormatter(Formatter):
                 "pad": generation.pad_info()}
 
     def message(self, generation: Generation, choice: ChoiceState, usage: dict) -> dict:
-        content = [{"type": "text", "text": choice.text}] if choice.text or not choice.tool_calls else []
-        content += [tool_use_block(call) for call in choice.tool_calls or ()]
+        if choice.tool_calls is not None:
+            content = [tool_use_block(call) for call in choice.tool_calls]
+        elif choice.holds_calls:  # calls cut short (max_tokens, a stop): those begun, as a stream gives them
+            content = [tool_use_block(call) for call in choice.streamed_calls]
+        else:
+            content = []
+        content = content or [{"type": "text", "text": choice.text}]  # (as a stream's: one block at least)
         return self.envelope(generation, content, choice, anthropic_usage(usage))
 
     @staticmethod
