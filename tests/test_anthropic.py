@@ -236,3 +236,11 @@ def test_an_unexpected_failure_is_anthropic_shaped_too(tmp_path):
             "type": "api_error", "message": "internal server error"}}
         assert answer.headers["request-id"] == answer.headers["x-request-id"]
         assert client.post("/v1/fails").json()["error"]["type"] == "server_error"  # others: OpenAI's shape
+
+
+def test_the_model_list_reads_in_anthropics_sdk(claude):
+    [model] = claude.models.list().data
+    assert model.id == MODEL and model.type == "model" and model.display_name == MODEL
+    assert claude.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(anthropic.NotFoundError):
+        claude.models.retrieve("nope")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -81,12 +83,19 @@ def model_card(request: Request, name: str) -> dict:
         "root": served_names(request.app.state)[0],
         "parent": None,
         "reward_models": info.get("reward_models", ["self"]),
+        # Anthropic's model object too (its SDK's client.models), beside OpenAI's fields
+        "type": "model",
+        "display_name": name,
+        "created_at": datetime.fromtimestamp(request.app.state.started, timezone.utc).isoformat(),
+        "lifecycle": "active",
     }
 
 
 @router.get("/v1/models", response_model=ModelList, responses=errors(401))
 async def list_models(request: Request):
-    return {"object": "list", "data": [model_card(request, name) for name in served_names(request.app.state)]}
+    cards = [model_card(request, name) for name in served_names(request.app.state)]
+    # OpenAI's list, and Anthropic's page (has_more, first_id, last_id)
+    return {"object": "list", "data": cards, "has_more": False, "first_id": cards[0]["id"], "last_id": cards[-1]["id"]}
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=errors(401, 404))
