@@ -25,7 +25,8 @@ random (seeded, after one round of every scenario) by --concurrency clients:
   conversation; a client that hangs up mid-stream in one; a conversation
   deleted while a response in it streams; a user's preference profile
   (PUT, PATCH, GET, DELETE) used by chats naming the user, and feedback on
-  those answers.
+  those answers. And Anthropic's Messages API (`/v1/messages`, streamed and
+  not, with preferences and stop sequences).
 
 Checked and printed at the end (exit status 1 if any fails):
 
@@ -43,6 +44,11 @@ Checked and printed at the end (exit status 1 if any fails):
     holding U+FFFD, byte tokens the model wrote that make no character,
     are counted);
   - every invalid request is a 4xx with an OpenAI-shaped error body;
+  - an Anthropic message has one text block, a stop_reason that fits its
+    output tokens (max_tokens exactly max_tokens), the stop sequence it
+    names (one of the request's) out of its text, and a stream has its
+    events in order (message_start ... message_delta, message_stop) whose
+    text deltas make the text checked; its errors are Anthropic-shaped;
   - the stateful APIs: a kept response read back (GET) is what was
     returned, its input_items are its own input, a deleted one (or one of
     store false) is a 404 response_not_found; a conversation's items
@@ -1641,6 +1647,101 @@ async def chat_as(ctx: Context, out: Outcome, body: dict, what: str) -> dict | N
     return data
 
 
+# ---- Anthropic's Messages API ---------------------------------------------
+ANTHROPIC_STOP_REASONS = {"end_turn", "max_tokens", "stop_sequence"}
+
+
+def anthropic_status(out: Outcome, response: httpx.Response) -> bool:
+    """record_status for the Anthropic routes: their errors are Anthropic-shaped."""
+    out.status = response.status_code
+    if response.status_code == 200:
+        return True
+    try:
+        body = response.json()
+        shaped = body["type"] == "error" and isinstance(body["error"]["message"], str) and body["error"]["type"]
+    except (ValueError, KeyError, TypeError):
+        shaped = False
+    if not shaped:
+        out.fail(f"{response.status_code} error body not Anthropic-shaped: {response.text[:120]!r}")
+    return False
+
+
+def check_message(out: Outcome, body: dict, text: str, stop_reason: str | None, stop_sequence: str | None,
+                  output_tokens: object) -> None:
+    """What any answer of /v1/messages must be: a stop reason that fits its
+    tokens, no stop sequence in its text, the one matched named."""
+    check_text(out, text, {"stop": body.get("stop_sequences")})
+    if stop_reason not in ANTHROPIC_STOP_REASONS:
+        out.fail(f"stop_reason {stop_reason!r}")
+    if not isinstance(output_tokens, int) or output_tokens > body["max_tokens"] or (
+            stop_reason == "max_tokens" and output_tokens != body["max_tokens"]):
+        out.fail(f"output_tokens {output_tokens} for max_tokens {body['max_tokens']}, stop_reason {stop_reason}")
+    if (stop_reason == "stop_sequence") != (stop_sequence is not None) or (
+            stop_sequence is not None and stop_sequence not in body.get("stop_sequences", ())):
+        out.fail(f"stop_sequence {stop_sequence!r} with stop_reason {stop_reason!r}")
+    out.completion_tokens = output_tokens if isinstance(output_tokens, int) else 0
+    out.finish_reasons.append({"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}.get(
+        stop_reason, str(stop_reason)))
+    out.texts.append(text)
+
+
+async def anthropic_messages(ctx: Context, out: Outcome) -> None:
+    """POST /v1/messages, streamed or not: an answer (the stream's events in
+    order, its text deltas adding up) whose stop reason and tokens agree."""
+    rng = ctx.rng
+    body = out.request = {"model": ctx.model, "max_tokens": rng.randint(1, ctx.max_tokens_cap),
+                          "messages": [{"role": "user", "content": a_prompt(rng)}]}
+    if rng.random() < 0.3:
+        body["system"] = "Answer briefly."
+    if rng.random() < 0.2:
+        body["stop_sequences"] = rng.sample(STOPS, rng.randint(1, 2))
+    personalise(body, rng)
+    if rng.random() < 0.5:
+        body["temperature"] = rng.choice([0, 0.7])
+    if rng.random() < 0.5:
+        response = await ctx.client.post("/v1/messages", json=body)
+        if not anthropic_status(out, response):
+            return
+        data = response.json()
+        blocks = data.get("content") or []
+        if data.get("type") != "message" or [b.get("type") for b in blocks] != ["text"]:
+            out.fail(f"not a message of one text block: {str(data)[:120]}")
+            return
+        check_message(out, body, blocks[0]["text"], data.get("stop_reason"), data.get("stop_sequence"),
+                      (data.get("usage") or {}).get("output_tokens"))
+        out.answered = not out.violations
+        return
+    body["stream"] = True
+    async with ctx.client.stream("POST", "/v1/messages", json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+        if not anthropic_status(out, response):
+            return
+        kinds, text, end = [], "", {}
+        async for name, raw in sse_events(response):
+            if out.ttft is None:
+                out.ttft = ctx.now() - out.started
+            event = json.loads(raw)
+            kinds.append(name)
+            if name != event.get("type"):
+                out.fail(f"event {name!r} carries type {event.get('type')!r}")
+            if name == "error":
+                out.stream_error = event.get("error")
+                return
+            if name == "content_block_delta":
+                text += event["delta"].get("text", "")
+            if name == "message_delta":
+                end = event
+    order = [k for k in kinds if k != "ping"]
+    if not order or order[0] != "message_start" or order[-2:] != ["message_delta", "message_stop"] or (
+            order.count("content_block_start") != order.count("content_block_stop")):
+        out.fail(f"event order {order[:3]}...{order[-3:]}")
+        return
+    check_message(out, body, text, end["delta"].get("stop_reason"), end["delta"].get("stop_sequence"),
+                  (end.get("usage") or {}).get("output_tokens"))
+    out.answered = not out.violations
+
+
 Scenario = Callable[[Context, Outcome], Awaitable[None]]
 SCENARIOS: dict[str, tuple[Scenario, float]] = {
     "chat": (chat_plain, 20),
@@ -1661,6 +1762,7 @@ SCENARIOS: dict[str, tuple[Scenario, float]] = {
     "conversation_hang_up": (conversation_hang_up, 3),
     "conversation_delete_mid_stream": (conversation_delete_mid_stream, 2),
     "user_preferences": (user_preferences, 4),
+    "anthropic_messages": (anthropic_messages, 5),
 }
 
 
