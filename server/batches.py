@@ -193,6 +193,7 @@ class BatchRuns(LeasedRuns[BatchRun]):
         self._concurrency = settings.batch_concurrency
         self._look_now = asyncio.Event()
         self._lookout: asyncio.Task | None = None
+        self._closing = False
 
     async def start(self, batch: dict[str, Any], user: str | None, scope: KeyScope | None,
                     output_expires_s: int | None = None) -> None:
@@ -227,10 +228,12 @@ class BatchRuns(LeasedRuns[BatchRun]):
         self._look_now.set()
 
     async def _look_out(self) -> None:
-        while True:
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._look_now.wait(), timeout=self._lease_s / 3)
             self._look_now.clear()
+            if self._closing:
+                return
             if not self._app.state.worker.ready:  # it could not answer them: a gateway that can may take them
                 continue
             try:
@@ -240,6 +243,8 @@ class BatchRuns(LeasedRuns[BatchRun]):
 
     async def _resume_orphans(self) -> None:
         for batch_id in await self._store.orphaned_batches(ORPHANS_PER_LOOK):
+            if self._closing:  # the gateway stops: none taken now (its runs would be given back at once)
+                return
             if batch_id in self._runs:  # its own run, whose renewal is late: it renews or learns it lost
                 continue
             token = uuid.uuid4().hex
@@ -261,10 +266,16 @@ class BatchRuns(LeasedRuns[BatchRun]):
             self._launch(run)
 
     async def close(self, timeout_s: float = 10.0) -> None:
+        """Ends the look-out (let finish, not cancelled: a claim cut short
+        would hold a batch no run here resumes until its lease ran out),
+        then stops this gateway's runs, each giving its batch back."""
+        self._closing = True
+        self._look_now.set()
         if self._lookout is not None:
-            self._lookout.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lookout
+            try:
+                await asyncio.wait_for(asyncio.shield(self._lookout), timeout_s)
+            except TimeoutError:  # a store that does not answer: cut it short after all
+                self._lookout.cancel()
         await super().close(timeout_s)
 
     # ---- the run ----------------------------------------------------------
