@@ -48,7 +48,8 @@ Checked and printed at the end (exit status 1 if any fails):
     output tokens (max_tokens exactly max_tokens), the stop sequence it
     names (one of the request's) out of its text, and a stream has its
     events in order (message_start ... message_delta, message_stop) whose
-    text deltas make the text checked; its errors are Anthropic-shaped;
+    text deltas make the text checked; an error it gets (a 429 under
+    load) is Anthropic-shaped;
   - the stateful APIs: a kept response read back (GET) is what was
     returned, its input_items are its own input, a deleted one (or one of
     store false) is a 404 response_not_found; a conversation's items

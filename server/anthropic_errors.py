@@ -35,7 +35,9 @@ class AnthropicErrorResponse(BaseModel):
     error: AnthropicErrorDetail
 
 
-def is_anthropic_path(path: str) -> bool:
+def is_anthropic_scope(scope: Scope) -> bool:
+    """Whether a request is for an Anthropic route (its path below the app's root_path)."""
+    path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
     return path == PATH_PREFIX or path.startswith(PATH_PREFIX + "/")
 
 
@@ -63,7 +65,7 @@ class AnthropicErrorsMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not is_anthropic_path(scope.get("path", "").removeprefix(scope.get("root_path", ""))):
+        if scope["type"] != "http" or not is_anthropic_scope(scope):
             await self.app(scope, receive, send)
             return
         held: Message | None = None  # an error's response start, sent once its body is rewritten

@@ -36,12 +36,27 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pad_core.types import GuidanceParams, SamplingParams, StructuredOutput, TemplateOptions, ToolFunction
+from pad_core.types import (
+    GuidanceParams,
+    SamplingParams,
+    StructuredOutput,
+    TemplateOptions,
+    ToolFunction,
+)
 from pad_core.validation import INT64_MAX, MAX_STOP_STRINGS
 from server.errors import invalid
 from server.messages import calls_text, tool_result_text
-from server.openai_models import DefaultsOf, PadOptions, Preferences, Strict, StrictRequest, guidance_of, \
-    reject_if, tool_output, with_answer_format
+from server.openai_models import (
+    DefaultsOf,
+    PadOptions,
+    Preferences,
+    Strict,
+    StrictRequest,
+    guidance_of,
+    reject_if,
+    tool_output,
+    with_answer_format,
+)
 
 REFUSED_BLOCKS = ("image", "document", "search_result", "container_upload")
 SKIPPED_BLOCKS = ("thinking", "redacted_thinking")  # another turn's reasoning: nothing this model reads
@@ -251,7 +266,8 @@ def turn_messages(message: AnthropicMessage, where: str, names: dict[str, str]) 
 
 
 class CountTokensRequest(MessagesRequest):
-    """POST /v1/messages/count_tokens: a message request without what only
-    an answer needs (max_tokens, and the sampling fields are not taken)."""
+    """POST /v1/messages/count_tokens: a message request whose max_tokens
+    may be left out (the other fields are checked as an answer's would be;
+    those that do not shape the prompt change nothing)."""
 
     max_tokens: int | None = Field(None, ge=1, le=INT64_MAX, description="not Anthropic's here; accepted")

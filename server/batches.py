@@ -260,7 +260,7 @@ class BatchRuns(LeasedRuns[BatchRun]):
             logger.info("resuming batch %s (%s)", batch_id, stored.batch["status"])
             run = BatchRun(stored.batch, stored.user_id, scope, claimed.output_expires_s, resumed=True,
                            cannot_run=cannot_run, token=token,
-                           counts=dict(stored.batch["request_counts"]))  # stored with its results: they agree
+                           counts=dict(stored.batch["request_counts"]))  # counted again from its results
             if claimed.cancel_requested:  # it ends at once (a task cancelled before it starts would never run)
                 run.stop_reason = "cancelled"
             self._launch(run)
@@ -372,7 +372,7 @@ class BatchRuns(LeasedRuns[BatchRun]):
                 try:
                     await self._save(run)
                 except LeaseLost:
-                    self._stop(run, "lost")
+                    self._stop(run, self.lost_reason)
                     return
                 except Exception:
                     logger.warning("could not store the progress of batch %s", run.batch["id"], exc_info=True)
@@ -386,7 +386,8 @@ class BatchRuns(LeasedRuns[BatchRun]):
             await self._save(run, status="finalizing", finalizing_at=now())
         else:
             await self._save(run)
-        files = await self._result_files(run)
+        _, run.counts["completed"], run.counts["failed"] = await self._store.batch_progress(run.batch["id"])
+        files = await self._result_files(run)  # (the counts are those of the results written)
         ids = {key: file.file_id for key, (file, _content) in files.items()}
         batch = {**run.batch, **ids, **end, "request_counts": dict(run.counts)}
         if not await self._store.end_batch(batch, run.token, list(files.values())):

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from pad_core.errors import InvalidRequestError
-from server.anthropic_errors import is_anthropic_path, rewritten
+from server.anthropic_errors import is_anthropic_scope, rewritten
 from server.store.errors import StoreError
 
 logger = logging.getLogger(__name__)
@@ -263,9 +263,9 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None)
     logger.exception("unhandled error in %s %s (request %s)", request.method, request.url.path, request_id)
     response = error_response(APIError(500, "internal server error", "server_error"))
-    if is_anthropic_path(request.url.path.removeprefix(request.scope.get("root_path", ""))):
+    if is_anthropic_scope(request.scope):  # (answered outside AnthropicErrorsMiddleware too: rewritten here)
         response = ErrorJSONResponse(json.loads(rewritten(500, response.body)), status_code=500)
-    if request_id is not None:
+    if request_id is not None:  # (as RequestIdMiddleware names it; imported from there, it would import this)
         response.headers["x-request-id"] = response.headers["request-id"] = request_id
     return response
 

@@ -102,6 +102,29 @@ def map_exception(exc: BaseException) -> APIError:
     raise exc
 
 
+async def ask_worker(state, payload: dict) -> dict:
+    """The worker's tokenizer's answer (tokenize, detokenize, count_chat);
+    its refusal as a 400 naming the parameter, too many asks at once as a
+    429, a worker that is down or silent as a 503."""
+    try:
+        return await state.worker.tokenize(payload)
+    except (RequestRejected, QueueFull, WorkerUnavailable) as exc:
+        raise map_exception(exc) from None
+
+
+async def count_prompt(state, chat: EngineRequest, resolution: Resolution, user: str | None,
+                       rename: dict[str, str]) -> int:
+    """The tokens of a chat's prompt as the worker renders it to run it
+    (PadEngine.count_chat), refused first as its answer would be: the
+    `input_tokens` of POST /v1/responses/input_tokens, /v1/messages/count_tokens."""
+    verify_request(chat, state.settings, resolution, user, rename)  # what cannot cross to the worker: a 400 here
+    try:
+        result = await ask_worker(state, {"kind": "count_chat", "chat": chat.to_dict()})
+    except APIError as error:
+        raise error.renamed(rename) from None
+    return result["count"]
+
+
 def served_names(state) -> list[str]:
     """The names the model is served under (the worker's; the settings' until
     it is ready); answers carry the first, as vLLM's."""

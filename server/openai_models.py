@@ -947,6 +947,10 @@ class ModelCard(Open):
 class ModelList(BaseModel):
     object: Literal["list"]
     data: list[ModelCard]
+    # Anthropic's page fields (its SDK's client.models.list)
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 class RewardModelLoaded(BaseModel):

@@ -128,8 +128,8 @@ def test_tools_forced_and_named_and_their_results_sent_back(claude):
 
 
 def test_a_tool_call_cut_short_is_the_same_tool_use_streamed_or_not(claude):
-    asked = dict(model=MODEL, max_tokens=17, messages=[{"role": "user", "content": "Weather in Paris?"}],
-                 tools=[WEATHER], tool_choice={"type": "any"})
+    asked = {"model": MODEL, "max_tokens": 17, "messages": [{"role": "user", "content": "Weather in Paris?"}],
+             "tools": [WEATHER], "tool_choice": {"type": "any"}}
     kept = claude.messages.create(**asked)
     with claude.messages.stream(**asked) as stream:
         streamed = stream.get_final_message()
@@ -238,7 +238,10 @@ def test_an_unexpected_failure_is_anthropic_shaped_too(tmp_path):
         assert client.post("/v1/fails").json()["error"]["type"] == "server_error"  # others: OpenAI's shape
 
 
-def test_the_model_list_reads_in_anthropics_sdk(claude):
+def test_the_model_list_reads_in_anthropics_sdk(claude, server):
+    listed = httpx.get(f"{server}/v1/models", headers={"x-api-key": "admin"}).json()
+    assert (listed["object"], listed["has_more"], listed["first_id"], listed["last_id"]) == ("list", False, MODEL, MODEL)
+    assert listed["data"][0]["type"] == "model" and listed["data"][0]["created_at"].endswith("+00:00")
     [model] = claude.models.list().data
     assert model.id == MODEL and model.type == "model" and model.display_name == MODEL
     assert claude.models.retrieve(MODEL).id == MODEL

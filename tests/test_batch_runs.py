@@ -83,16 +83,18 @@ async def orphan(store: Store, contents: list[str], answered: int, **batch) -> d
 
 async def test_a_batch_stopped_with_its_gateway_is_finished_by_the_next_each_line_once(db_url):  # noqa: F811
     store = await Store.open(store_config(db_url))
-    contents = ["slow"] + [f"fast{i}" for i in range(1, 300)]
+    contents = [f"fast{i}" for i in range(300)]
+    contents[60] = "slow"  # the lines before it answered and stored, those after it held back behind it
     runs, first = BatchRuns(EchoApp(), store, settings(concurrency=2)), None
     try:
         batch = new_batch(await input_file(store, contents), "/v1/chat/completions", None)
         await runs.start(batch, None, None)
-        await asyncio.sleep(1.2)  # line 1 still in flight, the lines after it answered and waiting behind it
+        await asyncio.sleep(2.0)  # the slow line in flight, the lines after it answered and waiting behind it
         first = runs._app.sent
         await runs.close()  # the gateway stops: what it stored stays, its lease is given up
         assert (await store.find_batch(batch["id"])).batch["status"] == "in_progress"
         stored_through = (await store.batch_progress(batch["id"]))[0]
+        assert 0 < stored_through <= 60  # a stored prefix, up to the slow line
     finally:
         await store.close()
     store = await Store.open(store_config(db_url))
@@ -104,7 +106,7 @@ async def test_a_batch_stopped_with_its_gateway_is_finished_by_the_next_each_lin
                                                                            "failed": 0}
         assert await custom_ids(store, done["output_file_id"]) == [f"q{i}" for i in range(300)]
         assert runs._app.sent == contents[stored_through:]  # only the lines not stored were sent again
-        assert set(first) & set(contents[:stored_through]) == set(contents[:stored_through])
+        assert first[:stored_through] == contents[:stored_through]  # the stored ones had been sent, in order
     finally:
         await runs.close()
         await store.close()

@@ -21,13 +21,13 @@ from responses_helpers import KEYS, MODEL, error_of, sdk
 from server_helpers import uvicorn_server, worker_thread
 
 from server.app import create_app
-from server.worker_client import free_local_address
 from server.auth_scopes import KeyTable
 from server.batches import new_batch
 from server.settings import ServerSettings
 from server.store import Store, schema
 from server.store.config import StoreConfig
 from server.store.repository import StoredFile
+from server.worker_client import free_local_address
 
 QUESTIONS = ["How do I sleep better?", "What is a cat?", "Name a colour.", "Hi"]
 

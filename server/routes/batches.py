@@ -49,15 +49,15 @@ async def find_batch(request: Request, scope: KeyScope | None, batch_id: str) ->
     found = await state.store.find_batch(batch_id)
     if found is None or (scope is not None and not scope.can_access(found.user_id)):
         raise batch_not_found(batch_id)
-    return await as_it_reads(state, found)
+    look_if_orphaned(state, found)
+    return found
 
 
-async def as_it_reads(state, kept: StoredBatch) -> StoredBatch:
-    """The batch as stored; one running that no gateway holds (its own
-    stopped or died) makes this gateway look for batches to resume at once."""
+def look_if_orphaned(state, kept: StoredBatch) -> None:
+    """A batch running that no gateway holds (its own stopped or died)
+    makes this gateway look for batches to resume at once."""
     if not kept.running and kept.batch["status"] in batches.RUNNING and not state.batches.runs_here(kept.batch_id):
         state.batches.look_now()
-    return kept
 
 
 @router.post("/v1/batches", responses=errors(400, 401, 403, 404, 413, 503))
@@ -116,4 +116,6 @@ async def list_batches(request: Request, scope: Scope, after: str | None = None,
     state = request.app.state
     found, more = await state.store.list_batches(users=None if scope is None else scope.users, after=after,
                                                  limit=limit)
-    return item_list([(await as_it_reads(state, kept)).batch for kept in found], more)
+    for kept in found:
+        look_if_orphaned(state, kept)
+    return item_list([kept.batch for kept in found], more)

@@ -34,7 +34,8 @@ from server.store.repository import StoredFile
 router = APIRouter(tags=["files"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 
 PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
-BATCH_FILE_EXPIRY_S = 30 * 86400  # OpenAI's default for purpose batch (others are kept until deleted)
+MIN_EXPIRY_S, MAX_EXPIRY_S = 3600, 30 * 86400  # OpenAI's bounds on a file's expiry: 1 hour to 30 days
+BATCH_FILE_EXPIRY_S = MAX_EXPIRY_S  # OpenAI's default for purpose batch (others are kept until deleted)
 MAX_FILE_PAGE = 10_000  # OpenAI's
 MAX_FILENAME = 512
 
@@ -46,7 +47,7 @@ UPLOAD_BODY = {"content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file", "purpose"],
     "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": list(PURPOSES)},
                    "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
-                   "expires_after[seconds]": {"type": "integer", "minimum": 3600, "maximum": 2592000},
+                   "expires_after[seconds]": {"type": "integer", "minimum": MIN_EXPIRY_S, "maximum": MAX_EXPIRY_S},
                    "user": {"type": "string", "description": "PAD: the file's user, for a key bound to several"}}}}},
     "required": True}
 
@@ -56,7 +57,7 @@ class ExpiresAfter(StrictRequest):
     `output_expires_after` of a batch)."""
 
     anchor: Literal["created_at"]
-    seconds: int = Field(ge=3600, le=30 * 86400, description="after the anchor: 1 hour to 30 days")
+    seconds: int = Field(ge=MIN_EXPIRY_S, le=MAX_EXPIRY_S, description="after the anchor: 1 hour to 30 days")
 
 
 async def expiry_of(form, purpose: str) -> int | None:
@@ -69,8 +70,8 @@ async def expiry_of(form, purpose: str) -> int | None:
     try:  # a form's fields are text
         return ExpiresAfter(anchor=anchor, seconds=int(seconds) if seconds and seconds.isdigit() else seconds).seconds
     except ValidationError:
-        raise invalid("expires_after needs anchor 'created_at' and seconds, an integer from 3600 (1 hour) to "
-                      "2592000 (30 days)", "expires_after") from None
+        raise invalid(f"expires_after needs anchor 'created_at' and seconds, an integer from {MIN_EXPIRY_S} "
+                      f"(1 hour) to {MAX_EXPIRY_S} (30 days)", "expires_after") from None
 
 
 def file_not_found(file_id: str, param: str = "file_id") -> APIError:

@@ -22,14 +22,12 @@ from pydantic import BaseModel, Field
 from pad_core.types import ChatRequest
 from server.auth import Scope, key_scope
 from server.auth_scopes import chat_user
-from server.errors import APIError
-from server.generation import check_model, sampling_defaults, verify_request
+from server.generation import check_model, count_prompt, sampling_defaults
 from server.openapi import errors
 from server.request_body import JSONRoute
 from server.responses_models import ResponsesRequest
 from server.routes.chat import preference_rename, resolve_preferences
 from server.routes.responses import continued_conversation, input_messages
-from server.routes.tokenize import ask_worker
 
 router = APIRouter(tags=["responses"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 
@@ -65,10 +63,5 @@ async def count_input_tokens(body: InputTokensRequest, request: Request, scope: 
     resolution = await resolve_preferences(state, body, user)
     chat = ChatRequest("input_tokens", messages, resolution.preferences, body.to_sampling_params(sampling_defaults(state)),
                        body.to_guidance_params(), body.to_structured(), drop_oldest_messages=body.truncation == "auto")
-    rename = {**RENAME, **preference_rename(body)}
-    verify_request(chat, state.settings, resolution, user, rename)  # what cannot cross to the worker is a 400 here
-    try:
-        result = await ask_worker(state, {"kind": "count_chat", "chat": chat.to_dict()})
-    except APIError as error:
-        raise error.renamed(rename) from None
-    return {"object": "response.input_tokens", "input_tokens": result["count"]}
+    count = await count_prompt(state, chat, resolution, user, {**RENAME, **preference_rename(body)})
+    return {"object": "response.input_tokens", "input_tokens": count}

@@ -32,6 +32,7 @@ from server.generation import (
     Formatter,
     Generation,
     check_model,
+    count_prompt,
     recorder,
     sampling_defaults,
     serve,
@@ -43,7 +44,6 @@ from server.generation import (
 from server.openapi import errors, generation_responses
 from server.request_body import JSONRoute
 from server.routes.chat import preference_rename, resolve_preferences
-from server.routes.tokenize import ask_worker
 
 router = APIRouter(tags=["anthropic"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 
@@ -126,13 +126,7 @@ async def count_tokens(body: CountTokensRequest, request: Request, scope: Scope)
     user = chat_user(scope, body.user)
     resolution = await resolve_preferences(state, body, user)
     chat = chat_of(body, state, "count_tokens", resolution)
-    rename = renames(body)
-    verify_request(chat, state.settings, resolution, user, rename)
-    try:
-        result = await ask_worker(state, {"kind": "count_chat", "chat": chat.to_dict()})
-    except APIError as error:
-        raise error.renamed(rename) from None
-    return {"input_tokens": result["count"]}
+    return {"input_tokens": await count_prompt(state, chat, resolution, user, renames(body))}
 
 
 # ---- the message and its events -----------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -86,7 +86,7 @@ def model_card(request: Request, name: str) -> dict:
         # Anthropic's model object too (its SDK's client.models), beside OpenAI's fields
         "type": "model",
         "display_name": name,
-        "created_at": datetime.fromtimestamp(request.app.state.started, timezone.utc).isoformat(),
+        "created_at": datetime.fromtimestamp(request.app.state.started, UTC).isoformat(),
         "lifecycle": "active",
     }
 

@@ -20,12 +20,11 @@ from pad_core.types import TemplateOptions
 from pad_core.validation import INT64_MAX
 from server.auth import key_scope
 from server.errors import invalid, unavailable
-from server.generation import check_model, map_exception
+from server.generation import ask_worker, check_model
 from server.messages import chat_messages
 from server.openai_models import ChatMessage, StrictRequest
 from server.openapi import errors
 from server.request_body import JSONRoute
-from server.worker_client import QueueFull, RequestRejected, WorkerUnavailable
 
 router = APIRouter(tags=["tokenize"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 
@@ -123,10 +122,3 @@ async def get_tokenizer_info(request: Request) -> dict:
     return info
 
 
-async def ask_worker(state, payload: dict) -> dict:
-    """The worker's answer; its refusal as a 400 naming the parameter, too
-    many asks at once as a 429, a worker that is down or silent as a 503."""
-    try:
-        return await state.worker.tokenize(payload)
-    except (RequestRejected, QueueFull, WorkerUnavailable) as exc:
-        raise map_exception(exc) from None

@@ -958,8 +958,8 @@ class Store:
             return bool((await conn.execute(select(table.c.cancel_requested).where(mine))).scalar())
 
     async def _ask_cancel(self, table, this_run) -> bool:
-        """Flags a run for its runner, on whatever gateway, to cancel; False
-        when no live lease holds it (an ended batch's expiry is null: not live)."""
+        """Flags a background response's run for its runner, on whatever
+        gateway, to cancel; False when no live lease holds it."""
         async with self._write() as conn:
             result = await conn.execute(update(table).where(and_(this_run, table.c.expires_at_ms >= _now_ms()))
                                         .values(cancel_requested=1))

@@ -212,7 +212,7 @@ batches = Table(
     Column("created_at", BigInteger, nullable=False),
     Column("token", String(64), nullable=True),  # its runner's; null once no run holds it
     Column("expires_at_ms", BigInteger, nullable=True),
-    Column("cancel_requested", Integer, nullable=False, default=0),  # since v8 the unix time of the ask
+    Column("cancel_requested", BigInteger, nullable=False, default=0),  # since v8 the unix time of the ask
     Index("ix_batches_order", "created_at", "seq"),
 )
 # A running batch's lease, for the gateways that look for one to resume
@@ -301,6 +301,8 @@ def _add_column(conn: Connection, table: Table, name: str) -> None:
 
 
 def _v8(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":  # batches.cancel_requested holds a unix time now: past 2038 too
+        conn.execute(text("ALTER TABLE batches ALTER COLUMN cancel_requested TYPE BIGINT"))
     batch_runs.create(conn)
     batch_results.create(conn)
     _add_column(conn, files, "expires_at")
