@@ -142,9 +142,10 @@ class MessagesRequest(StrictRequest):
         for index, tool in enumerate(self.tools or ()):
             where = f"tools[{index}]"
             kind, name = tool.get("type", "custom"), tool.get("name")
-            reject_if(kind != "custom" or not isinstance(name, str),
-                      f"{where}: only client tools are supported (a name and an input_schema), not "
-                      f"{kind!r}", f"{where}.type")
+            reject_if(kind != "custom", f"{where}: only client tools are supported (a name and an input_schema), "
+                      f"not {kind!r}", f"{where}.type")
+            reject_if(not isinstance(name, str), f"{where}.name is required (a string)", f"{where}.name",
+                      "invalid_value")
             schema = tool.get("input_schema")
             reject_if(not isinstance(schema, dict) or schema.get("type") != "object",
                       f"{where}.input_schema must be a JSON Schema of type 'object' (a tool's input is an object)",

@@ -184,6 +184,8 @@ def test_the_user_is_pads_and_metadata_user_id_is_anthropics_opaque_id(server):
     ({"model": MODEL, "max_tokens": 5, "messages": ASK, "tools": [{"type": "web_search_20250305",
                                                                   "name": "web_search"}]},
      400, "invalid_request_error", "client tools"),
+    ({"model": MODEL, "max_tokens": 5, "messages": ASK, "tools": [{"input_schema": {"type": "object"}}]}, 400,
+     "invalid_request_error", "tools[0].name is required"),
     ({"model": MODEL, "max_tokens": 5, "messages": ASK, "tool_choice": {"type": "any"}}, 400,
      "invalid_request_error", "needs tools"),
     ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, 400,
