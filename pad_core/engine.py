@@ -919,6 +919,7 @@ class PadEngine:
                 for index, prompt in enumerate(request.reward_prompts)
             ],
             stop_token_ids=self.stop_token_ids | frozenset(sampling.stop_token_ids),
+            eos_token_ids=self.stop_token_ids,
             detokenizer=IncrementalDetokenizer(self.tokenizer.backend_tokenizer, request.prompt_ids,
                                                request.sampling.skip_special_tokens),
             generator=generator,

@@ -31,9 +31,12 @@ class RequestState:
     top_k: int
     min_p: float
     reward_rows: list[RewardRowRef]
-    stop_token_ids: frozenset[int]
+    stop_token_ids: frozenset[int]  # the model's end-of-sequence ids and the request's own stop token ids
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
+    # The model's end-of-sequence ids: an answer they end has no stop_reason, even where the request
+    # names one of them among its stop_token_ids (vLLM checks end-of-sequence first).
+    eos_token_ids: frozenset[int] = frozenset()
     stop_matcher: StopStringMatcher = field(init=False)
     # (runner name, row key) of each of the request's rows, fixed at creation
     # (read at every decode step).
@@ -135,7 +138,7 @@ class RequestState:
         if self.stop_matcher.matched is not None:
             return self.stop_matcher.matched
         last = self.generated[-1] if self.generated else None
-        return last if last in self.request.sampling.stop_token_ids else None
+        return last if last in self.request.sampling.stop_token_ids and last not in self.eos_token_ids else None
 
     def phase_seconds(self) -> dict[str, float]:
         """How long the request waited (queue), wrote its prompt up to its

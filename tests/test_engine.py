@@ -533,6 +533,10 @@ def test_end_of_turn_token_finishes_with_stop(make_engine, tokenizer, eos_model)
     assert result.tokens[:-1] == full.tokens[: len(result.tokens) - 1]
     assert result.text == tokenizer.decode(result.tokens[:-1])
     assert "<|im_end|>" not in result.text
+    assert result.last.stop_reason is None  # end-of-sequence: no stop_reason (vLLM's) ...
+    named = run_one(engine, chat("n", sampling=SamplingParams(temperature=0.0, max_tokens=16,
+                                                               stop_token_ids=(tokenizer.eos_token_id,))))
+    assert named.tokens == result.tokens and named.last.stop_reason is None  # ... even where the request names it
     # Guided requests end on it too; ignore_eos keeps going to max_tokens.
     guided = run_one(engine, chat("g", preferences=[PREF], top_k=1))
     assert guided.tokens == result.tokens and guided.finish_reason == "stop"
