@@ -99,7 +99,7 @@ def check_requests(content: bytes, endpoint: str) -> tuple[int, list[dict[str, A
     batch for `endpoint` (each naming its 1-based line). Stops at the
     MAX_LISTED_ERRORS-th problem or past MAX_REQUESTS lines, so a huge file
     of bad lines costs no more than a few; keeps no request (they are read
-    again as they are sent, `requests_in`)."""
+    again as they are sent, `requests_after`)."""
     count, problems = 0, []
     for line in run_batch.read_lines(io.BytesIO(content)):
         count += 1

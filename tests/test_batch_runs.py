@@ -112,51 +112,52 @@ async def test_a_batch_stopped_with_its_gateway_is_finished_by_the_next_each_lin
         await store.close()
 
 
-async def test_a_cancel_before_the_run_has_started_ends_it(tmp_path):
-    store = await Store.open(store_config(f"sqlite:///{tmp_path / 'pad.db'}"))
-    runs = BatchRuns(EchoApp(), store, settings(lease_s=0.6))
-    try:
-        batch = new_batch(await input_file(store, ["a", "b"]), "/v1/chat/completions", None)
-        await runs.start(batch, None, None)
-        async with asyncio.timeout(5):  # no step of the run's task between its start and the cancel
-            assert await runs.cancel(batch["id"])
-        assert (await store.find_batch(batch["id"])).batch["status"] == "cancelled"
-        assert not runs.runs_here(batch["id"]) and runs._app.sent == []
-    finally:
+@pytest.fixture
+async def sqlite_runs(tmp_path):
+    """Makes (store, BatchRuns on an EchoApp) over a fresh SQLite store; closes them after the test."""
+    made = []
+
+    async def make(lease_s: float = 3.0) -> tuple[Store, BatchRuns]:
+        store = await Store.open(store_config(f"sqlite:///{tmp_path / 'pad.db'}"))
+        made.append((store, BatchRuns(EchoApp(), store, settings(lease_s=lease_s))))
+        return made[-1]
+
+    yield make
+    for store, runs in made:
         await runs.close()
         await store.close()
 
 
-async def test_a_resumed_run_cancelled_at_once_keeps_its_stored_counts(tmp_path):
-    store = await Store.open(store_config(f"sqlite:///{tmp_path / 'pad.db'}"))
-    runs = BatchRuns(EchoApp(), store, settings())
-    try:
-        batch = await orphan(store, ["a", "b", "c"], answered=2)
-        await runs._resume_orphans()
-        await asyncio.sleep(0)  # the resumed run starts reading its progress
+async def test_a_cancel_before_the_run_has_started_ends_it(sqlite_runs):
+    store, runs = await sqlite_runs(lease_s=0.6)
+    batch = new_batch(await input_file(store, ["a", "b"]), "/v1/chat/completions", None)
+    await runs.start(batch, None, None)
+    async with asyncio.timeout(5):  # no step of the run's task between its start and the cancel
         assert await runs.cancel(batch["id"])
-        done = await ended(store, batch["id"])
-        assert done["status"] == "cancelled"
-        assert done["request_counts"] == {"total": 3, "completed": 2, "failed": 0}
-        assert await custom_ids(store, done["output_file_id"]) == ["q0", "q1"]
-    finally:
-        await runs.close()
-        await store.close()
+    assert (await store.find_batch(batch["id"])).batch["status"] == "cancelled"
+    assert not runs.runs_here(batch["id"]) and runs._app.sent == []
 
 
-async def test_a_resumed_batch_with_every_line_answered_completes_past_its_window(tmp_path):
-    store = await Store.open(store_config(f"sqlite:///{tmp_path / 'pad.db'}"))
-    runs = BatchRuns(EchoApp(), store, settings())
-    try:
-        late = await orphan(store, ["a", "b"], answered=2, expires_at=int(time.time()) - 1)
-        unfinished = await orphan(store, ["a", "b"], answered=1, expires_at=int(time.time()) - 1)
-        await runs._resume_orphans()
-        assert (await ended(store, late["id"]))["status"] == "completed"
-        expired = await ended(store, unfinished["id"])
-        assert expired["status"] == "expired" and await custom_ids(store, expired["output_file_id"]) == ["q0"]
-    finally:
-        await runs.close()
-        await store.close()
+async def test_a_resumed_run_cancelled_at_once_keeps_its_stored_counts(sqlite_runs):
+    store, runs = await sqlite_runs()
+    batch = await orphan(store, ["a", "b", "c"], answered=2)
+    await runs._resume_orphans()
+    await asyncio.sleep(0)  # the resumed run starts reading its progress
+    assert await runs.cancel(batch["id"])
+    done = await ended(store, batch["id"])
+    assert done["status"] == "cancelled"
+    assert done["request_counts"] == {"total": 3, "completed": 2, "failed": 0}
+    assert await custom_ids(store, done["output_file_id"]) == ["q0", "q1"]
+
+
+async def test_a_resumed_batch_with_every_line_answered_completes_past_its_window(sqlite_runs):
+    store, runs = await sqlite_runs()
+    late = await orphan(store, ["a", "b"], answered=2, expires_at=int(time.time()) - 1)
+    unfinished = await orphan(store, ["a", "b"], answered=1, expires_at=int(time.time()) - 1)
+    await runs._resume_orphans()
+    assert (await ended(store, late["id"]))["status"] == "completed"
+    expired = await ended(store, unfinished["id"])
+    assert expired["status"] == "expired" and await custom_ids(store, expired["output_file_id"]) == ["q0"]
 
 
 KEYS = ["admin", "kab:alice,bob"]

@@ -82,6 +82,27 @@ def lines_of(client: openai.OpenAI, file_id: str | None) -> list[dict]:
     return [] if file_id is None else [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
 
 
+ADMIN_KEY_ID = KeyTable.from_specs(KEYS).authenticate("admin").key_id  # as a batch's stored scope names it
+
+
+def long_batch(client: openai.OpenAI):
+    """A batch long enough to be caught running: 30 stories (q0..q29) of 40 tokens."""
+    lines = [chat_line(f"q{i}", "Tell me a story.", max_tokens=40) for i in range(30)]
+    return client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/chat/completions",
+                                 completion_window="24h")
+
+
+def hand_lease_to_another_gateway(settings: ServerSettings, batch_id: str) -> None:
+    """Another gateway took the batch's lease (this one's had run out): its run learns it at its renewal."""
+
+    async def take_over() -> None:
+        async with await Store.open(StoreConfig.from_settings(settings)) as store, store._write() as conn:
+            await conn.execute(schema.batches.update().where(schema.batches.c.batch_id == batch_id)
+                               .values(token="another-gateway", expires_at_ms=int(time.time() * 1000) + 60_000))
+
+    asyncio.run(take_over())
+
+
 def test_a_batch_answers_as_its_requests_alone_in_order_with_the_refused_in_the_error_file(client):
     lines = [chat_line(f"q{i}", q, **({"preference": "short answers"} if i % 2 else {}))
              for i, q in enumerate(QUESTIONS)]
@@ -299,9 +320,7 @@ def test_cancel_keeps_the_results_so_far(worker, tmp_path):
     settings = settings_for(worker, tmp_path, batch_concurrency=1)
     with uvicorn_server(create_app(settings)) as url:
         client = sdk(url)
-        lines = [chat_line(f"q{i}", "Tell me a story.", max_tokens=40) for i in range(30)]
-        batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/chat/completions",
-                                      completion_window="24h")
+        batch = long_batch(client)
         deadline = time.monotonic() + 60
         while client.batches.retrieve(batch.id).request_counts.completed < 2:
             assert time.monotonic() < deadline
@@ -322,9 +341,7 @@ def test_cancel_keeps_the_results_so_far(worker, tmp_path):
 def test_a_cancel_through_another_gateway_reaches_the_run(worker, tmp_path):
     settings = settings_for(worker, tmp_path, batch_concurrency=1)
     with uvicorn_server(create_app(settings)) as first, uvicorn_server(create_app(settings)) as second:
-        lines = [chat_line(f"q{i}", "Tell me a story.", max_tokens=40) for i in range(30)]
-        batch = sdk(first).batches.create(input_file_id=upload(sdk(first), lines).id,
-                                          endpoint="/v1/chat/completions", completion_window="24h")
+        batch = long_batch(sdk(first))
         while sdk(second).batches.retrieve(batch.id).status != "in_progress":
             time.sleep(0.05)
         cancelled = sdk(second).batches.cancel(batch.id)
@@ -334,10 +351,8 @@ def test_a_cancel_through_another_gateway_reaches_the_run(worker, tmp_path):
 
 def test_a_gateway_that_stops_leaves_its_batches_to_the_next_which_finishes_them(worker, tmp_path):
     settings = settings_for(worker, tmp_path, batch_concurrency=1)
-    lines = [chat_line(f"q{i}", "Tell me a story.", max_tokens=40) for i in range(30)]
     with uvicorn_server(create_app(settings)) as url:
-        batch = sdk(url).batches.create(input_file_id=upload(sdk(url), lines).id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
+        batch = long_batch(sdk(url))
         while sdk(url).batches.retrieve(batch.id).request_counts.completed < 3:
             time.sleep(0.05)
     with uvicorn_server(create_app(settings)) as url:
@@ -358,7 +373,7 @@ def test_a_batch_waits_for_a_worker_that_is_not_ready_and_is_resumed_only_by_a_g
     with uvicorn_server(create_app(settings), healthy=False) as url:  # its worker not started yet
         batch = sdk(url).batches.create(input_file_id=upload(sdk(url), lines).id, endpoint="/v1/chat/completions",
                                         completion_window="24h")
-        orphaned = orphan(settings, lines, answered=1, key_id=KeyTable.from_specs(KEYS).authenticate("admin").key_id)
+        orphaned = orphan(settings, lines, answered=1, key_id=ADMIN_KEY_ID)
         time.sleep(1.5)
         waiting = sdk(url).batches.retrieve(batch.id)
         assert waiting.status == "in_progress" and waiting.request_counts.completed == 0  # not failed meanwhile
@@ -406,7 +421,7 @@ def test_a_batch_whose_gateway_died_is_resumed_once_after_its_last_stored_result
     settings = settings_for(worker, tmp_path)
     lines = [chat_line(f"q{i}", QUESTIONS[i % 4]) for i in range(8)]
     with uvicorn_server(create_app(settings)) as first, uvicorn_server(create_app(settings)) as second:
-        batch_id = orphan(settings, lines, answered=3, key_id=KeyTable.from_specs(KEYS).authenticate("admin").key_id)
+        batch_id = orphan(settings, lines, answered=3, key_id=ADMIN_KEY_ID)
         assert sdk(first).batches.retrieve(batch_id).status == "in_progress"  # not failed: it will go on
         done = wait_done(sdk(second), batch_id, 60)
         assert done.status == "completed" and (done.request_counts.completed, done.request_counts.failed) == (8, 0)
@@ -422,7 +437,7 @@ def test_a_cancel_of_an_orphaned_batch_ends_it_with_its_stored_results(worker, t
     settings = settings_for(worker, tmp_path)
     lines = [chat_line(f"q{i}", "Hi") for i in range(5)]
     with uvicorn_server(create_app(settings)) as url:
-        batch_id = orphan(settings, lines, answered=2, key_id=KeyTable.from_specs(KEYS).authenticate("admin").key_id)
+        batch_id = orphan(settings, lines, answered=2, key_id=ADMIN_KEY_ID)
         time.sleep(1.1)  # its lease runs out
         cancelled = sdk(url).batches.cancel(batch_id)
         assert cancelled.status == "cancelled" and cancelled.request_counts.completed == 2
@@ -439,7 +454,7 @@ def test_a_cancel_of_an_orphaned_batch_ends_it_with_its_stored_results(worker, t
 def test_a_batch_that_cannot_be_resumed_fails_keeping_its_stored_results(worker, tmp_path, key_id, scoped, why):
     settings = settings_for(worker, tmp_path)
     if key_id == "admin":
-        key_id = KeyTable.from_specs(KEYS).authenticate("admin").key_id
+        key_id = ADMIN_KEY_ID
     with uvicorn_server(create_app(settings)) as url:
         batch_id = orphan(settings, [chat_line(f"q{i}", "Hi") for i in range(4)], answered=2, key_id=key_id,
                           scoped=scoped)
@@ -462,19 +477,11 @@ def test_a_resumed_batch_runs_with_its_key_as_configured_now_for_its_user(worker
 
 def test_a_run_whose_lease_another_gateway_took_stops_without_writing(worker, tmp_path):
     settings = settings_for(worker, tmp_path, batch_concurrency=1)
-    lines = [chat_line(f"q{i}", "Tell me a story.", max_tokens=40) for i in range(30)]
     with uvicorn_server(create_app(settings)) as url:
-        batch = sdk(url).batches.create(input_file_id=upload(sdk(url), lines).id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
+        batch = long_batch(sdk(url))
         while sdk(url).batches.retrieve(batch.id).request_counts.completed < 1:
             time.sleep(0.05)
-
-        async def take_over() -> None:
-            async with await Store.open(StoreConfig.from_settings(settings)) as store, store._write() as conn:
-                await conn.execute(schema.batches.update().where(schema.batches.c.batch_id == batch.id)
-                                   .values(token="another-gateway", expires_at_ms=int(time.time() * 1000) + 60_000))
-
-        asyncio.run(take_over())
+        hand_lease_to_another_gateway(settings, batch.id)
         time.sleep(1.0)  # the run learns it at its next renewal (every 0.3 s) and stops
         seen = sdk(url).batches.retrieve(batch.id)
         time.sleep(1.5)
@@ -486,18 +493,10 @@ def test_a_run_whose_lease_another_gateway_took_stops_without_writing(worker, tm
 def test_a_cancel_on_a_gateway_whose_run_lost_its_lease_reaches_the_new_runner(worker, tmp_path):
     settings = ServerSettings(worker_address=worker, data_dir=tmp_path, api_keys=KEYS, background_lease_s=6,
                               batch_concurrency=1)
-    lines = [chat_line(f"q{i}", "Tell me a story.", max_tokens=40) for i in range(30)]
     with uvicorn_server(create_app(settings)) as url:
-        batch = sdk(url).batches.create(input_file_id=upload(sdk(url), lines).id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
+        batch = long_batch(sdk(url))
         while sdk(url).batches.retrieve(batch.id).status != "in_progress":
             time.sleep(0.05)
-
-        async def take_over() -> None:  # another gateway took the lease; this run learns it at its renewal
-            async with await Store.open(StoreConfig.from_settings(settings)) as store, store._write() as conn:
-                await conn.execute(schema.batches.update().where(schema.batches.c.batch_id == batch.id)
-                                   .values(token="another-gateway", expires_at_ms=int(time.time() * 1000) + 60_000))
-
-        asyncio.run(take_over())
+        hand_lease_to_another_gateway(settings, batch.id)
         asked = sdk(url).batches.cancel(batch.id)  # this gateway still runs it (renewal every 2 s)
         assert asked.status == "cancelling" and asked.cancelling_at  # the ask is in the store, for the new runner
