@@ -100,6 +100,7 @@ class PadEngine:
         self.prefilling: list[RequestState] = []  # admitted; prompts being written (chunked prefill)
         self.running: list[RequestState] = []
         self._aborted: set[str] = set()
+        self._unloading: dict[str, str] = {}  # reward adapter unloaded -> its runner, freed once no request uses it
         # The seeds of requests that bring none: from PAD_SEED when set (vLLM's --seed: a restarted
         # server answers the same requests, in the same order, alike), else fresh.
         self._seed_source = random.Random(settings.seed)
@@ -294,8 +295,38 @@ class PadEngine:
         ModelLoadError for a folder that cannot be served."""
         if name in self.reward_sources:
             raise InvalidRequestError(f"a reward model named {name!r} is already loaded", param="name")
+        if name in self._unloading:
+            raise InvalidRequestError(
+                f"reward model {name!r} is still unloading: {self._adapter_users(name)} running requests use it; "
+                "load it again once they end", param="name", code="unloading")
         self.runners[BASE_RUNNER].add_adapter(name, Path(path))
         self.reward_sources[name] = RewardSource(BASE_RUNNER, adapter=name)
+
+    def remove_reward_adapter(self, name: str) -> int:
+        """Unloads a LoRA reward adapter: new requests naming it are refused
+        at once; those already taken finish with it, and its weights (and
+        its prefix-cache entries) are freed when the last one ends. Returns
+        how many requests still use it. `self` and reward models with weights
+        of their own (set at start) are not unloaded."""
+        source = self._reward_source(name)
+        if source.adapter == NO_ADAPTER:
+            raise InvalidRequestError(
+                f"reward model {name!r} is not a LoRA adapter ("
+                + ("it reads the base model" if name == "self" else "it has weights of its own, set at start")
+                + "); only adapters are unloaded", param="name", code="cannot_unload")
+        del self.reward_sources[name]
+        self._unloading[source.adapter] = source.runner
+        self._free_unloaded_adapters()
+        return self._adapter_users(source.adapter)
+
+    def _adapter_users(self, adapter: str) -> int:
+        return sum(1 for state in self._in_flight() if state.reward_adapter == adapter and state.reward_rows)
+
+    def _free_unloaded_adapters(self) -> None:
+        for adapter, runner in list(self._unloading.items()):
+            if not self._adapter_users(adapter) and adapter not in self.runners[runner].adapters_in_use():
+                self.runners[runner].remove_adapter(adapter)
+                del self._unloading[adapter]
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running)
@@ -330,6 +361,7 @@ class PadEngine:
             "served_model_names": self.settings.served_names(),
             "context_length": self.context_length,
             "reward_models": sorted(self.reward_sources),
+            "reward_model_types": {name: reward_model_type(name, source) for name, source in self.reward_sources.items()},
             # Structured outputs (pad_core/structured.py); tools are honoured
             # as forced calls (tool_choice "required" or a named function) or
             # as a choice between calls and text (tool_choice "auto").
@@ -374,6 +406,8 @@ class PadEngine:
         if self.prefilling:
             outputs += self._prefill(self._prefill_plan())
         self._release_finished()
+        if self._unloading:
+            self._free_unloaded_adapters()
         return outputs
 
     def _decode_running(self) -> list[StepOutput]:
@@ -449,8 +483,7 @@ class PadEngine:
     def _row_adapters(self, state: RequestState) -> list[str]:
         """The LoRA adapter of each of the request's rows (`row_keys` order):
         none for the base row, the reward model's for its reward rows."""
-        adapter = self.reward_sources[state.request.guidance.reward_model].adapter
-        return [NO_ADAPTER, *([adapter] * len(state.reward_rows))]
+        return [NO_ADAPTER, *([state.reward_adapter] * len(state.reward_rows))]
 
     def _prefill(self, plan: list[tuple[RequestState, int]]) -> list[StepOutput]:
         """Writes the planned pieces of the requests' prompts; a request whose
@@ -920,11 +953,20 @@ class PadEngine:
             ],
             stop_token_ids=self.stop_token_ids | frozenset(sampling.stop_token_ids),
             eos_token_ids=self.stop_token_ids,
+            reward_adapter=source.adapter,
             detokenizer=IncrementalDetokenizer(self.tokenizer.backend_tokenizer, request.prompt_ids,
                                                request.sampling.skip_special_tokens),
             generator=generator,
             grammar=grammar,
         )
+
+
+def reward_model_type(name: str, source: RewardSource) -> str:
+    """How a reward model runs: "self" (the base model reads the preference),
+    "lora" (an adapter on the base weights) or "model" (weights of its own)."""
+    if source.adapter != NO_ADAPTER:
+        return "lora"
+    return "self" if source.runner == BASE_RUNNER else "model"
 
 
 def prompt_spans(lengths: list[int], progress: int, advance: int) -> list[tuple[int, int]]:

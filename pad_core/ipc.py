@@ -8,11 +8,14 @@ Gateway -> worker:  {"type": "hello"}
                     {"type": "add", "request": ChatRequest.to_dict()}
                     {"type": "abort", "request_id": str}
                     {"type": "load_adapter", "name": str, "path": str, "token": str}
+                    {"type": "unload_adapter", "name": str, "token": str}
 Worker -> gateway:  {"type": "ready", "info": model_info, "stats": stats, "instance": str}
                     {"type": "outputs", "outputs": [StepOutput.to_dict()...], "stats": stats}
                     {"type": "rejected", "request_id": str, "error": {message, param, code[, status]}}
                     {"type": "stats", "stats": stats, "instance": str}   (heartbeat, every HEARTBEAT_S)
                     {"type": "adapter_loaded" | "adapter_failed", "token": str, "info" | "error": ...}
+                    {"type": "adapter_unloaded", "token": str, "info": model_info, "in_use": int}
+                    {"type": "model_info", "info": model_info}   (to the other gateways, after a change)
 
 `instance` is a fresh id per worker process: a gateway that sees it change
 (a remote worker restarted at the same address) fails its in-flight

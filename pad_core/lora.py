@@ -75,6 +75,16 @@ class MultiLora:
         self._selected = None
         logger.info("reward adapter %s: LoRA on %d layers", name, len(pairs))
 
+    def remove(self, name: str) -> None:
+        """Drops an adapter's weights (no row may use it any more). The
+        layers' hooks stay: they skip adapters they no longer hold."""
+        for weights in self._weights.values():
+            weights.pop(name, None)
+        self.names.discard(name)
+        self.active = [(adapter, mask) for adapter, mask in self.active if adapter != name]
+        self._selected = None
+        logger.info("reward adapter %s: unloaded", name)
+
     def select(self, row_adapters: Sequence[str]) -> None:
         """Sets the rows' adapters for the next forward (row order)."""
         key = tuple(row_adapters)

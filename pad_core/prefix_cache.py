@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -164,6 +164,15 @@ class PrefixCache:
         while self._entries and self.bytes + len(tokens) * bytes_per_token > self.budget_bytes:
             self._evict(next(iter(self._entries)))
         return True
+
+    def forget(self, belongs: Callable[[Hashable], bool]) -> int:
+        """Drops the entries whose adapter key `belongs` (an adapter being
+        unloaded: a later one of the same name has other weights, so its
+        KV would be wrong); returns how many left."""
+        gone = [entry_id for entry_id, entry in self._entries.items() if belongs(entry.adapter)]
+        for entry_id in gone:
+            self._evict(entry_id)
+        return len(gone)
 
     def clear(self) -> None:
         """Forgets every entry (the counters stay)."""

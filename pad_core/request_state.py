@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pad_core.detokenize import IncrementalDetokenizer
+from pad_core.lora import NO_ADAPTER
 from pad_core.runner import BASE_RUNNER
 from pad_core.sampling import allowed_mask
 from pad_core.stopping import StopStringMatcher
@@ -37,6 +38,9 @@ class RequestState:
     # The model's end-of-sequence ids: an answer they end has no stop_reason, even where the request
     # names one of them among its stop_token_ids (vLLM checks end-of-sequence first).
     eos_token_ids: frozenset[int] = frozenset()
+    # The LoRA adapter of the reward rows, fixed at creation: an adapter unloaded
+    # meanwhile (`PadEngine.remove_reward_adapter`) stays until its requests end.
+    reward_adapter: str = NO_ADAPTER
     stop_matcher: StopStringMatcher = field(init=False)
     # (runner name, row key) of each of the request's rows, fixed at creation
     # (read at every decode step).

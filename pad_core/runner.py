@@ -70,6 +70,11 @@ def prefix_key(adapter: str, cache_salt: str | None) -> Hashable:
     return adapter if cache_salt is None else (adapter, cache_salt)
 
 
+def prefix_key_adapter(key: Hashable) -> str:
+    """The adapter a prefix-cache key (`prefix_key`) files entries under."""
+    return key[0] if isinstance(key, tuple) else key
+
+
 @dataclass(frozen=True)
 class RewardSource:
     """Where a named reward model's rows run: a runner, and the LoRA adapter
@@ -152,6 +157,14 @@ class Runner(Protocol):
         """Loads a LoRA reward adapter folder onto these weights, for rows
         that name it (`NewRow.adapter`). Raises ModelLoadError."""
 
+    def remove_adapter(self, name: str) -> None:
+        """Unloads an adapter no row uses any more: its weights, and the
+        prefix-cache entries its rows left (a later adapter of the same
+        name would otherwise read their KV)."""
+
+    def adapters_in_use(self) -> Collection[str]:
+        """The adapters of the rows the runner holds."""
+
     def retain(self, rows: Mapping[RowKey, Sequence[int]]) -> None:
         """Offers the KV of rows about to leave to the runner's prefix cache,
         with each row's tokens (prompt, then answer); a runner without one
@@ -221,6 +234,17 @@ class ModelRows:
 
         self.lora.add(name, load_adapter(name, folder, self.fingerprint))
 
+    def remove_adapter(self, name: str) -> None:
+        if name in self.adapters_in_use():
+            raise RuntimeError(f"reward adapter {name!r} is in use by a live row")
+        self.lora.remove(name)
+        if self.prefix_cache is not None:
+            self.prefix_cache.forget(lambda key: prefix_key_adapter(key) == name)
+
+    def adapters_in_use(self) -> Collection[str]:
+        """The adapters of the live rows."""
+        raise NotImplementedError
+
     def retain(self, rows: Mapping[RowKey, Sequence[int]]) -> None:
         """No prefix cache here (the transformers runner overrides it)."""
 
@@ -274,6 +298,9 @@ class TransformersRunner(ModelRows):
         self.cache = None
         self.attention_mask: torch.Tensor | None = None  # [B, L] 1 = real token
         self.next_positions: torch.Tensor | None = None  # [B] position id of the next input
+
+    def adapters_in_use(self) -> Collection[str]:
+        return set(self.adapters)
 
     @property
     def batch_size(self) -> int:

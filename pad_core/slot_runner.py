@@ -271,6 +271,13 @@ class SlotRunner(ModelRows):
     def runs_identical_rows_once(self) -> bool:
         return False  # each row writes its own slot
 
+    def adapters_in_use(self) -> Collection[str]:
+        return set(self._adapters)  # free slots hold NO_ADAPTER
+
+    def remove_adapter(self, name: str) -> None:
+        super().remove_adapter(name)
+        self._adapter_masks.pop(name, None)  # the decode graphs, keyed by the adapters held, are recorded again
+
     @torch.inference_mode()
     def prefill(self, rows: Sequence[NewRow]) -> torch.Tensor:
         """Writes prompt tokens into slots: a row with start 0 takes the lowest

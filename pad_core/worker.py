@@ -97,6 +97,8 @@ class Worker:
                 preparing[1].cancel()
         elif kind == "load_adapter":
             self.load_adapter(identity, message)
+        elif kind == "unload_adapter":
+            self.unload_adapter(identity, message)
         elif kind == "tokenize":
             self.tokenize(identity, message)
         elif kind == "forget":  # a tokenize ask nobody waits for any more
@@ -191,9 +193,29 @@ class Worker:
         except Exception as exc:  # a bad adapter is answered, never fatal
             if not isinstance(exc, EngineError):
                 logger.exception("could not load adapter %r", message.get("name"))
-            self.send(identity, {"type": "adapter_failed", "token": message["token"], "error": str(exc)})
+            error = refusal(exc, message.get("name")) if isinstance(exc, InvalidRequestError) else {
+                "message": str(exc), "param": "path", "code": "invalid_adapter"}
+            self.send(identity, {"type": "adapter_failed", "token": message["token"], "error": error})
             return
         self.send(identity, {"type": "adapter_loaded", "token": message["token"], "info": self.model_info()})
+        self.announce_model_info(identity)
+
+    def unload_adapter(self, identity: bytes, message: dict) -> None:
+        try:
+            in_use = self.engine.remove_reward_adapter(message["name"])
+        except Exception as exc:
+            self.send(identity, {"type": "adapter_failed", "token": message["token"],
+                                 "error": refusal(exc, message.get("name"))})
+            return
+        self.send(identity, {"type": "adapter_unloaded", "token": message["token"], "info": self.model_info(),
+                             "in_use": in_use})
+        self.announce_model_info(identity)
+
+    def announce_model_info(self, changed_by: bytes) -> None:
+        """Tells the other gateways of this worker its reward models changed."""
+        info = self.model_info()
+        for identity in self.gateways - {changed_by}:
+            self.send(identity, {"type": "model_info", "info": info})
 
     def drain(self, timeout_ms: int) -> None:
         """Handles every waiting message, waiting up to timeout_ms for the

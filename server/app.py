@@ -37,6 +37,7 @@ from server.routes import (
     messages,
     models,
     responses,
+    reward_models,
     stored_completions,
     stored_responses,
     tokenize,
@@ -104,7 +105,7 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
 
     for router in (chat.router, stored_completions.router, completions.router, responses.router,
                    input_tokens.router, stored_responses.router, files.router, batches.router,
-                   conversations.router, models.router, models.probes, users.router, feedback.router,
+                   conversations.router, models.router, models.probes, reward_models.router, users.router, feedback.router,
                    tokenize.router, messages.router):
         app.include_router(router)
     install_openapi(app)

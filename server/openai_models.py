@@ -957,3 +957,24 @@ class RewardModelLoaded(BaseModel):
     object: Literal["reward_model"]
     id: str
     reward_models: list[str]
+
+
+class RewardModelCard(BaseModel):
+    object: Literal["reward_model"]
+    id: str
+    type: Literal["self", "lora", "model"] = Field(
+        description='"self": the base model reads the preference; "lora": an adapter on the base weights '
+                    '(unloadable); "model": weights of its own, set at start')
+
+
+class RewardModelList(BaseModel):
+    object: Literal["list"]
+    data: list[RewardModelCard]
+
+
+class RewardModelDeleted(BaseModel):
+    object: Literal["reward_model.deleted"]
+    id: str
+    deleted: Literal[True]
+    in_use: int = Field(description="requests still running with it: its memory is freed when they end")
+    reward_models: list[str]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 HELLO_EVERY_S = 0.5
 SUPERVISE_EVERY_S = 0.25
 # The worker's answers to an `_ask`, matched to it by their token.
-REPLIES = frozenset({"adapter_loaded", "adapter_failed", "tokenized", "tokenize_failed"})
+REPLIES = frozenset({"adapter_loaded", "adapter_unloaded", "adapter_failed", "tokenized", "tokenize_failed"})
 MAX_TOKENIZE_IN_FLIGHT = 4  # /tokenize asks at once (a 2 MiB prompt is ~1.5 s of tokenizer time)
 PING_AFTER_S = 2.0  # silence after which a ready worker is greeted again
 MAX_BACKOFF_S = 30.0
@@ -80,7 +81,9 @@ class WorkerClient:
         self.model_info: dict = {}
         self.stats: dict = {}
         self.pending: dict[str, asyncio.Queue] = {}
-        self.runtime_adapters: dict[str, str] = {}
+        # The reward adapters the worker holds (name -> folder): those set at start, then as loaded and
+        # unloaded at run time, so a worker this gateway restarts holds the same ones.
+        self.adapters: dict[str, str] = {name: str(path) for name, path in settings.reward_adapters.items()}
         self._replies: dict[str, asyncio.Future] = {}  # token -> the worker's answer to an `_ask`
         self._tokenizing = 0  # /tokenize and /detokenize asks in flight
         self.instance: str | None = None
@@ -123,17 +126,17 @@ class WorkerClient:
             self.socket.close(linger=0)
         self.context.term()
 
+    def worker_environment(self) -> dict[str, str]:
+        """The PAD_* variables a spawned worker reads its settings from, with
+        the reward adapters as loaded and unloaded at run time since start."""
+        return {**worker_environment(self.settings), "PAD_REWARD_ADAPTERS": json.dumps(self.adapters)}
+
     def _launch(self) -> None:
         """Spawns a local worker (or targets the external one) and connects."""
         address = self.settings.worker_address
         if address is None:
             address = free_local_address()
-            env = {**os.environ, **worker_environment(self.settings)}
-            if self.runtime_adapters:  # adapters loaded at run time survive a restart
-                import json
-
-                adapters = {**{k: str(v) for k, v in self.settings.reward_adapters.items()}, **self.runtime_adapters}
-                env["PAD_REWARD_ADAPTERS"] = json.dumps(adapters)
+            env = {**os.environ, **self.worker_environment()}
             command = [sys.executable, "-m", "pad_core.worker", "--bind", address, "--log-level", self.settings.log_level,
                        "--parent-pid", str(os.getpid())]
             self.process = subprocess.Popen(command, env=env)
@@ -240,8 +243,10 @@ class WorkerClient:
             waiter = self._replies.pop(message["token"], None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(message)
-            if kind == "adapter_loaded":
+            if kind in ("adapter_loaded", "adapter_unloaded"):
                 self.model_info = message["info"]
+        elif kind == "model_info":  # another gateway of this worker loaded or unloaded a reward adapter
+            self.model_info = message["info"]
 
     def _mark_down(self, reason: str) -> None:
         logger.warning("worker down: %s", reason)
@@ -354,6 +359,16 @@ class WorkerClient:
         """Loads a reward adapter in the worker; returns the new model info."""
         reply = await self._ask({"type": "load_adapter", "name": name, "path": path}, timeout)
         if reply["type"] == "adapter_failed":
-            raise RequestRejected({"message": reply["error"], "param": "path", "code": "invalid_adapter"})
-        self.runtime_adapters[name] = path
+            raise RequestRejected(reply["error"])
+        self.adapters[name] = path
         return reply["info"]
+
+    async def unload_adapter(self, name: str, timeout: float = 60.0) -> dict:
+        """Unloads a reward adapter from the worker (freed once the requests
+        using it end); returns the reply: the new model info and how many
+        requests still use it."""
+        reply = await self._ask({"type": "unload_adapter", "name": name}, timeout)
+        if reply["type"] == "adapter_failed":
+            raise RequestRejected(reply["error"])
+        self.adapters.pop(name, None)
+        return reply

@@ -8,9 +8,10 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from pad_core.errors import ModelLoadError
+from pad_core.errors import InvalidRequestError, ModelLoadError, UnknownRewardModelError
+from pad_core.lora import NO_ADAPTER
 from pad_core.model_loading import attach_adapters
-from pad_core.runner import NewRow, TransformersRunner
+from pad_core.runner import BASE_RUNNER, NewRow, TransformersRunner
 from pad_core.testing import tiny_model
 from pad_core.types import ChatRequest, GuidanceParams, Preference, SamplingParams
 
@@ -130,3 +131,88 @@ def test_unknown_weights_in_an_adapter_are_refused(tmp_path, tokenizer, make_eng
 def test_an_adapter_named_self_is_refused(tokenizer, adapters, make_engine):
     with pytest.raises(ModelLoadError, match="'self' is taken"):
         make_engine(model=tiny_model(tokenizer), reward_adapters={"self": adapters["one"]})
+
+
+# ---- unloading an adapter (PadEngine.remove_reward_adapter) -------------------------------------------
+
+BACKENDS = [{}, {"backend": "slots", "kv_pool_gib": 0.03}]
+LONG_QUESTION = "Tell me how to plan a week of cheap healthy dinners for a family of four, with a shopping list."
+
+
+def adapter_chat(request_id: str, reward_model: str, max_tokens: int = 8) -> ChatRequest:
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return ChatRequest(request_id, [{"role": "user", "content": LONG_QUESTION}], [Preference("short answers")],
+                       sampling, GuidanceParams(reward_model=reward_model))
+
+
+def answer_tokens(engine, *requests) -> dict[str, list[int]]:
+    tokens: dict[str, list[int]] = {}
+    for output in engine.generate(requests):
+        tokens.setdefault(output.request_id, []).extend(output.token_ids)
+    return tokens
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=["transformers", "slots"])
+def test_an_unloaded_adapter_finishes_its_running_requests_then_is_freed(tokenizer, adapters, make_engine, backend):
+    expected = make_engine(model=tiny_model(tokenizer), **backend)
+    expected.add_reward_adapter("one", str(adapters["one"]))
+    reference = answer_tokens(expected, adapter_chat("r0", "one"))["r0"]
+
+    engine = make_engine(model=tiny_model(tokenizer), **backend)
+    engine.add_reward_adapter("one", str(adapters["one"]))
+    engine.add_chat(adapter_chat("r0", "one"))
+    engine.add_chat(adapter_chat("queued", "one"))  # taken, not yet admitted: it runs with the adapter too
+    tokens: dict[str, list[int]] = {}
+    for _ in range(3):
+        for output in engine.step():
+            tokens.setdefault(output.request_id, []).extend(output.token_ids)
+    assert engine.remove_reward_adapter("one") == 2
+    assert "one" not in engine.model_info()["reward_models"]
+    with pytest.raises(UnknownRewardModelError):
+        engine.add_chat(adapter_chat("late", "one"))
+    with pytest.raises(InvalidRequestError, match="still unloading") as refused:
+        engine.add_reward_adapter("one", str(adapters["two"]))
+    assert refused.value.code == "unloading"
+    runner = engine.runners[BASE_RUNNER]
+    assert runner.lora.names == {"one"}  # still in use
+    while engine.has_unfinished():
+        for output in engine.step():
+            tokens.setdefault(output.request_id, []).extend(output.token_ids)
+    assert tokens["r0"] == reference and tokens["queued"] == reference
+    assert runner.lora.names == set()
+    engine.add_reward_adapter("one", str(adapters["two"]))  # the name is free again
+    assert "one" in engine.model_info()["reward_models"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=["transformers", "slots"])
+def test_a_new_adapter_under_an_unloaded_name_never_reads_the_old_ones_cached_kv(tokenizer, adapters, make_engine,
+                                                                                 backend):
+    """The prefix cache files a reward row's KV under its adapter's name;
+    unloading forgets it, or an adapter loaded later under that name would
+    start from KV the old weights computed."""
+    fresh = make_engine(model=tiny_model(tokenizer), **backend)
+    fresh.add_reward_adapter("one", str(adapters["two"]))
+    expected = answer_tokens(fresh, adapter_chat("a", "one"))["a"]
+
+    engine = make_engine(model=tiny_model(tokenizer), **backend)
+    engine.add_reward_adapter("one", str(adapters["one"]))
+    first = answer_tokens(engine, adapter_chat("a", "one"))["a"]
+    cache = engine.runners[BASE_RUNNER].prefix_cache
+    assert any(entry.adapter == "one" for entry in cache._entries.values())  # the reward row's prompt was kept
+    assert engine.remove_reward_adapter("one") == 0  # idle: freed at once
+    assert not any(entry.adapter == "one" for entry in cache._entries.values())
+    assert any(entry.adapter == NO_ADAPTER for entry in cache._entries.values())  # the base rows' entries stay
+    engine.add_reward_adapter("one", str(adapters["two"]))
+    second = answer_tokens(engine, adapter_chat("a", "one"))["a"]
+    assert second == expected and first != expected
+
+
+def test_self_and_unknown_reward_models_are_not_unloaded(make_engine):
+    engine = make_engine()
+    with pytest.raises(InvalidRequestError, match="only adapters are unloaded") as refused:
+        engine.remove_reward_adapter("self")
+    assert refused.value.code == "cannot_unload"
+    with pytest.raises(UnknownRewardModelError):
+        engine.remove_reward_adapter("nope")
+    assert engine.model_info()["reward_models"] == ["self"]
+    assert engine.model_info()["reward_model_types"] == {"self": "self"}

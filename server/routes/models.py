@@ -1,4 +1,4 @@
-"""GET /v1/models, GET /v1/models/{model}, GET /health, GET /version, GET /metrics, POST /v1/reward_models."""
+"""GET /v1/models, GET /v1/models/{model}, GET /health, GET /version, GET /metrics."""
 
 from __future__ import annotations
 
@@ -7,16 +7,13 @@ from datetime import UTC, datetime
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
 
-from server.auth import Scope, key_scope
-from server.auth_scopes import check_admin
-from server.errors import RETRY_AFTER_S, APIError, unavailable
+from server.auth import key_scope
+from server.errors import RETRY_AFTER_S
 from server.generation import model_not_found, served_names
-from server.openai_models import ModelCard, ModelList, RewardModelLoaded
+from server.openai_models import ModelCard, ModelList
 from server.openapi import RETRY_AFTER_HEADER, errors
 from server.request_body import JSONRoute
-from server.worker_client import RequestRejected, WorkerUnavailable
 
 # Probes: no API key, so a load balancer or Prometheus needs none.
 probes = APIRouter(tags=["probes"])
@@ -105,25 +102,3 @@ async def retrieve_model(model_id: str, request: Request):
     if model_id not in names:
         raise model_not_found(model_id, names)
     return model_card(request, model_id)
-
-
-class LoadRewardModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    path: str = Field(min_length=1)
-
-
-@router.post("/v1/reward_models", response_model=RewardModelLoaded, responses=errors(400, 401, 403, 413, 503))
-async def load_reward_model(body: LoadRewardModel, request: Request, scope: Scope):
-    """Loads a LoRA reward adapter into the running worker (admin key only)."""
-    check_admin(scope)
-    client = request.app.state.worker
-    if body.name in client.model_info.get("reward_models", []):
-        raise APIError(400, f"a reward model named {body.name!r} is already loaded", param="name", code="already_loaded")
-    try:
-        info = await client.load_adapter(body.name, body.path)
-    except RequestRejected as exc:
-        raise APIError(400, exc.error["message"], param="path", code="invalid_adapter") from None
-    except WorkerUnavailable as exc:
-        raise unavailable(str(exc)) from None
-    return {"object": "reward_model", "id": body.name, "reward_models": info.get("reward_models", [])}
