@@ -289,3 +289,26 @@ async def test_work_nobody_waits_for_is_withdrawn_from_the_tokenizer_thread(work
     finally:
         gate.set()
         await client.stop()
+
+
+async def test_every_gateway_of_a_worker_learns_of_a_reward_adapter_loaded_or_unloaded(tmp_path, tokenizer):
+    from test_lora import save_random_adapter
+
+    save_random_adapter(tmp_path / "shared", tokenizer, seed=1)
+    with worker_thread() as (address, _):
+        one, other = await attached_client(address), await attached_client(address)
+        try:
+            await one.load_adapter("shared", str(tmp_path / "shared"))
+            deadline = time.monotonic() + 10
+            while "shared" not in other.model_info["reward_models"]:
+                assert time.monotonic() < deadline, "the other gateway never heard of the new adapter"
+                await asyncio.sleep(0.05)
+            assert other.model_info["reward_model_types"]["shared"] == "lora"
+            reply = await other.unload_adapter("shared")
+            assert reply["in_use"] == 0 and "shared" not in other.model_info["reward_models"]
+            while "shared" in one.model_info["reward_models"]:
+                assert time.monotonic() < deadline, "the first gateway never heard of the unload"
+                await asyncio.sleep(0.05)
+        finally:
+            await one.stop()
+            await other.stop()
