@@ -34,6 +34,7 @@ from server.routes import (
     feedback,
     files,
     input_tokens,
+    message_batches,
     messages,
     models,
     responses,
@@ -106,7 +107,7 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
     for router in (chat.router, stored_completions.router, completions.router, responses.router,
                    input_tokens.router, stored_responses.router, files.router, batches.router,
                    conversations.router, models.router, models.probes, reward_models.router, users.router, feedback.router,
-                   tokenize.router, messages.router):
+                   tokenize.router, messages.router, message_batches.router):
         app.include_router(router)
     install_openapi(app)
     return app

@@ -55,7 +55,7 @@ from server.tools import run_batch
 
 logger = logging.getLogger(__name__)
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+ENDPOINTS = run_batch.URLS
 RUNNING = RUNNING_BATCH  # the statuses of a batch still running
 MAX_REQUESTS = 50_000  # OpenAI's bound on a batch
 MAX_LISTED_ERRORS = 100
@@ -75,9 +75,10 @@ def now() -> int:
     return int(time.time())
 
 
-def new_batch(input_file_id: str, endpoint: str, metadata: dict[str, str] | None) -> dict[str, Any]:
+def new_batch(input_file_id: str, endpoint: str, metadata: dict[str, str] | None,
+              id_prefix: str = "batch_") -> dict[str, Any]:
     created = now()
-    return {"id": f"batch_{uuid.uuid4().hex}", "object": "batch", "endpoint": endpoint, "errors": None,
+    return {"id": f"{id_prefix}{uuid.uuid4().hex}", "object": "batch", "endpoint": endpoint, "errors": None,
             "input_file_id": input_file_id, "completion_window": "24h", "status": "validating",
             "output_file_id": None, "error_file_id": None, "created_at": created, "in_progress_at": None,
             "expires_at": created + WINDOW_S, "finalizing_at": None, "completed_at": None, "failed_at": None,

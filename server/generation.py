@@ -21,12 +21,12 @@ by /v1/chat/completions, /v1/completions and /v1/responses.
   that repeats an earlier one exactly (CallListScanner, comparing text) and
   drops it, so a repeat is never sent, not even its name. An answer that
   ends before its calls are complete (max_tokens: "length", or a stop
-  string) is, whole, its text as today; streamed, what was already sent as
-  calls stays (every fragment a prefix of the text, so the accumulated
-  arguments are consistent, if unfinished) and the stream ends with that
-  finish_reason and no content; if no call had been announced yet, the text
-  is sent as content, as a whole answer would have it. Calls carry no
-  logprobs (content does; the text of an unfinished answer keeps its own).
+  string) is the calls begun, streamed or not (`ChoiceState.answer_calls`:
+  each fragment a prefix of the text, so the last call's arguments are
+  consistent, if unfinished, as OpenAI returns a call cut short), with that
+  finish_reason and no content: the calls' JSON is never the answer's
+  text, and with no call named yet the answer is empty. Calls carry no
+  logprobs (content does).
 - `Formatter`s (one per endpoint, in the routes) turn that bookkeeping into
   chunks / events and into the final object; `stream_events` drives a
   stream, `Generation.collect` a whole answer.
@@ -370,6 +370,10 @@ class CallStream:
         self._released = 0  # the calls known to be no repeat: calls[:_released]
         self._done = 0  # the calls whose `done` went out: sent[:_done]
 
+    @property
+    def done(self) -> int:
+        return self._done
+
     def feed(self, text: str) -> list[CallDelta]:
         """Takes the answer's next text; what of its calls can go out now."""
         self.scanner.feed(text)
@@ -501,12 +505,25 @@ class ChoiceState:
         """The calls sent so far (OpenAI-shaped, arguments as accumulated)."""
         return self._calls.sent
 
+    @property
+    def calls_complete(self) -> int:
+        """How many of `streamed_calls` (the first ones) are complete."""
+        return self._calls.done
+
+    @property
+    def answer_calls(self) -> list[dict] | None:
+        """The answer's calls: the engine's (finish_reason "tool_calls"), or,
+        for a calls answer that ended before they were complete, those begun
+        (the last maybe cut short, as a stream gives them); None for a text
+        answer."""
+        if self.tool_calls is not None:
+            return self.tool_calls
+        return list(self._calls.sent) if self.holds_calls else None
+
     def update_calls(self, output: StepOutput) -> Delta:
         """A calls answer: its calls as they are written (CallStream), and at
         the end the engine's calls, or, if it ended before they were
-        complete, its text (see the module's docstring)."""
-        self._held += output.text
-        self._held_logprobs += output.logprobs or ()
+        complete, those begun (see the module's docstring)."""
         calls = self._calls.feed(output.text)
         if not output.finished:
             return Delta(calls=calls)
@@ -515,11 +532,10 @@ class ChoiceState:
             self.tool_calls = self._calls.final(output.tool_calls)
             self.finish_reason = "tool_calls"
             return Delta(calls=calls, finish_reason="tool_calls")
-        self.text = self._held  # ran out before the calls were complete: the text, as it is
-        self.logprobs = list(self._held_logprobs)
-        if self._calls.sent:  # the client holds calls: they stay, unfinished, and the stream ends
-            return Delta(calls=calls, finish_reason=output.finish_reason)
-        return Delta(text=self._held, logprobs=self.logprobs, finish_reason=output.finish_reason)
+        # Ended before the calls were complete (max_tokens, a stop string): the
+        # calls begun are the answer, as streamed (a call cut short with its
+        # arguments so far, as OpenAI returns one), never the calls' JSON as text.
+        return Delta(calls=calls, finish_reason=output.finish_reason)
 
     def decide(self, output: StepOutput) -> StepOutput | None:
         """tool_choice "auto": holds outputs until the answer has a first

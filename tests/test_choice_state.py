@@ -45,11 +45,12 @@ def test_auto_calls_stream_like_forced_ones():
                                       "function": {"name": "f", "arguments": "{}"}}]
 
 
-def test_auto_calls_cut_by_max_tokens_are_text_and_an_empty_end_is_text():
+def test_auto_calls_cut_by_max_tokens_before_a_name_are_an_empty_answer_and_an_empty_end_is_text():
     choice = ChoiceState.of(0, AUTO)
     assert not choice.update(output("{"))
     last = choice.update(output('"name', "length"))
-    assert last.text == '{"name' and last.finish_reason == "length" and choice.tool_calls is None
+    assert last.text == "" and last.finish_reason == "length" and choice.tool_calls is None
+    assert choice.holds_calls and choice.answer_calls == [] and choice.text == ""  # the calls' JSON is no text
     empty = ChoiceState.of(0, AUTO)  # ended before any text (a stop string at once, say): decided, as text
     last = empty.update(output("", "stop"))
     assert last.finish_reason == "stop" and last.text == "" and not empty.holds_calls and empty.tool_calls is None
@@ -74,8 +75,9 @@ def test_auto_decides_on_the_first_character_after_whitespace():
     assert formatted.update(output('{"ok')).text == '{"ok'  # "{" opens the response_format's JSON, not a call
 
 
-def test_calls_that_ran_out_keep_their_logprobs_as_text():
+def test_calls_that_ran_out_are_no_text_and_carry_no_logprobs():
     choice = ChoiceState.of(0, FORCED)
     assert not choice.update(output("[", logprob="["))
     last = choice.update(output("{", "length", logprob="{"))
-    assert last.text == "[{" and [lp.token for lp in last.logprobs] == ["[", "{"] == [lp.token for lp in choice.logprobs]
+    assert last.text == "" and not last.logprobs and choice.logprobs == [] and choice.text == ""
+    assert last.finish_reason == "length" and choice.answer_calls == []

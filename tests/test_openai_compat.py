@@ -282,12 +282,22 @@ def message_call_id(message) -> str:
     return first["id"] if isinstance(first, dict) else first.id
 
 
-def test_a_tool_call_that_runs_out_of_tokens_is_text(client):
-    answer = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=3, temperature=0, tools=[WEATHER],
-                                            tool_choice="required")
-    choice = answer.choices[0]
+def test_a_tool_call_that_runs_out_of_tokens_is_never_its_json_as_text(client):
+    """Cut before a call is named: an empty answer; cut inside one: the call
+    begun, its arguments so far (as OpenAI returns one), as a stream gives it."""
+    ask = dict(model=MODEL, messages=ASK, temperature=0, tools=[WEATHER], tool_choice="required")
+    choice = client.chat.completions.create(**ask, max_tokens=3).choices[0]
     assert choice.finish_reason == "length" and choice.message.tool_calls is None
-    assert choice.message.content.startswith("[")
+    assert choice.message.content is None
+    (complete,) = client.chat.completions.create(**ask, max_tokens=60).choices[0].message.tool_calls
+    cut = client.chat.completions.create(**ask, max_tokens=15).choices[0]
+    (begun,) = cut.message.tool_calls
+    assert cut.finish_reason == "length" and cut.message.content is None and begun.function.name == "get_weather"
+    assert complete.function.arguments.startswith(begun.function.arguments) and begun.id.startswith("call_")
+    responses = client.responses.create(model=MODEL, input="Weather in Paris?", max_output_tokens=15, temperature=0,
+                                        tools=[{"type": "function", **WEATHER["function"]}], tool_choice="required")
+    assert responses.status == "incomplete" and [item.type for item in responses.output] == ["function_call"]
+    assert responses.output[0].status == "incomplete" and responses.output_text == ""
 
 
 def token(tokenizer, text: str) -> str:

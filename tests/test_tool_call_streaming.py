@@ -143,10 +143,13 @@ def test_an_answer_cut_by_max_tokens_keeps_what_was_sent_and_ends_with_length():
     client, deltas = run(choice, engine_outputs(['[{"name": "f", "arguments": {"a": "x', 'yz'], finish="length"))
     assert client.calls[0]["arguments"] == '{"a": "xyz' and client.done == []  # unfinished, as sent
     assert deltas[-1].finish_reason == "length" and deltas[-1].text == "" and not deltas[-1].logprobs
-    assert choice.tool_calls is None and choice.text == '[{"name": "f", "arguments": {"a": "xyz'  # whole: text
-    before_a_name = ChoiceState.of(0, FORCED)  # nothing sent as a call yet: the text, as a whole answer has it
+    assert choice.tool_calls is None and choice.text == ""  # whole: the call begun, never the calls' JSON as text
+    assert choice.answer_calls == [{"id": client.calls[0]["id"], "type": "function",
+                                    "function": {"name": "f", "arguments": '{"a": "xyz'}}]
+    before_a_name = ChoiceState.of(0, FORCED)  # no call named yet: an empty answer, streamed or not
     client, deltas = run(before_a_name, engine_outputs(['[{"na', 'me": "f'], finish="length"))
-    assert client.calls == [] and deltas[-1].text == '[{"name": "f' and deltas[-1].finish_reason == "length"
+    assert client.calls == [] and deltas[-1].text == "" and deltas[-1].finish_reason == "length"
+    assert before_a_name.answer_calls == [] and before_a_name.text == ""
 
 
 def test_a_stop_string_that_cuts_the_text_but_not_the_calls():
@@ -159,14 +162,14 @@ def test_a_stop_string_that_cuts_the_text_but_not_the_calls():
     assert client.calls[0]["arguments"] == '{"a": 1}'
 
 
-def test_calls_carry_no_logprobs_and_an_unfinished_answer_keeps_its_own():
+def test_calls_carry_no_logprobs_whole_or_cut():
     choice = ChoiceState.of(0, FORCED)
     _, deltas = run(choice, [step('[{"name": "f", ', logprob=True),
                              step('"arguments": {}}]', "stop", [ToolCall("f", "{}")], logprob=True)])
     assert all(not d.logprobs for d in deltas) and choice.logprobs == []
     cut = ChoiceState.of(0, FORCED)
     _, deltas = run(cut, [step("[", logprob=True), step('{"', "length", logprob=True)])
-    assert [lp.token for lp in deltas[-1].logprobs] == ["[", '{"'] == [lp.token for lp in cut.logprobs]
+    assert all(not d.logprobs for d in deltas) and cut.logprobs == []
 
 
 def test_each_choice_keeps_its_own_ids():
@@ -264,11 +267,13 @@ def test_any_answer_cut_anywhere_sends_only_prefixes_of_its_calls(text, cuts, cu
         return
     choice = ChoiceState.of(0, FORCED)
     client, deltas = run(choice, engine_outputs(split(kept, cuts), finish="length"))
-    assert len(client.calls) <= len(whole) and choice.tool_calls is None and choice.text == kept
+    assert len(client.calls) <= len(whole) and choice.tool_calls is None and choice.text == ""
     for call, complete in zip(client.calls, whole, strict=False):
         assert call["name"] == complete.name and complete.arguments.startswith(call["arguments"])
-    assert deltas[-1].finish_reason == "length"
-    assert deltas[-1].text == ("" if client.calls else kept)
+    assert deltas[-1].finish_reason == "length" and all(not d.text for d in deltas)
+    # the whole answer is what the stream sent: the calls begun
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in choice.answer_calls] == \
+        [(c["name"], c["arguments"]) for c in client.calls]
 
 
 # ---- over HTTP, with the openai SDK's accumulators -----------------------------
@@ -362,13 +367,15 @@ def test_an_answer_cut_mid_call_keeps_the_streamed_call_and_ends_with_length(cli
     ask = dict(model=MODEL, messages=ASK, temperature=0, tools=[WEATHER], tool_choice="required")
     (complete,) = client.chat.completions.create(**ask, max_tokens=60).choices[0].message.tool_calls
     cut = client.chat.completions.create(**ask, max_tokens=15).choices[0]
-    assert cut.finish_reason == "length" and cut.message.tool_calls is None and cut.message.content.startswith("[")
+    assert cut.finish_reason == "length" and cut.message.content is None  # the calls' JSON is never text
+    (whole_cut,) = cut.message.tool_calls  # the call begun, its arguments so far, as OpenAI returns one
     chunks = sse(server, {**ask, "max_tokens": 15})
     state = ChatCompletionStreamState()
     for chunk in chunks:
         state.handle_chunk(openai.types.chat.ChatCompletionChunk.model_validate(chunk))
     (call,) = state.current_completion_snapshot.choices[0].message.tool_calls
     assert call.function.name == "get_weather" and call.function.arguments  # announced, its arguments begun
+    assert (whole_cut.function.name, whole_cut.function.arguments) == (call.function.name, call.function.arguments)
     assert complete.function.arguments.startswith(call.function.arguments)
     assert complete.function.arguments != call.function.arguments
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"

@@ -30,7 +30,7 @@ router = APIRouter(tags=["batches"], route_class=JSONRoute, dependencies=[Depend
 
 class BatchRequest(StrictRequest):
     input_file_id: str = Field(description="an uploaded file (purpose batch) of requests, one JSON object a line")
-    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/responses"]
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"]
     completion_window: Literal["24h"]
     metadata: Metadata | None = None
     output_expires_after: ExpiresAfter | None = Field(None, description="when the output and error files "

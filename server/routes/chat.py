@@ -170,13 +170,19 @@ class ChatFormatter(ChunkFormatter):
                                 "function": {"name": call.name, "arguments": call.arguments}}]}
 
     def message(self, choice: ChoiceState) -> tuple[dict, str | None]:
-        if choice.tool_calls is None:
+        calls = choice.answer_calls
+        if calls is None:
             return {"role": "assistant", "content": self.echo + choice.text, "refusal": None}, choice.finish_reason
+        # The engine's calls ("tool_calls"), or those begun before max_tokens or a stop cut them short.
+        reason = "tool_calls" if choice.tool_calls is not None else choice.finish_reason
+        message = {"role": "assistant", "content": None, "refusal": None}
+        if not calls:
+            return message, reason
         if self.body.legacy_functions:
-            call = choice.tool_calls[0]["function"]
-            return {"role": "assistant", "content": None, "refusal": None,
-                    "function_call": {"name": call["name"], "arguments": call["arguments"]}}, "function_call"
-        return {"role": "assistant", "content": None, "refusal": None, "tool_calls": choice.tool_calls}, "tool_calls"
+            call = calls[0]["function"]
+            return {**message, "function_call": {"name": call["name"], "arguments": call["arguments"]}}, \
+                "function_call" if reason == "tool_calls" else reason
+        return {**message, "tool_calls": calls}, reason
 
     def response(self, generation: Generation, choices: list[ChoiceState]) -> dict:
         out = []

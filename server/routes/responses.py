@@ -362,6 +362,9 @@ class ResponsesFormatter(Formatter):
     def output(self, choice: ChoiceState) -> list[dict]:
         if choice.tool_calls is not None:
             return self.call_items(choice)
+        if choice.holds_calls:  # calls cut short (max_output_tokens, a stop): those begun, as a stream gives them
+            return [self.call_item(call, index, "completed" if index < choice.calls_complete else "incomplete")
+                    for index, call in enumerate(choice.streamed_calls)]
         return [self.message_item(choice, self.status(choice))]
 
     def response(self, generation: Generation, choice: ChoiceState) -> dict:
@@ -411,7 +414,7 @@ class ResponsesFormatter(Formatter):
                 for index, call in enumerate(choice.streamed_calls) if index >= self.calls_done]
 
     def delta(self, generation: Generation, choice: ChoiceState, delta: Delta) -> list[str]:
-        if choice.streamed_calls:  # the answer is calls: no message item
+        if choice.streamed_calls or choice.holds_calls:  # the answer is calls: no message item
             events = [event for call in delta.calls for event in self.call_events(choice, call)]
             return events + (self.unfinished_calls(choice) if delta.finish_reason is not None else [])
         events = self.open_message(choice)
@@ -435,11 +438,7 @@ class ResponsesFormatter(Formatter):
         """The response a stream ends with (its terminal event's)."""
         choice = generation.choices[0]
         status = self.status(choice) if choice.tool_calls is None else "completed"
-        output = self.output(choice)
-        if choice.tool_calls is None and choice.streamed_calls:  # calls cut short: the items the client got
-            output = [self.call_item(call, index, "completed" if index < self.calls_done else "incomplete")
-                      for index, call in enumerate(choice.streamed_calls)]
-        return self.envelope(generation, status, output, usage)
+        return self.envelope(generation, status, self.output(choice), usage)
 
     def closing(self, generation: Generation, usage: dict) -> list[str]:
         response = self.final_streamed(generation, usage)

@@ -1096,25 +1096,45 @@ class Store:
             row = (await conn.execute(select(table).where(table.c.batch_id == batch_id))).first()
         return None if row is None else _stored_batch(row)
 
-    async def list_batches(self, *, users: frozenset[str] | None, after: str | None, limit: int
+    async def list_batches(self, *, users: frozenset[str] | None, after: str | None, limit: int,
+                           before: str | None = None, id_prefix: str | None = None
                            ) -> tuple[list[StoredBatch], bool]:
-        """A page of batches, newest first (as OpenAI lists them)."""
+        """A page of batches, newest first (as OpenAI and Anthropic list
+        them): those after `after`, or those just before `before` (the page
+        before it), whose id starts with `id_prefix` when given; and whether
+        more lie beyond the page in its direction."""
         table = schema.batches
         conditions = [] if users is None else [table.c.user_id.in_(sorted(users))]
+        if id_prefix is not None:
+            conditions.append(table.c.batch_id.startswith(id_prefix, autoescape=True))
+        backwards = before is not None
         async with self._read() as conn:
-            if after is not None:
-                cursor = None if not keyable(after, table.c.batch_id) else (await conn.execute(
-                    select(table.c.created_at, table.c.seq).where(and_(table.c.batch_id == after, *conditions)))
+            for name, cursor_id in (("after", after), ("before", before)):
+                if cursor_id is None:
+                    continue
+                cursor = None if not keyable(cursor_id, table.c.batch_id) else (await conn.execute(
+                    select(table.c.created_at, table.c.seq).where(and_(table.c.batch_id == cursor_id, *conditions)))
                 ).first()
                 if cursor is None:
-                    raise InvalidInput(f"after: no batch {after[:80]!r} in this list", param="after",
+                    raise InvalidInput(f"{name}: no batch {cursor_id[:80]!r} in this list", param=name,
                                        code="invalid_value")
-                conditions.append(_after(table.c.created_at, table.c.seq, *cursor, True))
+                conditions.append(_after(table.c.created_at, table.c.seq, *cursor, name == "after"))
+            order = (table.c.created_at.asc(), table.c.seq.asc()) if backwards else \
+                (table.c.created_at.desc(), table.c.seq.desc())
             rows = (await conn.execute(select(table).where(and_(true(), *conditions))
-                                       .order_by(table.c.created_at.desc(), table.c.seq.desc())
-                                       .limit(limit + 1))).all()
+                                       .order_by(*order).limit(limit + 1))).all()
         batches = [_stored_batch(row) for row in rows]
-        return batches[:limit], len(batches) > limit
+        page = batches[:limit]
+        return (page[::-1] if backwards else page), len(batches) > limit
+
+    async def delete_batch(self, batch_id: str) -> bool:
+        """Deletes an ended batch's object and what its run kept (not its
+        files: the caller deletes those it owns)."""
+        async with self._write() as conn:
+            result = await conn.execute(delete(schema.batches).where(schema.batches.c.batch_id == batch_id))
+            for table in (schema.batch_runs, schema.batch_results):
+                await conn.execute(delete(table).where(table.c.batch_id == batch_id))
+        return result.rowcount > 0
 
     @_runs_to_its_end
     async def update_batch(self, batch: dict[str, Any], token: str,

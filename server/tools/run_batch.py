@@ -6,7 +6,8 @@ by a server, into a file of results in the same format (vLLM's `run-batch`).
 
 Each input line is a request:
     {"custom_id": "user-17", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
-(`url`: /v1/chat/completions, /v1/completions or /v1/responses; a body takes
+(`url`: /v1/chat/completions, /v1/completions, /v1/responses or Anthropic's
+/v1/messages; a body takes
 every field the endpoint takes, `preference` and `pad` included, but not
 `stream`). Each output line, in the input's order, is its result:
     {"id": "batch_req_...", "custom_id": "user-17",
@@ -47,7 +48,7 @@ from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
-URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
 RETRIED_STATUSES = (429, 502, 503, 504)
 RETRIED_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
