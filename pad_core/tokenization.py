@@ -9,12 +9,13 @@ from typing import Any
 
 from pad_core.errors import InvalidRequestError
 from pad_core.prompting import PromptBuilder, validate_messages
-from pad_core.types import ChatRequest, TemplateOptions
+from pad_core.types import ChatRequest, TemplateOptions, ToolFunction
 
 
 def tokenize(prompts: PromptBuilder, request: dict[str, Any]) -> dict[str, Any]:
     """`request["kind"]`: "chat" (messages, add_generation_prompt,
-    continue_final_message, chat_template_kwargs, add_special_tokens), "text" (prompt, add_special_tokens) -> {"count",
+    continue_final_message, chat_template_kwargs, add_special_tokens; tools,
+    tool_choice and optional_tools, described as a chat request's are), "text" (prompt, add_special_tokens) -> {"count",
     "tokens", "token_strs" (with return_token_strs, else None)};
     "detokenize" (tokens) -> {"prompt"}."""
     tokenizer = prompts.tokenizer
@@ -32,7 +33,12 @@ def tokenize(prompts: PromptBuilder, request: dict[str, Any]) -> dict[str, Any]:
                                    request.get("chat_template_kwargs") or {},
                                    add_special_tokens=bool(request.get("add_special_tokens", False)))
         template.verify(messages)
-        ids = prompts.encode(messages, template=template)
+        try:
+            tools = [ToolFunction.from_dict(tool) for tool in request.get("tools") or ()]
+        except TypeError as exc:
+            raise InvalidRequestError(f"malformed tools: {exc}", param="tools") from None
+        ids, _ = prompts.encode_request(messages, (), False, tools=tools, tool_choice=request.get("tool_choice"),
+                                        optional_tools=bool(request.get("optional_tools")), template=template)
     elif kind == "text":
         if not isinstance(request.get("prompt"), str):
             raise InvalidRequestError("prompt must be text", param="prompt")

@@ -193,7 +193,8 @@ Preferences = str | list[str | WeightedPreference] | None
 class StreamOptions(StrictRequest):
     include_usage: bool | None = False
     include_obfuscation: bool | None = Field(None, description="accepted and ignored")
-    continuous_usage_stats: bool | None = Field(False, description="vLLM: usage (so far) on every chunk")
+    continuous_usage_stats: bool | None = Field(False, description="vLLM: usage (so far) on every chunk, "
+                                                "with include_usage")
 
 
 def guidance_of(pad: PadOptions | None) -> GuidanceParams:
@@ -383,11 +384,12 @@ class SamplingFields(StrictRequest):
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.stream_options and (self.stream_options.include_usage or self.stream_options.continuous_usage_stats))
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     @property
     def continuous_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+        """Usage on every chunk: vLLM's continuous_usage_stats, which counts only with include_usage (as there)."""
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
     def check_stream_options(self) -> None:
         reject_if(self.stream_options is not None and not self.stream,

@@ -144,6 +144,11 @@ def test_streams_carry_pad_on_the_first_chunk_and_continuous_usage(client):
     assert all(c.usage is not None for c in chunks)
     assert [c.usage.completion_tokens for c in chunks] == [0, 1, 2, 3, 3]
     assert chunks[-1].choices == [] and chunks[0].usage.prompt_tokens == chunks[-1].usage.prompt_tokens > 0
+    # vLLM's continuous_usage_stats counts only with include_usage: alone (or beside false) no usage at all
+    for options in ({"continuous_usage_stats": True}, {"include_usage": False, "continuous_usage_stats": True}):
+        quiet = list(client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=3, stream=True,
+                                                    stream_options=options))
+        assert all(c.usage is None for c in quiet) and all(c.choices for c in quiet)
     plain = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=1)
     assert plain.model_extra["pad"] == {"preferences": [], "source": "none", "reward_model": "self", "weight": 4.0,
                                         "top_k": 80, "min_p": 0.1, "applied": False}
@@ -501,7 +506,9 @@ def test_completions(client):
                                      logprobs=2, seed=5)
     assert [c.index for c in many.choices] == [0, 1, 2, 3]
     assert many.usage.completion_tokens == 8 and len(many.choices[0].logprobs.tokens) == 2
-    assert len(many.choices[0].logprobs.top_logprobs[0]) == 2
+    first = many.choices[0].logprobs
+    # the 2 most likely, and the chosen token always (OpenAI's "up to logprobs + 1")
+    assert 2 <= len(first.top_logprobs[0]) <= 3 and first.top_logprobs[0][first.tokens[0]] == first.token_logprobs[0]
     ids = client.completions.create(model=MODEL, prompt=[[9038, 2402, 253, 655], [504, 3181]], max_tokens=2)
     assert len(ids.choices) == 2 and ids.usage.prompt_tokens == 6
     echoed = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=2, temperature=0, echo=True)
@@ -525,7 +532,9 @@ def test_completions_echo_with_logprobs_scores_the_prompt(client, server):
         logprobs = choice.logprobs
         assert len(logprobs.tokens) == len(prompt) + 1 and logprobs.token_logprobs[0] is None
         assert logprobs.top_logprobs[0] is None and all(v <= 0 for v in logprobs.token_logprobs[1:])
-        assert all(len(top) == 1 for top in logprobs.top_logprobs[1:])
+        for token, value, top in zip(logprobs.tokens[1:], logprobs.token_logprobs[1:], logprobs.top_logprobs[1:],
+                                     strict=True):  # the most likely token, and the prompt's own
+            assert 1 <= len(top) <= 2 and top[token] == value and max(top.values()) >= value
         assert choice.text == "".join(logprobs.tokens) and logprobs.text_offset[0] == 0
     only = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, logprobs=1, echo=True)
     assert only.usage.completion_tokens == 0 and [c.finish_reason for c in only.choices] == ["length", "length"]

@@ -49,6 +49,26 @@ def test_a_chat_counts_what_a_chat_completion_gives_the_model(url, engine):
     assert usage["prompt_tokens"] == body["count"]
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+@pytest.mark.parametrize("tool_choice", [None, "auto", "required", {"type": "function", "function": {"name": "get_weather"}},
+                                         "none"])
+def test_a_chat_with_tools_counts_what_its_chat_completion_gives_the_model(url, tool_choice):
+    """The tools are described in the prompt (how depends on tool_choice), as vLLM's /tokenize takes them."""
+    choice = {} if tool_choice is None else {"tool_choice": tool_choice}
+    answer = post(url, "/tokenize", {"messages": MESSAGES, "tools": [WEATHER], **choice})
+    assert answer.status_code == 200, answer.text
+    usage = post(url, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1, "tools": [WEATHER],
+                                               **choice}).json()["usage"]
+    assert answer.json()["count"] == usage["prompt_tokens"]
+    plain = post(url, "/tokenize", {"messages": MESSAGES}).json()["count"]
+    assert (answer.json()["count"] == plain) == (tool_choice == "none")
+    refused = post(url, "/tokenize", {"messages": MESSAGES, "tool_choice": "required"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tool_choice"
+
+
 def test_without_the_generation_prompt_the_assistant_turn_is_not_opened(url, engine):
     opened = post(url, "/tokenize", {"messages": MESSAGES}).json()
     closed = post(url, "/tokenize", {"messages": MESSAGES, "add_generation_prompt": False}).json()
@@ -146,6 +166,7 @@ def test_detokenize_is_the_inverse(url):
     ("/tokenize", {"prompt": "x", "add_generation_prompt": True}, None),
     ("/tokenize", {"prompt": "x", "continue_final_message": True}, None),
     ("/tokenize", {"prompt": "x", "chat_template_kwargs": {}}, None),
+    ("/tokenize", {"prompt": "x", "tools": [WEATHER]}, None),
     ("/tokenize", {"prompt": 5}, "prompt"),
     ("/tokenize", {"messages": []}, "messages"),
     ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},

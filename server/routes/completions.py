@@ -105,7 +105,7 @@ class TextPosition:
 
 def legacy_logprobs(entries: list[TokenLogprob], position: TextPosition, as_ids: bool = False) -> dict:
     """OpenAI's legacy logprobs: tokens, token_logprobs, top_logprobs (token
-    -> logprob), text_offset (from `position`, which moves past the
+    -> logprob: the `logprobs` most likely and the chosen one), text_offset (from `position`, which moves past the
     entries). An echoed prompt's first token has null for both (nothing
     precedes it). `as_ids` (vLLM's return_tokens_as_token_ids) names tokens
     "token_id:{id}"; offsets stay those of their text."""
@@ -116,9 +116,11 @@ def legacy_logprobs(entries: list[TokenLogprob], position: TextPosition, as_ids:
         if lp.logprob is None:
             tops.append(None)
         elif as_ids:
-            tops.append({token_id_name(i): value for i, (_, value, _) in zip(lp.top_ids, lp.top_logprobs, strict=False)})
+            top = {token_id_name(i): value for i, (_, value, _) in zip(lp.top_ids, lp.top_logprobs, strict=False)}
+            tops.append({**top, token_id_name(lp.token_id): lp.logprob})
         else:
-            tops.append({token: value for token, value, _ in lp.top_logprobs})
+            # The chosen token is always among them, as OpenAI and vLLM give it (up to logprobs + 1 entries).
+            tops.append({**{token: value for token, value, _ in lp.top_logprobs}, lp.token: lp.logprob})
         offsets.append(position.advance(lp))
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 

@@ -11,7 +11,8 @@ so a huge prompt never stalls the streams decoding."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import dataclasses
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field, model_validator
@@ -22,7 +23,7 @@ from server.auth import key_scope
 from server.errors import invalid, unavailable
 from server.generation import ask_worker, check_model
 from server.messages import chat_messages
-from server.openai_models import ChatMessage, StrictRequest
+from server.openai_models import ChatMessage, StrictRequest, ToolDefinition, function_tools, tool_output
 from server.openapi import errors
 from server.request_body import JSONRoute
 
@@ -42,12 +43,17 @@ class TokenizeRequest(StrictRequest):
         None, description="the tokenizer's special tokens (BOS...); default true for a prompt, false for messages "
                           "(the chat template writes its own)")
     return_token_strs: bool = Field(False, description="also the tokens as the tokenizer's strings")
+    tools: list[ToolDefinition] | None = Field(None, description="messages: the tools, as a chat request gives "
+                                               "them (their description is part of the prompt)")
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = Field(
+        None, description="messages: as in a chat request (it changes how the tools are described)")
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give either 'prompt' or 'messages'")
-        for name in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs"):
+        for name in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs", "tools",
+                     "tool_choice"):
             if self.prompt is not None and name in self.model_fields_set:
                 raise ValueError(f"'{name}' applies to 'messages' only")
         return self
@@ -72,14 +78,19 @@ class DetokenizeResponse(BaseModel):
 
 def worker_payload(body: TokenizeRequest) -> dict:
     """What the worker tokenizes: engine messages (flattened as a chat
-    request's are) or the raw prompt."""
+    request's are; its tools described as a chat request's are) or the raw
+    prompt."""
     if body.messages is not None:
         messages = chat_messages(body.messages)
         # Checked here too (the worker checks again): what cannot cross the IPC
         # (an integer beyond int64, say) must be a 400, not a failed send.
         TemplateOptions(body.add_generation_prompt, body.continue_final_message,
                         body.chat_template_kwargs or {}).verify(messages)
+        calls = tool_output(function_tools(body.tools), body.tool_choice, None)
         return {"kind": "chat", "messages": messages,
+                "tools": None if calls is None else [dataclasses.asdict(tool) for tool in calls.tools],
+                "tool_choice": None if calls is None else calls.tool_choice,
+                "optional_tools": calls is not None and calls.auto,
                 "add_generation_prompt": body.add_generation_prompt,
                 "continue_final_message": body.continue_final_message,
                 "chat_template_kwargs": body.chat_template_kwargs or {},
