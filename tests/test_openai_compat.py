@@ -584,6 +584,8 @@ def test_responses(client):
                                  text_format=Verdict) as stream:
         final = stream.get_final_response()
     assert final.status == "completed" and isinstance(final.output_parsed, Verdict)
+    assert final.completed_at >= final.created_at and response.completed_at is None  # OpenAI's: once completed
+    assert final.tool_choice == response.tool_choice == "auto"  # OpenAI's default, with tools or without
 
 
 def test_responses_structured_and_function_calls(client):

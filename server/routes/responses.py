@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable
@@ -322,6 +323,7 @@ class ResponsesFormatter(Formatter):
         text_format = (body.text.format if body.text else None) or {"type": "text"}
         return {
             "id": generation.id, "object": "response", "created_at": generation.created, "status": status,
+            "completed_at": int(time.time()) if status == "completed" else None,  # OpenAI's: only once completed
             "background": bool(body.background), "error": None, "incomplete_details": incomplete,
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
             "max_tool_calls": body.max_tool_calls, "model": generation.model, "output": output,
@@ -332,7 +334,7 @@ class ResponsesFormatter(Formatter):
             "store": self.stored,
             "temperature": self.sampling.temperature,
             "text": {"format": text_format, "verbosity": (body.text.verbosity if body.text else None) or "medium"},
-            "tool_choice": body.tool_choice if body.tool_choice is not None else ("auto" if body.tools else "none"),
+            "tool_choice": body.tool_choice if body.tool_choice is not None else "auto",  # OpenAI's default, tools or not
             "tools": body.tools or [], "top_logprobs": body.top_logprobs or 0,
             "top_p": self.sampling.top_p, "truncation": body.truncation or "disabled",
             "usage": responses_usage(usage) if usage is not None else None, "user": body.user,
