@@ -58,7 +58,8 @@ class BodyError(HTTPException):
         self.error = error
 
 
-UPLOAD_PATH = "/v1/files"
+# Bodies that are a whole batch's input: a file upload, and an Anthropic Message Batch (its requests inline).
+UPLOAD_PATHS = ("/v1/files", "/v1/messages/batches")
 
 
 def too_large(limit: int, setting: str = "PAD_MAX_REQUEST_BYTES") -> APIError:
@@ -73,11 +74,11 @@ class BodyLimitMiddleware:
     def __init__(self, app: ASGIApp, limit: int, upload_limit: int | None = None):
         self.app = app
         self.limit = limit
-        self.upload_limit = upload_limit if upload_limit is not None else limit  # POST /v1/files
+        self.upload_limit = upload_limit if upload_limit is not None else limit  # POST to UPLOAD_PATHS
 
     def limit_of(self, scope: Scope) -> int:
         path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
-        return self.upload_limit if scope.get("method") == "POST" and path == UPLOAD_PATH else self.limit
+        return self.upload_limit if scope.get("method") == "POST" and path in UPLOAD_PATHS else self.limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -49,7 +49,8 @@ class ServerSettings(EngineSettings, StoreSettings):
     )
     max_file_bytes: int = Field(
         100 * 1024 * 1024, ge=1024,
-        description="largest file POST /v1/files takes (a batch's input); a larger upload is refused (413)",
+        description="largest file POST /v1/files takes (a batch's input), and largest Message Batch POST "
+        "/v1/messages/batches takes; a larger one is refused (413)",
     )
     batch_concurrency: int = Field(
         16, ge=1, le=1024, description="requests of one batch (POST /v1/batches) in flight at once")

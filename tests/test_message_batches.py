@@ -172,3 +172,20 @@ def test_a_batch_is_its_users_and_the_batch_apis_batches_are_not_message_batches
         time.sleep(0.2)
     [line] = openai.files.content(plain.output_file_id).text.splitlines()
     assert '"type": "message"' in line
+
+
+def test_a_message_batch_takes_a_body_up_to_the_upload_limit_not_the_request_limit(claude):
+    """Its requests come inline (a Batch API's come as an uploaded file):
+    past PAD_MAX_REQUEST_BYTES (2 MiB), within PAD_MAX_FILE_BYTES."""
+    padding = "x" * (1536 * 1024)
+    created = claude.messages.batches.create(requests=[
+        {"custom_id": f"big{i}", "params": {**params(max_tokens=1), "padding": padding}} for i in range(2)])
+    batch = ended(claude, created.id)
+    assert batch.request_counts.errored == 2  # `padding` is no field of /v1/messages: each refused as it runs
+    [first, _] = list(claude.messages.batches.results(batch.id))
+    assert "padding" in first.result.error.error.message
+    from server.request_body import BodyLimitMiddleware
+
+    limits = BodyLimitMiddleware(None, limit=1024, upload_limit=4096)
+    assert limits.limit_of({"method": "POST", "path": "/v1/messages/batches"}) == 4096
+    assert limits.limit_of({"method": "POST", "path": "/v1/messages"}) == 1024
