@@ -29,6 +29,8 @@ from server.openai_models import (
 )
 
 
+OUTPUT_LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for the answer's logprobs
+
 class ResponsesStreamOptions(StrictRequest):
     include_obfuscation: bool | None = Field(None, description="accepted and ignored")
 
@@ -74,7 +76,8 @@ class ResponsesRequest(StrictRequest):
     moderation: dict[str, Any] | None = Field(None, description="refused unless null: no moderation here")
     # Accepted and ignored.
     metadata: Metadata | None = None
-    include: list[str] | None = None
+    include: list[str] | None = Field(None, description=f"{OUTPUT_LOGPROBS!r} returns the answer's logprobs "
+                                      "(with top_logprobs alternatives); the others are accepted and ignored")
     reasoning: dict[str, Any] | None = None
     service_tier: str | None = None
     safety_identifier: str | None = None
@@ -119,7 +122,8 @@ class ResponsesRequest(StrictRequest):
             top_k=max(0, default.of("top_k", None, 0)),
             min_p=default.of("min_p", None, 0.0),
             repetition_penalty=default.of("repetition_penalty", None, 1.0),
-            logprobs=self.top_logprobs is not None,
+            # OpenAI's and vLLM's rule: logprobs only when `include` asks for them (top_logprobs alone gives none)
+            logprobs=OUTPUT_LOGPROBS in (self.include or ()),
             top_logprobs=self.top_logprobs or 0,
         )
 

@@ -586,6 +586,11 @@ def test_responses(client):
     assert final.status == "completed" and isinstance(final.output_parsed, Verdict)
     assert final.completed_at >= final.created_at and response.completed_at is None  # OpenAI's: once completed
     assert final.tool_choice == response.tool_choice == "auto"  # OpenAI's default, with tools or without
+    # logprobs only when `include` asks for them, as OpenAI and vLLM (top_logprobs alone gives none)
+    ask = dict(model=MODEL, input="Hi", max_output_tokens=3, temperature=0, top_logprobs=2)
+    assert client.responses.create(**ask).output[0].content[0].logprobs == []
+    [part] = client.responses.create(**ask, include=["message.output_text.logprobs"]).output[0].content
+    assert len(part.logprobs) == 3 and all(len(entry.top_logprobs) == 2 for entry in part.logprobs)
 
 
 def test_responses_structured_and_function_calls(client):
