@@ -112,7 +112,7 @@ class GraphedSteps:
         return output
 
     def clear(self) -> None:
-        """Drops every graph (the step's code changed: an adapter was added),
+        """Drops every graph (the step's code changed: an adapter was added or removed),
         and their memory pool with them: a pool no graph holds any more
         cannot be captured into again."""
         self._graphs.clear()

@@ -276,7 +276,11 @@ class SlotRunner(ModelRows):
 
     def remove_adapter(self, name: str) -> None:
         super().remove_adapter(name)
-        self._adapter_masks.pop(name, None)  # the decode graphs, keyed by the adapters held, are recorded again
+        self._adapter_masks.pop(name, None)
+        # The decode graphs recorded with it read its weights and its mask: dropped now, not at the next
+        # decode, where an adapter loaded meanwhile under the same name would give the same key.
+        self.steps.clear()
+        self._graphed_adapters = tuple(sorted(self.lora.names))
 
     @torch.inference_mode()
     def prefill(self, rows: Sequence[NewRow]) -> torch.Tensor:

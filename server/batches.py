@@ -56,6 +56,11 @@ from server.tools import run_batch
 logger = logging.getLogger(__name__)
 
 ENDPOINTS = run_batch.URLS
+# A batch's id says its API: the Batch API's ("batch_...", OpenAI's), or Anthropic's Message Batches
+# ("msgbatch_...", server/routes/message_batches.py), whose files are the batch's own, not the Files API's.
+BATCH_ID_PREFIX = "batch_"
+MESSAGE_BATCH_ID_PREFIX = "msgbatch_"
+MESSAGE_BATCH_INPUT, MESSAGE_BATCH_OUTPUT = "message_batch", "message_batch_output"  # those files' purposes
 RUNNING = RUNNING_BATCH  # the statuses of a batch still running
 MAX_REQUESTS = 50_000  # OpenAI's bound on a batch
 MAX_LISTED_ERRORS = 100
@@ -76,7 +81,7 @@ def now() -> int:
 
 
 def new_batch(input_file_id: str, endpoint: str, metadata: dict[str, str] | None,
-              id_prefix: str = "batch_") -> dict[str, Any]:
+              id_prefix: str = BATCH_ID_PREFIX) -> dict[str, Any]:
     created = now()
     return {"id": f"{id_prefix}{uuid.uuid4().hex}", "object": "batch", "endpoint": endpoint, "errors": None,
             "input_file_id": input_file_id, "completion_window": "24h", "status": "validating",
@@ -84,6 +89,12 @@ def new_batch(input_file_id: str, endpoint: str, metadata: dict[str, str] | None
             "expires_at": created + WINDOW_S, "finalizing_at": None, "completed_at": None, "failed_at": None,
             "expired_at": None, "cancelling_at": None, "cancelled_at": None,
             "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata or {}}
+
+
+def output_purpose(batch_id: str) -> str:
+    """The purpose of a batch's result files: the Files API's `batch_output`,
+    or a Message Batch's own (not listed there)."""
+    return MESSAGE_BATCH_OUTPUT if batch_id.startswith(MESSAGE_BATCH_ID_PREFIX) else "batch_output"
 
 
 def problem(code: str, message: str, param: str | None = None, line: int | None = None) -> dict[str, Any]:
@@ -430,6 +441,6 @@ class BatchRuns(LeasedRuns[BatchRun]):
             if content:
                 created = now()
                 expires = None if run.output_expires_s is None else created + run.output_expires_s
-                files[key] = (StoredFile(f"file-{uuid.uuid4().hex}", run.user, "batch_output",
+                files[key] = (StoredFile(f"file-{uuid.uuid4().hex}", run.user, output_purpose(batch_id),
                                          f"{batch_id}_{name}.jsonl", len(content), created, expires), content)
         return files

@@ -452,8 +452,9 @@ class ChoiceState:
     prompt_token_ids: list[int] | None = None  # when asked (return_token_ids)
     token_ids: list[int] = field(default_factory=list)  # the answer's, every token the engine chose
     _unsent_ids: list[int] = field(default_factory=list)  # token_ids not yet in a delta
-    _held: str = ""
-    _held_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # tool_choice "auto": what the answer wrote before its first character decided calls or text (`decide`)
+    _undecided: str = ""
+    _undecided_logprobs: list[TokenLogprob] = field(default_factory=list)
     _calls: CallStream = field(default_factory=CallStream)
 
     @classmethod
@@ -542,16 +543,16 @@ class ChoiceState:
         character after whitespace, then says whether it is calls (it opens
         with one of `call_openers`, which the grammar lets no other answer
         do) or the answer; None while undecided, else the held outputs as one."""
-        self._held += output.text
-        self._held_logprobs += output.logprobs or ()
-        first = self._held.lstrip(LEADING_SPACE)
+        self._undecided += output.text
+        self._undecided_logprobs += output.logprobs or ()
+        first = self._undecided.lstrip(LEADING_SPACE)
         if not first and not output.finished:
             return None
         self.may_call = False
         self.holds_calls = first.startswith(self.call_openers)
-        held = dataclasses.replace(output, text=self._held,
-                                   logprobs=list(self._held_logprobs) if output.logprobs is not None else None)
-        self._held, self._held_logprobs = "", []
+        held = dataclasses.replace(output, text=self._undecided,
+                                   logprobs=list(self._undecided_logprobs) if output.logprobs is not None else None)
+        self._undecided, self._undecided_logprobs = "", []
         return held
 
 

@@ -163,6 +163,25 @@ def test_keys_are_batch_bucket_read_bucket_and_adapters(tiny_model, tokenizer, t
     assert steps.keys[-1] == (1, 64, ("one",)) and steps.cleared == cleared + 1  # older graphs are dropped
 
 
+def test_unloading_an_adapter_drops_the_graphs_recorded_with_it(tokenizer, tmp_path):
+    """Before any decode: an adapter loaded again under its name gives the
+    same key, and must not replay graphs that read the old weights and mask."""
+    steps = CountingSteps()
+    runner = SlotRunner(new_tiny_model(tokenizer), slots=4, slot_tokens=64, steps=steps)
+    save_random_adapter(tmp_path / "one", tokenizer, 0)
+    runner.add_adapter("one", tmp_path / "one")
+    runner.prefill([NewRow(0, ids(5, 0), "one")])
+    runner.decode(torch.tensor([1]))
+    runner.remove([0])
+    cleared = steps.cleared
+    runner.remove_adapter("one")
+    assert steps.cleared == cleared + 1 and "one" not in runner._adapter_masks
+    runner.add_adapter("one", tmp_path / "one")
+    runner.prefill([NewRow(1, ids(5, 1), "one")])
+    runner.decode(torch.tensor([1]))
+    assert steps.keys[-1] == (1, 64, ("one",)) and steps.cleared == cleared + 2  # recorded again, on its own
+
+
 def test_a_failed_capture_decodes_eagerly_with_the_same_hidden_states(tiny_model, caplog):
     """On this CPU, recording fails for real (no CUDA stream can be made):
     the runner warns once and decodes eagerly."""

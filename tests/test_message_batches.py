@@ -8,10 +8,12 @@ the envelope's errors are Anthropic-shaped 400s; another user's batch is a
 
 from __future__ import annotations
 
+import json
 import time
 
 import anthropic
 import httpx
+import openai as openai_sdk
 import pytest
 from responses_helpers import MODEL, keyed_server, sdk
 from server_helpers import worker_thread
@@ -117,15 +119,15 @@ def test_an_ended_batch_is_deleted_with_its_files_and_a_running_one_is_refused(c
     assert "cancel it first" in refused.value.body["error"]["message"]
     claude.messages.batches.cancel(created.id)
     batch = ended(claude, created.id)
-    files = sdk(server).files
-    kept = {file.id for file in files.list()}
-    assert any(name.endswith(f"{batch.id}_requests.jsonl") for name in (file.filename for file in files.list()))
+    # its input and result files are its own: not in the Files API, where deleting one would lose its results
+    assert not any(file.filename.startswith(batch.id) for file in sdk(server).files.list())
+    assert len(list(claude.messages.batches.results(batch.id))) == 20
     deleted = claude.messages.batches.delete(batch.id)
     assert deleted.id == batch.id and deleted.type == "message_batch_deleted"
     with pytest.raises(anthropic.NotFoundError):
         claude.messages.batches.retrieve(batch.id)
-    left = {file.id for file in files.list()}
-    assert not any(file.filename.startswith(batch.id) for file in files.list()) and left < kept
+    with pytest.raises(anthropic.NotFoundError):
+        list(claude.messages.batches.results(batch.id))
 
 
 def test_the_envelopes_errors_are_anthropic_400s(claude, server):
@@ -158,20 +160,29 @@ def test_a_batch_is_its_users_and_the_batch_apis_batches_are_not_message_batches
     assert mine.id not in [batch.id for batch in bob.messages.batches.list()]
 
     openai = sdk(server)
-    uploaded = openai.files.create(file=("in.jsonl", b'{"custom_id": "a", "url": "/v1/messages", "method": "POST", '
-                                         b'"body": {"model": "' + MODEL.encode() + b'", "max_tokens": 2, '
-                                         b'"messages": [{"role": "user", "content": "Hi"}]}}\n'), purpose="batch")
+    lines = [{"custom_id": custom_id, "url": "/v1/messages", "method": "POST",
+              "body": {"model": MODEL, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Hi"}]}}
+             for custom_id, max_tokens in (("a", 2), ("bad", 0))]
+    uploaded = openai.files.create(file=("in.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode()),
+                                   purpose="batch")
     plain = openai.batches.create(input_file_id=uploaded.id, endpoint="/v1/messages", completion_window="24h")
     claude = anthropic.Anthropic(base_url=server, api_key="admin", max_retries=0)
     with pytest.raises(anthropic.NotFoundError):
         claude.messages.batches.retrieve(plain.id)
     assert plain.id not in [batch.id for batch in claude.messages.batches.list()]
+    message_batch = claude.messages.batches.create(requests=[{"custom_id": "a", "params": params(max_tokens=1)}])
+    with pytest.raises(openai_sdk.NotFoundError):  # and the other way round
+        openai.batches.retrieve(message_batch.id)
+    assert message_batch.id not in [batch.id for batch in openai.batches.list()]
     deadline = time.monotonic() + 60
     while (plain := openai.batches.retrieve(plain.id)).status != "completed":  # /v1/messages in the Batch API too
         assert time.monotonic() < deadline, plain.status
         time.sleep(0.2)
     [line] = openai.files.content(plain.output_file_id).text.splitlines()
     assert '"type": "message"' in line
+    [refused] = [json.loads(line) for line in openai.files.content(plain.error_file_id).text.splitlines()]
+    assert refused["custom_id"] == "bad" and refused["error"]["code"] == "invalid_request_error"  # Anthropic's type
+    assert refused["response"]["body"]["type"] == "error"
 
 
 def test_a_message_batch_takes_a_body_up_to_the_upload_limit_not_the_request_limit(claude):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -44,9 +45,10 @@ def batch_not_found(batch_id: str) -> APIError:
 
 
 async def find_batch(request: Request, scope: KeyScope | None, batch_id: str) -> StoredBatch:
-    """The batch as it is now, if the caller's key may read it; else a 404."""
+    """The batch as it is now, if the caller's key may read it; else a 404
+    (a Message Batch too: it is Anthropic's API's)."""
     state = request.app.state
-    found = await state.store.find_batch(batch_id)
+    found = await state.store.find_batch(batch_id) if batch_id.startswith(batches.BATCH_ID_PREFIX) else None
     if found is None or (scope is not None and not scope.can_access(found.user_id)):
         raise batch_not_found(batch_id)
     look_if_orphaned(state, found)
@@ -79,22 +81,30 @@ async def retrieve_batch(batch_id: str, request: Request, scope: Scope) -> dict[
 
 @router.post("/v1/batches/{batch_id}/cancel", responses=errors(400, 401, 404))
 async def cancel_batch(batch_id: str, request: Request, scope: Scope) -> dict[str, Any]:
-    """Cancels a running batch: on this gateway at once (its results so far
-    written); on another, asked through the store and waited for a while
-    (`cancelling` until its run has read the ask); one that no gateway runs
-    now, by the gateway that resumes it (this one looks at once). A finished
-    one is a 400; a cancelled one is returned as it is."""
-    state = request.app.state
+    """Cancels a running batch (`cancel_running`). A finished one is a 400;
+    a cancelled one is returned as it is."""
     found = await find_batch(request, scope, batch_id)
     status = found.batch["status"]
     if status in ("cancelled", "cancelling"):
         return found.batch
     if status not in batches.RUNNING:
         raise invalid(f"Cannot cancel a batch that is already {status}", "batch_id")
+    return (await cancel_running(request, found, lambda: find_batch(request, scope, batch_id))).batch
+
+
+async def cancel_running(request: Request, found: StoredBatch,
+                         read_again: Callable[[], Awaitable[StoredBatch]]) -> StoredBatch:
+    """Cancels a batch found running: on this gateway at once (its results
+    so far written); on another, asked through the store and waited for a
+    while (`cancelling` until its run has read the ask); one that no gateway
+    runs now, by the gateway that resumes it (this one looks at once).
+    Returns the batch as it is then (`read_again` reads it)."""
+    state = request.app.state
+    batch_id = found.batch_id
     if await state.batches.cancel(batch_id):
-        found = await find_batch(request, scope, batch_id)
+        found = await read_again()
         if found.batch["status"] not in batches.RUNNING:
-            return found.batch
+            return found
         # still running: this gateway's run had lost its lease to another, which the ask reaches
     if await state.store.request_batch_cancel(batch_id):
         if not found.running:
@@ -102,11 +112,11 @@ async def cancel_batch(batch_id: str, request: Request, scope: Scope) -> dict[st
         deadline = time.monotonic() + state.settings.background_lease_s / 3 + 2.0
         while time.monotonic() < deadline:
             await asyncio.sleep(0.2)
-            found = await find_batch(request, scope, batch_id)
+            found = await read_again()
             if found.batch["status"] not in batches.RUNNING:
-                return found.batch
-        return found.batch  # `cancelling` until its runner reads the ask
-    return (await find_batch(request, scope, batch_id)).batch
+                return found
+        return found  # `cancelling` until its runner reads the ask
+    return await read_again()
 
 
 @router.get("/v1/batches", responses=errors(400, 401))
@@ -115,7 +125,7 @@ async def list_batches(request: Request, scope: Scope, after: str | None = None,
     page_limit(limit)
     state = request.app.state
     found, more = await state.store.list_batches(users=None if scope is None else scope.users, after=after,
-                                                 limit=limit)
+                                                 limit=limit, id_prefix=batches.BATCH_ID_PREFIX)
     for kept in found:
         look_if_orphaned(state, kept)
     return item_list([kept.batch for kept in found], more)

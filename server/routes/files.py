@@ -22,6 +22,7 @@ from fastapi.responses import Response
 from pydantic import Field, ValidationError
 from starlette.datastructures import UploadFile
 
+from server import batches
 from server.auth import Scope, key_scope
 from server.auth_scopes import KeyScope, chat_user
 from server.errors import APIError, invalid
@@ -34,6 +35,7 @@ from server.store.repository import StoredFile
 router = APIRouter(tags=["files"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 
 PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
+HIDDEN_PURPOSES = (batches.MESSAGE_BATCH_INPUT, batches.MESSAGE_BATCH_OUTPUT)  # a Message Batch's own files
 MIN_EXPIRY_S, MAX_EXPIRY_S = 3600, 30 * 86400  # OpenAI's bounds on a file's expiry: 1 hour to 30 days
 BATCH_FILE_EXPIRY_S = MAX_EXPIRY_S  # OpenAI's default for purpose batch (others are kept until deleted)
 MAX_FILE_PAGE = 10_000  # OpenAI's
@@ -79,9 +81,10 @@ def file_not_found(file_id: str, param: str = "file_id") -> APIError:
 
 
 async def find_file(request: Request, scope: KeyScope | None, file_id: str, param: str = "file_id") -> StoredFile:
-    """The file, if the caller's key may read it; else a 404."""
+    """The file, if the caller's key may read it; else a 404 (a Message
+    Batch's own files too: deleting one would lose its results)."""
     found = await request.app.state.store.find_file(file_id)
-    if found is None or (scope is not None and not scope.can_access(found.user_id)):
+    if found is None or found.purpose in HIDDEN_PURPOSES or (scope is not None and not scope.can_access(found.user_id)):
         raise file_not_found(file_id, param)
     return found
 
@@ -126,7 +129,7 @@ async def list_files(request: Request, scope: Scope, purpose: str | None = None,
         raise invalid(f"limit must be between 1 and {MAX_FILE_PAGE}", "limit", "invalid_value")
     files, more = await request.app.state.store.list_files(
         users=None if scope is None else scope.users, purpose=purpose, after=after, limit=limit,
-        descending=order == "desc")
+        descending=order == "desc", hidden_purposes=HIDDEN_PURPOSES)
     return item_list([f.to_openai() for f in files], more)
 
 

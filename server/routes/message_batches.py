@@ -5,9 +5,9 @@ POST /v1/messages/batches takes `requests` ({custom_id, params} each, params
 a /v1/messages body) and runs them as a batch of the Batch API does
 (server/batches.py: leased, resumed by another gateway if this one stops,
 `PAD_BATCH_CONCURRENCY` at a time, each request checked and answered as if
-its client had sent it): its input is stored as a file of purpose `batch`
-(`{id}_requests.jsonl`, in /v1/files as the batch's own), its results as
-its output and error files. GET /v1/messages/batches/{id} shows it as
+its client had sent it): its input is stored as a file (`{id}_requests.jsonl`),
+its results as its output and error files, all three the batch's own (not
+in /v1/files, where deleting one would lose its results). GET /v1/messages/batches/{id} shows it as
 Anthropic's `message_batch`; GET .../results streams its results as JSONL
 once it has ended (succeeded, errored, canceled or expired, one line per
 request, in input order); POST .../cancel cancels it; DELETE deletes an
@@ -35,12 +35,12 @@ from server.auth_scopes import KeyScope, chat_user
 from server.errors import APIError, invalid
 from server.openapi import errors
 from server.request_body import JSONRoute
-from server.routes.batches import cancel_batch, look_if_orphaned
+from server.routes.batches import cancel_running, look_if_orphaned
 from server.store.repository import StoredBatch, StoredFile
 
 router = APIRouter(tags=["anthropic"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 
-ID_PREFIX = "msgbatch_"
+ID_PREFIX = batches.MESSAGE_BATCH_ID_PREFIX
 
 
 def failures(*statuses: int) -> dict:
@@ -50,7 +50,6 @@ def failures(*statuses: int) -> dict:
 
 ENDPOINT = "/v1/messages"
 RESULTS_KEPT_S = 29 * 86400  # Anthropic keeps a batch's results 29 days after its creation
-ENDED = ("completed", "failed", "expired", "cancelled")
 # Anthropic's result type of a request the batch ended without answering, by the batch's end.
 UNANSWERED = {"cancelled": "canceled", "expired": "expired"}
 
@@ -72,14 +71,19 @@ def rfc3339(unix: int | None) -> str | None:
     return None if unix is None else datetime.fromtimestamp(unix, UTC).isoformat().replace("+00:00", "Z")
 
 
-def request_counts(batch: dict[str, Any], total: int) -> dict[str, int]:
+def has_ended(batch: dict[str, Any]) -> bool:
+    return batch["status"] not in batches.RUNNING
+
+
+def request_counts(batch: dict[str, Any]) -> dict[str, int]:
     """Anthropic's tallies: every request `processing` until the batch ends,
     then each where its result put it."""
     counts = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
-    if batch["status"] not in ENDED:
+    done = batch["request_counts"]
+    total = done["total"]
+    if not has_ended(batch):
         counts["processing"] = total
         return counts
-    done = batch["request_counts"]
     counts["succeeded"], counts["errored"] = done["completed"], done["failed"]
     left = max(total - done["completed"] - done["failed"], 0)
     counts[UNANSWERED.get(batch["status"], "errored")] += left  # a failed batch's unanswered requests errored
@@ -92,12 +96,12 @@ def message_batch(kept: StoredBatch, request: Request) -> dict[str, Any]:
     status = batch["status"]
     ended_at = next((batch[key] for key in ("completed_at", "failed_at", "expired_at", "cancelled_at")
                      if batch.get(key)), None)
-    ended = status in ENDED
+    ended = has_ended(batch)
     return {
         "id": batch["id"],
         "type": "message_batch",
         "processing_status": "ended" if ended else "canceling" if status == "cancelling" else "in_progress",
-        "request_counts": request_counts(batch, int(batch["metadata"].get("requests", 0))),
+        "request_counts": request_counts(batch),
         "created_at": rfc3339(batch["created_at"]),
         "expires_at": rfc3339(batch["expires_at"]),
         "ended_at": rfc3339(ended_at) if ended else None,
@@ -124,10 +128,10 @@ async def find_message_batch(request: Request, scope: KeyScope | None, batch_id:
     return found
 
 
-def input_lines(items: list[BatchItem]) -> bytes:
-    """The requests as an input file of the Batch API (one JSON line each)."""
+def check_items(items: list[BatchItem]) -> None:
+    """What the envelope must hold beyond its types: unique custom_ids, and
+    no request that streams (the others' params are checked as they run)."""
     seen: set[str] = set()
-    lines = []
     for index, item in enumerate(items):
         if item.custom_id in seen:
             raise invalid(f"requests.{index}.custom_id: {item.custom_id!r} is used by an earlier request; "
@@ -136,21 +140,26 @@ def input_lines(items: list[BatchItem]) -> bytes:
         if item.params.get("stream"):
             raise invalid(f"requests.{index}.params.stream: a batch request cannot stream",
                           f"requests.{index}.params.stream")
-        lines.append(json.dumps({"custom_id": item.custom_id, "method": "POST", "url": ENDPOINT,
-                                 "body": item.params}, ensure_ascii=False))
-    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def input_lines(items: list[BatchItem]) -> bytes:
+    """The requests as an input file of the Batch API (one JSON line each)."""
+    return "".join(json.dumps({"custom_id": item.custom_id, "method": "POST", "url": ENDPOINT, "body": item.params},
+                              ensure_ascii=False) + "\n" for item in items).encode("utf-8")
 
 
 @router.post("/v1/messages/batches", responses=failures(400, 401, 403, 413, 503))
 async def create_message_batch(body: CreateMessageBatch, request: Request, scope: Scope) -> dict[str, Any]:
     state = request.app.state
     user = chat_user(scope, body.user)
+    check_items(body.requests)
     content = input_lines(body.requests)
-    batch = batches.new_batch(f"file-{uuid.uuid4().hex}", ENDPOINT, {"requests": str(len(body.requests))},
-                              id_prefix=ID_PREFIX)
+    batch = batches.new_batch(f"file-{uuid.uuid4().hex}", ENDPOINT, None, id_prefix=ID_PREFIX)
+    batch["request_counts"]["total"] = len(body.requests)  # known now (the Batch API's once its file is read)
     created = batch["created_at"]
-    await state.store.record_file(StoredFile(batch["input_file_id"], user, "batch", f"{batch['id']}_requests.jsonl",
-                                             len(content), created, created + RESULTS_KEPT_S), content)
+    await state.store.record_file(StoredFile(batch["input_file_id"], user, batches.MESSAGE_BATCH_INPUT,
+                                             f"{batch['id']}_requests.jsonl", len(content), created,
+                                             created + RESULTS_KEPT_S), content)
     await state.batches.start(batch, user, scope, RESULTS_KEPT_S)
     return message_batch(StoredBatch(batch["id"], user, batch, True), request)
 
@@ -165,10 +174,9 @@ async def cancel_message_batch(message_batch_id: str, request: Request, scope: S
     """Cancels a batch still running (its answers so far stay its results);
     an ended one is returned as it is, as Anthropic does."""
     found = await find_message_batch(request, scope, message_batch_id)
-    if found.batch["status"] in ENDED:
-        return message_batch(found, request)
-    await cancel_batch(message_batch_id, request, scope)
-    return message_batch(await find_message_batch(request, scope, message_batch_id), request)
+    if found.batch["status"] != "cancelling" and not has_ended(found.batch):
+        found = await cancel_running(request, found, lambda: find_message_batch(request, scope, message_batch_id))
+    return message_batch(found, request)
 
 
 @router.delete("/v1/messages/batches/{message_batch_id}", responses=failures(400, 401, 404))
@@ -177,7 +185,7 @@ async def delete_message_batch(message_batch_id: str, request: Request, scope: S
     be cancelled first (Anthropic's rule)."""
     store = request.app.state.store
     found = await find_message_batch(request, scope, message_batch_id)
-    if found.batch["status"] not in ENDED:
+    if not has_ended(found.batch):
         raise invalid(f"message batch {message_batch_id!r} is still processing: cancel it first, then delete it "
                       "once it has ended", "message_batch_id")
     await store.delete_batch(message_batch_id)
@@ -212,7 +220,7 @@ async def message_batch_results(message_batch_id: str, request: Request, scope: 
     store = request.app.state.store
     found = await find_message_batch(request, scope, message_batch_id)
     batch = found.batch
-    if batch["status"] not in ENDED:
+    if not has_ended(batch):
         raise invalid(f"message batch {message_batch_id!r} is still processing: its results are ready once its "
                       "processing_status is ended", "message_batch_id")
     results: dict[str, dict[str, Any]] = {}

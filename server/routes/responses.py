@@ -312,7 +312,6 @@ class ResponsesFormatter(Formatter):
         self.conversation_id = body.conversation_id()
         self.message_id = message_item_id(response_id)
         self.message_open = False
-        self.calls_done = 0  # the streamed calls whose items are done (in order)
         self.announced = False  # response.created sent already (a background stream's, as it was queued)
         self.failed_response: dict | None = None  # the response a failed stream ended with
 
@@ -403,7 +402,6 @@ class ResponsesFormatter(Formatter):
         if not call.done:
             return [self.event("response.function_call_arguments.delta", item_id=item["id"],
                                output_index=call.index, delta=call.arguments)]
-        self.calls_done += 1
         return [self.event("response.function_call_arguments.done", item_id=item["id"], output_index=call.index,
                            name=item["name"], arguments=item["arguments"]),
                 self.event("response.output_item.done", output_index=call.index, item={**item, "status": "completed"})]
@@ -413,7 +411,7 @@ class ResponsesFormatter(Formatter):
         (no arguments .done: they are not)."""
         return [self.event("response.output_item.done", output_index=index,
                            item=self.call_item(call, index, "incomplete"))
-                for index, call in enumerate(choice.streamed_calls) if index >= self.calls_done]
+                for index, call in enumerate(choice.streamed_calls) if index >= choice.calls_complete]
 
     def delta(self, generation: Generation, choice: ChoiceState, delta: Delta) -> list[str]:
         if choice.streamed_calls or choice.holds_calls:  # the answer is calls: no message item

@@ -40,7 +40,7 @@ def reward_model_not_found(name: str, request: Request) -> APIError:
                     param="name", code="model_not_found")
 
 
-def worker_ready(request: Request):
+def ready_worker(request: Request):
     client = request.app.state.worker
     if not client.ready:
         raise unavailable(client.down_reason)
@@ -49,13 +49,13 @@ def worker_ready(request: Request):
 
 @router.get("/v1/reward_models", response_model=RewardModelList, responses=errors(401, 503))
 async def list_reward_models(request: Request):
-    worker_ready(request)
+    ready_worker(request)
     return {"object": "list", "data": reward_model_cards(request)}
 
 
 @router.get("/v1/reward_models/{name}", response_model=RewardModelCard, responses=errors(401, 404, 503))
 async def retrieve_reward_model(name: str, request: Request):
-    worker_ready(request)
+    ready_worker(request)
     card = next((card for card in reward_model_cards(request) if card["id"] == name), None)
     if card is None:
         raise reward_model_not_found(name, request)
@@ -66,7 +66,7 @@ async def retrieve_reward_model(name: str, request: Request):
 async def load_reward_model(body: LoadRewardModel, request: Request, scope: Scope):
     """Loads a LoRA reward adapter into the running worker (admin key only)."""
     check_admin(scope)
-    client = worker_ready(request)
+    client = ready_worker(request)
     if body.name in client.model_info.get("reward_models", []):
         raise APIError(400, f"a reward model named {body.name!r} is already loaded", param="name", code="already_loaded")
     try:
@@ -85,7 +85,7 @@ async def unload_reward_model(name: str, request: Request, scope: Scope):
     are refused from now on; those already running finish with it, and its
     memory is freed when they end (`in_use` says how many)."""
     check_admin(scope)
-    client = worker_ready(request)
+    client = ready_worker(request)
     if name not in client.model_info.get("reward_models", []):
         raise reward_model_not_found(name, request)
     try:
@@ -93,7 +93,9 @@ async def unload_reward_model(name: str, request: Request, scope: Scope):
     except RequestRejected as exc:
         if exc.error.get("code") == "model_not_found":  # another gateway of the worker unloaded it first
             raise reward_model_not_found(name, request) from None
-        raise APIError(400, exc.error["message"], param="name", code=exc.error.get("code")) from None
+        status = exc.error.get("status", 400)  # 500: the engine failed on it (logged there)
+        raise APIError(status, exc.error["message"], type="invalid_request_error" if status < 500 else "server_error",
+                       param="name", code=exc.error.get("code")) from None
     except WorkerUnavailable as exc:
         raise unavailable(str(exc)) from None
     return {"object": "reward_model.deleted", "id": name, "deleted": True, "in_use": reply["in_use"],

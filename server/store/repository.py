@@ -24,7 +24,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1043,9 +1043,12 @@ class Store:
         return None if content is None else bytes(content)
 
     async def list_files(self, *, users: frozenset[str] | None, purpose: str | None, after: str | None,
-                         limit: int, descending: bool) -> tuple[list[StoredFile], bool]:
+                         limit: int, descending: bool, hidden_purposes: Collection[str] = ()
+                         ) -> tuple[list[StoredFile], bool]:
         table = schema.files
         conditions = [] if users is None else [table.c.user_id.in_(sorted(users))]
+        if hidden_purposes:
+            conditions.append(table.c.purpose.notin_(sorted(hidden_purposes)))
         async with self._read() as conn:
             if after is not None:
                 cursor = None if not keyable(after, table.c.file_id) else (await conn.execute(
@@ -1107,18 +1110,14 @@ class Store:
         conditions = [] if users is None else [table.c.user_id.in_(sorted(users))]
         if id_prefix is not None:
             conditions.append(table.c.batch_id.startswith(id_prefix, autoescape=True))
-        backwards = before is not None
+        backwards = before is not None  # the page just before `before`: read oldest first from it, then turned
         async with self._read() as conn:
-            for name, cursor_id in (("after", after), ("before", before)):
-                if cursor_id is None:
-                    continue
-                cursor = None if not keyable(cursor_id, table.c.batch_id) else (await conn.execute(
-                    select(table.c.created_at, table.c.seq).where(and_(table.c.batch_id == cursor_id, *conditions)))
-                ).first()
-                if cursor is None:
-                    raise InvalidInput(f"{name}: no batch {cursor_id[:80]!r} in this list", param=name,
-                                       code="invalid_value")
-                conditions.append(_after(table.c.created_at, table.c.seq, *cursor, name == "after"))
+            if after is not None:  # older than it (the list is newest first)
+                cursor = await self._batch_cursor(conn, after, conditions, "after")
+                conditions.append(_after(table.c.created_at, table.c.seq, *cursor, descending=True))
+            if before is not None:  # newer than it
+                cursor = await self._batch_cursor(conn, before, conditions, "before")
+                conditions.append(_after(table.c.created_at, table.c.seq, *cursor, descending=False))
             order = (table.c.created_at.asc(), table.c.seq.asc()) if backwards else \
                 (table.c.created_at.desc(), table.c.seq.desc())
             rows = (await conn.execute(select(table).where(and_(true(), *conditions))
@@ -1126,6 +1125,16 @@ class Store:
         batches = [_stored_batch(row) for row in rows]
         page = batches[:limit]
         return (page[::-1] if backwards else page), len(batches) > limit
+
+    @staticmethod
+    async def _batch_cursor(conn: AsyncConnection, batch_id: str, conditions: list, param: str) -> tuple[int, int]:
+        """(created_at, seq) of a batch in the list `conditions` select: where a page starts."""
+        table = schema.batches
+        cursor = None if not keyable(batch_id, table.c.batch_id) else (await conn.execute(
+            select(table.c.created_at, table.c.seq).where(and_(table.c.batch_id == batch_id, *conditions)))).first()
+        if cursor is None:
+            raise InvalidInput(f"{param}: no batch {batch_id[:80]!r} in this list", param=param, code="invalid_value")
+        return tuple(cursor)
 
     async def delete_batch(self, batch_id: str) -> bool:
         """Deletes an ended batch's object and what its run kept (not its

@@ -126,7 +126,9 @@ def result_line(line: BatchLine, response: httpx.Response | None, error: dict[st
         if response.status_code >= 400 and error is None:
             detail = body.get("error") if isinstance(body, dict) else None
             detail = detail if isinstance(detail, dict) else {}
-            out["error"] = {"code": detail.get("code") or str(response.status_code),
+            # OpenAI's errors name a code (else the status stands for it); Anthropic's (/v1/messages) a type
+            anthropic = isinstance(body, dict) and body.get("type") == "error"
+            out["error"] = {"code": detail.get("type" if anthropic else "code") or str(response.status_code),
                             "message": detail.get("message") or f"HTTP {response.status_code}"}
     return out
 
