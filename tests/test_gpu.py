@@ -130,6 +130,32 @@ def test_cuda_lora_rows_in_graphs_match_the_transformers_runner(tokenizer, tmp_p
     assert engines[1].runners["base"].steps.graphs > 0
 
 
+def test_cuda_an_adapter_reloaded_under_its_name_never_replays_the_old_ones_graphs(tokenizer, tmp_path):
+    """Unloaded while idle (freed at once) and loaded again under the same
+    name from other weights before any decode: the same graph key, whose
+    recorded graphs read the old weights and mask; the new adapter's rows
+    must choose what a fresh engine with it chooses."""
+    from test_lora import save_random_adapter
+
+    for seed, name in enumerate(("old", "new")):
+        save_random_adapter(tmp_path / name, tokenizer, seed)
+    settings = EngineSettings(device="cuda", dtype="float32", backend="cuda", kv_pool_gib=0.05)
+    requests = _batch("u")
+    for request in requests:
+        if request.preferences:
+            request.guidance = dataclasses.replace(request.guidance, reward_model="one")
+    fresh = engine_for_model(tiny_model(tokenizer).to("cuda"), tokenizer, settings)
+    fresh.add_reward_adapter("one", str(tmp_path / "new"))
+    expected = _run(fresh, copy.deepcopy(requests))
+    swapped = engine_for_model(tiny_model(tokenizer).to("cuda"), tokenizer, settings)
+    swapped.add_reward_adapter("one", str(tmp_path / "old"))
+    _run(swapped, copy.deepcopy(requests))
+    assert swapped.remove_reward_adapter("one") == 0
+    swapped.add_reward_adapter("one", str(tmp_path / "new"))
+    assert _run(swapped, requests) == expected
+    assert swapped.runners["base"].steps.graphs > 0
+
+
 @pytest.mark.parametrize("backend", ["transformers", "cuda"])
 def test_cuda_prefix_cache_next_turns_answer_as_without_it(tokenizer, backend):
     """A chat's next turns start from the cached KV of the earlier ones (in
