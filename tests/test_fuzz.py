@@ -59,15 +59,24 @@ GENERATION_PATHS = {"/v1/chat/completions": ("max_tokens", "max_completion_token
 
 
 def steer_to_the_engine(case) -> None:
-    """Points every other generation body (chat, completions, responses) at
-    the served model, without the fields that would refuse it or compile a
-    grammar, and with few tokens (the tiny model's 512-token context would
-    otherwise be decoded whole)."""
+    """Gives every schema-valid generation body few tokens (the tiny model's
+    512-token context would otherwise be decoded whole), and points every
+    other one (chat, completions, responses, messages) at the served model,
+    without the fields that would refuse it or compile a grammar."""
     body = case.body
     if case.operation.path not in GENERATION_PATHS or not isinstance(body, dict):
         return
     if case.meta is not None and case.meta.generation.mode != GenerationMode.POSITIVE:
         return  # schema-invalid on purpose: left as generated, the server must refuse it
+    # Every schema-valid generation is short: a max_tokens up to 2**63 (or none) would decode the tiny
+    # model's whole context, n times (the bounds themselves are hostile_inputs' to check).
+    limits = GENERATION_PATHS[case.operation.path]
+    for name in limits:
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 4:
+            body[name] = 4
+    if not any(name in body for name in limits):
+        body[limits[0]] = 4
     if next(_STEER) % 2:
         return
     body["model"] = MODEL
@@ -78,13 +87,6 @@ def steer_to_the_engine(case) -> None:
             message["role"] = "user"
         if isinstance(message, dict) and message.get("content") is None:
             message["content"] = "Hi"
-    limits = GENERATION_PATHS[case.operation.path]
-    for name in limits:
-        value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 4:
-            body[name] = 4
-    if not any(name in body for name in limits):
-        body[limits[0]] = 4
 
 
 def assert_error_shaped(response, path: str) -> None:
