@@ -274,13 +274,18 @@ class SlotRunner(ModelRows):
     def adapters_in_use(self) -> Collection[str]:
         return set(self._adapters)  # free slots hold NO_ADAPTER
 
+    def _installed_adapters(self) -> tuple[str, ...]:
+        """The adapters held, in a fixed order: part of a decode graph's key
+        (the step's code computes each one's LoRA)."""
+        return tuple(sorted(self.lora.names))
+
     def remove_adapter(self, name: str) -> None:
         super().remove_adapter(name)
         self._adapter_masks.pop(name, None)
         # The decode graphs recorded with it read its weights and its mask: dropped now, not at the next
         # decode, where an adapter loaded meanwhile under the same name would give the same key.
         self.steps.clear()
-        self._graphed_adapters = tuple(sorted(self.lora.names))
+        self._graphed_adapters = self._installed_adapters()
 
     @torch.inference_mode()
     def prefill(self, rows: Sequence[NewRow]) -> torch.Tensor:
@@ -382,7 +387,7 @@ class SlotRunner(ModelRows):
         batch = self.batch_size
         read_length = read_length_bucket(self._longest + 1, self.slot_tokens)
         copy_to(self._tokens[:batch], next_tokens)
-        adapters = tuple(sorted(self.lora.names))
+        adapters = self._installed_adapters()
         if adapters != self._graphed_adapters:  # the step's code changed: older graphs are stale
             self.steps.clear()
             self._graphed_adapters = adapters
@@ -404,7 +409,7 @@ class SlotRunner(ModelRows):
             return 0
         if self._index:
             raise RuntimeError("decode graphs are recorded before rows join")
-        self._graphed_adapters = adapters = tuple(sorted(self.lora.names))
+        self._graphed_adapters = adapters = self._installed_adapters()
         for batch in sorted(self.buckets or (self.shape.slots,), reverse=True):
             for read_length in read_length_buckets(self.slot_tokens):
                 self.steps.run((batch, read_length, adapters),

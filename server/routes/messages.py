@@ -176,12 +176,8 @@ class MessagesFormatter(Formatter):
                 "pad": generation.pad_info()}
 
     def message(self, generation: Generation, choice: ChoiceState, usage: dict) -> dict:
-        if choice.tool_calls is not None:
-            content = [tool_use_block(call) for call in choice.tool_calls]
-        elif choice.holds_calls:  # calls cut short (max_tokens, a stop): those begun, as a stream gives them
-            content = [tool_use_block(call) for call in choice.streamed_calls]
-        else:
-            content = []
+        # The calls (those begun, when max_tokens or a stop cut them short), else the text.
+        content = [tool_use_block(call) for call in choice.answer_calls or ()]
         content = content or [{"type": "text", "text": choice.text}]  # (as a stream's: one block at least)
         return self.envelope(generation, content, choice, anthropic_usage(usage))
 

@@ -353,20 +353,17 @@ class ResponsesFormatter(Formatter):
         return {"id": call_item_id(self.response_id, index), "type": "function_call", "status": status,
                 "call_id": call["id"], "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
 
-    def call_items(self, choice: ChoiceState) -> list[dict]:
-        return [self.call_item(call, index) for index, call in enumerate(choice.tool_calls or ())]
-
     @staticmethod
     def status(choice: ChoiceState) -> str:
         return "incomplete" if choice.finish_reason == "length" else "completed"
 
     def output(self, choice: ChoiceState) -> list[dict]:
-        if choice.tool_calls is not None:
-            return self.call_items(choice)
-        if choice.holds_calls:  # calls cut short (max_output_tokens, a stop): those begun, as a stream gives them
-            return [self.call_item(call, index, "completed" if index < choice.calls_complete else "incomplete")
-                    for index, call in enumerate(choice.streamed_calls)]
-        return [self.message_item(choice, self.status(choice))]
+        calls = choice.answer_calls  # cut short (max_output_tokens, a stop): those begun, as a stream gives them
+        if calls is None:
+            return [self.message_item(choice, self.status(choice))]
+        whole = choice.tool_calls is not None
+        return [self.call_item(call, index, "completed" if whole or index < choice.calls_complete else "incomplete")
+                for index, call in enumerate(calls)]
 
     def response(self, generation: Generation, choice: ChoiceState) -> dict:
         return self.envelope(generation, self.status(choice), self.output(choice), usage_of([choice]))

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from server.auth import Scope, key_scope
 from server.auth_scopes import check_admin
 from server.errors import APIError, unavailable
+from server.generation import map_exception
 from server.openai_models import RewardModelCard, RewardModelDeleted, RewardModelList, RewardModelLoaded
 from server.openapi import errors
 from server.request_body import JSONRoute
@@ -71,10 +72,8 @@ async def load_reward_model(body: LoadRewardModel, request: Request, scope: Scop
         raise APIError(400, f"a reward model named {body.name!r} is already loaded", param="name", code="already_loaded")
     try:
         info = await client.load_adapter(body.name, body.path)
-    except RequestRejected as exc:
-        raise APIError(400, exc.error["message"], param=exc.error.get("param"), code=exc.error.get("code")) from None
-    except WorkerUnavailable as exc:
-        raise unavailable(str(exc)) from None
+    except (RequestRejected, WorkerUnavailable) as exc:
+        raise map_exception(exc) from None
     return {"object": "reward_model", "id": body.name, "reward_models": info.get("reward_models", [])}
 
 
@@ -90,13 +89,9 @@ async def unload_reward_model(name: str, request: Request, scope: Scope):
         raise reward_model_not_found(name, request)
     try:
         reply = await client.unload_adapter(name)
-    except RequestRejected as exc:
-        if exc.error.get("code") == "model_not_found":  # another gateway of the worker unloaded it first
-            raise reward_model_not_found(name, request) from None
-        status = exc.error.get("status", 400)  # 500: the engine failed on it (logged there)
-        raise APIError(status, exc.error["message"], type="invalid_request_error" if status < 500 else "server_error",
-                       param="name", code=exc.error.get("code")) from None
-    except WorkerUnavailable as exc:
-        raise unavailable(str(exc)) from None
+    except (RequestRejected, WorkerUnavailable) as exc:
+        if isinstance(exc, RequestRejected) and exc.error.get("code") == "model_not_found":
+            raise reward_model_not_found(name, request) from None  # another gateway of the worker unloaded it first
+        raise map_exception(exc) from None
     return {"object": "reward_model.deleted", "id": name, "deleted": True, "in_use": reply["in_use"],
             "reward_models": reply["info"].get("reward_models", [])}
