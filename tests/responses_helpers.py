@@ -1,7 +1,9 @@
-"""What the Responses API tests share (tests/test_stored_responses.py,
-tests/test_conversations.py): greedy short answers from the tiny engine, a
-function tool in the Responses shape, a test server with API keys bound
-to users, the official SDK on it with a key, and an SDK error's OpenAI error body."""
+"""What the tests of the keyed APIs share (tests/test_stored_responses.py,
+tests/test_conversations.py, the Anthropic and input-token tests...):
+greedy short answers from the tiny engine, a function tool in the Responses
+shape, a test server with API keys bound to users (on a worker of its own,
+or given one), the official SDK on it with a key, and an SDK error's OpenAI
+error body."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import openai
-from server_helpers import uvicorn_server
+from server_helpers import uvicorn_server, worker_thread
 
 from server.app import create_app
 from server.settings import ServerSettings
@@ -31,6 +33,13 @@ def keyed_server(worker: str, data_dir: Path) -> Iterator[str]:
     """A gateway on `worker` with the KEYS, keeping its store in `data_dir`; yields its URL."""
     settings = ServerSettings(worker_address=worker, data_dir=data_dir, api_keys=KEYS)
     with uvicorn_server(create_app(settings)) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def keyed_gateway(data_dir: Path) -> Iterator[str]:
+    """A worker loop on the tiny engine and a keyed_server in front of it; yields its URL."""
+    with worker_thread() as (address, _worker), keyed_server(address, data_dir) as url:
         yield url
 
 

@@ -14,8 +14,7 @@ import json
 import anthropic
 import httpx
 import pytest
-from responses_helpers import MODEL, keyed_server, sdk
-from server_helpers import worker_thread
+from responses_helpers import MODEL, keyed_gateway, sdk
 
 ASK = [{"role": "user", "content": "How do I sleep better?"}]
 GREEDY = {"temperature": 0}  # a field Anthropic's API has dropped (its SDK too): older clients still send it
@@ -24,14 +23,8 @@ WEATHER = {"name": "get_weather", "description": "The weather in a city", "input
 
 
 @pytest.fixture(scope="module")
-def worker():
-    with worker_thread() as (address, _worker):
-        yield address
-
-
-@pytest.fixture(scope="module")
-def server(worker, tmp_path_factory):
-    with keyed_server(worker, tmp_path_factory.mktemp("anthropic")) as url:
+def server(tmp_path_factory):
+    with keyed_gateway(tmp_path_factory.mktemp("anthropic")) as url:
         yield url
 
 

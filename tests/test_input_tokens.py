@@ -11,19 +11,12 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from responses_helpers import GREEDY, MODEL, WEATHER, error_of, keyed_server, sdk
-from server_helpers import worker_thread
+from responses_helpers import GREEDY, MODEL, WEATHER, error_of, keyed_gateway, sdk
 
 
 @pytest.fixture(scope="module")
-def worker():
-    with worker_thread() as (address, _worker):
-        yield address
-
-
-@pytest.fixture(scope="module")
-def server(worker, tmp_path_factory):
-    with keyed_server(worker, tmp_path_factory.mktemp("input-tokens")) as url:
+def server(tmp_path_factory):
+    with keyed_gateway(tmp_path_factory.mktemp("input-tokens")) as url:
         yield url
 
 

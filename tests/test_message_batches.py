@@ -15,21 +15,14 @@ import anthropic
 import httpx
 import openai as openai_sdk
 import pytest
-from responses_helpers import MODEL, keyed_server, sdk
-from server_helpers import worker_thread
+from responses_helpers import MODEL, keyed_gateway, sdk
 
 ASK = [{"role": "user", "content": "How do I sleep better?"}]
 
 
 @pytest.fixture(scope="module")
-def worker():
-    with worker_thread() as (address, _worker):
-        yield address
-
-
-@pytest.fixture(scope="module")
-def server(worker, tmp_path_factory):
-    with keyed_server(worker, tmp_path_factory.mktemp("message-batches")) as url:
+def server(tmp_path_factory):
+    with keyed_gateway(tmp_path_factory.mktemp("message-batches")) as url:
         yield url
 
 
