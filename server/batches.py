@@ -50,7 +50,8 @@ import httpx
 from server.auth import INTERNAL_SCOPE
 from server.auth_scopes import KeyScope, KeyTable
 from server.leased_runs import LeasedRun, LeasedRuns
-from server.store.repository import RUNNING_BATCH, ClaimedBatch, StoredFile
+from server.store.batches import RUNNING_BATCH
+from server.store.records import ClaimedBatch, StoredFile
 from server.tools import run_batch
 
 logger = logging.getLogger(__name__)

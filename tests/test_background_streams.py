@@ -27,7 +27,7 @@ from server.background_events import PAGE, EventLog, frame_of, kind_of, replay
 from server.settings import ServerSettings
 from server.store import Store
 from server.store.config import StoreConfig
-from server.store.repository import ResponseEvent
+from server.store.records import ResponseEvent
 
 RUNNING = {**GREEDY, "max_output_tokens": 150}  # ~3 s on the slowed tiny engine
 TERMINAL = ("response.completed", "response.incomplete", "response.failed")

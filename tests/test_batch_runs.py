@@ -18,7 +18,7 @@ from store_helpers import db_url, store_config  # noqa: F401  (fixture)
 from server.auth_scopes import KeyScope, KeyTable
 from server.batches import BatchRuns, new_batch, resumed_scope
 from server.store import Store
-from server.store.repository import ClaimedBatch, StoredBatch, StoredFile
+from server.store.records import ClaimedBatch, StoredBatch, StoredFile
 
 
 class EchoApp:

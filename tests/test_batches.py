@@ -26,7 +26,7 @@ from server.batches import new_batch
 from server.settings import ServerSettings
 from server.store import Store, schema
 from server.store.config import StoreConfig
-from server.store.repository import StoredFile
+from server.store.records import StoredFile
 from server.worker_client import free_local_address
 
 QUESTIONS = ["How do I sleep better?", "What is a cat?", "Name a colour.", "Hi"]

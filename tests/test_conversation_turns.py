@@ -28,7 +28,7 @@ from server.app import create_app
 from server.routes.conversations import ConversationTurns
 from server.settings import ServerSettings
 from server.store import Store, schema
-from server.store.repository import _runs_to_its_end
+from server.store.base import runs_to_its_end
 
 MODEL = "smollm2-135m-instruct"
 
@@ -159,7 +159,7 @@ async def test_a_turn_released_off_the_event_loop_is_given_back(tmp_path):
         await store.close()
 
 
-async def test_a_store_write_whose_caller_went_away_runs_to_its_end(tmp_path):
+async def test_a_store_write_whose_caller_went_awayruns_to_its_end(tmp_path):
     """Any write, not only a turn's: cancelled after 0, 1, 2 ... event-loop
     iterations (mid-transaction among them), it is kept whole and leaves
     SQLite writable for the next writer, in this process or another. (One
@@ -252,7 +252,7 @@ def test_a_hung_up_turn_is_given_back_only_once_its_answer_joined_the_conversati
             await asyncio.sleep(1.0)  # not yet at the conversation's row lock
         return await raw_add(self, conversation_id, items)
 
-    monkeypatch.setattr(Store, "add_conversation_items", _runs_to_its_end(add_slowly))
+    monkeypatch.setattr(Store, "add_conversation_items", runs_to_its_end(add_slowly))
     settings = ServerSettings(data_dir=tmp_path, db_url=url)
     try:
         with worker_thread() as (address, _), \

@@ -193,3 +193,28 @@ def test_a_message_batch_takes_a_body_up_to_the_upload_limit_not_the_request_lim
     limits = BodyLimitMiddleware(None, limit=1024, upload_limit=4096)
     assert limits.limit_of({"method": "POST", "path": "/v1/messages/batches"}) == 4096
     assert limits.limit_of({"method": "POST", "path": "/v1/messages"}) == 1024
+
+
+def test_an_ended_batch_past_its_29_days_reads_archived_without_a_results_url(monkeypatch):
+    """Anthropic keeps a batch's results 29 days after its creation; then the
+    batch shows `archived_at` and no `results_url` (its results route is a
+    404: its files expired)."""
+    from starlette.requests import Request
+
+    from server import batches
+    from server.routes import message_batches
+    from server.store.records import StoredBatch
+
+    batch = {**batches.new_batch("file-x", "/v1/messages", None, id_prefix=message_batches.ID_PREFIX),
+             "status": "completed"}
+    batch["completed_at"] = batch["created_at"] + 60
+    request = Request({"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": b"",
+                       "server": ("pad", 80), "scheme": "http", "root_path": ""})
+    now = time.time()
+    fresh = message_batches.message_batch(StoredBatch(batch["id"], None, batch, False), request)
+    assert fresh["archived_at"] is None and fresh["results_url"].endswith("/results")
+    monkeypatch.setattr(time, "time", lambda: now + message_batches.RESULTS_KEPT_S + 1)
+    old = message_batches.message_batch(StoredBatch(batch["id"], None, batch, False), request)
+    assert old["results_url"] is None and old["processing_status"] == "ended"
+    archived = message_batches.rfc3339(batch["created_at"] + message_batches.RESULTS_KEPT_S)
+    assert old["archived_at"] == archived

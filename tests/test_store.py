@@ -313,7 +313,7 @@ async def test_responses_round_trip_retention_and_delete(db_url):  # noqa: F811
 
 
 async def test_a_streamed_background_responses_events_are_kept_read_in_order_and_go_with_it(db_url):  # noqa: F811
-    from server.store.repository import ResponseEvent
+    from server.store.records import ResponseEvent
 
     store = await Store.open(store_config(db_url, responses_retention_days=1))
     try:
@@ -401,7 +401,7 @@ async def test_a_version_7_databases_running_batch_is_claimed_once_and_ended_wit
 
     from server.batches import new_batch
     from server.store.config import normalize_url
-    from server.store.repository import StoredFile
+    from server.store.records import StoredFile
 
     batch = {**new_batch("file-in", "/v1/chat/completions", None), "status": "in_progress"}
     engine = create_async_engine(normalize_url(db_url))
@@ -460,7 +460,7 @@ async def test_a_version_7_databases_running_batch_is_claimed_once_and_ended_wit
 
 async def test_expired_files_are_gone_at_once_and_pruned_but_a_running_batchs_input(store):
     from server.batches import new_batch
-    from server.store.repository import StoredFile
+    from server.store.records import StoredFile
 
     now = int(time.time())
     for file_id, expires in (("file-old", now - 10), ("file-input", now - 10), ("file-new", now + 3600),

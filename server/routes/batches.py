@@ -24,7 +24,7 @@ from server.openapi import errors
 from server.request_body import JSONRoute
 from server.routes.files import ExpiresAfter, find_file
 from server.routes.stored_responses import item_list, page_limit
-from server.store.repository import StoredBatch
+from server.store.records import StoredBatch
 
 router = APIRouter(tags=["batches"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 

@@ -51,7 +51,8 @@ from server.routes.stored_responses import (
 )
 from server.store import schema
 from server.store.http import StoreDep
-from server.store.repository import StoredConversation, keyable
+from server.store.base import keyable
+from server.store.records import StoredConversation
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["conversations"], route_class=JSONRoute, dependencies=[Depends(key_scope)])

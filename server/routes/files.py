@@ -30,7 +30,7 @@ from server.openai_models import StrictRequest
 from server.openapi import errors
 from server.request_body import JSONRoute
 from server.routes.stored_responses import item_list
-from server.store.repository import StoredFile
+from server.store.records import StoredFile
 
 router = APIRouter(tags=["files"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 

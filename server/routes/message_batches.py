@@ -15,11 +15,13 @@ ended one with its files; GET /v1/messages/batches lists them (newest
 first; `limit`, `after_id`, `before_id`). Errors have Anthropic's shape
 (server/anthropic_errors.py). As Anthropic, a request's `params` are checked
 when it runs (a bad one is an `errored` result), the envelope at once.
-The results, like Anthropic's, are kept 29 days."""
+The results, like Anthropic's, are kept 29 days after the batch's creation;
+then the batch reads `archived_at` and its `results_url` is null."""
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -36,7 +38,7 @@ from server.errors import APIError, invalid
 from server.openapi import errors
 from server.request_body import JSONRoute
 from server.routes.batches import cancel_running, look_if_orphaned
-from server.store.repository import StoredBatch, StoredFile
+from server.store.records import StoredBatch, StoredFile
 
 router = APIRouter(tags=["anthropic"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
 
@@ -97,6 +99,8 @@ def message_batch(kept: StoredBatch, request: Request) -> dict[str, Any]:
     ended_at = next((batch[key] for key in ("completed_at", "failed_at", "expired_at", "cancelled_at")
                      if batch.get(key)), None)
     ended = has_ended(batch)
+    archived_at = batch["created_at"] + RESULTS_KEPT_S  # its input (so its results) is gone from then on
+    archived = ended and time.time() >= archived_at
     return {
         "id": batch["id"],
         "type": "message_batch",
@@ -106,9 +110,9 @@ def message_batch(kept: StoredBatch, request: Request) -> dict[str, Any]:
         "expires_at": rfc3339(batch["expires_at"]),
         "ended_at": rfc3339(ended_at) if ended else None,
         "cancel_initiated_at": rfc3339(batch.get("cancelling_at")),
-        "archived_at": None,
+        "archived_at": rfc3339(archived_at) if archived else None,
         "results_url": f"{str(request.base_url).rstrip('/')}/v1/messages/batches/{batch['id']}/results"
-        if ended else None,
+        if ended and not archived else None,
     }
 
 

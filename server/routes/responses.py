@@ -74,7 +74,7 @@ from server.routes.stored_responses import (
 )
 from server.background import Run
 from server.background_events import EventLog, frame_of
-from server.store.repository import StoredConversation, StoredResponse
+from server.store.records import StoredConversation, StoredResponse
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["responses"], route_class=JSONRoute, dependencies=[Depends(key_scope)])

@@ -39,7 +39,7 @@ from server.openai_models import ChatCompletion, ChatCompletionRequest, Metadata
 from server.openapi import errors
 from server.request_body import JSONRoute
 from server.routes.stored_responses import ItemList, cursor_page, item_list, page_limit
-from server.store.repository import StoredChatCompletion
+from server.store.records import StoredChatCompletion
 from server.store.schema import chat_completion_metadata
 
 logger = logging.getLogger(__name__)

@@ -49,7 +49,7 @@ from server.messages import response_input_messages
 from server.openapi import SSE_EVENT, errors
 from server.request_body import JSONRoute
 from server.responses_models import ResponseObject
-from server.store.repository import StoredResponse, new_item_id
+from server.store.records import StoredResponse, new_item_id
 
 logger = logging.getLogger(__name__)
 

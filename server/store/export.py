@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from server.store.config import StoreConfig, StoreSettings
-from server.store.repository import ExportResult, Store
+from server.store.records import ExportResult
+from server.store.repository import Store
 
 logger = logging.getLogger(__name__)
 
