@@ -57,6 +57,7 @@ from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForC
 
 from pad_core.attention import GROUPED_DECODE, set_attention_implementation
 from pad_core.engine import PadEngine
+from pad_core.fused_norm import use_fused_rms_norm
 from pad_core.model_loading import engine_for_model, load_causal_lm, resolve_device, resolve_dtype
 from pad_core.prompting import PromptBuilder
 from pad_core.settings import DEFAULT_PREFERENCE_TEMPLATE, EMBEDDED_MODEL, EngineSettings
@@ -306,37 +307,49 @@ def bench_model(name: str, tokenizer, args, device: torch.device, dtype: torch.d
     chosen: dict[tuple[str, int, str], dict[str, list[int]]] = {}  # (backend, concurrency, mode): tokens by request
     reported: dict[tuple[str, int, str], Result] = {}
     for backend in runners(args, device):
-        if backend == "anchor":
-            bench_anchor(name, model, tokenizer, attention, args, device, report)
-            continue
-        # the pool runners switch the model to their decode attention; the others measure the model's own
-        pooled = backend != "transformers" and attention == "sdpa"
-        set_attention_implementation(model, GROUPED_DECODE if pooled else attention)
-        top = max(args.concurrency)
-        engine = engine_for_model(model, tokenizer, engine_settings(backend, device, dtype, model, top, args.tokens))
-        for concurrency, mode in loads(args.concurrency):
-            seconds, tok_s, itl, tokens = run_engine(engine, concurrency, args.tokens, mode == "pad")
-            chosen[backend, concurrency, mode] = tokens
-            graphs = engine.runners["base"].steps.graphs if backend == "cuda" else None
-            result = Result(name, backend, mode, concurrency, sum(map(len, tokens.values())), seconds, tok_s,
-                            itl * 1e3, None, graphs)
-            reported[backend, concurrency, mode] = result
-            for pool in ("cuda", "slots"):  # whichever of the pair came second settles `same`
-                if (pool, concurrency, mode) in reported and ("transformers", concurrency, mode) in chosen:
-                    reported[pool, concurrency, mode].same = (
-                        chosen[pool, concurrency, mode] == chosen["transformers", concurrency, mode])
-            report(result)
-        del engine
+        try:
+            if backend == "anchor":
+                bench_anchor(name, model, tokenizer, attention, args, device, report)
+            else:
+                bench_backend(name, backend, model, tokenizer, attention, args, device, dtype, chosen, reported, report)
+        except Exception:  # one broken runner must not cost a lent GPU's run the others' rows
+            logger.exception("%s on %s failed; going on with the next runner", backend, name)
         free_memory(device)
     del model
     free_memory(device)
 
 
+def bench_backend(name: str, backend: str, model, tokenizer, attention: str, args, device: torch.device,
+                  dtype: torch.dtype, chosen: dict, reported: dict, report: Callable[[Result], None]) -> None:
+    """Every load on one engine of `backend` (its graphs recorded once)."""
+    # the pool runners switch the model to their decode attention; the others measure the model's own
+    pooled = backend != "transformers" and attention == "sdpa"
+    set_attention_implementation(model, GROUPED_DECODE if pooled else attention)
+    use_fused_rms_norm(model, enabled=False)  # transformers' norms, unless the cuda backend swaps them in again
+    concurrencies = args.concurrency if backend == "cuda" else args.others_concurrency
+    engine = engine_for_model(model, tokenizer,
+                              engine_settings(backend, device, dtype, model, max(concurrencies), args.tokens))
+    for concurrency, mode in loads(concurrencies):
+        seconds, tok_s, itl, tokens = run_engine(engine, concurrency, args.tokens, mode == "pad")
+        chosen[backend, concurrency, mode] = tokens
+        graphs = engine.runners["base"].steps.graphs if backend == "cuda" else None
+        result = Result(name, backend, mode, concurrency, sum(map(len, tokens.values())), seconds, tok_s,
+                        itl * 1e3, None, graphs)
+        reported[backend, concurrency, mode] = result
+        for pool in ("cuda", "slots"):  # whichever of the pair came second settles `same`
+            if (pool, concurrency, mode) in reported and ("transformers", concurrency, mode) in chosen:
+                reported[pool, concurrency, mode].same = (
+                    chosen[pool, concurrency, mode] == chosen["transformers", concurrency, mode])
+        report(result)
+    del engine
+
+
 def bench_anchor(name: str, model, tokenizer, attention: str, args, device: torch.device,
                  report: Callable[[Result], None]) -> None:
     set_attention_implementation(model, attention)
+    use_fused_rms_norm(model, enabled=False)  # the anchor runs the model as transformers wrote it
     prompt_ids = PromptBuilder(tokenizer, DEFAULT_PREFERENCE_TEMPLATE).encode(PROMPT)
-    for concurrency in sorted(args.concurrency, reverse=True):
+    for concurrency in sorted(args.others_concurrency, reverse=True):
         runner, seconds, tok_s, itl = run_anchor(model, tokenizer, prompt_ids, concurrency, args.tokens, device)
         report(Result(name, runner, "plain", concurrency, concurrency * args.tokens, seconds, tok_s,
                       None if itl is None else itl * 1e3))
@@ -409,6 +422,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--models", default="135m,1b,8b", help=f"comma-separated, of {', '.join(SHAPES)}")
     parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--others-concurrency", help="concurrency for the anchor, the transformers runner and "
+                        "the pool without graphs (default: --concurrency); a short device call measures them "
+                        "at the bars' load only")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--tokenizer", help="folder with the embedded model's tokenizer files (default: the embedded model)")
     parser.add_argument("--no-anchor", dest="anchor", action="store_false", help="skip transformers' own batching")
@@ -421,6 +437,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.models, args.concurrency, args.tokens = "tiny", "1,2", 6
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.concurrency = sorted({int(c) for c in args.concurrency.split(",")})
+    args.others_concurrency = (sorted({int(c) for c in args.others_concurrency.split(",")})
+                               if args.others_concurrency else args.concurrency)
     unknown = set(args.models) - set(SHAPES)
     if unknown:
         parser.error(f"unknown models: {', '.join(sorted(unknown))}")

@@ -36,7 +36,8 @@ def grouped_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     kv_heads = key.shape[1]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # [B, KV, G, D]
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scaling  # [B, KV, G, L]
-    scores = scores.masked_fill(~allowed, float("-inf"))  # [B, 1, 1, L] over the KV heads and the group
+    # [B, 1, 1, L] over the KV heads and the group; one kernel (masked_fill(~allowed) is two, every layer)
+    scores = torch.where(allowed, scores, float("-inf"))
     weights = scores.softmax(dim=-1).to(value.dtype)
     output = torch.matmul(weights, value)  # [B, KV, G, D]
     return output.reshape(batch, 1, heads, head_dim)

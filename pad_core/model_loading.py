@@ -31,6 +31,7 @@ from transformers.utils import logging as transformers_logging
 
 from pad_core.adapters import base_model_fingerprint
 from pad_core.cuda_graphs import decode_steps, graph_batch_buckets
+from pad_core.fused_norm import HALF_PRECISION, use_fused_rms_norm
 from pad_core.engine import PadEngine
 from pad_core.errors import ModelLoadError
 from pad_core.generation_defaults import sampling_defaults
@@ -341,6 +342,8 @@ def build_runner(model, tokenizer, settings: EngineSettings, fingerprint: Callab
             context_length(model, settings),
         )
         graphed = backend == "cuda"
+        if graphed and dtype in HALF_PRECISION:  # a graphed step is bound by its kernel count (pad_core.fused_norm)
+            logger.info("%d RMSNorms run as one fused kernel each", use_fused_rms_norm(model))
         return SlotRunner(model, slots, slot_tokens, pad_token_id=pad_id, fingerprint=fingerprint,
                           batch_buckets=graph_batch_buckets(slots) if graphed else None,
                           steps=decode_steps(device, enabled=graphed),

@@ -16,15 +16,20 @@
 # One call runs every stage (a session's device time is 15 minutes, the
 # machine's start included, and one command may run 10): each stage has a
 # time limit of its own (SIGINT: bench_gpu rewrites its JSON after every
-# row, so a stage cut short keeps what it measured), and they add up to
-# ~9.5 minutes. The device tool's timeout_s should be 590.
-#   tests      tests/test_gpu.py (graphs recorded and replayed, float32 tokens
-#              equal to the transformers runner, one sync per step)    <= 100 s
+# row, and a runner that fails is logged and skipped, so a stage cut short
+# or broken keeps what it measured), and they add up to ~8 minutes, which
+# leaves a lent session the 4 minutes a second, shorter call needs. The
+# device tool's timeout_s should be 495.
 #   bench135m  benchmarks/bench_gpu.py on 135m, concurrency 1,16,64: cuda,
-#              the anchor, transformers, slots                         <= 260 s
+#              the anchor, transformers, slots                         <= 230 s
+#   tests      tests/test_gpu.py (graphs recorded and replayed, float32 tokens
+#              equal to the transformers runner, one sync per step)    <= 80 s
 #   large      bench_gpu on 8b then 1b, concurrency 1,64: cuda runner and
-#              the anchor                                              <= 150 s
-#   host       benchmarks/step_host_cost.py on 135m, 64 PAD requests    <= 50 s
+#              the anchor                                              <= 120 s
+#   host       benchmarks/step_host_cost.py on 135m, 64 PAD requests    <= 35 s
+#   bars135m   (not in the default run) bench_gpu on 135m: the cuda runner at
+#              1,16,64, the others at 64 only: the bars' rows in one
+#              shorter run, for a second call                        <= 190 s
 # `run STAGE...` runs only those (a second call, if time is left).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,22 +72,25 @@ run() {
     python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' \
         | tee -a "$out/device.txt"
     local stages=("$@")
-    [[ ${#stages[@]} -eq 0 ]] && stages=(tests bench135m large host)
+    [[ ${#stages[@]} -eq 0 ]] && stages=(bench135m tests large host)
     for stage in "${stages[@]}"; do
         case $stage in
             tests)
-                limited 100 python3 -m pytest -q -p no:cacheprovider -p no:randomly tests/test_gpu.py 2>&1 \
+                limited 80 python3 -m pytest -q -p no:cacheprovider -p no:randomly tests/test_gpu.py 2>&1 \
                     | tee "$out/test_gpu.log" || true ;;
             bench135m)
-                limited 260 python3 -m benchmarks.bench_gpu --tokenizer "$tokenizer" --models 135m \
+                limited 230 python3 -m benchmarks.bench_gpu --tokenizer "$tokenizer" --models 135m \
                     --json "$out/bench_135m.json" 2>&1 | tee "$out/bench_135m.log" || true ;;
+            bars135m)
+                limited 190 python3 -m benchmarks.bench_gpu --tokenizer "$tokenizer" --models 135m \
+                    --others-concurrency 64 --json "$out/bench_135m.json" 2>&1 | tee "$out/bench_135m.log" || true ;;
             large)
                 # today's runner and the graph-less pool at 8b would spend the session's minutes on known-slow paths
-                limited 150 python3 -m benchmarks.bench_gpu --tokenizer "$tokenizer" --models 8b,1b --concurrency 1,64 \
+                limited 120 python3 -m benchmarks.bench_gpu --tokenizer "$tokenizer" --models 8b,1b --concurrency 1,64 \
                     --skip-transformers --skip-slots --json "$out/bench_8b_1b.json" 2>&1 \
                     | tee "$out/bench_8b_1b.log" || true ;;
             host)
-                limited 50 python3 -m benchmarks.step_host_cost --device cuda --model 135m --backend cuda --requests 64 \
+                limited 35 python3 -m benchmarks.step_host_cost --device cuda --model 135m --backend cuda --requests 64 \
                     --steps 100 --rounds 2 --tokenizer "$tokenizer" 2>&1 | tee "$out/host_cost.log" || true ;;
             *) echo "unknown stage $stage" >&2; exit 2 ;;
         esac
