@@ -70,6 +70,15 @@ PROMPT_LOGPROBS_CHUNK = 512  # prompt positions per vocabulary-wide log-softmax 
 __all__ = ["BASE_RUNNER", "PadEngine", "RewardSource", "default_max_tokens", "finite_logprob", "max_token_chars"]
 
 
+def without_zero_weights(request: ChatRequest | TextRequest) -> ChatRequest | TextRequest:
+    """The request without its preferences of weight 0: they add nothing to
+    the combined reward, so they cost no reward pass and, when none is left,
+    the request decodes plainly (no prescreen), as with pad.weight 0."""
+    if all(p.weight != 0 for p in request.preferences):
+        return request
+    return dataclasses.replace(request, preferences=[p for p in request.preferences if p.weight != 0])
+
+
 class PadEngine:
     """runners: name -> Runner (BASE_RUNNER holds the base model);
     reward_sources: reward model name (as requests give it) -> where its rows run."""
@@ -132,6 +141,7 @@ class PadEngine:
 
     def _render_chat(self, chat: ChatRequest, refuse_long: bool) -> GenerationRequest:
         chat.verify(self.limits)
+        chat = without_zero_weights(chat)
         if chat.drop_oldest_messages:
             chat = dataclasses.replace(chat, messages=self._messages_within_chars(chat))
         if refuse_long and chat.sampling.truncate_prompt_tokens is None:  # a truncated prompt fits whatever its length

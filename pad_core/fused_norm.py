@@ -51,6 +51,8 @@ def is_transformers_rms_norm(module: torch.nn.Module) -> bool:
 
 
 def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if hidden_states.dtype != self.weight.dtype:  # transformers' promotes; the fused kernel takes one dtype
+        return type(self).forward(self, hidden_states)
     return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
 
 

@@ -69,10 +69,17 @@ class RequestLimits:
         return cls(**{name: value for name, value in values.items() if value is not None})
 
 
+def preference_key(text: str) -> str:
+    """What makes two preference texts the same preference: case and runs
+    of white space aside ("Short  answers" is "short answers")."""
+    return " ".join(text.split()).casefold()
+
+
 def verify_preferences(preferences: Sequence[Preference], limits: RequestLimits, param: str = "preference") -> None:
     """The one rule for a list of preferences, inline or stored: at most
     max_preferences, each valid (Preference.verify), no text twice (a stored
-    profile is edited by text, and a repeated text is a doubled weight)."""
+    profile is edited by text, and a repeated text is a doubled weight;
+    texts that differ in case or spacing alone are the same, preference_key)."""
     if len(preferences) > limits.max_preferences:
         raise InvalidRequestError(
             f"too many preferences: {len(preferences)} given, at most {limits.max_preferences} allowed",
@@ -83,10 +90,11 @@ def verify_preferences(preferences: Sequence[Preference], limits: RequestLimits,
     for index, preference in enumerate(preferences):
         where = f"{param}[{index}]"
         preference.verify(where, limits.max_preference_chars)
-        if preference.text in seen:
-            raise InvalidRequestError(f"{where} repeats an earlier preference", param=where,
+        key = preference_key(preference.text) if isinstance(preference.text, str) else preference.text
+        if key in seen:
+            raise InvalidRequestError(f"{where} repeats an earlier preference (case and spacing aside)", param=where,
                                       code="duplicate_preference")
-        seen.add(preference.text)
+        seen.add(key)
 
 
 @dataclass(frozen=True)
@@ -240,6 +248,23 @@ class GuidanceParams:
         check_text(self.reward_model, "pad.reward_model")
         if self.base_sees_preference is not None:
             check_bool(self.base_sees_preference, "pad.base_sees_preference")
+
+    def resolved(self, defaults: Any, source_sees: bool | None) -> dict[str, Any]:
+        """The settings a request runs with, as the `pad` echo names them: its
+        own, else the engine's `defaults` (an EngineSettings: default_weight,
+        default_top_k, default_min_p), and whether the base context holds the
+        preferences (else the reward source's `source_sees`; left out when
+        neither is known, as for a request not yet admitted)."""
+        out: dict[str, Any] = {
+            "reward_model": self.reward_model,
+            "weight": defaults.default_weight if self.weight is None else self.weight,
+            "top_k": defaults.default_top_k if self.top_k is None else self.top_k,
+            "min_p": defaults.default_min_p if self.min_p is None else self.min_p,
+        }
+        sees = source_sees if self.base_sees_preference is None else self.base_sees_preference
+        if sees is not None:
+            out["base_sees_preference"] = bool(sees)
+        return out
 
 
 @dataclass(frozen=True)

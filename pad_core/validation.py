@@ -48,9 +48,9 @@ MAX_WEIGHT = 100.0
 def check_int(value: Any, param: str, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
     """An integer (not a bool) in [low, high]."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequestError(f"{param} must be an integer", param=param)
+        raise InvalidRequestError(f"{param} must be an integer", param=param, code="invalid_type")
     if not low <= value <= high:
-        raise InvalidRequestError(f"{param} must be an integer in [{low}, {high}]", param=param)
+        raise InvalidRequestError(f"{param} must be an integer in [{low}, {high}]", param=param, code="invalid_value")
     return value
 
 
@@ -58,21 +58,21 @@ def check_float(value: Any, param: str, low: float, high: float, *, low_open: bo
     """A finite number in [low, high] ((low, high] with low_open); ints are
     accepted, however large (a 400-digit integer is refused, not an OverflowError)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequestError(f"{param} must be a number", param=param)
+        raise InvalidRequestError(f"{param} must be a number", param=param, code="invalid_type")
     try:
         number = float(value)
     except OverflowError:
         number = math.inf
     interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
     if not math.isfinite(number) or number > high or number < low or (low_open and number == low):
-        raise InvalidRequestError(f"{param} must be a finite number in {interval}", param=param)
+        raise InvalidRequestError(f"{param} must be a finite number in {interval}", param=param, code="invalid_value")
     return number
 
 
 def check_text(value: Any, param: str, *, max_chars: int | None = None, code: str | None = None) -> str:
     """A string that is valid Unicode (encodable as UTF-8), of at most max_chars."""
     if not isinstance(value, str):
-        raise InvalidRequestError(f"{param} must be a string", param=param)
+        raise InvalidRequestError(f"{param} must be a string", param=param, code="invalid_type")
     if max_chars is not None and len(value) > max_chars:
         raise InvalidRequestError(
             f"{param} has {len(value)} characters, at most {max_chars} allowed", param=param, code=code
@@ -102,12 +102,13 @@ def check_json(value: Any, param: str) -> Any:
             continue
         elif isinstance(node, int):
             if not INT64_MIN <= node <= INT64_MAX:
-                raise InvalidRequestError(f"{param}: the integer {str(node)[:40]} is outside int64", param=param)
+                raise InvalidRequestError(f"{param}: the integer {str(node)[:40]} is outside int64",
+                                          param=param, code="invalid_value")
         elif isinstance(node, float):
             if not math.isfinite(node):
-                raise InvalidRequestError(f"{param}: numbers must be finite", param=param)
+                raise InvalidRequestError(f"{param}: numbers must be finite", param=param, code="invalid_value")
         else:
-            raise InvalidRequestError(f"{param} must be plain JSON", param=param)
+            raise InvalidRequestError(f"{param} must be plain JSON", param=param, code="invalid_type")
     return value
 
 
@@ -121,5 +122,5 @@ def is_valid_unicode(text: str) -> bool:
 
 def check_bool(value: Any, param: str) -> bool:
     if not isinstance(value, bool):
-        raise InvalidRequestError(f"{param} must be a boolean", param=param)
+        raise InvalidRequestError(f"{param} must be a boolean", param=param, code="invalid_type")
     return value

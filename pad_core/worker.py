@@ -31,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import jinja2
 import zmq
 
-from pad_core.engine import PadEngine
+from pad_core.engine import PadEngine, without_zero_weights
 from pad_core.cli_flags import add_settings_flags, settings_overrides
 from pad_core.errors import ContextLengthExceededError, EngineError, InvalidRequestError, UnknownRewardModelError
 from pad_core.ipc import HEARTBEAT_S, pack, unpack
@@ -63,7 +63,7 @@ class Worker:
         # One thread: tokenizations queue behind each other, never behind a step.
         self.preparing: dict[str, tuple[bytes, Future]] = {}
         # The PAD settings of each request not yet answered: its first output
-        # says which values were used (resolved_guidance).
+        # says which values were used (GuidanceParams.resolved).
         self.unreported: dict[str, GuidanceParams] = {}
         # /tokenize and /detokenize asks in the tokenizer thread: token -> (gateway, future answer).
         self.tokenizing: dict[str, tuple[bytes, Future]] = {}
@@ -253,7 +253,9 @@ class Worker:
             owner = self.owners.get(output.request_id)
             guidance = self.unreported.pop(output.request_id, None)
             if guidance is not None:
-                output.guidance = resolved_guidance(guidance, self.engine.settings)
+                source = self.engine.reward_sources.get(guidance.reward_model)
+                output.guidance = guidance.resolved(self.engine.settings,
+                                                    None if source is None else source.base_sees_preference)
             if output.finished:
                 self.owners.pop(output.request_id, None)
             if owner is not None:
@@ -307,17 +309,6 @@ def refusal(exc: Exception, request_id: str) -> dict:
             "status": 500}
 
 
-def resolved_guidance(guidance: GuidanceParams, settings: EngineSettings) -> dict:
-    """The PAD settings a request runs with: its own, else the engine's
-    defaults (as the engine resolves them when it admits the request)."""
-    return {
-        "reward_model": guidance.reward_model,
-        "weight": settings.default_weight if guidance.weight is None else guidance.weight,
-        "top_k": settings.default_top_k if guidance.top_k is None else guidance.top_k,
-        "min_p": settings.default_min_p if guidance.min_p is None else guidance.min_p,
-    }
-
-
 def check_token_ids(request: GenerationRequest, vocab_size: int) -> None:
     """logit_bias and allowed_token_ids name tokens of the vocabulary."""
     for token, _ in request.sampling.logit_bias:
@@ -333,6 +324,7 @@ def prepare_text(engine: PadEngine, request: TextRequest) -> GenerationRequest:
     """A raw-text prompt (no chat template) as a GenerationRequest: what
     PadEngine.prepare_chat does for a chat. Raises InvalidRequestError."""
     request.verify(engine.limits)
+    request = without_zero_weights(request)
     sources = engine.reward_sources
     name = request.guidance.reward_model
     if name not in sources:

@@ -109,5 +109,5 @@ def create_app(settings: ServerSettings | None = None, start_worker: bool = True
                    conversations.router, models.router, models.probes, reward_models.router, users.router, feedback.router,
                    tokenize.router, messages.router, message_batches.router):
         app.include_router(router)
-    install_openapi(app)
+    install_openapi(app, max_top_k=settings.max_top_k)
     return app

@@ -102,8 +102,8 @@ def _location(loc: tuple, keep_last: bool = False, body: Any = None) -> str | No
     whole, loc = loc, (loc[:-1] if keep_last else loc)
     parts, node, tagged = [], body, None
     for index, part in enumerate(loc):
-        if part in ("body", "query", "path"):
-            continue
+        if index == 0 and part in ("body", "query", "path", "header", "cookie"):
+            continue  # FastAPI's source of the value; a body field may be named "path"
         if node is not tagged and _is_tag(node, part, whole[index + 1] if index + 1 < len(whole) else None):
             tagged = node
             continue

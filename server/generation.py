@@ -615,10 +615,21 @@ class Generation:
         preferences: list[Preference] = self.resolution.preferences
         info: dict[str, Any] = {"preferences": [{"text": p.text, "weight": p.weight} for p in preferences],
                                 "source": self.resolution.source}
-        guidance = dict(self.guidance or {})
-        if not preferences or guidance.get("weight") == 0:
+        guidance = dict(self.guidance or self._requested_guidance())
+        if all(p.weight == 0 for p in preferences) or guidance.get("weight") == 0:
             guidance = {**guidance, "applied": False}  # plain decoding: no reward rows ran
         return {**info, **guidance}
+
+    def _requested_guidance(self) -> dict:
+        """Before the engine's first output (a queued background response):
+        the request's PAD settings with the server's defaults; whether the
+        base context sees the preferences is known for "self" (never) or
+        when the request said."""
+        settings = getattr(self.state, "settings", None)
+        guidance = getattr(self.requests[0], "guidance", None) if self.requests else None
+        if settings is None or guidance is None:
+            return {}
+        return guidance.resolved(settings, False if guidance.reward_model == "self" else None)
 
     async def start(self) -> None:
         """Sends every request; returns once each has its first output. A

@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictInt,
@@ -176,7 +177,7 @@ class WeightedPreference(Strict):
 class PadOptions(Strict):
     weight: float | None = Field(None, ge=-MAX_WEIGHT, le=MAX_WEIGHT)
     top_k: int | None = Field(None, ge=1, le=INT64_MAX, description="PAD's prescreen: candidates kept "
-                              "(at most the server's max_top_k, 100); not the sampling-level top_k")
+                              "(at most the server's PAD_MAX_TOP_K, 100 by default); not the sampling-level top_k")
     min_p: float | None = Field(None, ge=0, le=1, description="PAD's prescreen floor: a candidate stays if "
                                 "p_base >= min_p * max p_base; not the sampling-level min_p")
     reward_model: str = "self"
@@ -187,7 +188,16 @@ class PadOptions(Strict):
                               reward_model=self.reward_model, base_sees_preference=self.base_sees_preference)
 
 
-Preferences = str | list[str | WeightedPreference] | None
+def _not_a_single_object(value: Any) -> Any:
+    """A lone {"text", "weight"} object is a common slip for a list of one;
+    without this, pydantic's message would say it "should be a valid string"."""
+    if isinstance(value, dict):
+        raise ValueError('a single {"text", "weight"} object must be wrapped in a list: '
+                         '"preference": [{"text": ..., "weight": ...}]; or send a string')
+    return value
+
+
+Preferences = Annotated[str | list[str | WeightedPreference] | None, BeforeValidator(_not_a_single_object)]
 
 
 class StreamOptions(StrictRequest):
@@ -840,7 +850,9 @@ ChoiceIndex = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
 class FeedbackRequest(Strict):
     completion_id: StrictStr = Field(min_length=1, max_length=128)
     choice_index: ChoiceIndex = 0
-    rating: StrictStr | StrictInt | None = Field(None, description='"up", "down" (thumbs) or 1..5 (stars)')
+    # Any JSON here: the store's own check names what a rating may be (4.5 is "not an integer from 1 to 5",
+    # not pydantic's "should be a valid string").
+    rating: StrictStr | StrictInt | float | None = Field(None, description='"up", "down" (thumbs) or 1..5 (stars)')
     preferred_over: StrictStr | None = Field(None, min_length=1, max_length=128)
     preferred_over_choice_index: ChoiceIndex = 0
     comment: StrictStr | None = None

@@ -63,8 +63,10 @@ def generation_responses(model: type, description: str, error_body: type = Error
     }
 
 
-def install_openapi(app: FastAPI) -> None:
-    """app.openapi() without FastAPI's 422 (this server answers 400)."""
+def install_openapi(app: FastAPI, max_top_k: int | None = None) -> None:
+    """app.openapi() without FastAPI's 422 (this server answers 400), and
+    with the bounds this server's settings set (pad.top_k's max_top_k)
+    where the request models can only say int64."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -75,8 +77,13 @@ def install_openapi(app: FastAPI) -> None:
                     operation.get("responses", {}).pop("422", None)
                     for response in operation.get("responses", {}).values():
                         response.setdefault("headers", {}).update(REQUEST_ID_HEADER)
+            components = schema.get("components", {}).get("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
-                schema.get("components", {}).get("schemas", {}).pop(name, None)
+                components.pop(name, None)
+            pad_top_k = components.get("PadOptions", {}).get("properties", {}).get("top_k", {})
+            for member in pad_top_k.get("anyOf", [pad_top_k]):
+                if max_top_k is not None and "maximum" in member:
+                    member["maximum"] = max_top_k
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -1,8 +1,14 @@
 """What the gateway accepts as a request body, before any route sees it.
 
 - `BodyLimitMiddleware`: a body larger than `max_request_bytes` is a 413,
-  refused from its Content-Length before a byte of it is read (or as soon as
-  a chunked body passes the limit). Nothing downstream ever holds more.
+  refused from its Content-Length (or as soon as a chunked body passes the
+  limit). Nothing downstream ever holds more. The rest of the body is read
+  and dropped first (up to DRAIN_BYTES, for DRAIN_S, while it keeps
+  coming), as nginx's lingering close does: a server that closes with a
+  body still arriving makes the kernel reset the connection, and an SDK
+  that sent the whole body read "connection reset" instead of the 413. A
+  client that announced a body and sends none (or sent `Expect:
+  100-continue`) is answered after DRAIN_IDLE_S (at once).
 - `parse_json`: strict JSON (UTF-8, no NaN/Infinity, finite numbers), nested
   at most MAX_JSON_DEPTH deep, with no lone surrogate ("\\ud800") in any
   string or key: such text cannot be encoded as UTF-8, so it would fail the
@@ -34,6 +40,11 @@ MAX_JSON_DEPTH = 32
 # Keys of one object: a request has ~40 fields; 200,000 unknown ones would
 # cost pydantic a second of the event loop to list.
 MAX_JSON_KEYS = 1000
+# A refused body is read and dropped up to this much, for at most this long,
+# before the 413 (see the module's docstring); a bigger or slower one is cut.
+DRAIN_BYTES = 32 * 2**20
+DRAIN_S = 5.0
+DRAIN_IDLE_S = 0.5  # no more of it for this long: the client is waiting for the answer
 # Bodies larger than this are parsed in a thread, beside the event loop.
 PARSE_IN_THREAD_BYTES = 256 * 1024
 
@@ -106,6 +117,8 @@ class BodyLimitMiddleware:
         await self.app(scope, replayed_receive(chunks, None, receive), send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if dict(scope.get("headers") or ()).get(b"expect", b"").lower() != b"100-continue":
+            await drain(receive)
         path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
         if is_generation_path(scope) or path == "/invocations":  # refused before any handler: counted here
             scope["app"].state.metrics.requests.labels(status="413").inc()
@@ -114,6 +127,25 @@ class BodyLimitMiddleware:
                                             "PAD_MAX_REQUEST_BYTES"))
         response.headers["Connection"] = "close"  # the unread rest of the body must not be parsed as a request
         await response(scope, receive, send)
+
+
+async def drain(receive: Receive) -> int:
+    """Reads and drops the rest of a request's body: until its end, the
+    client leaving or pausing (DRAIN_IDLE_S), DRAIN_BYTES or DRAIN_S.
+    Returns the bytes dropped."""
+    dropped = 0
+    try:
+        async with asyncio.timeout(DRAIN_S):
+            while dropped <= DRAIN_BYTES:
+                message = await asyncio.wait_for(receive(), DRAIN_IDLE_S)
+                if message["type"] != "http.request":
+                    break
+                dropped += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        pass
+    return dropped
 
 
 def replayed_receive(chunks: list[bytes], first: Message | None, receive: Receive) -> Receive:

@@ -77,3 +77,16 @@ def uvicorn_server(app, healthy: bool = True) -> Iterator[str]:
         server.should_exit = True
         thread.join(10)
         listener.close()
+
+
+@contextlib.contextmanager
+def tiny_gateway(data_dir) -> Iterator[str]:
+    """A gateway with default settings (its store in `data_dir`) over a
+    worker thread on the tiny engine; yields its root URL."""
+    from server.app import create_app
+    from server.settings import ServerSettings
+
+    with worker_thread() as (address, _worker), uvicorn_server(
+        create_app(ServerSettings(worker_address=address, data_dir=data_dir))
+    ) as url:
+        yield url

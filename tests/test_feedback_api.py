@@ -69,6 +69,15 @@ async def test_errors(store):
         assert_error(await post({"completion_id": "chatcmpl-1", "preferred_over": "chatcmpl-other"}), 400, "prompt_mismatch")
         assert_error(await post({"completion_id": "chatcmpl-1", "preferred_over": "chatcmpl-1"}), 400)
         assert_error(await post({"completion_id": "chatcmpl-1", "comment": "x" * 5000}), 400, "comment_too_long")
+        # /v1/completions' answers are not kept: the 404 says so instead of "not found"
+        error = assert_error(await post({"completion_id": "cmpl-abc", "rating": "up"}), 404, "completion_not_kept",
+                             "completion_id")
+        assert "text completion" in error["message"]
+        error = assert_error(await post({"completion_id": "chatcmpl-1", "preferred_over": "cmpl-abc"}), 404,
+                             "completion_not_kept", "preferred_over")
+        # a fractional rating reaches the rule it breaks, not a type error
+        error = assert_error(await post({"completion_id": "chatcmpl-1", "rating": 4.5}), 400, "invalid_rating", "rating")
+        assert "integer from 1 to 5" in error["message"]
     assert await store.list_feedback() == []
 
 

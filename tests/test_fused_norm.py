@@ -68,3 +68,11 @@ def test_a_model_with_fused_norms_predicts_what_it_did(tokenizer):
     spread = before.std().item()
     assert (after - before).abs().max().item() < 0.5 * spread  # rounding, not another model
     assert (after.argmax(-1) == before.argmax(-1)).float().mean().item() >= 0.75  # bfloat16 near-ties may flip
+
+
+def test_a_norm_kept_in_float32_under_half_inputs_computes_as_transformers():
+    norm = LlamaRMSNorm(16)  # float32 weight, as a model that keeps its norms in float32 has
+    hidden = torch.randn(2, 16).to(torch.bfloat16)
+    expected = norm(hidden)
+    use_fused_rms_norm(norm)
+    assert torch.equal(norm(hidden), expected) and norm(hidden).dtype == expected.dtype

@@ -17,11 +17,9 @@ import httpx
 import openai
 import pytest
 from pydantic import BaseModel
-from server_helpers import uvicorn_server, worker_thread
+from server_helpers import tiny_gateway
 
-from server.app import create_app
 from server.openai_models import IGNORED
-from server.settings import ServerSettings
 
 MODEL = "smollm2-135m-instruct"
 ASK = [{"role": "user", "content": "How do I sleep better?"}]
@@ -41,9 +39,7 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with worker_thread() as (address, _worker), uvicorn_server(
-        create_app(ServerSettings(worker_address=address, data_dir=tmp_path_factory.mktemp("compat")))
-    ) as url:
+    with tiny_gateway(tmp_path_factory.mktemp("compat")) as url:
         yield url
 
 
@@ -140,7 +136,8 @@ def test_streams_carry_pad_on_the_first_chunk_and_continuous_usage(client):
     chunks = list(stream)
     pad = chunks[0].model_extra["pad"]
     assert pad == {"preferences": [{"text": "short answers", "weight": 1.0}], "source": "request",
-                   "reward_model": "self", "weight": 2.0, "top_k": 10, "min_p": 0.1}  # min_p: the default
+                   "reward_model": "self", "weight": 2.0, "top_k": 10, "min_p": 0.1,  # min_p: the default
+                   "base_sees_preference": False}
     assert all(c.usage is not None for c in chunks)
     assert [c.usage.completion_tokens for c in chunks] == [0, 1, 2, 3, 3]
     assert chunks[-1].choices == [] and chunks[0].usage.prompt_tokens == chunks[-1].usage.prompt_tokens > 0
@@ -151,7 +148,7 @@ def test_streams_carry_pad_on_the_first_chunk_and_continuous_usage(client):
         assert all(c.usage is None for c in quiet) and all(c.choices for c in quiet)
     plain = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=1)
     assert plain.model_extra["pad"] == {"preferences": [], "source": "none", "reward_model": "self", "weight": 4.0,
-                                        "top_k": 80, "min_p": 0.1, "applied": False}
+                                        "top_k": 80, "min_p": 0.1, "base_sees_preference": False, "applied": False}
 
 
 def test_a_streamed_answer_opens_each_choice_in_a_chunk_of_its_own(client):
@@ -678,14 +675,7 @@ def test_every_shape_validates_against_the_sdk_types(server):
 def test_a_request_may_leave_the_model_out_as_in_vllm(tmp_path):
     """vLLM serves a request without `model` with its served model (chat,
     completions, Responses); a wrong name is still a 404."""
-    import httpx
-    from server_helpers import uvicorn_server, worker_thread
-
-    from server.app import create_app
-    from server.settings import ServerSettings
-
-    with worker_thread() as (address, _), \
-            uvicorn_server(create_app(ServerSettings(worker_address=address, data_dir=tmp_path))) as url:
+    with tiny_gateway(tmp_path) as url:
         for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
                            ("/v1/completions", {"prompt": "Hi"}), ("/v1/responses", {"input": "Hi"})):
             answer = httpx.post(f"{url}{path}", json={**body, "max_tokens" if path != "/v1/responses"

@@ -13,12 +13,10 @@ import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from server_helpers import uvicorn_server, worker_thread
+from server_helpers import tiny_gateway
 
 from pad_core.types import ChatRequest, GuidanceParams, Preference, SamplingParams, StepOutput, StructuredOutput, ToolFunction
-from server.app import create_app
 from server.generation import ChoiceState
-from server.settings import ServerSettings
 
 MODEL = "smollm2-135m-instruct"
 MESSAGES = [{"role": "user", "content": "How do I sleep better at night?"}]
@@ -86,9 +84,7 @@ def test_ids_of_a_delta_that_sent_nothing_go_with_the_next():
 # ---- over HTTP -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with worker_thread() as (address, _worker), uvicorn_server(
-        create_app(ServerSettings(worker_address=address, data_dir=tmp_path_factory.mktemp("ids")))
-    ) as url:
+    with tiny_gateway(tmp_path_factory.mktemp("ids")) as url:
         yield url
 
 

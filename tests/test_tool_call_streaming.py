@@ -18,13 +18,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai.lib.streaming.chat import ChatCompletionStreamState
-from server_helpers import uvicorn_server, worker_thread
+from server_helpers import tiny_gateway
 
 from pad_core.structured import CallListScanner, parse_tool_calls
 from pad_core.types import StepOutput, StructuredOutput, TokenLogprob, ToolCall, ToolFunction
-from server.app import create_app
 from server.generation import CallDelta, CallTextScanner, ChoiceState, Delta
-from server.settings import ServerSettings
 
 FORCED = StructuredOutput("tool_calls", tools=(ToolFunction("f"), ToolFunction("g")))
 AUTO = StructuredOutput("tool_calls", tools=(ToolFunction("f"), ToolFunction("g")), auto=True)
@@ -293,9 +291,7 @@ NOTE = {"type": "function", "function": {"name": "note", "parameters": {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with worker_thread() as (address, _worker), uvicorn_server(
-        create_app(ServerSettings(worker_address=address, data_dir=tmp_path_factory.mktemp("calls")))
-    ) as url:
+    with tiny_gateway(tmp_path_factory.mktemp("calls")) as url:
         yield url
 
 

@@ -149,3 +149,27 @@ def test_scope_checks():
     check_admin(None)
     with pytest.raises(Forbidden):
         check_admin(bound)
+
+
+async def test_ids_with_slashes_and_texts_matched_case_aside(store):
+    """A user id may hold "/" (chat's `user` may), sent %2F-encoded or not;
+    preference texts match case and spacing aside: a duplicate is refused,
+    a PATCH replaces a case variant in place, and a text both added and
+    removed is refused."""
+    async with asgi_client(store_app(store)) as client:
+        for sent in ("team/alice", "team%2Falice"):
+            put = await client.put(URL.format(sent), json={"preferences": ["Short answers", "cite sources"]})
+            assert put.status_code == 200 and put.json()["user"] == "team/alice", put.text
+        got = await client.get(URL.format("team%2Falice"))
+        assert got.json()["user"] == "team/alice" and len(got.json()["preferences"]) == 2
+        error = assert_error(await client.put(URL.format("bob"), json={"preferences": ["Be brief", "be  BRIEF"]}), 400)
+        assert error["param"].startswith("preferences")
+        patched = await client.patch(URL.format("team/alice"), json={"add": [{"text": "SHORT answers", "weight": 0.5}]})
+        assert patched.json()["preferences"] == [{"text": "SHORT answers", "weight": 0.5},
+                                                 {"text": "cite sources", "weight": 1.0}]
+        removed = await client.patch(URL.format("team/alice"), json={"remove": ["Cite  Sources"]})
+        assert [p["text"] for p in removed.json()["preferences"]] == ["SHORT answers"]
+        conflict = await client.patch(URL.format("team/alice"), json={"add": ["be formal"], "remove": ["Be Formal"]})
+        assert_error(conflict, 400, "conflicting_preference", "remove")
+        assert [p["text"] for p in (await client.get(URL.format("team/alice"))).json()["preferences"]] == ["SHORT answers"]
+        assert (await client.delete(URL.format("team/alice"))).json()["deleted"] is True

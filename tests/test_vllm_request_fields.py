@@ -11,13 +11,11 @@ import copy
 
 import httpx
 import pytest
-from server_helpers import uvicorn_server, worker_thread
+from server_helpers import tiny_gateway
 from tokenizers import processors
 
 from pad_core.prompting import PromptBuilder
 from pad_core.types import ChatRequest, GuidanceParams, Preference, SamplingParams, TemplateOptions
-from server.app import create_app
-from server.settings import ServerSettings
 
 MODEL = "smollm2-135m-instruct"
 SYSTEM = {"role": "system", "content": "You are a helpful assistant who answers questions at length and in detail."}
@@ -108,9 +106,7 @@ def test_documents_reach_a_template_that_renders_them(tokenizer):
 # ---- over HTTP ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with worker_thread() as (address, _worker), uvicorn_server(
-        create_app(ServerSettings(worker_address=address, data_dir=tmp_path_factory.mktemp("fields")))
-    ) as url:
+    with tiny_gateway(tmp_path_factory.mktemp("fields")) as url:
         yield url
 
 

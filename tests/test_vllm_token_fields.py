@@ -15,15 +15,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from server_helpers import uvicorn_server, worker_thread
+from server_helpers import tiny_gateway
 
 from pad_core.errors import ContextLengthExceededError
 from pad_core.sampling import allowed_mask, banned_by_bad_words, keep_only, token_ranks
 from pad_core.token_controls import bad_words_ids, longest, shared_tail, truncate_contexts, truncate_request, truncation_length
 from pad_core.types import ChatRequest, GuidanceParams, Preference, SamplingParams, TextRequest
 from pad_core.worker import prepare_text
-from server.app import create_app
-from server.settings import ServerSettings
 
 MESSAGES = [{"role": "user", "content": "How do I sleep better at night?"}]
 PREF = [Preference("I like short answers with a bit of humour")]
@@ -249,9 +247,7 @@ def test_prompt_logprobs_carry_ids_and_ranks(make_engine):
 # ---- over HTTP ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with worker_thread() as (address, _worker), uvicorn_server(
-        create_app(ServerSettings(worker_address=address, data_dir=tmp_path_factory.mktemp("vllm")))
-    ) as url:
+    with tiny_gateway(tmp_path_factory.mktemp("vllm")) as url:
         yield url
 
 

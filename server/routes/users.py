@@ -21,7 +21,7 @@ from server.request_body import JSONRoute
 from server.store.http import StoreDep
 
 router = APIRouter(tags=["users"], route_class=JSONRoute, dependencies=[Depends(key_scope)])
-PATH = "/v1/users/{user_id}/preferences"
+PATH = "/v1/users/{user_id:path}/preferences"  # :path: a user id may hold "/" (chat's `user` does)
 
 
 @router.get(PATH, response_model=PreferenceProfile, responses=errors(400, 401, 403, 404, 413, 503))

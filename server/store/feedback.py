@@ -46,6 +46,10 @@ def _check_index(value: Any, param: str) -> int:
 
 
 
+# /v1/completions' ids (server/routes/completions.py): raw-text answers, never recorded.
+TEXT_COMPLETION_PREFIX = "cmpl-"
+
+
 def _parse_rating(rating: Any) -> tuple[str, int]:
     if isinstance(rating, str) and rating.lower() in THUMBS:
         return "thumbs", THUMBS[rating.lower()]
@@ -146,6 +150,14 @@ class FeedbackStore(StoreBase):
                 select(table).where(and_(table.c.completion_id == completion_id, table.c.choice_index == choice_index))
             )
         ).first()
+        if row is None and completion_id.startswith(TEXT_COMPLETION_PREFIX):
+            raise NotFound(
+                f"{completion_id!r} is a text completion (/v1/completions): those are not kept for feedback, "
+                "as a raw prompt has no chat messages to pair answers on; rate a chat completion, a response "
+                "or a message",
+                param=param,
+                code="completion_not_kept",
+            )
         if row is None:
             what = f"choice {choice_index} of " if choice_index else ""
             raise NotFound(

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 
 from pad_core.errors import InvalidRequestError
-from pad_core.types import Preference, RequestLimits, verify_preferences
+from pad_core.types import Preference, RequestLimits, preference_key, verify_preferences
 from server.store import schema
 from server.store.base import StoreBase, dumps, now_s, runs_to_its_end, store_error
 from server.store.config import StoreConfig
@@ -92,8 +92,10 @@ class PreferenceStore(StoreBase):
 
     @runs_to_its_end
     async def patch_preferences(self, user_id: str, add: Any = None, remove: Any = None) -> Profile:
-        """Adds preferences (an existing text gets the new weight, in place) and
-        removes texts (absent ones are ignored: the PATCH is idempotent).
+        """Adds preferences (an existing text gets the new weight and spelling,
+        in place) and removes texts (absent ones are ignored: the PATCH is
+        idempotent); texts match case and spacing aside (preference_key). A
+        text both added and removed is refused: which one is meant is unclear.
         NotFound for a user without a profile."""
         self._check_user_id(user_id)
         add_prefs = validate_preferences(add if add is not None else [], self.config, param="add")
@@ -101,6 +103,11 @@ class PreferenceStore(StoreBase):
             remove = []
         if not isinstance(remove, list) or not all(isinstance(t, str) for t in remove):
             raise InvalidInput("'remove' must be a list of preference texts", param="remove")
+        drop = {preference_key(text) for text in remove}
+        both = next((p.text for p in add_prefs if preference_key(p.text) in drop), None)
+        if both is not None:
+            raise InvalidInput(f"{both!r} is both added and removed; send one or the other",
+                               param="remove", code="conflicting_preference")
         table = schema.user_profiles
         async with self._write() as conn:
             row = (
@@ -109,14 +116,14 @@ class PreferenceStore(StoreBase):
             if row is None:
                 raise NotFound(f"no stored preferences for user {user_id!r}", param="user_id", code="user_not_found")
             current = prefs_from_json(row.preferences)
-            drop = set(remove)
-            merged = [p for p in current if p.text not in drop]
-            position = {p.text: i for i, p in enumerate(merged)}
+            merged = [p for p in current if preference_key(p.text) not in drop]
+            position = {preference_key(p.text): i for i, p in enumerate(merged)}
             for pref in add_prefs:
-                if pref.text in position:
-                    merged[position[pref.text]] = pref
+                key = preference_key(pref.text)
+                if key in position:
+                    merged[position[key]] = pref
                 else:
-                    position[pref.text] = len(merged)
+                    position[key] = len(merged)
                     merged.append(pref)
             if len(merged) > self.config.max_preferences:
                 raise InvalidInput(

@@ -1,7 +1,7 @@
 """Which preferences a chat request runs with.
 
 Order: the request's own `preference` > the profile stored for its `user` >
-none. A request that sends `"preference": null` (or "" or []) turns
+none. A request that sends `"preference": null` (or "", a blank string, or []) turns
 personalization off for itself, even when a profile is stored. The chat route
 tells "absent" from "null" by passing UNSET when the field was not sent
 (e.g. `body.preference if "preference" in body.model_fields_set else UNSET`).
@@ -48,7 +48,7 @@ def as_preferences(value: Any) -> list[Preference]:
     if value is None:
         return []
     if isinstance(value, str):
-        return [Preference(text=value)] if value else []
+        return [Preference(text=value)] if value.strip() else []  # "" or "  ": nothing asked
     if isinstance(value, Preference):
         return [value]
     if isinstance(value, Sequence):

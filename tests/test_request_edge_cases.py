@@ -1,0 +1,86 @@
+"""Edge cases of the request fields a review found mishandled, over real
+HTTP in front of the worker on the tiny engine: preference values that
+mean "off", weight-0 preferences, the `pad` echo's settings (also before a
+queued background response starts), PAD settings out of range named by
+code and bounded in the OpenAPI document, a lone preference object, and a
+body field called `path` named as the param."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from server_helpers import tiny_gateway
+
+
+MODEL = "smollm2-135m-instruct"
+ASK = [{"role": "user", "content": "How do I sleep better?"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with tiny_gateway(tmp_path_factory.mktemp("edges")) as url:
+        yield url
+
+
+def chat(server, **extra) -> httpx.Response:
+    body = {"model": MODEL, "messages": ASK, "max_tokens": 6, "temperature": 0, **extra}
+    return httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
+
+
+def error_of(response: httpx.Response, status: int = 400) -> dict:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
+def test_blank_and_empty_preferences_mean_off(server):
+    for value in ("", "   \n", [], None):
+        pad = chat(server, preference=value).json()["pad"]
+        assert pad["preferences"] == [] and pad["applied"] is False, value
+
+
+def test_weight_zero_preferences_decode_plainly(server):
+    plain = chat(server, preference=None).json()
+    for extra in ({"preference": [{"text": "short answers", "weight": 0}]},
+                  {"preference": "short answers", "pad": {"weight": 0}}):
+        answer = chat(server, **extra).json()
+        assert answer["pad"]["applied"] is False, extra
+        assert answer["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"], extra
+    steered = chat(server, preference=[{"text": "short answers", "weight": 0}, {"text": "humour", "weight": 1}])
+    pad = steered.json()["pad"]
+    assert "applied" not in pad and [p["weight"] for p in pad["preferences"]] == [0, 1]
+
+
+def test_the_pad_echo_says_whether_the_base_sees_the_preference(server):
+    pad = chat(server, preference="short answers", pad={"top_k": 12}).json()["pad"]
+    assert pad == {"preferences": [{"text": "short answers", "weight": 1.0}], "source": "request",
+                   "reward_model": "self", "weight": 4.0, "top_k": 12, "min_p": 0.1, "base_sees_preference": False}
+
+
+def test_a_queued_background_response_echoes_its_settings_before_it_starts(server):
+    created = httpx.post(f"{server}/v1/responses", json={
+        "model": MODEL, "input": "How do I sleep better?", "max_output_tokens": 4, "background": True,
+        "store": True, "preference": "short answers", "pad": {"min_p": 0.2}}, timeout=60)
+    assert created.status_code == 200, created.text
+    pad = created.json()["pad"]
+    assert pad["weight"] == 4.0 and pad["top_k"] == 80 and pad["min_p"] == 0.2 and pad["reward_model"] == "self"
+
+
+def test_pad_settings_out_of_range_are_named_and_bounded_in_openapi(server):
+    error = error_of(chat(server, preference="x", pad={"top_k": 101}))
+    assert error["param"] == "pad.top_k" and error["code"] == "invalid_value"
+    error = error_of(chat(server, preference="x", pad={"top_k": "many"}))
+    assert error["param"] == "pad.top_k" and error["code"] in ("invalid_type", "invalid_value")
+    schema = httpx.get(f"{server}/openapi.json", timeout=30).json()
+    options = schema["components"]["schemas"]["PadOptions"]["properties"]["top_k"]
+    bounds = options.get("anyOf", [options])
+    assert any(b.get("maximum") == 100 for b in bounds), options
+
+
+def test_a_single_preference_object_is_told_to_be_a_list(server):
+    error = error_of(chat(server, preference={"text": "short answers", "weight": 1}))
+    assert error["param"] == "preference" and "list" in error["message"]
+
+
+def test_a_body_field_called_path_is_the_param(server):
+    response = httpx.post(f"{server}/v1/reward_models", json={"name": "persrm"}, timeout=30)
+    assert error_of(response)["param"] == "path"
