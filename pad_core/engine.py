@@ -380,6 +380,13 @@ class PadEngine:
             # not, the engine describes them in the system message.
             "chat_template_tools": self.prompts.template_knows_tools,
             "sampling_defaults": self.sampling_defaults,
+            # PAD's own defaults and, per reward model, whether the base context
+            # holds the preferences: the gateway's `pad` echo of a request not
+            # yet admitted (a queued background response) reads them here.
+            "guidance_defaults": {"weight": self.settings.default_weight, "top_k": self.settings.default_top_k,
+                                  "min_p": self.settings.default_min_p},
+            "base_sees_preference": {name: source.base_sees_preference
+                                     for name, source in self.reward_sources.items()},
         }
 
     def generate(self, requests: Iterable[ChatRequest | GenerationRequest]) -> Iterator[StepOutput]:

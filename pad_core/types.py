@@ -75,6 +75,20 @@ def preference_key(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+def distinct_preferences(preferences: Sequence[Preference]) -> list[Preference]:
+    """The preferences without texts repeated case and spacing aside, the
+    first of each kept: a profile stored before texts matched that way
+    still runs (verify_preferences would refuse it) and can be edited."""
+    seen: set[str] = set()
+    out = []
+    for preference in preferences:
+        key = preference_key(preference.text)
+        if key not in seen:
+            seen.add(key)
+            out.append(preference)
+    return out
+
+
 def verify_preferences(preferences: Sequence[Preference], limits: RequestLimits, param: str = "preference") -> None:
     """The one rule for a list of preferences, inline or stored: at most
     max_preferences, each valid (Preference.verify), no text twice (a stored

@@ -45,6 +45,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -616,20 +617,36 @@ class Generation:
         info: dict[str, Any] = {"preferences": [{"text": p.text, "weight": p.weight} for p in preferences],
                                 "source": self.resolution.source}
         guidance = dict(self.guidance or self._requested_guidance())
-        if all(p.weight == 0 for p in preferences) or guidance.get("weight") == 0:
-            guidance = {**guidance, "applied": False}  # plain decoding: no reward rows ran
+        # Nothing steered the answer: no preference of any weight, or no reward
+        # guidance (pad.weight 0) and no preference in the base model's prompt.
+        prompted = guidance.get("base_sees_preference") is True
+        if all(p.weight == 0 for p in preferences) or (guidance.get("weight") == 0 and not prompted):
+            guidance = {**guidance, "applied": False}
         return {**info, **guidance}
 
     def _requested_guidance(self) -> dict:
         """Before the engine's first output (a queued background response):
-        the request's PAD settings with the server's defaults; whether the
-        base context sees the preferences is known for "self" (never) or
-        when the request said."""
-        settings = getattr(self.state, "settings", None)
+        the request's PAD settings with the worker's defaults and its
+        reward model's base_sees_preference, from the worker's model info
+        (as the worker will resolve them); the gateway's settings where the
+        worker has not said (an older worker)."""
         guidance = getattr(self.requests[0], "guidance", None) if self.requests else None
-        if settings is None or guidance is None:
+        if guidance is None:
             return {}
-        return guidance.resolved(settings, False if guidance.reward_model == "self" else None)
+        worker = getattr(self.state, "worker", None)
+        info = getattr(worker, "model_info", None) or {}
+        defaults = info.get("guidance_defaults")
+        if defaults is not None:
+            defaults = SimpleNamespace(default_weight=defaults["weight"], default_top_k=defaults["top_k"],
+                                       default_min_p=defaults["min_p"])
+        else:
+            defaults = getattr(self.state, "settings", None)
+        if defaults is None:
+            return {}
+        sees = info.get("base_sees_preference", {}).get(guidance.reward_model)
+        if sees is None and guidance.reward_model == "self":
+            sees = False
+        return guidance.resolved(defaults, sees)
 
     async def start(self) -> None:
         """Sends every request; returns once each has its first output. A

@@ -34,6 +34,7 @@ from pydantic import (
     StrictStr,
     StringConstraints,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
 )
 
@@ -852,7 +853,11 @@ class FeedbackRequest(Strict):
     choice_index: ChoiceIndex = 0
     # Any JSON here: the store's own check names what a rating may be (4.5 is "not an integer from 1 to 5",
     # not pydantic's "should be a valid string").
-    rating: StrictStr | StrictInt | float | None = Field(None, description='"up", "down" (thumbs) or 1..5 (stars)')
+    # The document says what is accepted: thumbs or 1..5 stars.
+    rating: Annotated[StrictStr | StrictInt | float | None, WithJsonSchema({"anyOf": [
+        {"type": "string", "enum": ["up", "down", "thumbs_up", "thumbs_down"]},
+        {"type": "integer", "minimum": 1, "maximum": 5},
+        {"type": "null"}]})] = Field(None, description='"up", "down" (thumbs) or 1..5 (stars)')
     preferred_over: StrictStr | None = Field(None, min_length=1, max_length=128)
     preferred_over_choice_index: ChoiceIndex = 0
     comment: StrictStr | None = None

@@ -98,7 +98,7 @@ class BodyLimitMiddleware:
         limit = self.limit_of(scope)
         declared = dict(scope.get("headers") or ()).get(b"content-length")
         if declared is not None and (not declared.strip().isdigit() or int(declared) > limit):
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, body_started=False)
             return
         chunks, size = [], 0
         while True:
@@ -109,15 +109,17 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await self._refuse(scope, receive, send)
+                await self._refuse(scope, receive, send, body_started=True)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         await self.app(scope, replayed_receive(chunks, None, receive), send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if dict(scope.get("headers") or ()).get(b"expect", b"").lower() != b"100-continue":
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, body_started: bool) -> None:
+        # A client waiting for "100 Continue" has sent nothing, unless reading began (which sent it).
+        waits = dict(scope.get("headers") or ()).get(b"expect", b"").lower() == b"100-continue"
+        if body_started or not waits:
             await drain(receive)
         path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
         if is_generation_path(scope) or path == "/invocations":  # refused before any handler: counted here
@@ -133,18 +135,24 @@ async def drain(receive: Receive) -> int:
     """Reads and drops the rest of a request's body: until its end, the
     client leaving or pausing (DRAIN_IDLE_S), DRAIN_BYTES or DRAIN_S.
     Returns the bytes dropped."""
+    # One deadline checked every pass: on Python 3.11 an outer asyncio.timeout
+    # around wait_for can be lost when a chunk and the deadline coincide.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DRAIN_S
     dropped = 0
-    try:
-        async with asyncio.timeout(DRAIN_S):
-            while dropped <= DRAIN_BYTES:
-                message = await asyncio.wait_for(receive(), DRAIN_IDLE_S)
-                if message["type"] != "http.request":
-                    break
-                dropped += len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    break
-    except TimeoutError:
-        pass
+    while dropped <= DRAIN_BYTES:
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        try:
+            message = await asyncio.wait_for(receive(), min(DRAIN_IDLE_S, left))
+        except TimeoutError:
+            break
+        if message["type"] != "http.request":
+            break
+        dropped += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
     return dropped
 
 

@@ -39,8 +39,8 @@ def worker():
 
 
 def settings_for(worker: str, data_dir, **extra) -> ServerSettings:
-    return ServerSettings(worker_address=worker, data_dir=data_dir, api_keys=KEYS, background_lease_s=0.9,
-                          **extra)
+    return ServerSettings(worker_address=worker, data_dir=data_dir, api_keys=KEYS,
+                          **{"background_lease_s": 0.9, **extra})
 
 
 @pytest.fixture(scope="module")
@@ -434,7 +434,9 @@ def test_a_batch_whose_gateway_died_is_resumed_once_after_its_last_stored_result
 
 
 def test_a_cancel_of_an_orphaned_batch_ends_it_with_its_stored_results(worker, tmp_path):
-    settings = settings_for(worker, tmp_path)
+    # This gateway looks for orphans every 10 s (a third of its lease), so the cancel, not a scan, finds it
+    # (with a 0.9 s lease a scan could resume it, and finish it, before the cancel arrived).
+    settings = settings_for(worker, tmp_path, background_lease_s=30)
     lines = [chat_line(f"q{i}", "Hi") for i in range(5)]
     with uvicorn_server(create_app(settings)) as url:
         batch_id = orphan(settings, lines, answered=2, key_id=ADMIN_KEY_ID)

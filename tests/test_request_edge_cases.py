@@ -50,6 +50,17 @@ def test_weight_zero_preferences_decode_plainly(server):
     assert "applied" not in pad and [p["weight"] for p in pad["preferences"]] == [0, 1]
 
 
+def test_pad_weight_zero_with_the_preference_in_the_prompt_is_still_applied(server):
+    """Prompting alone (no reward guidance) steers the answer: not "applied": false."""
+    prompted = chat(server, preference="short answers", pad={"weight": 0, "base_sees_preference": True}).json()
+    assert prompted["pad"]["base_sees_preference"] is True and "applied" not in prompted["pad"]
+    plain = chat(server, preference=None).json()
+    assert prompted["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]  # the preference is in the prompt
+    dropped = chat(server, preference=[{"text": "short answers", "weight": 0}], pad={"base_sees_preference": True})
+    assert dropped.json()["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]  # weight 0: left out entirely
+    assert dropped.json()["pad"]["applied"] is False
+
+
 def test_the_pad_echo_says_whether_the_base_sees_the_preference(server):
     pad = chat(server, preference="short answers", pad={"top_k": 12}).json()["pad"]
     assert pad == {"preferences": [{"text": "short answers", "weight": 1.0}], "source": "request",
@@ -74,6 +85,8 @@ def test_pad_settings_out_of_range_are_named_and_bounded_in_openapi(server):
     options = schema["components"]["schemas"]["PadOptions"]["properties"]["top_k"]
     bounds = options.get("anyOf", [options])
     assert any(b.get("maximum") == 100 for b in bounds), options
+    rating = schema["components"]["schemas"]["FeedbackRequest"]["properties"]["rating"]["anyOf"]
+    assert {"type": "integer", "minimum": 1, "maximum": 5} in rating and not any(r["type"] == "number" for r in rating)
 
 
 def test_a_single_preference_object_is_told_to_be_a_list(server):
@@ -84,3 +97,24 @@ def test_a_single_preference_object_is_told_to_be_a_list(server):
 def test_a_body_field_called_path_is_the_param(server):
     response = httpx.post(f"{server}/v1/reward_models", json={"name": "persrm"}, timeout=30)
     assert error_of(response)["param"] == "path"
+
+
+def test_a_queued_background_response_echoes_the_workers_defaults(tmp_path):
+    """A worker started with its own PAD defaults: the echo of a response
+    not yet run gives what the worker will use, not the gateway's defaults."""
+    from server_helpers import uvicorn_server, worker_thread
+
+    from pad_core.settings import EngineSettings
+    from pad_core.testing import tiny_engine
+    from server.app import create_app
+    from server.settings import ServerSettings
+
+    engine = tiny_engine(EngineSettings(default_weight=2.5, default_top_k=7))
+    with worker_thread(engine=engine) as (address, _), \
+            uvicorn_server(create_app(ServerSettings(worker_address=address, data_dir=tmp_path))) as url:
+        created = httpx.post(f"{url}/v1/responses", json={
+            "model": MODEL, "input": "Hi", "max_output_tokens": 2, "background": True, "store": True,
+            "preference": "short answers"}, timeout=60)
+        assert created.status_code == 200, created.text
+        pad = created.json()["pad"]
+        assert (pad["weight"], pad["top_k"], pad["base_sees_preference"]) == (2.5, 7, False)

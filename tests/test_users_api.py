@@ -173,3 +173,24 @@ async def test_ids_with_slashes_and_texts_matched_case_aside(store):
         assert_error(conflict, 400, "conflicting_preference", "remove")
         assert [p["text"] for p in (await client.get(URL.format("team/alice"))).json()["preferences"]] == ["SHORT answers"]
         assert (await client.delete(URL.format("team/alice"))).json()["deleted"] is True
+
+
+async def test_a_profile_stored_before_texts_matched_case_aside_still_runs_and_edits(store):
+    """Stored by an older server: two texts that differ in case alone. Chats
+    run with the first of them (not a 400 for every chat of the user), and
+    PATCH edits the profile down to distinct texts."""
+    from server.store import schema
+    from server.store.base import dumps
+
+    legacy = [{"text": "Be brief", "weight": 1.0}, {"text": "be brief", "weight": 0.5}, {"text": "cite", "weight": 1.0}]
+    async with store._write() as conn:
+        await conn.execute(schema.user_profiles.insert().values(user_id="old", preferences=dumps(legacy),
+                                                                created_at=1, updated_at=1))
+    assert [(p.text, p.weight) for p in await store.find_preferences("old")] == [("Be brief", 1.0), ("cite", 1.0)]
+    async with asgi_client(store_app(store)) as client:
+        assert len((await client.get(URL.format("old"))).json()["preferences"]) == 3  # as stored
+        patched = await client.patch(URL.format("old"), json={"add": [{"text": "BE BRIEF", "weight": 2}]})
+        assert patched.status_code == 200, patched.text
+        assert patched.json()["preferences"] == [{"text": "BE BRIEF", "weight": 2.0}, {"text": "cite", "weight": 1.0}]
+        for empty_id in (client.get(URL.format("")), client.put(URL.format(""), json={"preferences": ["x"]})):
+            assert_error(await empty_id, 400, "invalid_value", "user_id")

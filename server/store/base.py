@@ -213,11 +213,11 @@ class StoreBase:
 
     def _check_user_id(self, user_id: str) -> None:
         if not isinstance(user_id, str) or not user_id:
-            raise InvalidInput("user id must be a non-empty string", param="user_id")
+            raise InvalidInput("user id must be a non-empty string", param="user_id", code="invalid_value")
         if len(user_id) > self.config.max_user_id_chars:
             raise InvalidInput(
                 f"user id has {len(user_id)} characters, at most {self.config.max_user_id_chars} allowed",
-                param="user_id",
+                param="user_id", code="invalid_value",
             )
         check_id(user_id, "user_id")
 

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 
 from pad_core.errors import InvalidRequestError
-from pad_core.types import Preference, RequestLimits, preference_key, verify_preferences
+from pad_core.types import Preference, RequestLimits, distinct_preferences, preference_key, verify_preferences
 from server.store import schema
 from server.store.base import StoreBase, dumps, now_s, runs_to_its_end, store_error
 from server.store.config import StoreConfig
@@ -66,11 +66,13 @@ class PreferenceStore(StoreBase):
         return Profile(row.user_id, prefs_from_json(row.preferences), row.created_at, row.updated_at)
 
     async def find_preferences(self, user_id: str | None) -> list[Preference] | None:
-        """The stored preferences of a user, or None when there is no profile."""
+        """The stored preferences a chat of the user runs with (distinct:
+        a profile may predate texts matching case aside), or None when
+        there is no profile."""
         if not user_id or len(user_id) > self.config.max_user_id_chars:
             return None
         try:
-            return (await self.get_preferences(user_id)).preferences
+            return distinct_preferences((await self.get_preferences(user_id)).preferences)
         except (NotFound, InvalidInput):
             return None
 
@@ -115,7 +117,7 @@ class PreferenceStore(StoreBase):
             ).first()
             if row is None:
                 raise NotFound(f"no stored preferences for user {user_id!r}", param="user_id", code="user_not_found")
-            current = prefs_from_json(row.preferences)
+            current = distinct_preferences(prefs_from_json(row.preferences))  # may predate the case rule
             merged = [p for p in current if preference_key(p.text) not in drop]
             position = {preference_key(p.text): i for i, p in enumerate(merged)}
             for pref in add_prefs:
