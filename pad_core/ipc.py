@@ -16,6 +16,9 @@ Worker -> gateway:  {"type": "ready", "info": model_info, "stats": stats, "insta
                     {"type": "adapter_loaded" | "adapter_failed", "token": str, "info" | "error": ...}
                     {"type": "adapter_unloaded", "token": str, "info": model_info, "in_use": int}
                     {"type": "model_info", "info": model_info}   (to the other gateways, after a change)
+                    {"type": "stopping", "instance": str}   (a stop signal: send no more; the requests
+                                                            taken are finished)
+                    {"type": "stopped", "instance": str}    (the loop ended: what is left is lost)
 
 `instance` is a fresh id per worker process: a gateway that sees it change
 (a remote worker restarted at the same address) fails its in-flight

@@ -56,6 +56,10 @@ class Worker:
         self.gateways: set[bytes] = set()
         self.last_heartbeat = 0.0
         self.running = True
+        # Stopping on a signal: new requests are refused, the ones taken are
+        # finished, then the loop ends (a second signal ends it at once).
+        self.stop_signals = 0  # counted by the signal handler; acted on by the loop
+        self.draining = False
         # A fresh id per worker process: a gateway that sees it change knows
         # the worker restarted and its in-flight requests are gone.
         self.instance = uuid.uuid4().hex
@@ -85,6 +89,9 @@ class Worker:
         kind = message["type"]
         self.gateways.add(identity)
         if kind == "hello":
+            if self.draining:  # a gateway that came (back) while it stops
+                self.send(identity, {"type": "stopping", "instance": self.instance})
+                return
             self.send(identity, {"type": "ready", "info": self.model_info(), "stats": self.engine.stats(),
                                  "instance": self.instance})
         elif kind == "add":
@@ -118,6 +125,11 @@ class Worker:
         """Starts tokenizing a chat (or a raw-text prompt, "kind": "text") in
         the tokenizer thread; `collect` queues it."""
         request_id = payload.get("request_id", "?") if isinstance(payload, dict) else "?"
+        if self.draining:  # a gateway that has not heard "stopping" yet
+            self.send(identity, {"type": "rejected", "request_id": request_id, "error": {
+                "message": "the worker is shutting down; retry shortly", "param": None,
+                "code": "worker_unavailable", "status": 503}})
+            return
         try:
             request = TextRequest.from_dict(payload) if payload.get("kind") == "text" else ChatRequest.from_dict(payload)
             if request.request_id in self.preparing:
@@ -272,10 +284,33 @@ class Worker:
             for identity in self.gateways:
                 self.send(identity, {"type": "stats", "stats": stats, "instance": self.instance})
 
+    def stop(self) -> None:
+        """A stop signal (safe in a signal handler or another thread: it only
+        counts). The loop acts on it: the first drains (the gateways hear
+        "stopping" and send no more; the requests taken are finished), the
+        second stops at once."""
+        self.stop_signals += 1
+
+    def _begin_draining(self) -> None:
+        self.draining = True
+        logger.info("stopping: finishing %d requests (a second signal stops at once)",
+                    len(self.owners) + len(self.preparing))
+        self.broadcast({"type": "stopping", "instance": self.instance})
+
+    def broadcast(self, message: dict) -> None:
+        for identity in self.gateways:
+            self.send(identity, message)
+
     def serve_forever(self) -> None:
         while self.running:
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 logger.warning("the gateway that spawned this worker is gone; exiting")
+                break
+            if self.stop_signals >= 2:
+                break
+            if self.stop_signals and not self.draining:
+                self._begin_draining()
+            if self.draining and not self.engine.has_unfinished() and not self.preparing:
                 break
             self.drain(0 if self.engine.has_unfinished() else IDLE_POLL_MS)
             self.collect()
@@ -284,6 +319,8 @@ class Worker:
                 self.step()
             self.heartbeat()
             self.trimmer.after_iteration(worked, idle=not self.engine.has_unfinished() and not self.preparing)
+        # The gateways fail what is left at once, instead of waiting out the heartbeat's timeout.
+        self.broadcast({"type": "stopped", "instance": self.instance})
         self.close()
 
     def close(self) -> None:
@@ -369,11 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("worker ready on %s serving %s", args.bind, settings.resolved_served_name())
     worker = Worker(engine, socket, args.parent_pid)
 
-    def stop(*_):
-        worker.running = False
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    signal.signal(signal.SIGINT, lambda *_: worker.stop())
     worker.serve_forever()
     socket.close()
     context.term()

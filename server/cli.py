@@ -100,7 +100,7 @@ def uvicorn_options(settings) -> dict:
     """uvicorn's arguments for the server's settings."""
     return {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
             "root_path": settings.root_path, "ssl_certfile": settings.ssl_certfile,
-            "ssl_keyfile": settings.ssl_keyfile}
+            "ssl_keyfile": settings.ssl_keyfile, "timeout_graceful_shutdown": settings.shutdown_timeout_s}
 
 
 def check_tls_files(settings) -> None:

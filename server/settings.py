@@ -58,6 +58,12 @@ class ServerSettings(EngineSettings, StoreSettings):
         None, description="attach to a running worker (tcp://host:port) instead of spawning one"
     )
     worker_start_timeout: float = Field(600.0, gt=0, description="seconds to wait for a worker to load")
+    shutdown_timeout_s: float = Field(
+        15.0, gt=0, allow_inf_nan=False,
+        description="on SIGTERM / Ctrl+C, seconds to let open requests finish; then they are cut and the "
+        "shutdown's clean-up runs (background responses marked failed, batches' results stored). Below the "
+        "orchestrator's grace period (Kubernetes 30 s, the compose files 20 s), which ends in SIGKILL",
+    )
     worker_heartbeat_timeout: float = Field(
         60.0, gt=0, description="seconds of silence before an attached (remote) worker counts as down"
     )

@@ -117,10 +117,17 @@ class WorkerClient:
                     await task
         self._fail_pending("the server is shutting down")
         if self.process is not None and self.process.poll() is None:
+            # The first signal drains the worker (its requests were failed here
+            # already, so nobody waits for them); the second stops it at once.
             self.process.terminate()
-            try:
-                await asyncio.wait_for(asyncio.to_thread(self.process.wait), timeout=10)
-            except TimeoutError:
+            for signals, wait_s in ((1, 1.0), (2, 10.0)):
+                try:
+                    await asyncio.wait_for(asyncio.to_thread(self.process.wait), timeout=wait_s)
+                    break
+                except TimeoutError:
+                    if signals == 1:
+                        self.process.terminate()
+            else:
                 self.process.kill()
         if self.socket is not None:
             self.socket.close(linger=0)
@@ -139,7 +146,10 @@ class WorkerClient:
             env = {**os.environ, **self.worker_environment()}
             command = [sys.executable, "-m", "pad_core.worker", "--bind", address, "--log-level", self.settings.log_level,
                        "--parent-pid", str(os.getpid())]
-            self.process = subprocess.Popen(command, env=env)
+            # Its own session: a terminal's Ctrl+C (SIGINT to the foreground
+            # group) reaches the gateway alone, which drains its streams and then
+            # stops the worker; a signal to the worker itself drains it too.
+            self.process = subprocess.Popen(command, env=env, start_new_session=True)
             logger.info("started worker pid %d on %s", self.process.pid, address)
         if self.socket is not None:
             self.socket.close(linger=0)
@@ -247,6 +257,13 @@ class WorkerClient:
                 self.model_info = message["info"]
         elif kind == "model_info":  # another gateway of this worker loaded or unloaded a reward adapter
             self.model_info = message["info"]
+        elif kind == "stopping":  # new requests get a 503 at once; the ones it took still stream
+            if self.state != "stopping":
+                logger.warning("worker stopping: finishing the requests it took")
+            self.state, self.down_reason = "stopping", "the worker is shutting down"
+            self.metrics.worker_up.set(0)
+        elif kind == "stopped":
+            self._mark_down("the worker stopped")
 
     def _mark_down(self, reason: str) -> None:
         logger.warning("worker down: %s", reason)

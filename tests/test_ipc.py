@@ -193,6 +193,7 @@ async def test_a_restarted_remote_worker_fails_in_flight_requests_at_once():
         try:
             stream = client.generate(ChatRequest.from_dict(request("lost", max_tokens=400, weight=1.0)))
             await stream.__anext__()
+            old.broadcast = lambda message: None  # killed, it says nothing ("stopped")
             old.running = False  # the worker stops mid-request...
             await asyncio.sleep(0.3)
         except BaseException:

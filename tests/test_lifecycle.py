@@ -169,6 +169,7 @@ async def test_a_dead_worker_leaves_no_running_requests_in_the_gauges():
             await stream.__anext__()  # a decode step's outputs carry the stats
             assert gauges(client.metrics)["pad_running_requests"] == 1
             assert gauges(client.metrics)["pad_running_rows"] == 2
+            worker.broadcast = lambda message: None  # killed, it says nothing ("stopped"): the heartbeat tells
             worker.running = False  # the worker stops answering mid-request, for good
             with pytest.raises(WorkerUnavailable):
                 async for _ in stream:
@@ -251,3 +252,39 @@ def test_the_soak_checks_cut_constrained_answers_as_prefixes():
     assert follows(PERSON_JSON, '{"name": "Jo', "length") and follows(PERSON_JSON, '{"age": 30, "na', "length")
     assert not follows(PERSON_JSON, '{"name": 12', "length") and not follows(PERSON_JSON, 'Sure! {"name"', "length")
     assert not follows(PERSON_JSON, '{"name": "x", "age": 1', "stop")
+
+
+async def test_a_stop_signal_drains_the_worker_and_the_gateway_hears_it_at_once():
+    """The worker's first stop signal (Worker.stop): the gateway hears
+    "stopping" and sends no more (503 at once, /health down), the request it
+    took streams to its end, then "stopped" marks the worker down at once (a
+    remote worker's heartbeat timeout is 60 s); a hello meanwhile is
+    answered "stopping", never "ready"."""
+    with worker_thread(step_delay=0.01) as (address, worker):
+        client = WorkerClient(ServerSettings(worker_address=address, worker_heartbeat_timeout=600), Metrics())
+        await client.start()
+        try:
+            deadline = time.monotonic() + 30
+            while not client.ready:
+                assert time.monotonic() < deadline, client.down_reason
+                await asyncio.sleep(0.05)
+            chat = ChatRequest("taken", MESSAGES, sampling=SamplingParams(max_tokens=40, temperature=0.0,
+                                                                          ignore_eos=True))
+            stream = client.generate(chat)
+            first = await stream.__anext__()
+            worker.stop()
+            await asyncio.sleep(0.3)
+            assert client.state == "stopping" and not client.ready
+            with pytest.raises(WorkerUnavailable):
+                client.check_available()
+            await client._send({"type": "hello"})  # as the supervisor does while not ready
+            outputs = [first] + [output async for output in stream]
+            assert outputs[-1].finish_reason == "length"
+            assert sum(len(o.token_ids) for o in outputs) == 40  # finished, not cut
+            deadline = time.monotonic() + 10
+            while client.state != "down":
+                assert time.monotonic() < deadline, client.state
+                await asyncio.sleep(0.05)
+            assert client.down_reason == "the worker stopped"
+        finally:
+            await client.stop()
