@@ -57,6 +57,8 @@ from server.tools import run_batch
 logger = logging.getLogger(__name__)
 
 ENDPOINTS = run_batch.URLS
+BATCH_RETRIES = 10**9  # a busy server's 429 / 503: retried until the batch's window ends
+BATCH_MAX_BACKOFF_S = 5.0
 # A batch's id says its API: the Batch API's ("batch_...", OpenAI's), or Anthropic's Message Batches
 # ("msgbatch_...", server/routes/message_batches.py), whose files are the batch's own, not the Files API's.
 BATCH_ID_PREFIX = "batch_"
@@ -203,7 +205,9 @@ class BatchRuns(LeasedRuns[BatchRun]):
         super().__init__(settings.background_lease_s)
         self._app = app
         self._store = store
-        self._concurrency = settings.batch_concurrency
+        # Half the queue at most: interactive clients keep room beside a batch
+        # (a batch's requests wait their turn; a client's get a 429 when full).
+        self._concurrency = max(1, min(settings.batch_concurrency, settings.max_queue // 2))
         self._look_now = asyncio.Event()
         self._lookout: asyncio.Task | None = None
         self._closing = False
@@ -368,8 +372,12 @@ class BatchRuns(LeasedRuns[BatchRun]):
                 if run.counts["completed"] + run.counts["failed"] >= total:  # resumed with every line answered
                     left_s = None
                 try:
+                    # A busy server's 429 / 503 is retried for as long as the window
+                    # lasts (the wait_for's timeout), not a fixed number of times.
                     await asyncio.wait_for(run_batch.run(requests_after(content, run.done_through), client, None,
-                                                         concurrency=self._concurrency, on_result=run.keep),
+                                                         concurrency=self._concurrency, on_result=run.keep,
+                                                         retries=BATCH_RETRIES, max_backoff_s=BATCH_MAX_BACKOFF_S,
+                                                         retry_log_level=logging.DEBUG),
                                            timeout=left_s)
                     end = {"status": "completed", "completed_at": now()}
                 except TimeoutError:  # its 24 h window ran out: the results so far

@@ -178,3 +178,19 @@ def test_a_response_whose_gateway_died_reads_failed_once_its_lease_ran_out(worke
         got = sdk(url).responses.retrieve(response["id"])
         assert got.status == "failed" and got.error.code == "server_error"
         assert sdk(url).responses.retrieve(response["id"]).status == "failed"  # stored so
+
+
+def test_background_responses_wait_for_room_in_a_full_queue(worker, tmp_path):
+    """A busy server (max_queue 1, taken by a long answer): background
+    responses stay queued until there is room, then are answered; none
+    fails with queue_full (they were accepted with a 200 already)."""
+    with uvicorn_server(create_app(settings_for(worker, tmp_path, max_queue=1))) as url:
+        client = sdk(url)
+        busy = client.responses.create(input="How do I sleep better?", background=True,
+                                       **{**GREEDY, "max_output_tokens": 60})
+        wait_for(client, busy.id, ("in_progress",), 30)
+        waiting = [client.responses.create(input="Hi", background=True, **GREEDY) for _ in range(3)]
+        time.sleep(0.5)
+        assert client.responses.retrieve(waiting[0].id).status == "queued"  # no room yet: still waiting
+        done = [wait_for(client, r.id, ("completed", "incomplete", "failed"), 60) for r in [busy, *waiting]]
+        assert [r.status for r in done] == ["incomplete"] * 4, [r.error for r in done]

@@ -502,3 +502,35 @@ def test_a_cancel_on_a_gateway_whose_run_lost_its_lease_reaches_the_new_runner(w
         hand_lease_to_another_gateway(settings, batch.id)
         asked = sdk(url).batches.cancel(batch.id)  # this gateway still runs it (renewal every 2 s)
         assert asked.status == "cancelling" and asked.cancelling_at  # the ask is in the store, for the new runner
+
+
+def test_a_batch_on_a_busy_server_waits_its_turn_and_leaves_clients_room(worker, tmp_path):
+    """max_queue 2: the batch keeps to half the queue (one request in flight),
+    so interactive clients still get in, and its requests that meet a full
+    queue (429) wait and are retried until answered: no line fails."""
+    import concurrent.futures
+
+    settings = settings_for(worker, tmp_path, max_queue=2, batch_concurrency=16)
+    with uvicorn_server(create_app(settings)) as url:
+        client = sdk(url)
+        batch = client.batches.create(input_file_id=upload(client, [chat_line(f"q{i}", "Hi", max_tokens=20)
+                                                                    for i in range(8)]).id,
+                                      endpoint="/v1/chat/completions", completion_window="24h")
+
+        def interactive(_) -> tuple[int, bool]:
+            """(status, whether the batch was still running): retried on a 429, as the SDKs do."""
+            for _ in range(50):
+                status = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": "Bearer admin"},
+                                    timeout=60, json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                                      "max_tokens": 20}).status_code
+                if status != 429:
+                    break
+                time.sleep(0.1)
+            return status, client.batches.retrieve(batch.id).status == "in_progress"
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answered = list(pool.map(interactive, range(6)))
+        done = wait_done(client, batch.id, 120)
+        assert done.status == "completed" and done.request_counts.completed == 8 and done.request_counts.failed == 0
+        assert all(status == 200 for status, _ in answered)
+        assert any(running for _, running in answered)  # clients were answered while the batch ran

@@ -209,3 +209,30 @@ def test_paths_that_cannot_be_used_are_exit_2_before_any_server_starts(tmp_path,
     assert (tmp_path / "in.jsonl").read_text(encoding="utf-8") == line("a")  # untouched
     with pytest.raises(SystemExit):
         run_batch.main(["-i", "x", "-o", "y", "--max-concurrency", "0"])
+
+
+async def test_a_busy_servers_429_is_retried_as_often_as_asked_with_capped_waits():
+    """The Batch API retries a 429 for as long as the batch's window lasts
+    (BATCH_RETRIES, waits capped at BATCH_MAX_BACKOFF_S), not 5 times: a
+    server busy for minutes loses no line. pad run-batch keeps 5 tries."""
+    from server.batches import BATCH_RETRIES, BatchRuns
+
+    busy_for = {"n": 8}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if busy_for["n"]:
+            busy_for["n"] -= 1
+            return httpx.Response(429, json={"error": {"message": "busy", "code": "queue_full"}})
+        return httpx.Response(200, json={"id": "chatcmpl-1", "choices": []})
+
+    line = next(run_batch.read_lines(io.BytesIO(json.dumps(
+        {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}}).encode())))
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer), base_url="http://x") as client:
+        given_up = await run_batch.send(client, line, retries=5, backoff_s=0.001)
+        assert given_up["response"]["status_code"] == 429
+        busy_for["n"] = 8
+        kept_at = await run_batch.send(client, line, retries=BATCH_RETRIES, backoff_s=0.001, max_backoff_s=0.002)
+        assert kept_at["response"]["status_code"] == 200 and busy_for["n"] == 0
+    # a batch keeps to half the queue, so interactive clients keep room beside it
+    runs = BatchRuns(None, None, ServerSettings(max_queue=2, batch_concurrency=16))
+    assert runs._concurrency == 1

@@ -189,6 +189,30 @@ async def input_messages(store, scope, body: ResponsesRequest, conversation: Sto
 
 
 # ---- background responses -------------------------------------------------
+# A background response waits this long at most for room in the queue, or
+# for a worker that is restarting, before it fails with what it was told.
+BACKGROUND_WAIT_S = 600.0
+WAITED_OUT = {"queue_full", "worker_unavailable"}  # 429 a full queue, 503 a worker down or stopping
+
+
+async def start_when_room(generation: Generation) -> None:
+    """Generation.start for a background response, which stays `queued`
+    while the queue is full or the worker restarts (retried with backoff up
+    to BACKGROUND_WAIT_S) instead of failing: the client asked for it to be
+    answered when the server can, and had its 200 already."""
+    delay, waited = 0.25, 0.0
+    while True:
+        try:
+            await generation.start()
+            return
+        except APIError as error:
+            if error.code not in WAITED_OUT or waited >= BACKGROUND_WAIT_S:
+                raise
+        await asyncio.sleep(delay)
+        waited += delay
+        delay = min(2 * delay, 5.0)
+
+
 async def answer_in_background(state, generation: Generation, formatter: ResponsesFormatter,
                                keep: Callable[..., Awaitable[None]],
                                finished: Callable[[list[ChoiceState], dict], Awaitable[None]],
@@ -212,7 +236,7 @@ async def answer_in_background(state, generation: Generation, formatter: Respons
 
     async def work(run: Run) -> None:
         try:
-            await generation.start()
+            await start_when_room(generation)
             await keep(formatter.envelope(generation, "in_progress", [], None))
             if log is None:
                 choices = await generation.collect()

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
 RETRIED_STATUSES = (429, 502, 503, 504)
+MAX_BACKOFF_S = 16.0  # the longest wait between two tries of one request
 RETRIED_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
@@ -133,24 +134,27 @@ def result_line(line: BatchLine, response: httpx.Response | None, error: dict[st
     return out
 
 
-async def send(client: httpx.AsyncClient, line: BatchLine, retries: int, backoff_s: float) -> dict[str, Any]:
-    """The result of one request, retried while the server is busy or away."""
+async def send(client: httpx.AsyncClient, line: BatchLine, retries: int, backoff_s: float,
+               max_backoff_s: float = MAX_BACKOFF_S, retry_log_level: int = logging.WARNING) -> dict[str, Any]:
+    """The result of one request, retried while the server is busy or away
+    (the waits double from backoff_s, up to max_backoff_s)."""
     if line.problem is not None:
         return result_line(line, None, {"code": "invalid_request", "message": line.problem})
     last_problem = ""
     for attempt in range(retries + 1):
         if attempt:
-            await asyncio.sleep(backoff_s * 2 ** (attempt - 1))
+            await asyncio.sleep(min(backoff_s * 2 ** (attempt - 1), max_backoff_s))
         try:
             response = await client.post(line.url, json=line.body)
         except RETRIED_ERRORS as exc:  # the request never reached the server: sending it again is safe
             last_problem = f"{type(exc).__name__}: {exc}"
-            logger.warning("request %r: %s (attempt %d)", line.custom_id, last_problem, attempt + 1)
+            logger.log(retry_log_level, "request %r: %s (attempt %d)", line.custom_id, last_problem, attempt + 1)
             continue
         except Exception as exc:  # a timeout after it was sent (not sent twice), or anything else: its line's
             return result_line(line, None, {"code": "request_failed", "message": f"{type(exc).__name__}: {exc}"})
         if response.status_code in RETRIED_STATUSES and attempt < retries:
-            logger.warning("request %r: HTTP %d (attempt %d)", line.custom_id, response.status_code, attempt + 1)
+            logger.log(retry_log_level, "request %r: HTTP %d (attempt %d)", line.custom_id, response.status_code,
+                       attempt + 1)
             continue
         return result_line(line, response, None)
     return result_line(line, None, {"code": "connection_error", "message": f"no answer after {retries + 1} "
@@ -158,7 +162,8 @@ async def send(client: httpx.AsyncClient, line: BatchLine, retries: int, backoff
 
 
 async def run(lines: Iterator[BatchLine], client: httpx.AsyncClient, out: IO[str] | None, *, concurrency: int,
-              retries: int = 5, backoff_s: float = 1.0, total: int | None = None,
+              retries: int = 5, backoff_s: float = 1.0, max_backoff_s: float = MAX_BACKOFF_S,
+              retry_log_level: int = logging.WARNING, total: int | None = None,
               progress: bool = False, on_result: Callable[[BatchLine, dict[str, Any]], None] | None = None
               ) -> tuple[int, int]:
     """Answers every line, `concurrency` at a time, and writes the results in
@@ -172,7 +177,7 @@ async def run(lines: Iterator[BatchLine], client: httpx.AsyncClient, out: IO[str
 
     async def answer(line: BatchLine) -> dict[str, Any]:
         try:
-            return await send(client, line, retries, backoff_s)
+            return await send(client, line, retries, backoff_s, max_backoff_s, retry_log_level)
         finally:
             in_flight.release()
 
