@@ -180,10 +180,33 @@ def _finite_float(text: str) -> float:
     return value
 
 
+class _Oversized(dict):
+    """An object of more than MAX_JSON_KEYS keys, kept (not refused in the
+    parser) so the 400 can name where it sits (`logit_bias`, say)."""
+
+
 def _bounded_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    if len(pairs) > MAX_JSON_KEYS:
-        raise ValueError(f"an object has {len(pairs)} keys, at most {MAX_JSON_KEYS} allowed")
-    return dict(pairs)
+    return _Oversized(pairs) if len(pairs) > MAX_JSON_KEYS else dict(pairs)
+
+
+def _has_oversized(raw: bytes) -> bool:
+    """Cheap pre-check: an object can have more than MAX_JSON_KEYS keys only
+    if the body has more key separators than that."""
+    return raw.count(b":") > MAX_JSON_KEYS
+
+
+def _oversized_path(value: Any) -> tuple[str, int] | None:
+    """(where, keys) of the first object with too many keys ("" for the body itself), or None."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, _Oversized):
+            return path, len(node)
+        if isinstance(node, dict):
+            stack += [(child, f"{path}.{key}" if path else str(key)) for key, child in reversed(node.items())]
+        elif isinstance(node, list):
+            stack += [(child, f"{path}[{index}]") for index, child in reversed(list(enumerate(node)))]
+    return None
 
 
 def parse_json(raw: bytes) -> Any:
@@ -197,10 +220,14 @@ def parse_json(raw: bytes) -> Any:
                            object_pairs_hook=_bounded_object)
     except RecursionError:
         raise _too_deep() from None
-    except ValueError as exc:  # JSONDecodeError, NaN, huge numbers, > 4300-digit integers, too many keys
+    except ValueError as exc:  # JSONDecodeError, NaN, huge numbers, > 4300-digit integers
         raise invalid(f"The request body is not valid JSON: {exc}", None, "invalid_json") from None
     if _nested_deeper_than(raw, MAX_JSON_DEPTH):
         raise _too_deep()
+    if _has_oversized(raw) and (oversized := _oversized_path(value)) is not None:
+        where, keys = oversized
+        raise invalid(f"{where or 'The request body'} has {keys} keys, at most {MAX_JSON_KEYS} allowed in one "
+                      "object.", where or None, "too_many_keys")
     if _LONE_SURROGATE.search(raw):
         _refuse_lone_surrogate(value)
     return value

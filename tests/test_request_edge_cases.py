@@ -118,3 +118,14 @@ def test_a_queued_background_response_echoes_the_workers_defaults(tmp_path):
         assert created.status_code == 200, created.text
         pad = created.json()["pad"]
         assert (pad["weight"], pad["top_k"], pad["base_sees_preference"]) == (2.5, 7, False)
+
+
+def test_an_object_with_too_many_keys_is_named(server):
+    """logit_bias over the JSON parser's key limit: a 400 naming logit_bias
+    (it said the body was not valid JSON); over OpenAI's 300 but under that
+    limit, the field's own rule."""
+    error = error_of(chat(server, logit_bias={str(i): 1 for i in range(1500)}))
+    assert (error["param"], error["code"]) == ("logit_bias", "too_many_keys") and "1500 keys" in error["message"]
+    error = error_of(chat(server, messages=[{"role": "user", "content": "Hi", **{f"x{i}": 1 for i in range(1200)}}]))
+    assert error["param"] == "messages[0]" and error["code"] == "too_many_keys"
+    assert error_of(chat(server, logit_bias={str(i): 1 for i in range(400)}))["param"] == "logit_bias"
