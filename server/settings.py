@@ -65,7 +65,8 @@ class ServerSettings(EngineSettings, StoreSettings):
         "orchestrator's grace period (Kubernetes 30 s, the compose files 20 s), which ends in SIGKILL",
     )
     worker_heartbeat_timeout: float = Field(
-        60.0, gt=0, description="seconds of silence before an attached (remote) worker counts as down"
+        60.0, gt=0, description="seconds of silence before an attached (remote) worker counts as down, and a "
+        "spawned one as hung (it is killed and restarted)"
     )
     conversation_turn_lease_s: float = Field(
         30.0, gt=0, allow_inf_nan=False,

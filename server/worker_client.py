@@ -193,11 +193,17 @@ class WorkerClient:
                          self.settings.worker_start_timeout)
             self.process.kill()
             return
-        # A local worker is judged by its process (a long step on a busy
-        # CPU is not a death); a remote one by its heartbeat.
+        # A remote worker is judged by its heartbeat (sent between steps, every
+        # HEARTBEAT_S). A local one by its process, and by its heartbeat too: a
+        # live process silent that long is hung (a step is bounded by the
+        # prefill piece), and is killed, so the exit above restarts it.
         silent = now - self._last_message
-        if self.state == "ready" and self.process is None and silent > self.settings.worker_heartbeat_timeout:
-            self._mark_down("the worker stopped answering")
+        if self.state == "ready" and silent > self.settings.worker_heartbeat_timeout:
+            if self.process is None:
+                self._mark_down("the worker stopped answering")
+            else:
+                logger.error("the worker has not answered for %.0f s (worker_heartbeat_timeout); killing it", silent)
+                self.process.kill()
             return
         since_hello = now - self._last_hello
         if (since_hello > HELLO_EVERY_S and self.state != "ready") or (

@@ -288,3 +288,24 @@ async def test_a_stop_signal_drains_the_worker_and_the_gateway_hears_it_at_once(
             assert client.down_reason == "the worker stopped"
         finally:
             await client.stop()
+
+
+async def test_a_spawned_worker_that_hangs_is_killed_and_restarted():
+    """A local worker's process alive but silent past worker_heartbeat_timeout
+    (a deadlock; SIGSTOP in the review) is killed, so the supervisor's exit
+    path restarts it; within the timeout it is left alone."""
+    import subprocess
+
+    client = WorkerClient(ServerSettings(worker_address="tcp://127.0.0.1:9", worker_heartbeat_timeout=60), Metrics())
+    client.process = subprocess.Popen(["sleep", "300"])  # stands in for a spawned worker
+    try:
+        client.state = "ready"
+        client._last_message = time.monotonic()
+        await client._supervise_once(time.monotonic() + 30)
+        assert client.process.poll() is None
+        await client._supervise_once(time.monotonic() + 61)
+        assert client.process.wait(5) == -9
+    finally:
+        if client.process.poll() is None:
+            client.process.kill()
+        client.context.term()
