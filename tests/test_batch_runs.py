@@ -45,7 +45,7 @@ class EchoApp:
 
 
 def settings(lease_s: float = 3.0, concurrency: int = 4):
-    return SimpleNamespace(background_lease_s=lease_s, batch_concurrency=concurrency)
+    return SimpleNamespace(background_lease_s=lease_s, batch_concurrency=concurrency, max_queue=256)
 
 
 async def input_file(store: Store, contents: list[str]) -> str:
