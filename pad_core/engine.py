@@ -72,8 +72,8 @@ __all__ = ["BASE_RUNNER", "PadEngine", "RewardSource", "default_max_tokens", "fi
 
 def without_zero_weights(request: ChatRequest | TextRequest) -> ChatRequest | TextRequest:
     """The request without its preferences of weight 0: they add nothing to
-    the combined reward, so they cost no reward pass and, when none is left,
-    the request decodes plainly (no prescreen), as with pad.weight 0."""
+    the combined reward, so they cost no reward pass and stay out of every
+    prompt; when none is left, the request decodes plainly (no prescreen)."""
     if all(p.weight != 0 for p in request.preferences):
         return request
     return dataclasses.replace(request, preferences=[p for p in request.preferences if p.weight != 0])
@@ -383,8 +383,7 @@ class PadEngine:
             # PAD's own defaults and, per reward model, whether the base context
             # holds the preferences: the gateway's `pad` echo of a request not
             # yet admitted (a queued background response) reads them here.
-            "guidance_defaults": {"weight": self.settings.default_weight, "top_k": self.settings.default_top_k,
-                                  "min_p": self.settings.default_min_p},
+            "guidance_defaults": self.settings.guidance_defaults(),
             "base_sees_preference": {name: source.base_sees_preference
                                      for name, source in self.reward_sources.items()},
         }

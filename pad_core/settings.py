@@ -173,6 +173,10 @@ class EngineSettings(BaseSettings):
             raise ValueError(problem)
         return overrides
 
+    def guidance_defaults(self) -> dict[str, Any]:
+        """PAD's settings for a request that gives none (GuidanceParams.resolved)."""
+        return {"weight": self.default_weight, "top_k": self.default_top_k, "min_p": self.default_min_p}
+
     def resolved_backend(self, device_type: str) -> str:
         """The backend of a runner on a device of this type ('cpu', 'cuda'), 'auto' resolved."""
         if self.backend == "auto":

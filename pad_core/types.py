@@ -263,17 +263,17 @@ class GuidanceParams:
         if self.base_sees_preference is not None:
             check_bool(self.base_sees_preference, "pad.base_sees_preference")
 
-    def resolved(self, defaults: Any, source_sees: bool | None) -> dict[str, Any]:
+    def resolved(self, defaults: dict[str, Any], source_sees: bool | None) -> dict[str, Any]:
         """The settings a request runs with, as the `pad` echo names them: its
-        own, else the engine's `defaults` (an EngineSettings: default_weight,
-        default_top_k, default_min_p), and whether the base context holds the
-        preferences (else the reward source's `source_sees`; left out when
-        neither is known, as for a request not yet admitted)."""
+        own, else the engine's `defaults` ({"weight", "top_k", "min_p"}:
+        EngineSettings.guidance_defaults), and whether the base context holds
+        the preferences (else the reward source's `source_sees`; left out
+        when neither is known, as for a request not yet admitted)."""
         out: dict[str, Any] = {
             "reward_model": self.reward_model,
-            "weight": defaults.default_weight if self.weight is None else self.weight,
-            "top_k": defaults.default_top_k if self.top_k is None else self.top_k,
-            "min_p": defaults.default_min_p if self.min_p is None else self.min_p,
+            "weight": defaults["weight"] if self.weight is None else self.weight,
+            "top_k": defaults["top_k"] if self.top_k is None else self.top_k,
+            "min_p": defaults["min_p"] if self.min_p is None else self.min_p,
         }
         sees = source_sees if self.base_sees_preference is None else self.base_sees_preference
         if sees is not None:

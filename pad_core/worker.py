@@ -266,7 +266,7 @@ class Worker:
             guidance = self.unreported.pop(output.request_id, None)
             if guidance is not None:
                 source = self.engine.reward_sources.get(guidance.reward_model)
-                output.guidance = guidance.resolved(self.engine.settings,
+                output.guidance = guidance.resolved(self.engine.settings.guidance_defaults(),
                                                     None if source is None else source.base_sees_preference)
             if output.finished:
                 self.owners.pop(output.request_id, None)

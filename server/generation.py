@@ -45,7 +45,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -633,14 +632,9 @@ class Generation:
         guidance = getattr(self.requests[0], "guidance", None) if self.requests else None
         if guidance is None:
             return {}
-        worker = getattr(self.state, "worker", None)
-        info = getattr(worker, "model_info", None) or {}
-        defaults = info.get("guidance_defaults")
-        if defaults is not None:
-            defaults = SimpleNamespace(default_weight=defaults["weight"], default_top_k=defaults["top_k"],
-                                       default_min_p=defaults["min_p"])
-        else:
-            defaults = getattr(self.state, "settings", None)
+        info = getattr(getattr(self.state, "worker", None), "model_info", None) or {}
+        settings = getattr(self.state, "settings", None)
+        defaults = info.get("guidance_defaults") or (settings.guidance_defaults() if settings is not None else None)
         if defaults is None:
             return {}
         sees = info.get("base_sees_preference", {}).get(guidance.reward_model)

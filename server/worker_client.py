@@ -120,18 +120,20 @@ class WorkerClient:
             # The first signal drains the worker (its requests were failed here
             # already, so nobody waits for them); the second stops it at once.
             self.process.terminate()
-            for signals, wait_s in ((1, 1.0), (2, 10.0)):
-                try:
-                    await asyncio.wait_for(asyncio.to_thread(self.process.wait), timeout=wait_s)
-                    break
-                except TimeoutError:
-                    if signals == 1:
-                        self.process.terminate()
-            else:
-                self.process.kill()
+            if not await self._exits_within(1.0):
+                self.process.terminate()
+                if not await self._exits_within(10.0):
+                    self.process.kill()
         if self.socket is not None:
             self.socket.close(linger=0)
         self.context.term()
+
+    async def _exits_within(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.process.wait), timeout=seconds)
+            return True
+        except TimeoutError:
+            return False
 
     def worker_environment(self) -> dict[str, str]:
         """The PAD_* variables a spawned worker reads its settings from, with

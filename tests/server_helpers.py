@@ -90,3 +90,20 @@ def tiny_gateway(data_dir) -> Iterator[str]:
         create_app(ServerSettings(worker_address=address, data_dir=data_dir))
     ) as url:
         yield url
+
+
+async def attached_client(address: str, **settings):
+    """A started WorkerClient attached to the worker at `address`, once it is ready."""
+    import asyncio
+
+    from server.metrics import Metrics
+    from server.settings import ServerSettings
+    from server.worker_client import WorkerClient
+
+    client = WorkerClient(ServerSettings(worker_address=address, **settings), Metrics())
+    await client.start()
+    deadline = time.monotonic() + 30
+    while not client.ready:
+        assert time.monotonic() < deadline, client.down_reason
+        await asyncio.sleep(0.05)
+    return client

@@ -20,7 +20,7 @@ from pad_core.types import ChatRequest, GuidanceParams, Preference, SamplingPara
 from server.metrics import Metrics
 from server.settings import ServerSettings
 from server.worker_client import RequestRejected, WorkerClient, WorkerUnavailable
-from server_helpers import uvicorn_server, worker_thread
+from server_helpers import attached_client, uvicorn_server, worker_thread
 
 MESSAGES = [{"role": "user", "content": "How do I sleep better?"}]
 
@@ -149,16 +149,6 @@ def test_each_gateway_gets_only_its_own_outputs(worker):
 
 
 # ---- the gateway's client ------------------------------------------------
-async def attached_client(address: str, **settings) -> WorkerClient:
-    client = WorkerClient(ServerSettings(worker_address=address, **settings), Metrics())
-    await client.start()
-    deadline = time.monotonic() + 30
-    while not client.ready:
-        assert time.monotonic() < deadline, client.down_reason
-        await asyncio.sleep(0.05)
-    return client
-
-
 async def test_worker_client_multiplexes_rejects_and_aborts(worker):
     client = await attached_client(worker[0])
     try:

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import zmq
-from server_helpers import uvicorn_server, worker_thread
+from server_helpers import attached_client, uvicorn_server, worker_thread
 
 from pad_core.ipc import pack, unpack
 from pad_core.memory import IDLE_TRIM_GAP_S, HeapTrimmer, malloc_trim
@@ -155,13 +155,8 @@ async def test_a_dead_worker_leaves_no_running_requests_in_the_gauges():
     (they read the dead worker's last values forever before)."""
     with worker_thread(step_delay=0.02) as (address, worker):
         # A heartbeat timeout with room for a slow box's stalls before the worker stops answering.
-        client = WorkerClient(ServerSettings(worker_address=address, worker_heartbeat_timeout=3.0), Metrics())
-        await client.start()
+        client = await attached_client(address, worker_heartbeat_timeout=3.0)
         try:
-            deadline = time.monotonic() + 30
-            while not client.ready:
-                assert time.monotonic() < deadline, client.down_reason
-                await asyncio.sleep(0.05)
             chat = ChatRequest("lost", MESSAGES, [Preference("short answers")],
                                SamplingParams(max_tokens=400, temperature=0.0))
             stream = client.generate(chat)
@@ -261,13 +256,8 @@ async def test_a_stop_signal_drains_the_worker_and_the_gateway_hears_it_at_once(
     remote worker's heartbeat timeout is 60 s); a hello meanwhile is
     answered "stopping", never "ready"."""
     with worker_thread(step_delay=0.01) as (address, worker):
-        client = WorkerClient(ServerSettings(worker_address=address, worker_heartbeat_timeout=600), Metrics())
-        await client.start()
+        client = await attached_client(address, worker_heartbeat_timeout=600)
         try:
-            deadline = time.monotonic() + 30
-            while not client.ready:
-                assert time.monotonic() < deadline, client.down_reason
-                await asyncio.sleep(0.05)
             chat = ChatRequest("taken", MESSAGES, sampling=SamplingParams(max_tokens=40, temperature=0.0,
                                                                           ignore_eos=True))
             stream = client.generate(chat)
